@@ -1,0 +1,14 @@
+//! Kizuna's deterministic core.
+//!
+//! Everything that decides anything lives here: the domain model and its
+//! validation, the documents, role policy, the sync protocol and the
+//! [`engine::Engine`] that ties them together. This crate never reads a
+//! clock, never draws OS randomness and never does IO: time and randomness
+//! are arguments, storage is the synchronous [`store::Store`] trait, and the
+//! network is bytes in and bytes out. `node` drives it for real, `sim`
+//! drives the very same code inside a seeded simulation.
+
+pub mod ids;
+pub mod policy;
+
+pub use ids::{DocKey, Kind, NodeId, Role};
