@@ -20,21 +20,32 @@ pub struct IdError {
     pub reason: &'static str,
 }
 
-fn check_id(what: &'static str, s: &str) -> Result<(), IdError> {
-    let err = |reason| IdError { what, value: s.chars().take(MAX_ID_LEN).collect(), reason };
+/// The rule for every identifier, returning the reason it fails.
+pub fn check_id_str(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
-        return Err(err("must not be empty"));
+        return Err("must not be empty");
     }
     if s.len() > MAX_ID_LEN {
-        return Err(err("longer than 64 bytes"));
+        return Err("longer than 64 bytes");
     }
-    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-        return Err(err("only A-Z, a-z, 0-9, '.', '-' and '_' are allowed"));
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err("only A-Z, a-z, 0-9, '.', '-' and '_' are allowed");
     }
     if s.starts_with('.') {
-        return Err(err("must not start with '.'"));
+        return Err("must not start with '.'");
     }
     Ok(())
+}
+
+fn check_id(what: &'static str, s: &str) -> Result<(), IdError> {
+    check_id_str(s).map_err(|reason| IdError {
+        what,
+        value: s.chars().take(MAX_ID_LEN).collect(),
+        reason,
+    })
 }
 
 /// A node's identity as written in its certificate (e.g. `shelter-12`).
@@ -86,7 +97,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Shelter, Role::Clinic, Role::Ambulance, Role::Facility, Role::Hq];
+    pub const ALL: [Role; 5] = [
+        Role::Shelter,
+        Role::Clinic,
+        Role::Ambulance,
+        Role::Facility,
+        Role::Hq,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -123,7 +140,11 @@ impl std::str::FromStr for Role {
         Role::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role {s:?} (expected one of shelter, clinic, ambulance, facility, hq)"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown role {s:?} (expected one of shelter, clinic, ambulance, facility, hq)"
+                )
+            })
     }
 }
 
@@ -189,7 +210,10 @@ impl fmt::Display for Kind {
 impl std::str::FromStr for Kind {
     type Err = String;
     fn from_str(s: &str) -> Result<Kind, String> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| format!("unknown document kind {s:?}"))
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown document kind {s:?}"))
     }
 }
 
@@ -234,7 +258,15 @@ mod tests {
     #[test]
     fn ids_reject_bad_input() {
         assert!(NodeId::new("shelter-1").is_ok());
-        for bad in ["", "../etc/passwd", "a b", "'; DROP TABLE", "%", &"x".repeat(65), ".hidden"] {
+        for bad in [
+            "",
+            "../etc/passwd",
+            "a b",
+            "'; DROP TABLE",
+            "%",
+            &"x".repeat(65),
+            ".hidden",
+        ] {
             assert!(NodeId::new(bad).is_err(), "{bad:?} accepted");
         }
     }

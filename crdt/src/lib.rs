@@ -12,3 +12,9 @@ pub mod ids;
 pub mod policy;
 
 pub use ids::{DocKey, Kind, NodeId, Role};
+pub mod actor;
+pub mod doc;
+pub mod hlc;
+pub mod model;
+pub mod store;
+pub mod text;

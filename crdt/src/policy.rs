@@ -99,7 +99,11 @@ mod tests {
                 let got = format!(
                     "{}{}{}",
                     if may_read(role, kind) { 'r' } else { '-' },
-                    if may_write(role, &node, &key) { 'w' } else { '-' },
+                    if may_write(role, &node, &key) {
+                        'w'
+                    } else {
+                        '-'
+                    },
                     if may_receive(role, &key) { 'x' } else { '-' },
                 );
                 assert_eq!(got, expect, "role {role} kind {kind}");

@@ -1,0 +1,315 @@
+//! Documents: one Automerge document per (kind, id), holding a flat map
+//! from field names to JSON-encoded values.
+//!
+//! Keeping values as JSON strings under field names keeps each document
+//! small and its schema checkable: a field either decodes into its typed
+//! value or the change that wrote it is rejected. Facts (presence events,
+//! audit entries) are fields with unique names, so merges only add; state
+//! (a blood type, a shelter's capacity) is a field whose concurrent writes
+//! Automerge keeps side by side, which [`Doc::fields`] surfaces as a
+//! conflict instead of silently picking one.
+
+use crate::actor::Actor;
+use crate::ids::DocKey;
+use automerge::{
+    transaction::CommitOptions, transaction::Transactable, Automerge, Change, ChangeHash, ReadDoc,
+    ScalarValue, Value, ROOT,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
+
+pub type Hash32 = [u8; 32];
+
+/// Largest single document we accept from a peer or the store.
+pub const MAX_DOC_BYTES: usize = 4 << 20;
+/// Largest field value.
+pub const MAX_FIELD_BYTES: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("document {key} failed to load: {reason}")]
+    Load { key: DocKey, reason: String },
+    #[error("change bytes are malformed: {0}")]
+    BadChange(String),
+    #[error("document {key} field {field}: {reason}")]
+    Schema {
+        key: DocKey,
+        field: String,
+        reason: String,
+    },
+    #[error("automerge: {0}")]
+    Automerge(String),
+}
+
+/// A field's current value, with any concurrent values kept beside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub value: String,
+    /// Concurrent values written without knowledge of each other. Empty
+    /// when there is no conflict.
+    pub conflicts: Vec<String>,
+}
+
+pub struct Doc {
+    pub key: DocKey,
+    pub am: Automerge,
+}
+
+pub fn hash32(h: &ChangeHash) -> Hash32 {
+    h.0
+}
+
+pub fn heads_digest(heads: &[Hash32]) -> [u8; 16] {
+    let mut sorted = heads.to_vec();
+    sorted.sort_unstable();
+    let mut h = blake3::Hasher::new();
+    for x in &sorted {
+        h.update(x);
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+impl Doc {
+    pub fn new(key: DocKey) -> Doc {
+        // The random actor of `Automerge::new` is replaced before any write.
+        Doc {
+            key,
+            am: Automerge::new(),
+        }
+    }
+
+    pub fn load(
+        key: DocKey,
+        snapshot: Option<&[u8]>,
+        changes: &[Vec<u8>],
+    ) -> Result<Doc, DocError> {
+        let load_err = |reason: String| DocError::Load {
+            key: key.clone(),
+            reason,
+        };
+        let mut am = match snapshot {
+            Some(b) if b.len() > MAX_DOC_BYTES => {
+                return Err(load_err("snapshot too large".into()))
+            }
+            Some(b) => Automerge::load(b).map_err(|e| load_err(e.to_string()))?,
+            None => Automerge::new(),
+        };
+        let parsed = changes
+            .iter()
+            .map(|c| parse_change(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| load_err(e.to_string()))?;
+        am.apply_changes(parsed)
+            .map_err(|e| load_err(e.to_string()))?;
+        Ok(Doc { key, am })
+    }
+
+    pub fn heads(&self) -> Vec<Hash32> {
+        self.am.get_heads().iter().map(hash32).collect()
+    }
+
+    /// Every field with its value and conflicts, in name order.
+    pub fn fields(&self) -> BTreeMap<String, Field> {
+        let mut out = BTreeMap::new();
+        for k in self.am.keys(ROOT) {
+            if let Some(f) = self.field(&k) {
+                out.insert(k, f);
+            }
+        }
+        out
+    }
+
+    pub fn field(&self, name: &str) -> Option<Field> {
+        let all = self.am.get_all(ROOT, name).ok()?;
+        let mut values: Vec<String> = all
+            .iter()
+            .filter_map(|(v, _)| match v {
+                Value::Scalar(s) => match s.as_ref() {
+                    ScalarValue::Str(s) => Some(s.to_string()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        if values.is_empty() {
+            return None;
+        }
+        // Automerge lists the winning value last; keep that as the value.
+        let value = values.pop()?;
+        Some(Field {
+            value,
+            conflicts: values,
+        })
+    }
+
+    /// Typed value of a field; a malformed value is a schema error naming
+    /// the document and field.
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, DocError> {
+        match self.field(name) {
+            None => Ok(None),
+            Some(f) => decode(&self.key, name, &f.value).map(Some),
+        }
+    }
+
+    /// Applies `writes` (field name, Some(json) to put or None to delete)
+    /// as one change authored by `actor` at `time_s`. Returns the change
+    /// bytes, or None when nothing changed.
+    pub fn write(
+        &mut self,
+        actor: Actor,
+        time_s: i64,
+        message: &str,
+        writes: &[(String, Option<String>)],
+    ) -> Result<Option<Change>, DocError> {
+        self.am.set_actor(actor.automerge());
+        let mut tx = self.am.transaction();
+        for (name, value) in writes {
+            match value {
+                Some(v) => {
+                    if v.len() > MAX_FIELD_BYTES {
+                        return Err(DocError::Schema {
+                            key: self.key.clone(),
+                            field: name.clone(),
+                            reason: "value too large".into(),
+                        });
+                    }
+                    tx.put(ROOT, name.as_str(), v.as_str())
+                        .map_err(|e| DocError::Automerge(e.to_string()))?;
+                }
+                None => {
+                    tx.delete(ROOT, name.as_str())
+                        .map_err(|e| DocError::Automerge(e.to_string()))?;
+                }
+            }
+        }
+        let (hash, _) = tx.commit_with(
+            CommitOptions::default()
+                .with_time(time_s)
+                .with_message(message.to_string()),
+        );
+        Ok(hash.and_then(|h| self.am.get_change_by_hash(&h)))
+    }
+
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), DocError> {
+        self.am
+            .apply_changes(changes)
+            .map_err(|e| DocError::Automerge(e.to_string()))
+    }
+
+    /// Changes the holder of `their_heads` lacks. Unknown heads are
+    /// ignored, so the answer may include changes they already have, never
+    /// fewer than they need.
+    pub fn changes_since(&self, their_heads: &[Hash32]) -> Vec<Change> {
+        let known: Vec<ChangeHash> = their_heads
+            .iter()
+            .map(|h| ChangeHash(*h))
+            .filter(|h| self.am.get_change_by_hash(h).is_some())
+            .collect();
+        self.am.get_changes(&known)
+    }
+
+    pub fn knows(&self, hash: &Hash32) -> bool {
+        self.am.get_change_by_hash(&ChangeHash(*hash)).is_some()
+    }
+
+    pub fn save(&self) -> Vec<u8> {
+        self.am.save()
+    }
+
+    pub fn fork(&self) -> Doc {
+        Doc {
+            key: self.key.clone(),
+            am: self.am.fork(),
+        }
+    }
+}
+
+pub fn parse_change(bytes: &[u8]) -> Result<Change, DocError> {
+    if bytes.len() > MAX_DOC_BYTES {
+        return Err(DocError::BadChange("change too large".into()));
+    }
+    // Automerge's parser has had panics on hostile input; keep them inside.
+    let owned = bytes.to_vec();
+    match std::panic::catch_unwind(move || Change::from_bytes(owned)) {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(DocError::BadChange(e.to_string())),
+        Err(_) => Err(DocError::BadChange("parser panicked".into())),
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("domain types serialize")
+}
+
+pub fn decode<T: DeserializeOwned>(key: &DocKey, field: &str, s: &str) -> Result<T, DocError> {
+    serde_json::from_str(s).map_err(|e| DocError::Schema {
+        key: key.clone(),
+        field: field.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{Kind, NodeId, Role};
+
+    fn actor(n: &str, inc: u32) -> Actor {
+        Actor::new(Role::Hq, &NodeId::new(n).unwrap(), inc)
+    }
+
+    #[test]
+    fn concurrent_writes_are_kept_as_conflicts() {
+        let key = DocKey::new(Kind::Medical, "p1").unwrap();
+        let mut a = Doc::new(key.clone());
+        a.write(
+            actor("a", 1),
+            0,
+            "init",
+            &[("blood_type".into(), Some("\"A+\"".into()))],
+        )
+        .unwrap();
+        let mut b = Doc::load(key.clone(), Some(&a.save()), &[]).unwrap();
+        a.write(
+            actor("a", 1),
+            1,
+            "",
+            &[("blood_type".into(), Some("\"B+\"".into()))],
+        )
+        .unwrap();
+        b.write(
+            actor("b", 1),
+            1,
+            "",
+            &[("blood_type".into(), Some("\"O+\"".into()))],
+        )
+        .unwrap();
+        let from_b = b.changes_since(&a.heads());
+        a.apply(from_b).unwrap();
+        let f = a.field("blood_type").unwrap();
+        assert_eq!(f.conflicts.len(), 1);
+        let mut all = vec![f.value.clone(), f.conflicts[0].clone()];
+        all.sort();
+        assert_eq!(all, vec!["\"B+\"", "\"O+\""]);
+    }
+
+    #[test]
+    fn garbage_change_bytes_are_an_error() {
+        for bytes in [
+            vec![],
+            vec![0u8; 10],
+            vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+            (0..255u8).collect(),
+        ] {
+            assert!(parse_change(&bytes).is_err());
+        }
+        assert!(Doc::load(
+            DocKey::new(Kind::Person, "x").unwrap(),
+            Some(b"not automerge"),
+            &[]
+        )
+        .is_err());
+    }
+}

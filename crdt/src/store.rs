@@ -1,0 +1,625 @@
+//! The synchronous storage contract the engine writes through, and an
+//! in-memory implementation for tests and the simulator.
+//!
+//! A [`Batch`] is one transaction: new changes appended to the raw change
+//! log, the heads (and now and then a compacted snapshot) of every touched
+//! document, the projection rows derived from those documents, recorded
+//! operation results (for idempotent retries) and sync state. `commit`
+//! returns only once the batch is durable; the engine acknowledges nothing
+//! before that. The same [`conformance`] suite runs against [`MemStore`]
+//! here and against the SQLite store in `node`.
+
+use crate::doc::Hash32;
+use crate::hlc::Hlc;
+use crate::ids::{DocKey, NodeId, Role};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage full: the write was not saved")]
+    Full,
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    #[error("database is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database belongs to another node or program: {0}")]
+    Foreign(String),
+    #[error("database version {found} is newer than this program (knows up to {known})")]
+    TooNew { found: u32, known: u32 },
+}
+
+/// Identity and clocks of the node owning the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub node_id: NodeId,
+    pub role: Role,
+    /// Bumped and persisted at every start; part of the actor id.
+    pub incarnation: u32,
+    pub hlc: Hlc,
+    /// Next audit sequence number and chain head.
+    pub audit_seq: u64,
+    pub audit_head: String,
+}
+
+/// A raw Automerge change, addressed by its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeRecord {
+    pub key: DocKey,
+    pub hash: Hash32,
+    pub bytes: Vec<u8>,
+}
+
+/// New heads of a touched document, with a compacted snapshot from time
+/// to time (the change log stays beside it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocState {
+    pub key: DocKey,
+    pub heads: Vec<Hash32>,
+    pub snapshot: Option<Vec<u8>>,
+}
+
+/// A person as the query tables know them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PersonRow {
+    pub person_id: String,
+    pub household_id: Option<String>,
+    pub name: String,
+    pub kana: String,
+    pub search_key: String,
+    pub birth_date: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocationStatus {
+    In,
+    Out,
+    /// Derived from events whose predecessors have not arrived yet (D-4).
+    Pending,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LocationRow {
+    pub person_id: String,
+    pub shelter_id: String,
+    pub status: LocationStatus,
+    pub since_ms: u64,
+    /// Concurrent, disagreeing events exist for this person (D-1).
+    pub conflict: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShelterRow {
+    pub shelter_id: String,
+    pub name: String,
+    pub capacity: u32,
+}
+
+/// All query rows derived from one document. Committing it replaces
+/// whatever that document derived before.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Projection {
+    pub persons: Vec<PersonRow>,
+    /// (card user id, household id, person id)
+    pub cards: Vec<(String, String, String)>,
+    pub locations: Vec<LocationRow>,
+    pub shelters: Vec<ShelterRow>,
+}
+
+/// One atomic, durable write.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub meta: Option<Meta>,
+    pub changes: Vec<ChangeRecord>,
+    pub docs: Vec<DocState>,
+    pub projections: Vec<(DocKey, Projection)>,
+    /// (operation id, result JSON) for idempotent retries (A-3, D-3).
+    pub ops: Vec<(String, String)>,
+    /// What a peer was last known to hold of a document.
+    pub peer_heads: Vec<(NodeId, DocKey, Vec<Hash32>)>,
+    /// Documents that failed to load or validate, with the reason.
+    pub quarantine: Vec<(DocKey, String)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_none()
+            && self.changes.is_empty()
+            && self.docs.is_empty()
+            && self.projections.is_empty()
+            && self.ops.is_empty()
+            && self.peer_heads.is_empty()
+            && self.quarantine.is_empty()
+    }
+}
+
+/// A stored document: the newest snapshot (if any) and the logged changes
+/// not yet folded into it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredDoc {
+    pub snapshot: Option<Vec<u8>>,
+    pub changes: Vec<Vec<u8>>,
+}
+
+pub trait Store {
+    fn load_meta(&self) -> Result<Option<Meta>, StoreError>;
+    /// Every document with its heads, in key order.
+    fn doc_index(&self) -> Result<Vec<(DocKey, Vec<Hash32>)>, StoreError>;
+    fn load_doc(&self, key: &DocKey) -> Result<Option<StoredDoc>, StoreError>;
+    /// Every logged change of a document, for rebuilding a damaged one.
+    fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError>;
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
+
+    fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError>;
+    fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError>;
+    fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError>;
+
+    fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError>;
+    fn persons(&self, limit: usize, offset: usize) -> Result<Vec<PersonRow>, StoreError>;
+    /// Persons whose search key contains `key` (already folded with
+    /// [`crate::text::search_key`]; matched literally, no wildcards).
+    fn search(&self, key: &str, limit: usize) -> Result<Vec<PersonRow>, StoreError>;
+    fn household_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError>;
+    fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError>;
+    fn location(&self, person_id: &str) -> Result<Option<LocationRow>, StoreError>;
+    fn shelters(&self) -> Result<Vec<ShelterRow>, StoreError>;
+    /// Persons currently checked in, per shelter.
+    fn occupancy(&self) -> Result<BTreeMap<String, u32>, StoreError>;
+    fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError>;
+}
+
+/// Everything a store holds, in plain maps; the in-memory store is just
+/// this, and the conformance suite compares real stores against it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemStore {
+    pub meta: Option<Meta>,
+    pub log: Vec<ChangeRecord>,
+    pub hashes: BTreeSet<Hash32>,
+    pub docs: BTreeMap<DocKey, (Vec<Hash32>, Option<Vec<u8>>, usize)>,
+    pub projections: BTreeMap<DocKey, Projection>,
+    pub ops: BTreeMap<String, String>,
+    pub peer_heads: BTreeMap<(NodeId, DocKey), Vec<Hash32>>,
+    pub quarantine: BTreeMap<DocKey, String>,
+    /// Fault injection: the next N commits fail with this error.
+    pub fail_commits: Option<(u32, StoreError)>,
+    pub commits: u64,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn all_persons(&self) -> impl Iterator<Item = &PersonRow> {
+        self.projections.values().flat_map(|p| p.persons.iter())
+    }
+    fn all_locations(&self) -> impl Iterator<Item = &LocationRow> {
+        self.projections.values().flat_map(|p| p.locations.iter())
+    }
+}
+
+impl Store for MemStore {
+    fn load_meta(&self) -> Result<Option<Meta>, StoreError> {
+        Ok(self.meta.clone())
+    }
+    fn doc_index(&self) -> Result<Vec<(DocKey, Vec<Hash32>)>, StoreError> {
+        Ok(self
+            .docs
+            .iter()
+            .map(|(k, (h, _, _))| (k.clone(), h.clone()))
+            .collect())
+    }
+    fn load_doc(&self, key: &DocKey) -> Result<Option<StoredDoc>, StoreError> {
+        let Some((_, snap, snap_at)) = self.docs.get(key) else {
+            return Ok(None);
+        };
+        let changes = self.log[*snap_at..]
+            .iter()
+            .filter(|c| &c.key == key)
+            .map(|c| c.bytes.clone())
+            .collect();
+        Ok(Some(StoredDoc {
+            snapshot: snap.clone(),
+            changes,
+        }))
+    }
+    fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .log
+            .iter()
+            .filter(|c| &c.key == key)
+            .map(|c| c.bytes.clone())
+            .collect())
+    }
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        if let Some((n, e)) = &mut self.fail_commits {
+            if *n > 0 {
+                *n -= 1;
+                return Err(e.clone());
+            }
+        }
+        self.commits += 1;
+        if let Some(m) = &batch.meta {
+            self.meta = Some(m.clone());
+        }
+        for c in &batch.changes {
+            if self.hashes.insert(c.hash) {
+                self.log.push(c.clone());
+            }
+        }
+        for d in &batch.docs {
+            let e = self.docs.entry(d.key.clone()).or_insert((vec![], None, 0));
+            e.0 = d.heads.clone();
+            if let Some(s) = &d.snapshot {
+                e.1 = Some(s.clone());
+                e.2 = self.log.len();
+            }
+        }
+        for (k, p) in &batch.projections {
+            self.projections.insert(k.clone(), p.clone());
+        }
+        for (k, v) in &batch.ops {
+            self.ops.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        for (p, k, h) in &batch.peer_heads {
+            self.peer_heads.insert((p.clone(), k.clone()), h.clone());
+        }
+        for (k, r) in &batch.quarantine {
+            self.quarantine.insert(k.clone(), r.clone());
+        }
+        Ok(())
+    }
+    fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.ops.get(op_id).cloned())
+    }
+    fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError> {
+        Ok(self.peer_heads.get(&(peer.clone(), key.clone())).cloned())
+    }
+    fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError> {
+        Ok(self
+            .quarantine
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+    fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError> {
+        Ok(self
+            .all_persons()
+            .find(|p| p.person_id == person_id)
+            .cloned())
+    }
+    fn persons(&self, limit: usize, offset: usize) -> Result<Vec<PersonRow>, StoreError> {
+        let mut all: Vec<_> = self.all_persons().cloned().collect();
+        all.sort_by(|a, b| a.person_id.cmp(&b.person_id));
+        Ok(all.into_iter().skip(offset).take(limit).collect())
+    }
+    fn search(&self, key: &str, limit: usize) -> Result<Vec<PersonRow>, StoreError> {
+        let mut all: Vec<_> = self
+            .all_persons()
+            .filter(|p| {
+                p.search_key.contains(key) || crate::text::search_key(&p.name).contains(key)
+            })
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.person_id.cmp(&b.person_id));
+        all.truncate(limit);
+        Ok(all)
+    }
+    fn household_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .projections
+            .values()
+            .flat_map(|p| p.cards.iter())
+            .find(|c| c.0 == card_user_id)
+            .map(|c| c.1.clone()))
+    }
+    fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
+        let mut v: Vec<_> = self
+            .all_persons()
+            .filter(|p| p.household_id.as_deref() == Some(household_id))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.person_id.cmp(&b.person_id));
+        Ok(v)
+    }
+    fn location(&self, person_id: &str) -> Result<Option<LocationRow>, StoreError> {
+        Ok(self
+            .all_locations()
+            .find(|l| l.person_id == person_id)
+            .cloned())
+    }
+    fn shelters(&self) -> Result<Vec<ShelterRow>, StoreError> {
+        let mut v: Vec<_> = self
+            .projections
+            .values()
+            .flat_map(|p| p.shelters.iter())
+            .cloned()
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+    fn occupancy(&self) -> Result<BTreeMap<String, u32>, StoreError> {
+        let mut m = BTreeMap::new();
+        for l in self
+            .all_locations()
+            .filter(|l| l.status == LocationStatus::In)
+        {
+            *m.entry(l.shelter_id.clone()).or_insert(0) += 1;
+        }
+        Ok(m)
+    }
+    fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError> {
+        let mut v: Vec<_> = self
+            .all_locations()
+            .filter(|l| l.conflict)
+            .cloned()
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+}
+
+/// The one suite every `Store` implementation must pass. Call each
+/// function with a fresh, empty store.
+pub mod conformance {
+    use super::*;
+    use crate::ids::Kind;
+
+    fn key(kind: Kind, id: &str) -> DocKey {
+        DocKey::new(kind, id).unwrap()
+    }
+
+    fn person(id: &str, hh: &str, name: &str, kana: &str) -> PersonRow {
+        PersonRow {
+            person_id: id.into(),
+            household_id: Some(hh.into()),
+            name: name.into(),
+            kana: kana.into(),
+            search_key: crate::text::search_key(kana),
+            birth_date: Some("1950-01-01".into()),
+        }
+    }
+
+    fn meta(inc: u32) -> Meta {
+        Meta {
+            node_id: NodeId::new("n1").unwrap(),
+            role: Role::Shelter,
+            incarnation: inc,
+            hlc: Hlc {
+                wall_ms: 5,
+                counter: inc,
+            },
+            audit_seq: 0,
+            audit_head: String::new(),
+        }
+    }
+
+    fn change(k: &DocKey, n: u8) -> ChangeRecord {
+        ChangeRecord {
+            key: k.clone(),
+            hash: [n; 32],
+            bytes: vec![n; 3],
+        }
+    }
+
+    pub fn meta_round_trip(s: &mut dyn Store) {
+        assert_eq!(s.load_meta().unwrap(), None);
+        let mut b = Batch::default();
+        b.meta = Some(meta(1));
+        s.commit(&b).unwrap();
+        assert_eq!(s.load_meta().unwrap(), Some(meta(1)));
+        b.meta = Some(meta(2));
+        s.commit(&b).unwrap();
+        assert_eq!(s.load_meta().unwrap().unwrap().incarnation, 2);
+    }
+
+    pub fn changes_docs_and_snapshots(s: &mut dyn Store) {
+        let k = key(Kind::Presence, "h1");
+        let other = key(Kind::Registry, "h1");
+        let b = Batch {
+            changes: vec![change(&k, 1), change(&k, 2), change(&other, 9)],
+            docs: vec![
+                DocState {
+                    key: k.clone(),
+                    heads: vec![[2; 32]],
+                    snapshot: None,
+                },
+                DocState {
+                    key: other.clone(),
+                    heads: vec![[9; 32]],
+                    snapshot: None,
+                },
+            ],
+            ..Default::default()
+        };
+        s.commit(&b).unwrap();
+        // Re-committing a known change is a no-op (dedup by hash).
+        s.commit(&Batch {
+            changes: vec![change(&k, 1)],
+            ..Default::default()
+        })
+        .unwrap();
+        let d = s.load_doc(&k).unwrap().unwrap();
+        assert_eq!(d.snapshot, None);
+        assert_eq!(d.changes, vec![vec![1; 3], vec![2; 3]]);
+        // A snapshot folds earlier changes; later ones stay in the tail.
+        s.commit(&Batch {
+            docs: vec![DocState {
+                key: k.clone(),
+                heads: vec![[2; 32]],
+                snapshot: Some(vec![7, 7]),
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        s.commit(&Batch {
+            changes: vec![change(&k, 3)],
+            docs: vec![DocState {
+                key: k.clone(),
+                heads: vec![[3; 32]],
+                snapshot: None,
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let d = s.load_doc(&k).unwrap().unwrap();
+        assert_eq!(d.snapshot, Some(vec![7, 7]));
+        assert_eq!(d.changes, vec![vec![3; 3]]);
+        assert_eq!(s.doc_changes(&k).unwrap().len(), 3);
+        let idx = s.doc_index().unwrap();
+        assert_eq!(
+            idx,
+            vec![(k.clone(), vec![[3; 32]]), (other.clone(), vec![[9; 32]])]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(s.load_doc(&key(Kind::Medical, "nope")).unwrap(), None);
+    }
+
+    pub fn projections_replace_per_document(s: &mut dyn Store) {
+        let r1 = key(Kind::Registry, "h1");
+        let r2 = key(Kind::Registry, "h2");
+        let p1 = Projection {
+            persons: vec![
+                person("p1", "h1", "山田 太郎", "ヤマダ タロウ"),
+                person("p2", "h1", "山田 花子", "やまだ はなこ"),
+            ],
+            cards: vec![("1234567890123".into(), "h1".into(), "p1".into())],
+            ..Default::default()
+        };
+        let p2 = Projection {
+            persons: vec![person("p3", "h2", "佐藤 一郎", "サトウ イチロウ")],
+            ..Default::default()
+        };
+        s.commit(&Batch {
+            projections: vec![(r1.clone(), p1), (r2.clone(), p2)],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.household_by_card("1234567890123").unwrap().as_deref(),
+            Some("h1")
+        );
+        assert_eq!(s.household_by_card("9999999999999").unwrap(), None);
+        assert_eq!(s.household_members("h1").unwrap().len(), 2);
+        assert_eq!(
+            s.persons(10, 0)
+                .unwrap()
+                .iter()
+                .map(|p| p.person_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["p1", "p2", "p3"]
+        );
+        assert_eq!(s.persons(1, 1).unwrap()[0].person_id, "p2");
+        let hits = s.search(&crate::text::search_key("ﾔﾏﾀﾞ"), 10).unwrap();
+        assert_eq!(hits.len(), 2);
+        // Wildcards are literal.
+        assert!(s.search("%", 10).unwrap().is_empty());
+        assert!(s.search("_", 10).unwrap().is_empty());
+        // Replacing h1's projection removes rows it no longer derives.
+        let p1b = Projection {
+            persons: vec![person("p1", "h1", "山田 太郎", "ヤマダ タロウ")],
+            ..Default::default()
+        };
+        s.commit(&Batch {
+            projections: vec![(r1.clone(), p1b)],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.household_members("h1").unwrap().len(), 1);
+        assert_eq!(s.household_by_card("1234567890123").unwrap(), None);
+        assert!(s.person("p2").unwrap().is_none());
+        assert!(s.person("p3").unwrap().is_some());
+    }
+
+    pub fn locations_and_occupancy(s: &mut dyn Store) {
+        let pr = key(Kind::Presence, "h1");
+        let sh = key(Kind::Shelter, "s1");
+        let loc = |p: &str, shelter: &str, st, conflict| LocationRow {
+            person_id: p.into(),
+            shelter_id: shelter.into(),
+            status: st,
+            since_ms: 1,
+            conflict,
+        };
+        s.commit(&Batch {
+            projections: vec![
+                (
+                    pr.clone(),
+                    Projection {
+                        locations: vec![
+                            loc("p1", "s1", LocationStatus::In, false),
+                            loc("p2", "s1", LocationStatus::In, true),
+                            loc("p3", "s2", LocationStatus::Out, false),
+                        ],
+                        ..Default::default()
+                    },
+                ),
+                (
+                    sh.clone(),
+                    Projection {
+                        shelters: vec![ShelterRow {
+                            shelter_id: "s1".into(),
+                            name: "第一小学校".into(),
+                            capacity: 300,
+                        }],
+                        ..Default::default()
+                    },
+                ),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.occupancy().unwrap(),
+            BTreeMap::from([("s1".to_string(), 2)])
+        );
+        assert_eq!(
+            s.location("p3").unwrap().unwrap().status,
+            LocationStatus::Out
+        );
+        assert_eq!(s.conflicts().unwrap().len(), 1);
+        assert_eq!(s.shelters().unwrap()[0].capacity, 300);
+    }
+
+    pub fn ops_peer_heads_quarantine(s: &mut dyn Store) {
+        let k = key(Kind::Presence, "h1");
+        let peer = NodeId::new("peer-1").unwrap();
+        s.commit(&Batch {
+            ops: vec![("op-1".into(), "{\"ok\":1}".into())],
+            peer_heads: vec![(peer.clone(), k.clone(), vec![[4; 32]])],
+            quarantine: vec![(k.clone(), "bad".into())],
+            ..Default::default()
+        })
+        .unwrap();
+        // The first recorded result of an operation wins.
+        s.commit(&Batch {
+            ops: vec![("op-1".into(), "{\"ok\":2}".into())],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.op_result("op-1").unwrap().as_deref(), Some("{\"ok\":1}"));
+        assert_eq!(s.op_result("op-2").unwrap(), None);
+        assert_eq!(s.peer_heads(&peer, &k).unwrap(), Some(vec![[4; 32]]));
+        assert_eq!(s.quarantined().unwrap(), vec![(k, "bad".to_string())]);
+    }
+
+    /// Runs every case, each on a fresh store from `fresh`.
+    pub fn run_all(mut fresh: impl FnMut() -> Box<dyn Store>) {
+        meta_round_trip(&mut *fresh());
+        changes_docs_and_snapshots(&mut *fresh());
+        projections_replace_per_document(&mut *fresh());
+        locations_and_occupancy(&mut *fresh());
+        ops_peer_heads_quarantine(&mut *fresh());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mem_store_conforms() {
+        super::conformance::run_all(|| Box::new(super::MemStore::new()));
+    }
+}
