@@ -18,3 +18,10 @@ pub mod hlc;
 pub mod model;
 pub mod store;
 pub mod text;
+pub mod wire;
+pub mod derive;
+pub mod views;
+#[cfg(feature = "mutants")]
+pub mod mutants;
+pub mod api;
+pub mod engine;

@@ -1,0 +1,269 @@
+//! The engine's inputs and outputs: everything a driver (`node` or `sim`)
+//! hands to [`crate::engine::Engine::handle`] and everything it must carry
+//! out afterwards.
+//!
+//! Drivers pass time as [`Now`] (wall time shown to people and stamped on
+//! facts, monotonic time for timers) and randomness as an `RngCore`; the
+//! engine reads neither clock nor entropy itself.
+
+use crate::model::{BloodType, ConsentBasis, Disclosure, Eligibility, FamilyContact, MedicalSection, ShelterInfo};
+use crate::store::{LocationRow, PersonRow, ShelterRow, StoreError};
+use crate::text::TextError;
+use crate::views::MedicalView;
+use crate::{Kind, NodeId, Role};
+use serde::{Deserialize, Serialize};
+
+/// Time as the driver sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// Wall clock, ms since the Unix epoch; may be wrong (B-1..B-4).
+    pub wall_ms: u64,
+    /// Monotonic ms since an arbitrary start; used for timers only.
+    pub mono_ms: u64,
+    /// Whether the driver believes the wall clock (NTP/peer agreement).
+    pub wall_trusted: bool,
+}
+
+/// A driver-chosen handle for one session with one peer. A peer may have
+/// two sessions at once.
+pub type SessionId = u64;
+
+/// Who asks: the operator logged in at the UI or API, for audit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator(pub String);
+
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A user or API command. `op_id` makes retries idempotent.
+    Command { op_id: String, operator: Operator, cmd: Command },
+    /// A read-only query; nothing is written.
+    Query { query: Query },
+    /// A session is up: the peer's identity comes from its verified
+    /// certificate. The dialing side has `initiator = true`.
+    Connected { session: SessionId, node: NodeId, role: Role, initiator: bool },
+    /// One frame body from the session's stream.
+    Frame { session: SessionId, bytes: Vec<u8> },
+    /// The stream ended or the connection broke.
+    Disconnected { session: SessionId },
+    /// The outcome of a [`MailRequest`] the driver tried to send.
+    MailOutcome { message_id: String, outcome: MailOutcome },
+    /// Periodic timer: drains send queues, retries mail. Drivers tick at
+    /// least once a second.
+    Tick,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Headquarters: registry import, one durable commit per batch.
+    ImportHouseholds { households: Vec<crate::model::Household> },
+    PutShelter { shelter: ShelterInfo },
+    /// Register someone without a registry entry; replies with the new id.
+    RegisterPerson { name: String, kana: String, birth_date: Option<String>, note: String },
+    CheckIn { person_ids: Vec<String>, shelter_id: Option<String> },
+    CheckOut { person_ids: Vec<String>, shelter_id: Option<String> },
+    Transfer { person_ids: Vec<String>, from_shelter: Option<String>, to_shelter: String },
+    PutMedical { person_id: String, update: MedicalUpdate },
+    /// Audited read of a medical profile (a command because it writes the
+    /// audit entry before anything is shown).
+    ReadMedical { person_id: String, reason: String, break_glass: bool },
+    PutEligibility { person_id: String, eligibility: Eligibility },
+    PutContacts { person_id: String, contacts: Vec<FamilyContact>, disclosure: Disclosure },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::ImportHouseholds { .. } => "import_households",
+            Command::PutShelter { .. } => "put_shelter",
+            Command::RegisterPerson { .. } => "register_person",
+            Command::CheckIn { .. } => "check_in",
+            Command::CheckOut { .. } => "check_out",
+            Command::Transfer { .. } => "transfer",
+            Command::PutMedical { .. } => "put_medical",
+            Command::ReadMedical { .. } => "read_medical",
+            Command::PutEligibility { .. } => "put_eligibility",
+            Command::PutContacts { .. } => "put_contacts",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MedicalUpdate {
+    pub blood_type: Option<BloodType>,
+    pub consent: Option<ConsentBasis>,
+    /// New entries: (section, text).
+    #[serde(default)]
+    pub add: Vec<(MedicalSection, String)>,
+    /// Edited entries: (section, entry id, new text).
+    #[serde(default)]
+    pub edit: Vec<(MedicalSection, String, String)>,
+    /// Removed entries: (section, entry id).
+    #[serde(default)]
+    pub remove: Vec<(MedicalSection, String)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Query {
+    Status,
+    Persons { limit: usize, offset: usize },
+    Search { q: String, limit: usize },
+    HouseholdByCard { card_user_id: String },
+    Person { person_id: String },
+    Shelters,
+    Conflicts,
+    Outbox,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Imported { households: usize, persons: usize },
+    Done,
+    Registered { person_id: String },
+    /// New presence events, and persons already in the requested state
+    /// (a second tap or double submit: D-3).
+    Presence { event_ids: Vec<String>, already: Vec<String> },
+    Medical { person_id: String, view: MedicalView, audit_seq: u64 },
+}
+
+/// A command that did not happen, and why. Nothing was written.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    #[error("{0}")]
+    Invalid(#[from] TextError),
+    #[error("role {role} may not {action}")]
+    Forbidden { role: Role, action: String },
+    #[error("{what} not found: {id}")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{0}")]
+    Storage(#[from] StoreError),
+}
+
+impl CommandError {
+    /// Machine-readable code for the API.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::Invalid(_) => "invalid_input",
+            CommandError::Forbidden { .. } => "forbidden",
+            CommandError::NotFound { .. } => "not_found",
+            CommandError::Rejected(_) => "rejected",
+            CommandError::Storage(StoreError::Full) => "storage_full",
+            CommandError::Storage(_) => "storage_error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub node_id: NodeId,
+    pub role: Role,
+    pub connected: bool,
+    /// Wall ms of the last frame received from this peer.
+    pub last_sync: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub node_id: NodeId,
+    pub role: Role,
+    pub incarnation: u32,
+    pub peers: Vec<PeerStatus>,
+    pub documents: usize,
+    pub quarantined: usize,
+    pub violations: u64,
+    pub mail_queue: usize,
+    pub mail_oldest_ms: Option<u64>,
+    pub duplicate_mail_risk: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PersonDetail {
+    pub person: PersonRow,
+    pub location: Option<LocationRow>,
+    /// The concurrent presence events behind a conflict, if any.
+    pub conflicts: Vec<crate::model::PresenceEvent>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HouseholdView {
+    pub household_id: String,
+    pub members: Vec<(PersonRow, Option<LocationRow>)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShelterView {
+    pub shelter: ShelterRow,
+    pub occupancy: u32,
+    /// Wall ms of the last presence change from that shelter seen here.
+    pub last_sync: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OutboxRow {
+    pub person_id: String,
+    pub contact_id: String,
+    pub state: crate::model::MailState,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryReply {
+    Status(Status),
+    Persons(Vec<PersonRow>),
+    Household(Option<HouseholdView>),
+    Person(Option<PersonDetail>),
+    Shelters(Vec<ShelterView>),
+    Conflicts(Vec<LocationRow>),
+    Outbox(Vec<OutboxRow>),
+}
+
+/// A family safety mail for the driver to send with SMTP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailRequest {
+    /// Stable per (arrival, contact); reused on every retry.
+    pub message_id: String,
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+    pub person_id: String,
+    pub contact_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MailOutcome {
+    /// The server answered 250 to the message.
+    Sent,
+    /// 4xx or the server was unreachable before the message: retry later.
+    Transient(String),
+    /// 5xx: never retried.
+    Permanent(String),
+    /// The connection broke after the message was sent, before the reply.
+    Indeterminate(String),
+}
+
+/// Something the UI may want to show (server-sent events in `node`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum UiEvent {
+    DocumentChanged { kind: Kind, id: String },
+    Conflict { person_id: String },
+    PeerViolation { node_id: NodeId, reason: String },
+}
+
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// The answer to a command, sent only after its commit.
+    Reply { op_id: String, result: Result<Reply, CommandError> },
+    QueryReply(Result<QueryReply, CommandError>),
+    /// A frame body for the driver to write, length-prefixed, to the session.
+    Send { session: SessionId, bytes: Vec<u8> },
+    /// Close the session (after sending anything queued before).
+    Close { session: SessionId, reason: String },
+    SendMail(MailRequest),
+    Event(UiEvent),
+}

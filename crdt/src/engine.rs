@@ -1,0 +1,1389 @@
+//! The engine: one node's whole decision-making, driven by inputs.
+//!
+//! `Engine::handle(input, now, rng)` takes one [`Input`] and returns the
+//! [`Output`]s the driver must carry out: replies (sent only after their
+//! commit), frames for sessions, mail to send, UI events. Storage goes
+//! through the synchronous [`Store`]; every command's effects, its audit
+//! entries and its recorded result are one [`Batch`], committed before the
+//! reply is produced.
+//!
+//! Documents are loaded on demand into a bounded cache; an index of every
+//! document's heads stays in memory for range reconciliation. Sessions
+//! follow [`crate::wire`]: `Hello`, then range-based set reconciliation over
+//! the documents both roles may hold, then live push of new changes to every
+//! connected peer that may hold them, deduplicated by change hash.
+
+use crate::actor::Actor;
+use crate::api::*;
+use crate::derive::{self, EVENT_PREFIX, HOUSEHOLD_FIELD, PERSON_FIELD, SHELTER_FIELD};
+use crate::doc::{encode, parse_change, Doc, DocError, Hash32};
+use crate::hlc::HlcClock;
+use crate::ids::{DocKey, Kind, NodeId, Role};
+use crate::model::*;
+use crate::policy;
+use crate::store::{Batch, ChangeRecord, DocState, Meta, Store, StoreError};
+use crate::text::{check_text, search_key, TextError};
+use crate::views;
+use crate::wire::{self, DocChanges, Frame, Item, Range, RangeBody};
+use automerge::Change;
+use rand_core::RngCore;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// Ranges with at most this many items are sent as item lists.
+const ITEMS_THRESHOLD: usize = 32;
+/// A larger range is split into this many parts.
+const SPLIT: usize = 16;
+/// Documents kept loaded.
+const DEFAULT_CACHE_DOCS: usize = 2048;
+/// A compacted snapshot is stored after this many logged changes.
+const SNAPSHOT_EVERY: u32 = 32;
+/// Frames of catch-up changes emitted per session per input.
+const FRAMES_PER_DRAIN: usize = 8;
+pub const MAX_PERSONS_PER_COMMAND: usize = 200;
+pub const MAX_HOUSEHOLDS_PER_IMPORT: usize = 20_000;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub node_id: NodeId,
+    pub role: Role,
+    /// The shelter this node serves (shelter role); defaults to the node id.
+    pub shelter_id: Option<String>,
+    pub cache_docs: usize,
+    /// Headquarters only: the primary plans family mail at once; a backup
+    /// waits `mail_takeover_ms` after it first sees an arrival, so the
+    /// primary's claim usually reaches it first (D-7).
+    pub mail_primary: bool,
+    pub mail_lease_ms: u64,
+    pub mail_takeover_ms: u64,
+}
+
+impl EngineConfig {
+    pub fn new(node_id: NodeId, role: Role) -> Self {
+        EngineConfig {
+            shelter_id: (role == Role::Shelter).then(|| node_id.as_str().to_string()),
+            node_id,
+            role,
+            cache_docs: DEFAULT_CACHE_DOCS,
+            mail_primary: true,
+            mail_lease_ms: 5 * 60_000,
+            mail_takeover_ms: 10 * 60_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("this database belongs to node {found} ({found_role}), not {expected} ({expected_role})")]
+    WrongNode { found: NodeId, found_role: Role, expected: NodeId, expected_role: Role },
+}
+
+#[derive(Clone, Debug, Default)]
+struct IndexEntry {
+    heads: Vec<Hash32>,
+    fp: u128,
+    /// Changes logged since the last snapshot.
+    tail: u32,
+}
+
+fn item_fp(key: &DocKey, heads: &[Hash32]) -> u128 {
+    let mut h = blake3::Hasher::new();
+    h.update(&key.to_bytes());
+    h.update(&crate::doc::heads_digest(heads));
+    u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+struct Session {
+    node: NodeId,
+    role: Role,
+    initiator: bool,
+    hello: bool,
+    /// Documents the peer lacks changes of, by priority, with the heads
+    /// it reported (empty when it does not have the document).
+    outq: BTreeMap<(u8, DocKey), Vec<Hash32>>,
+    /// Change hashes this session is known to have (sent or received).
+    seen: BTreeSet<Hash32>,
+}
+
+/// Counters the simulator and benchmarks read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    pub changes_applied: u64,
+    pub changes_rejected: u64,
+    pub violations: u64,
+    pub duplicate_mail_risk: u64,
+    pub commits: u64,
+}
+
+/// One command's or frame's pending writes, committed at once.
+#[derive(Default)]
+struct Txn {
+    batch: Batch,
+    touched: BTreeSet<DocKey>,
+    heads: BTreeMap<DocKey, Vec<Hash32>>,
+    /// New changes to gossip, with the session they came from.
+    gossip: Vec<(DocKey, Vec<u8>, Hash32, Option<SessionId>)>,
+    meta: Option<Meta>,
+}
+
+pub struct Engine<S: Store> {
+    store: S,
+    cfg: EngineConfig,
+    meta: Meta,
+    actor: Actor,
+    hlc: HlcClock,
+    index: BTreeMap<DocKey, IndexEntry>,
+    cache: HashMap<DocKey, Doc>,
+    cache_order: VecDeque<DocKey>,
+    sessions: BTreeMap<SessionId, Session>,
+    peers: BTreeMap<NodeId, (Role, Option<u64>)>,
+    /// Headquarters: family mail state per (person, contact).
+    mail: BTreeMap<(String, String), MailState>,
+    /// Headquarters backup: when each arrival was first seen here.
+    arrivals_seen: BTreeMap<String, u64>,
+    /// Shelters: wall ms of the last presence change attributed to each.
+    shelter_seen: BTreeMap<String, u64>,
+    stats: Stats,
+    #[cfg(feature = "mutants")]
+    deferred: Option<Batch>,
+}
+
+impl<S: Store> Engine<S> {
+    /// Opens the node's state: checks the store belongs to this node, bumps
+    /// and persists the incarnation (so the actor id is new), loads the
+    /// document index.
+    pub fn open(mut store: S, cfg: EngineConfig, now: Now) -> Result<Self, EngineError> {
+        let meta = match store.load_meta()? {
+            Some(m) => {
+                if m.node_id != cfg.node_id || m.role != cfg.role {
+                    return Err(EngineError::WrongNode { found: m.node_id, found_role: m.role, expected: cfg.node_id, expected_role: cfg.role });
+                }
+                #[allow(unused_mut)]
+                let mut bump = 1;
+                #[cfg(feature = "mutants")]
+                if crate::mutants::active(crate::mutants::Mutant::ReuseActor) {
+                    bump = 0;
+                }
+                Meta { incarnation: m.incarnation + bump, ..m }
+            }
+            None => Meta { node_id: cfg.node_id.clone(), role: cfg.role, incarnation: 1, hlc: Default::default(), audit_seq: 0, audit_head: String::new() },
+        };
+        let mut hlc = HlcClock::new(meta.hlc);
+        let meta = Meta { hlc: hlc.tick(now.wall_ms), ..meta };
+        store.commit(&Batch { meta: Some(meta.clone()), ..Default::default() })?;
+        let mut index = BTreeMap::new();
+        for (key, heads) in store.doc_index()? {
+            let fp = item_fp(&key, &heads);
+            index.insert(key, IndexEntry { heads, fp, tail: 0 });
+        }
+        let actor = Actor::new(cfg.role, &cfg.node_id, meta.incarnation);
+        let mut e = Engine {
+            store,
+            cfg,
+            meta,
+            actor,
+            hlc,
+            index,
+            cache: HashMap::new(),
+            cache_order: VecDeque::new(),
+            sessions: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            mail: BTreeMap::new(),
+            arrivals_seen: BTreeMap::new(),
+            shelter_seen: BTreeMap::new(),
+            stats: Stats::default(),
+            #[cfg(feature = "mutants")]
+            deferred: None,
+        };
+        if e.cfg.role == Role::Hq {
+            e.recover_mail(now)?;
+        }
+        Ok(e)
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+    pub fn into_store(self) -> S {
+        self.store
+    }
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+    pub fn incarnation(&self) -> u32 {
+        self.meta.incarnation
+    }
+    pub fn actor(&self) -> Actor {
+        self.actor
+    }
+    /// Every document this node holds, with its heads.
+    pub fn heads(&self) -> impl Iterator<Item = (&DocKey, &[Hash32])> {
+        self.index.iter().map(|(k, e)| (k, e.heads.as_slice()))
+    }
+    pub fn doc_count(&self) -> usize {
+        self.index.len()
+    }
+    pub fn mail_states(&self) -> &BTreeMap<(String, String), MailState> {
+        &self.mail
+    }
+
+    /// Loads a document (from cache or store) for read-only inspection.
+    pub fn doc(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
+        Ok(self.load(key)?.map(|d| &*d))
+    }
+
+    pub fn handle(&mut self, input: Input, now: Now, rng: &mut dyn RngCore) -> Vec<Output> {
+        let mut out = Vec::new();
+        #[cfg(feature = "mutants")]
+        if let Some(b) = self.deferred.take() {
+            let _ = self.store.commit(&b);
+        }
+        match input {
+            Input::Command { op_id, operator, cmd } => {
+                let result = self.command(&op_id, &operator, cmd, now, rng, &mut out);
+                out.push(Output::Reply { op_id, result });
+            }
+            Input::Query { query } => out.push(Output::QueryReply(self.query(query))),
+            Input::Connected { session, node, role, initiator } => {
+                self.peers.entry(node.clone()).or_insert((role, None)).0 = role;
+                self.sessions.insert(session, Session { node, role, initiator, hello: false, outq: BTreeMap::new(), seen: BTreeSet::new() });
+                let hello = Frame::Hello { version: wire::PROTOCOL_VERSION, node: self.cfg.node_id.clone(), role: self.cfg.role, incarnation: self.meta.incarnation };
+                self.send(session, &hello, &mut out);
+            }
+            Input::Frame { session, bytes } => self.frame(session, &bytes, now, &mut out),
+            Input::Disconnected { session } => {
+                self.sessions.remove(&session);
+            }
+            Input::MailOutcome { message_id, outcome } => self.mail_outcome(&message_id, outcome, now),
+            Input::Tick => {
+                if self.cfg.role == Role::Hq {
+                    self.plan_mail(now, &mut out);
+                }
+            }
+        }
+        self.drain(&mut out);
+        out
+    }
+
+    // ----- storage plumbing -------------------------------------------------
+
+    fn load(&mut self, key: &DocKey) -> Result<Option<&mut Doc>, StoreError> {
+        if !self.cache.contains_key(key) {
+            let Some(stored) = self.store.load_doc(key)? else { return Ok(None) };
+            let doc = match Doc::load(key.clone(), stored.snapshot.as_deref(), &stored.changes) {
+                Ok(d) => d,
+                Err(first) => {
+                    // A damaged snapshot: rebuild from the raw change log.
+                    let all = self.store.doc_changes(key)?;
+                    match Doc::load(key.clone(), None, &all) {
+                        Ok(d) => d,
+                        Err(_) => {
+                            let _ = self.store.commit(&Batch { quarantine: vec![(key.clone(), first.to_string())], ..Default::default() });
+                            return Err(StoreError::Corrupt(first.to_string()));
+                        }
+                    }
+                }
+            };
+            self.cache_insert(doc);
+        }
+        Ok(self.cache.get_mut(key))
+    }
+
+    fn cache_insert(&mut self, doc: Doc) {
+        let key = doc.key.clone();
+        if self.cache.insert(key.clone(), doc).is_none() {
+            self.cache_order.push_back(key);
+        }
+        while self.cache.len() > self.cfg.cache_docs.max(16) {
+            match self.cache_order.pop_front() {
+                Some(old) => {
+                    self.cache.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn load_or_new(&mut self, key: &DocKey) -> Result<&mut Doc, StoreError> {
+        if self.load(key)?.is_none() {
+            self.cache_insert(Doc::new(key.clone()));
+        }
+        Ok(self.cache.get_mut(key).expect("just inserted"))
+    }
+
+    /// Writes fields of a document as one local change, validating the
+    /// result, and records everything in the transaction.
+    fn write(&mut self, txn: &mut Txn, key: &DocKey, writes: Vec<(String, Option<String>)>, now: Now) -> Result<(), CommandError> {
+        if !policy::may_write(self.cfg.role, &self.cfg.node_id, key) {
+            return Err(CommandError::Forbidden { role: self.cfg.role, action: format!("write {} documents", key.kind) });
+        }
+        let actor = self.actor;
+        let doc = self.load_or_new(key)?;
+        let change = doc.write(actor, (now.wall_ms / 1000) as i64, "", &writes).map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let Some(change) = change else { return Ok(()) };
+        if let Err(e) = derive::projection(doc) {
+            self.evict(key);
+            return Err(CommandError::Rejected(e.to_string()));
+        }
+        txn.touched.insert(key.clone());
+        self.record(txn, key, vec![change], None);
+        Ok(())
+    }
+
+    /// Adds new changes of a document (already applied to the cached doc)
+    /// and its new heads, projection and maybe snapshot to the transaction.
+    fn record(&mut self, txn: &mut Txn, key: &DocKey, changes: Vec<Change>, from: Option<SessionId>) {
+        let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
+        let doc = self.cache.get(key).expect("recorded documents are loaded");
+        let heads = doc.heads();
+        for c in changes {
+            let hash = c.hash().0;
+            let bytes = c.raw_bytes().to_vec();
+            txn.batch.changes.push(ChangeRecord { key: key.clone(), hash, bytes: bytes.clone() });
+            txn.gossip.push((key.clone(), bytes, hash, from));
+        }
+        let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save());
+        txn.batch.docs.push(DocState { key: key.clone(), heads: heads.clone(), snapshot });
+        if let Ok(p) = derive::projection(doc) {
+            txn.batch.projections.push((key.clone(), p));
+        }
+        txn.heads.insert(key.clone(), heads);
+    }
+
+    fn evict(&mut self, key: &DocKey) {
+        self.cache.remove(key);
+        self.cache_order.retain(|k| k != key);
+    }
+
+    /// Commits a transaction; on success applies its in-memory effects and
+    /// queues gossip, on failure forgets every touched document so memory
+    /// matches the store again.
+    fn commit(&mut self, mut txn: Txn, now: Now, out: &mut Vec<Output>) -> Result<(), StoreError> {
+        if txn.batch.is_empty() {
+            return Ok(());
+        }
+        let meta = txn.meta.take();
+        if let Some(m) = &meta {
+            txn.batch.meta = Some(m.clone());
+        }
+        #[cfg(feature = "mutants")]
+        let deferred = crate::mutants::active(crate::mutants::Mutant::SkipDurability) && !txn.batch.ops.is_empty();
+        #[cfg(not(feature = "mutants"))]
+        let deferred = false;
+        let res = if deferred {
+            #[cfg(feature = "mutants")]
+            {
+                self.deferred = Some(txn.batch.clone());
+            }
+            Ok(())
+        } else {
+            self.store.commit(&txn.batch)
+        };
+        if let Err(e) = res {
+            for k in &txn.touched {
+                self.evict(k);
+            }
+            for (k, _) in &txn.heads {
+                self.evict(k);
+            }
+            return Err(e);
+        }
+        self.stats.commits += 1;
+        if let Some(m) = meta {
+            self.meta = m;
+        }
+        let mut outbox_touched = Vec::new();
+        let mut presence_touched = Vec::new();
+        for (key, heads) in txn.heads {
+            let e = self.index.entry(key.clone()).or_default();
+            e.fp = item_fp(&key, &heads);
+            e.heads = heads;
+            let snap = txn.batch.docs.iter().rev().find(|d| d.key == key).is_some_and(|d| d.snapshot.is_some());
+            e.tail = if snap { 0 } else { e.tail + 1 };
+            match key.kind {
+                Kind::Outbox => outbox_touched.push(key.clone()),
+                Kind::Presence => presence_touched.push(key.clone()),
+                _ => {}
+            }
+            out.push(Output::Event(UiEvent::DocumentChanged { kind: key.kind, id: key.id.clone() }));
+        }
+        for (key, bytes, hash, from) in txn.gossip {
+            for (sid, s) in self.sessions.iter_mut() {
+                if Some(*sid) == from || !s.hello || !may_send(s.role, &s.node, &key) || s.seen.contains(&hash) {
+                    continue;
+                }
+                s.seen.insert(hash);
+                let f = Frame::Changes { docs: vec![DocChanges { key: key.clone(), changes: vec![bytes.clone()] }] };
+                if let Ok(b) = wire::encode(&f) {
+                    self.stats.frames_sent += 1;
+                    self.stats.bytes_sent += b.len() as u64 + 4;
+                    out.push(Output::Send { session: *sid, bytes: b });
+                }
+            }
+        }
+        if self.cfg.role == Role::Hq {
+            for k in outbox_touched {
+                self.refresh_mail(&k);
+            }
+            if !presence_touched.is_empty() {
+                self.note_arrivals(&presence_touched, now);
+            }
+        } else {
+            for k in presence_touched {
+                self.note_shelter_activity(&k, now);
+            }
+        }
+        Ok(())
+    }
+
+    fn new_id(&self, prefix: &str, rng: &mut dyn RngCore) -> String {
+        format!("{prefix}{:016x}", rng.next_u64())
+    }
+
+    // ----- commands ---------------------------------------------------------
+
+    fn command(&mut self, op_id: &str, operator: &Operator, cmd: Command, now: Now, rng: &mut dyn RngCore, out: &mut Vec<Output>) -> Result<Reply, CommandError> {
+        crate::ids::check_id_str(op_id).map_err(|r| CommandError::Invalid(TextError::Invalid { field: "op_id", reason: r.into() }))?;
+        check_text("operator", &operator.0, 100, true)?;
+        if let Some(prev) = self.store.op_result(op_id)? {
+            return serde_json::from_str(&prev).map_err(|e| CommandError::Rejected(format!("recorded result unreadable: {e}")));
+        }
+        let mut txn = Txn::default();
+        let is_read = matches!(cmd, Command::ReadMedical { .. });
+        let reply = match self.run_command(&mut txn, operator, cmd, now, rng) {
+            Ok(r) => r,
+            Err(e) => {
+                for k in txn.touched.iter().chain(txn.heads.keys()) {
+                    self.cache.remove(k);
+                }
+                self.cache_order.retain(|k| self.cache.contains_key(k));
+                // A refused medical read is still audited (E-4).
+                if is_read && matches!(e, CommandError::Forbidden { .. }) {
+                    let mut audit_txn = Txn::default();
+                    if self.audit(&mut audit_txn, operator, "medical_read_denied", "medical", "", false, now).is_ok() {
+                        let _ = self.commit(audit_txn, now, out);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if !is_read {
+            txn.batch.ops.push((op_id.to_string(), serde_json::to_string(&reply).expect("replies serialize")));
+        }
+        self.commit(txn, now, out)?;
+        Ok(reply)
+    }
+
+    fn run_command(&mut self, txn: &mut Txn, operator: &Operator, cmd: Command, now: Now, rng: &mut dyn RngCore) -> Result<Reply, CommandError> {
+        self.hlc.tick(now.wall_ms);
+        match cmd {
+            Command::ImportHouseholds { households } => self.import(txn, households, now),
+            Command::PutShelter { shelter } => {
+                shelter.validate()?;
+                let key = DocKey::new(Kind::Shelter, &shelter.shelter_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+                self.write(txn, &key, vec![(SHELTER_FIELD.into(), Some(encode(&shelter)))], now)?;
+                Ok(Reply::Done)
+            }
+            Command::RegisterPerson { name, kana, birth_date, note } => {
+                if let Some(b) = &birth_date {
+                    check_birth_date("birth_date", b, now.wall_ms)?;
+                }
+                let person_id = self.new_id("f-", rng);
+                let p = FieldPerson { person_id: person_id.clone(), name, kana, birth_date, registered_by: self.cfg.node_id.clone(), note };
+                p.validate()?;
+                let key = DocKey::new(Kind::Person, &person_id).expect("generated ids are valid");
+                self.write(txn, &key, vec![(PERSON_FIELD.into(), Some(encode(&p)))], now)?;
+                Ok(Reply::Registered { person_id })
+            }
+            Command::CheckIn { person_ids, shelter_id } => self.presence(txn, person_ids, PresenceAction::CheckIn, shelter_id, None, now, rng),
+            Command::CheckOut { person_ids, shelter_id } => self.presence(txn, person_ids, PresenceAction::CheckOut, shelter_id, None, now, rng),
+            Command::Transfer { person_ids, from_shelter, to_shelter } => self.presence(txn, person_ids, PresenceAction::Transfer, from_shelter, Some(to_shelter), now, rng),
+            Command::PutMedical { person_id, update } => self.put_medical(txn, &person_id, update, now, rng),
+            Command::ReadMedical { person_id, reason, break_glass } => {
+                check_text("reason", &reason, 200, true)?;
+                if !policy::may_read(self.cfg.role, Kind::Medical) {
+                    return Err(CommandError::Forbidden { role: self.cfg.role, action: "read medical profiles".into() });
+                }
+                let key = DocKey::new(Kind::Medical, &person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let view = match self.load(&key)? {
+                    Some(doc) => views::medical(doc).map_err(|e| CommandError::Rejected(e.to_string()))?,
+                    None => return Err(CommandError::NotFound { what: "medical profile", id: person_id }),
+                };
+                let seq = self.audit(txn, operator, "medical_read", &key.to_string(), &reason, break_glass, now)?;
+                Ok(Reply::Medical { person_id, view, audit_seq: seq })
+            }
+            Command::PutEligibility { person_id, eligibility } => {
+                eligibility.validate()?;
+                let key = DocKey::new(Kind::Eligibility, &person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+                self.write(txn, &key, vec![(views::ELIGIBILITY.into(), Some(encode(&eligibility)))], now)?;
+                Ok(Reply::Done)
+            }
+            Command::PutContacts { person_id, contacts, disclosure } => {
+                if contacts.len() > MAX_CONTACTS_PER_PERSON {
+                    return Err(TextError::Invalid { field: "contacts", reason: "at most 10 contacts per person".into() }.into());
+                }
+                let key = DocKey::new(Kind::Contacts, &person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let mut writes = vec![(views::DISCLOSURE.to_string(), Some(encode(&disclosure)))];
+                let existing: Vec<String> = match self.load(&key)? {
+                    Some(d) => d.fields().into_keys().filter(|k| k.starts_with(views::CONTACT_PREFIX)).collect(),
+                    None => vec![],
+                };
+                let mut names = BTreeSet::new();
+                for c in &contacts {
+                    c.validate()?;
+                    let name = format!("{}{}", views::CONTACT_PREFIX, c.contact_id);
+                    if !names.insert(name.clone()) {
+                        return Err(TextError::Invalid { field: "contact_id", reason: "duplicate contact id".into() }.into());
+                    }
+                    writes.push((name, Some(encode(c))));
+                }
+                for old in existing.into_iter().filter(|k| !names.contains(k)) {
+                    writes.push((old, None));
+                }
+                self.write(txn, &key, writes, now)?;
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    fn import(&mut self, txn: &mut Txn, households: Vec<Household>, now: Now) -> Result<Reply, CommandError> {
+        if households.len() > MAX_HOUSEHOLDS_PER_IMPORT {
+            return Err(CommandError::Rejected(format!("at most {MAX_HOUSEHOLDS_PER_IMPORT} households per import batch")));
+        }
+        let mut cards = BTreeMap::new();
+        let mut persons = BTreeSet::new();
+        for h in &households {
+            h.validate()?;
+            for m in &h.members {
+                check_birth_date("birth_date", &m.birth_date, now.wall_ms)?;
+                if !persons.insert(m.person_id.clone()) {
+                    return Err(CommandError::Rejected(format!("person {} appears twice", m.person_id)));
+                }
+                if let Some(c) = &m.card_user_id {
+                    if cards.insert(c.clone(), h.household_id.clone()).is_some() {
+                        return Err(CommandError::Rejected(format!("card user ID of person {} appears twice", m.person_id)));
+                    }
+                    if let Some(other) = self.store.household_by_card(c.as_str())? {
+                        if other != h.household_id {
+                            return Err(CommandError::Rejected(format!("card user ID of person {} already belongs to household {other}", m.person_id)));
+                        }
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for h in &households {
+            let key = DocKey::new(Kind::Registry, &h.household_id).expect("validated");
+            n += h.members.len();
+            self.write(txn, &key, vec![(HOUSEHOLD_FIELD.into(), Some(encode(h)))], now)?;
+        }
+        Ok(Reply::Imported { households: households.len(), persons: n })
+    }
+
+    /// Presence document of a person: their household's, or their own for
+    /// a field-registered person.
+    fn presence_key(&self, person_id: &str) -> Result<DocKey, CommandError> {
+        let p = self.store.person(person_id)?.ok_or_else(|| CommandError::NotFound { what: "person", id: person_id.to_string() })?;
+        let id = p.household_id.unwrap_or(p.person_id);
+        DocKey::new(Kind::Presence, id).map_err(|e| CommandError::Rejected(e.to_string()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn presence(&mut self, txn: &mut Txn, person_ids: Vec<String>, action: PresenceAction, shelter: Option<String>, to: Option<String>, now: Now, rng: &mut dyn RngCore) -> Result<Reply, CommandError> {
+        if person_ids.is_empty() || person_ids.len() > MAX_PERSONS_PER_COMMAND {
+            return Err(TextError::Invalid { field: "person_ids", reason: format!("give 1 to {MAX_PERSONS_PER_COMMAND} persons") }.into());
+        }
+        let shelter = match (shelter, &self.cfg.shelter_id) {
+            (Some(s), Some(own)) if self.cfg.role == Role::Shelter && &s != own => {
+                return Err(CommandError::Forbidden { role: self.cfg.role, action: format!("record presence at another shelter ({s})") })
+            }
+            (Some(s), _) => s,
+            (None, Some(own)) => own.clone(),
+            (None, None) => return Err(TextError::Invalid { field: "shelter_id", reason: "required on this node".into() }.into()),
+        };
+        crate::ids::check_id_str(&shelter).map_err(|r| TextError::Invalid { field: "shelter_id", reason: r.into() })?;
+        if let Some(t) = &to {
+            crate::ids::check_id_str(t).map_err(|r| TextError::Invalid { field: "to_shelter", reason: r.into() })?;
+            if self.store.shelters()?.iter().all(|s| &s.shelter_id != t) {
+                return Err(CommandError::NotFound { what: "shelter", id: t.clone() });
+            }
+        }
+        let mut per_doc: BTreeMap<DocKey, Vec<String>> = BTreeMap::new();
+        for p in &person_ids {
+            crate::ids::check_id_str(p).map_err(|r| TextError::Invalid { field: "person_ids", reason: r.into() })?;
+            per_doc.entry(self.presence_key(p)?).or_default().push(p.clone());
+        }
+        let mut event_ids = Vec::new();
+        let mut already = Vec::new();
+        for (key, persons) in per_doc {
+            let state = match self.load(&key)? {
+                Some(doc) => derive::locations(&derive::presence_events(doc).map_err(|e| CommandError::Rejected(e.to_string()))?),
+                None => BTreeMap::new(),
+            };
+            let mut writes = Vec::new();
+            for person in persons {
+                let cur = state.get(&person);
+                let here = cur.map(|c| (c.location.status, c.location.shelter_id.as_str()));
+                let in_here = here == Some((crate::store::LocationStatus::In, shelter.as_str()));
+                let conflict = cur.is_some_and(|c| c.location.conflict);
+                match action {
+                    PresenceAction::CheckIn if in_here && !conflict => {
+                        already.push(person);
+                        continue;
+                    }
+                    PresenceAction::CheckOut if !in_here && here.is_some_and(|(s, sh)| s == crate::store::LocationStatus::Out && sh == shelter) => {
+                        already.push(person);
+                        continue;
+                    }
+                    PresenceAction::CheckOut | PresenceAction::Transfer if !in_here && !conflict => {
+                        return Err(CommandError::Rejected(format!("person {person} is not checked in at shelter {shelter}")));
+                    }
+                    _ => {}
+                }
+                let event_id = self.new_id("e-", rng);
+                let ev = PresenceEvent {
+                    event_id: event_id.clone(),
+                    op_id: event_id.clone(),
+                    person_id: person.clone(),
+                    action,
+                    shelter_id: shelter.clone(),
+                    to_shelter: to.clone(),
+                    hlc: self.hlc.tick(now.wall_ms),
+                    node: self.cfg.node_id.clone(),
+                    wall_ms: now.wall_ms,
+                    prev: cur.map(|c| c.heads.iter().map(|h| h.event_id.clone()).collect()).unwrap_or_default(),
+                };
+                writes.push((format!("{EVENT_PREFIX}{event_id}"), Some(encode(&ev))));
+                event_ids.push(event_id);
+            }
+            if !writes.is_empty() {
+                self.write(txn, &key, writes, now)?;
+            }
+        }
+        Ok(Reply::Presence { event_ids, already })
+    }
+
+    fn put_medical(&mut self, txn: &mut Txn, person_id: &str, u: MedicalUpdate, now: Now, rng: &mut dyn RngCore) -> Result<Reply, CommandError> {
+        let key = DocKey::new(Kind::Medical, person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let existing: BTreeSet<String> = match self.load(&key)? {
+            Some(d) => d.fields().into_keys().collect(),
+            None => BTreeSet::new(),
+        };
+        let mut writes = Vec::new();
+        if let Some(b) = u.blood_type {
+            writes.push((views::BLOOD_TYPE.to_string(), Some(encode(&b))));
+        }
+        if let Some(basis) = u.consent {
+            writes.push((views::CONSENT.to_string(), Some(encode(&Consent { basis, recorded_by: self.cfg.node_id.clone(), wall_ms: now.wall_ms }))));
+        }
+        for (section, text) in u.add {
+            let e = MedicalEntry { text };
+            e.validate()?;
+            writes.push((format!("{}:{}", section.as_str(), self.new_id("m-", rng)), Some(encode(&e))));
+        }
+        for (section, id, text) in u.edit {
+            let name = format!("{}:{id}", section.as_str());
+            if !existing.contains(&name) {
+                return Err(CommandError::NotFound { what: "medical entry", id: name });
+            }
+            let e = MedicalEntry { text };
+            e.validate()?;
+            writes.push((name, Some(encode(&e))));
+        }
+        for (section, id) in u.remove {
+            let name = format!("{}:{id}", section.as_str());
+            if !existing.contains(&name) {
+                return Err(CommandError::NotFound { what: "medical entry", id: name });
+            }
+            writes.push((name, None));
+        }
+        if writes.is_empty() {
+            return Err(CommandError::Rejected("nothing to change".into()));
+        }
+        self.write(txn, &key, writes, now)?;
+        Ok(Reply::Done)
+    }
+
+    /// Appends one entry to this node's audit chain; returns its sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn audit(&mut self, txn: &mut Txn, operator: &Operator, action: &str, record: &str, reason: &str, break_glass: bool, now: Now) -> Result<u64, CommandError> {
+        let mut meta = txn.meta.clone().unwrap_or_else(|| self.meta.clone());
+        let mut entry = AuditEntry {
+            seq: meta.audit_seq,
+            operator: operator.0.clone(),
+            node: self.cfg.node_id.clone(),
+            action: action.to_string(),
+            record: record.to_string(),
+            wall_ms: now.wall_ms,
+            hlc: self.hlc.tick(now.wall_ms),
+            clock_trusted: now.wall_trusted,
+            reason: reason.to_string(),
+            break_glass,
+            prev_hash: meta.audit_head.clone(),
+            hash: String::new(),
+        };
+        entry.hash = entry.compute_hash();
+        let key = DocKey::new(Kind::Audit, self.cfg.node_id.as_str()).expect("node ids are document ids");
+        self.write(txn, &key, vec![(format!("{}{:012}", views::AUDIT_PREFIX, entry.seq), Some(encode(&entry)))], now)?;
+        meta.audit_seq += 1;
+        meta.audit_head = entry.hash.clone();
+        meta.hlc = self.hlc.last();
+        txn.meta = Some(meta);
+        Ok(entry.seq)
+    }
+
+    // ----- queries ----------------------------------------------------------
+
+    fn query(&mut self, q: Query) -> Result<QueryReply, CommandError> {
+        Ok(match q {
+            Query::Status => {
+                let mut peers: Vec<PeerStatus> = self
+                    .peers
+                    .iter()
+                    .map(|(n, (role, last))| PeerStatus { node_id: n.clone(), role: *role, connected: self.sessions.values().any(|s| &s.node == n && s.hello), last_sync: *last })
+                    .collect();
+                peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+                let open: Vec<&MailState> = self.mail.values().filter(|m| !matches!(m.status, MailStatus::Sent | MailStatus::FailedPermanent | MailStatus::Cancelled)).collect();
+                QueryReply::Status(Status {
+                    node_id: self.cfg.node_id.clone(),
+                    role: self.cfg.role,
+                    incarnation: self.meta.incarnation,
+                    peers,
+                    documents: self.index.len(),
+                    quarantined: self.store.quarantined()?.len(),
+                    violations: self.stats.violations,
+                    mail_queue: open.len(),
+                    mail_oldest_ms: open.iter().map(|m| m.next_attempt_ms).min(),
+                    duplicate_mail_risk: self.stats.duplicate_mail_risk,
+                })
+            }
+            Query::Persons { limit, offset } => QueryReply::Persons(self.store.persons(limit.min(1000), offset)?),
+            Query::Search { q, limit } => {
+                check_text("q", &q, 100, true)?;
+                QueryReply::Persons(self.store.search(&search_key(&q), limit.min(200))?)
+            }
+            Query::HouseholdByCard { card_user_id } => {
+                let card = crate::text::CardUserId::parse(&card_user_id)?;
+                match self.store.household_by_card(card.as_str())? {
+                    None => QueryReply::Household(None),
+                    Some(h) => {
+                        let members = self.store.household_members(&h)?.into_iter().map(|p| -> Result<_, StoreError> { let l = self.store.location(&p.person_id)?; Ok((p, l)) }).collect::<Result<Vec<_>, _>>()?;
+                        QueryReply::Household(Some(HouseholdView { household_id: h, members }))
+                    }
+                }
+            }
+            Query::Person { person_id } => {
+                crate::ids::check_id_str(&person_id).map_err(|r| TextError::Invalid { field: "person_id", reason: r.into() })?;
+                match self.store.person(&person_id)? {
+                    None => QueryReply::Person(None),
+                    Some(person) => {
+                        let location = self.store.location(&person_id)?;
+                        let mut conflicts = Vec::new();
+                        if location.as_ref().is_some_and(|l| l.conflict) {
+                            let key = self.presence_key(&person_id)?;
+                            if let Some(doc) = self.load(&key)? {
+                                if let Ok(evs) = derive::presence_events(doc) {
+                                    if let Some(pp) = derive::locations(&evs).remove(&person_id) {
+                                        conflicts = pp.heads;
+                                    }
+                                }
+                            }
+                        }
+                        QueryReply::Person(Some(PersonDetail { person, location, conflicts }))
+                    }
+                }
+            }
+            Query::Shelters => {
+                let occ = self.store.occupancy()?;
+                QueryReply::Shelters(
+                    self.store
+                        .shelters()?
+                        .into_iter()
+                        .map(|s| ShelterView { occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0), last_sync: self.shelter_seen.get(&s.shelter_id).copied(), shelter: s })
+                        .collect(),
+                )
+            }
+            Query::Conflicts => QueryReply::Conflicts(self.store.conflicts()?),
+            Query::Outbox => QueryReply::Outbox(self.mail.iter().map(|((p, c), s)| OutboxRow { person_id: p.clone(), contact_id: c.clone(), state: s.clone() }).collect()),
+        })
+    }
+
+    // ----- sessions ---------------------------------------------------------
+
+    fn send(&mut self, session: SessionId, f: &Frame, out: &mut Vec<Output>) {
+        match wire::encode(f) {
+            Ok(b) => {
+                self.stats.frames_sent += 1;
+                self.stats.bytes_sent += b.len() as u64 + 4;
+                out.push(Output::Send { session, bytes: b });
+            }
+            Err(e) => out.push(Output::Close { session, reason: format!("internal: {e}") }),
+        }
+    }
+
+    fn bye(&mut self, session: SessionId, code: u16, reason: String, out: &mut Vec<Output>) {
+        let f = Frame::Bye { code, reason: reason.chars().take(200).collect() };
+        self.send(session, &f, out);
+        out.push(Output::Close { session, reason });
+        self.sessions.remove(&session);
+    }
+
+    fn violation(&mut self, session: SessionId, reason: String, out: &mut Vec<Output>) {
+        self.stats.violations += 1;
+        if let Some(s) = self.sessions.get(&session) {
+            out.push(Output::Event(UiEvent::PeerViolation { node_id: s.node.clone(), reason }));
+        }
+    }
+
+    fn frame(&mut self, sid: SessionId, bytes: &[u8], now: Now, out: &mut Vec<Output>) {
+        let Some(s) = self.sessions.get(&sid) else { return };
+        let (peer, peer_role) = (s.node.clone(), s.role);
+        let f = match wire::decode(bytes) {
+            Ok(f) => f,
+            Err(e) => return self.bye(sid, wire::BYE_PROTOCOL, e.to_string(), out),
+        };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.1 = Some(now.wall_ms);
+        }
+        match f {
+            Frame::Hello { version, node, role, incarnation: _ } => {
+                if version != wire::PROTOCOL_VERSION {
+                    return self.bye(sid, wire::BYE_VERSION, format!("protocol version {version} is not supported (this node speaks {}); upgrade needed", wire::PROTOCOL_VERSION), out);
+                }
+                if node != peer || role != peer_role {
+                    return self.bye(sid, wire::BYE_IDENTITY, format!("hello names {node} ({role}) but the certificate says {peer} ({peer_role})"), out);
+                }
+                let s = self.sessions.get_mut(&sid).expect("checked");
+                s.hello = true;
+                if s.initiator {
+                    self.start_reconcile(sid, out);
+                }
+            }
+            _ if !self.sessions[&sid].hello => self.bye(sid, wire::BYE_PROTOCOL, "frame before hello".into(), out),
+            Frame::Reconcile { ranges } => self.reconcile(sid, ranges, out),
+            Frame::Changes { docs } => self.receive(sid, docs, now, out),
+            Frame::Bye { code, reason } => {
+                out.push(Output::Close { session: sid, reason: format!("peer closed ({code}): {reason}") });
+                self.sessions.remove(&sid);
+            }
+        }
+    }
+
+    /// Documents both ends may hold take part in reconciliation.
+    fn shared(&self, peer_role: Role, key: &DocKey) -> bool {
+        policy::may_receive(self.cfg.role, key) && policy::may_receive(peer_role, key)
+    }
+
+    fn range_items(&self, peer_role: Role, lo: &Option<DocKey>, hi: &Option<DocKey>) -> Vec<(&DocKey, &IndexEntry)> {
+        use std::ops::Bound::*;
+        let lo_b = lo.as_ref().map_or(Unbounded, Included);
+        let hi_b = hi.as_ref().map_or(Unbounded, Excluded);
+        if let (Some(l), Some(h)) = (lo, hi) {
+            if l >= h {
+                return vec![];
+            }
+        }
+        self.index.range::<DocKey, _>((lo_b, hi_b)).filter(|(k, _)| self.shared(peer_role, k)).collect()
+    }
+
+    fn fingerprint(items: &[(&DocKey, &IndexEntry)]) -> RangeBody {
+        let sum = items.iter().fold(0u128, |a, (_, e)| a.wrapping_add(e.fp));
+        RangeBody::Fingerprint { fp: sum.to_le_bytes(), count: items.len() as u32 }
+    }
+
+    fn start_reconcile(&mut self, sid: SessionId, out: &mut Vec<Output>) {
+        let s = &self.sessions[&sid];
+        let (peer, role) = (s.node.clone(), s.role);
+        let mut ranges = vec![self.split_or_list(role, None, None)];
+        // Documents only the peer may receive from us (our own audit chain
+        // for headquarters) are offered one by one.
+        for (k, e) in &self.index {
+            if !self.shared(role, k) && may_send(role, &peer, k) {
+                ranges.push(Range { lo: Some(k.clone()), hi: Some(k.clone()), body: RangeBody::Items { items: vec![Item { key: k.clone(), heads: e.heads.clone() }], reply: false } });
+            }
+        }
+        ranges.retain(|r| !matches!(&r.body, RangeBody::Items { items, .. } if items.is_empty()) || r.lo.is_none());
+        self.send(sid, &Frame::Reconcile { ranges }, out);
+    }
+
+    /// Describes our side of a range: a fingerprint, or the item list when small.
+    fn split_or_list(&self, role: Role, lo: Option<DocKey>, hi: Option<DocKey>) -> Range {
+        let items = self.range_items(role, &lo, &hi);
+        let body = if items.len() <= ITEMS_THRESHOLD {
+            RangeBody::Items { items: items.iter().map(|(k, e)| Item { key: (*k).clone(), heads: e.heads.clone() }).collect(), reply: false }
+        } else {
+            Self::fingerprint(&items)
+        };
+        Range { lo, hi, body }
+    }
+
+    fn reconcile(&mut self, sid: SessionId, ranges: Vec<Range>, out: &mut Vec<Output>) {
+        let (peer, role) = {
+            let s = &self.sessions[&sid];
+            (s.node.clone(), s.role)
+        };
+        let mut reply: Vec<Range> = Vec::new();
+        let mut to_send: Vec<(DocKey, Vec<Hash32>)> = Vec::new();
+        let mut peer_heads = Vec::new();
+        for r in ranges {
+            match r.body {
+                RangeBody::Fingerprint { fp, count } => {
+                    let items = self.range_items(role, &r.lo, &r.hi);
+                    if Self::fingerprint(&items) == (RangeBody::Fingerprint { fp, count }) {
+                        continue;
+                    }
+                    if items.len() <= ITEMS_THRESHOLD {
+                        reply.push(Range { lo: r.lo, hi: r.hi, body: RangeBody::Items { items: items.iter().map(|(k, e)| Item { key: (*k).clone(), heads: e.heads.clone() }).collect(), reply: false } });
+                    } else {
+                        let keys: Vec<DocKey> = items.iter().map(|(k, _)| (*k).clone()).collect();
+                        let chunk = keys.len().div_ceil(SPLIT);
+                        let mut bounds: Vec<Option<DocKey>> = vec![r.lo.clone()];
+                        for i in (chunk..keys.len()).step_by(chunk) {
+                            bounds.push(Some(keys[i].clone()));
+                        }
+                        bounds.push(r.hi.clone());
+                        for w in bounds.windows(2) {
+                            let sub = self.split_or_list(role, w[0].clone(), w[1].clone());
+                            reply.push(match sub.body {
+                                RangeBody::Items { .. } => Range { body: Self::fingerprint(&self.range_items(role, &sub.lo, &sub.hi)), ..sub },
+                                _ => sub,
+                            });
+                        }
+                    }
+                }
+                RangeBody::Items { items, reply: is_reply } => {
+                    let theirs: BTreeMap<DocKey, Vec<Hash32>> = items.into_iter().filter(|i| policy::may_hold(self.cfg.role, &self.cfg.node_id, &i.key) && may_send(role, &peer, &i.key)).map(|i| (i.key, i.heads)).collect();
+                    if !is_reply {
+                        // Ours that they lack or that differ: send changes.
+                        for (k, e) in self.range_items(role, &r.lo, &r.hi) {
+                            match theirs.get(k) {
+                                Some(h) if h == &e.heads => {}
+                                Some(h) => to_send.push((k.clone(), h.clone())),
+                                None => to_send.push((k.clone(), vec![])),
+                            }
+                        }
+                    }
+                    let mut want = Vec::new();
+                    for (k, h) in theirs {
+                        let mine = self.index.get(&k).map(|e| e.heads.clone());
+                        if mine.as_ref() == Some(&h) {
+                            continue;
+                        }
+                        peer_heads.push((peer.clone(), k.clone(), h.clone()));
+                        if is_reply {
+                            to_send.push((k, h));
+                            continue;
+                        }
+                        if !self.range_contains(&r.lo, &r.hi, &k) {
+                            to_send.push((k.clone(), h.clone()));
+                        }
+                        let unknown = match &mine {
+                            None => true,
+                            Some(m) => !h.iter().all(|x| m.contains(x)) && !self.knows_all(&k, &h),
+                        };
+                        if unknown {
+                            want.push(Item { key: k, heads: mine.unwrap_or_default() });
+                        }
+                    }
+                    if !want.is_empty() {
+                        reply.push(Range { lo: r.lo, hi: r.hi, body: RangeBody::Items { items: want, reply: true } });
+                    }
+                }
+            }
+        }
+        if !peer_heads.is_empty() {
+            let _ = self.store.commit(&Batch { peer_heads, ..Default::default() });
+        }
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            for (k, h) in to_send {
+                if may_send(role, &peer, &k) {
+                    s.outq.insert((k.kind.priority(), k), h);
+                }
+            }
+        }
+        for chunk in reply.chunks(wire::MAX_RANGES_PER_FRAME / 2) {
+            self.send(sid, &Frame::Reconcile { ranges: chunk.to_vec() }, out);
+        }
+    }
+
+    fn range_contains(&self, lo: &Option<DocKey>, hi: &Option<DocKey>, k: &DocKey) -> bool {
+        lo.as_ref().is_none_or(|l| k >= l) && hi.as_ref().is_none_or(|h| k < h)
+    }
+
+    fn knows_all(&mut self, key: &DocKey, heads: &[Hash32]) -> bool {
+        match self.load(key) {
+            Ok(Some(d)) => heads.iter().all(|h| d.knows(h)),
+            _ => false,
+        }
+    }
+
+    /// Emits queued catch-up changes, highest priority first, a bounded
+    /// number of frames per session per input (memory stays bounded: A-14).
+    fn drain(&mut self, out: &mut Vec<Output>) {
+        let sids: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| !s.outq.is_empty()).map(|(k, _)| *k).collect();
+        for sid in sids {
+            let mut frames = 0;
+            let mut docs: Vec<DocChanges> = Vec::new();
+            let mut size = 0usize;
+            while frames < FRAMES_PER_DRAIN {
+                let Some(((_, key), their)) = self.sessions.get_mut(&sid).and_then(|s| s.outq.pop_first()) else { break };
+                let peer = self.sessions[&sid].node.clone();
+                let mut base = their.clone();
+                if let Ok(Some(h)) = self.store.peer_heads(&peer, &key) {
+                    base.extend(h);
+                }
+                let changes = match self.load(&key) {
+                    Ok(Some(doc)) => doc.changes_since(&base),
+                    _ => continue,
+                };
+                let s = self.sessions.get_mut(&sid).expect("present");
+                let bytes: Vec<Vec<u8>> = changes
+                    .into_iter()
+                    .filter(|c| s.seen.insert(c.hash().0))
+                    .map(|c| c.raw_bytes().to_vec())
+                    .collect();
+                if bytes.is_empty() {
+                    continue;
+                }
+                size += bytes.iter().map(Vec::len).sum::<usize>() + 48;
+                docs.push(DocChanges { key, changes: bytes });
+                if size >= wire::TARGET_FRAME_BYTES || docs.len() >= wire::MAX_DOCS_PER_FRAME {
+                    self.send(sid, &Frame::Changes { docs: std::mem::take(&mut docs) }, out);
+                    size = 0;
+                    frames += 1;
+                }
+            }
+            if !docs.is_empty() {
+                self.send(sid, &Frame::Changes { docs }, out);
+            }
+        }
+    }
+
+    /// Applies changes from a peer after checking, at this hop, that the
+    /// peer may hold each document and each change's author may write it.
+    fn receive(&mut self, sid: SessionId, docs: Vec<DocChanges>, now: Now, out: &mut Vec<Output>) {
+        let (peer, role) = {
+            let s = &self.sessions[&sid];
+            (s.node.clone(), s.role)
+        };
+        let mut txn = Txn::default();
+        for dc in docs {
+            let key = dc.key;
+            if !policy::may_hold(self.cfg.role, &self.cfg.node_id, &key) || !policy::may_hold(role, &peer, &key) {
+                self.stats.changes_rejected += dc.changes.len() as u64;
+                self.violation(sid, format!("sent {key}, which its role or ours may not hold"), out);
+                continue;
+            }
+            let mut changes = Vec::new();
+            let mut bad = None;
+            for bytes in &dc.changes {
+                match parse_change(bytes) {
+                    Ok(c) => {
+                        if let Err(why) = self.check_author(&c, &key, &peer, role) {
+                            bad = Some(why);
+                            break;
+                        }
+                        s_seen(&mut self.sessions, sid, c.hash().0);
+                        changes.push(c);
+                    }
+                    Err(e) => {
+                        bad = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if let Some(why) = bad {
+                self.stats.changes_rejected += dc.changes.len() as u64;
+                self.violation(sid, format!("{key}: {why}"), out);
+                continue;
+            }
+            let before = self.index.get(&key).map(|e| e.heads.clone());
+            let doc = match self.load(&key) {
+                Ok(Some(d)) => d.fork(),
+                Ok(None) => Doc::new(key.clone()),
+                Err(_) => Doc::new(key.clone()),
+            };
+            let mut doc = doc;
+            let new: Vec<Change> = changes.into_iter().filter(|c| !doc.knows(&c.hash().0)).collect();
+            #[cfg(feature = "mutants")]
+            let new: Vec<Change> = if crate::mutants::active(crate::mutants::Mutant::DropMissingDeps) {
+                let batch: BTreeSet<Hash32> = new.iter().map(|c| c.hash().0).collect();
+                new.into_iter().filter(|c| c.deps().iter().all(|d| doc.knows(&d.0) || batch.contains(&d.0))).collect()
+            } else {
+                new
+            };
+            if new.is_empty() {
+                continue;
+            }
+            if let Err(e) = doc.apply(new.clone()) {
+                self.stats.changes_rejected += new.len() as u64;
+                self.violation(sid, format!("{key}: {e}"), out);
+                continue;
+            }
+            if let Err(e) = derive::projection(&doc) {
+                // Schema-invalid data is refused, the last valid view stays (I-22).
+                self.stats.changes_rejected += new.len() as u64;
+                self.violation(sid, e.to_string(), out);
+                continue;
+            }
+            self.stats.changes_applied += new.len() as u64;
+            self.cache_insert(doc);
+            txn.touched.insert(key.clone());
+            self.record(&mut txn, &key, new, Some(sid));
+            let _ = before;
+        }
+        if let Some(d) = self.sessions.get(&sid) {
+            let _ = d;
+        }
+        if let Some(m) = txn.batch.changes.first() {
+            let _ = m;
+            let mut meta = self.meta.clone();
+            meta.hlc = self.hlc.last();
+            txn.meta = Some(meta);
+        }
+        if let Err(e) = self.commit(txn, now, out) {
+            // Nothing was stored; the peer will offer the changes again at
+            // the next reconciliation.
+            out.push(Output::Close { session: sid, reason: format!("storage: {e}") });
+            self.sessions.remove(&sid);
+        }
+    }
+
+    fn check_author(&self, c: &Change, key: &DocKey, peer: &NodeId, peer_role: Role) -> Result<(), String> {
+        let actor = Actor::from_bytes(c.actor_id().to_bytes()).ok_or("change has a foreign actor id")?;
+        if actor.is_node(peer.as_str()) && actor.role != peer_role {
+            return Err(format!("change claims role {} but the peer's certificate says {peer_role}", actor.role));
+        }
+        if !policy::may_author(actor.role, key, |id| actor.is_node(id)) {
+            return Err(format!("a {} node may not write {key}", actor.role));
+        }
+        if actor.is_node(self.cfg.node_id.as_str()) && actor.incarnation == self.meta.incarnation {
+            return Err("change uses this node's own current actor id (cloned node?)".into());
+        }
+        Ok(())
+    }
+
+    // ----- family mail (headquarters) ---------------------------------------
+
+    fn recover_mail(&mut self, now: Now) -> Result<(), StoreError> {
+        let keys: Vec<DocKey> = self.index.keys().filter(|k| k.kind == Kind::Outbox).cloned().collect();
+        for k in &keys {
+            self.refresh_mail(k);
+        }
+        // Sends in flight when we stopped have an unknown outcome (G-5).
+        let mut txn = Txn::default();
+        let mine: Vec<((String, String), MailState)> =
+            self.mail.iter().filter(|(_, s)| s.status == MailStatus::Sending && s.claimed_by == self.cfg.node_id).map(|(k, s)| (k.clone(), s.clone())).collect();
+        for ((person, contact), mut s) in mine {
+            s.status = MailStatus::Indeterminate;
+            s.indeterminate += 1;
+            s.next_attempt_ms = now.wall_ms;
+            self.stats.duplicate_mail_risk += 1;
+            let _ = self.put_mail(&mut txn, &person, &contact, &s, now);
+        }
+        let mut sink = Vec::new();
+        self.commit(txn, now, &mut sink)
+    }
+
+    fn refresh_mail(&mut self, key: &DocKey) {
+        let Ok(Some(doc)) = self.load(key) else { return };
+        let Ok(states) = views::outbox(doc) else { return };
+        let person = key.id.clone();
+        for (contact, s) in states {
+            self.mail.insert((person.clone(), contact), s);
+        }
+    }
+
+    fn put_mail(&mut self, txn: &mut Txn, person: &str, contact: &str, s: &MailState, now: Now) -> Result<(), CommandError> {
+        let key = DocKey::new(Kind::Outbox, person).map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.write(txn, &key, vec![(format!("{}{contact}", views::MAIL_PREFIX), Some(encode(s)))], now)?;
+        self.mail.insert((person.to_string(), contact.to_string()), s.clone());
+        Ok(())
+    }
+
+    fn note_shelter_activity(&mut self, key: &DocKey, now: Now) {
+        let _ = (key, now);
+    }
+
+    fn note_arrivals(&mut self, keys: &[DocKey], now: Now) {
+        for k in keys {
+            let Ok(Some(doc)) = self.load(k) else { continue };
+            let Ok(evs) = derive::presence_events(doc) else { continue };
+            for e in &evs {
+                let seen = self.shelter_seen.entry(e.shelter_id.clone()).or_insert(0);
+                *seen = (*seen).max(e.wall_ms.min(now.wall_ms));
+                if e.action == PresenceAction::CheckIn {
+                    self.arrivals_seen.entry(e.person_id.clone()).or_insert(now.wall_ms);
+                }
+            }
+        }
+    }
+
+    /// Message-ID for an (arrival, contact) pair: the same on every HQ node
+    /// and every retry.
+    pub fn message_id(person: &str, contact: &str) -> String {
+        let h = blake3::hash(format!("kizuna-safety|{person}|{contact}").as_bytes());
+        format!("<{}@safety.kizuna.invalid>", &h.to_hex()[..32])
+    }
+
+    fn plan_mail(&mut self, now: Now, out: &mut Vec<Output>) {
+        // 1. New arrivals get one pending state per consented contact.
+        let ready: Vec<String> = self
+            .arrivals_seen
+            .iter()
+            .filter(|(p, seen)| (self.cfg.mail_primary || now.wall_ms >= *seen + self.cfg.mail_takeover_ms) && !self.mail.keys().any(|(mp, _)| mp == *p))
+            .map(|(p, _)| p.clone())
+            .take(500)
+            .collect();
+        let mut txn = Txn::default();
+        for person in ready {
+            let key = match DocKey::new(Kind::Contacts, &person) {
+                Ok(k) => k,
+                Err(_) => continue,
+            };
+            let contacts = match self.load(&key) {
+                Ok(Some(d)) => views::contacts(d).unwrap_or_default(),
+                _ => Default::default(),
+            };
+            self.arrivals_seen.remove(&person);
+            if contacts.disclosure.do_not_disclose {
+                continue;
+            }
+            for c in contacts.contacts.iter().filter(|c| c.consent).take(MAX_CONTACTS_PER_PERSON) {
+                let s = MailState {
+                    message_id: Self::message_id(&person, &c.contact_id),
+                    status: MailStatus::Pending,
+                    attempts: 0,
+                    claimed_by: self.cfg.node_id.clone(),
+                    lease_until_ms: now.wall_ms + self.cfg.mail_lease_ms,
+                    next_attempt_ms: now.wall_ms,
+                    reason: String::new(),
+                    indeterminate: 0,
+                };
+                let _ = self.put_mail(&mut txn, &person, &c.contact_id, &s, now);
+            }
+        }
+        let _ = self.commit(txn, now, out);
+        // 2. Due sends: ours, or others' whose lease expired (takeover).
+        let due: Vec<((String, String), MailState)> = self
+            .mail
+            .iter()
+            .filter(|(_, s)| matches!(s.status, MailStatus::Pending | MailStatus::Indeterminate | MailStatus::Sending))
+            .filter(|(_, s)| s.next_attempt_ms <= now.wall_ms)
+            .filter(|(_, s)| if s.claimed_by == self.cfg.node_id { s.status != MailStatus::Sending } else { s.lease_until_ms < now.wall_ms })
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .take(50)
+            .collect();
+        for ((person, contact), mut s) in due {
+            let mut txn = Txn::default();
+            let Some(req) = self.mail_request(&person, &contact) else {
+                s.status = MailStatus::Cancelled;
+                s.reason = "consent withdrawn or do-not-disclose".into();
+                let _ = self.put_mail(&mut txn, &person, &contact, &s, now);
+                let _ = self.commit(txn, now, out);
+                continue;
+            };
+            if s.claimed_by != self.cfg.node_id && s.status == MailStatus::Sending {
+                // Another HQ was sending and went quiet: outcome unknown.
+                s.indeterminate += 1;
+                self.stats.duplicate_mail_risk += 1;
+            }
+            s.status = MailStatus::Sending;
+            #[cfg(feature = "mutants")]
+            if crate::mutants::active(crate::mutants::Mutant::MailSentEarly) {
+                s.status = MailStatus::Sent;
+            }
+            s.claimed_by = self.cfg.node_id.clone();
+            s.lease_until_ms = now.wall_ms + self.cfg.mail_lease_ms;
+            s.attempts += 1;
+            if self.put_mail(&mut txn, &person, &contact, &s, now).is_ok() && self.commit(txn, now, out).is_ok() {
+                out.push(Output::SendMail(req));
+            }
+        }
+    }
+
+    /// Builds the mail, re-checking consent at send time (G-7).
+    fn mail_request(&mut self, person: &str, contact_id: &str) -> Option<MailRequest> {
+        let key = DocKey::new(Kind::Contacts, person).ok()?;
+        let view = views::contacts(self.load(&key).ok()??).ok()?;
+        if view.disclosure.do_not_disclose {
+            return None;
+        }
+        let c = view.contacts.iter().find(|c| c.contact_id == contact_id && c.consent)?;
+        let p = self.store.person(person).ok()??;
+        let loc = self.store.location(person).ok()?;
+        let shelter = if view.disclosure.share_shelter {
+            loc.as_ref().and_then(|l| self.store.shelters().ok()?.into_iter().find(|s| s.shelter_id == l.shelter_id)).map(|s| s.name)
+        } else {
+            None
+        };
+        let when = loc.map(|l| l.since_ms).unwrap_or(0);
+        let place = shelter.map(|s| format!("避難所 / Shelter: {s}\n")).unwrap_or_default();
+        Some(MailRequest {
+            message_id: Self::message_id(person, contact_id),
+            to: c.email.clone(),
+            subject: "【安否情報】避難所に到着しました / Safety notice: arrived at a shelter".into(),
+            body: format!(
+                "{name} さんは無事に避難所に到着しました。\n{name} has arrived safely at a shelter.\n\n{place}時刻 / Time (UTC ms): {when}\n\nこのメールは事前に登録された連絡先にのみ送信されています。\nThis message goes only to contacts registered in advance.\n",
+                name = p.name
+            ),
+            person_id: person.to_string(),
+            contact_id: contact_id.to_string(),
+        })
+    }
+
+    fn mail_outcome(&mut self, message_id: &str, outcome: MailOutcome, now: Now) {
+        let Some(((person, contact), mut s)) = self.mail.iter().find(|(_, s)| s.message_id == message_id).map(|(k, s)| (k.clone(), s.clone())) else { return };
+        match outcome {
+            MailOutcome::Sent => s.status = MailStatus::Sent,
+            MailOutcome::Permanent(r) => {
+                s.status = MailStatus::FailedPermanent;
+                s.reason = r.chars().take(200).collect();
+            }
+            MailOutcome::Transient(r) => {
+                s.status = MailStatus::Pending;
+                s.reason = r.chars().take(200).collect();
+                s.next_attempt_ms = now.wall_ms + (30_000u64 << s.attempts.min(7)).min(3_600_000);
+            }
+            MailOutcome::Indeterminate(r) => {
+                s.status = MailStatus::Indeterminate;
+                s.indeterminate += 1;
+                self.stats.duplicate_mail_risk += 1;
+                s.reason = r.chars().take(200).collect();
+                s.next_attempt_ms = now.wall_ms + 30_000;
+            }
+        }
+        let mut txn = Txn::default();
+        let mut sink = Vec::new();
+        if self.put_mail(&mut txn, &person, &contact, &s, now).is_ok() {
+            let _ = self.commit(txn, now, &mut sink);
+        }
+    }
+}
+
+fn s_seen(sessions: &mut BTreeMap<SessionId, Session>, sid: SessionId, hash: Hash32) {
+    if let Some(s) = sessions.get_mut(&sid) {
+        s.seen.insert(hash);
+    }
+}
+
+/// May this document be sent to a peer of this role and id?
+fn may_send(role: Role, node: &NodeId, key: &DocKey) -> bool {
+    #[cfg(feature = "mutants")]
+    if crate::mutants::active(crate::mutants::Mutant::MedicalToShelter) && key.kind == Kind::Medical && role == Role::Shelter {
+        return true;
+    }
+    policy::may_hold(role, node, key)
+}
+
+impl From<DocError> for CommandError {
+    fn from(e: DocError) -> Self {
+        CommandError::Rejected(e.to_string())
+    }
+}

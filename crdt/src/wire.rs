@@ -1,0 +1,172 @@
+//! The sync wire format: frames exchanged over one ordered, breakable
+//! stream per session, encoded with postcard.
+//!
+//! The driver frames each body with a 4-byte big-endian length; both ends
+//! check the length against [`MAX_FRAME_BYTES`] before allocating
+//! ([`check_frame_len`]). Every list inside a frame has its own bound,
+//! checked on encode and decode. Anything malformed is a [`WireError`],
+//! which ends the session; it never panics.
+
+use crate::doc::Hash32;
+use crate::ids::{DocKey, NodeId, Role};
+use serde::{Deserialize, Serialize};
+
+/// Version 1 of the Kizuna sync protocol; negotiated in `Hello` (H-1).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame body either end sends or accepts (I-29).
+pub const MAX_FRAME_BYTES: usize = 4 << 20;
+/// Target size when splitting outgoing changes into frames.
+pub const TARGET_FRAME_BYTES: usize = 256 << 10;
+pub const MAX_RANGES_PER_FRAME: usize = 4096;
+pub const MAX_ITEMS_PER_RANGE: usize = 4096;
+pub const MAX_DOCS_PER_FRAME: usize = 8192;
+pub const MAX_CHANGES_PER_DOC: usize = 65536;
+pub const MAX_HEADS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame exceeds a list bound: {0}")]
+    Bound(&'static str),
+}
+
+/// One item of a reconciliation: a document and its heads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub key: DocKey,
+    pub heads: Vec<Hash32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RangeBody {
+    /// Sum of item hashes and the item count of the sender's range.
+    Fingerprint { fp: [u8; 16], count: u32 },
+    /// All the sender's items in the range (`reply: false`), or only those
+    /// it wants changes for, answering an item list (`reply: true`).
+    Items { items: Vec<Item>, reply: bool },
+}
+
+/// A half-open key range `[lo, hi)`; `None` is the open end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Range {
+    pub lo: Option<DocKey>,
+    pub hi: Option<DocKey>,
+    pub body: RangeBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocChanges {
+    pub key: DocKey,
+    pub changes: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello { version: u16, node: NodeId, role: Role, incarnation: u32 },
+    Reconcile { ranges: Vec<Range> },
+    Changes { docs: Vec<DocChanges> },
+    /// The sender closes the session; `code` is one of the `BYE_*` values.
+    Bye { code: u16, reason: String },
+}
+
+pub const BYE_VERSION: u16 = 1;
+pub const BYE_PROTOCOL: u16 = 2;
+pub const BYE_POLICY: u16 = 3;
+pub const BYE_IDENTITY: u16 = 4;
+pub const BYE_REVOKED: u16 = 5;
+
+fn check_bounds(f: &Frame) -> Result<(), WireError> {
+    match f {
+        Frame::Reconcile { ranges } => {
+            if ranges.len() > MAX_RANGES_PER_FRAME {
+                return Err(WireError::Bound("ranges per frame"));
+            }
+            for r in ranges {
+                if let RangeBody::Items { items, .. } = &r.body {
+                    if items.len() > MAX_ITEMS_PER_RANGE {
+                        return Err(WireError::Bound("items per range"));
+                    }
+                    if items.iter().any(|i| i.heads.len() > MAX_HEADS) {
+                        return Err(WireError::Bound("heads per item"));
+                    }
+                }
+            }
+        }
+        Frame::Changes { docs } => {
+            if docs.len() > MAX_DOCS_PER_FRAME {
+                return Err(WireError::Bound("documents per frame"));
+            }
+            if docs.iter().any(|d| d.changes.len() > MAX_CHANGES_PER_DOC) {
+                return Err(WireError::Bound("changes per document"));
+            }
+        }
+        Frame::Bye { reason, .. } if reason.len() > 1024 => return Err(WireError::Bound("bye reason")),
+        _ => {}
+    }
+    Ok(())
+}
+
+pub fn encode(f: &Frame) -> Result<Vec<u8>, WireError> {
+    check_bounds(f)?;
+    let bytes = postcard::to_allocvec(f).map_err(|e| WireError::Malformed(e.to_string()))?;
+    check_frame_len(bytes.len())?;
+    Ok(bytes)
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
+    check_frame_len(bytes.len())?;
+    let f: Frame = postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    check_bounds(&f)?;
+    // Keys inside frames must be valid document keys (postcard bypasses
+    // the constructor).
+    let bad_key = |k: &DocKey| DocKey::new(k.kind, k.id.clone()).is_err();
+    let invalid = match &f {
+        Frame::Reconcile { ranges } => ranges.iter().any(|r| {
+            r.lo.as_ref().is_some_and(bad_key)
+                || r.hi.as_ref().is_some_and(bad_key)
+                || matches!(&r.body, RangeBody::Items { items, .. } if items.iter().any(|i| bad_key(&i.key)))
+        }),
+        Frame::Changes { docs } => docs.iter().any(|d| bad_key(&d.key)),
+        _ => false,
+    };
+    if invalid {
+        return Err(WireError::Malformed("invalid document key".into()));
+    }
+    Ok(f)
+}
+
+/// Checks a length prefix before anything is allocated for the body.
+pub fn check_frame_len(len: usize) -> Result<(), WireError> {
+    if len > MAX_FRAME_BYTES {
+        Err(WireError::TooLarge(len))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::Kind;
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        for bytes in [vec![], vec![0xff; 10], vec![2, 0xff, 0xff, 0xff, 0xff, 0x0f], vec![9]] {
+            assert!(decode(&bytes).is_err(), "{bytes:?}");
+        }
+        assert_eq!(check_frame_len(MAX_FRAME_BYTES + 1), Err(WireError::TooLarge(MAX_FRAME_BYTES + 1)));
+        let too_many = Frame::Changes { docs: vec![DocChanges { key: DocKey::new(Kind::Person, "x").unwrap(), changes: vec![] }; MAX_DOCS_PER_FRAME + 1] };
+        assert!(encode(&too_many).is_err());
+    }
+
+    #[test]
+    fn invalid_keys_inside_frames_are_rejected() {
+        let bad = DocKey { kind: Kind::Person, id: "../etc".into() };
+        let f = Frame::Changes { docs: vec![DocChanges { key: bad, changes: vec![] }] };
+        let bytes = postcard::to_allocvec(&f).unwrap();
+        assert!(decode(&bytes).is_err());
+    }
+}
