@@ -63,6 +63,10 @@ pub enum PeerCertError {
     /// Self-signed, not issued by any CA we know.
     #[error("peer certificate is self-signed, not issued by this municipality's CA")]
     SelfSigned,
+    /// Names our CA as issuer, but our CA key did not sign it (forged, or a
+    /// different CA that uses the same name).
+    #[error("peer certificate signature does not verify with this municipality's CA key (forged, or another CA with the same name)")]
+    BadSignature,
     /// Now is after the certificate's notAfter.
     #[error("peer certificate expired at {}; now is {} (if the peer was issued recently, the device clock may be wrong)", fmt_unix(*not_after), fmt_unix(*now))]
     Expired { now: u64, not_after: u64 },
@@ -234,6 +238,7 @@ impl PeerTrust {
                 not_before: not_before.as_secs(),
             },
             webpki::Error::CaUsedAsEndEntity => PeerCertError::CaAsLeaf,
+            webpki::Error::InvalidSignatureForPublicKey => PeerCertError::BadSignature,
             #[allow(deprecated)]
             webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_) => {
                 PeerCertError::WrongUsage { usage: usage_name }
