@@ -6,7 +6,9 @@
 //! facts, monotonic time for timers) and randomness as an `RngCore`; the
 //! engine reads neither clock nor entropy itself.
 
-use crate::model::{BloodType, ConsentBasis, Disclosure, Eligibility, FamilyContact, MedicalSection, ShelterInfo};
+use crate::model::{
+    BloodType, ConsentBasis, Disclosure, Eligibility, FamilyContact, MedicalSection, ShelterInfo,
+};
 use crate::store::{LocationRow, PersonRow, ShelterRow, StoreError};
 use crate::text::TextError;
 use crate::views::MedicalView;
@@ -35,18 +37,30 @@ pub struct Operator(pub String);
 #[derive(Clone, Debug)]
 pub enum Input {
     /// A user or API command. `op_id` makes retries idempotent.
-    Command { op_id: String, operator: Operator, cmd: Command },
+    Command {
+        op_id: String,
+        operator: Operator,
+        cmd: Command,
+    },
     /// A read-only query; nothing is written.
     Query { query: Query },
     /// A session is up: the peer's identity comes from its verified
     /// certificate. The dialing side has `initiator = true`.
-    Connected { session: SessionId, node: NodeId, role: Role, initiator: bool },
+    Connected {
+        session: SessionId,
+        node: NodeId,
+        role: Role,
+        initiator: bool,
+    },
     /// One frame body from the session's stream.
     Frame { session: SessionId, bytes: Vec<u8> },
     /// The stream ended or the connection broke.
     Disconnected { session: SessionId },
     /// The outcome of a [`MailRequest`] the driver tried to send.
-    MailOutcome { message_id: String, outcome: MailOutcome },
+    MailOutcome {
+        message_id: String,
+        outcome: MailOutcome,
+    },
     /// Periodic timer: drains send queues, retries mail. Drivers tick at
     /// least once a second.
     Tick,
@@ -56,19 +70,52 @@ pub enum Input {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     /// Headquarters: registry import, one durable commit per batch.
-    ImportHouseholds { households: Vec<crate::model::Household> },
-    PutShelter { shelter: ShelterInfo },
+    ImportHouseholds {
+        households: Vec<crate::model::Household>,
+    },
+    PutShelter {
+        shelter: ShelterInfo,
+    },
     /// Register someone without a registry entry; replies with the new id.
-    RegisterPerson { name: String, kana: String, birth_date: Option<String>, note: String },
-    CheckIn { person_ids: Vec<String>, shelter_id: Option<String> },
-    CheckOut { person_ids: Vec<String>, shelter_id: Option<String> },
-    Transfer { person_ids: Vec<String>, from_shelter: Option<String>, to_shelter: String },
-    PutMedical { person_id: String, update: MedicalUpdate },
+    RegisterPerson {
+        name: String,
+        kana: String,
+        birth_date: Option<String>,
+        note: String,
+    },
+    CheckIn {
+        person_ids: Vec<String>,
+        shelter_id: Option<String>,
+    },
+    CheckOut {
+        person_ids: Vec<String>,
+        shelter_id: Option<String>,
+    },
+    Transfer {
+        person_ids: Vec<String>,
+        from_shelter: Option<String>,
+        to_shelter: String,
+    },
+    PutMedical {
+        person_id: String,
+        update: MedicalUpdate,
+    },
     /// Audited read of a medical profile (a command because it writes the
     /// audit entry before anything is shown).
-    ReadMedical { person_id: String, reason: String, break_glass: bool },
-    PutEligibility { person_id: String, eligibility: Eligibility },
-    PutContacts { person_id: String, contacts: Vec<FamilyContact>, disclosure: Disclosure },
+    ReadMedical {
+        person_id: String,
+        reason: String,
+        break_glass: bool,
+    },
+    PutEligibility {
+        person_id: String,
+        eligibility: Eligibility,
+    },
+    PutContacts {
+        person_id: String,
+        contacts: Vec<FamilyContact>,
+        disclosure: Disclosure,
+    },
 }
 
 impl Command {
@@ -119,13 +166,25 @@ pub enum Query {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Imported { households: usize, persons: usize },
+    Imported {
+        households: usize,
+        persons: usize,
+    },
     Done,
-    Registered { person_id: String },
+    Registered {
+        person_id: String,
+    },
     /// New presence events, and persons already in the requested state
     /// (a second tap or double submit: D-3).
-    Presence { event_ids: Vec<String>, already: Vec<String> },
-    Medical { person_id: String, view: MedicalView, audit_seq: u64 },
+    Presence {
+        event_ids: Vec<String>,
+        already: Vec<String>,
+    },
+    Medical {
+        person_id: String,
+        view: MedicalView,
+        audit_seq: u64,
+    },
 }
 
 /// A command that did not happen, and why. Nothing was written.
@@ -258,12 +317,21 @@ pub enum UiEvent {
 #[derive(Clone, Debug)]
 pub enum Output {
     /// The answer to a command, sent only after its commit.
-    Reply { op_id: String, result: Result<Reply, CommandError> },
+    Reply {
+        op_id: String,
+        result: Result<Reply, CommandError>,
+    },
     QueryReply(Result<QueryReply, CommandError>),
     /// A frame body for the driver to write, length-prefixed, to the session.
-    Send { session: SessionId, bytes: Vec<u8> },
+    Send {
+        session: SessionId,
+        bytes: Vec<u8>,
+    },
     /// Close the session (after sending anything queued before).
-    Close { session: SessionId, reason: String },
+    Close {
+        session: SessionId,
+        reason: String,
+    },
     SendMail(MailRequest),
     Event(UiEvent),
 }

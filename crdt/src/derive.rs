@@ -20,18 +20,29 @@ pub const SHELTER_FIELD: &str = "info";
 pub const EVENT_PREFIX: &str = "ev:";
 
 fn schema(doc: &Doc, field: &str, reason: String) -> DocError {
-    DocError::Schema { key: doc.key.clone(), field: field.to_string(), reason }
+    DocError::Schema {
+        key: doc.key.clone(),
+        field: field.to_string(),
+        reason,
+    }
 }
 
 /// Decodes and validates a field and every concurrent value of it.
-fn typed<T: serde::de::DeserializeOwned + Validate>(doc: &Doc, field: &str) -> Result<Option<T>, DocError> {
-    let Some(f) = doc.field(field) else { return Ok(None) };
+fn typed<T: serde::de::DeserializeOwned + Validate>(
+    doc: &Doc,
+    field: &str,
+) -> Result<Option<T>, DocError> {
+    let Some(f) = doc.field(field) else {
+        return Ok(None);
+    };
     for v in &f.conflicts {
         let t: T = decode(&doc.key, field, v)?;
-        t.validate().map_err(|e| schema(doc, field, e.to_string()))?;
+        t.validate()
+            .map_err(|e| schema(doc, field, e.to_string()))?;
     }
     let t: T = decode(&doc.key, field, &f.value)?;
-    t.validate().map_err(|e| schema(doc, field, e.to_string()))?;
+    t.validate()
+        .map_err(|e| schema(doc, field, e.to_string()))?;
     Ok(Some(t))
 }
 
@@ -47,15 +58,24 @@ pub fn presence_events(doc: &Doc) -> Result<Vec<PresenceEvent>, DocError> {
     let mut out = Vec::new();
     for (name, f) in doc.fields() {
         let Some(id) = name.strip_prefix(EVENT_PREFIX) else {
-            return Err(schema(doc, &name, "unexpected field in a presence document".into()));
+            return Err(schema(
+                doc,
+                &name,
+                "unexpected field in a presence document".into(),
+            ));
         };
         if !f.conflicts.is_empty() {
             return Err(schema(doc, &name, "an event was written twice".into()));
         }
         let ev: PresenceEvent = decode(&doc.key, &name, &f.value)?;
-        ev.validate().map_err(|e| schema(doc, &name, e.to_string()))?;
+        ev.validate()
+            .map_err(|e| schema(doc, &name, e.to_string()))?;
         if ev.event_id != id {
-            return Err(schema(doc, &name, "event id does not match its field".into()));
+            return Err(schema(
+                doc,
+                &name,
+                "event id does not match its field".into(),
+            ));
         }
         out.push(ev);
     }
@@ -82,8 +102,15 @@ pub fn locations(events: &[PresenceEvent]) -> BTreeMap<String, PersonPresence> {
     let mut out = BTreeMap::new();
     for (person, evs) in by_person {
         let ids: BTreeSet<&str> = evs.iter().map(|e| e.event_id.as_str()).collect();
-        let referenced: BTreeSet<&str> = evs.iter().flat_map(|e| e.prev.iter().map(String::as_str)).collect();
-        let mut heads: Vec<&PresenceEvent> = evs.iter().copied().filter(|e| !referenced.contains(e.event_id.as_str())).collect();
+        let referenced: BTreeSet<&str> = evs
+            .iter()
+            .flat_map(|e| e.prev.iter().map(String::as_str))
+            .collect();
+        let mut heads: Vec<&PresenceEvent> = evs
+            .iter()
+            .copied()
+            .filter(|e| !referenced.contains(e.event_id.as_str()))
+            .collect();
         heads.sort_by(|a, b| (a.hlc, &a.event_id).cmp(&(b.hlc, &b.event_id)));
         #[cfg(feature = "mutants")]
         if crate::mutants::active(crate::mutants::Mutant::WallClockLww) {
@@ -95,17 +122,28 @@ pub fn locations(events: &[PresenceEvent]) -> BTreeMap<String, PersonPresence> {
         let Some(winner) = heads.last() else { continue };
         let place = |e: &PresenceEvent| match e.action {
             PresenceAction::CheckIn => (LocationStatus::In, e.shelter_id.clone()),
-            PresenceAction::CheckOut | PresenceAction::Transfer => (LocationStatus::Out, e.shelter_id.clone()),
+            PresenceAction::CheckOut | PresenceAction::Transfer => {
+                (LocationStatus::Out, e.shelter_id.clone())
+            }
         };
         let (mut status, shelter_id) = place(winner);
         let conflict = heads.iter().any(|h| place(h) != place(winner));
-        if heads.iter().any(|h| h.prev.iter().any(|p| !ids.contains(p.as_str()))) {
+        if heads
+            .iter()
+            .any(|h| h.prev.iter().any(|p| !ids.contains(p.as_str())))
+        {
             status = LocationStatus::Pending;
         }
         out.insert(
             person.to_string(),
             PersonPresence {
-                location: LocationRow { person_id: person.to_string(), shelter_id, status, since_ms: winner.wall_ms, conflict },
+                location: LocationRow {
+                    person_id: person.to_string(),
+                    shelter_id,
+                    status,
+                    since_ms: winner.wall_ms,
+                    conflict,
+                },
                 heads: heads.into_iter().cloned().collect(),
             },
         );
@@ -113,7 +151,13 @@ pub fn locations(events: &[PresenceEvent]) -> BTreeMap<String, PersonPresence> {
     out
 }
 
-fn person_row(person_id: &str, household_id: Option<&str>, name: &str, kana: &str, birth: Option<&str>) -> PersonRow {
+fn person_row(
+    person_id: &str,
+    household_id: Option<&str>,
+    name: &str,
+    kana: &str,
+    birth: Option<&str>,
+) -> PersonRow {
     PersonRow {
         person_id: person_id.to_string(),
         household_id: household_id.map(str::to_string),
@@ -131,12 +175,26 @@ pub fn projection(doc: &Doc) -> Result<Projection, DocError> {
         Kind::Registry => {
             if let Some(h) = household(doc)? {
                 if h.household_id != doc.key.id {
-                    return Err(schema(doc, HOUSEHOLD_FIELD, "household id does not match the document".into()));
+                    return Err(schema(
+                        doc,
+                        HOUSEHOLD_FIELD,
+                        "household id does not match the document".into(),
+                    ));
                 }
                 for m in &h.members {
-                    p.persons.push(person_row(&m.person_id, Some(&h.household_id), &m.name, &m.kana, Some(&m.birth_date)));
+                    p.persons.push(person_row(
+                        &m.person_id,
+                        Some(&h.household_id),
+                        &m.name,
+                        &m.kana,
+                        Some(&m.birth_date),
+                    ));
                     if let Some(c) = &m.card_user_id {
-                        p.cards.push((c.as_str().to_string(), h.household_id.clone(), m.person_id.clone()));
+                        p.cards.push((
+                            c.as_str().to_string(),
+                            h.household_id.clone(),
+                            m.person_id.clone(),
+                        ));
                     }
                 }
             }
@@ -144,18 +202,35 @@ pub fn projection(doc: &Doc) -> Result<Projection, DocError> {
         Kind::Person => {
             if let Some(fp) = field_person(doc)? {
                 if fp.person_id != doc.key.id {
-                    return Err(schema(doc, PERSON_FIELD, "person id does not match the document".into()));
+                    return Err(schema(
+                        doc,
+                        PERSON_FIELD,
+                        "person id does not match the document".into(),
+                    ));
                 }
-                p.persons.push(person_row(&fp.person_id, None, &fp.name, &fp.kana, fp.birth_date.as_deref()));
+                p.persons.push(person_row(
+                    &fp.person_id,
+                    None,
+                    &fp.name,
+                    &fp.kana,
+                    fp.birth_date.as_deref(),
+                ));
             }
         }
         Kind::Presence => {
             let evs = presence_events(doc)?;
-            p.locations = locations(&evs).into_values().map(|pp| pp.location).collect();
+            p.locations = locations(&evs)
+                .into_values()
+                .map(|pp| pp.location)
+                .collect();
         }
         Kind::Shelter => {
             if let Some(s) = typed::<ShelterInfo>(doc, SHELTER_FIELD)? {
-                p.shelters.push(ShelterRow { shelter_id: s.shelter_id, name: s.name, capacity: s.capacity });
+                p.shelters.push(ShelterRow {
+                    shelter_id: s.shelter_id,
+                    name: s.name,
+                    capacity: s.capacity,
+                });
             }
         }
         Kind::Medical | Kind::Eligibility | Kind::Contacts | Kind::Audit | Kind::Outbox => {
@@ -171,7 +246,13 @@ mod tests {
     use crate::hlc::Hlc;
     use crate::ids::NodeId;
 
-    fn ev(id: &str, action: PresenceAction, shelter: &str, wall: u64, prev: &[&str]) -> PresenceEvent {
+    fn ev(
+        id: &str,
+        action: PresenceAction,
+        shelter: &str,
+        wall: u64,
+        prev: &[&str],
+    ) -> PresenceEvent {
         PresenceEvent {
             event_id: id.into(),
             op_id: format!("op-{id}"),
@@ -179,7 +260,10 @@ mod tests {
             action,
             shelter_id: shelter.into(),
             to_shelter: None,
-            hlc: Hlc { wall_ms: wall, counter: 0 },
+            hlc: Hlc {
+                wall_ms: wall,
+                counter: 0,
+            },
             node: NodeId::new("n").unwrap(),
             wall_ms: wall,
             prev: prev.iter().map(|s| s.to_string()).collect(),
@@ -204,6 +288,9 @@ mod tests {
     #[test]
     fn an_event_whose_predecessor_is_missing_is_pending() {
         let c = ev("c", PresenceAction::CheckOut, "s1", 20, &["a"]);
-        assert_eq!(locations(&[c])["p1"].location.status, LocationStatus::Pending);
+        assert_eq!(
+            locations(&[c])["p1"].location.status,
+            LocationStatus::Pending
+        );
     }
 }

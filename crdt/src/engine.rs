@@ -75,8 +75,15 @@ impl EngineConfig {
 pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("this database belongs to node {found} ({found_role}), not {expected} ({expected_role})")]
-    WrongNode { found: NodeId, found_role: Role, expected: NodeId, expected_role: Role },
+    #[error(
+        "this database belongs to node {found} ({found_role}), not {expected} ({expected_role})"
+    )]
+    WrongNode {
+        found: NodeId,
+        found_role: Role,
+        expected: NodeId,
+        expected_role: Role,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -159,7 +166,12 @@ impl<S: Store> Engine<S> {
         let meta = match store.load_meta()? {
             Some(m) => {
                 if m.node_id != cfg.node_id || m.role != cfg.role {
-                    return Err(EngineError::WrongNode { found: m.node_id, found_role: m.role, expected: cfg.node_id, expected_role: cfg.role });
+                    return Err(EngineError::WrongNode {
+                        found: m.node_id,
+                        found_role: m.role,
+                        expected: cfg.node_id,
+                        expected_role: cfg.role,
+                    });
                 }
                 #[allow(unused_mut)]
                 let mut bump = 1;
@@ -167,13 +179,29 @@ impl<S: Store> Engine<S> {
                 if crate::mutants::active(crate::mutants::Mutant::ReuseActor) {
                     bump = 0;
                 }
-                Meta { incarnation: m.incarnation + bump, ..m }
+                Meta {
+                    incarnation: m.incarnation + bump,
+                    ..m
+                }
             }
-            None => Meta { node_id: cfg.node_id.clone(), role: cfg.role, incarnation: 1, hlc: Default::default(), audit_seq: 0, audit_head: String::new() },
+            None => Meta {
+                node_id: cfg.node_id.clone(),
+                role: cfg.role,
+                incarnation: 1,
+                hlc: Default::default(),
+                audit_seq: 0,
+                audit_head: String::new(),
+            },
         };
         let mut hlc = HlcClock::new(meta.hlc);
-        let meta = Meta { hlc: hlc.tick(now.wall_ms), ..meta };
-        store.commit(&Batch { meta: Some(meta.clone()), ..Default::default() })?;
+        let meta = Meta {
+            hlc: hlc.tick(now.wall_ms),
+            ..meta
+        };
+        store.commit(&Batch {
+            meta: Some(meta.clone()),
+            ..Default::default()
+        })?;
         let mut index = BTreeMap::new();
         for (key, heads) in store.doc_index()? {
             let fp = item_fp(&key, &heads);
@@ -245,22 +273,49 @@ impl<S: Store> Engine<S> {
             let _ = self.store.commit(&b);
         }
         match input {
-            Input::Command { op_id, operator, cmd } => {
+            Input::Command {
+                op_id,
+                operator,
+                cmd,
+            } => {
                 let result = self.command(&op_id, &operator, cmd, now, rng, &mut out);
                 out.push(Output::Reply { op_id, result });
             }
             Input::Query { query } => out.push(Output::QueryReply(self.query(query))),
-            Input::Connected { session, node, role, initiator } => {
+            Input::Connected {
+                session,
+                node,
+                role,
+                initiator,
+            } => {
                 self.peers.entry(node.clone()).or_insert((role, None)).0 = role;
-                self.sessions.insert(session, Session { node, role, initiator, hello: false, outq: BTreeMap::new(), seen: BTreeSet::new() });
-                let hello = Frame::Hello { version: wire::PROTOCOL_VERSION, node: self.cfg.node_id.clone(), role: self.cfg.role, incarnation: self.meta.incarnation };
+                self.sessions.insert(
+                    session,
+                    Session {
+                        node,
+                        role,
+                        initiator,
+                        hello: false,
+                        outq: BTreeMap::new(),
+                        seen: BTreeSet::new(),
+                    },
+                );
+                let hello = Frame::Hello {
+                    version: wire::PROTOCOL_VERSION,
+                    node: self.cfg.node_id.clone(),
+                    role: self.cfg.role,
+                    incarnation: self.meta.incarnation,
+                };
                 self.send(session, &hello, &mut out);
             }
             Input::Frame { session, bytes } => self.frame(session, &bytes, now, &mut out),
             Input::Disconnected { session } => {
                 self.sessions.remove(&session);
             }
-            Input::MailOutcome { message_id, outcome } => self.mail_outcome(&message_id, outcome, now),
+            Input::MailOutcome {
+                message_id,
+                outcome,
+            } => self.mail_outcome(&message_id, outcome, now),
             Input::Tick => {
                 if self.cfg.role == Role::Hq {
                     self.plan_mail(now, &mut out);
@@ -275,7 +330,9 @@ impl<S: Store> Engine<S> {
 
     fn load(&mut self, key: &DocKey) -> Result<Option<&mut Doc>, StoreError> {
         if !self.cache.contains_key(key) {
-            let Some(stored) = self.store.load_doc(key)? else { return Ok(None) };
+            let Some(stored) = self.store.load_doc(key)? else {
+                return Ok(None);
+            };
             let doc = match Doc::load(key.clone(), stored.snapshot.as_deref(), &stored.changes) {
                 Ok(d) => d,
                 Err(first) => {
@@ -284,7 +341,10 @@ impl<S: Store> Engine<S> {
                     match Doc::load(key.clone(), None, &all) {
                         Ok(d) => d,
                         Err(_) => {
-                            let _ = self.store.commit(&Batch { quarantine: vec![(key.clone(), first.to_string())], ..Default::default() });
+                            let _ = self.store.commit(&Batch {
+                                quarantine: vec![(key.clone(), first.to_string())],
+                                ..Default::default()
+                            });
                             return Err(StoreError::Corrupt(first.to_string()));
                         }
                     }
@@ -319,13 +379,24 @@ impl<S: Store> Engine<S> {
 
     /// Writes fields of a document as one local change, validating the
     /// result, and records everything in the transaction.
-    fn write(&mut self, txn: &mut Txn, key: &DocKey, writes: Vec<(String, Option<String>)>, now: Now) -> Result<(), CommandError> {
+    fn write(
+        &mut self,
+        txn: &mut Txn,
+        key: &DocKey,
+        writes: Vec<(String, Option<String>)>,
+        now: Now,
+    ) -> Result<(), CommandError> {
         if !policy::may_write(self.cfg.role, &self.cfg.node_id, key) {
-            return Err(CommandError::Forbidden { role: self.cfg.role, action: format!("write {} documents", key.kind) });
+            return Err(CommandError::Forbidden {
+                role: self.cfg.role,
+                action: format!("write {} documents", key.kind),
+            });
         }
         let actor = self.actor;
         let doc = self.load_or_new(key)?;
-        let change = doc.write(actor, (now.wall_ms / 1000) as i64, "", &writes).map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let change = doc
+            .write(actor, (now.wall_ms / 1000) as i64, "", &writes)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
         let Some(change) = change else { return Ok(()) };
         if let Err(e) = derive::projection(doc) {
             self.evict(key);
@@ -338,18 +409,32 @@ impl<S: Store> Engine<S> {
 
     /// Adds new changes of a document (already applied to the cached doc)
     /// and its new heads, projection and maybe snapshot to the transaction.
-    fn record(&mut self, txn: &mut Txn, key: &DocKey, changes: Vec<Change>, from: Option<SessionId>) {
+    fn record(
+        &mut self,
+        txn: &mut Txn,
+        key: &DocKey,
+        changes: Vec<Change>,
+        from: Option<SessionId>,
+    ) {
         let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
         let doc = self.cache.get(key).expect("recorded documents are loaded");
         let heads = doc.heads();
         for c in changes {
             let hash = c.hash().0;
             let bytes = c.raw_bytes().to_vec();
-            txn.batch.changes.push(ChangeRecord { key: key.clone(), hash, bytes: bytes.clone() });
+            txn.batch.changes.push(ChangeRecord {
+                key: key.clone(),
+                hash,
+                bytes: bytes.clone(),
+            });
             txn.gossip.push((key.clone(), bytes, hash, from));
         }
         let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save());
-        txn.batch.docs.push(DocState { key: key.clone(), heads: heads.clone(), snapshot });
+        txn.batch.docs.push(DocState {
+            key: key.clone(),
+            heads: heads.clone(),
+            snapshot,
+        });
         if let Ok(p) = derive::projection(doc) {
             txn.batch.projections.push((key.clone(), p));
         }
@@ -373,7 +458,8 @@ impl<S: Store> Engine<S> {
             txn.batch.meta = Some(m.clone());
         }
         #[cfg(feature = "mutants")]
-        let deferred = crate::mutants::active(crate::mutants::Mutant::SkipDurability) && !txn.batch.ops.is_empty();
+        let deferred = crate::mutants::active(crate::mutants::Mutant::SkipDurability)
+            && !txn.batch.ops.is_empty();
         #[cfg(not(feature = "mutants"))]
         let deferred = false;
         let res = if deferred {
@@ -404,26 +490,47 @@ impl<S: Store> Engine<S> {
             let e = self.index.entry(key.clone()).or_default();
             e.fp = item_fp(&key, &heads);
             e.heads = heads;
-            let snap = txn.batch.docs.iter().rev().find(|d| d.key == key).is_some_and(|d| d.snapshot.is_some());
+            let snap = txn
+                .batch
+                .docs
+                .iter()
+                .rev()
+                .find(|d| d.key == key)
+                .is_some_and(|d| d.snapshot.is_some());
             e.tail = if snap { 0 } else { e.tail + 1 };
             match key.kind {
                 Kind::Outbox => outbox_touched.push(key.clone()),
                 Kind::Presence => presence_touched.push(key.clone()),
                 _ => {}
             }
-            out.push(Output::Event(UiEvent::DocumentChanged { kind: key.kind, id: key.id.clone() }));
+            out.push(Output::Event(UiEvent::DocumentChanged {
+                kind: key.kind,
+                id: key.id.clone(),
+            }));
         }
         for (key, bytes, hash, from) in txn.gossip {
             for (sid, s) in self.sessions.iter_mut() {
-                if Some(*sid) == from || !s.hello || !may_send(s.role, &s.node, &key) || s.seen.contains(&hash) {
+                if Some(*sid) == from
+                    || !s.hello
+                    || !may_send(s.role, &s.node, &key)
+                    || s.seen.contains(&hash)
+                {
                     continue;
                 }
                 s.seen.insert(hash);
-                let f = Frame::Changes { docs: vec![DocChanges { key: key.clone(), changes: vec![bytes.clone()] }] };
+                let f = Frame::Changes {
+                    docs: vec![DocChanges {
+                        key: key.clone(),
+                        changes: vec![bytes.clone()],
+                    }],
+                };
                 if let Ok(b) = wire::encode(&f) {
                     self.stats.frames_sent += 1;
                     self.stats.bytes_sent += b.len() as u64 + 4;
-                    out.push(Output::Send { session: *sid, bytes: b });
+                    out.push(Output::Send {
+                        session: *sid,
+                        bytes: b,
+                    });
                 }
             }
         }
@@ -448,11 +555,25 @@ impl<S: Store> Engine<S> {
 
     // ----- commands ---------------------------------------------------------
 
-    fn command(&mut self, op_id: &str, operator: &Operator, cmd: Command, now: Now, rng: &mut dyn RngCore, out: &mut Vec<Output>) -> Result<Reply, CommandError> {
-        crate::ids::check_id_str(op_id).map_err(|r| CommandError::Invalid(TextError::Invalid { field: "op_id", reason: r.into() }))?;
+    fn command(
+        &mut self,
+        op_id: &str,
+        operator: &Operator,
+        cmd: Command,
+        now: Now,
+        rng: &mut dyn RngCore,
+        out: &mut Vec<Output>,
+    ) -> Result<Reply, CommandError> {
+        crate::ids::check_id_str(op_id).map_err(|r| {
+            CommandError::Invalid(TextError::Invalid {
+                field: "op_id",
+                reason: r.into(),
+            })
+        })?;
         check_text("operator", &operator.0, 100, true)?;
         if let Some(prev) = self.store.op_result(op_id)? {
-            return serde_json::from_str(&prev).map_err(|e| CommandError::Rejected(format!("recorded result unreadable: {e}")));
+            return serde_json::from_str(&prev)
+                .map_err(|e| CommandError::Rejected(format!("recorded result unreadable: {e}")));
         }
         let mut txn = Txn::default();
         let is_read = matches!(cmd, Command::ReadMedical { .. });
@@ -466,7 +587,18 @@ impl<S: Store> Engine<S> {
                 // A refused medical read is still audited (E-4).
                 if is_read && matches!(e, CommandError::Forbidden { .. }) {
                     let mut audit_txn = Txn::default();
-                    if self.audit(&mut audit_txn, operator, "medical_read_denied", "medical", "", false, now).is_ok() {
+                    if self
+                        .audit(
+                            &mut audit_txn,
+                            operator,
+                            "medical_read_denied",
+                            "medical",
+                            "",
+                            false,
+                            now,
+                        )
+                        .is_ok()
+                    {
                         let _ = self.commit(audit_txn, now, out);
                     }
                 }
@@ -474,64 +606,182 @@ impl<S: Store> Engine<S> {
             }
         };
         if !is_read {
-            txn.batch.ops.push((op_id.to_string(), serde_json::to_string(&reply).expect("replies serialize")));
+            txn.batch.ops.push((
+                op_id.to_string(),
+                serde_json::to_string(&reply).expect("replies serialize"),
+            ));
         }
         self.commit(txn, now, out)?;
         Ok(reply)
     }
 
-    fn run_command(&mut self, txn: &mut Txn, operator: &Operator, cmd: Command, now: Now, rng: &mut dyn RngCore) -> Result<Reply, CommandError> {
+    fn run_command(
+        &mut self,
+        txn: &mut Txn,
+        operator: &Operator,
+        cmd: Command,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Result<Reply, CommandError> {
         self.hlc.tick(now.wall_ms);
         match cmd {
             Command::ImportHouseholds { households } => self.import(txn, households, now),
             Command::PutShelter { shelter } => {
                 shelter.validate()?;
-                let key = DocKey::new(Kind::Shelter, &shelter.shelter_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
-                self.write(txn, &key, vec![(SHELTER_FIELD.into(), Some(encode(&shelter)))], now)?;
+                let key = DocKey::new(Kind::Shelter, &shelter.shelter_id)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                self.write(
+                    txn,
+                    &key,
+                    vec![(SHELTER_FIELD.into(), Some(encode(&shelter)))],
+                    now,
+                )?;
                 Ok(Reply::Done)
             }
-            Command::RegisterPerson { name, kana, birth_date, note } => {
+            Command::RegisterPerson {
+                name,
+                kana,
+                birth_date,
+                note,
+            } => {
                 if let Some(b) = &birth_date {
                     check_birth_date("birth_date", b, now.wall_ms)?;
                 }
                 let person_id = self.new_id("f-", rng);
-                let p = FieldPerson { person_id: person_id.clone(), name, kana, birth_date, registered_by: self.cfg.node_id.clone(), note };
+                let p = FieldPerson {
+                    person_id: person_id.clone(),
+                    name,
+                    kana,
+                    birth_date,
+                    registered_by: self.cfg.node_id.clone(),
+                    note,
+                };
                 p.validate()?;
                 let key = DocKey::new(Kind::Person, &person_id).expect("generated ids are valid");
-                self.write(txn, &key, vec![(PERSON_FIELD.into(), Some(encode(&p)))], now)?;
+                self.write(
+                    txn,
+                    &key,
+                    vec![(PERSON_FIELD.into(), Some(encode(&p)))],
+                    now,
+                )?;
                 Ok(Reply::Registered { person_id })
             }
-            Command::CheckIn { person_ids, shelter_id } => self.presence(txn, person_ids, PresenceAction::CheckIn, shelter_id, None, now, rng),
-            Command::CheckOut { person_ids, shelter_id } => self.presence(txn, person_ids, PresenceAction::CheckOut, shelter_id, None, now, rng),
-            Command::Transfer { person_ids, from_shelter, to_shelter } => self.presence(txn, person_ids, PresenceAction::Transfer, from_shelter, Some(to_shelter), now, rng),
-            Command::PutMedical { person_id, update } => self.put_medical(txn, &person_id, update, now, rng),
-            Command::ReadMedical { person_id, reason, break_glass } => {
+            Command::CheckIn {
+                person_ids,
+                shelter_id,
+            } => self.presence(
+                txn,
+                person_ids,
+                PresenceAction::CheckIn,
+                shelter_id,
+                None,
+                now,
+                rng,
+            ),
+            Command::CheckOut {
+                person_ids,
+                shelter_id,
+            } => self.presence(
+                txn,
+                person_ids,
+                PresenceAction::CheckOut,
+                shelter_id,
+                None,
+                now,
+                rng,
+            ),
+            Command::Transfer {
+                person_ids,
+                from_shelter,
+                to_shelter,
+            } => self.presence(
+                txn,
+                person_ids,
+                PresenceAction::Transfer,
+                from_shelter,
+                Some(to_shelter),
+                now,
+                rng,
+            ),
+            Command::PutMedical { person_id, update } => {
+                self.put_medical(txn, &person_id, update, now, rng)
+            }
+            Command::ReadMedical {
+                person_id,
+                reason,
+                break_glass,
+            } => {
                 check_text("reason", &reason, 200, true)?;
                 if !policy::may_read(self.cfg.role, Kind::Medical) {
-                    return Err(CommandError::Forbidden { role: self.cfg.role, action: "read medical profiles".into() });
+                    return Err(CommandError::Forbidden {
+                        role: self.cfg.role,
+                        action: "read medical profiles".into(),
+                    });
                 }
-                let key = DocKey::new(Kind::Medical, &person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let key = DocKey::new(Kind::Medical, &person_id)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
                 let view = match self.load(&key)? {
-                    Some(doc) => views::medical(doc).map_err(|e| CommandError::Rejected(e.to_string()))?,
-                    None => return Err(CommandError::NotFound { what: "medical profile", id: person_id }),
+                    Some(doc) => {
+                        views::medical(doc).map_err(|e| CommandError::Rejected(e.to_string()))?
+                    }
+                    None => {
+                        return Err(CommandError::NotFound {
+                            what: "medical profile",
+                            id: person_id,
+                        })
+                    }
                 };
-                let seq = self.audit(txn, operator, "medical_read", &key.to_string(), &reason, break_glass, now)?;
-                Ok(Reply::Medical { person_id, view, audit_seq: seq })
+                let seq = self.audit(
+                    txn,
+                    operator,
+                    "medical_read",
+                    &key.to_string(),
+                    &reason,
+                    break_glass,
+                    now,
+                )?;
+                Ok(Reply::Medical {
+                    person_id,
+                    view,
+                    audit_seq: seq,
+                })
             }
-            Command::PutEligibility { person_id, eligibility } => {
+            Command::PutEligibility {
+                person_id,
+                eligibility,
+            } => {
                 eligibility.validate()?;
-                let key = DocKey::new(Kind::Eligibility, &person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
-                self.write(txn, &key, vec![(views::ELIGIBILITY.into(), Some(encode(&eligibility)))], now)?;
+                let key = DocKey::new(Kind::Eligibility, &person_id)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                self.write(
+                    txn,
+                    &key,
+                    vec![(views::ELIGIBILITY.into(), Some(encode(&eligibility)))],
+                    now,
+                )?;
                 Ok(Reply::Done)
             }
-            Command::PutContacts { person_id, contacts, disclosure } => {
+            Command::PutContacts {
+                person_id,
+                contacts,
+                disclosure,
+            } => {
                 if contacts.len() > MAX_CONTACTS_PER_PERSON {
-                    return Err(TextError::Invalid { field: "contacts", reason: "at most 10 contacts per person".into() }.into());
+                    return Err(TextError::Invalid {
+                        field: "contacts",
+                        reason: "at most 10 contacts per person".into(),
+                    }
+                    .into());
                 }
-                let key = DocKey::new(Kind::Contacts, &person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let key = DocKey::new(Kind::Contacts, &person_id)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
                 let mut writes = vec![(views::DISCLOSURE.to_string(), Some(encode(&disclosure)))];
                 let existing: Vec<String> = match self.load(&key)? {
-                    Some(d) => d.fields().into_keys().filter(|k| k.starts_with(views::CONTACT_PREFIX)).collect(),
+                    Some(d) => d
+                        .fields()
+                        .into_keys()
+                        .filter(|k| k.starts_with(views::CONTACT_PREFIX))
+                        .collect(),
                     None => vec![],
                 };
                 let mut names = BTreeSet::new();
@@ -539,7 +789,11 @@ impl<S: Store> Engine<S> {
                     c.validate()?;
                     let name = format!("{}{}", views::CONTACT_PREFIX, c.contact_id);
                     if !names.insert(name.clone()) {
-                        return Err(TextError::Invalid { field: "contact_id", reason: "duplicate contact id".into() }.into());
+                        return Err(TextError::Invalid {
+                            field: "contact_id",
+                            reason: "duplicate contact id".into(),
+                        }
+                        .into());
                     }
                     writes.push((name, Some(encode(c))));
                 }
@@ -552,9 +806,16 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    fn import(&mut self, txn: &mut Txn, households: Vec<Household>, now: Now) -> Result<Reply, CommandError> {
+    fn import(
+        &mut self,
+        txn: &mut Txn,
+        households: Vec<Household>,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
         if households.len() > MAX_HOUSEHOLDS_PER_IMPORT {
-            return Err(CommandError::Rejected(format!("at most {MAX_HOUSEHOLDS_PER_IMPORT} households per import batch")));
+            return Err(CommandError::Rejected(format!(
+                "at most {MAX_HOUSEHOLDS_PER_IMPORT} households per import batch"
+            )));
         }
         let mut cards = BTreeMap::new();
         let mut persons = BTreeSet::new();
@@ -563,15 +824,24 @@ impl<S: Store> Engine<S> {
             for m in &h.members {
                 check_birth_date("birth_date", &m.birth_date, now.wall_ms)?;
                 if !persons.insert(m.person_id.clone()) {
-                    return Err(CommandError::Rejected(format!("person {} appears twice", m.person_id)));
+                    return Err(CommandError::Rejected(format!(
+                        "person {} appears twice",
+                        m.person_id
+                    )));
                 }
                 if let Some(c) = &m.card_user_id {
                     if cards.insert(c.clone(), h.household_id.clone()).is_some() {
-                        return Err(CommandError::Rejected(format!("card user ID of person {} appears twice", m.person_id)));
+                        return Err(CommandError::Rejected(format!(
+                            "card user ID of person {} appears twice",
+                            m.person_id
+                        )));
                     }
                     if let Some(other) = self.store.household_by_card(c.as_str())? {
                         if other != h.household_id {
-                            return Err(CommandError::Rejected(format!("card user ID of person {} already belongs to household {other}", m.person_id)));
+                            return Err(CommandError::Rejected(format!(
+                                "card user ID of person {} already belongs to household {other}",
+                                m.person_id
+                            )));
                         }
                     }
                 }
@@ -581,49 +851,103 @@ impl<S: Store> Engine<S> {
         for h in &households {
             let key = DocKey::new(Kind::Registry, &h.household_id).expect("validated");
             n += h.members.len();
-            self.write(txn, &key, vec![(HOUSEHOLD_FIELD.into(), Some(encode(h)))], now)?;
+            self.write(
+                txn,
+                &key,
+                vec![(HOUSEHOLD_FIELD.into(), Some(encode(h)))],
+                now,
+            )?;
         }
-        Ok(Reply::Imported { households: households.len(), persons: n })
+        Ok(Reply::Imported {
+            households: households.len(),
+            persons: n,
+        })
     }
 
     /// Presence document of a person: their household's, or their own for
     /// a field-registered person.
     fn presence_key(&self, person_id: &str) -> Result<DocKey, CommandError> {
-        let p = self.store.person(person_id)?.ok_or_else(|| CommandError::NotFound { what: "person", id: person_id.to_string() })?;
+        let p = self
+            .store
+            .person(person_id)?
+            .ok_or_else(|| CommandError::NotFound {
+                what: "person",
+                id: person_id.to_string(),
+            })?;
         let id = p.household_id.unwrap_or(p.person_id);
         DocKey::new(Kind::Presence, id).map_err(|e| CommandError::Rejected(e.to_string()))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn presence(&mut self, txn: &mut Txn, person_ids: Vec<String>, action: PresenceAction, shelter: Option<String>, to: Option<String>, now: Now, rng: &mut dyn RngCore) -> Result<Reply, CommandError> {
+    fn presence(
+        &mut self,
+        txn: &mut Txn,
+        person_ids: Vec<String>,
+        action: PresenceAction,
+        shelter: Option<String>,
+        to: Option<String>,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Result<Reply, CommandError> {
         if person_ids.is_empty() || person_ids.len() > MAX_PERSONS_PER_COMMAND {
-            return Err(TextError::Invalid { field: "person_ids", reason: format!("give 1 to {MAX_PERSONS_PER_COMMAND} persons") }.into());
+            return Err(TextError::Invalid {
+                field: "person_ids",
+                reason: format!("give 1 to {MAX_PERSONS_PER_COMMAND} persons"),
+            }
+            .into());
         }
         let shelter = match (shelter, &self.cfg.shelter_id) {
             (Some(s), Some(own)) if self.cfg.role == Role::Shelter && &s != own => {
-                return Err(CommandError::Forbidden { role: self.cfg.role, action: format!("record presence at another shelter ({s})") })
+                return Err(CommandError::Forbidden {
+                    role: self.cfg.role,
+                    action: format!("record presence at another shelter ({s})"),
+                })
             }
             (Some(s), _) => s,
             (None, Some(own)) => own.clone(),
-            (None, None) => return Err(TextError::Invalid { field: "shelter_id", reason: "required on this node".into() }.into()),
+            (None, None) => {
+                return Err(TextError::Invalid {
+                    field: "shelter_id",
+                    reason: "required on this node".into(),
+                }
+                .into())
+            }
         };
-        crate::ids::check_id_str(&shelter).map_err(|r| TextError::Invalid { field: "shelter_id", reason: r.into() })?;
+        crate::ids::check_id_str(&shelter).map_err(|r| TextError::Invalid {
+            field: "shelter_id",
+            reason: r.into(),
+        })?;
         if let Some(t) = &to {
-            crate::ids::check_id_str(t).map_err(|r| TextError::Invalid { field: "to_shelter", reason: r.into() })?;
+            crate::ids::check_id_str(t).map_err(|r| TextError::Invalid {
+                field: "to_shelter",
+                reason: r.into(),
+            })?;
             if self.store.shelters()?.iter().all(|s| &s.shelter_id != t) {
-                return Err(CommandError::NotFound { what: "shelter", id: t.clone() });
+                return Err(CommandError::NotFound {
+                    what: "shelter",
+                    id: t.clone(),
+                });
             }
         }
         let mut per_doc: BTreeMap<DocKey, Vec<String>> = BTreeMap::new();
         for p in &person_ids {
-            crate::ids::check_id_str(p).map_err(|r| TextError::Invalid { field: "person_ids", reason: r.into() })?;
-            per_doc.entry(self.presence_key(p)?).or_default().push(p.clone());
+            crate::ids::check_id_str(p).map_err(|r| TextError::Invalid {
+                field: "person_ids",
+                reason: r.into(),
+            })?;
+            per_doc
+                .entry(self.presence_key(p)?)
+                .or_default()
+                .push(p.clone());
         }
         let mut event_ids = Vec::new();
         let mut already = Vec::new();
         for (key, persons) in per_doc {
             let state = match self.load(&key)? {
-                Some(doc) => derive::locations(&derive::presence_events(doc).map_err(|e| CommandError::Rejected(e.to_string()))?),
+                Some(doc) => derive::locations(
+                    &derive::presence_events(doc)
+                        .map_err(|e| CommandError::Rejected(e.to_string()))?,
+                ),
                 None => BTreeMap::new(),
             };
             let mut writes = Vec::new();
@@ -637,12 +961,21 @@ impl<S: Store> Engine<S> {
                         already.push(person);
                         continue;
                     }
-                    PresenceAction::CheckOut if !in_here && here.is_some_and(|(s, sh)| s == crate::store::LocationStatus::Out && sh == shelter) => {
+                    PresenceAction::CheckOut
+                        if !in_here
+                            && here.is_some_and(|(s, sh)| {
+                                s == crate::store::LocationStatus::Out && sh == shelter
+                            }) =>
+                    {
                         already.push(person);
                         continue;
                     }
-                    PresenceAction::CheckOut | PresenceAction::Transfer if !in_here && !conflict => {
-                        return Err(CommandError::Rejected(format!("person {person} is not checked in at shelter {shelter}")));
+                    PresenceAction::CheckOut | PresenceAction::Transfer
+                        if !in_here && !conflict =>
+                    {
+                        return Err(CommandError::Rejected(format!(
+                            "person {person} is not checked in at shelter {shelter}"
+                        )));
                     }
                     _ => {}
                 }
@@ -657,7 +990,9 @@ impl<S: Store> Engine<S> {
                     hlc: self.hlc.tick(now.wall_ms),
                     node: self.cfg.node_id.clone(),
                     wall_ms: now.wall_ms,
-                    prev: cur.map(|c| c.heads.iter().map(|h| h.event_id.clone()).collect()).unwrap_or_default(),
+                    prev: cur
+                        .map(|c| c.heads.iter().map(|h| h.event_id.clone()).collect())
+                        .unwrap_or_default(),
                 };
                 writes.push((format!("{EVENT_PREFIX}{event_id}"), Some(encode(&ev))));
                 event_ids.push(event_id);
@@ -669,8 +1004,16 @@ impl<S: Store> Engine<S> {
         Ok(Reply::Presence { event_ids, already })
     }
 
-    fn put_medical(&mut self, txn: &mut Txn, person_id: &str, u: MedicalUpdate, now: Now, rng: &mut dyn RngCore) -> Result<Reply, CommandError> {
-        let key = DocKey::new(Kind::Medical, person_id).map_err(|e| CommandError::Rejected(e.to_string()))?;
+    fn put_medical(
+        &mut self,
+        txn: &mut Txn,
+        person_id: &str,
+        u: MedicalUpdate,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Result<Reply, CommandError> {
+        let key = DocKey::new(Kind::Medical, person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
         let existing: BTreeSet<String> = match self.load(&key)? {
             Some(d) => d.fields().into_keys().collect(),
             None => BTreeSet::new(),
@@ -680,17 +1023,30 @@ impl<S: Store> Engine<S> {
             writes.push((views::BLOOD_TYPE.to_string(), Some(encode(&b))));
         }
         if let Some(basis) = u.consent {
-            writes.push((views::CONSENT.to_string(), Some(encode(&Consent { basis, recorded_by: self.cfg.node_id.clone(), wall_ms: now.wall_ms }))));
+            writes.push((
+                views::CONSENT.to_string(),
+                Some(encode(&Consent {
+                    basis,
+                    recorded_by: self.cfg.node_id.clone(),
+                    wall_ms: now.wall_ms,
+                })),
+            ));
         }
         for (section, text) in u.add {
             let e = MedicalEntry { text };
             e.validate()?;
-            writes.push((format!("{}:{}", section.as_str(), self.new_id("m-", rng)), Some(encode(&e))));
+            writes.push((
+                format!("{}:{}", section.as_str(), self.new_id("m-", rng)),
+                Some(encode(&e)),
+            ));
         }
         for (section, id, text) in u.edit {
             let name = format!("{}:{id}", section.as_str());
             if !existing.contains(&name) {
-                return Err(CommandError::NotFound { what: "medical entry", id: name });
+                return Err(CommandError::NotFound {
+                    what: "medical entry",
+                    id: name,
+                });
             }
             let e = MedicalEntry { text };
             e.validate()?;
@@ -699,7 +1055,10 @@ impl<S: Store> Engine<S> {
         for (section, id) in u.remove {
             let name = format!("{}:{id}", section.as_str());
             if !existing.contains(&name) {
-                return Err(CommandError::NotFound { what: "medical entry", id: name });
+                return Err(CommandError::NotFound {
+                    what: "medical entry",
+                    id: name,
+                });
             }
             writes.push((name, None));
         }
@@ -712,7 +1071,16 @@ impl<S: Store> Engine<S> {
 
     /// Appends one entry to this node's audit chain; returns its sequence.
     #[allow(clippy::too_many_arguments)]
-    fn audit(&mut self, txn: &mut Txn, operator: &Operator, action: &str, record: &str, reason: &str, break_glass: bool, now: Now) -> Result<u64, CommandError> {
+    fn audit(
+        &mut self,
+        txn: &mut Txn,
+        operator: &Operator,
+        action: &str,
+        record: &str,
+        reason: &str,
+        break_glass: bool,
+        now: Now,
+    ) -> Result<u64, CommandError> {
         let mut meta = txn.meta.clone().unwrap_or_else(|| self.meta.clone());
         let mut entry = AuditEntry {
             seq: meta.audit_seq,
@@ -729,8 +1097,17 @@ impl<S: Store> Engine<S> {
             hash: String::new(),
         };
         entry.hash = entry.compute_hash();
-        let key = DocKey::new(Kind::Audit, self.cfg.node_id.as_str()).expect("node ids are document ids");
-        self.write(txn, &key, vec![(format!("{}{:012}", views::AUDIT_PREFIX, entry.seq), Some(encode(&entry)))], now)?;
+        let key =
+            DocKey::new(Kind::Audit, self.cfg.node_id.as_str()).expect("node ids are document ids");
+        self.write(
+            txn,
+            &key,
+            vec![(
+                format!("{}{:012}", views::AUDIT_PREFIX, entry.seq),
+                Some(encode(&entry)),
+            )],
+            now,
+        )?;
         meta.audit_seq += 1;
         meta.audit_head = entry.hash.clone();
         meta.hlc = self.hlc.last();
@@ -746,10 +1123,24 @@ impl<S: Store> Engine<S> {
                 let mut peers: Vec<PeerStatus> = self
                     .peers
                     .iter()
-                    .map(|(n, (role, last))| PeerStatus { node_id: n.clone(), role: *role, connected: self.sessions.values().any(|s| &s.node == n && s.hello), last_sync: *last })
+                    .map(|(n, (role, last))| PeerStatus {
+                        node_id: n.clone(),
+                        role: *role,
+                        connected: self.sessions.values().any(|s| &s.node == n && s.hello),
+                        last_sync: *last,
+                    })
                     .collect();
                 peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-                let open: Vec<&MailState> = self.mail.values().filter(|m| !matches!(m.status, MailStatus::Sent | MailStatus::FailedPermanent | MailStatus::Cancelled)).collect();
+                let open: Vec<&MailState> = self
+                    .mail
+                    .values()
+                    .filter(|m| {
+                        !matches!(
+                            m.status,
+                            MailStatus::Sent | MailStatus::FailedPermanent | MailStatus::Cancelled
+                        )
+                    })
+                    .collect();
                 QueryReply::Status(Status {
                     node_id: self.cfg.node_id.clone(),
                     role: self.cfg.role,
@@ -763,7 +1154,9 @@ impl<S: Store> Engine<S> {
                     duplicate_mail_risk: self.stats.duplicate_mail_risk,
                 })
             }
-            Query::Persons { limit, offset } => QueryReply::Persons(self.store.persons(limit.min(1000), offset)?),
+            Query::Persons { limit, offset } => {
+                QueryReply::Persons(self.store.persons(limit.min(1000), offset)?)
+            }
             Query::Search { q, limit } => {
                 check_text("q", &q, 100, true)?;
                 QueryReply::Persons(self.store.search(&search_key(&q), limit.min(200))?)
@@ -773,13 +1166,27 @@ impl<S: Store> Engine<S> {
                 match self.store.household_by_card(card.as_str())? {
                     None => QueryReply::Household(None),
                     Some(h) => {
-                        let members = self.store.household_members(&h)?.into_iter().map(|p| -> Result<_, StoreError> { let l = self.store.location(&p.person_id)?; Ok((p, l)) }).collect::<Result<Vec<_>, _>>()?;
-                        QueryReply::Household(Some(HouseholdView { household_id: h, members }))
+                        let members = self
+                            .store
+                            .household_members(&h)?
+                            .into_iter()
+                            .map(|p| -> Result<_, StoreError> {
+                                let l = self.store.location(&p.person_id)?;
+                                Ok((p, l))
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        QueryReply::Household(Some(HouseholdView {
+                            household_id: h,
+                            members,
+                        }))
                     }
                 }
             }
             Query::Person { person_id } => {
-                crate::ids::check_id_str(&person_id).map_err(|r| TextError::Invalid { field: "person_id", reason: r.into() })?;
+                crate::ids::check_id_str(&person_id).map_err(|r| TextError::Invalid {
+                    field: "person_id",
+                    reason: r.into(),
+                })?;
                 match self.store.person(&person_id)? {
                     None => QueryReply::Person(None),
                     Some(person) => {
@@ -795,7 +1202,11 @@ impl<S: Store> Engine<S> {
                                 }
                             }
                         }
-                        QueryReply::Person(Some(PersonDetail { person, location, conflicts }))
+                        QueryReply::Person(Some(PersonDetail {
+                            person,
+                            location,
+                            conflicts,
+                        }))
                     }
                 }
             }
@@ -805,12 +1216,25 @@ impl<S: Store> Engine<S> {
                     self.store
                         .shelters()?
                         .into_iter()
-                        .map(|s| ShelterView { occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0), last_sync: self.shelter_seen.get(&s.shelter_id).copied(), shelter: s })
+                        .map(|s| ShelterView {
+                            occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0),
+                            last_sync: self.shelter_seen.get(&s.shelter_id).copied(),
+                            shelter: s,
+                        })
                         .collect(),
                 )
             }
             Query::Conflicts => QueryReply::Conflicts(self.store.conflicts()?),
-            Query::Outbox => QueryReply::Outbox(self.mail.iter().map(|((p, c), s)| OutboxRow { person_id: p.clone(), contact_id: c.clone(), state: s.clone() }).collect()),
+            Query::Outbox => QueryReply::Outbox(
+                self.mail
+                    .iter()
+                    .map(|((p, c), s)| OutboxRow {
+                        person_id: p.clone(),
+                        contact_id: c.clone(),
+                        state: s.clone(),
+                    })
+                    .collect(),
+            ),
         })
     }
 
@@ -823,12 +1247,18 @@ impl<S: Store> Engine<S> {
                 self.stats.bytes_sent += b.len() as u64 + 4;
                 out.push(Output::Send { session, bytes: b });
             }
-            Err(e) => out.push(Output::Close { session, reason: format!("internal: {e}") }),
+            Err(e) => out.push(Output::Close {
+                session,
+                reason: format!("internal: {e}"),
+            }),
         }
     }
 
     fn bye(&mut self, session: SessionId, code: u16, reason: String, out: &mut Vec<Output>) {
-        let f = Frame::Bye { code, reason: reason.chars().take(200).collect() };
+        let f = Frame::Bye {
+            code,
+            reason: reason.chars().take(200).collect(),
+        };
         self.send(session, &f, out);
         out.push(Output::Close { session, reason });
         self.sessions.remove(&session);
@@ -837,12 +1267,17 @@ impl<S: Store> Engine<S> {
     fn violation(&mut self, session: SessionId, reason: String, out: &mut Vec<Output>) {
         self.stats.violations += 1;
         if let Some(s) = self.sessions.get(&session) {
-            out.push(Output::Event(UiEvent::PeerViolation { node_id: s.node.clone(), reason }));
+            out.push(Output::Event(UiEvent::PeerViolation {
+                node_id: s.node.clone(),
+                reason,
+            }));
         }
     }
 
     fn frame(&mut self, sid: SessionId, bytes: &[u8], now: Now, out: &mut Vec<Output>) {
-        let Some(s) = self.sessions.get(&sid) else { return };
+        let Some(s) = self.sessions.get(&sid) else {
+            return;
+        };
         let (peer, peer_role) = (s.node.clone(), s.role);
         let f = match wire::decode(bytes) {
             Ok(f) => f,
@@ -852,7 +1287,12 @@ impl<S: Store> Engine<S> {
             p.1 = Some(now.wall_ms);
         }
         match f {
-            Frame::Hello { version, node, role, incarnation: _ } => {
+            Frame::Hello {
+                version,
+                node,
+                role,
+                incarnation: _,
+            } => {
                 if version != wire::PROTOCOL_VERSION {
                     return self.bye(sid, wire::BYE_VERSION, format!("protocol version {version} is not supported (this node speaks {}); upgrade needed", wire::PROTOCOL_VERSION), out);
                 }
@@ -865,11 +1305,16 @@ impl<S: Store> Engine<S> {
                     self.start_reconcile(sid, out);
                 }
             }
-            _ if !self.sessions[&sid].hello => self.bye(sid, wire::BYE_PROTOCOL, "frame before hello".into(), out),
+            _ if !self.sessions[&sid].hello => {
+                self.bye(sid, wire::BYE_PROTOCOL, "frame before hello".into(), out)
+            }
             Frame::Reconcile { ranges } => self.reconcile(sid, ranges, out),
             Frame::Changes { docs } => self.receive(sid, docs, now, out),
             Frame::Bye { code, reason } => {
-                out.push(Output::Close { session: sid, reason: format!("peer closed ({code}): {reason}") });
+                out.push(Output::Close {
+                    session: sid,
+                    reason: format!("peer closed ({code}): {reason}"),
+                });
                 self.sessions.remove(&sid);
             }
         }
@@ -880,7 +1325,12 @@ impl<S: Store> Engine<S> {
         policy::may_receive(self.cfg.role, key) && policy::may_receive(peer_role, key)
     }
 
-    fn range_items(&self, peer_role: Role, lo: &Option<DocKey>, hi: &Option<DocKey>) -> Vec<(&DocKey, &IndexEntry)> {
+    fn range_items(
+        &self,
+        peer_role: Role,
+        lo: &Option<DocKey>,
+        hi: &Option<DocKey>,
+    ) -> Vec<(&DocKey, &IndexEntry)> {
         use std::ops::Bound::*;
         let lo_b = lo.as_ref().map_or(Unbounded, Included);
         let hi_b = hi.as_ref().map_or(Unbounded, Excluded);
@@ -889,12 +1339,18 @@ impl<S: Store> Engine<S> {
                 return vec![];
             }
         }
-        self.index.range::<DocKey, _>((lo_b, hi_b)).filter(|(k, _)| self.shared(peer_role, k)).collect()
+        self.index
+            .range::<DocKey, _>((lo_b, hi_b))
+            .filter(|(k, _)| self.shared(peer_role, k))
+            .collect()
     }
 
     fn fingerprint(items: &[(&DocKey, &IndexEntry)]) -> RangeBody {
         let sum = items.iter().fold(0u128, |a, (_, e)| a.wrapping_add(e.fp));
-        RangeBody::Fingerprint { fp: sum.to_le_bytes(), count: items.len() as u32 }
+        RangeBody::Fingerprint {
+            fp: sum.to_le_bytes(),
+            count: items.len() as u32,
+        }
     }
 
     fn start_reconcile(&mut self, sid: SessionId, out: &mut Vec<Output>) {
@@ -905,10 +1361,22 @@ impl<S: Store> Engine<S> {
         // for headquarters) are offered one by one.
         for (k, e) in &self.index {
             if !self.shared(role, k) && may_send(role, &peer, k) {
-                ranges.push(Range { lo: Some(k.clone()), hi: Some(k.clone()), body: RangeBody::Items { items: vec![Item { key: k.clone(), heads: e.heads.clone() }], reply: false } });
+                ranges.push(Range {
+                    lo: Some(k.clone()),
+                    hi: Some(k.clone()),
+                    body: RangeBody::Items {
+                        items: vec![Item {
+                            key: k.clone(),
+                            heads: e.heads.clone(),
+                        }],
+                        reply: false,
+                    },
+                });
             }
         }
-        ranges.retain(|r| !matches!(&r.body, RangeBody::Items { items, .. } if items.is_empty()) || r.lo.is_none());
+        ranges.retain(|r| {
+            !matches!(&r.body, RangeBody::Items { items, .. } if items.is_empty()) || r.lo.is_none()
+        });
         self.send(sid, &Frame::Reconcile { ranges }, out);
     }
 
@@ -916,7 +1384,16 @@ impl<S: Store> Engine<S> {
     fn split_or_list(&self, role: Role, lo: Option<DocKey>, hi: Option<DocKey>) -> Range {
         let items = self.range_items(role, &lo, &hi);
         let body = if items.len() <= ITEMS_THRESHOLD {
-            RangeBody::Items { items: items.iter().map(|(k, e)| Item { key: (*k).clone(), heads: e.heads.clone() }).collect(), reply: false }
+            RangeBody::Items {
+                items: items
+                    .iter()
+                    .map(|(k, e)| Item {
+                        key: (*k).clone(),
+                        heads: e.heads.clone(),
+                    })
+                    .collect(),
+                reply: false,
+            }
         } else {
             Self::fingerprint(&items)
         };
@@ -939,7 +1416,20 @@ impl<S: Store> Engine<S> {
                         continue;
                     }
                     if items.len() <= ITEMS_THRESHOLD {
-                        reply.push(Range { lo: r.lo, hi: r.hi, body: RangeBody::Items { items: items.iter().map(|(k, e)| Item { key: (*k).clone(), heads: e.heads.clone() }).collect(), reply: false } });
+                        reply.push(Range {
+                            lo: r.lo,
+                            hi: r.hi,
+                            body: RangeBody::Items {
+                                items: items
+                                    .iter()
+                                    .map(|(k, e)| Item {
+                                        key: (*k).clone(),
+                                        heads: e.heads.clone(),
+                                    })
+                                    .collect(),
+                                reply: false,
+                            },
+                        });
                     } else {
                         let keys: Vec<DocKey> = items.iter().map(|(k, _)| (*k).clone()).collect();
                         let chunk = keys.len().div_ceil(SPLIT);
@@ -951,14 +1441,29 @@ impl<S: Store> Engine<S> {
                         for w in bounds.windows(2) {
                             let sub = self.split_or_list(role, w[0].clone(), w[1].clone());
                             reply.push(match sub.body {
-                                RangeBody::Items { .. } => Range { body: Self::fingerprint(&self.range_items(role, &sub.lo, &sub.hi)), ..sub },
+                                RangeBody::Items { .. } => Range {
+                                    body: Self::fingerprint(
+                                        &self.range_items(role, &sub.lo, &sub.hi),
+                                    ),
+                                    ..sub
+                                },
                                 _ => sub,
                             });
                         }
                     }
                 }
-                RangeBody::Items { items, reply: is_reply } => {
-                    let theirs: BTreeMap<DocKey, Vec<Hash32>> = items.into_iter().filter(|i| policy::may_hold(self.cfg.role, &self.cfg.node_id, &i.key) && may_send(role, &peer, &i.key)).map(|i| (i.key, i.heads)).collect();
+                RangeBody::Items {
+                    items,
+                    reply: is_reply,
+                } => {
+                    let theirs: BTreeMap<DocKey, Vec<Hash32>> = items
+                        .into_iter()
+                        .filter(|i| {
+                            policy::may_hold(self.cfg.role, &self.cfg.node_id, &i.key)
+                                && may_send(role, &peer, &i.key)
+                        })
+                        .map(|i| (i.key, i.heads))
+                        .collect();
                     if !is_reply {
                         // Ours that they lack or that differ: send changes.
                         for (k, e) in self.range_items(role, &r.lo, &r.hi) {
@@ -988,17 +1493,30 @@ impl<S: Store> Engine<S> {
                             Some(m) => !h.iter().all(|x| m.contains(x)) && !self.knows_all(&k, &h),
                         };
                         if unknown {
-                            want.push(Item { key: k, heads: mine.unwrap_or_default() });
+                            want.push(Item {
+                                key: k,
+                                heads: mine.unwrap_or_default(),
+                            });
                         }
                     }
                     if !want.is_empty() {
-                        reply.push(Range { lo: r.lo, hi: r.hi, body: RangeBody::Items { items: want, reply: true } });
+                        reply.push(Range {
+                            lo: r.lo,
+                            hi: r.hi,
+                            body: RangeBody::Items {
+                                items: want,
+                                reply: true,
+                            },
+                        });
                     }
                 }
             }
         }
         if !peer_heads.is_empty() {
-            let _ = self.store.commit(&Batch { peer_heads, ..Default::default() });
+            let _ = self.store.commit(&Batch {
+                peer_heads,
+                ..Default::default()
+            });
         }
         if let Some(s) = self.sessions.get_mut(&sid) {
             for (k, h) in to_send {
@@ -1008,7 +1526,13 @@ impl<S: Store> Engine<S> {
             }
         }
         for chunk in reply.chunks(wire::MAX_RANGES_PER_FRAME / 2) {
-            self.send(sid, &Frame::Reconcile { ranges: chunk.to_vec() }, out);
+            self.send(
+                sid,
+                &Frame::Reconcile {
+                    ranges: chunk.to_vec(),
+                },
+                out,
+            );
         }
     }
 
@@ -1026,13 +1550,22 @@ impl<S: Store> Engine<S> {
     /// Emits queued catch-up changes, highest priority first, a bounded
     /// number of frames per session per input (memory stays bounded: A-14).
     fn drain(&mut self, out: &mut Vec<Output>) {
-        let sids: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| !s.outq.is_empty()).map(|(k, _)| *k).collect();
+        let sids: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.outq.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
         for sid in sids {
             let mut frames = 0;
             let mut docs: Vec<DocChanges> = Vec::new();
             let mut size = 0usize;
             while frames < FRAMES_PER_DRAIN {
-                let Some(((_, key), their)) = self.sessions.get_mut(&sid).and_then(|s| s.outq.pop_first()) else { break };
+                let Some(((_, key), their)) =
+                    self.sessions.get_mut(&sid).and_then(|s| s.outq.pop_first())
+                else {
+                    break;
+                };
                 let peer = self.sessions[&sid].node.clone();
                 let mut base = their.clone();
                 if let Ok(Some(h)) = self.store.peer_heads(&peer, &key) {
@@ -1052,9 +1585,18 @@ impl<S: Store> Engine<S> {
                     continue;
                 }
                 size += bytes.iter().map(Vec::len).sum::<usize>() + 48;
-                docs.push(DocChanges { key, changes: bytes });
+                docs.push(DocChanges {
+                    key,
+                    changes: bytes,
+                });
                 if size >= wire::TARGET_FRAME_BYTES || docs.len() >= wire::MAX_DOCS_PER_FRAME {
-                    self.send(sid, &Frame::Changes { docs: std::mem::take(&mut docs) }, out);
+                    self.send(
+                        sid,
+                        &Frame::Changes {
+                            docs: std::mem::take(&mut docs),
+                        },
+                        out,
+                    );
                     size = 0;
                     frames += 1;
                 }
@@ -1075,9 +1617,15 @@ impl<S: Store> Engine<S> {
         let mut txn = Txn::default();
         for dc in docs {
             let key = dc.key;
-            if !policy::may_hold(self.cfg.role, &self.cfg.node_id, &key) || !policy::may_hold(role, &peer, &key) {
+            if !policy::may_hold(self.cfg.role, &self.cfg.node_id, &key)
+                || !policy::may_hold(role, &peer, &key)
+            {
                 self.stats.changes_rejected += dc.changes.len() as u64;
-                self.violation(sid, format!("sent {key}, which its role or ours may not hold"), out);
+                self.violation(
+                    sid,
+                    format!("sent {key}, which its role or ours may not hold"),
+                    out,
+                );
                 continue;
             }
             let mut changes = Vec::new();
@@ -1110,14 +1658,24 @@ impl<S: Store> Engine<S> {
                 Err(_) => Doc::new(key.clone()),
             };
             let mut doc = doc;
-            let new: Vec<Change> = changes.into_iter().filter(|c| !doc.knows(&c.hash().0)).collect();
+            let new: Vec<Change> = changes
+                .into_iter()
+                .filter(|c| !doc.knows(&c.hash().0))
+                .collect();
             #[cfg(feature = "mutants")]
-            let new: Vec<Change> = if crate::mutants::active(crate::mutants::Mutant::DropMissingDeps) {
-                let batch: BTreeSet<Hash32> = new.iter().map(|c| c.hash().0).collect();
-                new.into_iter().filter(|c| c.deps().iter().all(|d| doc.knows(&d.0) || batch.contains(&d.0))).collect()
-            } else {
-                new
-            };
+            let new: Vec<Change> =
+                if crate::mutants::active(crate::mutants::Mutant::DropMissingDeps) {
+                    let batch: BTreeSet<Hash32> = new.iter().map(|c| c.hash().0).collect();
+                    new.into_iter()
+                        .filter(|c| {
+                            c.deps()
+                                .iter()
+                                .all(|d| doc.knows(&d.0) || batch.contains(&d.0))
+                        })
+                        .collect()
+                } else {
+                    new
+                };
             if new.is_empty() {
                 continue;
             }
@@ -1150,15 +1708,28 @@ impl<S: Store> Engine<S> {
         if let Err(e) = self.commit(txn, now, out) {
             // Nothing was stored; the peer will offer the changes again at
             // the next reconciliation.
-            out.push(Output::Close { session: sid, reason: format!("storage: {e}") });
+            out.push(Output::Close {
+                session: sid,
+                reason: format!("storage: {e}"),
+            });
             self.sessions.remove(&sid);
         }
     }
 
-    fn check_author(&self, c: &Change, key: &DocKey, peer: &NodeId, peer_role: Role) -> Result<(), String> {
-        let actor = Actor::from_bytes(c.actor_id().to_bytes()).ok_or("change has a foreign actor id")?;
+    fn check_author(
+        &self,
+        c: &Change,
+        key: &DocKey,
+        peer: &NodeId,
+        peer_role: Role,
+    ) -> Result<(), String> {
+        let actor =
+            Actor::from_bytes(c.actor_id().to_bytes()).ok_or("change has a foreign actor id")?;
         if actor.is_node(peer.as_str()) && actor.role != peer_role {
-            return Err(format!("change claims role {} but the peer's certificate says {peer_role}", actor.role));
+            return Err(format!(
+                "change claims role {} but the peer's certificate says {peer_role}",
+                actor.role
+            ));
         }
         if !policy::may_author(actor.role, key, |id| actor.is_node(id)) {
             return Err(format!("a {} node may not write {key}", actor.role));
@@ -1172,14 +1743,23 @@ impl<S: Store> Engine<S> {
     // ----- family mail (headquarters) ---------------------------------------
 
     fn recover_mail(&mut self, now: Now) -> Result<(), StoreError> {
-        let keys: Vec<DocKey> = self.index.keys().filter(|k| k.kind == Kind::Outbox).cloned().collect();
+        let keys: Vec<DocKey> = self
+            .index
+            .keys()
+            .filter(|k| k.kind == Kind::Outbox)
+            .cloned()
+            .collect();
         for k in &keys {
             self.refresh_mail(k);
         }
         // Sends in flight when we stopped have an unknown outcome (G-5).
         let mut txn = Txn::default();
-        let mine: Vec<((String, String), MailState)> =
-            self.mail.iter().filter(|(_, s)| s.status == MailStatus::Sending && s.claimed_by == self.cfg.node_id).map(|(k, s)| (k.clone(), s.clone())).collect();
+        let mine: Vec<((String, String), MailState)> = self
+            .mail
+            .iter()
+            .filter(|(_, s)| s.status == MailStatus::Sending && s.claimed_by == self.cfg.node_id)
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
         for ((person, contact), mut s) in mine {
             s.status = MailStatus::Indeterminate;
             s.indeterminate += 1;
@@ -1192,18 +1772,36 @@ impl<S: Store> Engine<S> {
     }
 
     fn refresh_mail(&mut self, key: &DocKey) {
-        let Ok(Some(doc)) = self.load(key) else { return };
-        let Ok(states) = views::outbox(doc) else { return };
+        let Ok(Some(doc)) = self.load(key) else {
+            return;
+        };
+        let Ok(states) = views::outbox(doc) else {
+            return;
+        };
         let person = key.id.clone();
         for (contact, s) in states {
             self.mail.insert((person.clone(), contact), s);
         }
     }
 
-    fn put_mail(&mut self, txn: &mut Txn, person: &str, contact: &str, s: &MailState, now: Now) -> Result<(), CommandError> {
-        let key = DocKey::new(Kind::Outbox, person).map_err(|e| CommandError::Rejected(e.to_string()))?;
-        self.write(txn, &key, vec![(format!("{}{contact}", views::MAIL_PREFIX), Some(encode(s)))], now)?;
-        self.mail.insert((person.to_string(), contact.to_string()), s.clone());
+    fn put_mail(
+        &mut self,
+        txn: &mut Txn,
+        person: &str,
+        contact: &str,
+        s: &MailState,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let key =
+            DocKey::new(Kind::Outbox, person).map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.write(
+            txn,
+            &key,
+            vec![(format!("{}{contact}", views::MAIL_PREFIX), Some(encode(s)))],
+            now,
+        )?;
+        self.mail
+            .insert((person.to_string(), contact.to_string()), s.clone());
         Ok(())
     }
 
@@ -1213,13 +1811,19 @@ impl<S: Store> Engine<S> {
 
     fn note_arrivals(&mut self, keys: &[DocKey], now: Now) {
         for k in keys {
-            let Ok(Some(doc)) = self.load(k) else { continue };
-            let Ok(evs) = derive::presence_events(doc) else { continue };
+            let Ok(Some(doc)) = self.load(k) else {
+                continue;
+            };
+            let Ok(evs) = derive::presence_events(doc) else {
+                continue;
+            };
             for e in &evs {
                 let seen = self.shelter_seen.entry(e.shelter_id.clone()).or_insert(0);
                 *seen = (*seen).max(e.wall_ms.min(now.wall_ms));
                 if e.action == PresenceAction::CheckIn {
-                    self.arrivals_seen.entry(e.person_id.clone()).or_insert(now.wall_ms);
+                    self.arrivals_seen
+                        .entry(e.person_id.clone())
+                        .or_insert(now.wall_ms);
                 }
             }
         }
@@ -1237,7 +1841,10 @@ impl<S: Store> Engine<S> {
         let ready: Vec<String> = self
             .arrivals_seen
             .iter()
-            .filter(|(p, seen)| (self.cfg.mail_primary || now.wall_ms >= *seen + self.cfg.mail_takeover_ms) && !self.mail.keys().any(|(mp, _)| mp == *p))
+            .filter(|(p, seen)| {
+                (self.cfg.mail_primary || now.wall_ms >= *seen + self.cfg.mail_takeover_ms)
+                    && !self.mail.keys().any(|(mp, _)| mp == *p)
+            })
             .map(|(p, _)| p.clone())
             .take(500)
             .collect();
@@ -1255,7 +1862,12 @@ impl<S: Store> Engine<S> {
             if contacts.disclosure.do_not_disclose {
                 continue;
             }
-            for c in contacts.contacts.iter().filter(|c| c.consent).take(MAX_CONTACTS_PER_PERSON) {
+            for c in contacts
+                .contacts
+                .iter()
+                .filter(|c| c.consent)
+                .take(MAX_CONTACTS_PER_PERSON)
+            {
                 let s = MailState {
                     message_id: Self::message_id(&person, &c.contact_id),
                     status: MailStatus::Pending,
@@ -1274,9 +1886,20 @@ impl<S: Store> Engine<S> {
         let due: Vec<((String, String), MailState)> = self
             .mail
             .iter()
-            .filter(|(_, s)| matches!(s.status, MailStatus::Pending | MailStatus::Indeterminate | MailStatus::Sending))
+            .filter(|(_, s)| {
+                matches!(
+                    s.status,
+                    MailStatus::Pending | MailStatus::Indeterminate | MailStatus::Sending
+                )
+            })
             .filter(|(_, s)| s.next_attempt_ms <= now.wall_ms)
-            .filter(|(_, s)| if s.claimed_by == self.cfg.node_id { s.status != MailStatus::Sending } else { s.lease_until_ms < now.wall_ms })
+            .filter(|(_, s)| {
+                if s.claimed_by == self.cfg.node_id {
+                    s.status != MailStatus::Sending
+                } else {
+                    s.lease_until_ms < now.wall_ms
+                }
+            })
             .map(|(k, s)| (k.clone(), s.clone()))
             .take(50)
             .collect();
@@ -1302,7 +1925,9 @@ impl<S: Store> Engine<S> {
             s.claimed_by = self.cfg.node_id.clone();
             s.lease_until_ms = now.wall_ms + self.cfg.mail_lease_ms;
             s.attempts += 1;
-            if self.put_mail(&mut txn, &person, &contact, &s, now).is_ok() && self.commit(txn, now, out).is_ok() {
+            if self.put_mail(&mut txn, &person, &contact, &s, now).is_ok()
+                && self.commit(txn, now, out).is_ok()
+            {
                 out.push(Output::SendMail(req));
             }
         }
@@ -1315,16 +1940,29 @@ impl<S: Store> Engine<S> {
         if view.disclosure.do_not_disclose {
             return None;
         }
-        let c = view.contacts.iter().find(|c| c.contact_id == contact_id && c.consent)?;
+        let c = view
+            .contacts
+            .iter()
+            .find(|c| c.contact_id == contact_id && c.consent)?;
         let p = self.store.person(person).ok()??;
         let loc = self.store.location(person).ok()?;
         let shelter = if view.disclosure.share_shelter {
-            loc.as_ref().and_then(|l| self.store.shelters().ok()?.into_iter().find(|s| s.shelter_id == l.shelter_id)).map(|s| s.name)
+            loc.as_ref()
+                .and_then(|l| {
+                    self.store
+                        .shelters()
+                        .ok()?
+                        .into_iter()
+                        .find(|s| s.shelter_id == l.shelter_id)
+                })
+                .map(|s| s.name)
         } else {
             None
         };
         let when = loc.map(|l| l.since_ms).unwrap_or(0);
-        let place = shelter.map(|s| format!("避難所 / Shelter: {s}\n")).unwrap_or_default();
+        let place = shelter
+            .map(|s| format!("避難所 / Shelter: {s}\n"))
+            .unwrap_or_default();
         Some(MailRequest {
             message_id: Self::message_id(person, contact_id),
             to: c.email.clone(),
@@ -1339,7 +1977,14 @@ impl<S: Store> Engine<S> {
     }
 
     fn mail_outcome(&mut self, message_id: &str, outcome: MailOutcome, now: Now) {
-        let Some(((person, contact), mut s)) = self.mail.iter().find(|(_, s)| s.message_id == message_id).map(|(k, s)| (k.clone(), s.clone())) else { return };
+        let Some(((person, contact), mut s)) = self
+            .mail
+            .iter()
+            .find(|(_, s)| s.message_id == message_id)
+            .map(|(k, s)| (k.clone(), s.clone()))
+        else {
+            return;
+        };
         match outcome {
             MailOutcome::Sent => s.status = MailStatus::Sent,
             MailOutcome::Permanent(r) => {
@@ -1376,7 +2021,10 @@ fn s_seen(sessions: &mut BTreeMap<SessionId, Session>, sid: SessionId, hash: Has
 /// May this document be sent to a peer of this role and id?
 fn may_send(role: Role, node: &NodeId, key: &DocKey) -> bool {
     #[cfg(feature = "mutants")]
-    if crate::mutants::active(crate::mutants::Mutant::MedicalToShelter) && key.kind == Kind::Medical && role == Role::Shelter {
+    if crate::mutants::active(crate::mutants::Mutant::MedicalToShelter)
+        && key.kind == Kind::Medical
+        && role == Role::Shelter
+    {
         return true;
     }
     policy::may_hold(role, node, key)

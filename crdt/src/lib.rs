@@ -13,15 +13,15 @@ pub mod policy;
 
 pub use ids::{DocKey, Kind, NodeId, Role};
 pub mod actor;
+pub mod api;
+pub mod derive;
 pub mod doc;
+pub mod engine;
 pub mod hlc;
 pub mod model;
-pub mod store;
-pub mod text;
-pub mod wire;
-pub mod derive;
-pub mod views;
 #[cfg(feature = "mutants")]
 pub mod mutants;
-pub mod api;
-pub mod engine;
+pub mod store;
+pub mod text;
+pub mod views;
+pub mod wire;

@@ -22,7 +22,14 @@ pub enum Mutant {
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 6] = [Mutant::SkipDurability, Mutant::WallClockLww, Mutant::DropMissingDeps, Mutant::MedicalToShelter, Mutant::MailSentEarly, Mutant::ReuseActor];
+    pub const ALL: [Mutant; 6] = [
+        Mutant::SkipDurability,
+        Mutant::WallClockLww,
+        Mutant::DropMissingDeps,
+        Mutant::MedicalToShelter,
+        Mutant::MailSentEarly,
+        Mutant::ReuseActor,
+    ];
 }
 
 static ACTIVE: AtomicU8 = AtomicU8::new(0);

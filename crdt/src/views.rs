@@ -6,7 +6,10 @@
 
 use crate::doc::{decode, Doc, DocError};
 use crate::ids::Kind;
-use crate::model::{AuditEntry, BloodType, Consent, Disclosure, Eligibility, FamilyContact, MailState, MedicalEntry, MedicalSection, Validate};
+use crate::model::{
+    AuditEntry, BloodType, Consent, Disclosure, Eligibility, FamilyContact, MailState,
+    MedicalEntry, MedicalSection, Validate,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -19,12 +22,24 @@ pub const AUDIT_PREFIX: &str = "e:";
 pub const MAIL_PREFIX: &str = "mail:";
 
 fn schema(doc: &Doc, field: &str, reason: impl Into<String>) -> DocError {
-    DocError::Schema { key: doc.key.clone(), field: field.to_string(), reason: reason.into() }
+    DocError::Schema {
+        key: doc.key.clone(),
+        field: field.to_string(),
+        reason: reason.into(),
+    }
 }
 
-fn all_values<T: serde::de::DeserializeOwned>(doc: &Doc, field: &str, value: &str, conflicts: &[String]) -> Result<(T, Vec<T>), DocError> {
+fn all_values<T: serde::de::DeserializeOwned>(
+    doc: &Doc,
+    field: &str,
+    value: &str,
+    conflicts: &[String],
+) -> Result<(T, Vec<T>), DocError> {
     let v = decode(&doc.key, field, value)?;
-    let c = conflicts.iter().map(|c| decode(&doc.key, field, c)).collect::<Result<Vec<T>, _>>()?;
+    let c = conflicts
+        .iter()
+        .map(|c| decode(&doc.key, field, c))
+        .collect::<Result<Vec<T>, _>>()?;
     Ok((v, c))
 }
 
@@ -46,7 +61,12 @@ pub struct MedicalView {
 
 impl MedicalView {
     pub fn has_conflicts(&self) -> bool {
-        !self.blood_type_conflicts.is_empty() || self.sections.values().flatten().any(|e| !e.conflicts.is_empty())
+        !self.blood_type_conflicts.is_empty()
+            || self
+                .sections
+                .values()
+                .flatten()
+                .any(|e| !e.conflicts.is_empty())
     }
 }
 
@@ -66,9 +86,17 @@ pub fn medical(doc: &Doc) -> Result<MedicalView, DocError> {
             }
             let (e, c) = all_values::<MedicalEntry>(doc, &name, &f.value, &f.conflicts)?;
             for x in std::iter::once(&e).chain(c.iter()) {
-                x.validate().map_err(|err| schema(doc, &name, err.to_string()))?;
+                x.validate()
+                    .map_err(|err| schema(doc, &name, err.to_string()))?;
             }
-            v.sections.entry(section.to_string()).or_default().push(EntryView { entry_id: entry_id.to_string(), text: e.text, conflicts: c.into_iter().map(|x| x.text).collect() });
+            v.sections
+                .entry(section.to_string())
+                .or_default()
+                .push(EntryView {
+                    entry_id: entry_id.to_string(),
+                    text: e.text,
+                    conflicts: c.into_iter().map(|x| x.text).collect(),
+                });
         } else {
             return Err(schema(doc, &name, "unexpected field in a medical document"));
         }
@@ -95,11 +123,16 @@ pub fn contacts(doc: &Doc) -> Result<ContactsView, DocError> {
         } else if name.starts_with(CONTACT_PREFIX) {
             // Concurrent consent edits: consent only if every value consents.
             let (mut fc, c) = all_values::<FamilyContact>(doc, &name, &f.value, &f.conflicts)?;
-            fc.validate().map_err(|e| schema(doc, &name, e.to_string()))?;
+            fc.validate()
+                .map_err(|e| schema(doc, &name, e.to_string()))?;
             fc.consent = fc.consent && c.iter().all(|x| x.consent);
             v.contacts.push(fc);
         } else {
-            return Err(schema(doc, &name, "unexpected field in a contacts document"));
+            return Err(schema(
+                doc,
+                &name,
+                "unexpected field in a contacts document",
+            ));
         }
     }
     if v.contacts.len() > crate::model::MAX_CONTACTS_PER_PERSON {
@@ -109,9 +142,12 @@ pub fn contacts(doc: &Doc) -> Result<ContactsView, DocError> {
 }
 
 pub fn eligibility(doc: &Doc) -> Result<Option<Eligibility>, DocError> {
-    let Some(f) = doc.field(ELIGIBILITY) else { return Ok(None) };
+    let Some(f) = doc.field(ELIGIBILITY) else {
+        return Ok(None);
+    };
     let (e, _) = all_values::<Eligibility>(doc, ELIGIBILITY, &f.value, &f.conflicts)?;
-    e.validate().map_err(|err| schema(doc, ELIGIBILITY, err.to_string()))?;
+    e.validate()
+        .map_err(|err| schema(doc, ELIGIBILITY, err.to_string()))?;
     Ok(Some(e))
 }
 

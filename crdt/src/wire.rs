@@ -65,11 +65,23 @@ pub struct DocChanges {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
-    Hello { version: u16, node: NodeId, role: Role, incarnation: u32 },
-    Reconcile { ranges: Vec<Range> },
-    Changes { docs: Vec<DocChanges> },
+    Hello {
+        version: u16,
+        node: NodeId,
+        role: Role,
+        incarnation: u32,
+    },
+    Reconcile {
+        ranges: Vec<Range>,
+    },
+    Changes {
+        docs: Vec<DocChanges>,
+    },
     /// The sender closes the session; `code` is one of the `BYE_*` values.
-    Bye { code: u16, reason: String },
+    Bye {
+        code: u16,
+        reason: String,
+    },
 }
 
 pub const BYE_VERSION: u16 = 1;
@@ -103,7 +115,9 @@ fn check_bounds(f: &Frame) -> Result<(), WireError> {
                 return Err(WireError::Bound("changes per document"));
             }
         }
-        Frame::Bye { reason, .. } if reason.len() > 1024 => return Err(WireError::Bound("bye reason")),
+        Frame::Bye { reason, .. } if reason.len() > 1024 => {
+            return Err(WireError::Bound("bye reason"))
+        }
         _ => {}
     }
     Ok(())
@@ -154,18 +168,42 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_errors() {
-        for bytes in [vec![], vec![0xff; 10], vec![2, 0xff, 0xff, 0xff, 0xff, 0x0f], vec![9]] {
+        for bytes in [
+            vec![],
+            vec![0xff; 10],
+            vec![2, 0xff, 0xff, 0xff, 0xff, 0x0f],
+            vec![9],
+        ] {
             assert!(decode(&bytes).is_err(), "{bytes:?}");
         }
-        assert_eq!(check_frame_len(MAX_FRAME_BYTES + 1), Err(WireError::TooLarge(MAX_FRAME_BYTES + 1)));
-        let too_many = Frame::Changes { docs: vec![DocChanges { key: DocKey::new(Kind::Person, "x").unwrap(), changes: vec![] }; MAX_DOCS_PER_FRAME + 1] };
+        assert_eq!(
+            check_frame_len(MAX_FRAME_BYTES + 1),
+            Err(WireError::TooLarge(MAX_FRAME_BYTES + 1))
+        );
+        let too_many = Frame::Changes {
+            docs: vec![
+                DocChanges {
+                    key: DocKey::new(Kind::Person, "x").unwrap(),
+                    changes: vec![]
+                };
+                MAX_DOCS_PER_FRAME + 1
+            ],
+        };
         assert!(encode(&too_many).is_err());
     }
 
     #[test]
     fn invalid_keys_inside_frames_are_rejected() {
-        let bad = DocKey { kind: Kind::Person, id: "../etc".into() };
-        let f = Frame::Changes { docs: vec![DocChanges { key: bad, changes: vec![] }] };
+        let bad = DocKey {
+            kind: Kind::Person,
+            id: "../etc".into(),
+        };
+        let f = Frame::Changes {
+            docs: vec![DocChanges {
+                key: bad,
+                changes: vec![],
+            }],
+        };
         let bytes = postcard::to_allocvec(&f).unwrap();
         assert!(decode(&bytes).is_err());
     }

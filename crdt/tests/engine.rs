@@ -1,0 +1,530 @@
+//! Engine behaviour through its public inputs: a tiny in-process network
+//! routes frames between engines on in-memory stores.
+
+use crdt::api::*;
+use crdt::engine::{Engine, EngineConfig};
+use crdt::model::*;
+use crdt::store::MemStore;
+use crdt::text::CardUserId;
+use crdt::{DocKey, Kind, NodeId, Role};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::VecDeque;
+
+const T0: u64 = 1_790_000_000_000;
+
+struct Net {
+    nodes: Vec<Engine<MemStore>>,
+    rng: ChaCha8Rng,
+    now: u64,
+    /// (session id, from node, to node); session ids are global.
+    links: Vec<(u64, usize, usize)>,
+    queue: VecDeque<(usize, Input)>,
+    mails: Vec<MailRequest>,
+    replies: Vec<Result<Reply, CommandError>>,
+}
+
+fn now(ms: u64) -> Now {
+    Now {
+        wall_ms: ms,
+        mono_ms: ms,
+        wall_trusted: true,
+    }
+}
+
+impl Net {
+    fn new(spec: &[(&str, Role)]) -> Net {
+        let nodes = spec
+            .iter()
+            .map(|(n, r)| {
+                Engine::open(
+                    MemStore::new(),
+                    EngineConfig::new(NodeId::new(*n).unwrap(), *r),
+                    now(T0),
+                )
+                .unwrap()
+            })
+            .collect();
+        Net {
+            nodes,
+            rng: ChaCha8Rng::seed_from_u64(7),
+            now: T0,
+            links: vec![],
+            queue: VecDeque::new(),
+            mails: vec![],
+            replies: vec![],
+        }
+    }
+    fn id(&self, i: usize) -> (NodeId, Role) {
+        (
+            self.nodes[i].config().node_id.clone(),
+            self.nodes[i].config().role,
+        )
+    }
+    fn connect(&mut self, a: usize, b: usize) {
+        let sid = self.links.len() as u64 * 2 + 100;
+        self.links.push((sid, a, b));
+        self.links.push((sid + 1, b, a));
+        let (na, ra) = self.id(a);
+        let (nb, rb) = self.id(b);
+        self.queue.push_back((
+            a,
+            Input::Connected {
+                session: sid,
+                node: nb,
+                role: rb,
+                initiator: true,
+            },
+        ));
+        self.queue.push_back((
+            b,
+            Input::Connected {
+                session: sid + 1,
+                node: na,
+                role: ra,
+                initiator: false,
+            },
+        ));
+        self.run();
+    }
+    fn disconnect_all(&mut self) {
+        for (sid, from, _) in std::mem::take(&mut self.links) {
+            self.queue
+                .push_back((from, Input::Disconnected { session: sid }));
+        }
+        self.run();
+    }
+    fn peer_session(&self, sid: u64) -> Option<(u64, usize)> {
+        let &(_, from, to) = self.links.iter().find(|l| l.0 == sid)?;
+        self.links
+            .iter()
+            .find(|l| l.1 == to && l.2 == from)
+            .map(|l| (l.0, l.1))
+    }
+    fn run(&mut self) {
+        let mut steps = 0;
+        loop {
+            while let Some((i, input)) = self.queue.pop_front() {
+                steps += 1;
+                assert!(steps < 100_000, "no quiescence");
+                let outs = self.nodes[i].handle(input, now(self.now), &mut self.rng);
+                for o in outs {
+                    match o {
+                        Output::Send { session, bytes } => {
+                            if let Some((to_sid, to)) = self.peer_session(session) {
+                                self.queue.push_back((
+                                    to,
+                                    Input::Frame {
+                                        session: to_sid,
+                                        bytes,
+                                    },
+                                ));
+                            }
+                        }
+                        Output::SendMail(m) => self.mails.push(m),
+                        Output::Reply { result, .. } => self.replies.push(result),
+                        _ => {}
+                    }
+                }
+            }
+            // Ticks drain queued catch-up work.
+            let mut more = false;
+            for i in 0..self.nodes.len() {
+                let outs = self.nodes[i].handle(Input::Tick, now(self.now), &mut self.rng);
+                for o in outs {
+                    match o {
+                        Output::Send { session, bytes } => {
+                            if let Some((to_sid, to)) = self.peer_session(session) {
+                                self.queue.push_back((
+                                    to,
+                                    Input::Frame {
+                                        session: to_sid,
+                                        bytes,
+                                    },
+                                ));
+                                more = true;
+                            }
+                        }
+                        Output::SendMail(m) => self.mails.push(m),
+                        _ => {}
+                    }
+                }
+            }
+            if !more && self.queue.is_empty() {
+                break;
+            }
+        }
+    }
+    fn cmd(&mut self, i: usize, op: &str, cmd: Command) -> Result<Reply, CommandError> {
+        self.queue.push_back((
+            i,
+            Input::Command {
+                op_id: op.into(),
+                operator: Operator("op-1".into()),
+                cmd,
+            },
+        ));
+        self.run();
+        self.replies.pop().expect("reply")
+    }
+    fn query(&mut self, i: usize, query: Query) -> QueryReply {
+        let outs = self.nodes[i].handle(Input::Query { query }, now(self.now), &mut self.rng);
+        outs.into_iter()
+            .find_map(|o| {
+                if let Output::QueryReply(r) = o {
+                    Some(r.unwrap())
+                } else {
+                    None
+                }
+            })
+            .unwrap()
+    }
+    fn heads(&self, i: usize, kinds: &[Kind]) -> Vec<(DocKey, Vec<[u8; 32]>)> {
+        self.nodes[i]
+            .heads()
+            .filter(|(k, _)| kinds.contains(&k.kind))
+            .map(|(k, h)| (k.clone(), h.to_vec()))
+            .collect()
+    }
+}
+
+fn household(i: usize, members: usize) -> Household {
+    Household {
+        household_id: format!("h{i}"),
+        address: format!("新潟県三条市{i}番地"),
+        members: (0..members)
+            .map(|m| Member {
+                person_id: format!("p{i}-{m}"),
+                name: format!("山田 {i}-{m}"),
+                kana: format!("ヤマダ {i} {m}"),
+                birth_date: "1950-04-01".into(),
+                card_user_id: Some(CardUserId::parse(&format!("{:013}", i * 10 + m)).unwrap()),
+            })
+            .collect(),
+    }
+}
+
+fn setup() -> Net {
+    let mut net = Net::new(&[
+        ("hq-1", Role::Hq),
+        ("shelter-a", Role::Shelter),
+        ("shelter-b", Role::Shelter),
+        ("amb-1", Role::Ambulance),
+    ]);
+    let hh: Vec<Household> = (0..50).map(|i| household(i, 2)).collect();
+    assert_eq!(
+        net.cmd(0, "imp-1", Command::ImportHouseholds { households: hh })
+            .unwrap(),
+        Reply::Imported {
+            households: 50,
+            persons: 100
+        }
+    );
+    for s in ["shelter-a", "shelter-b"] {
+        let shelter = ShelterInfo {
+            shelter_id: s.into(),
+            name: format!("避難所 {s}"),
+            capacity: 100,
+            location: String::new(),
+            needs: String::new(),
+        };
+        net.cmd(0, &format!("sh-{s}"), Command::PutShelter { shelter })
+            .unwrap();
+    }
+    net
+}
+
+#[test]
+fn registry_reaches_shelters_and_check_in_reaches_hq_through_another_node() {
+    let mut net = setup();
+    // hq - shelter-a - shelter-b : shelter-b reaches hq only through a.
+    net.connect(0, 1);
+    net.connect(1, 2);
+    assert_eq!(
+        net.heads(2, &[Kind::Registry]),
+        net.heads(0, &[Kind::Registry])
+    );
+    let r = net
+        .cmd(
+            2,
+            "ci-1",
+            Command::CheckIn {
+                person_ids: vec!["p3-0".into(), "p3-1".into()],
+                shelter_id: None,
+            },
+        )
+        .unwrap();
+    let Reply::Presence { event_ids, already } = r else {
+        panic!()
+    };
+    assert_eq!((event_ids.len(), already.len()), (2, 0));
+    let QueryReply::Shelters(s) = net.query(0, Query::Shelters) else {
+        panic!()
+    };
+    assert_eq!(
+        s.iter()
+            .find(|v| v.shelter.shelter_id == "shelter-b")
+            .unwrap()
+            .occupancy,
+        2
+    );
+    // A second tap is "already checked in", and the same op id replays.
+    let again = net
+        .cmd(
+            2,
+            "ci-2",
+            Command::CheckIn {
+                person_ids: vec!["p3-0".into()],
+                shelter_id: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        again,
+        Reply::Presence {
+            event_ids: vec![],
+            already: vec!["p3-0".into()]
+        }
+    );
+    assert_eq!(
+        net.cmd(
+            2,
+            "ci-1",
+            Command::CheckIn {
+                person_ids: vec!["p3-0".into()],
+                shelter_id: None
+            }
+        )
+        .unwrap(),
+        Reply::Presence {
+            event_ids,
+            already: vec![]
+        }
+    );
+}
+
+#[test]
+fn partitioned_check_ins_at_two_shelters_are_kept_as_a_conflict() {
+    let mut net = setup();
+    net.connect(0, 1);
+    net.connect(0, 2);
+    net.disconnect_all();
+    net.cmd(
+        1,
+        "a",
+        Command::CheckIn {
+            person_ids: vec!["p7-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.cmd(
+        2,
+        "b",
+        Command::CheckIn {
+            person_ids: vec!["p7-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.connect(0, 1);
+    net.connect(0, 2);
+    net.connect(1, 2);
+    for i in [0, 1, 2] {
+        let QueryReply::Person(Some(d)) = net.query(
+            i,
+            Query::Person {
+                person_id: "p7-0".into(),
+            },
+        ) else {
+            panic!()
+        };
+        assert!(d.location.unwrap().conflict, "node {i}");
+        assert_eq!(d.conflicts.len(), 2);
+    }
+    assert_eq!(
+        net.heads(1, &[Kind::Presence]),
+        net.heads(0, &[Kind::Presence])
+    );
+    assert_eq!(
+        net.heads(2, &[Kind::Presence]),
+        net.heads(0, &[Kind::Presence])
+    );
+    // Checking out at one shelter resolves it everywhere.
+    net.cmd(
+        1,
+        "c",
+        Command::CheckOut {
+            person_ids: vec!["p7-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    let QueryReply::Conflicts(c) = net.query(0, Query::Conflicts) else {
+        panic!()
+    };
+    assert!(c.is_empty());
+}
+
+#[test]
+fn medical_goes_to_ambulance_never_to_shelter_and_reads_are_audited() {
+    let mut net = setup();
+    let update = MedicalUpdate {
+        blood_type: Some(BloodType::AbNeg),
+        consent: Some(ConsentBasis::Consented),
+        add: vec![(MedicalSection::Allergy, "ペニシリン".into())],
+        ..Default::default()
+    };
+    net.cmd(
+        0,
+        "m1",
+        Command::PutMedical {
+            person_id: "p1-0".into(),
+            update,
+        },
+    )
+    .unwrap();
+    net.connect(0, 1);
+    net.connect(0, 3);
+    assert!(net.heads(1, &[Kind::Medical]).is_empty());
+    assert_eq!(net.heads(3, &[Kind::Medical]).len(), 1);
+    let r = net
+        .cmd(
+            3,
+            "r1",
+            Command::ReadMedical {
+                person_id: "p1-0".into(),
+                reason: "搬送中".into(),
+                break_glass: false,
+            },
+        )
+        .unwrap();
+    let Reply::Medical {
+        view, audit_seq, ..
+    } = r
+    else {
+        panic!()
+    };
+    assert_eq!(view.blood_type, Some(BloodType::AbNeg));
+    assert_eq!(audit_seq, 0);
+    assert!(matches!(
+        net.cmd(
+            1,
+            "r2",
+            Command::ReadMedical {
+                person_id: "p1-0".into(),
+                reason: "x".into(),
+                break_glass: false
+            }
+        ),
+        Err(CommandError::Forbidden { .. })
+    ));
+    // The ambulance's audit chain reaches headquarters.
+    net.disconnect_all();
+    net.connect(3, 0);
+    let audit = DocKey::new(Kind::Audit, "amb-1").unwrap();
+    let doc = net.nodes[0].doc(&audit).unwrap().expect("audit at hq");
+    let entries = crdt::views::audit(doc).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert!(crdt::views::audit_chain_ok(&entries));
+}
+
+#[test]
+fn family_mail_once_per_consented_contact() {
+    let mut net = setup();
+    let contacts = vec![
+        FamilyContact {
+            contact_id: "c1".into(),
+            name: "山田 花子".into(),
+            email: "hanako@example.jp".into(),
+            consent: true,
+        },
+        FamilyContact {
+            contact_id: "c2".into(),
+            name: "山田 次郎".into(),
+            email: "jiro@example.jp".into(),
+            consent: false,
+        },
+    ];
+    net.cmd(
+        0,
+        "k1",
+        Command::PutContacts {
+            person_id: "p2-0".into(),
+            contacts,
+            disclosure: Disclosure {
+                do_not_disclose: false,
+                share_shelter: true,
+            },
+        },
+    )
+    .unwrap();
+    net.connect(0, 1);
+    net.cmd(
+        1,
+        "ci",
+        Command::CheckIn {
+            person_ids: vec!["p2-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.run();
+    assert_eq!(net.mails.len(), 1);
+    let m = net.mails[0].clone();
+    assert_eq!(m.to, "hanako@example.jp");
+    assert!(m.body.contains("避難所 shelter-a"));
+    let outs = net.nodes[0].handle(
+        Input::MailOutcome {
+            message_id: m.message_id.clone(),
+            outcome: MailOutcome::Sent,
+        },
+        now(net.now),
+        &mut net.rng,
+    );
+    assert!(outs.iter().all(|o| !matches!(o, Output::SendMail(_))));
+    net.now += 3_600_000;
+    net.run();
+    assert_eq!(net.mails.len(), 1, "sent once");
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let mut net = setup();
+    let before = net.nodes[0].store().clone();
+    let mut bad = household(999, 1);
+    bad.members[0].name = "a\0b".into();
+    assert!(net
+        .cmd(
+            0,
+            "bad1",
+            Command::ImportHouseholds {
+                households: vec![household(998, 1), bad]
+            }
+        )
+        .is_err());
+    assert!(net
+        .cmd(
+            1,
+            "bad2",
+            Command::CheckOut {
+                person_ids: vec!["p1-0".into()],
+                shelter_id: None
+            }
+        )
+        .is_err());
+    let mut big = household(997, 1);
+    big.members[0].name = "x".repeat(101);
+    assert!(net
+        .cmd(
+            0,
+            "bad3",
+            Command::ImportHouseholds {
+                households: vec![big]
+            }
+        )
+        .is_err());
+    let after = net.nodes[0].store().clone();
+    assert_eq!(before.log, after.log);
+    assert_eq!(before.projections, after.projections);
+}
