@@ -1,0 +1,5 @@
+//! The crdt crate's one integration test binary.
+
+mod engine;
+mod properties;
+mod tidy;
