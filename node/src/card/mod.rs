@@ -38,3 +38,6 @@ pub use id::{is_individual_number, UserId, UserIdError};
 pub use profile::{CardProfile, Encoding};
 pub use reader::{read_card, ReaderConfig, Tap};
 pub use watch::{CardEvent, CardWatcher, ReaderStatus};
+
+#[cfg(test)]
+mod tests;
