@@ -4,7 +4,13 @@
 # virtual readers "Virtual PCD 00 00" (TCP 35963) and "Virtual PCD 00 01"
 # (TCP 35964) that `kizuna-card-emu` connects to.
 #
-# Usage (as root):  card-stack.sh [start|stop|restart|status]   (default: start)
+# Usage (as root):  card-stack.sh [start|stop|restart|status|start-no-readers]
+#                   (default: start)
+#
+# start-no-readers runs pcscd with an empty reader configuration directory,
+# so PC/SC answers "no readers available": the tests use it to check the
+# reader loop's degraded mode and its recovery. A later `start` notices that
+# mode and restarts pcscd with the readers.
 #
 # Idempotent: packages are installed only when missing, pcscd is started only
 # when it is not already running. There is no systemd in our containers, so
@@ -18,6 +24,8 @@ SOCKET="/run/pcscd/pcscd.comm"
 WAIT_SECS="${KIZUNA_CARD_STACK_WAIT_SECS:-20}"
 # vpcd listens on CHANNELID + slot; read the base from the driver config.
 VPCD_CONF="/etc/reader.conf.d/vpcd"
+MODE_FILE="${KIZUNA_PCSCD_MODE:-/run/kizuna-pcscd.mode}"
+EMPTY_CONF_DIR="${KIZUNA_PCSCD_EMPTY_CONF:-/run/kizuna-pcscd-no-readers}"
 
 say() { echo "card-stack: $*"; }
 
@@ -80,19 +88,48 @@ readers_ready() {
     [ -S "$SOCKET" ] && port_listening "$base" && port_listening "$((base + 1))"
 }
 
+launch() {
+    # $1: extra pcscd arguments (the empty config dir), $2: mode name.
+    say "starting pcscd --foreground (detached) $1, log $LOG_FILE"
+    mkdir -p "$(dirname "$LOG_FILE")"
+    # shellcheck disable=SC2086
+    setsid pcscd --foreground --info $1 </dev/null >>"$LOG_FILE" 2>&1 &
+    echo $! > "$PID_FILE"
+    echo "$2" > "$MODE_FILE"
+    say "pcscd pid $(cat "$PID_FILE")"
+}
+
+start_no_readers() {
+    need_root
+    install_packages
+    if [ -n "$(pcscd_pid)" ]; then stop; fi
+    mkdir -p "$EMPTY_CONF_DIR"
+    launch "--config $EMPTY_CONF_DIR" no-readers
+    local deadline=$((SECONDS + WAIT_SECS))
+    until [ -S "$SOCKET" ]; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            say "pcscd socket $SOCKET missing after ${WAIT_SECS}s; see $LOG_FILE" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    say "ready without readers (degraded-mode test)"
+}
+
 start() {
     need_root
     install_packages
     local pid
     pid="$(pcscd_pid)"
+    if [ -n "$pid" ] && [ "$(cat "$MODE_FILE" 2>/dev/null)" = "no-readers" ]; then
+        say "pcscd (pid $pid) runs without readers; restarting it with readers"
+        stop
+        pid=""
+    fi
     if [ -n "$pid" ]; then
         say "pcscd already running (pid $pid)"
     else
-        say "starting pcscd --foreground (detached), log $LOG_FILE"
-        mkdir -p "$(dirname "$LOG_FILE")"
-        setsid pcscd --foreground --info </dev/null >>"$LOG_FILE" 2>&1 &
-        echo $! > "$PID_FILE"
-        say "pcscd pid $(cat "$PID_FILE")"
+        launch "" readers
     fi
     local base deadline
     base="$(vpcd_base_port)"
@@ -131,7 +168,7 @@ stop() {
             sleep 0.1
         done
     fi
-    rm -f "$PID_FILE"
+    rm -f "$PID_FILE" "$MODE_FILE"
     say "stopped"
 }
 
@@ -154,5 +191,6 @@ case "${1:-start}" in
     stop) stop ;;
     restart) stop; start ;;
     status) status ;;
-    *) echo "usage: $0 [start|stop|restart|status]" >&2; exit 2 ;;
+    start-no-readers) start_no_readers ;;
+    *) echo "usage: $0 [start|stop|restart|status|start-no-readers]" >&2; exit 2 ;;
 esac

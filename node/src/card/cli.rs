@@ -50,7 +50,7 @@ pub enum CardCmd {
         #[command(flatten)]
         opts: ReadOpts,
     },
-    /// List the PC/SC readers.
+    /// List the PC/SC readers with their current state.
     Readers,
 }
 
@@ -105,8 +105,15 @@ impl CardCmd {
                     .map_err(|e| anyhow::anyhow!("{} / {}", e.message_ja(), e.message_en()))?;
                 let readers = list_readers(&ctx)
                     .map_err(|e| anyhow::anyhow!("{} / {}", e.message_ja(), e.message_en()))?;
-                for r in readers {
-                    println!("{r}");
+                let mut states: Vec<pcsc::ReaderState> = readers
+                    .iter()
+                    .filter_map(|r| std::ffi::CString::new(r.as_str()).ok())
+                    .map(|n| pcsc::ReaderState::new(n, pcsc::State::UNAWARE))
+                    .collect();
+                // A zero timeout just reports the current states.
+                let _ = ctx.get_status_change(Duration::ZERO, &mut states);
+                for rs in &states {
+                    println!("{}\t{:?}", rs.name().to_string_lossy(), rs.event_state());
                 }
                 Ok(ExitCode::SUCCESS)
             }

@@ -116,7 +116,7 @@ pub fn read_present_card(
     let result = {
         let tx = card.transaction().map_err(|e| connect_err(map_pcsc(e)))?;
         let result = read_user_id(&mut PcscTransmit::new(&tx), profile, log);
-        if let Err((_, e)) = tx.end(Disposition::ResetCard) {
+        if let Err((_, e)) = tx.end(Disposition::LeaveCard) {
             tracing::debug!(error = %map_pcsc(e), "ending the card transaction failed");
         }
         result

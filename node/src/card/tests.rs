@@ -26,7 +26,11 @@ fn read(card: &mut impl Transmit) -> (Result<super::id::UserId, CardError>, Apdu
 }
 
 fn respond_at(k: u32, raw: &[u8]) -> Faults {
-    Faults { respond_at_step: Some((k, raw.to_vec())), respond_count: 1, ..Faults::default() }
+    Faults {
+        respond_at_step: Some((k, raw.to_vec())),
+        respond_count: 1,
+        ..Faults::default()
+    }
 }
 
 /// A card that answers from a script, then 9000 forever.
@@ -37,7 +41,10 @@ struct Scripted {
 
 impl Scripted {
     fn new(answers: &[&[u8]]) -> Scripted {
-        Scripted { answers: answers.iter().map(|a| a.to_vec()).collect(), sent: Vec::new() }
+        Scripted {
+            answers: answers.iter().map(|a| a.to_vec()).collect(),
+            sent: Vec::new(),
+        }
     }
 }
 
@@ -88,7 +95,14 @@ fn reads_at_an_offset_and_with_a_custom_profile() {
     profile.validate().unwrap();
     let mut content = vec![b'x'; 0x105];
     content.extend_from_slice(ID.as_bytes());
-    let mut c = EmuCard::new(CardProfile { offset: 0, ..profile.clone() }, &content, Faults::default());
+    let mut c = EmuCard::new(
+        CardProfile {
+            offset: 0,
+            ..profile.clone()
+        },
+        &content,
+        Faults::default(),
+    );
     let r = read_user_id(&mut c, &profile, &ApduLog::new());
     assert_eq!(r.unwrap().as_str(), ID);
     assert_eq!(hex(&c.received.apdus[2]), "00B001050D");
@@ -98,31 +112,133 @@ fn reads_at_an_offset_and_with_a_custom_profile() {
 #[test]
 fn every_status_word_maps_to_its_message() {
     let cases: &[(u32, u16, &str, &str, &str)] = &[
-        (1, 0x6A82, "no-municipal-app", "自治体アプリケーションがありません", "This card has no municipal application"),
-        (2, 0x6A82, "no-id-file", "利用者IDがありません", "no user ID file"),
-        (3, 0x6A82, "no-id-file", "利用者IDがありません", "no user ID file"),
-        (1, 0x6982, "security-not-satisfied", "暗証番号", "never uses PINs"),
-        (3, 0x6982, "security-not-satisfied", "暗証番号", "never uses PINs"),
+        (
+            1,
+            0x6A82,
+            "no-municipal-app",
+            "自治体アプリケーションがありません",
+            "This card has no municipal application",
+        ),
+        (
+            2,
+            0x6A82,
+            "no-id-file",
+            "利用者IDがありません",
+            "no user ID file",
+        ),
+        (
+            3,
+            0x6A82,
+            "no-id-file",
+            "利用者IDがありません",
+            "no user ID file",
+        ),
+        (
+            1,
+            0x6982,
+            "security-not-satisfied",
+            "暗証番号",
+            "never uses PINs",
+        ),
+        (
+            3,
+            0x6982,
+            "security-not-satisfied",
+            "暗証番号",
+            "never uses PINs",
+        ),
         (3, 0x6983, "auth-blocked", "ロック", "blocked"),
-        (3, 0x63C2, "verification-failed", "認証の失敗", "failed verification"),
-        (3, 0x63C0, "verification-failed", "認証の失敗", "failed verification"),
-        (3, 0x6300, "verification-failed", "認証の失敗", "failed verification"),
+        (
+            3,
+            0x63C2,
+            "verification-failed",
+            "認証の失敗",
+            "failed verification",
+        ),
+        (
+            3,
+            0x63C0,
+            "verification-failed",
+            "認証の失敗",
+            "failed verification",
+        ),
+        (
+            3,
+            0x6300,
+            "verification-failed",
+            "認証の失敗",
+            "failed verification",
+        ),
         (3, 0x6984, "data-invalidated", "無効化", "invalidated"),
-        (3, 0x6985, "conditions-not-satisfied", "使用条件", "conditions of use"),
+        (
+            3,
+            0x6985,
+            "conditions-not-satisfied",
+            "使用条件",
+            "conditions of use",
+        ),
         (3, 0x6986, "command-not-allowed", "許可", "does not allow"),
-        (3, 0x6700, "wrong-length", "SW=6700", "Unsupported card or reader error (SW=6700)"),
-        (3, 0x6A86, "wrong-p1p2", "SW=6A86", "Unsupported card or reader error (SW=6A86)"),
-        (3, 0x6B00, "wrong-p1p2", "SW=6B00", "Unsupported card or reader error (SW=6B00)"),
+        (
+            3,
+            0x6700,
+            "wrong-length",
+            "SW=6700",
+            "Unsupported card or reader error (SW=6700)",
+        ),
+        (
+            3,
+            0x6A86,
+            "wrong-p1p2",
+            "SW=6A86",
+            "Unsupported card or reader error (SW=6A86)",
+        ),
+        (
+            3,
+            0x6B00,
+            "wrong-p1p2",
+            "SW=6B00",
+            "Unsupported card or reader error (SW=6B00)",
+        ),
         (1, 0x6A81, "function-not-supported", "SW=6A81", "(SW=6A81)"),
         (1, 0x6A80, "wrong-data", "SW=6A80", "(SW=6A80)"),
         (1, 0x6A87, "wrong-data", "SW=6A87", "(SW=6A87)"),
-        (1, 0x6D00, "ins-not-supported", "SW=6D00", "Unsupported card or reader error (SW=6D00)"),
-        (1, 0x6E00, "cla-not-supported", "SW=6E00", "Unsupported card or reader error (SW=6E00)"),
-        (3, 0x6F00, "no-diagnosis", "SW=6F00", "Unsupported card or reader error (SW=6F00)"),
+        (
+            1,
+            0x6D00,
+            "ins-not-supported",
+            "SW=6D00",
+            "Unsupported card or reader error (SW=6D00)",
+        ),
+        (
+            1,
+            0x6E00,
+            "cla-not-supported",
+            "SW=6E00",
+            "Unsupported card or reader error (SW=6E00)",
+        ),
+        (
+            3,
+            0x6F00,
+            "no-diagnosis",
+            "SW=6F00",
+            "Unsupported card or reader error (SW=6F00)",
+        ),
         (3, 0x6581, "card-failure", "メモリ", "memory failure"),
         (3, 0x6400, "card-failure", "メモリ", "memory failure"),
-        (1, 0x6881, "channel-or-sm-unsupported", "SW=6881", "(SW=6881)"),
-        (1, 0x6882, "channel-or-sm-unsupported", "SW=6882", "(SW=6882)"),
+        (
+            1,
+            0x6881,
+            "channel-or-sm-unsupported",
+            "SW=6881",
+            "(SW=6881)",
+        ),
+        (
+            1,
+            0x6882,
+            "channel-or-sm-unsupported",
+            "SW=6882",
+            "(SW=6882)",
+        ),
         (2, 0x9123, "unknown-sw", "SW=9123", "(SW=9123)"),
         (3, 0x6A88, "unknown-sw", "SW=6A88", "(SW=6A88)"),
     ];
@@ -156,15 +272,28 @@ fn security_status_never_leads_to_verify() {
 fn warning_6281_6282_is_retried_once() {
     for sw in [0x6281u16, 0x6282] {
         // Once: the retry succeeds, the first answer is discarded.
-        let mut c = card(Faults { respond_count: 1, ..respond_at(3, &id_with_sw(sw)) });
+        let mut c = card(Faults {
+            respond_count: 1,
+            ..respond_at(3, &id_with_sw(sw))
+        });
         let (r, _) = read(&mut c);
         assert_eq!(r.unwrap().as_str(), ID);
         assert_eq!(c.steps(), 4);
         // Twice: error, no third attempt.
-        let mut c = card(Faults { respond_count: 2, ..respond_at(3, &id_with_sw(sw)) });
+        let mut c = card(Faults {
+            respond_count: 2,
+            ..respond_at(3, &id_with_sw(sw))
+        });
         let (r, _) = read(&mut c);
         let e = r.unwrap_err();
-        assert_eq!(e.code(), if sw == 0x6281 { "data-corrupted" } else { "end-of-file" });
+        assert_eq!(
+            e.code(),
+            if sw == 0x6281 {
+                "data-corrupted"
+            } else {
+                "end-of-file"
+            }
+        );
         assert_eq!(c.steps(), 4);
     }
     // A card whose file is shorter than the ID answers 6282 twice.
@@ -175,7 +304,10 @@ fn warning_6281_6282_is_retried_once() {
 
 #[test]
 fn more_data_chaining() {
-    let mut c = card(Faults { more_data: true, ..Faults::default() });
+    let mut c = card(Faults {
+        more_data: true,
+        ..Faults::default()
+    });
     let (r, log) = read(&mut c);
     assert_eq!(r.unwrap().as_str(), ID);
     assert_eq!(hex(&c.received.apdus[3]), "00C000000D");
@@ -183,13 +315,21 @@ fn more_data_chaining() {
 
     // Announcing fewer bytes than there are is legal chaining: 61 05, then
     // five bytes and 61 08, then eight bytes and 9000.
-    let mut c = card(Faults { more_data: true, more_data_announce: Some(5), ..Faults::default() });
+    let mut c = card(Faults {
+        more_data: true,
+        more_data_announce: Some(5),
+        ..Faults::default()
+    });
     assert_eq!(read(&mut c).0.unwrap().as_str(), ID);
     assert_eq!(c.steps(), 5);
 
     // Announced more than delivered, and 6100 (256).
     for xx in [20u8, 0] {
-        let mut c = card(Faults { more_data: true, more_data_announce: Some(xx), ..Faults::default() });
+        let mut c = card(Faults {
+            more_data: true,
+            more_data_announce: Some(xx),
+            ..Faults::default()
+        });
         let (r, _) = read(&mut c);
         let e = r.unwrap_err();
         assert_eq!(e.code(), "bad-more-data", "61{xx:02X}");
@@ -197,7 +337,13 @@ fn more_data_chaining() {
     }
 
     // Chained in two pieces.
-    let mut s = Scripted::new(&[b"\x90\x00", b"\x90\x00", b"\x61\x06", b"123456\x61\x07", b"7890123\x90\x00"]);
+    let mut s = Scripted::new(&[
+        b"\x90\x00",
+        b"\x90\x00",
+        b"\x61\x06",
+        b"123456\x61\x07",
+        b"7890123\x90\x00",
+    ]);
     let (r, _) = read(&mut s);
     assert_eq!(r.unwrap().as_str(), ID);
     assert_eq!(hex(&s.sent[3]), "00C0000006");
@@ -217,20 +363,32 @@ fn more_data_chaining() {
 
 #[test]
 fn wrong_le_reissue() {
-    let mut c = card(Faults { wrong_le: true, ..Faults::default() });
+    let mut c = card(Faults {
+        wrong_le: true,
+        ..Faults::default()
+    });
     let (r, _) = read(&mut c);
     assert_eq!(r.unwrap().as_str(), ID);
     assert_eq!(c.steps(), 4);
     assert_eq!(hex(&c.received.apdus[3]), "00B000000D");
 
     // Fewer bytes than the ID needs.
-    let mut c = card(Faults { wrong_le: true, wrong_le_value: Some(5), ..Faults::default() });
+    let mut c = card(Faults {
+        wrong_le: true,
+        wrong_le_value: Some(5),
+        ..Faults::default()
+    });
     let (r, _) = read(&mut c);
     let e = r.unwrap_err();
     assert_eq!((e.code(), e.sw()), ("bad-wrong-le", Some(Sw(0x6C05))));
 
     // More bytes than the ID: re-issued, then rejected as trailing bytes.
-    let mut s = Scripted::new(&[b"\x90\x00", b"\x90\x00", b"\x6C\x0E", b"12345678901234\x90\x00"]);
+    let mut s = Scripted::new(&[
+        b"\x90\x00",
+        b"\x90\x00",
+        b"\x6C\x0E",
+        b"12345678901234\x90\x00",
+    ]);
     let (r, _) = read(&mut s);
     assert_eq!(r.unwrap_err().code(), "trailing-bytes");
     assert_eq!(hex(&s.sent[3]), "00B000000E");
@@ -264,28 +422,57 @@ fn malformed_responses() {
     let (r, _) = read(&mut Scripted::new(&[b"\x6F\x00\x90\x00"]));
     assert_eq!(r.unwrap_err().code(), "unexpected-data");
     // Truncated and trailing data.
-    let (r, _) = read(&mut Scripted::new(&[b"\x90\x00", b"\x90\x00", b"123456789012\x90\x00"]));
+    let (r, _) = read(&mut Scripted::new(&[
+        b"\x90\x00",
+        b"\x90\x00",
+        b"123456789012\x90\x00",
+    ]));
     let e = r.unwrap_err();
     assert_eq!(e.code(), "truncated");
     assert!(!format!("{e} {e:?}").contains("123456789012"));
-    let mut c = card(Faults { trailing_bytes: 2, ..Faults::default() });
+    let mut c = card(Faults {
+        trailing_bytes: 2,
+        ..Faults::default()
+    });
     let (r, _) = read(&mut c);
     assert_eq!(r.unwrap_err().code(), "trailing-bytes");
 }
 
 #[test]
 fn removal_at_every_step_yields_no_identity() {
-    for variant in [Faults::default(), Faults { more_data: true, ..Faults::default() }, Faults { wrong_le: true, ..Faults::default() }] {
+    for variant in [
+        Faults::default(),
+        Faults {
+            more_data: true,
+            ..Faults::default()
+        },
+        Faults {
+            wrong_le: true,
+            ..Faults::default()
+        },
+    ] {
         let steps = {
             let mut c = card(variant.clone());
             read(&mut c).0.unwrap();
             c.steps()
         };
         for k in 1..=steps {
-            let mut c = card(Faults { remove_at_step: Some(k), ..variant.clone() });
+            let mut c = card(Faults {
+                remove_at_step: Some(k),
+                ..variant.clone()
+            });
             let (r, _) = read(&mut c);
             let e = r.unwrap_err();
-            assert!(matches!(e, CardError::Transport { source: TransportError::RemovedCard, .. }), "{e:?}");
+            assert!(
+                matches!(
+                    e,
+                    CardError::Transport {
+                        source: TransportError::RemovedCard,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
             assert!(e.is_tap_again());
             assert!(e.message_ja().contains("もう一度タッチ"));
             assert!(e.message_en().contains("tap again"));
@@ -306,15 +493,37 @@ fn card_data_validation() {
     assert_eq!(bad(b"12345678901a3", ascii.clone()).0, "id-not-digits");
     assert_eq!(bad(b" 234567890123", ascii.clone()).0, "id-not-digits");
     assert_eq!(bad(b"+234567890123", ascii.clone()).0, "id-not-digits");
-    assert_eq!(bad(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00", ascii.clone()).0, "id-not-digits");
+    assert_eq!(
+        bad(
+            b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+            ascii.clone()
+        )
+        .0,
+        "id-not-digits"
+    );
     assert_eq!(bad(b"123456789012\xFF", ascii.clone()).0, "id-bad-encoding");
     let full_width = "１２３４５６７８９０１２３".as_bytes();
-    let utf8 = CardProfile { length: full_width.len() as u8, encoding: Encoding::Utf8, ..CardProfile::default() };
+    let utf8 = CardProfile {
+        length: full_width.len() as u8,
+        encoding: Encoding::Utf8,
+        ..CardProfile::default()
+    };
     // Full-width digits: rejected under ASCII, normalised under UTF-8.
     let mut c = EmuCard::new(utf8.clone(), full_width, Faults::default());
-    assert_eq!(read_user_id(&mut c, &utf8, &ApduLog::new()).unwrap().as_str(), ID);
-    let utf8_13 = CardProfile { encoding: Encoding::Utf8, ..CardProfile::default() };
-    assert_eq!(bad(b"12345678901\xC3\x28", utf8_13.clone()).0, "id-bad-encoding");
+    assert_eq!(
+        read_user_id(&mut c, &utf8, &ApduLog::new())
+            .unwrap()
+            .as_str(),
+        ID
+    );
+    let utf8_13 = CardProfile {
+        encoding: Encoding::Utf8,
+        ..CardProfile::default()
+    };
+    assert_eq!(
+        bad(b"12345678901\xC3\x28", utf8_13.clone()).0,
+        "id-bad-encoding"
+    );
     // A 12-digit Individual-Number-shaped value: rejected, never echoed.
     let (code, shown) = bad(b"123456789018 ", utf8_13.clone());
     assert_eq!(code, "id-individual-number-shaped");
@@ -341,10 +550,34 @@ fn guard_refuses_pin_commands_and_my_number_applications() {
         ("00A4040009D39210003100010104", G::MyNumberApplication),
         ("00A4040C02D392", G::MyNumberApplication),
         ("00A4040C0AD392100031000101040800", G::MyNumberApplication),
-        ("00A4080C020001", G::NotAllowed { ins: 0xA4, p1: 0x08 }),
-        ("00B0810000", G::NotAllowed { ins: 0xB0, p1: 0x81 }),
-        ("00D6000001FF", G::NotAllowed { ins: 0xD6, p1: 0x00 }),
-        ("0084000008", G::NotAllowed { ins: 0x84, p1: 0x00 }),
+        (
+            "00A4080C020001",
+            G::NotAllowed {
+                ins: 0xA4,
+                p1: 0x08,
+            },
+        ),
+        (
+            "00B0810000",
+            G::NotAllowed {
+                ins: 0xB0,
+                p1: 0x81,
+            },
+        ),
+        (
+            "00D6000001FF",
+            G::NotAllowed {
+                ins: 0xD6,
+                p1: 0x00,
+            },
+        ),
+        (
+            "0084000008",
+            G::NotAllowed {
+                ins: 0x84,
+                p1: 0x00,
+            },
+        ),
         ("00A4", G::Malformed { len: 2 }),
         ("00A4040C", G::Malformed { len: 4 }),
         ("00A4040C05F04B", G::Malformed { len: 7 }),
@@ -353,7 +586,12 @@ fn guard_refuses_pin_commands_and_my_number_applications() {
         let bytes = super::profile::parse_hex("apdu", apdu).unwrap();
         assert_eq!(ApduGuard::check(&bytes), Err(want), "{apdu}");
     }
-    for ok in ["00A4040C08F04B495A554E4101", "00A4020C020001", "00B000000D", "00C000000D"] {
+    for ok in [
+        "00A4040C08F04B495A554E4101",
+        "00A4020C020001",
+        "00B000000D",
+        "00C000000D",
+    ] {
         let bytes = super::profile::parse_hex("apdu", ok).unwrap();
         assert_eq!(ApduGuard::check(&bytes), Ok(()), "{ok}");
     }
@@ -364,12 +602,21 @@ fn guard_stops_forbidden_profiles_before_the_transport() {
     // Profile validation would refuse these; build them by hand to prove
     // the session's guard holds on its own.
     for aid in [MY_NUMBER_TEXT_AP, MY_NUMBER_FACE_AP, JPKI_AP] {
-        let profile = CardProfile { aid: aid.to_vec(), ..CardProfile::default() };
+        let profile = CardProfile {
+            aid: aid.to_vec(),
+            ..CardProfile::default()
+        };
         assert!(profile.validate().is_err());
         let log = ApduLog::new();
         let e = read_user_id(&mut MustNotSend, &profile, &log).unwrap_err();
         assert_eq!(e.code(), "apdu-refused");
-        assert!(matches!(e, CardError::Refused { violation: GuardViolation::MyNumberApplication, .. }));
+        assert!(matches!(
+            e,
+            CardError::Refused {
+                violation: GuardViolation::MyNumberApplication,
+                ..
+            }
+        ));
         let records = log.records();
         assert_eq!(records.len(), 1);
         assert!(!records[0].sent);
@@ -385,7 +632,10 @@ fn apdu_log_keeps_headers_only_and_writes_a_file() {
     let mut c = EmuCard::with_user_id(ID);
     read_user_id(&mut c, &CardProfile::default(), &log).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text, "select-app 00A4040C\nselect-file 00A4020C\nread-binary 00B00000\n");
+    assert_eq!(
+        text,
+        "select-app 00A4040C\nselect-file 00A4020C\nread-binary 00B00000\n"
+    );
     assert!(!text.contains("F04B495A"));
     assert!(!text.contains(ID));
 }
@@ -412,7 +662,12 @@ fn pcsc_errors_map_to_distinct_messages() {
         (E::InsufficientBuffer, TransportError::InsufficientBuffer),
         (E::Cancelled, TransportError::Cancelled),
         (E::ServerTooBusy, TransportError::ServiceBusy),
-        (E::InternalError, TransportError::Other { code: E::InternalError as u32 }),
+        (
+            E::InternalError,
+            TransportError::Other {
+                code: E::InternalError as u32,
+            },
+        ),
     ];
     let mut codes = BTreeSet::new();
     for (pcsc_err, want) in cases {
@@ -422,7 +677,9 @@ fn pcsc_errors_map_to_distinct_messages() {
         codes.insert(got.code());
     }
     assert_eq!(codes.len(), cases.len());
-    assert!(TransportError::SharingViolation.message_en().contains("Another application"));
+    assert!(TransportError::SharingViolation
+        .message_en()
+        .contains("Another application"));
     assert!(TransportError::NoService.message_ja().contains("pcscd"));
     assert!(TransportError::RemovedCard.is_tap_again());
     assert!(TransportError::NoService.is_service_or_reader_lost());
@@ -494,17 +751,35 @@ fn error_catalogue_is_complete_and_distinct() {
         UserIdError::BadEncoding { encoding: "ASCII" },
     ];
     let mut all: Vec<CardError> = Vec::new();
-    all.extend(status_kinds.iter().map(|&kind| CardError::Status { step, sw, kind }));
-    all.extend(protocol_kinds.iter().map(|&kind| CardError::Protocol { step, kind }));
-    all.extend(transport.iter().map(|&source| CardError::Transport { step, source }));
+    all.extend(
+        status_kinds
+            .iter()
+            .map(|&kind| CardError::Status { step, sw, kind }),
+    );
+    all.extend(
+        protocol_kinds
+            .iter()
+            .map(|&kind| CardError::Protocol { step, kind }),
+    );
+    all.extend(
+        transport
+            .iter()
+            .map(|&source| CardError::Transport { step, source }),
+    );
     all.extend(ids.iter().map(|&source| CardError::InvalidId { source }));
-    all.push(CardError::Refused { step, violation: GuardViolation::PinCommand { ins: 0x20 } });
+    all.push(CardError::Refused {
+        step,
+        violation: GuardViolation::PinCommand { ins: 0x20 },
+    });
     all.push(CardError::ReaderNotFound { name: "x".into() });
     all.push(CardError::NoCard { waited_ms: 1 });
     let codes: BTreeSet<&str> = all.iter().map(|e| e.code()).collect();
     assert_eq!(codes.len(), all.len(), "codes must be distinct");
     for e in &all {
-        assert!(!e.message_ja().is_empty() && !e.message_en().is_empty(), "{e:?}");
+        assert!(
+            !e.message_ja().is_empty() && !e.message_en().is_empty(),
+            "{e:?}"
+        );
         assert!(!e.to_string().is_empty());
     }
     assert_eq!(all.len(), 55);

@@ -199,10 +199,17 @@ impl<F: FnMut(CardEvent) -> bool> Loop<F> {
     }
 
     fn status_for(&mut self, e: TransportError) {
+        // When pcscd stops, readers usually vanish first; ask the service
+        // itself so the banner names the real cause.
+        let service_down = matches!(
+            e,
+            TransportError::NoService | TransportError::ServiceStopped
+        ) || matches!(
+            establish().and_then(|ctx| list_readers(&ctx)),
+            Err(TransportError::NoService | TransportError::ServiceStopped)
+        );
         match e {
-            TransportError::NoService | TransportError::ServiceStopped => {
-                self.status(ReaderStatus::ServiceDown)
-            }
+            _ if service_down => self.status(ReaderStatus::ServiceDown),
             _ => {
                 let wanted = self.config.reader.reader.clone();
                 self.status(ReaderStatus::NoReader { wanted })
