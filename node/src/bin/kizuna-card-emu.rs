@@ -99,7 +99,7 @@ fn main() -> anyhow::Result<()> {
         None => CardProfile::default(),
     };
     let content: Vec<u8> = match &args.data {
-        Some(d) if d.starts_with("ascii:") => d["ascii:".len()..].as_bytes().to_vec(),
+        Some(d) if d.starts_with("ascii:") => d.as_bytes()["ascii:".len()..].to_vec(),
         Some(d) if d.starts_with("hex:") => parse_hex("data", &d["hex:".len()..])?,
         Some(d) => d.as_bytes().to_vec(),
         None => args.user_id.as_bytes().to_vec(),

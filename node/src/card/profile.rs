@@ -252,7 +252,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Parses hex with optional spaces or colons between bytes.
 pub fn parse_hex(field: &'static str, s: &str) -> Result<Vec<u8>, ProfileError> {
     let digits: Vec<u8> = s.bytes().filter(|b| !matches!(b, b' ' | b':')).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(ProfileError::BadHex {
             field,
             reason: "odd number of hex digits".into(),

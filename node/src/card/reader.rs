@@ -95,8 +95,9 @@ pub fn establish() -> Result<Context, TransportError> {
 }
 
 /// Reads the card that is present in `reader`: connect (shared), begin a
-/// transaction, read, end the transaction resetting the card (so no
-/// application stays selected), disconnect.
+/// transaction, read, end the transaction and disconnect leaving the card
+/// as it is (a reset on transaction end upsets vpcd and gains nothing: the
+/// next read selects the application again).
 pub fn read_present_card(
     ctx: &Context,
     reader: &str,

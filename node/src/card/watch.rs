@@ -284,50 +284,47 @@ impl<F: FnMut(CardEvent) -> bool> Loop<F> {
                 Err(pcsc::Error::Timeout) => continue,
                 Err(e) => return Restart::Lost(map_pcsc(e)),
             }
-            let n = states.len();
-            for i in 0..n {
-                let rs = &states[i];
+            let (pnp, readers) = states
+                .split_last_mut()
+                .expect("the PnP state is always last");
+            // The PnP pseudo-reader: a reader came or went.
+            if !first && pnp.event_state().contains(State::CHANGED) {
+                return Restart::ReadersChanged;
+            }
+            pnp.sync_current_state();
+            let mut inserted = Vec::new();
+            for rs in readers.iter_mut() {
                 let before = rs.current_state();
                 let now = rs.event_state();
-                if i == n - 1 {
-                    // The PnP pseudo-reader: a reader came or went.
-                    if !first && now.contains(State::CHANGED) {
-                        return Restart::ReadersChanged;
-                    }
-                    states[i].sync_current_state();
-                    continue;
-                }
                 if now.intersects(State::UNKNOWN | State::UNAVAILABLE) {
                     return Restart::Lost(TransportError::ReaderUnavailable);
                 }
-                let inserted = now.contains(State::PRESENT)
+                if now.contains(State::PRESENT)
                     && !now.contains(State::MUTE)
-                    && !before.contains(State::PRESENT);
-                let name = rs.name().to_string_lossy().into_owned();
-                states[i].sync_current_state();
-                if inserted {
-                    match read_present_card(
-                        &ctx,
-                        &name,
-                        &self.config.reader.profile,
-                        &self.config.log,
-                    ) {
-                        Ok(tap) => {
-                            tracing::info!(user_id = %tap.user_id, reader = %tap.reader, "card tap");
-                            self.emit(CardEvent::Tap {
-                                user_id: tap.user_id,
-                                reader: tap.reader,
-                            });
-                        }
-                        Err(CardError::Transport { source, .. })
-                            if source.is_service_or_reader_lost() =>
-                        {
-                            return Restart::Lost(source);
-                        }
-                        Err(e) => {
-                            tracing::warn!(code = e.code(), step = %e.step(), sw = ?e.sw(), "card read failed");
-                            self.emit(CardEvent::ReadFailed(e));
-                        }
+                    && !before.contains(State::PRESENT)
+                {
+                    inserted.push(rs.name().to_string_lossy().into_owned());
+                }
+                rs.sync_current_state();
+            }
+            for name in inserted {
+                match read_present_card(&ctx, &name, &self.config.reader.profile, &self.config.log)
+                {
+                    Ok(tap) => {
+                        tracing::info!(user_id = %tap.user_id, reader = %tap.reader, "card tap");
+                        self.emit(CardEvent::Tap {
+                            user_id: tap.user_id,
+                            reader: tap.reader,
+                        });
+                    }
+                    Err(CardError::Transport { source, .. })
+                        if source.is_service_or_reader_lost() =>
+                    {
+                        return Restart::Lost(source);
+                    }
+                    Err(e) => {
+                        tracing::warn!(code = e.code(), step = %e.step(), sw = ?e.sw(), "card read failed");
+                        self.emit(CardEvent::ReadFailed(e));
                     }
                 }
             }
