@@ -238,7 +238,7 @@ impl Inner {
                 tracing::info!(crl_number = number, newly_revoked = newly_revoked.len(), from_session = ?from, "CRL applied");
                 let revoked: Vec<(u64, NodeId)> = lock(&self.sessions)
                     .iter()
-                    .filter(|(_, s)| newly_revoked.iter().any(|r| *r == s.serial))
+                    .filter(|(_, s)| newly_revoked.contains(&s.serial))
                     .map(|(id, s)| (*id, s.node.clone()))
                     .collect();
                 for (id, node) in revoked {

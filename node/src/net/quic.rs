@@ -338,7 +338,7 @@ async fn run_session(
         }
         tokio::select! {
             r = read_frames(&inner, session, recv) => r,
-            r = write_frames(&conn, send, out_rx, queued, local_close.clone()) => r,
+            r = write_frames(send, out_rx, queued, local_close.clone()) => r,
             r = accept_crls(&inner, session, &conn) => r,
             e = conn.closed() => (code::NORMAL, describe(&e)),
         }
@@ -415,7 +415,6 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
 
 /// Write queued frames in order; on `Close`, flush and end gracefully.
 async fn write_frames(
-    conn: &Connection,
     mut send: SendStream,
     mut out_rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<AtomicUsize>,
@@ -438,7 +437,6 @@ async fn write_frames(
                 *lock(&local_close) = Some(format!("closed locally: {reason}"));
                 let _ = send.finish();
                 let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, send.stopped()).await;
-                let _ = conn;
                 return (code::NORMAL, reason);
             }
         }
