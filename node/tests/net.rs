@@ -230,6 +230,69 @@ async fn static_peers_connect_and_frames_round_trip_in_order() {
     b.t.shutdown().await;
 }
 
+/// A hand-made quinn client with valid credentials, connected to `server`
+/// and past the stream tag.
+async fn raw_client(
+    pki: &Pki,
+    id: &str,
+    server: SocketAddr,
+    server_id: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let creds = NodeCredentials::load_dir(&pki.node(Role::Shelter, id)).unwrap();
+    let revocation = Arc::new(RevocationState::new(creds.ca.clone()));
+    let trust = PeerTrust::new(revocation, clock()).unwrap();
+    let tls = certs::tls::client_config(&creds, &trust).unwrap();
+    let qc = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut ep = quinn::Endpoint::client(localhost()).unwrap();
+    ep.set_default_client_config(qc);
+    let conn = ep
+        .connect(server, &format!("{server_id}.kizuna"))
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut tag = [0u8; 1];
+    recv.read_exact(&mut tag).await.unwrap();
+    (ep, conn, send, recv)
+}
+
+#[tokio::test]
+async fn hostile_crl_gossip_is_rejected_and_oversized_gossip_closes() {
+    let pki = Pki::new("Kizuna Test City");
+    let mut server = start(&pki.node(Role::Hq, "hq-1"), cfg(localhost(), vec![])).await;
+    let (_ep, conn, mut send, _recv) =
+        raw_client(&pki, "shelter-7", server.t.local_addr(), "hq-1").await;
+    let (s, _, _, _) = connected(&mut server.rx).await;
+
+    // Garbage within the size limit: rejected, the session stays.
+    let mut uni = conn.open_uni().await.unwrap();
+    uni.write_all(&[0x30, 0x82, 0xff, 0xff, 0x01])
+        .await
+        .unwrap();
+    uni.finish().unwrap();
+    send.write_all(&3u32.to_be_bytes()).await.unwrap();
+    send.write_all(b"abc").await.unwrap();
+    assert_eq!(frame(&mut server.rx, s).await, b"abc");
+    assert_eq!(server.revocation.current_number(), None);
+
+    // Over 64 KiB: the connection is closed.
+    let mut uni = conn.open_uni().await.unwrap();
+    uni.write_all(&vec![0u8; certs::crl::MAX_CRL_DER_LEN + 1])
+        .await
+        .unwrap();
+    let _ = uni.finish();
+    let reason = disconnected(&mut server.rx, s).await;
+    assert!(reason.contains("exceeds"), "{reason}");
+    server.t.shutdown().await;
+}
+
 #[tokio::test]
 async fn oversized_length_prefix_closes_the_connection() {
     let pki = Pki::new("Kizuna Test City");
