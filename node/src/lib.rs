@@ -2,3 +2,4 @@
 //! devices and networks. The `kizuna` binary is a thin front over it.
 
 pub mod card;
+pub mod net;

@@ -1,0 +1,497 @@
+//! quinn plumbing: endpoint configuration, the accept loop, dialers, and the
+//! per-session task that moves frames and CRLs.
+//!
+//! Every session runs in one task that races four things: the frame reader,
+//! the frame writer, the CRL stream acceptor and `Connection::closed`; the
+//! first to finish decides the `Disconnected` reason, and
+//! [`Inner::end_session`] makes sure it is reported exactly once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use certs::crl::MAX_CRL_DER_LEN;
+use certs::tls::{peer_identity, server_name_for, PeerTrust, ALPN};
+use certs::{NodeCredentials, NodeIdentity};
+use crdt::wire::MAX_FRAME_BYTES;
+use crdt::NodeId;
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{code, lock, DialTarget, Inner, Outgoing, Session, TransportConfig, TransportEvent};
+
+/// First byte on the frame stream, written by the accepting side. Bump it
+/// together with ALPN if the stream layout changes.
+const STREAM_TAG: u8 = 0x01;
+/// Bound on the whole dial (handshake plus stream tag).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on reading one gossiped CRL (slowloris, E-11).
+const CRL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful close waits for the peer to acknowledge queued data.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // One frame stream; one CRL stream at a time (E-11).
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    t.max_concurrent_uni_streams(VarInt::from_u32(1));
+    // A whole maximal frame may be in flight on the frame stream.
+    let frame_window = (MAX_FRAME_BYTES + 4) as u32;
+    t.stream_receive_window(VarInt::from_u32(frame_window));
+    t.receive_window(VarInt::from_u32(frame_window + MAX_CRL_DER_LEN as u32));
+    t.send_window(2 * MAX_FRAME_BYTES as u64);
+    t.datagram_receive_buffer_size(None);
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("30 s is a valid idle timeout"),
+    ));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t
+}
+
+/// Bind the endpoint with server and default client configs.
+pub(crate) fn endpoint(
+    cfg: &TransportConfig,
+    creds: &NodeCredentials,
+    trust: &Arc<PeerTrust>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let transport = Arc::new(transport_config());
+    let server_tls =
+        certs::tls::server_config(creds, trust).context("building TLS server config")?;
+    let client_tls =
+        certs::tls::client_config(creds, trust).context("building TLS client config")?;
+    anyhow::ensure!(
+        server_tls.max_early_data_size == 0,
+        "0-RTT must be disabled (E-12)"
+    );
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        QuicServerConfig::try_from(server_tls).context("TLS server config unusable for QUIC")?,
+    ));
+    server.transport_config(transport.clone());
+    server.max_incoming(cfg.max_sessions.saturating_mul(2).max(4));
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(client_tls).context("TLS client config unusable for QUIC")?,
+    ));
+    client.transport_config(transport);
+    let mut endpoint = quinn::Endpoint::server(server, cfg.listen)
+        .with_context(|| format!("binding QUIC on {}", cfg.listen))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Why a handshake or the post-handshake checks failed.
+enum HandshakeFailure {
+    /// Authentication or protocol rejection: reported as `PeerRejected`.
+    Rejected(String),
+    /// Unreachable, timed out, shut down: logged only.
+    Unreachable(String),
+}
+
+fn classify(e: &ConnectionError) -> HandshakeFailure {
+    match e {
+        ConnectionError::TimedOut | ConnectionError::LocallyClosed | ConnectionError::Reset => {
+            HandshakeFailure::Unreachable(e.to_string())
+        }
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(code::SHUTDOWN) =>
+        {
+            HandshakeFailure::Unreachable(e.to_string())
+        }
+        _ => HandshakeFailure::Rejected(e.to_string()),
+    }
+}
+
+/// ALPN and identity checks shared by both sides.
+fn check_peer(inner: &Inner, conn: &Connection) -> Result<NodeIdentity, String> {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    if alpn.as_deref() != Some(ALPN) {
+        conn.close(
+            VarInt::from_u32(code::PROTOCOL),
+            b"upgrade needed: kizuna/1 required",
+        );
+        return Err(format!(
+            "peer does not speak {} (upgrade needed on one side)",
+            String::from_utf8_lossy(ALPN)
+        ));
+    }
+    let certs = conn
+        .peer_identity()
+        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "peer presented no certificate".to_string())?;
+    let identity = peer_identity(&certs).map_err(|e| {
+        conn.close(VarInt::from_u32(code::IDENTITY), b"bad certificate");
+        format!("peer certificate unusable: {e}")
+    })?;
+    if identity.node_id == inner.local_node {
+        conn.close(VarInt::from_u32(code::IDENTITY), b"connected to self");
+        return Err("connected to ourselves".to_string());
+    }
+    // A CRL may have arrived between the verifier's check and now.
+    if inner.revocation.is_revoked(&identity.serial) {
+        conn.close(VarInt::from_u32(code::REVOKED), b"certificate revoked");
+        return Err(format!("peer {} is revoked", identity.node_id));
+    }
+    Ok(identity)
+}
+
+/// Accept incoming connections until the endpoint closes.
+pub(crate) async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let addr = incoming.remote_address();
+        if inner.session_count() >= inner.max_sessions {
+            tracing::warn!(%addr, max = inner.max_sessions, "refusing connection: session limit reached");
+            incoming.refuse();
+            continue;
+        }
+        let inner2 = inner.clone();
+        inner.spawn(async move {
+            // Awaiting `Incoming` runs the full handshake; 0-RTT is never
+            // accepted (the TLS config disables early data as well).
+            let result = async {
+                let conn = incoming
+                    .accept()
+                    .map_err(|e| HandshakeFailure::Rejected(e.to_string()))?
+                    .await
+                    .map_err(|e| classify(&e))?;
+                check_peer(&inner2, &conn)
+                    .map(|id| (conn, id))
+                    .map_err(HandshakeFailure::Rejected)
+            }
+            .await;
+            match result {
+                Ok((conn, identity)) => {
+                    let _ = establish(&inner2, conn, identity, addr, None);
+                }
+                Err(HandshakeFailure::Rejected(reason)) => {
+                    tracing::warn!(%addr, reason, "incoming peer rejected");
+                    inner2.emit(TransportEvent::PeerRejected { addr, reason });
+                }
+                Err(HandshakeFailure::Unreachable(reason)) => {
+                    tracing::debug!(%addr, reason, "incoming handshake abandoned");
+                }
+            }
+        });
+    }
+}
+
+/// Dial `node` at `addr` once; on success the session is registered and the
+/// returned receiver resolves when it ends.
+async fn dial_once(
+    inner: &Arc<Inner>,
+    node: &NodeId,
+    addr: SocketAddr,
+) -> Result<oneshot::Receiver<()>, HandshakeFailure> {
+    let name = server_name_for(node);
+    let connecting = inner
+        .endpoint
+        .connect(addr, &name.to_str())
+        .map_err(|e| HandshakeFailure::Unreachable(e.to_string()))?;
+    let conn = connecting.await.map_err(|e| classify(&e))?;
+    let identity = check_peer(inner, &conn).map_err(HandshakeFailure::Rejected)?;
+    // The server opens the frame stream only after it verified our
+    // certificate; until then we are not connected (see the module docs).
+    let (send, mut recv) = conn.accept_bi().await.map_err(|e| classify(&e))?;
+    let mut tag = [0u8; 1];
+    recv.read_exact(&mut tag)
+        .await
+        .map_err(|e| HandshakeFailure::Rejected(format!("frame stream did not start: {e}")))?;
+    if tag[0] != STREAM_TAG {
+        conn.close(VarInt::from_u32(code::PROTOCOL), b"bad stream tag");
+        return Err(HandshakeFailure::Rejected(format!(
+            "unknown frame stream tag {:#04x} (protocol version skew?)",
+            tag[0]
+        )));
+    }
+    establish(inner, conn, identity, addr, Some((send, recv)))
+        .map_err(HandshakeFailure::Unreachable)
+}
+
+/// Keep `node` connected: dial, wait for the session to end, back off, redial.
+pub(crate) async fn dial_loop(inner: Arc<Inner>, node: NodeId, target: Arc<DialTarget>) {
+    let mut stop = inner.stop_tx.subscribe();
+    let mut rng = ChaCha8Rng::from_entropy();
+    let min = inner.reconnect_min_ms;
+    let max = inner.reconnect_max_ms;
+    let mut backoff_ms = min;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let addr = *lock(&target.addr);
+        if inner.session_count() < inner.max_sessions {
+            let attempt = tokio::time::timeout(DIAL_TIMEOUT, dial_once(&inner, &node, addr)).await;
+            match attempt {
+                Ok(Ok(done)) => {
+                    super::peers::remember(&inner, &node, addr);
+                    let _ = done.await;
+                    backoff_ms = min;
+                }
+                Ok(Err(HandshakeFailure::Rejected(reason))) => {
+                    tracing::warn!(peer = %node, %addr, reason, "dial rejected");
+                    inner.emit(TransportEvent::PeerRejected { addr, reason });
+                    backoff_ms = (backoff_ms.saturating_mul(2)).min(max);
+                }
+                Ok(Err(HandshakeFailure::Unreachable(reason))) => {
+                    tracing::debug!(peer = %node, %addr, reason, "dial failed");
+                    backoff_ms = (backoff_ms.saturating_mul(2)).min(max);
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %node, %addr, "dial timed out");
+                    backoff_ms = (backoff_ms.saturating_mul(2)).min(max);
+                }
+            }
+        }
+        // Full jitter over the upper half keeps restarted meshes from dialing
+        // in lockstep.
+        let delay_ms = backoff_ms / 2 + rng.next_u64() % (backoff_ms / 2 + 1);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
+            _ = target.wake.notified() => { backoff_ms = min; }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Register a verified connection as a session, report `Connected` and start
+/// its task. `stream` is the frame stream for the dialing side; the accepting
+/// side opens it inside the task.
+fn establish(
+    inner: &Arc<Inner>,
+    conn: Connection,
+    identity: NodeIdentity,
+    addr: SocketAddr,
+    stream: Option<(SendStream, RecvStream)>,
+) -> Result<oneshot::Receiver<()>, String> {
+    let initiator = stream.is_some();
+    let session = inner.next_session.fetch_add(1, Ordering::SeqCst);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    {
+        let mut sessions = lock(&inner.sessions);
+        if inner.stopping.load(Ordering::SeqCst) {
+            conn.close(VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+            return Err("shutting down".into());
+        }
+        sessions.insert(
+            session,
+            Session {
+                node: identity.node_id.clone(),
+                serial: identity.serial.clone(),
+                addr,
+                conn: conn.clone(),
+                out: out_tx,
+                queued_bytes: queued.clone(),
+                _done: Some(done_tx),
+            },
+        );
+    }
+    tracing::info!(session, peer = %identity.node_id, role = %identity.role, %addr, initiator, "session connected");
+    inner.emit(TransportEvent::Connected {
+        session,
+        node: identity.node_id.clone(),
+        role: identity.role,
+        initiator,
+    });
+    let inner2 = inner.clone();
+    inner.spawn(run_session(inner2, session, conn, stream, out_rx, queued));
+    Ok(done_rx)
+}
+
+async fn run_session(
+    inner: Arc<Inner>,
+    session: u64,
+    conn: Connection,
+    stream: Option<(SendStream, RecvStream)>,
+    out_rx: mpsc::UnboundedReceiver<Outgoing>,
+    queued: Arc<AtomicUsize>,
+) {
+    let local_close: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let (code_, reason) = async {
+        let (send, recv) = match stream {
+            Some(s) => s,
+            None => {
+                let (mut send, recv) = match conn.open_bi().await {
+                    Ok(s) => s,
+                    Err(e) => return (code::NORMAL, describe(&e)),
+                };
+                if let Err(e) = send.write_all(&[STREAM_TAG]).await {
+                    return (code::NORMAL, format!("frame stream broke: {e}"));
+                }
+                (send, recv)
+            }
+        };
+        if let Some(der) = inner.revocation.current_der() {
+            send_crl(&inner, session, Arc::new(der));
+        }
+        tokio::select! {
+            r = read_frames(&inner, session, recv) => r,
+            r = write_frames(send, out_rx, queued, local_close.clone()) => r,
+            r = accept_crls(&inner, session, &conn) => r,
+            e = conn.closed() => (code::NORMAL, describe(&e)),
+        }
+    }
+    .await;
+    let reason = lock(&local_close).take().unwrap_or(reason);
+    inner.end_session(session, code_, &reason);
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ApplicationClosed(c) => format!(
+            "closed by peer (code {}): {}",
+            c.error_code,
+            String::from_utf8_lossy(&c.reason)
+        ),
+        ConnectionError::LocallyClosed => "closed locally".to_string(),
+        ConnectionError::TimedOut => "peer unreachable (idle timeout)".to_string(),
+        other => format!("connection lost: {other}"),
+    }
+}
+
+/// Read length-prefixed frames until the stream ends or misbehaves.
+async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32, String) {
+    loop {
+        let mut len = [0u8; 4];
+        match recv.read_exact(&mut len).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => {
+                return (code::NORMAL, "peer ended the session".into())
+            }
+            Err(quinn::ReadExactError::FinishedEarly(_)) => {
+                return (
+                    code::PROTOCOL,
+                    "peer ended the stream inside a length prefix".into(),
+                )
+            }
+            Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => {
+                return (code::NORMAL, describe(&e))
+            }
+            Err(quinn::ReadExactError::ReadError(e)) => {
+                return (code::PROTOCOL, format!("frame stream broke: {e}"))
+            }
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        // I-29: check before allocating.
+        if n > MAX_FRAME_BYTES {
+            tracing::warn!(
+                session,
+                frame_bytes = n,
+                limit = MAX_FRAME_BYTES,
+                "peer sent an oversized frame"
+            );
+            return (
+                code::PROTOCOL,
+                format!("peer announced a {n}-byte frame; limit is {MAX_FRAME_BYTES}"),
+            );
+        }
+        let mut body = vec![0u8; n];
+        if let Err(e) = recv.read_exact(&mut body).await {
+            return match e {
+                quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)) => {
+                    (code::NORMAL, describe(&e))
+                }
+                e => (code::PROTOCOL, format!("frame cut short: {e}")),
+            };
+        }
+        inner.emit(TransportEvent::Frame {
+            session,
+            bytes: body,
+        });
+    }
+}
+
+/// Write queued frames in order; on `Close`, flush and end gracefully.
+async fn write_frames(
+    mut send: SendStream,
+    mut out_rx: mpsc::UnboundedReceiver<Outgoing>,
+    queued: Arc<AtomicUsize>,
+    local_close: Arc<Mutex<Option<String>>>,
+) -> (u32, String) {
+    while let Some(item) = out_rx.recv().await {
+        match item {
+            Outgoing::Frame(body) => {
+                queued.fetch_sub(body.len(), Ordering::SeqCst);
+                debug_assert!(body.len() <= MAX_FRAME_BYTES);
+                let len = (body.len() as u32).to_be_bytes();
+                if let Err(e) = send.write_all(&len).await {
+                    return (code::NORMAL, format!("frame stream broke: {e}"));
+                }
+                if let Err(e) = send.write_all(&body).await {
+                    return (code::NORMAL, format!("frame stream broke: {e}"));
+                }
+            }
+            Outgoing::Close(reason) => {
+                *lock(&local_close) = Some(format!("closed locally: {reason}"));
+                let _ = send.finish();
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, send.stopped()).await;
+                return (code::NORMAL, reason);
+            }
+        }
+    }
+    // The session was removed (sender dropped): nothing more to do.
+    std::future::pending().await
+}
+
+/// Receive gossiped CRLs, one unidirectional stream each.
+async fn accept_crls(inner: &Arc<Inner>, session: u64, conn: &Connection) -> (u32, String) {
+    loop {
+        let mut recv = match conn.accept_uni().await {
+            Ok(r) => r,
+            Err(e) => return (code::NORMAL, describe(&e)),
+        };
+        let der =
+            match tokio::time::timeout(CRL_READ_TIMEOUT, recv.read_to_end(MAX_CRL_DER_LEN)).await {
+                Err(_) => return (code::PROTOCOL, "CRL gossip stalled".into()),
+                Ok(Err(quinn::ReadToEndError::TooLong)) => {
+                    return (
+                        code::PROTOCOL,
+                        format!("gossiped CRL exceeds {MAX_CRL_DER_LEN} bytes"),
+                    )
+                }
+                Ok(Err(e)) => return (code::NORMAL, format!("CRL stream broke: {e}")),
+                Ok(Ok(der)) => der,
+            };
+        match inner.apply_crl(&der, Some(session)) {
+            Ok(outcome) => tracing::debug!(session, ?outcome, "gossiped CRL offered"),
+            // E-3: a bad CRL is rejected; the peer may just hold a CRL of
+            // another municipality, so the session stays.
+            Err(e) => tracing::warn!(session, error = %e, "gossiped CRL rejected"),
+        }
+    }
+}
+
+/// Send `der` to `session` on a fresh unidirectional stream (spawned).
+pub(crate) fn send_crl(inner: &Arc<Inner>, session: u64, der: Arc<Vec<u8>>) {
+    let Some(conn) = lock(&inner.sessions).get(&session).map(|s| s.conn.clone()) else {
+        return;
+    };
+    inner.spawn(async move {
+        let r = tokio::time::timeout(CRL_READ_TIMEOUT, async {
+            let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+            s.write_all(&der).await.map_err(|e| e.to_string())?;
+            s.finish().map_err(|e| e.to_string())?;
+            // Keep the stream alive until the peer has it.
+            let _ = s.stopped().await;
+            Ok::<(), String>(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => tracing::debug!(session, crl_bytes = der.len(), "CRL gossiped"),
+            Ok(Err(e)) => tracing::debug!(session, error = %e, "CRL gossip failed"),
+            Err(_) => tracing::debug!(session, "CRL gossip timed out"),
+        }
+    });
+}

@@ -1,0 +1,521 @@
+//! The QUIC edge over real sockets on 127.0.0.1 with real certificates.
+//!
+//! Every wait is bounded by a deadline that only guards against hangs; the
+//! tests synchronise on transport events, never on sleeps.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::crl::{OfferOutcome, RevocationState};
+use certs::tls::{PeerTrust, WallClock};
+use certs::{ca, NodeCredentials};
+use crdt::{NodeId, Role};
+use node::net::{StaticPeer, Transport, TransportConfig, TransportEvent};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Pki {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    ca_dir: PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let ca_dir = root.join("ca");
+        std::fs::create_dir_all(&ca_dir).unwrap();
+        ca::init_ca(&ca_dir, name).unwrap();
+        Pki {
+            _tmp: tmp,
+            root,
+            ca_dir,
+        }
+    }
+
+    /// Issues a node certificate; returns its credentials directory.
+    fn node_at(&self, role: Role, id: &str, now: time::OffsetDateTime, days: u32) -> PathBuf {
+        let out = self.root.join(id);
+        std::fs::create_dir_all(&out).unwrap();
+        ca::issue_at(&self.ca_dir, role, &nid(id), &out, days, now).unwrap();
+        out
+    }
+
+    fn node(&self, role: Role, id: &str) -> PathBuf {
+        self.node_at(role, id, time::OffsetDateTime::now_utc(), 365)
+    }
+
+    fn revoke(&self, id: &str) -> Vec<u8> {
+        let r = ca::revoke(&self.ca_dir, &nid(id)).unwrap();
+        std::fs::read(&r.crl_path).unwrap()
+    }
+}
+
+fn nid(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+fn clock() -> WallClock {
+    certs::tls::system_clock()
+}
+
+fn cfg(listen: SocketAddr, peers: Vec<StaticPeer>) -> TransportConfig {
+    let mut c = TransportConfig::new(listen);
+    c.static_peers = peers;
+    c.reconnect_min_ms = 50;
+    c.reconnect_max_ms = 400;
+    c
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+struct Node {
+    t: Transport,
+    rx: UnboundedReceiver<TransportEvent>,
+    revocation: Arc<RevocationState>,
+}
+
+async fn start_with(dir: &Path, c: TransportConfig, crl: Option<&[u8]>) -> anyhow::Result<Node> {
+    let creds = NodeCredentials::load_dir(dir).unwrap();
+    let revocation = Arc::new(RevocationState::new(creds.ca.clone()));
+    if let Some(der) = crl {
+        revocation.offer(der).unwrap();
+    }
+    let trust = PeerTrust::new(revocation.clone(), clock()).unwrap();
+    let (tx, rx) = unbounded_channel();
+    let t = Transport::start(c, creds, trust, revocation.clone(), tx).await?;
+    Ok(Node { t, rx, revocation })
+}
+
+async fn start(creds: &Path, c: TransportConfig) -> Node {
+    start_with(creds, c, None).await.unwrap()
+}
+
+/// Next event matching `pred`, skipping others; panics at the deadline.
+async fn wait_for(
+    rx: &mut UnboundedReceiver<TransportEvent>,
+    what: &str,
+    mut pred: impl FnMut(&TransportEvent) -> bool,
+) -> TransportEvent {
+    let found = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let ev = rx.recv().await.expect("event channel closed");
+            if pred(&ev) {
+                return ev;
+            }
+            eprintln!("(skipping while waiting for {what}: {ev:?})");
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no {what} within the deadline"))
+}
+
+/// Waits for a `PeerRejected` and fails if a `Connected` comes first.
+async fn expect_rejected(rx: &mut UnboundedReceiver<TransportEvent>, who: &str) -> String {
+    match wait_for(rx, "rejection", |e| {
+        matches!(
+            e,
+            TransportEvent::PeerRejected { .. } | TransportEvent::Connected { .. }
+        )
+    })
+    .await
+    {
+        TransportEvent::PeerRejected { addr, reason } => {
+            eprintln!("{who} rejected {addr}: {reason}");
+            // rustls renders the verifier's error with Debug inside its own
+            // Display, so match case-insensitively on the variant name.
+            reason.to_lowercase()
+        }
+        other => panic!("{who}: expected a rejection, got {other:?}"),
+    }
+}
+
+async fn connected(rx: &mut UnboundedReceiver<TransportEvent>) -> (u64, NodeId, Role, bool) {
+    match wait_for(rx, "Connected", |e| {
+        matches!(e, TransportEvent::Connected { .. })
+    })
+    .await
+    {
+        TransportEvent::Connected {
+            session,
+            node,
+            role,
+            initiator,
+        } => (session, node, role, initiator),
+        _ => unreachable!(),
+    }
+}
+
+async fn frame(rx: &mut UnboundedReceiver<TransportEvent>, session: u64) -> Vec<u8> {
+    match wait_for(
+        rx,
+        "Frame",
+        |e| matches!(e, TransportEvent::Frame { session: s, .. } if *s == session),
+    )
+    .await
+    {
+        TransportEvent::Frame { bytes, .. } => bytes,
+        _ => unreachable!(),
+    }
+}
+
+async fn disconnected(rx: &mut UnboundedReceiver<TransportEvent>, session: u64) -> String {
+    match wait_for(
+        rx,
+        "Disconnected",
+        |e| matches!(e, TransportEvent::Disconnected { session: s, .. } if *s == session),
+    )
+    .await
+    {
+        TransportEvent::Disconnected { reason, .. } => reason,
+        _ => unreachable!(),
+    }
+}
+
+fn peer(id: &str, addr: SocketAddr) -> StaticPeer {
+    StaticPeer {
+        node_id: nid(id),
+        addr,
+    }
+}
+
+#[tokio::test]
+async fn static_peers_connect_and_frames_round_trip_in_order() {
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Shelter, "shelter-1");
+    let b_creds = pki.node(Role::Hq, "hq-1");
+    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
+    let mut a = start(
+        &a_creds,
+        cfg(localhost(), vec![peer("hq-1", b.t.local_addr())]),
+    )
+    .await;
+
+    let (sa, node, role, init) = connected(&mut a.rx).await;
+    assert_eq!((node, role, init), (nid("hq-1"), Role::Hq, true));
+    let (sb, node, role, init) = connected(&mut b.rx).await;
+    assert_eq!((node, role, init), (nid("shelter-1"), Role::Shelter, false));
+
+    let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 251) as u8).collect();
+    let frames: Vec<Vec<u8>> = vec![
+        b"hello".to_vec(),
+        Vec::new(),
+        big.clone(),
+        b"after big".to_vec(),
+    ];
+    for f in &frames {
+        a.t.send(sa, f.clone());
+        b.t.send(sb, f.clone());
+    }
+    for f in &frames {
+        assert_eq!(&frame(&mut b.rx, sb).await, f);
+        assert_eq!(&frame(&mut a.rx, sa).await, f);
+    }
+
+    // A graceful close delivers what was queued before it.
+    a.t.send(sa, b"last words".to_vec());
+    a.t.close(sa, "test done");
+    assert_eq!(frame(&mut b.rx, sb).await, b"last words");
+    let reason = disconnected(&mut b.rx, sb).await;
+    eprintln!("b saw: {reason}");
+    let reason = disconnected(&mut a.rx, sa).await;
+    assert!(reason.contains("test done"), "{reason}");
+    a.t.shutdown().await;
+    b.t.shutdown().await;
+}
+
+/// A hand-made quinn client with valid credentials, connected to `server`
+/// and past the stream tag.
+async fn raw_client(
+    pki: &Pki,
+    id: &str,
+    server: SocketAddr,
+    server_id: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let creds = NodeCredentials::load_dir(&pki.node(Role::Shelter, id)).unwrap();
+    let revocation = Arc::new(RevocationState::new(creds.ca.clone()));
+    let trust = PeerTrust::new(revocation, clock()).unwrap();
+    let tls = certs::tls::client_config(&creds, &trust).unwrap();
+    let qc = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut ep = quinn::Endpoint::client(localhost()).unwrap();
+    ep.set_default_client_config(qc);
+    let conn = ep
+        .connect(server, &format!("{server_id}.kizuna"))
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut tag = [0u8; 1];
+    recv.read_exact(&mut tag).await.unwrap();
+    (ep, conn, send, recv)
+}
+
+#[tokio::test]
+async fn hostile_crl_gossip_is_rejected_and_oversized_gossip_closes() {
+    let pki = Pki::new("Kizuna Test City");
+    let mut server = start(&pki.node(Role::Hq, "hq-1"), cfg(localhost(), vec![])).await;
+    let (_ep, conn, mut send, _recv) =
+        raw_client(&pki, "shelter-7", server.t.local_addr(), "hq-1").await;
+    let (s, _, _, _) = connected(&mut server.rx).await;
+
+    // Garbage within the size limit: rejected, the session stays.
+    let mut uni = conn.open_uni().await.unwrap();
+    uni.write_all(&[0x30, 0x82, 0xff, 0xff, 0x01])
+        .await
+        .unwrap();
+    uni.finish().unwrap();
+    send.write_all(&3u32.to_be_bytes()).await.unwrap();
+    send.write_all(b"abc").await.unwrap();
+    assert_eq!(frame(&mut server.rx, s).await, b"abc");
+    assert_eq!(server.revocation.current_number(), None);
+
+    // Over 64 KiB: the connection is closed.
+    let mut uni = conn.open_uni().await.unwrap();
+    uni.write_all(&vec![0u8; certs::crl::MAX_CRL_DER_LEN + 1])
+        .await
+        .unwrap();
+    let _ = uni.finish();
+    let reason = disconnected(&mut server.rx, s).await;
+    assert!(reason.contains("exceeds"), "{reason}");
+    server.t.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_length_prefix_closes_the_connection() {
+    let pki = Pki::new("Kizuna Test City");
+    let server_creds = pki.node(Role::Hq, "hq-1");
+    let raw_creds = NodeCredentials::load_dir(&pki.node(Role::Shelter, "shelter-9")).unwrap();
+    let mut server = start(&server_creds, cfg(localhost(), vec![])).await;
+
+    // A hand-made quinn client with valid credentials.
+    let revocation = Arc::new(RevocationState::new(raw_creds.ca.clone()));
+    let trust = PeerTrust::new(revocation, clock()).unwrap();
+    let tls = certs::tls::client_config(&raw_creds, &trust).unwrap();
+    let qc = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut ep = quinn::Endpoint::client(localhost()).unwrap();
+    ep.set_default_client_config(qc);
+    let conn = ep
+        .connect(server.t.local_addr(), "hq-1.kizuna")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut tag = [0u8; 1];
+    recv.read_exact(&mut tag).await.unwrap();
+
+    let (s, node, _, init) = connected(&mut server.rx).await;
+    assert_eq!((node, init), (nid("shelter-9"), false));
+    let over = (crdt::wire::MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
+    send.write_all(&over).await.unwrap();
+    let reason = disconnected(&mut server.rx, s).await;
+    assert!(reason.contains("limit"), "{reason}");
+    match tokio::time::timeout(DEADLINE, conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(1))
+        }
+        other => panic!("unexpected close {other:?}"),
+    }
+    server.t.shutdown().await;
+}
+
+#[tokio::test]
+async fn foreign_expired_revoked_and_misnamed_peers_are_rejected() {
+    let pki = Pki::new("Kizuna Test City");
+    let other = Pki::new("Other Town");
+    let server_creds = pki.node(Role::Hq, "hq-1");
+    let revoked_creds = pki.node(Role::Ambulance, "amb-666");
+    let crl = pki.revoke("amb-666");
+    let mut server = start_with(&server_creds, cfg(localhost(), vec![]), Some(&crl))
+        .await
+        .unwrap();
+    let target = vec![peer("hq-1", server.t.local_addr())];
+
+    // Another municipality: both ends refuse.
+    let foreign = other.node(Role::Shelter, "shelter-1");
+    let mut f = start(&foreign, cfg(localhost(), target.clone())).await;
+    let r = expect_rejected(&mut f.rx, "foreign client").await;
+    assert!(r.contains("unknownissuer"), "{r}");
+    expect_rejected(&mut server.rx, "server (foreign)").await;
+    f.t.shutdown().await;
+
+    // Expired client certificate: the server refuses it.
+    let past = time::OffsetDateTime::now_utc() - time::Duration::days(30);
+    let expired = pki.node_at(Role::Shelter, "shelter-old", past, 1);
+    let mut e = start(&expired, cfg(localhost(), target.clone())).await;
+    let r = expect_rejected(&mut server.rx, "server (expired)").await;
+    assert!(r.contains("expired"), "{r}");
+    expect_rejected(&mut e.rx, "expired client").await;
+    e.t.shutdown().await;
+
+    // Revoked client certificate.
+    let mut v = start(&revoked_creds, cfg(localhost(), target.clone())).await;
+    let r = expect_rejected(&mut server.rx, "server (revoked)").await;
+    assert!(r.contains("revoked"), "{r}");
+    expect_rejected(&mut v.rx, "revoked client").await;
+    v.t.shutdown().await;
+
+    // Node id mismatch: the config says hq-2 lives there, but hq-1 answers.
+    let honest = pki.node(Role::Shelter, "shelter-2");
+    let mut h = start(
+        &honest,
+        cfg(localhost(), vec![peer("hq-2", server.t.local_addr())]),
+    )
+    .await;
+    let r = expect_rejected(&mut h.rx, "client (wrong node id)").await;
+    assert!(r.contains("wrongnodeid"), "{r}");
+    expect_rejected(&mut server.rx, "server (client aborted)").await;
+    h.t.shutdown().await;
+    server.t.shutdown().await;
+}
+
+#[tokio::test]
+async fn crl_gossip_closes_sessions_with_the_revoked_peer() {
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Hq, "hq-1");
+    let b_creds = pki.node(Role::Shelter, "shelter-1");
+    let c_creds = pki.node(Role::Ambulance, "amb-3");
+    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
+    let b_addr = b.t.local_addr();
+    let mut a = start(&a_creds, cfg(localhost(), vec![peer("shelter-1", b_addr)])).await;
+    let mut c = start(&c_creds, cfg(localhost(), vec![peer("shelter-1", b_addr)])).await;
+    let (_, _, _, _) = connected(&mut a.rx).await;
+    let (sc, _, _, _) = connected(&mut c.rx).await;
+    let mut b_sessions = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let (s, node, _, _) = connected(&mut b.rx).await;
+        b_sessions.insert(node, s);
+    }
+    let b_to_c = b_sessions[&nid("amb-3")];
+
+    let crl = pki.revoke("amb-3");
+    assert!(matches!(
+        a.t.offer_crl(crl.clone()).unwrap(),
+        OfferOutcome::Applied { .. }
+    ));
+    let reason = disconnected(&mut b.rx, b_to_c).await;
+    assert!(reason.contains("revoked"), "{reason}");
+    assert_eq!(b.revocation.current_number(), Some(1));
+    let r = disconnected(&mut c.rx, sc).await;
+    eprintln!("c saw: {r}");
+    // C keeps dialing B and is refused now.
+    expect_rejected(&mut c.rx, "revoked C").await;
+    let r = expect_rejected(&mut b.rx, "B refusing C").await;
+    assert!(r.contains("revoked"), "{r}");
+    // The same CRL again is stale, not an error.
+    assert!(matches!(
+        a.t.offer_crl(crl).unwrap(),
+        OfferOutcome::Stale { .. }
+    ));
+    for n in [a, b, c] {
+        n.t.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn dialer_reconnects_after_the_peer_restarts_on_the_same_port() {
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Shelter, "shelter-1");
+    let b_creds = pki.node(Role::Hq, "hq-1");
+    let known = pki.root.join("known-peers.json");
+    let b = start(&b_creds, cfg(localhost(), vec![])).await;
+    let b_addr = b.t.local_addr();
+    let mut a_cfg = cfg(localhost(), vec![peer("hq-1", b_addr)]);
+    a_cfg.known_peers_file = Some(known.clone());
+    let mut a = start(&a_creds, a_cfg).await;
+    let (s1, _, _, _) = connected(&mut a.rx).await;
+    b.t.shutdown().await;
+    disconnected(&mut a.rx, s1).await;
+
+    // Rebind the same port; the old socket may take a moment to go away.
+    let b2 = rebind(&b_creds, b_addr).await;
+    let (s2, node, _, init) = connected(&mut a.rx).await;
+    assert!(s2 != s1 && node == nid("hq-1") && init);
+    let text = std::fs::read_to_string(&known).unwrap();
+    assert!(
+        text.contains("hq-1") && text.contains(&b_addr.to_string()),
+        "{text}"
+    );
+    b2.t.shutdown().await;
+    a.t.shutdown().await;
+}
+
+async fn rebind(creds: &Path, addr: SocketAddr) -> Node {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match start_with(creds, cfg(addr, vec![]), None).await {
+                Ok(n) => return n,
+                Err(e) => {
+                    eprintln!("rebind: {e:#}");
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("could not rebind the port")
+}
+
+#[tokio::test]
+async fn known_peers_file_is_dialed_at_start() {
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Shelter, "shelter-1");
+    let b_creds = pki.node(Role::Hq, "hq-1");
+    let b = start(&b_creds, cfg(localhost(), vec![])).await;
+    let known = pki.root.join("known.json");
+    write_known(&known, "hq-1", b.t.local_addr());
+    let mut a_cfg = cfg(localhost(), vec![]);
+    a_cfg.known_peers_file = Some(known);
+    let mut a = start(&a_creds, a_cfg).await;
+    let (_, node, _, _) = connected(&mut a.rx).await;
+    assert_eq!(node, nid("hq-1"));
+    a.t.shutdown().await;
+    b.t.shutdown().await;
+}
+
+fn write_known(path: &Path, id: &str, addr: SocketAddr) {
+    std::fs::write(
+        path,
+        format!("{{\"version\":1,\"peers\":{{\"{id}\":\"{addr}\"}}}}"),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn mdns_peers_find_each_other() {
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Shelter, "shelter-md1");
+    let b_creds = pki.node(Role::Clinic, "clinic-md2");
+    let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    let mut ac = cfg(any, vec![]);
+    ac.mdns = true;
+    let mut bc = ac.clone();
+    bc.mdns_instance = Some("clinic-md2-test".into());
+    let mut a = start(&a_creds, ac).await;
+    let mut b = start(&b_creds, bc).await;
+    let ev = wait_for(&mut a.rx, "Discovered", |e| {
+        matches!(e, TransportEvent::Discovered { .. })
+    })
+    .await;
+    eprintln!("a discovered: {ev:?}");
+    let (_, node, role, _) = connected(&mut a.rx).await;
+    assert_eq!((node, role), (nid("clinic-md2"), Role::Clinic));
+    let (_, node, _, _) = connected(&mut b.rx).await;
+    assert_eq!(node, nid("shelter-md1"));
+    a.t.shutdown().await;
+    b.t.shutdown().await;
+}
