@@ -110,7 +110,7 @@ fn heads_to_blob(heads: &[Hash32]) -> Vec<u8> {
 }
 
 fn heads_from_blob(blob: &[u8]) -> Result<Vec<Hash32>, StoreError> {
-    if blob.len() % 32 != 0 {
+    if !blob.len().is_multiple_of(32) {
         return Err(corrupt(format!(
             "heads blob of {} bytes is not a multiple of 32",
             blob.len()
@@ -317,7 +317,8 @@ impl SqliteStore {
             sync_parent_dir(path)?;
         }
 
-        // Assert what we just established before anyone writes through us.
+        // Check what we just established before anyone writes through us;
+        // a mismatch here means the file is not what SQLite told us.
         let app_id: i32 = store
             .conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -326,12 +327,12 @@ impl SqliteStore {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(map_err)?;
-        assert_eq!(app_id, APPLICATION_ID, "application_id after migration");
-        assert_eq!(
-            version,
-            i64::from(SCHEMA_VERSION),
-            "user_version after migration"
-        );
+        if app_id != APPLICATION_ID || version != i64::from(SCHEMA_VERSION) {
+            return Err(StoreError::Corrupt(format!(
+                "{}: after migrating, application_id is {app_id:#010x} and user_version {version}",
+                path.display()
+            )));
+        }
         Ok(store)
     }
 
