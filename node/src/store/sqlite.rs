@@ -853,3 +853,98 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crdt::store::ChangeRecord;
+    use rusqlite::ffi;
+
+    fn sqlite_err(code: i32) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn result_codes_map_to_store_errors() {
+        assert_eq!(map_err(sqlite_err(ffi::SQLITE_FULL)), StoreError::Full);
+        assert!(matches!(
+            map_err(sqlite_err(ffi::SQLITE_IOERR_FSYNC)),
+            StoreError::Io(_)
+        ));
+        assert!(matches!(
+            map_err(sqlite_err(ffi::SQLITE_CORRUPT)),
+            StoreError::Corrupt(_)
+        ));
+        assert!(matches!(
+            map_err(sqlite_err(ffi::SQLITE_NOTADB)),
+            StoreError::Corrupt(_)
+        ));
+        assert!(matches!(
+            map_err(sqlite_err(ffi::SQLITE_BUSY)),
+            StoreError::Io(_)
+        ));
+    }
+
+    #[test]
+    fn stored_values_are_checked_on_the_way_back() {
+        let heads = vec![[1u8; 32], [2u8; 32]];
+        assert_eq!(heads_from_blob(&heads_to_blob(&heads)).unwrap(), heads);
+        assert_eq!(heads_from_blob(&[]).unwrap(), Vec::<Hash32>::new());
+        assert!(matches!(
+            heads_from_blob(&[0; 33]),
+            Err(StoreError::Corrupt(_))
+        ));
+        for s in [
+            LocationStatus::In,
+            LocationStatus::Out,
+            LocationStatus::Pending,
+        ] {
+            assert_eq!(status_from_sql(status_to_sql(s)).unwrap(), s);
+        }
+        assert!(status_from_sql("IN").is_err());
+        assert!(kind_from_sql(-1).is_err());
+        assert!(kind_from_sql(Kind::ALL.len() as i64).is_err());
+        for v in [0, 1, i64::MAX as u64, 1 << 63, u64::MAX] {
+            assert_eq!(u64_from_sql(u64_to_sql(v)), v);
+        }
+        assert_eq!(usize_to_sql(usize::MAX), i64::MAX);
+    }
+
+    /// A-6 without a small file system: SQLite's own page limit raises
+    /// SQLITE_FULL through the same path as ENOSPC does.
+    #[test]
+    fn page_limit_full_rolls_back_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("t.db")).unwrap();
+        let key = DocKey::new(Kind::Registry, "big").unwrap();
+        let batch = |from: u8| Batch {
+            changes: (from..from + 50)
+                .map(|i| ChangeRecord {
+                    key: key.clone(),
+                    hash: [i; 32],
+                    bytes: vec![i; 3000],
+                })
+                .collect(),
+            ops: vec![(format!("op-{from}"), "{}".into())],
+            ..Default::default()
+        };
+        s.commit(&batch(0)).unwrap();
+        let digest = s.content_digest().unwrap();
+        let pages: i64 = s
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .unwrap();
+        s.conn
+            .pragma_update(None, "max_page_count", pages + 5)
+            .unwrap();
+        assert_eq!(s.commit(&batch(100)).unwrap_err(), StoreError::Full);
+        assert_eq!(s.content_digest().unwrap(), digest);
+        assert_eq!(s.op_result("op-100").unwrap(), None);
+        s.conn
+            .pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        s.commit(&batch(100)).unwrap();
+        assert_eq!(s.doc_changes(&key).unwrap().len(), 100);
+        assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+}
