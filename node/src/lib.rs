@@ -3,3 +3,4 @@
 
 pub mod card;
 pub mod net;
+pub mod store;
