@@ -1,0 +1,854 @@
+//! [`SqliteStore`]: the [`crdt::store::Store`] contract on one SQLite file.
+//!
+//! The store owns a single [`rusqlite::Connection`] and is driven from the
+//! engine's thread. Every [`Batch`] becomes one `BEGIN IMMEDIATE`
+//! transaction that applies it with exactly [`crdt::store::MemStore`]'s
+//! semantics; `commit` returns after `COMMIT`, which under
+//! `journal_mode=WAL` + `synchronous=FULL` means the WAL has been fsynced.
+//! Any error rolls the whole batch back. Reads run on the same connection;
+//! `load_doc` reads inside one read transaction so the snapshot and its
+//! change tail come from one consistent state.
+//!
+//! Opening checks, in this order and before anything is written: the
+//! `application_id` (somebody else's file → [`StoreError::Foreign`]), the
+//! `user_version` (a newer schema → [`StoreError::TooNew`], A-13) and
+//! `PRAGMA quick_check` (→ [`StoreError::Corrupt`], A-8). Only then does it
+//! switch to WAL and run pending migrations (see [`super::schema`]).
+//!
+//! Values read back are checked, never trusted: a bad kind code, a heads
+//! blob whose length is not a multiple of 32, unknown status text, invalid
+//! UTF-8 or unparsable meta JSON all become [`StoreError::Corrupt`], never a
+//! panic.
+
+use super::schema::{APPLICATION_ID, DIGEST_TABLES, MIGRATIONS, SCHEMA_VERSION};
+use crdt::doc::Hash32;
+use crdt::store::{
+    Batch, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow, Store, StoreError, StoredDoc,
+};
+use crdt::{DocKey, Kind, NodeId};
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How a store is opened. `Default` is what the node uses.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// How long a statement waits for a lock held by another connection
+    /// (only ever a read-only inspector; the data-dir lock keeps writers
+    /// out) before failing with a busy error.
+    pub busy_timeout_ms: u64,
+    /// Run `PRAGMA quick_check` at open (A-8). Costs a scan of the file.
+    pub quick_check: bool,
+    /// Open without write access: no WAL switch, no migrations, commits
+    /// fail. The schema must already be current.
+    pub read_only: bool,
+    /// Truncate the WAL back to this size after checkpoints.
+    pub journal_size_limit_bytes: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            busy_timeout_ms: 5_000,
+            quick_check: true,
+            read_only: false,
+            journal_size_limit_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps SQLite's result codes onto the store's error kinds.
+pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::Error as E;
+    match &e {
+        E::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DiskFull => StoreError::Full,
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                StoreError::Corrupt(e.to_string())
+            }
+            _ => StoreError::Io(e.to_string()),
+        },
+        // A value of the wrong type or encoding can only come from a
+        // damaged file: this program writes every column with one type.
+        E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..)
+        | E::Utf8Error(..)
+        | E::InvalidColumnType(..) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Io(e.to_string()),
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn kind_from_sql(code: i64) -> Result<Kind, StoreError> {
+    u8::try_from(code)
+        .ok()
+        .and_then(Kind::from_code)
+        .ok_or_else(|| corrupt(format!("unknown document kind code {code}")))
+}
+
+fn heads_to_blob(heads: &[Hash32]) -> Vec<u8> {
+    heads.concat()
+}
+
+fn heads_from_blob(blob: &[u8]) -> Result<Vec<Hash32>, StoreError> {
+    if blob.len() % 32 != 0 {
+        return Err(corrupt(format!(
+            "heads blob of {} bytes is not a multiple of 32",
+            blob.len()
+        )));
+    }
+    Ok(blob
+        .chunks_exact(32)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(c);
+            h
+        })
+        .collect())
+}
+
+fn status_to_sql(s: LocationStatus) -> &'static str {
+    match s {
+        LocationStatus::In => "in",
+        LocationStatus::Out => "out",
+        LocationStatus::Pending => "pending",
+    }
+}
+
+fn status_from_sql(s: &str) -> Result<LocationStatus, StoreError> {
+    match s {
+        "in" => Ok(LocationStatus::In),
+        "out" => Ok(LocationStatus::Out),
+        "pending" => Ok(LocationStatus::Pending),
+        other => Err(corrupt(format!("unknown location status {other:?}"))),
+    }
+}
+
+/// SQLite integers are i64; u64 values are stored bit-for-bit.
+fn u64_to_sql(v: u64) -> i64 {
+    v as i64
+}
+fn u64_from_sql(v: i64) -> u64 {
+    v as u64
+}
+/// Limits and offsets beyond i64 mean "all".
+fn usize_to_sql(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+const PERSON_COLS: &str = "person_id, household_id, name, kana, search_key, birth_date";
+/// Tie-break shared by every list: document key order, then position in
+/// that document's projection (MemStore's iteration order).
+const SOURCE_ORDER: &str = "source_kind, source_id, pos";
+
+fn person_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PersonRow> {
+    Ok(PersonRow {
+        person_id: r.get(0)?,
+        household_id: r.get(1)?,
+        name: r.get(2)?,
+        kana: r.get(3)?,
+        search_key: r.get(4)?,
+        birth_date: r.get(5)?,
+    })
+}
+
+const LOCATION_COLS: &str = "person_id, shelter_id, status, since_ms, conflict";
+
+fn location_from_row(
+    r: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(String, String, String, i64, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn location_from_parts(
+    (person_id, shelter_id, status, since_ms, conflict): (String, String, String, i64, i64),
+) -> Result<LocationRow, StoreError> {
+    Ok(LocationRow {
+        person_id,
+        shelter_id,
+        status: status_from_sql(&status)?,
+        since_ms: u64_from_sql(since_ms),
+        conflict: match conflict {
+            0 => false,
+            1 => true,
+            c => return Err(corrupt(format!("conflict flag {c}"))),
+        },
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the store at `path` with the default
+    /// options: checks, quick_check, WAL, migrations.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// Opens an existing, current store for reading only.
+    pub fn open_readonly(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(
+            path,
+            &OpenOptions {
+                read_only: true,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<SqliteStore, StoreError> {
+        let existed = path.exists();
+        let flags = if opts.read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| match map_err(e) {
+            StoreError::Io(m) => StoreError::Io(format!("cannot open {}: {m}", path.display())),
+            other => other,
+        })?;
+        conn.busy_timeout(Duration::from_millis(opts.busy_timeout_ms))
+            .map_err(map_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        // Never let the schema run functions with side effects, and check
+        // cell sizes while reading so damage is found, not followed.
+        conn.execute_batch("PRAGMA trusted_schema = OFF; PRAGMA cell_size_check = ON;")
+            .map_err(map_err)?;
+
+        // 1. Whose file is this, and which version? Read-only so far.
+        let app_id: i32 = conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(map_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(map_err)?;
+        let version = u32::try_from(version)
+            .map_err(|_| StoreError::Foreign(format!("user_version {version} is negative")))?;
+        if app_id != APPLICATION_ID {
+            if app_id != 0 {
+                return Err(StoreError::Foreign(format!(
+                    "{}: application_id {app_id:#010x}, expected {APPLICATION_ID:#010x} (Kizuna)",
+                    path.display()
+                )));
+            }
+            let objects: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+                .map_err(map_err)?;
+            if objects != 0 || version != 0 {
+                return Err(StoreError::Foreign(format!(
+                    "{}: an SQLite database without Kizuna's application_id",
+                    path.display()
+                )));
+            }
+        }
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found: version,
+                known: SCHEMA_VERSION,
+            });
+        }
+
+        // 2. Is it intact? (A-8)
+        if opts.quick_check {
+            let report = collect_check(&conn, "quick_check")?;
+            if report != "ok" {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: quick_check: {report}",
+                    path.display()
+                )));
+            }
+        }
+
+        let mut store = SqliteStore {
+            conn,
+            path: path.to_path_buf(),
+        };
+        if opts.read_only {
+            if version != SCHEMA_VERSION {
+                return Err(StoreError::Io(format!(
+                    "{}: schema version {version} needs migrating to {SCHEMA_VERSION}; open it read-write once",
+                    path.display()
+                )));
+            }
+            return Ok(store);
+        }
+
+        // 3. Durability settings, then migrations.
+        let mode: String = store
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(map_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Io(format!(
+                "{}: cannot switch to WAL (journal_mode is {mode})",
+                path.display()
+            )));
+        }
+        store
+            .conn
+            .execute_batch(&format!(
+                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = {};",
+                opts.journal_size_limit_bytes
+            ))
+            .map_err(map_err)?;
+        store.migrate()?;
+        if !existed {
+            // SQLite fsyncs the directory for a new WAL, not for a new
+            // main database file: make the file's directory entry durable.
+            sync_parent_dir(path)?;
+        }
+
+        // Assert what we just established before anyone writes through us.
+        let app_id: i32 = store
+            .conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(map_err)?;
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(map_err)?;
+        assert_eq!(app_id, APPLICATION_ID, "application_id after migration");
+        assert_eq!(
+            version,
+            i64::from(SCHEMA_VERSION),
+            "user_version after migration"
+        );
+        Ok(store)
+    }
+
+    /// Applies every pending migration, each in its own IMMEDIATE
+    /// transaction together with its `user_version` bump.
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        loop {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let version: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(map_err)?;
+            let version = usize::try_from(version)
+                .map_err(|_| StoreError::Foreign(format!("user_version {version}")))?;
+            if version >= MIGRATIONS.len() {
+                return Ok(());
+            }
+            tx.execute_batch(MIGRATIONS[version]).map_err(map_err)?;
+            tx.pragma_update(None, "user_version", version as i64 + 1)
+                .map_err(map_err)?;
+            if version == 0 {
+                tx.pragma_update(None, "application_id", APPLICATION_ID)
+                    .map_err(map_err)?;
+            }
+            tx.commit().map_err(map_err)?;
+        }
+    }
+
+    /// The database file this store was opened on.
+    pub fn db_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `PRAGMA integrity_check`: `"ok"` or SQLite's list of problems, one
+    /// per line.
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        collect_check(&self.conn, "integrity_check")
+    }
+
+    /// A BLAKE3 digest of every row of every table in a fixed order, for
+    /// "nothing changed" assertions. Equal content gives equal digests
+    /// regardless of page layout, WAL state or vacuuming.
+    pub fn content_digest(&self) -> Result<[u8; 32], StoreError> {
+        let mut h = blake3::Hasher::new();
+        for (table, order) in DIGEST_TABLES {
+            h.update(table.as_bytes());
+            h.update(&[0]);
+            let mut st = self
+                .conn
+                .prepare(&format!("SELECT * FROM {table} ORDER BY {order}"))
+                .map_err(map_err)?;
+            let ncol = st.column_count();
+            let mut rows = st.query([]).map_err(map_err)?;
+            while let Some(r) = rows.next().map_err(map_err)? {
+                h.update(b"R");
+                for i in 0..ncol {
+                    match r.get_ref(i).map_err(map_err)? {
+                        ValueRef::Null => {
+                            h.update(b"N");
+                        }
+                        ValueRef::Integer(v) => {
+                            h.update(b"I");
+                            h.update(&v.to_le_bytes());
+                        }
+                        ValueRef::Real(v) => {
+                            h.update(b"F");
+                            h.update(&v.to_le_bytes());
+                        }
+                        ValueRef::Text(b) => {
+                            h.update(b"T");
+                            h.update(&(b.len() as u64).to_le_bytes());
+                            h.update(b);
+                        }
+                        ValueRef::Blob(b) => {
+                            h.update(b"B");
+                            h.update(&(b.len() as u64).to_le_bytes());
+                            h.update(b);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
+    fn persons_where(
+        &self,
+        filter: &str,
+        order: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<PersonRow>, StoreError> {
+        let sql = format!("SELECT {PERSON_COLS} FROM persons {filter} ORDER BY {order}");
+        let mut st = self.conn.prepare_cached(&sql).map_err(map_err)?;
+        let rows = st.query_map(params, person_from_row).map_err(map_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
+    }
+}
+
+fn collect_check(conn: &Connection, pragma: &str) -> Result<String, StoreError> {
+    let mut st = conn.prepare(&format!("PRAGMA {pragma}")).map_err(map_err)?;
+    let lines = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(map_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err)?;
+    Ok(lines.join("\n"))
+}
+
+fn sync_parent_dir(path: &Path) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::Io(format!("fsync of {}: {e}", dir.display())))
+}
+
+impl Store for SqliteStore {
+    fn load_meta(&self) -> Result<Option<Meta>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .prepare_cached("SELECT json FROM meta WHERE id = 0")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
+            .map_err(map_err)?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| corrupt(format!("meta: {e}"))))
+            .transpose()
+    }
+
+    fn doc_index(&self) -> Result<Vec<(DocKey, Vec<Hash32>)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT kind, id, heads FROM docs ORDER BY kind, id")
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, id, heads) = row.map_err(map_err)?;
+            out.push((
+                DocKey {
+                    kind: kind_from_sql(kind)?,
+                    id,
+                },
+                heads_from_blob(&heads)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn load_doc(&self, key: &DocKey) -> Result<Option<StoredDoc>, StoreError> {
+        // One read transaction: the snapshot and its tail from one state.
+        let tx = self.conn.unchecked_transaction().map_err(map_err)?;
+        let doc: Option<(Option<Vec<u8>>, i64)> = tx
+            .prepare_cached("SELECT snapshot, snapshot_seq FROM docs WHERE kind = ?1 AND id = ?2")
+            .and_then(|mut st| {
+                st.query_row(params![key.kind.code(), key.id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(map_err)?;
+        let Some((snapshot, snapshot_seq)) = doc else {
+            return Ok(None);
+        };
+        let changes = {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT bytes FROM changes WHERE kind = ?1 AND doc_id = ?2 AND seq > ?3 ORDER BY seq",
+                )
+                .map_err(map_err)?;
+            let rows = st
+                .query_map(params![key.kind.code(), key.id, snapshot_seq], |r| {
+                    r.get::<_, Vec<u8>>(0)
+                })
+                .map_err(map_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?
+        };
+        tx.finish().map_err(map_err)?;
+        Ok(Some(StoredDoc { snapshot, changes }))
+    }
+
+    fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT bytes FROM changes WHERE kind = ?1 AND doc_id = ?2 ORDER BY seq",
+            )
+            .map_err(map_err)?;
+        let rows = st
+            .query_map(params![key.kind.code(), key.id], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(map_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(map_err)?;
+        apply(&tx, batch).map_err(map_err)?;
+        // Dropping `tx` on any error above rolls everything back. COMMIT
+        // returns after the WAL is fsynced (synchronous=FULL).
+        tx.commit().map_err(map_err)
+    }
+
+    fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT result FROM ops WHERE op_id = ?1")
+            .and_then(|mut st| st.query_row([op_id], |r| r.get(0)).optional())
+            .map_err(map_err)
+    }
+
+    fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError> {
+        let blob: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached(
+                "SELECT heads FROM peer_heads WHERE peer = ?1 AND kind = ?2 AND doc_id = ?3",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![peer.as_str(), key.kind.code(), key.id], |r| {
+                    r.get(0)
+                })
+                .optional()
+            })
+            .map_err(map_err)?;
+        blob.map(|b| heads_from_blob(&b)).transpose()
+    }
+
+    fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT kind, doc_id, reason FROM quarantine ORDER BY kind, doc_id")
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, id, reason) = row.map_err(map_err)?;
+            out.push((
+                DocKey {
+                    kind: kind_from_sql(kind)?,
+                    id,
+                },
+                reason,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError> {
+        Ok(self
+            .persons_where(
+                "WHERE person_id = ?1",
+                &format!("{SOURCE_ORDER} LIMIT 1"),
+                [person_id],
+            )?
+            .pop())
+    }
+
+    fn persons(&self, limit: usize, offset: usize) -> Result<Vec<PersonRow>, StoreError> {
+        self.persons_where(
+            "",
+            &format!("person_id, {SOURCE_ORDER} LIMIT ?1 OFFSET ?2"),
+            params![usize_to_sql(limit), usize_to_sql(offset)],
+        )
+    }
+
+    fn search(&self, key: &str, limit: usize) -> Result<Vec<PersonRow>, StoreError> {
+        // instr on blobs is a plain byte-substring test: no wildcards, no
+        // collation, embedded NULs handled; for UTF-8 it equals str::contains.
+        self.persons_where(
+            "WHERE instr(CAST(search_key AS BLOB), CAST(?1 AS BLOB)) > 0 \
+             OR instr(CAST(name_key AS BLOB), CAST(?1 AS BLOB)) > 0",
+            &format!("person_id, {SOURCE_ORDER} LIMIT ?2"),
+            params![key, usize_to_sql(limit)],
+        )
+    }
+
+    fn household_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT household_id FROM cards WHERE card_user_id = ?1 ORDER BY {SOURCE_ORDER} LIMIT 1"
+            ))
+            .and_then(|mut st| st.query_row([card_user_id], |r| r.get(0)).optional())
+            .map_err(map_err)
+    }
+
+    fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
+        self.persons_where(
+            "WHERE household_id = ?1",
+            &format!("person_id, {SOURCE_ORDER}"),
+            [household_id],
+        )
+    }
+
+    fn location(&self, person_id: &str) -> Result<Option<LocationRow>, StoreError> {
+        let parts = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {LOCATION_COLS} FROM locations WHERE person_id = ?1 ORDER BY {SOURCE_ORDER} LIMIT 1"
+            ))
+            .and_then(|mut st| st.query_row([person_id], location_from_row).optional())
+            .map_err(map_err)?;
+        parts.map(location_from_parts).transpose()
+    }
+
+    fn shelters(&self) -> Result<Vec<ShelterRow>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT shelter_id, name, capacity FROM shelters ORDER BY shelter_id, name, capacity",
+            )
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(ShelterRow {
+                    shelter_id: r.get(0)?,
+                    name: r.get(1)?,
+                    capacity: r.get(2)?,
+                })
+            })
+            .map_err(map_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
+    }
+
+    fn occupancy(&self) -> Result<BTreeMap<String, u32>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT shelter_id, count(*) FROM locations WHERE status = 'in' GROUP BY shelter_id",
+            )
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(map_err)?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (shelter, n) = row.map_err(map_err)?;
+            out.insert(shelter, u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        Ok(out)
+    }
+
+    fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {LOCATION_COLS} FROM locations WHERE conflict = 1"
+            ))
+            .map_err(map_err)?;
+        let rows = st.query_map([], location_from_row).map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(location_from_parts(row.map_err(map_err)?)?);
+        }
+        // Sorted here, not in SQL: since_ms is a u64 stored as i64, whose
+        // SQL order differs above i64::MAX. Conflicts are few.
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Applies a batch inside an open transaction, in MemStore's order: meta,
+/// changes (so a snapshot in the same batch covers them), docs,
+/// projections, ops, peer heads, quarantine.
+fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> {
+    if let Some(meta) = &batch.meta {
+        let json = serde_json::to_string(meta)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        tx.prepare_cached("INSERT OR REPLACE INTO meta (id, json) VALUES (0, ?1)")?
+            .execute([json])?;
+    }
+    if !batch.changes.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT OR IGNORE INTO changes (hash, kind, doc_id, bytes) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for c in &batch.changes {
+            st.execute(params![&c.hash[..], c.key.kind.code(), c.key.id, c.bytes])?;
+        }
+    }
+    if !batch.docs.is_empty() {
+        let mut keep = tx.prepare_cached(
+            "INSERT INTO docs (kind, id, heads) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (kind, id) DO UPDATE SET heads = excluded.heads",
+        )?;
+        let mut snap = tx.prepare_cached(
+            "INSERT INTO docs (kind, id, heads, snapshot, snapshot_seq) \
+             VALUES (?1, ?2, ?3, ?4, (SELECT coalesce(max(seq), 0) FROM changes)) \
+             ON CONFLICT (kind, id) DO UPDATE SET heads = excluded.heads, \
+             snapshot = excluded.snapshot, snapshot_seq = excluded.snapshot_seq",
+        )?;
+        for d in &batch.docs {
+            let heads = heads_to_blob(&d.heads);
+            match &d.snapshot {
+                None => keep.execute(params![d.key.kind.code(), d.key.id, heads])?,
+                Some(s) => snap.execute(params![d.key.kind.code(), d.key.id, heads, s])?,
+            };
+        }
+    }
+    if !batch.projections.is_empty() {
+        let mut del: Vec<_> = ["persons", "cards", "locations", "shelters"]
+            .iter()
+            .map(|t| {
+                tx.prepare_cached(&format!(
+                    "DELETE FROM {t} WHERE source_kind = ?1 AND source_id = ?2"
+                ))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut person = tx.prepare_cached(
+            "INSERT INTO persons (source_kind, source_id, pos, person_id, household_id, name, kana, search_key, name_key, birth_date) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        let mut card = tx.prepare_cached(
+            "INSERT INTO cards (source_kind, source_id, pos, card_user_id, household_id, person_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut location = tx.prepare_cached(
+            "INSERT INTO locations (source_kind, source_id, pos, person_id, shelter_id, status, since_ms, conflict) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        let mut shelter = tx.prepare_cached(
+            "INSERT INTO shelters (source_kind, source_id, pos, shelter_id, name, capacity) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (key, p) in &batch.projections {
+            let (k, id) = (key.kind.code(), key.id.as_str());
+            for st in &mut del {
+                st.execute(params![k, id])?;
+            }
+            for (i, r) in p.persons.iter().enumerate() {
+                person.execute(params![
+                    k,
+                    id,
+                    i as i64,
+                    r.person_id,
+                    r.household_id,
+                    r.name,
+                    r.kana,
+                    r.search_key,
+                    crdt::text::search_key(&r.name),
+                    r.birth_date
+                ])?;
+            }
+            for (i, (card_user_id, household_id, person_id)) in p.cards.iter().enumerate() {
+                card.execute(params![
+                    k,
+                    id,
+                    i as i64,
+                    card_user_id,
+                    household_id,
+                    person_id
+                ])?;
+            }
+            for (i, l) in p.locations.iter().enumerate() {
+                location.execute(params![
+                    k,
+                    id,
+                    i as i64,
+                    l.person_id,
+                    l.shelter_id,
+                    status_to_sql(l.status),
+                    u64_to_sql(l.since_ms),
+                    l.conflict
+                ])?;
+            }
+            for (i, s) in p.shelters.iter().enumerate() {
+                shelter.execute(params![k, id, i as i64, s.shelter_id, s.name, s.capacity])?;
+            }
+        }
+    }
+    if !batch.ops.is_empty() {
+        let mut st =
+            tx.prepare_cached("INSERT OR IGNORE INTO ops (op_id, result) VALUES (?1, ?2)")?;
+        for (op, result) in &batch.ops {
+            st.execute([op, result])?;
+        }
+    }
+    if !batch.peer_heads.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT OR REPLACE INTO peer_heads (peer, kind, doc_id, heads) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (peer, key, heads) in &batch.peer_heads {
+            st.execute(params![
+                peer.as_str(),
+                key.kind.code(),
+                key.id,
+                heads_to_blob(heads)
+            ])?;
+        }
+    }
+    if !batch.quarantine.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT OR REPLACE INTO quarantine (kind, doc_id, reason) VALUES (?1, ?2, ?3)",
+        )?;
+        for (key, reason) in &batch.quarantine {
+            st.execute(params![key.kind.code(), key.id, reason])?;
+        }
+    }
+    Ok(())
+}
