@@ -1,1 +1,10 @@
+//! The `kizuna` node: drives the [`crdt`] engine over SQLite ([`store`]),
+//! on one engine thread ([`driver`]), behind a JSON API ([`api`]), set up
+//! from one validated [`config::Config`].
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod driver;
+pub mod import;
 pub mod store;
