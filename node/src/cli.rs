@@ -81,7 +81,7 @@ pub enum OperatorCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum RegistryCmd {
-    /// Import a registry CSV (all or nothing). See docs/import.md.
+    /// Import a registry CSV (all or nothing). Format: docs/cli.md.
     Import {
         #[arg(long)]
         data_dir: PathBuf,
