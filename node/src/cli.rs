@@ -54,6 +54,23 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: DocsCmd,
     },
+    /// A whole mesh on loopback: CA, certs, configs, synthetic registry,
+    /// hq + 2 shelters + clinic + ambulance as child processes.
+    Demo {
+        /// Directory for everything (default: a new temp directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object per node instead of `role url token`.
+        #[arg(long)]
+        json: bool,
+        /// QUIC ports are base..base+4, HTTP ports base+100..base+104.
+        #[arg(long, default_value_t = 17700)]
+        base_port: u16,
+        #[arg(long, default_value_t = 500)]
+        households: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Municipal CA and node certificates.
     Certs {
         #[command(subcommand)]
@@ -148,7 +165,26 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                     encoding,
                     node_id,
                 },
-        } => registry_import(&data_dir, &file, encoding, node_id.as_deref()),
+        } => {
+            println!(
+                "{}",
+                registry_import(&data_dir, &file, encoding, node_id.as_deref())?
+            );
+            Ok(())
+        }
+        Cmd::Demo {
+            dir,
+            json,
+            base_port,
+            households,
+            seed,
+        } => crate::demo::run(crate::demo::DemoArgs {
+            dir,
+            json,
+            base_port,
+            households,
+            seed,
+        }),
         Cmd::Docs {
             cmd: DocsCmd::Export { data_dir, out },
         } => docs_export(&data_dir, &out),
@@ -220,7 +256,7 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 /// Opens the data dir as its owning hq node (see the module docs).
-fn open_hq(
+pub(crate) fn open_hq(
     data_dir: &Path,
     node_id: Option<&str>,
 ) -> Result<(DataDirLock, SqliteStore, EngineConfig), Exit> {
@@ -259,12 +295,13 @@ fn open_hq(
     Ok((lock, store, EngineConfig::new(id, Role::Hq)))
 }
 
-fn registry_import(
+/// Validates and imports a registry file; returns the summary line.
+pub(crate) fn registry_import(
     data_dir: &Path,
     file: &Path,
     enc: Encoding,
     node_id: Option<&str>,
-) -> Result<(), Exit> {
+) -> Result<String, Exit> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let reg = match import::parse_file(&bytes, enc, wall_ms()) {
         Ok(r) => r,
@@ -308,16 +345,13 @@ fn registry_import(
     driver.shutdown()?;
     drop(lock);
     match failure {
-        None => {
-            println!(
-                "imported {} households, {} persons ({:?}, {} batch(es))",
-                reg.households.len(),
-                reg.persons,
-                reg.encoding,
-                batches.len()
-            );
-            Ok(())
-        }
+        None => Ok(format!(
+            "imported {} households, {} persons ({:?}, {} batch(es))",
+            reg.households.len(),
+            reg.persons,
+            reg.encoding,
+            batches.len()
+        )),
         Some((i, e)) => Err(Exit {
             code: 1,
             message: format!(
