@@ -435,3 +435,74 @@ fn medical_forbidden_on_shelter_node() {
     assert_eq!(r.status, 400, "reason is required: {}", r.body);
     drop(srv.stop());
 }
+
+#[test]
+fn events_stream_and_idempotency_key() {
+    let t = tempfile::tempdir().unwrap();
+    let srv = Server::start(t.path(), "hq-1", Role::Hq, vec![household()]);
+    let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        srv.token
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    let auth = format!("Bearer {}", srv.token);
+    let h = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+        ("Idempotency-Key", "tap-42"),
+    ];
+    let body = br#"{"person_ids":["p2"],"shelter_id":"s-01"}"#;
+    let a = http(srv.addr, "POST", "/api/v1/checkins", &h, body);
+    let b = http(srv.addr, "POST", "/api/v1/checkins", &h, body);
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.json(), b.json());
+    while !seen.contains("document_changed") {
+        let n = s.read(&mut buf).expect("an event within 10 s");
+        assert!(n > 0);
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("data: {"), "{seen}");
+    drop(s);
+    drop(srv.stop());
+}
+
+#[test]
+fn run_refuses_bad_config_and_missing_certs() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        "data_dir = \"d\"\n[http]\nbind = \"127.0.0.1:70000\"\n",
+    )
+    .unwrap();
+    let o = kizuna(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("http.bind = 70000") && err.contains("1..=65535"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "data_dir = \"d\"\n[certs]\ndir = \"nowhere\"\n").unwrap();
+    let o = kizuna(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("nowhere"), "{err}");
+    assert!(
+        !t.path().join("d").exists(),
+        "nothing created before the config and certs check out"
+    );
+}
