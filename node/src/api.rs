@@ -546,22 +546,17 @@ async fn shelters(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
 async fn events(State(st): State<ApiState>) -> impl IntoResponse {
     let rx = st.driver.subscribe();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) => {
-                    let data = serde_json::to_string(&ev).expect("serialisable");
-                    return Some((
-                        Ok::<Event, std::convert::Infallible>(Event::default().data(data)),
-                        rx,
-                    ));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let data = json!({"type": "lagged", "missed": n}).to_string();
-                    return Some((Ok(Event::default().data(data)), rx));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        let data = match rx.recv().await {
+            Ok(ev) => serde_json::to_string(&ev).expect("serialisable"),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                json!({"type": "lagged", "missed": n}).to_string()
             }
-        }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((
+            Ok::<Event, std::convert::Infallible>(Event::default().data(data)),
+            rx,
+        ))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -97,12 +97,12 @@ pub fn synthetic_registry(households: usize, seed: u64) -> String {
             let month = 1 + pick(12);
             let day = 1 + pick(28);
             // Some older residents written with era dates, as registries do.
-            let birth = if year < 1989 && person % 4 == 0 {
+            let birth = if year < 1989 && person.is_multiple_of(4) {
                 format!("昭和{}年{month}月{day}日", year - 1925)
             } else {
                 format!("{year:04}-{month:02}-{day:02}")
             };
-            let card = if person % 3 == 0 {
+            let card = if person.is_multiple_of(3) {
                 format!("{:013}", 9_000_000_000_000u64 + person as u64)
             } else {
                 String::new()

@@ -232,7 +232,7 @@ pub fn parse_birth_date(s: &str) -> Result<String, String> {
         crdt::model::check_date("birth_date", s).map_err(|e| e.to_string())?;
         return Ok(s.to_string());
     }
-    let bad = || format!("birth_date: expected YYYY-MM-DD or an era date like 昭和25年4月1日");
+    let bad = || "birth_date: expected YYYY-MM-DD or an era date like 昭和25年4月1日".to_string();
     let era = ERAS
         .iter()
         .find(|e| s.starts_with(e.name))
