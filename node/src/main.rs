@@ -1,25 +1,25 @@
+//! `kizuna`: see [`node::cli`] for the subcommands.
+
 use clap::Parser;
+use std::process::ExitCode;
 
-#[derive(Parser)]
-#[command(name = "kizuna")]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(clap::Subcommand)]
-enum Cmd {
-    /// Municipal IC card reader.
-    #[command(subcommand)]
-    Card(node::card::cli::CardCmd),
-}
-
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
-        Cmd::Card(cmd) => cmd.run(),
+    let cli = node::cli::Cli::parse();
+    if let node::cli::Cmd::Card(cmd) = cli.cmd {
+        return cmd.run();
+    }
+    match node::cli::main_with(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kizuna: {}", e.message);
+            ExitCode::from(e.code.clamp(1, 255) as u8)
+        }
     }
 }

@@ -1,0 +1,19 @@
+# The two commands of the README.
+#   make demo   sets up this machine and runs a demo mesh (hq, two shelters,
+#               a clinic, an ambulance) with a synthetic registry on loopback.
+#   make test   sets up this machine and runs every test, slow tiers included.
+
+.PHONY: demo test bench
+
+demo:
+	sudo -n true 2>/dev/null; bash deploy/scripts/setup.sh
+	cargo run --release -p node --bin kizuna -- demo
+
+test:
+	bash deploy/scripts/setup.sh
+	cargo nextest run --workspace --release --no-fail-fast --profile ci
+	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-small.toml --seeds 300
+
+bench:
+	cargo bench -p crdt --bench reconcile -- --docs 100000 --divergence 0.01
+	cargo bench -p node --bench store -- --residents 1000000

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# setup.sh — install and start everything Kizuna's build and tests need on a
+# fresh Debian 12 machine. Idempotent; run as root. Used by `make test`,
+# `make demo` and .ci/run.
+#
+#   build:  pkg-config, libpcsclite-dev (the pcsc crate links libpcsclite)
+#   tests:  pcscd + vsmartcard-vpcd (card tier), nftables + iproute2
+#           (namespace tier), python3-aiosmtpd (SMTP tier)
+#   tools:  cargo-nextest (on the machine image; installed from crates.io
+#           only if missing)
+set -euo pipefail
+
+need=()
+for pkg in pkg-config libpcsclite-dev pcscd vsmartcard-vpcd nftables iproute2 python3-aiosmtpd; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+else
+  echo "setup: system packages present"
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+# The card tier talks to pcscd through the vpcd virtual reader.
+"$(dirname "$0")/card-stack.sh" start

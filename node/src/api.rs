@@ -1,0 +1,562 @@
+//! JSON API v1 (axum), served by every node on loopback by default.
+//!
+//! Every request carries `Authorization: Bearer <token>`; tokens are
+//! checked against `operators.json` ([`crate::auth`]), re-read when it
+//! changes. Handlers turn requests into engine [`Query`]s and [`Command`]s
+//! through the [`DriverHandle`]; a command's `201` is sent only after the
+//! engine has committed it. Every error is `{"error":{"code","message"}}`
+//! with a status from [`status_for`]. Request bodies are limited to
+//! [`MAX_BODY_BYTES`] before parsing; unknown JSON fields, malformed JSON
+//! and wrong content types are refused (I-15, I-30). The endpoints are
+//! documented in `docs/api.md`.
+
+use crate::auth::Operators;
+use crate::driver::{DriverError, DriverHandle};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use crdt::api::{Command, CommandError, Operator, Query, QueryReply, Reply};
+use crdt::store::{LocationRow, PersonRow, StoreError};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+pub const SEARCH_LIMIT: usize = 50;
+/// No HTML is served yet; when it is, this policy (no `unsafe-inline`)
+/// applies to it too.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+/// Shared state of the HTTP server.
+#[derive(Clone)]
+pub struct ApiState {
+    pub driver: DriverHandle,
+    pub data_dir: PathBuf,
+    operators: Arc<Mutex<(Option<SystemTime>, Arc<Operators>)>>,
+}
+
+impl ApiState {
+    pub fn new(driver: DriverHandle, data_dir: PathBuf) -> ApiState {
+        ApiState {
+            driver,
+            data_dir,
+            operators: Arc::new(Mutex::new((None, Arc::new(Operators::default())))),
+        }
+    }
+
+    /// The current operators, re-read when the file's mtime changes.
+    fn operators(&self) -> Result<Arc<Operators>, ApiError> {
+        let path = Operators::path(&self.data_dir);
+        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let mut cur = self.operators.lock().expect("operators lock");
+        if cur.0 != mtime || mtime.is_none() {
+            let ops = Operators::load(&self.data_dir).map_err(|e| {
+                tracing::error!(error = %e, "operators file unreadable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "operators_unavailable",
+                    "operator list unreadable",
+                )
+            })?;
+            *cur = (mtime, Arc::new(ops));
+        }
+        Ok(cur.1.clone())
+    }
+}
+
+/// An error response: `{"error":{"code","message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// HTTP status for an engine error.
+pub fn status_for(e: &CommandError) -> StatusCode {
+    match e {
+        CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+        CommandError::Forbidden { .. } => StatusCode::FORBIDDEN,
+        CommandError::NotFound { .. } => StatusCode::NOT_FOUND,
+        CommandError::Rejected(_) => StatusCode::CONFLICT,
+        CommandError::Storage(StoreError::Full) => StatusCode::INSUFFICIENT_STORAGE,
+        CommandError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> ApiError {
+        ApiError::new(status_for(&e), e.code(), e.to_string())
+    }
+}
+
+impl From<DriverError> for ApiError {
+    fn from(e: DriverError) -> ApiError {
+        match e {
+            DriverError::Query(c) => c.into(),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// `Json` with our error body: 415 wrong content type, 413 too large,
+/// 400 malformed JSON or unknown/missing fields.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(json_rejection(r)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let status = r.status();
+    let text = r.body_text();
+    match status {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            status,
+            "unsupported_media_type",
+            "expected Content-Type: application/json",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            status,
+            "payload_too_large",
+            format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        ),
+        s if s.is_client_error() => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", text),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", text),
+    }
+}
+
+/// Query string with our error body.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|r: QueryRejection| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", r.body_text())
+            })
+    }
+}
+
+/// The authenticated operator, set by the auth middleware.
+#[derive(Clone, Debug)]
+pub struct AuthOperator(pub String);
+
+async fn auth(State(st): State<ApiState>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token",
+        )
+        .into_response();
+    };
+    let ops = match st.operators() {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match ops.verify(token) {
+        Some(name) => {
+            req.extensions_mut().insert(AuthOperator(name.to_string()));
+            next.run(req).await
+        }
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token").into_response()
+        }
+    }
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The API router; serve it with `axum::serve`.
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/persons", get(persons))
+        .route("/api/v1/search", get(search))
+        .route(
+            "/api/v1/households/by-card/{card_user_id}",
+            get(household_by_card),
+        )
+        .route("/api/v1/persons/{person_id}", get(person))
+        .route("/api/v1/persons/{person_id}/medical", get(medical))
+        .route("/api/v1/checkins", post(checkins))
+        .route("/api/v1/checkouts", post(checkouts))
+        .route("/api/v1/shelters", get(shelters))
+        .route("/api/v1/events", get(events))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state);
+    api.layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(security_headers))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn unexpected(r: QueryReply) -> ApiError {
+    tracing::error!(reply = ?std::mem::discriminant(&r), "unexpected query reply");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "unexpected engine reply",
+    )
+}
+
+fn person_json(p: &PersonRow) -> Value {
+    json!({"person_id": p.person_id, "household_id": p.household_id, "name": p.name, "kana": p.kana})
+}
+
+fn location_json(l: &Option<LocationRow>) -> Value {
+    match l {
+        None => Value::Null,
+        Some(l) => {
+            json!({"shelter_id": l.shelter_id, "status": l.status, "since": l.since_ms, "conflict": l.conflict})
+        }
+    }
+}
+
+async fn status(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    match st.driver.query(Query::Status).await? {
+        QueryReply::Status(s) => Ok(Json(serde_json::to_value(s).expect("serialisable"))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn persons(
+    State(st): State<ApiState>,
+    ApiQuery(p): ApiQuery<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = p.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("limit: 1..={MAX_PAGE}"),
+        ));
+    }
+    let q = Query::Persons {
+        limit,
+        offset: p.offset.unwrap_or(0),
+    };
+    match st.driver.query(q).await? {
+        QueryReply::Persons(v) => Ok(Json(Value::Array(v.iter().map(person_json).collect()))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchQ {
+    q: String,
+}
+
+async fn search(
+    State(st): State<ApiState>,
+    ApiQuery(s): ApiQuery<SearchQ>,
+) -> Result<Json<Value>, ApiError> {
+    match st
+        .driver
+        .query(Query::Search {
+            q: s.q,
+            limit: SEARCH_LIMIT,
+        })
+        .await?
+    {
+        QueryReply::Persons(v) => Ok(Json(Value::Array(v.iter().map(person_json).collect()))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn household_by_card(
+    State(st): State<ApiState>,
+    Path(card_user_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match st
+        .driver
+        .query(Query::HouseholdByCard { card_user_id })
+        .await?
+    {
+        QueryReply::Household(Some(h)) => Ok(Json(json!({
+            "household_id": h.household_id,
+            "members": h.members.iter().map(|(p, l)| json!({
+                "person_id": p.person_id, "name": p.name, "kana": p.kana, "location": location_json(l)
+            })).collect::<Vec<_>>(),
+        }))),
+        QueryReply::Household(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no household for this card",
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn person(
+    State(st): State<ApiState>,
+    Path(person_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match st.driver.query(Query::Person { person_id }).await? {
+        QueryReply::Person(Some(d)) => {
+            let mut v = person_json(&d.person);
+            v["location"] = location_json(&d.location);
+            v["conflicts"] = serde_json::to_value(&d.conflicts).expect("serialisable");
+            Ok(Json(v))
+        }
+        QueryReply::Person(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such person",
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MedicalQ {
+    reason: String,
+    #[serde(default)]
+    break_glass: bool,
+}
+
+async fn medical(
+    State(st): State<ApiState>,
+    axum::Extension(op): axum::Extension<AuthOperator>,
+    Path(person_id): Path<String>,
+    ApiQuery(q): ApiQuery<MedicalQ>,
+) -> Result<Json<Value>, ApiError> {
+    // Every read is its own audited command, so a fresh op id each time.
+    let op_id = new_op_id();
+    let r = st
+        .driver
+        .command(
+            op_id,
+            Operator(op.0),
+            Command::ReadMedical {
+                person_id,
+                reason: q.reason,
+                break_glass: q.break_glass,
+            },
+        )
+        .await?;
+    match r {
+        Reply::Medical {
+            person_id,
+            view,
+            audit_seq,
+        } => Ok(Json(
+            json!({"person_id": person_id, "medical": view, "audit_seq": audit_seq}),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected engine reply",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceBody {
+    pub person_ids: Vec<String>,
+    #[serde(default)]
+    pub shelter_id: Option<String>,
+    #[serde(default)]
+    pub op_id: Option<String>,
+}
+
+pub fn new_op_id() -> String {
+    use rand_core::{OsRng, RngCore};
+    format!("api-{:016x}{:016x}", OsRng.next_u64(), OsRng.next_u64())
+}
+
+async fn presence(
+    st: ApiState,
+    op: AuthOperator,
+    headers: HeaderMap,
+    body: PresenceBody,
+    check_in: bool,
+) -> Result<Response, ApiError> {
+    let header_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_input",
+                        "Idempotency-Key must be ASCII",
+                    )
+                })?
+                .to_string(),
+        ),
+    };
+    let op_id = body.op_id.or(header_key).unwrap_or_else(new_op_id);
+    let cmd = if check_in {
+        Command::CheckIn {
+            person_ids: body.person_ids,
+            shelter_id: body.shelter_id,
+        }
+    } else {
+        Command::CheckOut {
+            person_ids: body.person_ids,
+            shelter_id: body.shelter_id,
+        }
+    };
+    match st.driver.command(op_id, Operator(op.0), cmd).await? {
+        Reply::Presence { event_ids, already } => Ok((
+            StatusCode::CREATED,
+            Json(json!({"event_ids": event_ids, "already": already})),
+        )
+            .into_response()),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected engine reply",
+        )),
+    }
+}
+
+async fn checkins(
+    State(st): State<ApiState>,
+    axum::Extension(op): axum::Extension<AuthOperator>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<PresenceBody>,
+) -> Result<Response, ApiError> {
+    presence(st, op, headers, body, true).await
+}
+
+async fn checkouts(
+    State(st): State<ApiState>,
+    axum::Extension(op): axum::Extension<AuthOperator>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<PresenceBody>,
+) -> Result<Response, ApiError> {
+    presence(st, op, headers, body, false).await
+}
+
+async fn shelters(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    match st.driver.query(Query::Shelters).await? {
+        QueryReply::Shelters(v) => Ok(Json(Value::Array(
+            v.iter()
+                .map(|s| {
+                    json!({
+                        "shelter_id": s.shelter.shelter_id, "name": s.shelter.name,
+                        "capacity": s.shelter.capacity, "occupancy": s.occupancy, "last_sync": s.last_sync
+                    })
+                })
+                .collect(),
+        ))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn events(State(st): State<ApiState>) -> impl IntoResponse {
+    let rx = st.driver.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let data = match rx.recv().await {
+            Ok(ev) => serde_json::to_string(&ev).expect("serialisable"),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                json!({"type": "lagged", "missed": n}).to_string()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((
+            Ok::<Event, std::convert::Infallible>(Event::default().data(data)),
+            rx,
+        ))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

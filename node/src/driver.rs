@@ -1,0 +1,381 @@
+//! The engine thread: one std thread owns [`Engine<SqliteStore>`] and is
+//! the only code that touches it. Everything else (HTTP handlers, QUIC
+//! sessions, the card reader, SMTP) talks to it through [`DriverHandle`].
+//!
+//! Model: inputs arrive over an unbounded channel and are handled one at a
+//! time with `Now` read from the system clocks and a ChaCha20 RNG seeded
+//! from OS entropy at start. A [`Input::Tick`] is injected every
+//! [`TICK_MS`]. Outputs are routed as they come out of `handle`:
+//!
+//! - `Reply` / `QueryReply` go back to the caller waiting on a oneshot.
+//!   Replies are emitted by the engine only after their commit, so a
+//!   caller never sees an acknowledgement for something not on disk.
+//! - `Send` / `Close` go to the net sink ([`DriverHandle::set_net_sink`]);
+//!   without one they are dropped (the engine re-sends after reconnect).
+//! - `SendMail` goes to the mail sink; without one the mail stays in the
+//!   engine's outbox and is retried on later ticks.
+//! - `Event` goes to a tokio broadcast channel (server-sent events).
+//!
+//! How to drive it:
+//!
+//! ```no_run
+//! # async fn f(store: node::store::SqliteStore, cfg: crdt::engine::EngineConfig) -> anyhow::Result<()> {
+//! let h = node::driver::Driver::start(store, cfg)?;
+//! let status = h.query(crdt::api::Query::Status).await?;
+//! let store = h.shutdown()?; // joins the thread, hands the store back
+//! # Ok(()) }
+//! ```
+
+use crdt::api::{
+    Command, CommandError, Input, Now, Operator, Output, Query, QueryReply, Reply, SessionId,
+    UiEvent,
+};
+use crdt::engine::{Engine, EngineConfig, EngineError};
+use crdt::store::StoreError;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::store::SqliteStore;
+
+/// Interval of the periodic [`Input::Tick`].
+pub const TICK_MS: u64 = 200;
+/// Capacity of the UI event broadcast; slow subscribers miss events
+/// (they see `Lagged` and should re-query).
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// What the driver hands to the network layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetOut {
+    /// Write this frame body, length-prefixed, to the session's stream.
+    Send { session: SessionId, bytes: Vec<u8> },
+    /// Close the session after flushing what was queued before.
+    Close { session: SessionId, reason: String },
+}
+
+pub type NetSink = Box<dyn Fn(NetOut) + Send>;
+pub type MailSink = Box<dyn Fn(crdt::api::MailRequest) + Send>;
+
+/// Why a query or the driver itself failed (not a command's own outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("the engine thread has stopped")]
+    Stopped,
+    #[error("could not open the engine: {0}")]
+    Open(#[from] EngineError),
+    #[error("could not start the engine thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("the engine thread panicked")]
+    Panicked,
+    #[error("query failed: {0}")]
+    Query(CommandError),
+}
+
+enum Msg {
+    Command {
+        op_id: String,
+        operator: Operator,
+        cmd: Command,
+        reply: oneshot::Sender<Result<Reply, CommandError>>,
+    },
+    Query {
+        query: Query,
+        reply: oneshot::Sender<Result<QueryReply, CommandError>>,
+    },
+    Input(Input),
+    Shutdown,
+}
+
+#[derive(Default)]
+struct Sinks {
+    net: Option<NetSink>,
+    mail: Option<MailSink>,
+}
+
+/// Cheap to clone; every clone talks to the same engine thread.
+#[derive(Clone)]
+pub struct DriverHandle {
+    tx: mpsc::Sender<Msg>,
+    sinks: Arc<Mutex<Sinks>>,
+    events: broadcast::Sender<UiEvent>,
+    thread: Arc<Mutex<Option<JoinHandle<Option<SqliteStore>>>>>,
+    info: Arc<DriverInfo>,
+}
+
+/// Fixed facts about the running engine.
+#[derive(Clone, Debug)]
+pub struct DriverInfo {
+    pub node_id: crdt::NodeId,
+    pub role: crdt::Role,
+    pub incarnation: u32,
+}
+
+pub struct Driver;
+
+impl Driver {
+    /// Opens the engine on a new thread and starts ticking. Returns once
+    /// the engine is open (or failed to open).
+    pub fn start(store: SqliteStore, cfg: EngineConfig) -> Result<DriverHandle, DriverError> {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let sinks = Arc::new(Mutex::new(Sinks::default()));
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (open_tx, open_rx) = mpsc::channel::<Result<DriverInfo, EngineError>>();
+        let t_sinks = sinks.clone();
+        let t_events = events.clone();
+        let thread = std::thread::Builder::new()
+            .name("kizuna-engine".into())
+            .spawn(move || {
+                let clock = Clock::new();
+                let mut engine = match Engine::open(store, cfg, clock.now()) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = open_tx.send(Err(e));
+                        // No store to hand back; the caller sees the error.
+                        return None;
+                    }
+                };
+                let _ = open_tx.send(Ok(DriverInfo {
+                    node_id: engine.config().node_id.clone(),
+                    role: engine.config().role,
+                    incarnation: engine.incarnation(),
+                }));
+                run(&mut engine, &clock, rx, &t_sinks, &t_events);
+                Some(engine.into_store())
+            })
+            .map_err(DriverError::Spawn)?;
+        match open_rx.recv() {
+            Ok(Ok(info)) => {
+                tracing::info!(node_id = %info.node_id, role = %info.role, incarnation = info.incarnation, "engine open");
+                Ok(DriverHandle {
+                    tx,
+                    sinks,
+                    events,
+                    thread: Arc::new(Mutex::new(Some(thread))),
+                    info: Arc::new(info),
+                })
+            }
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(DriverError::Open(e))
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(DriverError::Panicked)
+            }
+        }
+    }
+}
+
+impl DriverHandle {
+    pub fn info(&self) -> &DriverInfo {
+        &self.info
+    }
+
+    /// Runs a command; resolves after its commit with the engine's answer.
+    /// A stopped driver answers with a storage error (`storage_error`).
+    pub async fn command(
+        &self,
+        op_id: String,
+        operator: Operator,
+        cmd: Command,
+    ) -> Result<Reply, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        let stopped =
+            || CommandError::Storage(StoreError::Io("the engine thread has stopped".into()));
+        self.tx
+            .send(Msg::Command {
+                op_id,
+                operator,
+                cmd,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Blocking variant of [`Self::command`] for non-async callers (CLI).
+    pub fn command_blocking(
+        &self,
+        op_id: String,
+        operator: Operator,
+        cmd: Command,
+    ) -> Result<Reply, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        let stopped =
+            || CommandError::Storage(StoreError::Io("the engine thread has stopped".into()));
+        self.tx
+            .send(Msg::Command {
+                op_id,
+                operator,
+                cmd,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().map_err(|_| stopped())?
+    }
+
+    pub async fn query(&self, query: Query) -> Result<QueryReply, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Query { query, reply })
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await
+            .map_err(|_| DriverError::Stopped)?
+            .map_err(DriverError::Query)
+    }
+
+    /// Network events (`Connected`, `Frame`, `Disconnected`) and mail
+    /// outcomes. Fire and forget.
+    pub fn input(&self, input: Input) -> Result<(), DriverError> {
+        self.tx
+            .send(Msg::Input(input))
+            .map_err(|_| DriverError::Stopped)
+    }
+
+    pub fn set_net_sink(&self, sink: NetSink) {
+        self.sinks.lock().expect("sinks lock").net = Some(sink);
+    }
+
+    pub fn set_mail_sink(&self, sink: MailSink) {
+        self.sinks.lock().expect("sinks lock").mail = Some(sink);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<UiEvent> {
+        self.events.subscribe()
+    }
+
+    /// Stops the thread after the inputs already queued, joins it and
+    /// hands back the store. Only the first call gets the store.
+    pub fn shutdown(&self) -> Result<Option<SqliteStore>, DriverError> {
+        let _ = self.tx.send(Msg::Shutdown);
+        let t = self.thread.lock().expect("thread lock").take();
+        match t {
+            Some(t) => t.join().map_err(|_| DriverError::Panicked),
+            None => Ok(None),
+        }
+    }
+}
+
+struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            start: Instant::now(),
+        }
+    }
+    fn now(&self) -> Now {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Now {
+            wall_ms,
+            mono_ms: self.start.elapsed().as_millis() as u64,
+            // TODO(lead): derive from certs::clock::clock_sanity / peer agreement.
+            wall_trusted: true,
+        }
+    }
+}
+
+fn run(
+    engine: &mut Engine<SqliteStore>,
+    clock: &Clock,
+    rx: mpsc::Receiver<Msg>,
+    sinks: &Mutex<Sinks>,
+    events: &broadcast::Sender<UiEvent>,
+) {
+    let mut rng = ChaCha20Rng::from_entropy();
+    let tick = Duration::from_millis(TICK_MS);
+    let mut next_tick = Instant::now() + tick;
+    // Commands waiting for their Reply, by op_id. With no group commit the
+    // reply comes out of the same `handle` call; the map also covers a
+    // future engine that defers replies past a later commit.
+    let mut pending: HashMap<String, Vec<oneshot::Sender<Result<Reply, CommandError>>>> =
+        HashMap::new();
+    loop {
+        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let msg = match rx.recv_timeout(timeout) {
+            Ok(m) => Some(m),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let (input, query_reply) = match msg {
+            None => {
+                next_tick = Instant::now() + tick;
+                (Input::Tick, None)
+            }
+            Some(Msg::Shutdown) => return,
+            Some(Msg::Input(i)) => (i, None),
+            Some(Msg::Query { query, reply }) => (Input::Query { query }, Some(reply)),
+            Some(Msg::Command {
+                op_id,
+                operator,
+                cmd,
+                reply,
+            }) => {
+                pending.entry(op_id.clone()).or_default().push(reply);
+                (
+                    Input::Command {
+                        op_id,
+                        operator,
+                        cmd,
+                    },
+                    None,
+                )
+            }
+        };
+        let outs = engine.handle(input, clock.now(), &mut rng);
+        let mut query_reply = query_reply;
+        for o in outs {
+            match o {
+                Output::Reply { op_id, result } => {
+                    if let Some(waiters) = pending.remove(&op_id) {
+                        for w in waiters {
+                            let _ = w.send(result.clone());
+                        }
+                    }
+                }
+                Output::QueryReply(r) => {
+                    if let Some(w) = query_reply.take() {
+                        let _ = w.send(r);
+                    }
+                }
+                Output::Send { session, bytes } => {
+                    let s = sinks.lock().expect("sinks lock");
+                    match &s.net {
+                        Some(f) => f(NetOut::Send { session, bytes }),
+                        None => tracing::debug!(session, "no net sink; frame dropped"),
+                    }
+                }
+                Output::Close { session, reason } => {
+                    let s = sinks.lock().expect("sinks lock");
+                    match &s.net {
+                        Some(f) => f(NetOut::Close { session, reason }),
+                        None => tracing::debug!(session, "no net sink; close dropped"),
+                    }
+                }
+                Output::SendMail(m) => {
+                    let s = sinks.lock().expect("sinks lock");
+                    match &s.mail {
+                        Some(f) => f(m),
+                        None => tracing::warn!(
+                            message_id = %m.message_id,
+                            "no mail sink; family mail stays queued"
+                        ),
+                    }
+                }
+                Output::Event(e) => {
+                    let _ = events.send(e);
+                }
+            }
+        }
+    }
+}
