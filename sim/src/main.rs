@@ -1,1 +1,179 @@
-fn main() {}
+//! `kizuna-sim`: run one seed, sweep many, or prove the planted mutants
+//! are caught. See the crate docs (`sim/src/lib.rs`) for the model.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use sim::scenario::Scenario;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "kizuna-sim",
+    about = "Deterministic simulator for the Kizuna sync core"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one seed.
+    Run {
+        #[arg(long)]
+        scenario: String,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        json: Option<String>,
+        #[arg(long)]
+        svg: Option<String>,
+        /// Stop after this many wall seconds (reports how far it got).
+        #[arg(long)]
+        budget_secs: Option<u64>,
+    },
+    /// Run many seeds; exit 1 listing failing seeds.
+    Sweep {
+        #[arg(long)]
+        scenario: String,
+        #[arg(long)]
+        seeds: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        #[arg(long)]
+        budget_secs: Option<u64>,
+    },
+    /// With `--features mutants`: each planted bug must be caught.
+    Mutants {
+        #[arg(long)]
+        scenario: String,
+        #[arg(long)]
+        seeds: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+    },
+}
+
+fn replay(scenario: &str, seed: u64) -> String {
+    format!("kizuna-sim run --scenario {scenario} --seed {seed}")
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("kizuna-sim: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<bool> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            scenario,
+            seed,
+            json,
+            svg,
+            budget_secs,
+        } => {
+            let sc = Scenario::load(&scenario)?;
+            let s = match budget_secs {
+                Some(b) => sim::run_seed(
+                    &sc,
+                    seed,
+                    Some(Instant::now() + std::time::Duration::from_secs(b)),
+                ),
+                None => sim::run_seed_with_progress(&sc, seed),
+            };
+            print!("{}", sim::report::table(&s));
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&sim::report::json(&s))?)?;
+            }
+            if let Some(p) = svg {
+                std::fs::write(&p, sim::report::svg(&s))?;
+            }
+            if !s.invariant_violations.is_empty() {
+                println!("FAILED; replay with: {}", replay(&scenario, seed));
+                return Ok(false);
+            }
+            Ok(true)
+        }
+        Cmd::Sweep {
+            scenario,
+            seeds,
+            start,
+            budget_secs,
+        } => {
+            let sc = Scenario::load(&scenario)?;
+            let t0 = Instant::now();
+            let mut failing = vec![];
+            let mut node_hours = 0.0;
+            let mut ran = 0;
+            let mut max_rounds = 0;
+            for seed in start..start + seeds {
+                if budget_secs.is_some_and(|b| t0.elapsed().as_secs() >= b) {
+                    break;
+                }
+                let s = sim::run_seed(&sc, seed, None);
+                ran += 1;
+                node_hours += s.nodes as f64 * s.simulated_hours;
+                max_rounds = max_rounds.max(s.convergence_rounds.unwrap_or(0));
+                if !s.invariant_violations.is_empty() {
+                    let names: std::collections::BTreeSet<&str> =
+                        s.invariant_violations.iter().map(|v| v.name).collect();
+                    println!(
+                        "seed {seed}: FAILED {:?}; replay: {}",
+                        names,
+                        replay(&scenario, seed)
+                    );
+                    failing.push(seed);
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            println!(
+                "{ran} seeds in {secs:.1} s ({:.2} seeds/s); {node_hours:.1} simulated node-hours, {:.1} node-hours per wall second; max convergence rounds {max_rounds}",
+                ran as f64 / secs,
+                node_hours / secs
+            );
+            if failing.is_empty() {
+                println!("all seeds passed");
+                Ok(true)
+            } else {
+                println!("failing seeds: {failing:?}");
+                Ok(false)
+            }
+        }
+        Cmd::Mutants {
+            scenario,
+            seeds,
+            start,
+        } => mutants(&scenario, seeds, start),
+    }
+}
+
+#[cfg(feature = "mutants")]
+fn mutants(scenario: &str, seeds: u64, start: u64) -> Result<bool> {
+    let sc = Scenario::load(scenario)?;
+    let results = sim::catch_mutants(&sc, seeds, start);
+    println!("{:<18} {:<24} {}", "mutant", "invariant", "seed");
+    let mut all = true;
+    for (m, caught) in &results {
+        match caught {
+            Some((inv, seed)) => println!("{:<18} {:<24} {seed}", format!("{m:?}"), inv),
+            None => {
+                all = false;
+                println!("{:<18} {:<24} -", format!("{m:?}"), "SURVIVED")
+            }
+        }
+    }
+    Ok(all)
+}
+
+#[cfg(not(feature = "mutants"))]
+fn mutants(_: &str, _: u64, _: u64) -> Result<bool> {
+    anyhow::bail!("build with `--features mutants` to run the mutants command")
+}

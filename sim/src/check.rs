@@ -1,0 +1,351 @@
+//! Invariant checkers, kept apart from the workloads that exercise them
+//! (TigerBeetle's state checker, sled's model comparison). Each takes plain
+//! data the simulator collected and returns violations by name, so unit
+//! tests can feed them hand-made bad states.
+
+use crdt::api::{MailRequest, Reply};
+use crdt::model::{AuditEntry, PresenceAction, PresenceEvent};
+use crdt::store::{LocationRow, LocationStatus, Projection};
+use crdt::wire::Frame;
+use crdt::{DocKey, NodeId, Role};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+pub const ACKED_WRITE_LOST: &str = "acked_write_lost";
+pub const CONVERGED: &str = "converged";
+pub const APPLIED_TWICE: &str = "applied_twice";
+pub const CONFLICT_DROPPED: &str = "conflict_dropped";
+pub const ROLE_LEAK: &str = "role_leak";
+pub const AUDIT_MISSING: &str = "audit_missing";
+pub const MAIL_NOT_CONSENTED: &str = "mail_not_consented";
+pub const MAIL_DUPLICATE: &str = "mail_duplicate";
+pub const MAIL_MISSING: &str = "mail_missing";
+pub const MAIL_MESSAGE_ID: &str = "mail_message_id_changed";
+pub const INDIVIDUAL_NUMBER_LEAK: &str = "individual_number_leak";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    pub name: &'static str,
+    pub at_ms: u64,
+    pub detail: String,
+}
+
+pub fn v(name: &'static str, at_ms: u64, detail: impl Into<String>) -> Violation {
+    Violation {
+        name,
+        at_ms,
+        detail: detail.into(),
+    }
+}
+
+/// Every acknowledged presence event must still be in the node's store.
+pub fn acked_writes(
+    node: &str,
+    acked: &BTreeSet<String>,
+    present: &BTreeSet<String>,
+    at_ms: u64,
+) -> Vec<Violation> {
+    acked
+        .difference(present)
+        .map(|e| {
+            v(
+                ACKED_WRITE_LOST,
+                at_ms,
+                format!("{node}: acknowledged presence event {e} is gone"),
+            )
+        })
+        .collect()
+}
+
+/// No operation may be counted twice: distinct events of one document
+/// never share an op id, and replaying an op id returns the first reply.
+pub fn applied_twice(doc: &str, events: &[PresenceEvent], at_ms: u64) -> Vec<Violation> {
+    let mut ops: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+    let mut out = Vec::new();
+    for e in events {
+        if let Some(first) = ops.insert((&e.op_id, &e.person_id), &e.event_id) {
+            if first != e.event_id {
+                out.push(v(
+                    APPLIED_TWICE,
+                    at_ms,
+                    format!(
+                        "{doc}: op {} applied as {first} and {}",
+                        e.op_id, e.event_id
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+pub fn replay_reply(op_id: &str, first: &Reply, again: &Reply, at_ms: u64) -> Option<Violation> {
+    (first != again).then(|| {
+        v(
+            APPLIED_TWICE,
+            at_ms,
+            format!("op {op_id} replayed with a different reply: {first:?} then {again:?}"),
+        )
+    })
+}
+
+/// Recomputes, independently of `crdt::derive`, which persons have
+/// concurrent disagreeing latest events, and demands the location rows
+/// say `conflict: true` for each of them.
+pub fn conflicts(
+    doc: &str,
+    events: &[PresenceEvent],
+    rows: &BTreeMap<String, LocationRow>,
+    at_ms: u64,
+) -> Vec<Violation> {
+    let mut by_person: BTreeMap<&str, Vec<&PresenceEvent>> = BTreeMap::new();
+    for e in events {
+        by_person.entry(&e.person_id).or_default().push(e);
+    }
+    let mut out = Vec::new();
+    for (person, evs) in by_person {
+        let referenced: BTreeSet<&str> = evs
+            .iter()
+            .flat_map(|e| e.prev.iter().map(String::as_str))
+            .collect();
+        let places: BTreeSet<(bool, &str)> = evs
+            .iter()
+            .filter(|e| !referenced.contains(e.event_id.as_str()))
+            .map(|e| (e.action == PresenceAction::CheckIn, e.shelter_id.as_str()))
+            .collect();
+        if places.len() > 1 {
+            match rows.get(person) {
+                Some(r) if r.conflict => {}
+                r => out.push(v(
+                    CONFLICT_DROPPED,
+                    at_ms,
+                    format!(
+                        "{doc}: person {person} has {} disagreeing concurrent events but the location view shows {:?}",
+                        places.len(),
+                        r.map(|r| (r.status, r.shelter_id.as_str(), r.conflict))
+                    ),
+                )),
+            }
+        }
+    }
+    out
+}
+
+/// No document kind may reach a node whose role may not hold it.
+pub fn role_leak(to: &NodeId, role: Role, frame: &Frame, at_ms: u64) -> Vec<Violation> {
+    let Frame::Changes { docs } = frame else {
+        return vec![];
+    };
+    docs.iter()
+        .filter(|d| !crdt::policy::may_hold(role, to, &d.key))
+        .map(|d| v(ROLE_LEAK, at_ms, format!("{} sent to {to} ({role})", d.key)))
+        .collect()
+}
+
+/// Runs of exactly twelve ASCII digits, bounded by non-alphanumeric bytes
+/// (so hex hashes and 13-digit card ids do not count), that pass the
+/// Individual Number check digit.
+pub fn individual_numbers(bytes: &[u8]) -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i].is_ascii_digit() {
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            let before_ok = start == 0 || !bytes[start - 1].is_ascii_alphanumeric();
+            // The engine names audit entries `e:` + a 12-digit sequence
+            // number, and "000000000000" passes the check digit. Those keys
+            // are not Individual Numbers (see the report: the engine should
+            // widen them); every other run counts.
+            let audit_key = start >= 2 && &bytes[start - 2..start] == b"e:";
+            let after_ok = i == bytes.len() || !bytes[i].is_ascii_alphanumeric();
+            if i - start == 12 && before_ok && after_ok && !audit_key {
+                let s = std::str::from_utf8(&bytes[start..i]).expect("ascii digits");
+                if crdt::text::is_individual_number(s) {
+                    n += 1;
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    n
+}
+
+/// Every successful medical read has exactly one audit entry at the
+/// reading node.
+pub fn audit(node: &str, reads: &[u64], entries: &[AuditEntry], at_ms: u64) -> Vec<Violation> {
+    let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.action == "medical_read") {
+        *count.entry(e.seq).or_default() += 1;
+    }
+    reads
+        .iter()
+        .filter(|s| count.get(s).copied() != Some(1))
+        .map(|s| {
+            v(
+                AUDIT_MISSING,
+                at_ms,
+                format!(
+                    "{node}: medical read with audit seq {s} has {} audit entries",
+                    count.get(s).copied().unwrap_or(0)
+                ),
+            )
+        })
+        .collect()
+}
+
+/// One replica of one document: who holds it, its heads and what it derives.
+pub struct Replica<'a> {
+    pub node: &'a str,
+    pub heads: Option<&'a [[u8; 32]]>,
+    pub projection: Option<&'a Projection>,
+}
+
+/// All replicas of a document within one connected group must agree.
+pub fn converged(key: &DocKey, replicas: &[Replica<'_>], at_ms: u64) -> Option<Violation> {
+    let first = replicas.first()?;
+    for r in &replicas[1..] {
+        if r.heads != first.heads {
+            return Some(v(
+                CONVERGED,
+                at_ms,
+                format!("{key}: heads differ between {} and {}", first.node, r.node),
+            ));
+        }
+        if r.projection != first.projection {
+            return Some(v(
+                CONVERGED,
+                at_ms,
+                format!(
+                    "{key}: derived state differs between {} and {}",
+                    first.node, r.node
+                ),
+            ));
+        }
+    }
+    None
+}
+
+/// What the family-mail ledger knows about one (person, contact).
+#[derive(Clone, Debug, Default)]
+pub struct MailPair {
+    pub message_ids: BTreeSet<String>,
+    /// Messages the SMTP server accepted.
+    pub accepted: u32,
+    /// Attempts whose outcome the sender could not know (indeterminate,
+    /// sender crashed in flight, or another HQ took the claim over).
+    pub unknown_outcomes: u32,
+    pub permanent_failure: bool,
+    pub in_flight: u32,
+}
+
+/// The SMTP side of the simulation: every mail the server saw.
+#[derive(Clone, Debug, Default)]
+pub struct MailLedger {
+    pub pairs: BTreeMap<(String, String), MailPair>,
+    pub duplicates: u64,
+}
+
+impl MailLedger {
+    /// A SendMail output: consent is checked against the simulator's truth.
+    pub fn on_send(&mut self, req: &MailRequest, consented: bool, at_ms: u64) -> Vec<Violation> {
+        let mut out = Vec::new();
+        if !consented {
+            out.push(v(
+                MAIL_NOT_CONSENTED,
+                at_ms,
+                format!(
+                    "mail {} for person {} to contact {} without consent",
+                    req.message_id, req.person_id, req.contact_id
+                ),
+            ));
+        }
+        if crdt::text::contains_individual_number(&req.body)
+            || crdt::text::contains_individual_number(&req.subject)
+        {
+            out.push(v(
+                INDIVIDUAL_NUMBER_LEAK,
+                at_ms,
+                format!("mail {} carries an Individual Number", req.message_id),
+            ));
+        }
+        let p = self
+            .pairs
+            .entry((req.person_id.clone(), req.contact_id.clone()))
+            .or_default();
+        p.message_ids.insert(req.message_id.clone());
+        if p.message_ids.len() > 1 {
+            out.push(v(
+                MAIL_MESSAGE_ID,
+                at_ms,
+                format!(
+                    "person {} contact {}: resend with a new message id",
+                    req.person_id, req.contact_id
+                ),
+            ));
+        }
+        p.in_flight += 1;
+        out
+    }
+
+    /// The server accepted a message (whether or not the sender heard).
+    pub fn on_accept(&mut self, person: &str, contact: &str, at_ms: u64) -> Vec<Violation> {
+        let p = self
+            .pairs
+            .entry((person.to_string(), contact.to_string()))
+            .or_default();
+        p.accepted += 1;
+        if p.accepted > 1 {
+            self.duplicates += 1;
+            if p.unknown_outcomes == 0 {
+                return vec![v(
+                    MAIL_DUPLICATE,
+                    at_ms,
+                    format!("person {person} contact {contact}: mailed twice with no unknown outcome before"),
+                )];
+            }
+        }
+        vec![]
+    }
+
+    pub fn on_unknown(&mut self, person: &str, contact: &str) {
+        self.pairs
+            .entry((person.to_string(), contact.to_string()))
+            .or_default()
+            .unknown_outcomes += 1;
+    }
+
+    pub fn on_permanent(&mut self, person: &str, contact: &str) {
+        self.pairs
+            .entry((person.to_string(), contact.to_string()))
+            .or_default()
+            .permanent_failure = true;
+    }
+
+    /// At the end: every consented contact of every arrival headquarters
+    /// knows about was mailed (or failed permanently).
+    pub fn missing(&self, expected: &BTreeSet<(String, String)>, at_ms: u64) -> Vec<Violation> {
+        expected
+            .iter()
+            .filter(|k| {
+                self.pairs
+                    .get(*k)
+                    .is_none_or(|p| p.accepted == 0 && !p.permanent_failure)
+            })
+            .map(|(p, c)| {
+                v(
+                    MAIL_MISSING,
+                    at_ms,
+                    format!("person {p} arrived but consented contact {c} was never mailed"),
+                )
+            })
+            .collect()
+    }
+}
+
+pub fn location_in(r: &LocationRow) -> bool {
+    r.status == LocationStatus::In
+}
