@@ -6,7 +6,7 @@
 .PHONY: demo test bench
 
 demo:
-	sudo -n true 2>/dev/null; bash deploy/scripts/setup.sh
+	bash deploy/scripts/setup.sh
 	cargo run --release -p node --bin kizuna -- demo
 
 test:

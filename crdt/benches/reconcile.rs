@@ -19,20 +19,34 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 fn now(ms: u64) -> Now {
-    Now { wall_ms: ms, mono_ms: ms, wall_trusted: true }
+    Now {
+        wall_ms: ms,
+        mono_ms: ms,
+        wall_trusted: true,
+    }
 }
 
 fn household(i: usize, address: &str) -> Household {
     Household {
         household_id: format!("h{i:07}"),
         address: address.to_string(),
-        members: vec![Member { person_id: format!("p{i:07}"), name: format!("住民 {i}"), kana: format!("ジュウミン {i}"), birth_date: "1960-01-01".into(), card_user_id: None }],
+        members: vec![Member {
+            person_id: format!("p{i:07}"),
+            name: format!("住民 {i}"),
+            kana: format!("ジュウミン {i}"),
+            birth_date: "1960-01-01".into(),
+            card_user_id: None,
+        }],
     }
 }
 
 fn arg(name: &str, default: f64) -> f64 {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -49,9 +63,23 @@ fn main() {
     };
     let mut a = Engine::open(MemStore::new(), cfg("hq-a"), now(t0)).unwrap();
     for (b, chunk) in (0..docs).collect::<Vec<_>>().chunks(10_000).enumerate() {
-        let households = chunk.iter().map(|&i| household(i, "新潟県三条市")).collect();
-        let out = a.handle(Input::Command { op_id: format!("import-{b}"), operator: Operator("bench".into()), cmd: Command::ImportHouseholds { households } }, now(t0), &mut rng);
-        assert!(matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })));
+        let households = chunk
+            .iter()
+            .map(|&i| household(i, "新潟県三条市"))
+            .collect();
+        let out = a.handle(
+            Input::Command {
+                op_id: format!("import-{b}"),
+                operator: Operator("bench".into()),
+                cmd: Command::ImportHouseholds { households },
+            },
+            now(t0),
+            &mut rng,
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Output::Reply { result: Ok(_), .. })
+        ));
     }
     // The second node starts from a copy of the same documents.
     let mut shared = a.store().clone();
@@ -68,17 +96,35 @@ fn main() {
             picked.insert(rng.next_u64() as usize % docs);
         }
         let before = engine.stats().commits;
-        let households: Vec<Household> = picked.iter().map(|&i| household(i, &format!("避難先 {side}"))).collect();
+        let households: Vec<Household> = picked
+            .iter()
+            .map(|&i| household(i, &format!("避難先 {side}")))
+            .collect();
         let before_log = engine.store().log.len();
-        engine.handle(Input::Command { op_id: format!("edit-{side}"), operator: Operator("bench".into()), cmd: Command::ImportHouseholds { households } }, now(t0 + 1000), &mut rng);
+        engine.handle(
+            Input::Command {
+                op_id: format!("edit-{side}"),
+                operator: Operator("bench".into()),
+                cmd: Command::ImportHouseholds { households },
+            },
+            now(t0 + 1000),
+            &mut rng,
+        );
         assert!(engine.stats().commits > before);
-        missing_bytes += engine.store().log[before_log..].iter().map(|c| c.bytes.len()).sum::<usize>();
+        missing_bytes += engine.store().log[before_log..]
+            .iter()
+            .map(|c| c.bytes.len())
+            .sum::<usize>();
     }
 
     // Naive: Automerge's sync protocol on every document, fresh state.
     let t_naive = Instant::now();
     let mut naive_bytes = 0usize;
-    let keys: Vec<_> = a.heads().map(|(k, _)| k.clone()).filter(|k| k.kind == Kind::Registry).collect();
+    let keys: Vec<_> = a
+        .heads()
+        .map(|(k, _)| k.clone())
+        .filter(|k| k.kind == Kind::Registry)
+        .collect();
     for k in &keys {
         let da = a.doc(k).unwrap().unwrap().am.fork();
         let db = b.doc(k).unwrap().unwrap().am.fork();
@@ -89,13 +135,15 @@ fn main() {
             if let Some(m) = da.generate_sync_message(&mut sa) {
                 let bytes = m.encode();
                 naive_bytes += bytes.len();
-                db.receive_sync_message(&mut sb, sync::Message::decode(&bytes).unwrap()).unwrap();
+                db.receive_sync_message(&mut sb, sync::Message::decode(&bytes).unwrap())
+                    .unwrap();
                 moved = true;
             }
             if let Some(m) = db.generate_sync_message(&mut sb) {
                 let bytes = m.encode();
                 naive_bytes += bytes.len();
-                da.receive_sync_message(&mut sa, sync::Message::decode(&bytes).unwrap()).unwrap();
+                da.receive_sync_message(&mut sa, sync::Message::decode(&bytes).unwrap())
+                    .unwrap();
                 moved = true;
             }
             if !moved {
@@ -103,14 +151,28 @@ fn main() {
             }
         }
     }
-    eprintln!("naive automerge sync over {} documents took {:?}", keys.len(), t_naive.elapsed());
+    eprintln!(
+        "naive automerge sync over {} documents took {:?}",
+        keys.len(),
+        t_naive.elapsed()
+    );
 
     // Kizuna: reconnect and run rounds until both sides are idle.
     let t_sync = Instant::now();
     let mut engines = [a, b];
     let mut inbox: Vec<Vec<Input>> = vec![
-        vec![Input::Connected { session: 1, node: NodeId::new("hq-b").unwrap(), role: Role::Hq, initiator: true }],
-        vec![Input::Connected { session: 2, node: NodeId::new("hq-a").unwrap(), role: Role::Hq, initiator: false }],
+        vec![Input::Connected {
+            session: 1,
+            node: NodeId::new("hq-b").unwrap(),
+            role: Role::Hq,
+            initiator: true,
+        }],
+        vec![Input::Connected {
+            session: 2,
+            node: NodeId::new("hq-a").unwrap(),
+            role: Role::Hq,
+            initiator: false,
+        }],
     ];
     let mut wire_bytes = 0usize;
     let mut rounds = 0usize;
@@ -125,7 +187,10 @@ fn main() {
                     if let Output::Send { bytes, .. } = o {
                         wire_bytes += bytes.len() + 4;
                         let to = 1 - side;
-                        next[to].push(Input::Frame { session: if to == 0 { 1 } else { 2 }, bytes });
+                        next[to].push(Input::Frame {
+                            session: if to == 0 { 1 } else { 2 },
+                            bytes,
+                        });
                         sent = true;
                     }
                 }
@@ -140,8 +205,16 @@ fn main() {
     }
     let wall_ms = t_sync.elapsed().as_millis();
     let [a, b] = engines;
-    let ha: Vec<_> = a.heads().filter(|(k, _)| k.kind == Kind::Registry).map(|(k, h)| (k.clone(), h.to_vec())).collect();
-    let hb: Vec<_> = b.heads().filter(|(k, _)| k.kind == Kind::Registry).map(|(k, h)| (k.clone(), h.to_vec())).collect();
+    let ha: Vec<_> = a
+        .heads()
+        .filter(|(k, _)| k.kind == Kind::Registry)
+        .map(|(k, h)| (k.clone(), h.to_vec()))
+        .collect();
+    let hb: Vec<_> = b
+        .heads()
+        .filter(|(k, _)| k.kind == Kind::Registry)
+        .map(|(k, h)| (k.clone(), h.to_vec()))
+        .collect();
     for (x, y) in ha.iter().zip(hb.iter()).filter(|(x, y)| x != y).take(3) {
         eprintln!("differs: {:?} a={} b={}", x.0, x.1.len(), y.1.len());
     }

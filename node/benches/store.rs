@@ -17,18 +17,33 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 fn arg(name: &str, default: u64) -> u64 {
     let a: Vec<String> = std::env::args().collect();
-    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    a.iter()
+        .position(|x| x == name)
+        .and_then(|i| a.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn now() -> Now {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-    Now { wall_ms: ms, mono_ms: ms, wall_trusted: true }
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    Now {
+        wall_ms: ms,
+        mono_ms: ms,
+        wall_trusted: true,
+    }
 }
 
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .unwrap_or(0)
         * 1024
 }
@@ -45,7 +60,12 @@ fn main() {
     let path = dir.path().join("kizuna.db");
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let store = SqliteStore::open(&path).unwrap();
-    let mut hq = Engine::open(store, EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq), now()).unwrap();
+    let mut hq = Engine::open(
+        store,
+        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+        now(),
+    )
+    .unwrap();
     let t = Instant::now();
     let mut persons = Vec::new();
     let mut cards = Vec::new();
@@ -62,29 +82,83 @@ fn main() {
                     let id = next + m;
                     persons.push(format!("p{id:08}"));
                     cards.push(format!("{:013}", 1_000_000_000_000u64 + id as u64));
-                    Member { person_id: format!("p{id:08}"), name: format!("住民 {id}"), kana: format!("ジュウミン {id}"), birth_date: "1970-01-01".into(), card_user_id: Some(CardUserId::parse(&format!("{:013}", 1_000_000_000_000u64 + id as u64)).unwrap()) }
+                    Member {
+                        person_id: format!("p{id:08}"),
+                        name: format!("住民 {id}"),
+                        kana: format!("ジュウミン {id}"),
+                        birth_date: "1970-01-01".into(),
+                        card_user_id: Some(
+                            CardUserId::parse(&format!("{:013}", 1_000_000_000_000u64 + id as u64))
+                                .unwrap(),
+                        ),
+                    }
                 })
                 .collect::<Vec<_>>();
             next += members.len();
-            hh.push(Household { household_id: format!("h{h:08}"), address: "新潟県".into(), members });
+            hh.push(Household {
+                household_id: format!("h{h:08}"),
+                address: "新潟県".into(),
+                members,
+            });
         }
-        let out = hq.handle(Input::Command { op_id: format!("imp-{batch}"), operator: Operator("bench".into()), cmd: Command::ImportHouseholds { households: hh } }, now(), &mut rng);
-        assert!(matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })), "import failed");
+        let out = hq.handle(
+            Input::Command {
+                op_id: format!("imp-{batch}"),
+                operator: Operator("bench".into()),
+                cmd: Command::ImportHouseholds { households: hh },
+            },
+            now(),
+            &mut rng,
+        );
+        assert!(
+            matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })),
+            "import failed"
+        );
         batch += 1;
         bar.set_position(next as u64);
     }
     bar.finish_and_clear();
     let import_s = t.elapsed().as_secs_f64();
-    hq.handle(Input::Command { op_id: "shelter".into(), operator: Operator("bench".into()), cmd: Command::PutShelter { shelter: ShelterInfo { shelter_id: "s1".into(), name: "体育館".into(), capacity: 100_000, location: String::new(), needs: String::new() } } }, now(), &mut rng);
+    hq.handle(
+        Input::Command {
+            op_id: "shelter".into(),
+            operator: Operator("bench".into()),
+            cmd: Command::PutShelter {
+                shelter: ShelterInfo {
+                    shelter_id: "s1".into(),
+                    name: "体育館".into(),
+                    capacity: 100_000,
+                    location: String::new(),
+                    needs: String::new(),
+                },
+            },
+        },
+        now(),
+        &mut rng,
+    );
 
     let mut commit_ms = Vec::new();
     let t = Instant::now();
     for i in 0..checkins {
         let p = persons[(rng.next_u64() as usize) % persons.len()].clone();
         let s = Instant::now();
-        let out = hq.handle(Input::Command { op_id: format!("ci-{i}"), operator: Operator("bench".into()), cmd: Command::CheckIn { person_ids: vec![p], shelter_id: Some("s1".into()) } }, now(), &mut rng);
+        let out = hq.handle(
+            Input::Command {
+                op_id: format!("ci-{i}"),
+                operator: Operator("bench".into()),
+                cmd: Command::CheckIn {
+                    person_ids: vec![p],
+                    shelter_id: Some("s1".into()),
+                },
+            },
+            now(),
+            &mut rng,
+        );
         commit_ms.push(s.elapsed().as_secs_f64() * 1e3);
-        assert!(matches!(out.iter().find(|o| matches!(o, Output::Reply { .. })), Some(Output::Reply { result: Ok(_), .. })));
+        assert!(matches!(
+            out.iter().find(|o| matches!(o, Output::Reply { .. })),
+            Some(Output::Reply { result: Ok(_), .. })
+        ));
     }
     let checkins_per_sec = checkins as f64 / t.elapsed().as_secs_f64();
 
@@ -92,19 +166,41 @@ fn main() {
     for _ in 0..2_000 {
         let c = cards[(rng.next_u64() as usize) % cards.len()].clone();
         let s = Instant::now();
-        let out = hq.handle(Input::Query { query: Query::HouseholdByCard { card_user_id: c } }, now(), &mut rng);
+        let out = hq.handle(
+            Input::Query {
+                query: Query::HouseholdByCard { card_user_id: c },
+            },
+            now(),
+            &mut rng,
+        );
         lookup_ms.push(s.elapsed().as_secs_f64() * 1e3);
-        assert!(matches!(out.first(), Some(Output::QueryReply(Ok(QueryReply::Household(Some(_)))))));
+        assert!(matches!(
+            out.first(),
+            Some(Output::QueryReply(Ok(QueryReply::Household(Some(_)))))
+        ));
     }
     drop(hq);
-    let db_bytes: u64 = ["kizuna.db", "kizuna.db-wal"].iter().filter_map(|f| std::fs::metadata(dir.path().join(f)).ok()).map(|m| m.len()).sum();
-    let (p50, p99, l99) = (pct(&mut commit_ms.clone(), 0.5), pct(&mut commit_ms, 0.99), pct(&mut lookup_ms, 0.99));
+    let db_bytes: u64 = ["kizuna.db", "kizuna.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.path().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let (p50, p99, l99) = (
+        pct(&mut commit_ms.clone(), 0.5),
+        pct(&mut commit_ms, 0.99),
+        pct(&mut lookup_ms, 0.99),
+    );
     println!("residents            {residents}");
     println!("import seconds       {import_s:.1}");
-    println!("checkins per second  {checkins_per_sec:.0} (one fsync'd commit each, no group commit)");
+    println!(
+        "checkins per second  {checkins_per_sec:.0} (one fsync'd commit each, no group commit)"
+    );
     println!("commit p50 / p99 ms  {p50:.2} / {p99:.2}");
     println!("lookup p99 ms        {l99:.3}");
     println!("db bytes             {db_bytes}");
     println!("peak rss bytes       {}", peak_rss());
-    println!("{}", serde_json::json!({"residents": residents, "import_s": import_s, "checkins_per_sec": checkins_per_sec, "commit_p50_ms": p50, "commit_p99_ms": p99, "lookup_p99_ms": l99, "db_bytes": db_bytes, "peak_rss_bytes": peak_rss(), "group_commit": false}));
+    println!(
+        "{}",
+        serde_json::json!({"residents": residents, "import_s": import_s, "checkins_per_sec": checkins_per_sec, "commit_p50_ms": p50, "commit_p99_ms": p99, "lookup_p99_ms": l99, "db_bytes": db_bytes, "peak_rss_bytes": peak_rss(), "group_commit": false})
+    );
 }

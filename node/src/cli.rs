@@ -239,7 +239,11 @@ fn run(config: &Path) -> Result<(), Exit> {
 /// Starts QUIC with mutual TLS, mDNS and static peers, and connects the
 /// transport to the engine: transport events become engine inputs, engine
 /// frames go out on their sessions. The newest CRL is kept in the data dir.
-async fn start_mesh(cfg: &Config, creds: certs::NodeCredentials, driver: &crate::driver::DriverHandle) -> anyhow::Result<std::sync::Arc<crate::net::Transport>> {
+async fn start_mesh(
+    cfg: &Config,
+    creds: certs::NodeCredentials,
+    driver: &crate::driver::DriverHandle,
+) -> anyhow::Result<std::sync::Arc<crate::net::Transport>> {
     use crate::net::{StaticPeer, Transport, TransportConfig, TransportEvent};
     use crdt::api::Input;
     use std::sync::Arc;
@@ -255,9 +259,18 @@ async fn start_mesh(cfg: &Config, creds: certs::NodeCredentials, driver: &crate:
     tcfg.mdns = cfg.net.mdns;
     tcfg.known_peers_file = Some(cfg.data_dir.join("known_peers.json"));
     for p in &cfg.net.static_peers {
-        match tokio::net::lookup_host(p.addr.as_str()).await.ok().and_then(|mut a| a.next()) {
-            Some(addr) => tcfg.static_peers.push(StaticPeer { node_id: p.node_id.clone(), addr }),
-            None => tracing::warn!(peer = %p.node_id, addr = %p.addr, "static peer address does not resolve; skipped"),
+        match tokio::net::lookup_host(p.addr.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        {
+            Some(addr) => tcfg.static_peers.push(StaticPeer {
+                node_id: p.node_id.clone(),
+                addr,
+            }),
+            None => {
+                tracing::warn!(peer = %p.node_id, addr = %p.addr, "static peer address does not resolve; skipped")
+            }
         }
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -272,8 +285,18 @@ async fn start_mesh(cfg: &Config, creds: certs::NodeCredentials, driver: &crate:
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             match ev {
-                TransportEvent::Connected { session, node, role, initiator } => {
-                    let _ = d.input(Input::Connected { session, node, role, initiator });
+                TransportEvent::Connected {
+                    session,
+                    node,
+                    role,
+                    initiator,
+                } => {
+                    let _ = d.input(Input::Connected {
+                        session,
+                        node,
+                        role,
+                        initiator,
+                    });
                 }
                 TransportEvent::Frame { session, bytes } => {
                     let _ = d.input(Input::Frame { session, bytes });
@@ -285,8 +308,12 @@ async fn start_mesh(cfg: &Config, creds: certs::NodeCredentials, driver: &crate:
                         let _ = std::fs::write(&crl_path, der);
                     }
                 }
-                TransportEvent::Discovered { node, role, addr } => tracing::info!(peer = %node, %role, %addr, "discovered by mDNS"),
-                TransportEvent::PeerRejected { addr, reason } => tracing::warn!(%addr, %reason, "peer rejected"),
+                TransportEvent::Discovered { node, role, addr } => {
+                    tracing::info!(peer = %node, %role, %addr, "discovered by mDNS")
+                }
+                TransportEvent::PeerRejected { addr, reason } => {
+                    tracing::warn!(%addr, %reason, "peer rejected")
+                }
             }
         }
     });

@@ -20,7 +20,16 @@ fn key() -> DocKey {
 fn make_changes(script: &[(u8, u8, bool)]) -> (Doc, Vec<automerge::Change>) {
     let base_actor = Actor::new(Role::Hq, &NodeId::new("base").unwrap(), 1);
     let mut base = Doc::new(key());
-    base.write(base_actor, 0, "", &[("ev:e-base".into(), Some(encode(&event("e-base", 0, 0, &[]))))]).unwrap();
+    base.write(
+        base_actor,
+        0,
+        "",
+        &[(
+            "ev:e-base".into(),
+            Some(encode(&event("e-base", 0, 0, &[]))),
+        )],
+    )
+    .unwrap();
     let mut forks: Vec<Doc> = (0..5).map(|_| base.fork()).collect();
     let mut all = base.am.get_changes(&[]);
     for (i, (actor, n, checkout)) in script.iter().enumerate() {
@@ -31,7 +40,15 @@ fn make_changes(script: &[(u8, u8, bool)]) -> (Doc, Vec<automerge::Change>) {
         if *checkout {
             ev.action = PresenceAction::CheckOut;
         }
-        let c = forks[a].write(actor_id, i as i64, "", &[(format!("ev:{id}"), Some(encode(&ev)))]).unwrap().unwrap();
+        let c = forks[a]
+            .write(
+                actor_id,
+                i as i64,
+                "",
+                &[(format!("ev:{id}"), Some(encode(&ev)))],
+            )
+            .unwrap()
+            .unwrap();
         all.push(c);
     }
     (base, all)
@@ -45,7 +62,10 @@ fn event(id: &str, wall: u64, shelter: usize, prev: &[&str]) -> PresenceEvent {
         action: PresenceAction::CheckIn,
         shelter_id: format!("s{shelter}"),
         to_shelter: None,
-        hlc: Hlc { wall_ms: wall, counter: 0 },
+        hlc: Hlc {
+            wall_ms: wall,
+            counter: 0,
+        },
         node: NodeId::new(format!("s{shelter}")).unwrap(),
         wall_ms: wall,
         prev: prev.iter().map(|s| s.to_string()).collect(),
@@ -115,20 +135,44 @@ proptest! {
 }
 
 fn arb_key() -> impl Strategy<Value = DocKey> {
-    (0u8..9, "[a-z0-9][a-z0-9._-]{0,20}").prop_map(|(k, id)| DocKey::new(Kind::from_code(k).unwrap(), id).unwrap())
+    (0u8..9, "[a-z0-9][a-z0-9._-]{0,20}")
+        .prop_map(|(k, id)| DocKey::new(Kind::from_code(k).unwrap(), id).unwrap())
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
-    let item = (arb_key(), prop::collection::vec(any::<[u8; 32]>(), 0..3)).prop_map(|(key, heads)| Item { key, heads });
+    let item = (arb_key(), prop::collection::vec(any::<[u8; 32]>(), 0..3))
+        .prop_map(|(key, heads)| Item { key, heads });
     let body = prop_oneof![
-        (any::<[u8; 16]>(), any::<u32>()).prop_map(|(fp, count)| RangeBody::Fingerprint { fp, count }),
-        (prop::collection::vec(item, 0..5), any::<bool>()).prop_map(|(items, reply)| RangeBody::Items { items, reply }),
+        (any::<[u8; 16]>(), any::<u32>())
+            .prop_map(|(fp, count)| RangeBody::Fingerprint { fp, count }),
+        (prop::collection::vec(item, 0..5), any::<bool>())
+            .prop_map(|(items, reply)| RangeBody::Items { items, reply }),
     ];
-    let range = (prop::option::of(arb_key()), prop::option::of(arb_key()), body).prop_map(|(lo, hi, body)| Range { lo, hi, body });
+    let range = (
+        prop::option::of(arb_key()),
+        prop::option::of(arb_key()),
+        body,
+    )
+        .prop_map(|(lo, hi, body)| Range { lo, hi, body });
     prop_oneof![
-        (any::<u16>(), "[a-z][a-z0-9-]{0,10}", 0u8..5, any::<u32>()).prop_map(|(version, n, r, incarnation)| Frame::Hello { version, node: NodeId::new(n).unwrap(), role: Role::ALL[r as usize], incarnation }),
+        (any::<u16>(), "[a-z][a-z0-9-]{0,10}", 0u8..5, any::<u32>()).prop_map(
+            |(version, n, r, incarnation)| Frame::Hello {
+                version,
+                node: NodeId::new(n).unwrap(),
+                role: Role::ALL[r as usize],
+                incarnation
+            }
+        ),
         prop::collection::vec(range, 0..6).prop_map(|ranges| Frame::Reconcile { ranges }),
-        prop::collection::vec((arb_key(), prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4)).prop_map(|(key, changes)| DocChanges { key, changes }), 0..5).prop_map(|docs| Frame::Changes { docs }),
+        prop::collection::vec(
+            (
+                arb_key(),
+                prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4)
+            )
+                .prop_map(|(key, changes)| DocChanges { key, changes }),
+            0..5
+        )
+        .prop_map(|docs| Frame::Changes { docs }),
         (any::<u16>(), "[ -~]{0,40}").prop_map(|(code, reason)| Frame::Bye { code, reason }),
     ]
 }
