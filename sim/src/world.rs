@@ -295,6 +295,7 @@ pub struct World {
     pub progress: Option<indicatif::ProgressBar>,
     hq: Vec<usize>,
     restored_peers: Rc<std::cell::RefCell<BTreeSet<String>>>,
+    checks_done: u64,
 }
 
 fn role_prefix(r: Role) -> &'static str {
@@ -365,6 +366,7 @@ impl World {
             progress: None,
             hq: vec![],
             restored_peers: Default::default(),
+            checks_done: 0,
             sc,
         };
         w.build_nodes();
@@ -1806,6 +1808,11 @@ impl World {
     }
 
     fn periodic_check(&mut self) {
+        // Presence invariants on every node, as often as is affordable.
+        self.checks_done += 1;
+        if self.nodes.len() <= 64 && self.checks_done % 30 == 0 {
+            self.presence_checks();
+        }
         let known = self.hq_known_arrivals();
         self.summary
             .arrivals_curve
@@ -1851,7 +1858,7 @@ impl World {
             let ((t, _), ev) = self.queue.pop_first().expect("present");
             self.now = t;
             steps += 1;
-            if steps % 4096 == 0 {
+            if steps % 64 == 0 {
                 if let Some(d) = deadline {
                     if std::time::Instant::now() > d {
                         break;
