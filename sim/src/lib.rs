@@ -24,7 +24,11 @@ pub fn run_seed(sc: &Scenario, seed: u64, deadline: Option<std::time::Instant>) 
 }
 
 /// Runs one seed with a progress bar on stderr.
-pub fn run_seed_with_progress(sc: &Scenario, seed: u64) -> Summary {
+pub fn run_seed_with_progress(
+    sc: &Scenario,
+    seed: u64,
+    deadline: Option<std::time::Instant>,
+) -> Summary {
     let mut w = World::new(sc.clone(), seed);
     let total = sc.total_ms() / 1000;
     let bar = indicatif::ProgressBar::with_draw_target(
@@ -38,7 +42,7 @@ pub fn run_seed_with_progress(sc: &Scenario, seed: u64) -> Summary {
         .expect("valid template"),
     );
     w.progress = Some(bar.clone());
-    let s = w.run(None);
+    let s = w.run(deadline);
     bar.finish_and_clear();
     s
 }
@@ -56,8 +60,10 @@ pub fn catch_mutants(
         let mut caught = None;
         for seed in start..start + seeds {
             let s = run_seed(sc, seed, None);
-            if let Some(v) = s.invariant_violations.first() {
-                caught = Some((v.name.to_string(), seed));
+            if !s.invariant_violations.is_empty() {
+                let names: std::collections::BTreeSet<&str> =
+                    s.invariant_violations.iter().map(|v| v.name).collect();
+                caught = Some((names.into_iter().collect::<Vec<_>>().join(","), seed));
                 break;
             }
         }

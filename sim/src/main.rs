@@ -81,14 +81,8 @@ fn real_main() -> Result<bool> {
             budget_secs,
         } => {
             let sc = Scenario::load(&scenario)?;
-            let s = match budget_secs {
-                Some(b) => sim::run_seed(
-                    &sc,
-                    seed,
-                    Some(Instant::now() + std::time::Duration::from_secs(b)),
-                ),
-                None => sim::run_seed_with_progress(&sc, seed),
-            };
+            let deadline = budget_secs.map(|b| Instant::now() + std::time::Duration::from_secs(b));
+            let s = sim::run_seed_with_progress(&sc, seed, deadline);
             print!("{}", sim::report::table(&s));
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&sim::report::json(&s))?)?;
@@ -159,14 +153,14 @@ fn real_main() -> Result<bool> {
 fn mutants(scenario: &str, seeds: u64, start: u64) -> Result<bool> {
     let sc = Scenario::load(scenario)?;
     let results = sim::catch_mutants(&sc, seeds, start);
-    println!("{:<18} {:<24} {}", "mutant", "invariant", "seed");
+    println!("{:<18} {:<40} {}", "mutant", "invariants", "seed");
     let mut all = true;
     for (m, caught) in &results {
         match caught {
-            Some((inv, seed)) => println!("{:<18} {:<24} {seed}", format!("{m:?}"), inv),
+            Some((inv, seed)) => println!("{:<18} {:<40} {seed}", format!("{m:?}"), inv),
             None => {
                 all = false;
-                println!("{:<18} {:<24} -", format!("{m:?}"), "SURVIVED")
+                println!("{:<18} {:<40} -", format!("{m:?}"), "SURVIVED")
             }
         }
     }

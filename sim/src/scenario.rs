@@ -33,7 +33,12 @@ pub struct Scenario {
 }
 
 fn default_workarounds() -> Vec<String> {
-    vec!["mail_outcome_gossip".into()]
+    vec![
+        "mail_outcome_gossip".into(),
+        "field_nodes_dial_hq".into(),
+        "forget_restored_peer_heads".into(),
+        "drop_known_echoes".into(),
+    ]
 }
 
 #[derive(Clone, Debug, Deserialize)]

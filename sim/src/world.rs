@@ -294,6 +294,8 @@ pub struct World {
     converged_at: Option<u64>,
     pub progress: Option<indicatif::ProgressBar>,
     hq: Vec<usize>,
+    restored_peers: Rc<std::cell::RefCell<BTreeSet<String>>>,
+    checks_done: u64,
 }
 
 fn role_prefix(r: Role) -> &'static str {
@@ -363,6 +365,8 @@ impl World {
             converged_at: None,
             progress: None,
             hq: vec![],
+            restored_peers: Default::default(),
+            checks_done: 0,
             sc,
         };
         w.build_nodes();
@@ -445,6 +449,7 @@ impl World {
             let now = Self::node_now(&node, 0);
             let mut store = node.parked.take().expect("fresh");
             store.fail_next = node.fail_next.clone();
+            store.restored_peers = self.restored_peers.clone();
             node.engine =
                 Some(Engine::open(store, node.cfg.clone(), now).expect("fresh store opens"));
             self.nodes.push(node);
@@ -467,6 +472,20 @@ impl World {
         {
             return;
         }
+        // Field nodes dial headquarters: the engine offers a node's own
+        // audit chain only when it initiates (see the report).
+        let (a, b) = if self
+            .sc
+            .workarounds
+            .iter()
+            .any(|w| w == "field_nodes_dial_hq")
+            && self.nodes[a].role == Role::Hq
+            && self.nodes[b].role != Role::Hq
+        {
+            (b, a)
+        } else {
+            (a, b)
+        };
         let ((lo, hi), _) = profile.params();
         let rtt_ms = range(&mut self.net_rng, lo, hi + 1);
         self.links.push(Link {
@@ -955,7 +974,13 @@ impl World {
                 Output::SendMail(m) => {
                     self.hasher.update(m.message_id.as_bytes());
                 }
-                Output::Close { session, .. } => {
+                Output::Close {
+                    session,
+                    ref reason,
+                } => {
+                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
+                        eprintln!("t={} close by {}: {reason}", self.now, self.nodes[i].id);
+                    }
                     self.hasher.update(&session.to_le_bytes());
                 }
                 _ => {}
@@ -965,7 +990,13 @@ impl World {
         for o in outs {
             match o {
                 Output::Send { session, bytes } => self.send(i, session, bytes),
-                Output::Close { session, .. } => {
+                Output::Close {
+                    session,
+                    ref reason,
+                } => {
+                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
+                        eprintln!("t={} close by {}: {reason}", self.now, self.nodes[i].id);
+                    }
                     let (l, gen, _) = sid_parts(session);
                     if l < self.links.len() && self.links[l].gen == gen {
                         self.disconnect(l);
@@ -1181,8 +1212,45 @@ impl World {
             return;
         }
         let session = sid(l, gen, 1 - dir);
+        let bytes = if self.sc.workarounds.iter().any(|w| w == "drop_known_echoes") {
+            self.drop_known_echoes(to, bytes)
+        } else {
+            bytes
+        };
         let rest = self.input(to, Input::Frame { session, bytes });
         self.after_outputs(to, rest, None);
+    }
+
+    /// Engine::receive runs `check_author` before asking whether the
+    /// change is already known, so a node's own changes echoed back by a
+    /// peer (normal: `changes_since` unknown heads returns everything)
+    /// make it reject the whole document batch. Until the engine checks
+    /// `knows` first, the simulated network drops changes the receiver
+    /// already has (see the report).
+    fn drop_known_echoes(&mut self, to: usize, bytes: Vec<u8>) -> Vec<u8> {
+        let Ok(Frame::Changes { docs }) = wire::decode(&bytes) else {
+            return bytes;
+        };
+        let Some(e) = self.nodes[to].engine.as_mut() else {
+            return bytes;
+        };
+        let mut changed = false;
+        let mut out = vec![];
+        for mut dc in docs {
+            if let Ok(Some(d)) = e.doc(&dc.key) {
+                let before = dc.changes.len();
+                dc.changes
+                    .retain(|c| crdt::doc::parse_change(c).map_or(true, |c| !d.knows(&c.hash().0)));
+                changed |= dc.changes.len() != before;
+            }
+            if !dc.changes.is_empty() {
+                out.push(dc);
+            }
+        }
+        if !changed {
+            return bytes;
+        }
+        wire::encode(&Frame::Changes { docs: out }).unwrap_or(bytes)
     }
 
     // ----- mail -------------------------------------------------------------
@@ -1602,6 +1670,16 @@ impl World {
                     return;
                 }
                 self.count("restore_from_backup");
+                if self
+                    .sc
+                    .workarounds
+                    .iter()
+                    .any(|w| w == "forget_restored_peer_heads")
+                {
+                    self.restored_peers
+                        .borrow_mut()
+                        .insert(self.nodes[i].id.to_string());
+                }
                 self.crash(i, 0);
                 self.nodes[i].parked = Some(s);
                 self.nodes[i].acked = acked;
@@ -1730,6 +1808,11 @@ impl World {
     }
 
     fn periodic_check(&mut self) {
+        // Presence invariants on every node, as often as is affordable.
+        self.checks_done += 1;
+        if self.nodes.len() <= 64 && self.checks_done % 30 == 0 {
+            self.presence_checks();
+        }
         let known = self.hq_known_arrivals();
         self.summary
             .arrivals_curve
@@ -1759,16 +1842,23 @@ impl World {
     /// Runs until the end of the scenario or until `deadline` (wall clock).
     pub fn run(&mut self, deadline: Option<std::time::Instant>) -> Summary {
         let started = std::time::Instant::now();
-        let end = self.sc.total_ms();
+        let mut end = self.sc.total_ms();
+        let hard_end = end + 600 * self.sc.tick_ms;
         let mut steps = 0u64;
         while let Some((&(t, _), _)) = self.queue.first_key_value() {
             if t > end {
+                // Liveness: keep going, a round at a time, until converged
+                // (bounded); retries may still be moving at the nominal end.
+                if end < hard_end && !self.convergence_violations().is_empty() {
+                    end += self.sc.tick_ms;
+                    continue;
+                }
                 break;
             }
             let ((t, _), ev) = self.queue.pop_first().expect("present");
             self.now = t;
             steps += 1;
-            if steps % 4096 == 0 {
+            if steps % 64 == 0 {
                 if let Some(d) = deadline {
                     if std::time::Instant::now() > d {
                         break;
@@ -1846,6 +1936,45 @@ impl World {
             }
             self.presence_checks();
             let conv = self.convergence_violations();
+            if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
+                for k in &self.links {
+                    eprintln!(
+                        "link {}-{} up={} gen={}",
+                        self.nodes[k.a].id, self.nodes[k.b].id, k.up, k.gen
+                    );
+                }
+                for i in 0..self.nodes.len() {
+                    if let Some(e) = &self.nodes[i].engine {
+                        eprintln!("{} stats {:?}", self.nodes[i].id, e.stats());
+                    }
+                }
+                for v in conv.iter().take(2) {
+                    let key = v.detail.split(':').next().unwrap_or("").to_string();
+                    let (kind, id) = key.split_once('/').unwrap_or(("", ""));
+                    let Ok(kind) = kind.parse::<Kind>() else {
+                        continue;
+                    };
+                    let dk = DocKey::new(kind, id).unwrap();
+                    for i in 0..self.nodes.len() {
+                        if let Some(e) = self.nodes[i].engine.as_mut() {
+                            let h: Vec<String> = e
+                                .heads()
+                                .filter(|(k, _)| **k == dk)
+                                .flat_map(|(_, h)| {
+                                    h.iter().map(|x| format!("{:02x}{:02x}", x[0], x[1]))
+                                })
+                                .collect();
+                            let st = e
+                                .doc(&dk)
+                                .ok()
+                                .flatten()
+                                .and_then(|d| crdt::views::outbox(d).ok())
+                                .map(|m| format!("{m:?}"));
+                            eprintln!("{} {dk} heads {h:?} {st:?}", self.nodes[i].id);
+                        }
+                    }
+                }
+            }
             self.summary.converged = conv.is_empty();
             for v in conv.into_iter().take(5) {
                 self.violate(v);

@@ -1,0 +1,318 @@
+//! The simulator's own suite: determinism, a small sweep, every checker
+//! firing on a hand-made bad state, regression seeds and (with
+//! `--features mutants`) every planted mutant caught.
+//!
+//! The sweep runs in-process (debug build), sized to stay well under a
+//! minute; CI runs the large sweeps through the release binary.
+
+use crdt::api::{MailRequest, Reply};
+use crdt::hlc::Hlc;
+use crdt::model::{AuditEntry, PresenceAction, PresenceEvent};
+use crdt::store::{LocationRow, LocationStatus, Projection};
+use crdt::wire::{DocChanges, Frame};
+use crdt::{DocKey, Kind, NodeId, Role};
+use sim::check::{self, *};
+use sim::scenario::Scenario;
+use std::collections::{BTreeMap, BTreeSet};
+
+fn scenario(name: &str) -> Scenario {
+    let path = format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"));
+    Scenario::load(&path).expect("scenario loads")
+}
+
+fn strip(s: &sim::world::Summary) -> String {
+    let mut v = serde_json::to_value(s).unwrap();
+    v.as_object_mut().unwrap().remove("wall_ms");
+    v.as_object_mut().unwrap().remove("peak_rss_bytes");
+    v.to_string()
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let sc = scenario("ci-small.toml");
+    for seed in [3, 11, 42] {
+        let a = sim::run_seed(&sc, seed, None);
+        let b = sim::run_seed(&sc, seed, None);
+        assert_eq!(a.trace_hash, b.trace_hash, "seed {seed}");
+        assert_eq!(strip(&a), strip(&b), "seed {seed}");
+    }
+    let a = sim::run_seed(&sc, 3, None);
+    let b = sim::run_seed(&sc, 4, None);
+    assert_ne!(a.trace_hash, b.trace_hash);
+}
+
+#[test]
+fn small_sweep_has_no_violations() {
+    let sc = scenario("ci-small.toml");
+    let mut failing = vec![];
+    for seed in 100..112 {
+        let s = sim::run_seed(&sc, seed, None);
+        assert!(s.finished);
+        if !s.invariant_violations.is_empty() {
+            failing.push((seed, s.invariant_violations));
+        }
+    }
+    assert!(failing.is_empty(), "{failing:#?}");
+}
+
+#[derive(serde::Deserialize)]
+struct Regressions {
+    case: Vec<Case>,
+}
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Case {
+    scenario: String,
+    seed: u64,
+    note: String,
+}
+
+#[test]
+fn regression_seeds_pass() {
+    let text = std::fs::read_to_string(format!("{}/regressions.toml", env!("CARGO_MANIFEST_DIR")))
+        .unwrap();
+    let r: Regressions = toml::from_str(&text).unwrap();
+    for c in r.case {
+        let s = sim::run_seed(&scenario(&c.scenario), c.seed, None);
+        assert!(
+            s.invariant_violations.is_empty(),
+            "{} seed {}: {:?}",
+            c.scenario,
+            c.seed,
+            s.invariant_violations
+        );
+    }
+}
+
+fn ev(
+    id: &str,
+    person: &str,
+    action: PresenceAction,
+    shelter: &str,
+    prev: &[&str],
+) -> PresenceEvent {
+    PresenceEvent {
+        event_id: id.into(),
+        op_id: id.into(),
+        person_id: person.into(),
+        action,
+        shelter_id: shelter.into(),
+        to_shelter: None,
+        hlc: Hlc::default(),
+        node: NodeId::new("shelter-1").unwrap(),
+        wall_ms: 0,
+        prev: prev.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn acked_write_lost_fires() {
+    let acked: BTreeSet<String> = ["e-1".into(), "e-2".into()].into();
+    let present: BTreeSet<String> = ["e-1".into()].into();
+    let v = check::acked_writes("shelter-1", &acked, &present, 5);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].name, ACKED_WRITE_LOST);
+    assert!(check::acked_writes("shelter-1", &acked, &acked, 5).is_empty());
+}
+
+#[test]
+fn applied_twice_fires() {
+    let mut a = ev("e-1", "p1", PresenceAction::CheckIn, "s1", &[]);
+    let mut b = ev("e-2", "p1", PresenceAction::CheckIn, "s1", &[]);
+    a.op_id = "op".into();
+    b.op_id = "op".into();
+    let v = check::applied_twice("presence/h1", &[a.clone(), b], 0);
+    assert_eq!(v[0].name, APPLIED_TWICE);
+    assert!(check::applied_twice("presence/h1", &[a], 0).is_empty());
+    let r1 = Reply::Presence {
+        event_ids: vec!["e-1".into()],
+        already: vec![],
+    };
+    let r2 = Reply::Presence {
+        event_ids: vec!["e-9".into()],
+        already: vec![],
+    };
+    assert_eq!(
+        check::replay_reply("op", &r1, &r2, 0).unwrap().name,
+        APPLIED_TWICE
+    );
+    assert!(check::replay_reply("op", &r1, &r1, 0).is_none());
+}
+
+#[test]
+fn conflict_dropped_fires() {
+    let evs = vec![
+        ev("e-1", "p1", PresenceAction::CheckIn, "s1", &[]),
+        ev("e-2", "p1", PresenceAction::CheckIn, "s2", &[]),
+    ];
+    let mut row = LocationRow {
+        person_id: "p1".into(),
+        shelter_id: "s2".into(),
+        status: LocationStatus::In,
+        since_ms: 0,
+        conflict: false,
+    };
+    let rows = BTreeMap::from([("p1".to_string(), row.clone())]);
+    let v = check::conflicts("presence/h1", &evs, &rows, 0);
+    assert_eq!(v[0].name, CONFLICT_DROPPED);
+    row.conflict = true;
+    let rows = BTreeMap::from([("p1".to_string(), row)]);
+    assert!(check::conflicts("presence/h1", &evs, &rows, 0).is_empty());
+    // Sequential events are no conflict.
+    let seq = vec![
+        ev("e-1", "p1", PresenceAction::CheckIn, "s1", &[]),
+        ev("e-2", "p1", PresenceAction::CheckIn, "s2", &["e-1"]),
+    ];
+    assert!(check::conflicts("presence/h1", &seq, &BTreeMap::new(), 0).is_empty());
+}
+
+#[test]
+fn role_leak_fires() {
+    let frame = Frame::Changes {
+        docs: vec![DocChanges {
+            key: DocKey::new(Kind::Medical, "p1").unwrap(),
+            changes: vec![],
+        }],
+    };
+    let shelter = NodeId::new("shelter-1").unwrap();
+    assert_eq!(
+        check::role_leak(&shelter, Role::Shelter, &frame, 0)[0].name,
+        ROLE_LEAK
+    );
+    let amb = NodeId::new("amb-1").unwrap();
+    assert!(check::role_leak(&amb, Role::Ambulance, &frame, 0).is_empty());
+}
+
+#[test]
+fn audit_missing_fires() {
+    let entry = |seq| AuditEntry {
+        seq,
+        operator: "op".into(),
+        node: NodeId::new("amb-1").unwrap(),
+        action: "medical_read".into(),
+        record: "medical/p1".into(),
+        wall_ms: 0,
+        hlc: Hlc::default(),
+        clock_trusted: true,
+        reason: "r".into(),
+        break_glass: false,
+        prev_hash: String::new(),
+        hash: String::new(),
+    };
+    assert_eq!(
+        check::audit("amb-1", &[0, 1], &[entry(0)], 0)[0].name,
+        AUDIT_MISSING
+    );
+    assert_eq!(
+        check::audit("amb-1", &[0], &[entry(0), entry(0)], 0).len(),
+        1
+    );
+    assert!(check::audit("amb-1", &[0, 1], &[entry(0), entry(1)], 0).is_empty());
+}
+
+#[test]
+fn converged_fires() {
+    let key = DocKey::new(Kind::Presence, "h1").unwrap();
+    let h1 = [[1u8; 32]];
+    let h2 = [[2u8; 32]];
+    let p = Projection::default();
+    let a = Replica {
+        node: "a",
+        heads: Some(&h1),
+        projection: Some(&p),
+    };
+    let b = Replica {
+        node: "b",
+        heads: Some(&h2),
+        projection: Some(&p),
+    };
+    let c = Replica {
+        node: "c",
+        heads: None,
+        projection: None,
+    };
+    assert_eq!(check::converged(&key, &[a, b], 0).unwrap().name, CONVERGED);
+    let a = Replica {
+        node: "a",
+        heads: Some(&h1),
+        projection: Some(&p),
+    };
+    assert!(check::converged(&key, &[a, c], 0).is_some());
+    let a = Replica {
+        node: "a",
+        heads: Some(&h1),
+        projection: Some(&p),
+    };
+    let b = Replica {
+        node: "b",
+        heads: Some(&h1),
+        projection: Some(&p),
+    };
+    assert!(check::converged(&key, &[a, b], 0).is_none());
+}
+
+fn mail(p: &str, c: &str, mid: &str) -> MailRequest {
+    MailRequest {
+        message_id: mid.into(),
+        to: "x@example.jp".into(),
+        subject: "s".into(),
+        body: "b".into(),
+        person_id: p.into(),
+        contact_id: c.into(),
+    }
+}
+
+#[test]
+fn mail_checkers_fire() {
+    let mut l = MailLedger::default();
+    assert_eq!(
+        l.on_send(&mail("p1", "c1", "<a>"), false, 0)[0].name,
+        MAIL_NOT_CONSENTED
+    );
+    assert!(l.on_accept("p1", "c1", 0).is_empty());
+    // A second acceptance with no unknown outcome before is a duplicate.
+    assert_eq!(l.on_accept("p1", "c1", 0)[0].name, MAIL_DUPLICATE);
+    // A resend after an indeterminate outcome is allowed, and counted.
+    l.on_unknown("p1", "c1");
+    assert!(l.on_accept("p1", "c1", 0).is_empty());
+    assert_eq!(l.duplicates, 2);
+    // A resend must carry the same message id.
+    assert_eq!(
+        l.on_send(&mail("p1", "c1", "<b>"), true, 0)[0].name,
+        MAIL_MESSAGE_ID
+    );
+    let expected: BTreeSet<(String, String)> = [("p2".into(), "c9".into())].into();
+    assert_eq!(l.missing(&expected, 0)[0].name, MAIL_MISSING);
+    let mut body = mail("p3", "c3", "<c>");
+    body.body = "番号 1234 5678 9018".into();
+    let v = l.on_send(&body, true, 0);
+    assert!(
+        v.iter().any(|v| v.name == INDIVIDUAL_NUMBER_LEAK)
+            || !crdt::text::contains_individual_number(&body.body)
+    );
+}
+
+#[test]
+fn individual_number_scan() {
+    // Find a valid 12-digit number by its check digit.
+    let n = (0..10)
+        .map(|d| format!("12345678901{d}"))
+        .find(|s| crdt::text::is_individual_number(s))
+        .unwrap();
+    assert_eq!(
+        check::individual_numbers(format!("x \"{n}\" y").as_bytes()),
+        1
+    );
+    // Part of a longer digit run (a 13-digit card id) or of a hex token: no.
+    assert_eq!(check::individual_numbers(format!("{n}7").as_bytes()), 0);
+    assert_eq!(check::individual_numbers(format!("ab{n}cd").as_bytes()), 0);
+}
+
+#[cfg(feature = "mutants")]
+#[test]
+fn every_mutant_is_caught() {
+    let sc = scenario("ci-small.toml");
+    let results = sim::catch_mutants(&sc, 40, 0);
+    let survivors: Vec<_> = results.iter().filter(|(_, c)| c.is_none()).collect();
+    assert!(survivors.is_empty(), "{results:?}");
+}
