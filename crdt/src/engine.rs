@@ -154,8 +154,19 @@ pub struct Engine<S: Store> {
     /// Shelters: wall ms of the last presence change attributed to each.
     shelter_seen: BTreeMap<String, u64>,
     stats: Stats,
+    /// Transactions staged for one group commit (see `handle_batch`).
+    group: Option<Group>,
     #[cfg(feature = "mutants")]
     deferred: Option<Batch>,
+}
+
+struct Group {
+    txns: Vec<Txn>,
+    /// Results of the group's commands by op id, for retries within it.
+    ops: BTreeMap<String, String>,
+    /// Replies held until the group is durable.
+    replies: Vec<Output>,
+    meta_before: Meta,
 }
 
 impl<S: Store> Engine<S> {
@@ -223,6 +234,7 @@ impl<S: Store> Engine<S> {
             arrivals_seen: BTreeMap::new(),
             shelter_seen: BTreeMap::new(),
             stats: Stats::default(),
+            group: None,
             #[cfg(feature = "mutants")]
             deferred: None,
         };
@@ -232,6 +244,10 @@ impl<S: Store> Engine<S> {
         Ok(e)
     }
 
+    /// The store, for fault injection by the simulator and for tests.
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
     pub fn store(&self) -> &S {
         &self.store
     }
@@ -279,7 +295,11 @@ impl<S: Store> Engine<S> {
                 cmd,
             } => {
                 let result = self.command(&op_id, &operator, cmd, now, rng, &mut out);
-                out.push(Output::Reply { op_id, result });
+                let reply = Output::Reply { op_id, result };
+                match &mut self.group {
+                    Some(g) => g.replies.push(reply),
+                    None => out.push(reply),
+                }
             }
             Input::Query { query } => out.push(Output::QueryReply(self.query(query))),
             Input::Connected {
@@ -315,7 +335,7 @@ impl<S: Store> Engine<S> {
             Input::MailOutcome {
                 message_id,
                 outcome,
-            } => self.mail_outcome(&message_id, outcome, now),
+            } => self.mail_outcome(&message_id, outcome, now, &mut out),
             Input::Tick => {
                 if self.cfg.role == Role::Hq {
                     self.plan_mail(now, &mut out);
@@ -324,6 +344,80 @@ impl<S: Store> Engine<S> {
         }
         self.drain(&mut out);
         out
+    }
+
+    /// Handles several inputs with one durable commit for all consecutive
+    /// commands among them (group commit). Every reply is released only
+    /// after the commit that holds its writes; if that commit fails, every
+    /// command of the group that had succeeded is answered with the storage
+    /// error instead and nothing of it remains in memory.
+    ///
+    /// Within a group, a command sees the documents written by earlier
+    /// commands of the group, but not yet their query rows (a person
+    /// registered in the group cannot be checked in by the same group).
+    pub fn handle_batch(&mut self, inputs: Vec<Input>, now: Now, rng: &mut dyn RngCore) -> Vec<Output> {
+        let mut out = Vec::new();
+        for input in inputs {
+            if matches!(input, Input::Command { .. }) {
+                if self.group.is_none() {
+                    self.group = Some(Group { txns: Vec::new(), ops: BTreeMap::new(), replies: Vec::new(), meta_before: self.meta.clone() });
+                }
+                out.extend(self.handle(input, now, rng));
+            } else {
+                self.flush_group(now, &mut out);
+                self.group = None;
+                out.extend(self.handle(input, now, rng));
+            }
+        }
+        self.flush_group(now, &mut out);
+        self.group = None;
+        out
+    }
+
+    /// Commits the staged group and releases its replies.
+    fn flush_group(&mut self, now: Now, out: &mut Vec<Output>) {
+        let Some(g) = &mut self.group else { return };
+        let txns = std::mem::take(&mut g.txns);
+        let replies = std::mem::take(&mut g.replies);
+        g.ops.clear();
+        let mut merged = Batch::default();
+        for t in &txns {
+            let b = &t.batch;
+            if b.meta.is_some() {
+                merged.meta = b.meta.clone();
+            }
+            merged.changes.extend(b.changes.iter().cloned());
+            merged.docs.extend(b.docs.iter().cloned());
+            merged.projections.extend(b.projections.iter().cloned());
+            merged.ops.extend(b.ops.iter().cloned());
+            merged.peer_heads.extend(b.peer_heads.iter().cloned());
+            merged.quarantine.extend(b.quarantine.iter().cloned());
+        }
+        let result = if merged.is_empty() { Ok(()) } else { self.store.commit(&merged) };
+        match result {
+            Ok(()) => {
+                let meta_now = self.meta.clone();
+                if let Some(g) = &mut self.group {
+                    g.meta_before = meta_now;
+                }
+                for t in txns {
+                    self.after_commit(t, now, out);
+                }
+                out.extend(replies);
+            }
+            Err(e) => {
+                if let Some(g) = &self.group {
+                    self.meta = g.meta_before.clone();
+                }
+                for t in &txns {
+                    self.forget(t);
+                }
+                out.extend(replies.into_iter().map(|r| match r {
+                    Output::Reply { op_id, result: Ok(_) } => Output::Reply { op_id, result: Err(CommandError::Storage(e.clone())) },
+                    other => other,
+                }));
+            }
+        }
     }
 
     // ----- storage plumbing -------------------------------------------------
@@ -453,9 +547,17 @@ impl<S: Store> Engine<S> {
         if txn.batch.is_empty() {
             return Ok(());
         }
-        let meta = txn.meta.take();
-        if let Some(m) = &meta {
+        if let Some(m) = &txn.meta {
             txn.batch.meta = Some(m.clone());
+        }
+        if let Some(group) = &mut self.group {
+            // Group commit: stage now, make durable in `handle_batch`
+            // before any reply of the group is released.
+            if let Some(m) = txn.meta.take() {
+                self.meta = m;
+            }
+            group.txns.push(txn);
+            return Ok(());
         }
         #[cfg(feature = "mutants")]
         let deferred = crate::mutants::active(crate::mutants::Mutant::SkipDurability)
@@ -472,14 +574,25 @@ impl<S: Store> Engine<S> {
             self.store.commit(&txn.batch)
         };
         if let Err(e) = res {
-            for k in &txn.touched {
-                self.evict(k);
-            }
-            for (k, _) in &txn.heads {
-                self.evict(k);
-            }
+            self.forget(&txn);
             return Err(e);
         }
+        self.after_commit(txn, now, out);
+        Ok(())
+    }
+
+    /// Drops every document a failed transaction touched from the cache,
+    /// so memory matches the store again.
+    fn forget(&mut self, txn: &Txn) {
+        for k in txn.touched.iter().chain(txn.heads.keys()) {
+            self.evict(k);
+        }
+    }
+
+    /// The in-memory effects of a durable transaction: index, gossip to
+    /// connected peers, mail planning.
+    fn after_commit(&mut self, mut txn: Txn, now: Now, out: &mut Vec<Output>) {
+        let meta = txn.meta.take();
         self.stats.commits += 1;
         if let Some(m) = meta {
             self.meta = m;
@@ -546,7 +659,6 @@ impl<S: Store> Engine<S> {
                 self.note_shelter_activity(&k, now);
             }
         }
-        Ok(())
     }
 
     fn new_id(&self, prefix: &str, rng: &mut dyn RngCore) -> String {
@@ -571,7 +683,8 @@ impl<S: Store> Engine<S> {
             })
         })?;
         check_text("operator", &operator.0, 100, true)?;
-        if let Some(prev) = self.store.op_result(op_id)? {
+        let staged = self.group.as_ref().and_then(|g| g.ops.get(op_id).cloned());
+        if let Some(prev) = staged.or(self.store.op_result(op_id)?) {
             return serde_json::from_str(&prev)
                 .map_err(|e| CommandError::Rejected(format!("recorded result unreadable: {e}")));
         }
@@ -580,10 +693,12 @@ impl<S: Store> Engine<S> {
         let reply = match self.run_command(&mut txn, operator, cmd, now, rng) {
             Ok(r) => r,
             Err(e) => {
-                for k in txn.touched.iter().chain(txn.heads.keys()) {
-                    self.cache.remove(k);
+                if !txn.touched.is_empty() && self.group.as_ref().is_some_and(|g| !g.txns.is_empty()) {
+                    // Staged work of the group may share these documents:
+                    // make it durable before forgetting ours.
+                    self.flush_group(now, out);
                 }
-                self.cache_order.retain(|k| self.cache.contains_key(k));
+                self.forget(&txn);
                 // A refused medical read is still audited (E-4).
                 if is_read && matches!(e, CommandError::Forbidden { .. }) {
                     let mut audit_txn = Txn::default();
@@ -606,10 +721,11 @@ impl<S: Store> Engine<S> {
             }
         };
         if !is_read {
-            txn.batch.ops.push((
-                op_id.to_string(),
-                serde_json::to_string(&reply).expect("replies serialize"),
-            ));
+            let recorded = serde_json::to_string(&reply).expect("replies serialize");
+            if let Some(g) = &mut self.group {
+                g.ops.insert(op_id.to_string(), recorded.clone());
+            }
+            txn.batch.ops.push((op_id.to_string(), recorded));
         }
         self.commit(txn, now, out)?;
         Ok(reply)
@@ -1103,7 +1219,7 @@ impl<S: Store> Engine<S> {
             txn,
             &key,
             vec![(
-                format!("{}{:012}", views::AUDIT_PREFIX, entry.seq),
+                format!("{}{:016}", views::AUDIT_PREFIX, entry.seq),
                 Some(encode(&entry)),
             )],
             now,
@@ -1973,7 +2089,7 @@ impl<S: Store> Engine<S> {
         })
     }
 
-    fn mail_outcome(&mut self, message_id: &str, outcome: MailOutcome, now: Now) {
+    fn mail_outcome(&mut self, message_id: &str, outcome: MailOutcome, now: Now, out: &mut Vec<Output>) {
         let Some(((person, contact), mut s)) = self
             .mail
             .iter()
@@ -2001,10 +2117,11 @@ impl<S: Store> Engine<S> {
                 s.next_attempt_ms = now.wall_ms + 30_000;
             }
         }
+        // The outcome must reach the other headquarters node, or it would
+        // take the send over when the lease runs out: commit with gossip.
         let mut txn = Txn::default();
-        let mut sink = Vec::new();
         if self.put_mail(&mut txn, &person, &contact, &s, now).is_ok() {
-            let _ = self.commit(txn, now, &mut sink);
+            let _ = self.commit(txn, now, out);
         }
     }
 }
