@@ -81,10 +81,15 @@ fn main() {
             Some(Output::Reply { result: Ok(_), .. })
         ));
     }
-    // The second node starts from a copy of the same documents.
-    let mut shared = a.store().clone();
-    shared.meta = None;
-    let mut b = Engine::open(shared, cfg("hq-b"), now(t0)).unwrap();
+    // The second node meets the first and receives every document over
+    // the sync protocol, which leaves each holding a cursor into the other.
+    let mut b = Engine::open(MemStore::new(), cfg("hq-b"), now(t0)).unwrap();
+    let t_initial = Instant::now();
+    let (initial_bytes, initial_rounds) = sync(&mut a, &mut b, &mut rng, now(t0 + 500));
+    eprintln!(
+        "initial sync of {docs} documents: {initial_bytes} bytes, {initial_rounds} rounds, {:?}",
+        t_initial.elapsed()
+    );
     eprintln!("built {docs} shared documents in {:?}", started.elapsed());
 
     // Independent edits while apart.
@@ -157,54 +162,21 @@ fn main() {
         t_naive.elapsed()
     );
 
-    // Kizuna: reconnect and run rounds until both sides are idle.
+    // A first meeting over the same data: copies without cursors.
+    let strip = |e: &Engine<MemStore>, n: &str| {
+        let mut st = e.store().clone();
+        st.cursors.clear();
+        st.meta = None;
+        Engine::open(st, cfg(n), now(t0)).unwrap()
+    };
+    let (mut fa, mut fb) = (strip(&a, "hq-c"), strip(&b, "hq-d"));
+    let (first_bytes, first_rounds) = sync(&mut fa, &mut fb, &mut rng, now(t0 + 2000));
+    drop((fa, fb));
+
+    // Kizuna, peers met before: reconnect and run until both are idle.
     let t_sync = Instant::now();
-    let mut engines = [a, b];
-    let mut inbox: Vec<Vec<Input>> = vec![
-        vec![Input::Connected {
-            session: 1,
-            node: NodeId::new("hq-b").unwrap(),
-            role: Role::Hq,
-            initiator: true,
-        }],
-        vec![Input::Connected {
-            session: 2,
-            node: NodeId::new("hq-a").unwrap(),
-            role: Role::Hq,
-            initiator: false,
-        }],
-    ];
-    let mut wire_bytes = 0usize;
-    let mut rounds = 0usize;
-    loop {
-        let mut next: Vec<Vec<Input>> = vec![vec![], vec![]];
-        let mut sent = false;
-        for side in 0..2 {
-            let mut inputs = std::mem::take(&mut inbox[side]);
-            inputs.push(Input::Tick);
-            for input in inputs {
-                for o in engines[side].handle(input, now(t0 + 2000), &mut rng) {
-                    if let Output::Send { bytes, .. } = o {
-                        wire_bytes += bytes.len() + 4;
-                        let to = 1 - side;
-                        next[to].push(Input::Frame {
-                            session: if to == 0 { 1 } else { 2 },
-                            bytes,
-                        });
-                        sent = true;
-                    }
-                }
-            }
-        }
-        if !sent {
-            break;
-        }
-        rounds += 1;
-        inbox = next;
-        assert!(rounds < 10_000);
-    }
+    let (wire_bytes, rounds) = sync(&mut a, &mut b, &mut rng, now(t0 + 2000));
     let wall_ms = t_sync.elapsed().as_millis();
-    let [a, b] = engines;
     let ha: Vec<_> = a
         .heads()
         .filter(|(k, _)| k.kind == Kind::Registry)
@@ -228,6 +200,11 @@ fn main() {
     println!("lower bound bytes    {missing_bytes}");
     println!("naive automerge      {naive_bytes}");
     println!("round trips          {}", rounds.div_ceil(2));
+    println!(
+        "first meeting bytes  {first_bytes} ({} round trips)",
+        first_rounds.div_ceil(2)
+    );
+    println!("initial sync bytes   {initial_bytes}");
     println!("reconcile wall ms    {wall_ms}");
     println!(
         "{}",
@@ -235,7 +212,67 @@ fn main() {
             "docs": docs, "divergence": divergence, "bytes_on_wire": wire_bytes, "lower_bound_bytes": missing_bytes,
             "naive_automerge_bytes": naive_bytes, "round_trips": rounds.div_ceil(2), "wall_ms": wall_ms,
             "ratio_to_lower_bound": wire_bytes as f64 / missing_bytes.max(1) as f64,
+            "first_meeting_bytes": first_bytes, "first_meeting_round_trips": first_rounds.div_ceil(2),
+            "first_meeting_ratio_to_lower_bound": first_bytes as f64 / missing_bytes.max(1) as f64,
             "naive_over_ours": naive_bytes as f64 / wire_bytes.max(1) as f64,
         })
     );
+}
+
+/// Connects two engines, runs rounds (every frame of a round delivered
+/// before the next) until neither sends anything, disconnects. Returns the
+/// bytes on the wire (length prefixes included) and the number of rounds.
+fn sync(
+    a: &mut Engine<MemStore>,
+    b: &mut Engine<MemStore>,
+    rng: &mut ChaCha8Rng,
+    at: Now,
+) -> (usize, usize) {
+    let (na, nb) = (a.config().node_id.clone(), b.config().node_id.clone());
+    let mut engines = [a, b];
+    let mut inbox: Vec<Vec<Input>> = vec![
+        vec![Input::Connected {
+            session: 1,
+            node: nb,
+            role: Role::Hq,
+            initiator: true,
+        }],
+        vec![Input::Connected {
+            session: 2,
+            node: na,
+            role: Role::Hq,
+            initiator: false,
+        }],
+    ];
+    let (mut bytes, mut rounds) = (0usize, 0usize);
+    loop {
+        let mut next: Vec<Vec<Input>> = vec![vec![], vec![]];
+        let mut sent = false;
+        for side in 0..2 {
+            let mut inputs = std::mem::take(&mut inbox[side]);
+            inputs.push(Input::Tick);
+            for input in inputs {
+                for o in engines[side].handle(input, at, rng) {
+                    if let Output::Send { bytes: f, .. } = o {
+                        bytes += f.len() + 4;
+                        let to = 1 - side;
+                        next[to].push(Input::Frame {
+                            session: if to == 0 { 1 } else { 2 },
+                            bytes: f,
+                        });
+                        sent = true;
+                    }
+                }
+            }
+        }
+        if !sent {
+            break;
+        }
+        rounds += 1;
+        inbox = next;
+        assert!(rounds < 100_000, "no quiescence");
+    }
+    engines[0].handle(Input::Disconnected { session: 1 }, at, rng);
+    engines[1].handle(Input::Disconnected { session: 2 }, at, rng);
+    (bytes, rounds)
 }

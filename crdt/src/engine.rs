@@ -16,29 +16,24 @@
 use crate::actor::Actor;
 use crate::api::*;
 use crate::derive::{self, EVENT_PREFIX, HOUSEHOLD_FIELD, PERSON_FIELD, SHELTER_FIELD};
-use crate::doc::{encode, parse_change, Doc, DocError, Hash32};
+use crate::doc::{encode, Doc, DocError, Hash32};
 use crate::hlc::HlcClock;
 use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::model::*;
 use crate::policy;
-use crate::store::{Batch, ChangeRecord, DocState, Meta, Store, StoreError};
+use crate::session::Session;
+use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Store, StoreError};
 use crate::text::{check_text, search_key, TextError};
 use crate::views;
-use crate::wire::{self, DocChanges, Frame, Item, Range, RangeBody};
+use crate::wire::{self, DocChanges, Frame};
 use automerge::Change;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-/// Ranges with at most this many items are sent as item lists.
-const ITEMS_THRESHOLD: usize = 32;
-/// A larger range is split into this many parts.
-const SPLIT: usize = 16;
 /// Documents kept loaded.
 const DEFAULT_CACHE_DOCS: usize = 2048;
 /// A compacted snapshot is stored after this many logged changes.
 const SNAPSHOT_EVERY: u32 = 32;
-/// Frames of catch-up changes emitted per session per input.
-const FRAMES_PER_DRAIN: usize = 8;
 pub const MAX_PERSONS_PER_COMMAND: usize = 200;
 pub const MAX_HOUSEHOLDS_PER_IMPORT: usize = 20_000;
 
@@ -87,9 +82,9 @@ pub enum EngineError {
 }
 
 #[derive(Clone, Debug, Default)]
-struct IndexEntry {
-    heads: Vec<Hash32>,
-    fp: u128,
+pub(crate) struct IndexEntry {
+    pub(crate) heads: Vec<Hash32>,
+    pub(crate) fp: u128,
     /// Changes logged since the last snapshot.
     tail: u32,
 }
@@ -99,18 +94,6 @@ fn item_fp(key: &DocKey, heads: &[Hash32]) -> u128 {
     h.update(&key.to_bytes());
     h.update(&crate::doc::heads_digest(heads));
     u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
-}
-
-struct Session {
-    node: NodeId,
-    role: Role,
-    initiator: bool,
-    hello: bool,
-    /// Documents the peer lacks changes of, by priority, with the heads
-    /// it reported (empty when it does not have the document).
-    outq: BTreeMap<(u8, DocKey), Vec<Hash32>>,
-    /// Change hashes this session is known to have (sent or received).
-    seen: BTreeSet<Hash32>,
 }
 
 /// Counters the simulator and benchmarks read.
@@ -127,33 +110,35 @@ pub struct Stats {
 
 /// One command's or frame's pending writes, committed at once.
 #[derive(Default)]
-struct Txn {
-    batch: Batch,
-    touched: BTreeSet<DocKey>,
+pub(crate) struct Txn {
+    pub(crate) batch: Batch,
+    pub(crate) touched: BTreeSet<DocKey>,
     heads: BTreeMap<DocKey, Vec<Hash32>>,
     /// New changes to gossip, with the session they came from.
     gossip: Vec<(DocKey, Vec<u8>, Hash32, Option<SessionId>)>,
-    meta: Option<Meta>,
+    pub(crate) meta: Option<Meta>,
 }
 
 pub struct Engine<S: Store> {
-    store: S,
-    cfg: EngineConfig,
-    meta: Meta,
-    actor: Actor,
-    hlc: HlcClock,
-    index: BTreeMap<DocKey, IndexEntry>,
+    pub(crate) store: S,
+    pub(crate) cfg: EngineConfig,
+    pub(crate) meta: Meta,
+    pub(crate) actor: Actor,
+    pub(crate) hlc: HlcClock,
+    pub(crate) index: BTreeMap<DocKey, IndexEntry>,
     cache: HashMap<DocKey, Doc>,
     cache_order: VecDeque<DocKey>,
-    sessions: BTreeMap<SessionId, Session>,
-    peers: BTreeMap<NodeId, (Role, Option<u64>)>,
+    pub(crate) sessions: BTreeMap<SessionId, Session>,
+    pub(crate) peers: BTreeMap<NodeId, (Role, Option<u64>)>,
+    /// The newest entry of our change log.
+    pub(crate) log_end: Option<Cursor>,
     /// Headquarters: family mail state per (person, contact).
     mail: BTreeMap<(String, String), MailState>,
     /// Headquarters backup: when each arrival was first seen here.
     arrivals_seen: BTreeMap<String, u64>,
     /// Shelters: wall ms of the last presence change attributed to each.
     shelter_seen: BTreeMap<String, u64>,
-    stats: Stats,
+    pub(crate) stats: Stats,
     /// Transactions staged for one group commit (see `handle_batch`).
     group: Option<Group>,
     #[cfg(feature = "mutants")]
@@ -219,6 +204,7 @@ impl<S: Store> Engine<S> {
             index.insert(key, IndexEntry { heads, fp, tail: 0 });
         }
         let actor = Actor::new(cfg.role, &cfg.node_id, meta.incarnation);
+        let log_end = store.log_end()?;
         let mut e = Engine {
             store,
             cfg,
@@ -234,6 +220,7 @@ impl<S: Store> Engine<S> {
             arrivals_seen: BTreeMap::new(),
             shelter_seen: BTreeMap::new(),
             stats: Stats::default(),
+            log_end,
             group: None,
             #[cfg(feature = "mutants")]
             deferred: None,
@@ -307,27 +294,7 @@ impl<S: Store> Engine<S> {
                 node,
                 role,
                 initiator,
-            } => {
-                self.peers.entry(node.clone()).or_insert((role, None)).0 = role;
-                self.sessions.insert(
-                    session,
-                    Session {
-                        node,
-                        role,
-                        initiator,
-                        hello: false,
-                        outq: BTreeMap::new(),
-                        seen: BTreeSet::new(),
-                    },
-                );
-                let hello = Frame::Hello {
-                    version: wire::PROTOCOL_VERSION,
-                    node: self.cfg.node_id.clone(),
-                    role: self.cfg.role,
-                    incarnation: self.meta.incarnation,
-                };
-                self.send(session, &hello, &mut out);
-            }
+            } => self.connected(session, node, role, initiator, &mut out),
             Input::Frame { session, bytes } => self.frame(session, &bytes, now, &mut out),
             Input::Disconnected { session } => {
                 self.sessions.remove(&session);
@@ -340,6 +307,7 @@ impl<S: Store> Engine<S> {
                 if self.cfg.role == Role::Hq {
                     self.plan_mail(now, &mut out);
                 }
+                self.tick_cursors(&mut out);
             }
         }
         self.drain(&mut out);
@@ -355,12 +323,22 @@ impl<S: Store> Engine<S> {
     /// Within a group, a command sees the documents written by earlier
     /// commands of the group, but not yet their query rows (a person
     /// registered in the group cannot be checked in by the same group).
-    pub fn handle_batch(&mut self, inputs: Vec<Input>, now: Now, rng: &mut dyn RngCore) -> Vec<Output> {
+    pub fn handle_batch(
+        &mut self,
+        inputs: Vec<Input>,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Vec<Output> {
         let mut out = Vec::new();
         for input in inputs {
             if matches!(input, Input::Command { .. }) {
                 if self.group.is_none() {
-                    self.group = Some(Group { txns: Vec::new(), ops: BTreeMap::new(), replies: Vec::new(), meta_before: self.meta.clone() });
+                    self.group = Some(Group {
+                        txns: Vec::new(),
+                        ops: BTreeMap::new(),
+                        replies: Vec::new(),
+                        meta_before: self.meta.clone(),
+                    });
                 }
                 out.extend(self.handle(input, now, rng));
             } else {
@@ -393,7 +371,11 @@ impl<S: Store> Engine<S> {
             merged.peer_heads.extend(b.peer_heads.iter().cloned());
             merged.quarantine.extend(b.quarantine.iter().cloned());
         }
-        let result = if merged.is_empty() { Ok(()) } else { self.store.commit(&merged) };
+        let result = if merged.is_empty() {
+            Ok(())
+        } else {
+            self.store.commit(&merged)
+        };
         match result {
             Ok(()) => {
                 let meta_now = self.meta.clone();
@@ -413,7 +395,13 @@ impl<S: Store> Engine<S> {
                     self.forget(t);
                 }
                 out.extend(replies.into_iter().map(|r| match r {
-                    Output::Reply { op_id, result: Ok(_) } => Output::Reply { op_id, result: Err(CommandError::Storage(e.clone())) },
+                    Output::Reply {
+                        op_id,
+                        result: Ok(_),
+                    } => Output::Reply {
+                        op_id,
+                        result: Err(CommandError::Storage(e.clone())),
+                    },
                     other => other,
                 }));
             }
@@ -422,7 +410,7 @@ impl<S: Store> Engine<S> {
 
     // ----- storage plumbing -------------------------------------------------
 
-    fn load(&mut self, key: &DocKey) -> Result<Option<&mut Doc>, StoreError> {
+    pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&mut Doc>, StoreError> {
         if !self.cache.contains_key(key) {
             let Some(stored) = self.store.load_doc(key)? else {
                 return Ok(None);
@@ -449,7 +437,7 @@ impl<S: Store> Engine<S> {
         Ok(self.cache.get_mut(key))
     }
 
-    fn cache_insert(&mut self, doc: Doc) {
+    pub(crate) fn cache_insert(&mut self, doc: Doc) {
         let key = doc.key.clone();
         if self.cache.insert(key.clone(), doc).is_none() {
             self.cache_order.push_back(key);
@@ -503,7 +491,7 @@ impl<S: Store> Engine<S> {
 
     /// Adds new changes of a document (already applied to the cached doc)
     /// and its new heads, projection and maybe snapshot to the transaction.
-    fn record(
+    pub(crate) fn record(
         &mut self,
         txn: &mut Txn,
         key: &DocKey,
@@ -543,7 +531,12 @@ impl<S: Store> Engine<S> {
     /// Commits a transaction; on success applies its in-memory effects and
     /// queues gossip, on failure forgets every touched document so memory
     /// matches the store again.
-    fn commit(&mut self, mut txn: Txn, now: Now, out: &mut Vec<Output>) -> Result<(), StoreError> {
+    pub(crate) fn commit(
+        &mut self,
+        mut txn: Txn,
+        now: Now,
+        out: &mut Vec<Output>,
+    ) -> Result<(), StoreError> {
         if txn.batch.is_empty() {
             return Ok(());
         }
@@ -621,30 +614,57 @@ impl<S: Store> Engine<S> {
                 id: key.id.clone(),
             }));
         }
+        if !txn.batch.changes.is_empty() {
+            self.log_end = self.store.log_end().ok().flatten();
+        }
+        // Push every new change to each connected peer that may hold it
+        // and does not have it; live sessions learn the new log end with
+        // the last frame.
+        let mut per_session: BTreeMap<SessionId, Vec<DocChanges>> = BTreeMap::new();
         for (key, bytes, hash, from) in txn.gossip {
             for (sid, s) in self.sessions.iter_mut() {
                 if Some(*sid) == from
                     || !s.hello
                     || !may_send(s.role, &s.node, &key)
-                    || s.seen.contains(&hash)
+                    || !s.seen.insert(hash)
                 {
                     continue;
                 }
-                s.seen.insert(hash);
-                let f = Frame::Changes {
-                    docs: vec![DocChanges {
+                let docs = per_session.entry(*sid).or_default();
+                match docs.last_mut() {
+                    Some(d) if d.key == key => d.changes.push(bytes.clone()),
+                    _ => docs.push(DocChanges {
                         key: key.clone(),
                         changes: vec![bytes.clone()],
-                    }],
-                };
-                if let Ok(b) = wire::encode(&f) {
-                    self.stats.frames_sent += 1;
-                    self.stats.bytes_sent += b.len() as u64 + 4;
-                    out.push(Output::Send {
-                        session: *sid,
-                        bytes: b,
-                    });
+                    }),
                 }
+            }
+        }
+        for (sid, docs) in per_session {
+            let live = self.sessions.get(&sid).is_some_and(|s| s.is_live());
+            let mut frames: Vec<Vec<DocChanges>> = vec![vec![]];
+            let mut size = 0;
+            for d in docs {
+                let n: usize = d.changes.iter().map(Vec::len).sum::<usize>() + 48;
+                if size + n > wire::TARGET_FRAME_BYTES && !frames.last().is_some_and(Vec::is_empty)
+                {
+                    frames.push(vec![]);
+                    size = 0;
+                }
+                size += n;
+                frames.last_mut().expect("one frame").push(d);
+            }
+            let last = frames.len() - 1;
+            for (i, docs) in frames.into_iter().enumerate() {
+                let upto = if live && i == last {
+                    self.log_end
+                } else {
+                    None
+                };
+                if let (Some(c), Some(s)) = (upto, self.sessions.get_mut(&sid)) {
+                    s.upto_sent = c.seq;
+                }
+                self.send(sid, &Frame::Changes { docs, upto }, out);
             }
         }
         if self.cfg.role == Role::Hq {
@@ -693,7 +713,9 @@ impl<S: Store> Engine<S> {
         let reply = match self.run_command(&mut txn, operator, cmd, now, rng) {
             Ok(r) => r,
             Err(e) => {
-                if !txn.touched.is_empty() && self.group.as_ref().is_some_and(|g| !g.txns.is_empty()) {
+                if !txn.touched.is_empty()
+                    && self.group.as_ref().is_some_and(|g| !g.txns.is_empty())
+                {
                     // Staged work of the group may share these documents:
                     // make it durable before forgetting ours.
                     self.flush_group(now, out);
@@ -1354,505 +1376,6 @@ impl<S: Store> Engine<S> {
         })
     }
 
-    // ----- sessions ---------------------------------------------------------
-
-    fn send(&mut self, session: SessionId, f: &Frame, out: &mut Vec<Output>) {
-        match wire::encode(f) {
-            Ok(b) => {
-                self.stats.frames_sent += 1;
-                self.stats.bytes_sent += b.len() as u64 + 4;
-                out.push(Output::Send { session, bytes: b });
-            }
-            Err(e) => out.push(Output::Close {
-                session,
-                reason: format!("internal: {e}"),
-            }),
-        }
-    }
-
-    fn bye(&mut self, session: SessionId, code: u16, reason: String, out: &mut Vec<Output>) {
-        let f = Frame::Bye {
-            code,
-            reason: reason.chars().take(200).collect(),
-        };
-        self.send(session, &f, out);
-        out.push(Output::Close { session, reason });
-        self.sessions.remove(&session);
-    }
-
-    fn violation(&mut self, session: SessionId, reason: String, out: &mut Vec<Output>) {
-        self.stats.violations += 1;
-        if let Some(s) = self.sessions.get(&session) {
-            out.push(Output::Event(UiEvent::PeerViolation {
-                node_id: s.node.clone(),
-                reason,
-            }));
-        }
-    }
-
-    fn frame(&mut self, sid: SessionId, bytes: &[u8], now: Now, out: &mut Vec<Output>) {
-        let Some(s) = self.sessions.get(&sid) else {
-            return;
-        };
-        let (peer, peer_role) = (s.node.clone(), s.role);
-        let f = match wire::decode(bytes) {
-            Ok(f) => f,
-            Err(e) => return self.bye(sid, wire::BYE_PROTOCOL, e.to_string(), out),
-        };
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.1 = Some(now.wall_ms);
-        }
-        match f {
-            Frame::Hello {
-                version,
-                node,
-                role,
-                incarnation: _,
-            } => {
-                if version != wire::PROTOCOL_VERSION {
-                    return self.bye(sid, wire::BYE_VERSION, format!("protocol version {version} is not supported (this node speaks {}); upgrade needed", wire::PROTOCOL_VERSION), out);
-                }
-                if node != peer || role != peer_role {
-                    return self.bye(sid, wire::BYE_IDENTITY, format!("hello names {node} ({role}) but the certificate says {peer} ({peer_role})"), out);
-                }
-                let s = self.sessions.get_mut(&sid).expect("checked");
-                s.hello = true;
-                if s.initiator {
-                    self.start_reconcile(sid, out);
-                }
-            }
-            _ if !self.sessions[&sid].hello => {
-                self.bye(sid, wire::BYE_PROTOCOL, "frame before hello".into(), out)
-            }
-            Frame::Reconcile { ranges } => self.reconcile(sid, ranges, out),
-            Frame::Changes { docs } => self.receive(sid, docs, now, out),
-            Frame::Bye { code, reason } => {
-                out.push(Output::Close {
-                    session: sid,
-                    reason: format!("peer closed ({code}): {reason}"),
-                });
-                self.sessions.remove(&sid);
-            }
-        }
-    }
-
-    /// Documents both ends may hold take part in reconciliation.
-    fn shared(&self, peer_role: Role, key: &DocKey) -> bool {
-        policy::may_receive(self.cfg.role, key) && policy::may_receive(peer_role, key)
-    }
-
-    fn range_items(
-        &self,
-        peer_role: Role,
-        lo: &Option<DocKey>,
-        hi: &Option<DocKey>,
-    ) -> Vec<(&DocKey, &IndexEntry)> {
-        use std::ops::Bound::*;
-        let lo_b = lo.as_ref().map_or(Unbounded, Included);
-        let hi_b = hi.as_ref().map_or(Unbounded, Excluded);
-        if let (Some(l), Some(h)) = (lo, hi) {
-            if l >= h {
-                return vec![];
-            }
-        }
-        self.index
-            .range::<DocKey, _>((lo_b, hi_b))
-            .filter(|(k, _)| self.shared(peer_role, k))
-            .collect()
-    }
-
-    fn fingerprint(items: &[(&DocKey, &IndexEntry)]) -> RangeBody {
-        let sum = items.iter().fold(0u128, |a, (_, e)| a.wrapping_add(e.fp));
-        RangeBody::Fingerprint {
-            fp: sum.to_le_bytes(),
-            count: items.len() as u32,
-        }
-    }
-
-    fn start_reconcile(&mut self, sid: SessionId, out: &mut Vec<Output>) {
-        let s = &self.sessions[&sid];
-        let (peer, role) = (s.node.clone(), s.role);
-        let mut ranges = vec![self.split_or_list(role, None, None)];
-        // Documents only the peer may receive from us (our own audit chain
-        // for headquarters) are offered one by one.
-        for (k, e) in &self.index {
-            if !self.shared(role, k) && may_send(role, &peer, k) {
-                ranges.push(Range {
-                    lo: Some(k.clone()),
-                    hi: Some(k.clone()),
-                    body: RangeBody::Items {
-                        items: vec![Item {
-                            key: k.clone(),
-                            heads: e.heads.clone(),
-                        }],
-                        reply: false,
-                    },
-                });
-            }
-        }
-        ranges.retain(|r| {
-            !matches!(&r.body, RangeBody::Items { items, .. } if items.is_empty()) || r.lo.is_none()
-        });
-        self.send(sid, &Frame::Reconcile { ranges }, out);
-    }
-
-    /// Describes our side of a range: a fingerprint, or the item list when small.
-    fn split_or_list(&self, role: Role, lo: Option<DocKey>, hi: Option<DocKey>) -> Range {
-        let items = self.range_items(role, &lo, &hi);
-        let body = if items.len() <= ITEMS_THRESHOLD {
-            RangeBody::Items {
-                items: items
-                    .iter()
-                    .map(|(k, e)| Item {
-                        key: (*k).clone(),
-                        heads: e.heads.clone(),
-                    })
-                    .collect(),
-                reply: false,
-            }
-        } else {
-            Self::fingerprint(&items)
-        };
-        Range { lo, hi, body }
-    }
-
-    fn reconcile(&mut self, sid: SessionId, ranges: Vec<Range>, out: &mut Vec<Output>) {
-        let (peer, role) = {
-            let s = &self.sessions[&sid];
-            (s.node.clone(), s.role)
-        };
-        let mut reply: Vec<Range> = Vec::new();
-        let mut to_send: Vec<(DocKey, Vec<Hash32>)> = Vec::new();
-        let mut peer_heads = Vec::new();
-        for r in ranges {
-            match r.body {
-                RangeBody::Fingerprint { fp, count } => {
-                    let items = self.range_items(role, &r.lo, &r.hi);
-                    if Self::fingerprint(&items) == (RangeBody::Fingerprint { fp, count }) {
-                        continue;
-                    }
-                    if items.len() <= ITEMS_THRESHOLD {
-                        reply.push(Range {
-                            lo: r.lo,
-                            hi: r.hi,
-                            body: RangeBody::Items {
-                                items: items
-                                    .iter()
-                                    .map(|(k, e)| Item {
-                                        key: (*k).clone(),
-                                        heads: e.heads.clone(),
-                                    })
-                                    .collect(),
-                                reply: false,
-                            },
-                        });
-                    } else {
-                        let keys: Vec<DocKey> = items.iter().map(|(k, _)| (*k).clone()).collect();
-                        let chunk = keys.len().div_ceil(SPLIT);
-                        let mut bounds: Vec<Option<DocKey>> = vec![r.lo.clone()];
-                        for i in (chunk..keys.len()).step_by(chunk) {
-                            bounds.push(Some(keys[i].clone()));
-                        }
-                        bounds.push(r.hi.clone());
-                        for w in bounds.windows(2) {
-                            let sub = self.split_or_list(role, w[0].clone(), w[1].clone());
-                            reply.push(match sub.body {
-                                RangeBody::Items { .. } => Range {
-                                    body: Self::fingerprint(
-                                        &self.range_items(role, &sub.lo, &sub.hi),
-                                    ),
-                                    ..sub
-                                },
-                                _ => sub,
-                            });
-                        }
-                    }
-                }
-                RangeBody::Items {
-                    items,
-                    reply: is_reply,
-                } => {
-                    let theirs: BTreeMap<DocKey, Vec<Hash32>> = items
-                        .into_iter()
-                        .filter(|i| {
-                            policy::may_hold(self.cfg.role, &self.cfg.node_id, &i.key)
-                                && may_send(role, &peer, &i.key)
-                        })
-                        .map(|i| (i.key, i.heads))
-                        .collect();
-                    if !is_reply {
-                        // Ours that they lack or that differ: send changes.
-                        for (k, e) in self.range_items(role, &r.lo, &r.hi) {
-                            match theirs.get(k) {
-                                Some(h) if h == &e.heads => {}
-                                Some(h) => to_send.push((k.clone(), h.clone())),
-                                None => to_send.push((k.clone(), vec![])),
-                            }
-                        }
-                    }
-                    let mut want = Vec::new();
-                    for (k, h) in theirs {
-                        let mine = self.index.get(&k).map(|e| e.heads.clone());
-                        if mine.as_ref() == Some(&h) {
-                            continue;
-                        }
-                        peer_heads.push((peer.clone(), k.clone(), h.clone()));
-                        if is_reply {
-                            to_send.push((k, h));
-                            continue;
-                        }
-                        if !self.range_contains(&r.lo, &r.hi, &k) {
-                            to_send.push((k.clone(), h.clone()));
-                        }
-                        let unknown = match &mine {
-                            None => true,
-                            Some(m) => !h.iter().all(|x| m.contains(x)) && !self.knows_all(&k, &h),
-                        };
-                        if unknown {
-                            want.push(Item {
-                                key: k,
-                                heads: mine.unwrap_or_default(),
-                            });
-                        }
-                    }
-                    if !want.is_empty() {
-                        reply.push(Range {
-                            lo: r.lo,
-                            hi: r.hi,
-                            body: RangeBody::Items {
-                                items: want,
-                                reply: true,
-                            },
-                        });
-                    }
-                }
-            }
-        }
-        if !peer_heads.is_empty() {
-            let _ = self.store.commit(&Batch {
-                peer_heads,
-                ..Default::default()
-            });
-        }
-        if let Some(s) = self.sessions.get_mut(&sid) {
-            for (k, h) in to_send {
-                if may_send(role, &peer, &k) {
-                    s.outq.insert((k.kind.priority(), k), h);
-                }
-            }
-        }
-        for chunk in reply.chunks(wire::MAX_RANGES_PER_FRAME / 2) {
-            self.send(
-                sid,
-                &Frame::Reconcile {
-                    ranges: chunk.to_vec(),
-                },
-                out,
-            );
-        }
-    }
-
-    fn range_contains(&self, lo: &Option<DocKey>, hi: &Option<DocKey>, k: &DocKey) -> bool {
-        lo.as_ref().is_none_or(|l| k >= l) && hi.as_ref().is_none_or(|h| k < h)
-    }
-
-    fn knows_all(&mut self, key: &DocKey, heads: &[Hash32]) -> bool {
-        match self.load(key) {
-            Ok(Some(d)) => heads.iter().all(|h| d.knows(h)),
-            _ => false,
-        }
-    }
-
-    /// Emits queued catch-up changes, highest priority first, a bounded
-    /// number of frames per session per input (memory stays bounded: A-14).
-    fn drain(&mut self, out: &mut Vec<Output>) {
-        let sids: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| !s.outq.is_empty())
-            .map(|(k, _)| *k)
-            .collect();
-        for sid in sids {
-            let mut frames = 0;
-            let mut docs: Vec<DocChanges> = Vec::new();
-            let mut size = 0usize;
-            while frames < FRAMES_PER_DRAIN {
-                let Some(((_, key), their)) =
-                    self.sessions.get_mut(&sid).and_then(|s| s.outq.pop_first())
-                else {
-                    break;
-                };
-                let peer = self.sessions[&sid].node.clone();
-                let mut base = their.clone();
-                if let Ok(Some(h)) = self.store.peer_heads(&peer, &key) {
-                    base.extend(h);
-                }
-                let changes = match self.load(&key) {
-                    Ok(Some(doc)) => doc.changes_since(&base),
-                    _ => continue,
-                };
-                let s = self.sessions.get_mut(&sid).expect("present");
-                let bytes: Vec<Vec<u8>> = changes
-                    .into_iter()
-                    .filter(|c| s.seen.insert(c.hash().0))
-                    .map(|c| c.raw_bytes().to_vec())
-                    .collect();
-                if bytes.is_empty() {
-                    continue;
-                }
-                size += bytes.iter().map(Vec::len).sum::<usize>() + 48;
-                docs.push(DocChanges {
-                    key,
-                    changes: bytes,
-                });
-                if size >= wire::TARGET_FRAME_BYTES || docs.len() >= wire::MAX_DOCS_PER_FRAME {
-                    self.send(
-                        sid,
-                        &Frame::Changes {
-                            docs: std::mem::take(&mut docs),
-                        },
-                        out,
-                    );
-                    size = 0;
-                    frames += 1;
-                }
-            }
-            if !docs.is_empty() {
-                self.send(sid, &Frame::Changes { docs }, out);
-            }
-        }
-    }
-
-    /// Applies changes from a peer after checking, at this hop, that the
-    /// peer may hold each document and each change's author may write it.
-    fn receive(&mut self, sid: SessionId, docs: Vec<DocChanges>, now: Now, out: &mut Vec<Output>) {
-        let (peer, role) = {
-            let s = &self.sessions[&sid];
-            (s.node.clone(), s.role)
-        };
-        let mut txn = Txn::default();
-        for dc in docs {
-            let key = dc.key;
-            if !policy::may_hold(self.cfg.role, &self.cfg.node_id, &key)
-                || !policy::may_hold(role, &peer, &key)
-            {
-                self.stats.changes_rejected += dc.changes.len() as u64;
-                self.violation(
-                    sid,
-                    format!("sent {key}, which its role or ours may not hold"),
-                    out,
-                );
-                continue;
-            }
-            let mut changes = Vec::new();
-            let mut bad = None;
-            for bytes in &dc.changes {
-                match parse_change(bytes) {
-                    Ok(c) => {
-                        if let Err(why) = self.check_author(&c, &key, &peer, role) {
-                            bad = Some(why);
-                            break;
-                        }
-                        s_seen(&mut self.sessions, sid, c.hash().0);
-                        changes.push(c);
-                    }
-                    Err(e) => {
-                        bad = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            if let Some(why) = bad {
-                self.stats.changes_rejected += dc.changes.len() as u64;
-                self.violation(sid, format!("{key}: {why}"), out);
-                continue;
-            }
-            let before = self.index.get(&key).map(|e| e.heads.clone());
-            let doc = match self.load(&key) {
-                Ok(Some(d)) => d.fork(),
-                Ok(None) => Doc::new(key.clone()),
-                Err(_) => Doc::new(key.clone()),
-            };
-            let mut doc = doc;
-            let new: Vec<Change> = changes
-                .into_iter()
-                .filter(|c| !doc.knows(&c.hash().0))
-                .collect();
-            #[cfg(feature = "mutants")]
-            let new: Vec<Change> =
-                if crate::mutants::active(crate::mutants::Mutant::DropMissingDeps) {
-                    let batch: BTreeSet<Hash32> = new.iter().map(|c| c.hash().0).collect();
-                    new.into_iter()
-                        .filter(|c| {
-                            c.deps()
-                                .iter()
-                                .all(|d| doc.knows(&d.0) || batch.contains(&d.0))
-                        })
-                        .collect()
-                } else {
-                    new
-                };
-            if new.is_empty() {
-                continue;
-            }
-            if let Err(e) = doc.apply(new.clone()) {
-                self.stats.changes_rejected += new.len() as u64;
-                self.violation(sid, format!("{key}: {e}"), out);
-                continue;
-            }
-            if let Err(e) = derive::projection(&doc) {
-                // Schema-invalid data is refused, the last valid view stays (I-22).
-                self.stats.changes_rejected += new.len() as u64;
-                self.violation(sid, e.to_string(), out);
-                continue;
-            }
-            self.stats.changes_applied += new.len() as u64;
-            self.cache_insert(doc);
-            txn.touched.insert(key.clone());
-            self.record(&mut txn, &key, new, Some(sid));
-            let _ = before;
-        }
-        if let Some(d) = self.sessions.get(&sid) {
-            let _ = d;
-        }
-        if let Some(m) = txn.batch.changes.first() {
-            let _ = m;
-            let mut meta = self.meta.clone();
-            meta.hlc = self.hlc.last();
-            txn.meta = Some(meta);
-        }
-        if let Err(e) = self.commit(txn, now, out) {
-            // Nothing was stored; the peer will offer the changes again at
-            // the next reconciliation.
-            out.push(Output::Close {
-                session: sid,
-                reason: format!("storage: {e}"),
-            });
-            self.sessions.remove(&sid);
-        }
-    }
-
-    fn check_author(
-        &self,
-        c: &Change,
-        key: &DocKey,
-        peer: &NodeId,
-        peer_role: Role,
-    ) -> Result<(), String> {
-        let actor =
-            Actor::from_bytes(c.actor_id().to_bytes()).ok_or("change has a foreign actor id")?;
-        if actor.is_node(peer.as_str()) && actor.role != peer_role {
-            return Err(format!(
-                "change claims role {} but the peer's certificate says {peer_role}",
-                actor.role
-            ));
-        }
-        if !policy::may_author(actor.role, key, |id| actor.is_node(id)) {
-            return Err(format!("a {} node may not write {key}", actor.role));
-        }
-        Ok(())
-    }
-
     // ----- family mail (headquarters) ---------------------------------------
 
     fn recover_mail(&mut self, now: Now) -> Result<(), StoreError> {
@@ -2089,7 +1612,13 @@ impl<S: Store> Engine<S> {
         })
     }
 
-    fn mail_outcome(&mut self, message_id: &str, outcome: MailOutcome, now: Now, out: &mut Vec<Output>) {
+    fn mail_outcome(
+        &mut self,
+        message_id: &str,
+        outcome: MailOutcome,
+        now: Now,
+        out: &mut Vec<Output>,
+    ) {
         let Some(((person, contact), mut s)) = self
             .mail
             .iter()
@@ -2126,14 +1655,8 @@ impl<S: Store> Engine<S> {
     }
 }
 
-fn s_seen(sessions: &mut BTreeMap<SessionId, Session>, sid: SessionId, hash: Hash32) {
-    if let Some(s) = sessions.get_mut(&sid) {
-        s.seen.insert(hash);
-    }
-}
-
 /// May this document be sent to a peer of this role and id?
-fn may_send(role: Role, node: &NodeId, key: &DocKey) -> bool {
+pub(crate) fn may_send(role: Role, node: &NodeId, key: &DocKey) -> bool {
     #[cfg(feature = "mutants")]
     if crate::mutants::active(crate::mutants::Mutant::MedicalToShelter)
         && key.kind == Kind::Medical

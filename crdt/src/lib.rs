@@ -21,6 +21,7 @@ pub mod hlc;
 pub mod model;
 #[cfg(feature = "mutants")]
 pub mod mutants;
+pub mod session;
 pub mod store;
 pub mod text;
 pub mod views;

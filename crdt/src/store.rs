@@ -107,6 +107,17 @@ pub struct Projection {
     pub shelters: Vec<ShelterRow>,
 }
 
+/// A position in another node's change log: "I durably hold every change
+/// of your log up to `seq`, whose hash is `hash`". Kept by the receiving
+/// node, in the same transaction as the changes, so it rolls back together
+/// with them; the sending node checks the hash, so a sender restored from
+/// an old backup (whose log diverged) is detected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub seq: u64,
+    pub hash: Hash32,
+}
+
 /// One atomic, durable write.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
@@ -120,6 +131,8 @@ pub struct Batch {
     pub peer_heads: Vec<(NodeId, DocKey, Vec<Hash32>)>,
     /// Documents that failed to load or validate, with the reason.
     pub quarantine: Vec<(DocKey, String)>,
+    /// How far into each peer's change log we hold everything.
+    pub cursors: Vec<(NodeId, Cursor)>,
 }
 
 impl Batch {
@@ -131,6 +144,7 @@ impl Batch {
             && self.ops.is_empty()
             && self.peer_heads.is_empty()
             && self.quarantine.is_empty()
+            && self.cursors.is_empty()
     }
 }
 
@@ -154,6 +168,17 @@ pub trait Store {
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError>;
     fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError>;
     fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError>;
+
+    /// The local change log in order: entries with a sequence number above
+    /// `after`, at most `limit` of them. Sequence numbers start at 1 and are
+    /// never reused.
+    fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError>;
+    /// The hash of the change logged at `seq`, if any.
+    fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError>;
+    /// The newest log entry.
+    fn log_end(&self) -> Result<Option<Cursor>, StoreError>;
+    /// How far into `peer`'s log we hold everything (see [`Cursor`]).
+    fn sync_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError>;
 
     fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError>;
     fn persons(&self, limit: usize, offset: usize) -> Result<Vec<PersonRow>, StoreError>;
@@ -181,6 +206,7 @@ pub struct MemStore {
     pub ops: BTreeMap<String, String>,
     pub peer_heads: BTreeMap<(NodeId, DocKey), Vec<Hash32>>,
     pub quarantine: BTreeMap<DocKey, String>,
+    pub cursors: BTreeMap<NodeId, Cursor>,
     /// Fault injection: the next N commits fail with this error.
     pub fail_commits: Option<(u32, StoreError)>,
     pub commits: u64,
@@ -267,7 +293,34 @@ impl Store for MemStore {
         for (k, r) in &batch.quarantine {
             self.quarantine.insert(k.clone(), r.clone());
         }
+        for (p, c) in &batch.cursors {
+            self.cursors.insert(p.clone(), *c);
+        }
         Ok(())
+    }
+    fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
+        let start = (after as usize).min(self.log.len());
+        Ok(self.log[start..]
+            .iter()
+            .take(limit)
+            .enumerate()
+            .map(|(i, c)| ((start + i + 1) as u64, c.clone()))
+            .collect())
+    }
+    fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError> {
+        Ok(seq
+            .checked_sub(1)
+            .and_then(|i| self.log.get(i as usize))
+            .map(|c| c.hash))
+    }
+    fn log_end(&self) -> Result<Option<Cursor>, StoreError> {
+        Ok(self.log.last().map(|c| Cursor {
+            seq: self.log.len() as u64,
+            hash: c.hash,
+        }))
+    }
+    fn sync_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
+        Ok(self.cursors.get(peer).copied())
     }
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.ops.get(op_id).cloned())
@@ -606,6 +659,79 @@ pub mod conformance {
         assert_eq!(s.quarantined().unwrap(), vec![(k, "bad".to_string())]);
     }
 
+    pub fn log_and_cursors(s: &mut dyn Store) {
+        let k = key(Kind::Presence, "h1");
+        let peer = NodeId::new("peer-1").unwrap();
+        assert_eq!(s.log_end().unwrap(), None);
+        assert!(s.log_since(0, 10).unwrap().is_empty());
+        s.commit(&Batch {
+            changes: vec![change(&k, 1), change(&k, 2)],
+            ..Default::default()
+        })
+        .unwrap();
+        // A known change takes no new sequence number.
+        s.commit(&Batch {
+            changes: vec![change(&k, 1), change(&k, 3)],
+            ..Default::default()
+        })
+        .unwrap();
+        let all = s.log_since(0, 10).unwrap();
+        assert_eq!(
+            all.iter().map(|(n, c)| (*n, c.hash[0])).collect::<Vec<_>>(),
+            vec![(1, 1), (2, 2), (3, 3)]
+        );
+        assert_eq!(all[0].1, change(&k, 1));
+        assert_eq!(
+            s.log_since(1, 1)
+                .unwrap()
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert!(s.log_since(3, 10).unwrap().is_empty());
+        assert_eq!(s.log_at(2).unwrap(), Some([2; 32]));
+        assert_eq!(s.log_at(0).unwrap(), None);
+        assert_eq!(s.log_at(9).unwrap(), None);
+        assert_eq!(
+            s.log_end().unwrap(),
+            Some(Cursor {
+                seq: 3,
+                hash: [3; 32]
+            })
+        );
+        assert_eq!(s.sync_cursor(&peer).unwrap(), None);
+        s.commit(&Batch {
+            cursors: vec![(
+                peer.clone(),
+                Cursor {
+                    seq: 7,
+                    hash: [7; 32],
+                },
+            )],
+            ..Default::default()
+        })
+        .unwrap();
+        s.commit(&Batch {
+            cursors: vec![(
+                peer.clone(),
+                Cursor {
+                    seq: 9,
+                    hash: [9; 32],
+                },
+            )],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.sync_cursor(&peer).unwrap(),
+            Some(Cursor {
+                seq: 9,
+                hash: [9; 32]
+            })
+        );
+    }
+
     /// Runs every case, each on a fresh store from `fresh`.
     pub fn run_all(mut fresh: impl FnMut() -> Box<dyn Store>) {
         meta_round_trip(&mut *fresh());
@@ -613,6 +739,7 @@ pub mod conformance {
         projections_replace_per_document(&mut *fresh());
         locations_and_occupancy(&mut *fresh());
         ops_peer_heads_quarantine(&mut *fresh());
+        log_and_cursors(&mut *fresh());
     }
 }
 

@@ -9,6 +9,7 @@
 
 use crate::doc::Hash32;
 use crate::ids::{DocKey, NodeId, Role};
+use crate::store::Cursor;
 use serde::{Deserialize, Serialize};
 
 /// Version 1 of the Kizuna sync protocol; negotiated in `Hello` (H-1).
@@ -17,7 +18,7 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
 /// Target size when splitting outgoing changes into frames.
 pub const TARGET_FRAME_BYTES: usize = 256 << 10;
-pub const MAX_RANGES_PER_FRAME: usize = 4096;
+pub const MAX_RANGES_PER_FRAME: usize = 16384;
 pub const MAX_ITEMS_PER_RANGE: usize = 4096;
 pub const MAX_DOCS_PER_FRAME: usize = 8192;
 pub const MAX_CHANGES_PER_DOC: usize = 65536;
@@ -44,9 +45,12 @@ pub struct Item {
 pub enum RangeBody {
     /// Sum of item hashes and the item count of the sender's range.
     Fingerprint { fp: [u8; 16], count: u32 },
-    /// All the sender's items in the range (`reply: false`), or only those
-    /// it wants changes for, answering an item list (`reply: true`).
-    Items { items: Vec<Item>, reply: bool },
+    /// All the sender's documents in the range, each with a short digest
+    /// of its heads.
+    Digests { items: Vec<(DocKey, [u8; 8])> },
+    /// The sender's full heads of documents that differ, at stage 1, 2 or
+    /// 3 of the exchange (see `crdt::session`).
+    Items { items: Vec<Item>, stage: u8 },
 }
 
 /// A half-open key range `[lo, hi)`; `None` is the open end.
@@ -65,23 +69,28 @@ pub struct DocChanges {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
+    /// Opens a session. `resume`: how far into the receiver's change log
+    /// the sender already holds everything.
     Hello {
         version: u16,
         node: NodeId,
         role: Role,
         incarnation: u32,
+        resume: Option<Cursor>,
     },
-    Reconcile {
-        ranges: Vec<Range>,
-    },
+    /// The verdict on the peer's `resume` cursor: `true` means "I stream my
+    /// log to you from there".
+    Resume { ok: bool },
+    /// Part of a reconciliation turn; the turn's last frame has `more: false`.
+    Reconcile { ranges: Vec<Range>, more: bool },
+    /// Changes; `upto`, when present, says that after this frame the
+    /// receiver holds everything of the sender's log up to that position.
     Changes {
         docs: Vec<DocChanges>,
+        upto: Option<Cursor>,
     },
     /// The sender closes the session; `code` is one of the `BYE_*` values.
-    Bye {
-        code: u16,
-        reason: String,
-    },
+    Bye { code: u16, reason: String },
 }
 
 pub const BYE_VERSION: u16 = 1;
@@ -92,11 +101,16 @@ pub const BYE_REVOKED: u16 = 5;
 
 fn check_bounds(f: &Frame) -> Result<(), WireError> {
     match f {
-        Frame::Reconcile { ranges } => {
+        Frame::Reconcile { ranges, .. } => {
             if ranges.len() > MAX_RANGES_PER_FRAME {
                 return Err(WireError::Bound("ranges per frame"));
             }
             for r in ranges {
+                if let RangeBody::Digests { items } = &r.body {
+                    if items.len() > MAX_ITEMS_PER_RANGE {
+                        return Err(WireError::Bound("items per range"));
+                    }
+                }
                 if let RangeBody::Items { items, .. } = &r.body {
                     if items.len() > MAX_ITEMS_PER_RANGE {
                         return Err(WireError::Bound("items per range"));
@@ -107,7 +121,7 @@ fn check_bounds(f: &Frame) -> Result<(), WireError> {
                 }
             }
         }
-        Frame::Changes { docs } => {
+        Frame::Changes { docs, .. } => {
             if docs.len() > MAX_DOCS_PER_FRAME {
                 return Err(WireError::Bound("documents per frame"));
             }
@@ -138,12 +152,13 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
     // the constructor).
     let bad_key = |k: &DocKey| DocKey::new(k.kind, k.id.clone()).is_err();
     let invalid = match &f {
-        Frame::Reconcile { ranges } => ranges.iter().any(|r| {
+        Frame::Reconcile { ranges, .. } => ranges.iter().any(|r| {
             r.lo.as_ref().is_some_and(bad_key)
                 || r.hi.as_ref().is_some_and(bad_key)
                 || matches!(&r.body, RangeBody::Items { items, .. } if items.iter().any(|i| bad_key(&i.key)))
+                || matches!(&r.body, RangeBody::Digests { items } if items.iter().any(|(k, _)| bad_key(k)))
         }),
-        Frame::Changes { docs } => docs.iter().any(|d| bad_key(&d.key)),
+        Frame::Changes { docs, .. } => docs.iter().any(|d| bad_key(&d.key)),
         _ => false,
     };
     if invalid {
@@ -188,6 +203,7 @@ mod tests {
                 };
                 MAX_DOCS_PER_FRAME + 1
             ],
+            upto: None,
         };
         assert!(encode(&too_many).is_err());
     }
@@ -203,6 +219,7 @@ mod tests {
                 key: bad,
                 changes: vec![],
             }],
+            upto: None,
         };
         let bytes = postcard::to_allocvec(&f).unwrap();
         assert!(decode(&bytes).is_err());

@@ -133,7 +133,7 @@ pub fn conflicts(
 
 /// No document kind may reach a node whose role may not hold it.
 pub fn role_leak(to: &NodeId, role: Role, frame: &Frame, at_ms: u64) -> Vec<Violation> {
-    let Frame::Changes { docs } = frame else {
+    let Frame::Changes { docs, .. } = frame else {
         return vec![];
     };
     docs.iter()

@@ -54,6 +54,22 @@ impl Store for SimStore {
     fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError> {
         self.mem.quarantined()
     }
+    fn log_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, crdt::store::ChangeRecord)>, StoreError> {
+        self.mem.log_since(after, limit)
+    }
+    fn log_at(&self, seq: u64) -> Result<Option<crdt::doc::Hash32>, StoreError> {
+        self.mem.log_at(seq)
+    }
+    fn log_end(&self) -> Result<Option<crdt::store::Cursor>, StoreError> {
+        self.mem.log_end()
+    }
+    fn sync_cursor(&self, peer: &crdt::NodeId) -> Result<Option<crdt::store::Cursor>, StoreError> {
+        self.mem.sync_cursor(peer)
+    }
     fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError> {
         self.mem.person(person_id)
     }

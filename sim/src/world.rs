@@ -1228,7 +1228,7 @@ impl World {
     /// `knows` first, the simulated network drops changes the receiver
     /// already has (see the report).
     fn drop_known_echoes(&mut self, to: usize, bytes: Vec<u8>) -> Vec<u8> {
-        let Ok(Frame::Changes { docs }) = wire::decode(&bytes) else {
+        let Ok(Frame::Changes { docs, upto }) = wire::decode(&bytes) else {
             return bytes;
         };
         let Some(e) = self.nodes[to].engine.as_mut() else {
@@ -1250,7 +1250,7 @@ impl World {
         if !changed {
             return bytes;
         }
-        wire::encode(&Frame::Changes { docs: out }).unwrap_or(bytes)
+        wire::encode(&Frame::Changes { docs: out, upto }).unwrap_or(bytes)
     }
 
     // ----- mail -------------------------------------------------------------

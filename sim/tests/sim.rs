@@ -173,6 +173,7 @@ fn role_leak_fires() {
             key: DocKey::new(Kind::Medical, "p1").unwrap(),
             changes: vec![],
         }],
+        upto: None,
     };
     let shelter = NodeId::new("shelter-1").unwrap();
     assert_eq!(

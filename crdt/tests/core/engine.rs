@@ -22,6 +22,9 @@ struct Net {
     queue: VecDeque<(usize, Input)>,
     mails: Vec<MailRequest>,
     replies: Vec<Result<Reply, CommandError>>,
+    /// Reconcile frames delivered, and bytes of all frames delivered.
+    reconcile_frames: usize,
+    wire_bytes: usize,
 }
 
 fn now(ms: u64) -> Now {
@@ -53,6 +56,8 @@ impl Net {
             queue: VecDeque::new(),
             mails: vec![],
             replies: vec![],
+            reconcile_frames: 0,
+            wire_bytes: 0,
         }
     }
     fn id(&self, i: usize) -> (NodeId, Role) {
@@ -111,6 +116,13 @@ impl Net {
                 for o in outs {
                     match o {
                         Output::Send { session, bytes } => {
+                            self.wire_bytes += bytes.len() + 4;
+                            if matches!(
+                                crdt::wire::decode(&bytes),
+                                Ok(crdt::wire::Frame::Reconcile { .. })
+                            ) {
+                                self.reconcile_frames += 1;
+                            }
                             if let Some((to_sid, to)) = self.peer_session(session) {
                                 self.queue.push_back((
                                     to,
@@ -134,6 +146,13 @@ impl Net {
                 for o in outs {
                     match o {
                         Output::Send { session, bytes } => {
+                            self.wire_bytes += bytes.len() + 4;
+                            if matches!(
+                                crdt::wire::decode(&bytes),
+                                Ok(crdt::wire::Frame::Reconcile { .. })
+                            ) {
+                                self.reconcile_frames += 1;
+                            }
                             if let Some((to_sid, to)) = self.peer_session(session) {
                                 self.queue.push_back((
                                     to,
@@ -527,4 +546,111 @@ fn bad_input_changes_nothing() {
     let after = net.nodes[0].store().clone();
     assert_eq!(before.log, after.log);
     assert_eq!(before.projections, after.projections);
+}
+
+#[test]
+fn peers_met_before_resume_from_their_cursor_without_reconciling() {
+    let mut net = setup();
+    net.connect(0, 1);
+    assert!(net.reconcile_frames > 0, "a first meeting reconciles");
+    net.disconnect_all();
+    net.cmd(
+        1,
+        "a",
+        Command::CheckIn {
+            person_ids: vec!["p4-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    let hh = vec![household(4, 2)];
+    net.cmd(0, "b", Command::ImportHouseholds { households: hh })
+        .unwrap();
+    net.reconcile_frames = 0;
+    net.connect(0, 1);
+    assert_eq!(net.reconcile_frames, 0, "met before: resumed from cursors");
+    assert_eq!(
+        net.heads(0, &[Kind::Presence, Kind::Registry]),
+        net.heads(1, &[Kind::Presence, Kind::Registry])
+    );
+    // Live pushes keep the cursor moving: after more writes while
+    // connected, a reconnection again needs no reconciliation.
+    net.cmd(
+        1,
+        "c",
+        Command::CheckOut {
+            person_ids: vec!["p4-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.disconnect_all();
+    net.cmd(
+        1,
+        "d",
+        Command::CheckIn {
+            person_ids: vec!["p4-1".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.connect(1, 0);
+    assert_eq!(net.reconcile_frames, 0);
+    assert_eq!(
+        net.heads(0, &[Kind::Presence]),
+        net.heads(1, &[Kind::Presence])
+    );
+}
+
+#[test]
+fn a_peer_restored_from_an_old_backup_is_reconciled_not_resumed() {
+    let mut net = setup();
+    net.connect(0, 1);
+    net.disconnect_all();
+    // The shelter's store as it is now, a backup.
+    let backup = net.nodes[1].store().clone();
+    net.cmd(
+        1,
+        "a",
+        Command::CheckIn {
+            person_ids: vec!["p5-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.connect(0, 1);
+    net.disconnect_all();
+    // Restore the backup: the shelter loses its check-in and its log
+    // diverges from what headquarters' cursor says.
+    let cfg = net.nodes[1].config().clone();
+    net.nodes[1] = Engine::open(backup, cfg, now(net.now)).unwrap();
+    net.cmd(
+        1,
+        "b",
+        Command::CheckIn {
+            person_ids: vec!["p6-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.reconcile_frames = 0;
+    net.connect(0, 1);
+    assert!(
+        net.reconcile_frames > 0,
+        "a diverged log must be reconciled"
+    );
+    assert_eq!(
+        net.heads(0, &[Kind::Presence]),
+        net.heads(1, &[Kind::Presence])
+    );
+    // The lost check-in came back from headquarters.
+    let QueryReply::Person(Some(d)) = net.query(
+        1,
+        Query::Person {
+            person_id: "p5-0".into(),
+        },
+    ) else {
+        panic!()
+    };
+    assert!(d.location.is_some());
 }

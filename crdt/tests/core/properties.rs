@@ -145,8 +145,10 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
     let body = prop_oneof![
         (any::<[u8; 16]>(), any::<u32>())
             .prop_map(|(fp, count)| RangeBody::Fingerprint { fp, count }),
-        (prop::collection::vec(item, 0..5), any::<bool>())
-            .prop_map(|(items, reply)| RangeBody::Items { items, reply }),
+        (prop::collection::vec(item, 0..5), 1u8..4)
+            .prop_map(|(items, stage)| RangeBody::Items { items, stage }),
+        prop::collection::vec((arb_key(), any::<[u8; 8]>()), 0..5)
+            .prop_map(|items| RangeBody::Digests { items }),
     ];
     let range = (
         prop::option::of(arb_key()),
@@ -155,15 +157,23 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
     )
         .prop_map(|(lo, hi, body)| Range { lo, hi, body });
     prop_oneof![
-        (any::<u16>(), "[a-z][a-z0-9-]{0,10}", 0u8..5, any::<u32>()).prop_map(
-            |(version, n, r, incarnation)| Frame::Hello {
+        (
+            any::<u16>(),
+            "[a-z][a-z0-9-]{0,10}",
+            0u8..5,
+            any::<u32>(),
+            prop::option::of((any::<u64>(), any::<[u8; 32]>()))
+        )
+            .prop_map(|(version, n, r, incarnation, resume)| Frame::Hello {
                 version,
                 node: NodeId::new(n).unwrap(),
                 role: Role::ALL[r as usize],
-                incarnation
-            }
-        ),
-        prop::collection::vec(range, 0..6).prop_map(|ranges| Frame::Reconcile { ranges }),
+                incarnation,
+                resume: resume.map(|(seq, hash)| crdt::store::Cursor { seq, hash }),
+            }),
+        any::<bool>().prop_map(|ok| Frame::Resume { ok }),
+        (prop::collection::vec(range, 0..6), any::<bool>())
+            .prop_map(|(ranges, more)| Frame::Reconcile { ranges, more }),
         prop::collection::vec(
             (
                 arb_key(),
@@ -172,7 +182,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 .prop_map(|(key, changes)| DocChanges { key, changes }),
             0..5
         )
-        .prop_map(|docs| Frame::Changes { docs }),
+        .prop_map(|docs| Frame::Changes { docs, upto: None }),
         (any::<u16>(), "[ -~]{0,40}").prop_map(|(code, reason)| Frame::Bye { code, reason }),
     ]
 }

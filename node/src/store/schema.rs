@@ -27,6 +27,8 @@
 //! - `ops`: operation id → result JSON, first write wins (A-3, D-3).
 //! - `peer_heads`: (peer, kind, id) → heads the peer was last known to hold.
 //! - `quarantine`: (kind, id) → why the document was set aside (A-10).
+//! - `sync_cursors` (version 2): peer → (seq, hash), how far into that
+//!   peer's change log this node durably holds everything.
 //!
 //! Kinds are stored as [`crdt::Kind::code`] integers so `ORDER BY kind, id`
 //! is exactly [`crdt::DocKey`]'s `Ord`; text columns use SQLite's BINARY
@@ -38,10 +40,19 @@
 pub const APPLICATION_ID: i32 = 0x4B5A_4E41;
 
 /// Migration `i` (0-based) takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1];
+pub const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this program writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Version 2: receiver-held sync cursors into each peer's change log.
+const V2: &str = r#"
+CREATE TABLE sync_cursors (
+    peer TEXT PRIMARY KEY,
+    seq  INTEGER NOT NULL,
+    hash BLOB NOT NULL CHECK (length(hash) = 32)
+);
+"#;
 
 const V1: &str = r#"
 CREATE TABLE meta (

@@ -23,7 +23,8 @@
 use super::schema::{APPLICATION_ID, DIGEST_TABLES, MIGRATIONS, SCHEMA_VERSION};
 use crdt::doc::Hash32;
 use crdt::store::{
-    Batch, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow, Store, StoreError, StoredDoc,
+    Batch, ChangeRecord, Cursor, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow, Store,
+    StoreError, StoredDoc,
 };
 use crdt::{DocKey, Kind, NodeId};
 use rusqlite::types::ValueRef;
@@ -107,6 +108,12 @@ fn kind_from_sql(code: i64) -> Result<Kind, StoreError> {
 
 fn heads_to_blob(heads: &[Hash32]) -> Vec<u8> {
     heads.concat()
+}
+
+fn hash32(b: &[u8]) -> Result<Hash32, StoreError> {
+    b.try_into().map_err(|_| {
+        StoreError::Corrupt(format!("stored change hash has {} bytes, not 32", b.len()))
+    })
 }
 
 fn heads_from_blob(blob: &[u8]) -> Result<Vec<Hash32>, StoreError> {
@@ -551,6 +558,84 @@ impl Store for SqliteStore {
         tx.commit().map_err(map_err)
     }
 
+    fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT seq, kind, doc_id, hash, bytes FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .map_err(map_err)?;
+        let rows = st
+            .query_map(
+                params![after as i64, limit.min(i64::MAX as usize) as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                },
+            )
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, kind, id, hash, bytes) = row.map_err(map_err)?;
+            let key = DocKey::new(kind_from_sql(kind)?, id)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((
+                seq as u64,
+                ChangeRecord {
+                    key,
+                    hash: hash32(&hash)?,
+                    bytes,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError> {
+        let h: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT hash FROM changes WHERE seq = ?1")
+            .and_then(|mut st| st.query_row([seq as i64], |r| r.get(0)).optional())
+            .map_err(map_err)?;
+        h.map(|h| hash32(&h)).transpose()
+    }
+
+    fn log_end(&self) -> Result<Option<Cursor>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT seq, hash FROM changes ORDER BY seq DESC LIMIT 1")
+            .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(map_err)?;
+        row.map(|(seq, h)| {
+            Ok(Cursor {
+                seq: seq as u64,
+                hash: hash32(&h)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn sync_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT seq, hash FROM sync_cursors WHERE peer = ?1")
+            .and_then(|mut st| {
+                st.query_row([peer.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(map_err)?;
+        row.map(|(seq, h)| {
+            Ok(Cursor {
+                seq: seq as u64,
+                hash: hash32(&h)?,
+            })
+        })
+        .transpose()
+    }
+
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError> {
         self.conn
             .prepare_cached("SELECT result FROM ops WHERE op_id = ?1")
@@ -841,6 +926,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
                 key.id,
                 heads_to_blob(heads)
             ])?;
+        }
+    }
+    if !batch.cursors.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT OR REPLACE INTO sync_cursors (peer, seq, hash) VALUES (?1, ?2, ?3)",
+        )?;
+        for (peer, c) in &batch.cursors {
+            st.execute(params![peer.as_str(), c.seq as i64, c.hash.to_vec()])?;
         }
     }
     if !batch.quarantine.is_empty() {
