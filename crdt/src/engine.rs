@@ -365,7 +365,12 @@ impl<S: Store> Engine<S> {
                 merged.meta = b.meta.clone();
             }
             merged.changes.extend(b.changes.iter().cloned());
-            merged.docs.extend(b.docs.iter().cloned());
+            for d in &b.docs {
+                // As in `record`: the newest state of a document wins, so an
+                // earlier snapshot never claims a later change of the group.
+                merged.docs.retain(|x| x.key != d.key);
+                merged.docs.push(d.clone());
+            }
             merged.projections.extend(b.projections.iter().cloned());
             merged.ops.extend(b.ops.iter().cloned());
             merged.peer_heads.extend(b.peer_heads.iter().cloned());
@@ -512,6 +517,9 @@ impl<S: Store> Engine<S> {
             txn.gossip.push((key.clone(), bytes, hash, from));
         }
         let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save());
+        // A batch's snapshot of a document covers every change of it in the
+        // batch, so only the newest state of each document is kept.
+        txn.batch.docs.retain(|d| d.key != *key);
         txn.batch.docs.push(DocState {
             key: key.clone(),
             heads: heads.clone(),

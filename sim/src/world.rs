@@ -1157,37 +1157,46 @@ impl World {
                 return;
             }
         }
+        // A session is an ordered, reliable stream (QUIC): its own frames
+        // always arrive in order. Reordering and duplication (C-7, C-8) are
+        // modelled as stray copies of a frame's changes arriving at another
+        // time, as if over a second path; the copies claim no log position.
         let k = &mut self.links[l];
-        let reorder = chaos && is_changes && self.mix.reorder > 0.0 && chance(r, self.mix.reorder);
-        if reorder {
-            arrive += range(r, 0, 2 * rtt + 50);
-            *self
-                .summary
-                .faults_injected
-                .entry("reorder".into())
-                .or_default() += 1;
-        } else {
-            arrive = arrive.max(k.last_arrival[dir]);
-            k.last_arrival[dir] = arrive;
+        arrive = arrive.max(k.last_arrival[dir]);
+        k.last_arrival[dir] = arrive;
+        let stray_copy = || match frame.clone() {
+            Some(Frame::Changes { docs, .. }) if !docs.is_empty() => {
+                wire::encode(&Frame::Changes { docs, upto: None }).ok()
+            }
+            _ => None,
+        };
+        let mut copies = Vec::new();
+        if chaos && is_changes && self.mix.reorder > 0.0 && chance(r, self.mix.reorder) {
+            if let Some(copy) = stray_copy() {
+                // Early (changes before their dependencies) or late.
+                let early = range(r, 0, 2);
+                let at = if early == 0 {
+                    self.now + range(r, 0, rtt / 2 + 1)
+                } else {
+                    arrive + range(r, 0, 2 * rtt + 50)
+                };
+                copies.push(("reorder", at, copy));
+            }
         }
-        let dup = chaos
-            && self.mix.duplication > 0.0
-            && !matches!(frame, Some(Frame::Hello { .. }) | Some(Frame::Bye { .. }))
-            && chance(r, self.mix.duplication);
-        if dup {
-            let again = arrive + range(r, 0, rtt + 20);
-            *self
-                .summary
-                .faults_injected
-                .entry("duplicate".into())
-                .or_default() += 1;
+        if chaos && is_changes && self.mix.duplication > 0.0 && chance(r, self.mix.duplication) {
+            if let Some(copy) = stray_copy() {
+                copies.push(("duplicate", arrive + range(r, 0, rtt + 20), copy));
+            }
+        }
+        for (what, at, copy) in copies {
+            *self.summary.faults_injected.entry(what.into()).or_default() += 1;
             self.push(
-                again,
+                at,
                 Ev::Deliver {
                     link: l,
                     gen,
                     dir: side,
-                    bytes: bytes.clone(),
+                    bytes: copy,
                 },
             );
         }
@@ -1747,6 +1756,29 @@ impl World {
                     })
                     .collect();
                 if let Some(v) = check::converged(&key, &reps, self.now) {
+                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
+                        for &i in g {
+                            let id = self.nodes[i].id.to_string();
+                            if let Some(e) = self.nodes[i].engine.as_mut() {
+                                if let Ok(Some(d)) = e.doc(&key) {
+                                    let ch: Vec<String> = d
+                                        .am
+                                        .get_changes(&[])
+                                        .iter()
+                                        .map(|c| {
+                                            format!("{}:{}", &c.hash().to_string()[..8], c.seq())
+                                        })
+                                        .collect();
+                                    eprintln!("debug {key} at {id}: {ch:?}");
+                                    eprintln!(
+                                        "debug stats {id}: {:?} inc {}",
+                                        e.stats(),
+                                        e.incarnation()
+                                    );
+                                }
+                            }
+                        }
+                    }
                     out.push(v);
                 }
             }
