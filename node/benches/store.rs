@@ -242,9 +242,10 @@ fn main() {
         .filter_map(|f| std::fs::metadata(dir.path().join(f)).ok())
         .map(|m| m.len())
         .sum();
-    let (p50, p99, l99) = (
+    let (p50, p99, l50, l99) = (
         pct(&mut commit_ms.clone(), 0.5),
         pct(&mut commit_ms, 0.99),
+        pct(&mut lookup_ms.clone(), 0.5),
         pct(&mut lookup_ms, 0.99),
     );
     let rss = peak_rss();
@@ -256,7 +257,7 @@ fn main() {
         best.1
     );
     println!("commit p50 / p99 ms  {p50:.2} / {p99:.2} (one check-in per commit)");
-    println!("lookup p99 ms        {l99:.3}");
+    println!("lookup p50 / p99 ms  {l50:.3} / {l99:.3}");
     println!("db bytes             {db_bytes}");
     println!("peak rss bytes       {rss}");
     println!(
@@ -272,6 +273,7 @@ fn main() {
             "group_ack_p50_ms": best.2,
             "group_ack_p99_ms": best.3,
             "group": group,
+            "lookup_p50_ms": l50,
             "lookup_p99_ms": l99,
             "db_bytes": db_bytes,
             "peak_rss_bytes": rss,
