@@ -2,14 +2,20 @@
 //! the only code that touches it. Everything else (HTTP handlers, QUIC
 //! sessions, the card reader, SMTP) talks to it through [`DriverHandle`].
 //!
-//! Model: inputs arrive over an unbounded channel and are handled one at a
-//! time with `Now` read from the system clocks and a ChaCha20 RNG seeded
-//! from OS entropy at start. A [`Input::Tick`] is injected every
-//! [`TICK_MS`]. Outputs are routed as they come out of `handle`:
+//! Model: inputs arrive over an unbounded channel. The thread blocks for
+//! one, then drains whatever else is already waiting (at most
+//! [`MAX_BATCH`]) and hands them all to [`Engine::handle_batch`], so
+//! commands that arrived together share one durable commit (group commit:
+//! one fsync for many concurrent check-ins). It never waits for a batch to
+//! fill: a lone command is committed at once. `Now` is read from the
+//! system clocks and the RNG is ChaCha20 seeded from OS entropy at start.
+//! An [`Input::Tick`] is appended to the batch whenever [`TICK_MS`] have
+//! passed, under load too. Outputs are routed as they come out:
 //!
-//! - `Reply` / `QueryReply` go back to the caller waiting on a oneshot.
-//!   Replies are emitted by the engine only after their commit, so a
-//!   caller never sees an acknowledgement for something not on disk.
+//! - `Reply` goes back to the callers waiting on that op id; `QueryReply`
+//!   to the query callers in input order (one reply per query). The
+//!   engine releases replies only after the commit holding their writes,
+//!   so a caller never sees an acknowledgement for something not on disk.
 //! - `Send` / `Close` go to the net sink ([`DriverHandle::set_net_sink`]);
 //!   without one they are dropped (the engine re-sends after reconnect).
 //! - `SendMail` goes to the mail sink; without one the mail stays in the
@@ -34,7 +40,7 @@ use crdt::engine::{Engine, EngineConfig, EngineError};
 use crdt::store::StoreError;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -285,6 +291,9 @@ impl Clock {
     }
 }
 
+/// Most inputs handed to one [`Engine::handle_batch`] call.
+pub const MAX_BATCH: usize = 256;
+
 fn run(
     engine: &mut Engine<SqliteStore>,
     clock: &Clock,
@@ -295,86 +304,131 @@ fn run(
     let mut rng = ChaCha20Rng::from_entropy();
     let tick = Duration::from_millis(TICK_MS);
     let mut next_tick = Instant::now() + tick;
-    // Commands waiting for their Reply, by op_id. With no group commit the
-    // reply comes out of the same `handle` call; the map also covers a
-    // future engine that defers replies past a later commit.
+    // Commands waiting for their Reply, by op_id. Two callers retrying
+    // the same op id both wait here and both get the one recorded result.
     let mut pending: HashMap<String, Vec<oneshot::Sender<Result<Reply, CommandError>>>> =
         HashMap::new();
+    let mut inputs = Vec::with_capacity(MAX_BATCH + 1);
+    // Query callers in input order: the engine answers each `Query` with
+    // exactly one `QueryReply`, in order.
+    let mut query_replies = VecDeque::new();
     loop {
         let timeout = next_tick.saturating_duration_since(Instant::now());
-        let msg = match rx.recv_timeout(timeout) {
-            Ok(m) => Some(m),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let (input, query_reply) = match msg {
-            None => {
-                next_tick = Instant::now() + tick;
-                (Input::Tick, None)
+        // Block for the first message only; then take whatever else is
+        // already waiting (never wait for more: group commit must not
+        // delay an acknowledgement past its own commit).
+        let mut stop = false;
+        match rx.recv_timeout(timeout) {
+            Ok(m) => stop = accept(m, &mut inputs, &mut query_replies, &mut pending),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
+        }
+        while !stop && inputs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => stop = accept(m, &mut inputs, &mut query_replies, &mut pending),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
             }
-            Some(Msg::Shutdown) => return,
-            Some(Msg::Input(i)) => (i, None),
-            Some(Msg::Query { query, reply }) => (Input::Query { query }, Some(reply)),
-            Some(Msg::Command {
+        }
+        // The tick also runs under steady load, not only when idle.
+        if Instant::now() >= next_tick {
+            next_tick = Instant::now() + tick;
+            inputs.push(Input::Tick);
+        }
+        if !inputs.is_empty() {
+            let outs = engine.handle_batch(std::mem::take(&mut inputs), clock.now(), &mut rng);
+            route(outs, &mut pending, &mut query_replies, sinks, events);
+        }
+        debug_assert!(query_replies.is_empty(), "every query is answered");
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Turns a message into an engine input, remembering who waits for the
+/// answer. Returns true for `Shutdown` (the inputs before it still run).
+fn accept(
+    msg: Msg,
+    inputs: &mut Vec<Input>,
+    query_replies: &mut VecDeque<oneshot::Sender<Result<QueryReply, CommandError>>>,
+    pending: &mut HashMap<String, Vec<oneshot::Sender<Result<Reply, CommandError>>>>,
+) -> bool {
+    match msg {
+        Msg::Shutdown => return true,
+        Msg::Input(i) => inputs.push(i),
+        Msg::Query { query, reply } => {
+            query_replies.push_back(reply);
+            inputs.push(Input::Query { query });
+        }
+        Msg::Command {
+            op_id,
+            operator,
+            cmd,
+            reply,
+        } => {
+            pending.entry(op_id.clone()).or_default().push(reply);
+            inputs.push(Input::Command {
                 op_id,
                 operator,
                 cmd,
-                reply,
-            }) => {
-                pending.entry(op_id.clone()).or_default().push(reply);
-                (
-                    Input::Command {
-                        op_id,
-                        operator,
-                        cmd,
-                    },
-                    None,
-                )
+            });
+        }
+    }
+    false
+}
+
+fn route(
+    outs: Vec<Output>,
+    pending: &mut HashMap<String, Vec<oneshot::Sender<Result<Reply, CommandError>>>>,
+    query_replies: &mut VecDeque<oneshot::Sender<Result<QueryReply, CommandError>>>,
+    sinks: &Mutex<Sinks>,
+    events: &broadcast::Sender<UiEvent>,
+) {
+    for o in outs {
+        match o {
+            Output::Reply { op_id, result } => {
+                if let Some(waiters) = pending.remove(&op_id) {
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
+                }
             }
-        };
-        let outs = engine.handle(input, clock.now(), &mut rng);
-        let mut query_reply = query_reply;
-        for o in outs {
-            match o {
-                Output::Reply { op_id, result } => {
-                    if let Some(waiters) = pending.remove(&op_id) {
-                        for w in waiters {
-                            let _ = w.send(result.clone());
-                        }
-                    }
+            Output::QueryReply(r) => match query_replies.pop_front() {
+                Some(w) => {
+                    let _ = w.send(r);
                 }
-                Output::QueryReply(r) => {
-                    if let Some(w) = query_reply.take() {
-                        let _ = w.send(r);
-                    }
+                None => tracing::error!("a query reply nobody asked for"),
+            },
+            Output::Send { session, bytes } => {
+                let s = sinks.lock().expect("sinks lock");
+                match &s.net {
+                    Some(f) => f(NetOut::Send { session, bytes }),
+                    None => tracing::debug!(session, "no net sink; frame dropped"),
                 }
-                Output::Send { session, bytes } => {
-                    let s = sinks.lock().expect("sinks lock");
-                    match &s.net {
-                        Some(f) => f(NetOut::Send { session, bytes }),
-                        None => tracing::debug!(session, "no net sink; frame dropped"),
-                    }
+            }
+            Output::Close { session, reason } => {
+                let s = sinks.lock().expect("sinks lock");
+                match &s.net {
+                    Some(f) => f(NetOut::Close { session, reason }),
+                    None => tracing::debug!(session, "no net sink; close dropped"),
                 }
-                Output::Close { session, reason } => {
-                    let s = sinks.lock().expect("sinks lock");
-                    match &s.net {
-                        Some(f) => f(NetOut::Close { session, reason }),
-                        None => tracing::debug!(session, "no net sink; close dropped"),
-                    }
+            }
+            Output::SendMail(m) => {
+                let s = sinks.lock().expect("sinks lock");
+                match &s.mail {
+                    Some(f) => f(m),
+                    None => tracing::warn!(
+                        message_id = %m.message_id,
+                        "no mail sink; family mail stays queued"
+                    ),
                 }
-                Output::SendMail(m) => {
-                    let s = sinks.lock().expect("sinks lock");
-                    match &s.mail {
-                        Some(f) => f(m),
-                        None => tracing::warn!(
-                            message_id = %m.message_id,
-                            "no mail sink; family mail stays queued"
-                        ),
-                    }
-                }
-                Output::Event(e) => {
-                    let _ = events.send(e);
-                }
+            }
+            Output::Event(e) => {
+                let _ = events.send(e);
             }
         }
     }
