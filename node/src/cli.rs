@@ -34,7 +34,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Run the node: engine, JSON API (and, once wired, QUIC, mDNS, card, SMTP).
+    /// Run the node: engine, JSON API, QUIC, mDNS, card reader (`[card]`).
     Run {
         #[arg(long)]
         config: PathBuf,

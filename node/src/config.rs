@@ -545,6 +545,26 @@ mod tests {
     }
 
     #[test]
+    fn card_table_enables_the_reader() {
+        let c = parse("data_dir = \"data\"\n").unwrap();
+        assert!(!c.card.enabled);
+        let c = parse("data_dir = \"data\"\n[card]\n").unwrap();
+        assert!(c.card.enabled);
+        assert_eq!(c.card.reader, None);
+        let c = parse(
+            "data_dir = \"data\"\n[card]\nenabled = false\nreader = \"R 00\"\nprofile = \"p.toml\"\n",
+        )
+        .unwrap();
+        assert!(!c.card.enabled);
+        assert_eq!(c.card.reader.as_deref(), Some("R 00"));
+        assert_eq!(c.card.profile, Some(PathBuf::from("/etc/kizuna/p.toml")));
+        assert!(matches!(
+            parse("data_dir = \"data\"\n[card]\nenable = true\n"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+    }
+
+    #[test]
     fn example_file_parses() {
         let text = include_str!("../../deploy/kizuna.example.toml");
         let c = parse(text).unwrap();
