@@ -11,6 +11,7 @@
 //! documented in `docs/api.md`.
 
 use crate::auth::Operators;
+use crate::card::flow::{CardHub, SessionRefusal, STAFF_TAP_WINDOW};
 use crate::driver::{DriverError, DriverHandle};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
@@ -23,6 +24,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use crdt::api::{Command, CommandError, Operator, Query, QueryReply, Reply};
 use crdt::store::{LocationRow, PersonRow, StoreError};
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -43,6 +45,9 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 pub struct ApiState {
     pub driver: DriverHandle,
     pub data_dir: PathBuf,
+    /// The card reader's events, status and staff sessions; `None` when
+    /// the node has no `[card]` configured.
+    pub card: Option<Arc<CardHub>>,
     operators: Arc<Mutex<(Option<SystemTime>, Arc<Operators>)>>,
 }
 
@@ -51,8 +56,16 @@ impl ApiState {
         ApiState {
             driver,
             data_dir,
+            card: None,
             operators: Arc::new(Mutex::new((None, Arc::new(Operators::default())))),
         }
+    }
+
+    /// With a card reader: card events on `/api/v1/events`, `card_reader`
+    /// in `/api/v1/status`, `POST /api/v1/sessions/card`.
+    pub fn with_card(mut self, hub: Arc<CardHub>) -> ApiState {
+        self.card = Some(hub);
+        self
     }
 
     /// The current operators, re-read when the file's mtime changes.
@@ -210,9 +223,13 @@ async fn auth(State(st): State<ApiState>, mut req: Request, next: Next) -> Respo
         Ok(o) => o,
         Err(e) => return e.into_response(),
     };
-    match ops.verify(token) {
+    let name = ops
+        .verify(token)
+        .map(str::to_string)
+        .or_else(|| st.card.as_ref().and_then(|c| c.sessions.verify(token)));
+    match name {
         Some(name) => {
-            req.extensions_mut().insert(AuthOperator(name.to_string()));
+            req.extensions_mut().insert(AuthOperator(name));
             next.run(req).await
         }
         None => {
@@ -246,7 +263,7 @@ async fn security_headers(req: Request, next: Next) -> Response {
 pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/api/v1/status", get(status))
-        .route("/api/v1/persons", get(persons))
+        .route("/api/v1/persons", get(persons).post(register_person))
         .route("/api/v1/search", get(search))
         .route(
             "/api/v1/households/by-card/{card_user_id}",
@@ -262,8 +279,14 @@ pub fn router(state: ApiState) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state.clone());
+    // The one endpoint without a bearer token: the token comes from the
+    // staff card tapped on this node's reader.
+    let open = Router::new()
+        .route("/api/v1/sessions/card", post(card_session))
         .with_state(state);
-    api.layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+    open.merge(api)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(security_headers))
 }
 
@@ -288,7 +311,7 @@ fn unexpected(r: QueryReply) -> ApiError {
 }
 
 fn person_json(p: &PersonRow) -> Value {
-    json!({"person_id": p.person_id, "household_id": p.household_id, "name": p.name, "kana": p.kana})
+    json!({"person_id": p.person_id, "household_id": p.household_id, "name": p.name, "kana": p.kana, "birth_date": p.birth_date})
 }
 
 fn location_json(l: &Option<LocationRow>) -> Value {
@@ -302,7 +325,14 @@ fn location_json(l: &Option<LocationRow>) -> Value {
 
 async fn status(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
     match st.driver.query(Query::Status).await? {
-        QueryReply::Status(s) => Ok(Json(serde_json::to_value(s).expect("serialisable"))),
+        QueryReply::Status(s) => {
+            let mut v = serde_json::to_value(s).expect("serialisable");
+            v["card_reader"] = match &st.card {
+                Some(c) => c.status_json(),
+                None => Value::Null,
+            };
+            Ok(Json(v))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -340,22 +370,136 @@ async fn persons(
 #[serde(deny_unknown_fields)]
 struct SearchQ {
     q: String,
+    #[serde(default)]
+    birth_date: Option<String>,
+}
+
+/// How many name matches are fetched before the birth-date filter.
+pub const SEARCH_SCAN_WITH_BIRTH_DATE: usize = 200;
+
+/// `YYYY-MM-DD` with a real month and day.
+fn valid_iso_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return false;
+    }
+    let num = |r: std::ops::Range<usize>| s[r].parse::<u32>().ok();
+    let digits = b
+        .iter()
+        .enumerate()
+        .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    match (digits, num(0..4), num(5..7), num(8..10)) {
+        (true, Some(_), Some(m), Some(d)) => (1..=12).contains(&m) && (1..=31).contains(&d),
+        _ => false,
+    }
 }
 
 async fn search(
     State(st): State<ApiState>,
     ApiQuery(s): ApiQuery<SearchQ>,
 ) -> Result<Json<Value>, ApiError> {
-    match st
-        .driver
-        .query(Query::Search {
-            q: s.q,
-            limit: SEARCH_LIMIT,
-        })
-        .await?
-    {
-        QueryReply::Persons(v) => Ok(Json(Value::Array(v.iter().map(person_json).collect()))),
+    if let Some(b) = &s.birth_date {
+        if !valid_iso_date(b) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "birth_date: YYYY-MM-DD",
+            ));
+        }
+    }
+    let limit = if s.birth_date.is_some() {
+        SEARCH_SCAN_WITH_BIRTH_DATE
+    } else {
+        SEARCH_LIMIT
+    };
+    match st.driver.query(Query::Search { q: s.q, limit }).await? {
+        QueryReply::Persons(v) => Ok(Json(Value::Array(
+            v.iter()
+                .filter(|p| match &s.birth_date {
+                    None => true,
+                    Some(b) => p.birth_date.as_deref() == Some(b.as_str()),
+                })
+                .take(SEARCH_LIMIT)
+                .map(person_json)
+                .collect(),
+        ))),
         other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    pub name: String,
+    pub kana: String,
+    #[serde(default)]
+    pub birth_date: Option<String>,
+    #[serde(default)]
+    pub note: String,
+    #[serde(default)]
+    pub op_id: Option<String>,
+}
+
+/// Cardless registration: `Command::RegisterPerson`.
+async fn register_person(
+    State(st): State<ApiState>,
+    axum::Extension(op): axum::Extension<AuthOperator>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<Response, ApiError> {
+    let op_id = match body.op_id {
+        Some(o) => o,
+        None => idempotency_key(&headers)?.unwrap_or_else(new_op_id),
+    };
+    let cmd = Command::RegisterPerson {
+        name: body.name,
+        kana: body.kana,
+        birth_date: body.birth_date,
+        note: body.note,
+    };
+    match st.driver.command(op_id, Operator(op.0), cmd).await? {
+        Reply::Registered { person_id } => {
+            Ok((StatusCode::CREATED, Json(json!({ "person_id": person_id }))).into_response())
+        }
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected engine reply",
+        )),
+    }
+}
+
+/// `POST /api/v1/sessions/card`: a session for the staff card tapped on
+/// this node's reader in the last [`STAFF_TAP_WINDOW`] (once per tap).
+async fn card_session(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let forbidden = |m: &str| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
+    let Some(hub) = &st.card else {
+        return Err(forbidden("this node has no card reader configured"));
+    };
+    match hub.take_staff_tap(STAFF_TAP_WINDOW) {
+        Ok(operator) => {
+            let ttl = crate::auth::CARD_SESSION_TTL;
+            let token = hub.sessions.issue(&operator, ttl);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            tracing::info!(operator = %operator, "session issued for a staff card tap");
+            Ok((
+                StatusCode::CREATED,
+                Json(json!({
+                    "token": token, "operator": operator,
+                    "expires_at": now_ms + ttl.as_millis() as u64,
+                })),
+            )
+                .into_response())
+        }
+        Err(SessionRefusal::NotStaff) => Err(forbidden(
+            "the last card tapped is not a registered staff card / 最後にタッチされたカードは職員カードではありません",
+        )),
+        Err(SessionRefusal::NoRecentTap) => Err(forbidden(
+            "no staff card was tapped on this node in the last 60 s / 60秒以内に職員カードがタッチされていません",
+        )),
     }
 }
 
@@ -462,16 +606,10 @@ pub fn new_op_id() -> String {
     format!("api-{:016x}{:016x}", OsRng.next_u64(), OsRng.next_u64())
 }
 
-async fn presence(
-    st: ApiState,
-    op: AuthOperator,
-    headers: HeaderMap,
-    body: PresenceBody,
-    check_in: bool,
-) -> Result<Response, ApiError> {
-    let header_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => Ok(Some(
             v.to_str()
                 .map_err(|_| {
                     ApiError::new(
@@ -481,8 +619,18 @@ async fn presence(
                     )
                 })?
                 .to_string(),
-        ),
-    };
+        )),
+    }
+}
+
+async fn presence(
+    st: ApiState,
+    op: AuthOperator,
+    headers: HeaderMap,
+    body: PresenceBody,
+    check_in: bool,
+) -> Result<Response, ApiError> {
+    let header_key = idempotency_key(&headers)?;
     let op_id = body.op_id.or(header_key).unwrap_or_else(new_op_id);
     let cmd = if check_in {
         Command::CheckIn {
@@ -543,9 +691,14 @@ async fn shelters(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
     }
 }
 
-async fn events(State(st): State<ApiState>) -> impl IntoResponse {
-    let rx = st.driver.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+type EventStream =
+    futures_util::stream::BoxStream<'static, Result<Event, std::convert::Infallible>>;
+
+/// One broadcast receiver as a stream of SSE events.
+fn sse_stream<T: Clone + serde::Serialize + Send + 'static>(
+    rx: tokio::sync::broadcast::Receiver<T>,
+) -> EventStream {
+    futures_util::stream::unfold(rx, |mut rx| async move {
         let data = match rx.recv().await {
             Ok(ev) => serde_json::to_string(&ev).expect("serialisable"),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -557,6 +710,17 @@ async fn events(State(st): State<ApiState>) -> impl IntoResponse {
             Ok::<Event, std::convert::Infallible>(Event::default().data(data)),
             rx,
         ))
-    });
+    })
+    .boxed()
+}
+
+async fn events(State(st): State<ApiState>) -> impl IntoResponse {
+    // Subscribe before answering, so nothing after the response headers
+    // is missed.
+    let engine = sse_stream(st.driver.subscribe());
+    let stream = match &st.card {
+        Some(c) => futures_util::stream::select(engine, sse_stream(c.subscribe())).boxed(),
+        None => engine,
+    };
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

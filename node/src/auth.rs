@@ -6,6 +6,14 @@
 //! The file is rewritten atomically (temp file, fsync, rename) with mode
 //! 0600. The API re-reads it when its modification time changes, so a
 //! rotated token takes effect without a restart.
+//!
+//! Staff cards: an operator may also register the 13-digit user ID of their
+//! own municipal card (`kizuna operator add --card ID`). Only a keyed
+//! blake3 hash is stored (key: 32 random bytes per entry, `card_salt`), so
+//! the file never holds the ID and a leaked file cannot be matched against
+//! a list of IDs without hashing each one per entry. A tap of that card on
+//! the node lets `POST /api/v1/sessions/card` issue a short-lived session
+//! token ([`CardSessions`], in memory only, lost on restart).
 
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -26,6 +34,8 @@ pub enum AuthError {
     Exists(String),
     #[error("no operator named {0:?}")]
     Unknown(String),
+    #[error("another operator already registered this card")]
+    CardTaken,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -40,6 +50,45 @@ pub struct OperatorEntry {
     pub name: String,
     /// Hex blake3 of the token.
     pub token_blake3: String,
+    /// Hex of the 32-byte key for [`Self::card_blake3`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_salt: Option<String>,
+    /// Hex keyed blake3 of the staff card's 13-digit user ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_blake3: Option<String>,
+}
+
+fn card_hash(salt: &[u8; 32], card: &str) -> blake3::Hash {
+    blake3::keyed_hash(salt, card.as_bytes())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl OperatorEntry {
+    /// Whether this operator registered `card` (a validated user ID).
+    pub fn has_card(&self, card: &str) -> bool {
+        let (Some(salt), Some(h)) = (&self.card_salt, &self.card_blake3) else {
+            return false;
+        };
+        let (Some(salt), Ok(stored)) = (unhex32(salt), blake3::Hash::from_hex(h)) else {
+            return false;
+        };
+        // blake3::Hash equality is constant time.
+        card_hash(&salt, card) == stored
+    }
 }
 
 fn hash_hex(token: &str) -> String {
@@ -111,6 +160,16 @@ impl Operators {
 
     /// Adds an operator and returns its new token (print it once).
     pub fn add(data_dir: &Path, name: &str) -> Result<String, AuthError> {
+        Self::add_with_card(data_dir, name, None)
+    }
+
+    /// Adds an operator, optionally with a staff card (a validated 13-digit
+    /// user ID, stored only as a keyed hash), and returns its new token.
+    pub fn add_with_card(
+        data_dir: &Path,
+        name: &str,
+        card: Option<&crate::card::UserId>,
+    ) -> Result<String, AuthError> {
         crdt::ids::check_id_str(name).map_err(|reason| AuthError::BadName {
             name: name.chars().take(64).collect(),
             reason,
@@ -119,10 +178,28 @@ impl Operators {
         if ops.operators.iter().any(|o| o.name == name) {
             return Err(AuthError::Exists(name.into()));
         }
+        if let Some(c) = card {
+            if ops.operators.iter().any(|o| o.has_card(c.as_str())) {
+                return Err(AuthError::CardTaken);
+            }
+        }
         let token = new_token();
+        let (card_salt, card_blake3) = match card {
+            None => (None, None),
+            Some(c) => {
+                let mut salt = [0u8; 32];
+                OsRng.fill_bytes(&mut salt);
+                (
+                    Some(hex(&salt)),
+                    Some(card_hash(&salt, c.as_str()).to_hex().to_string()),
+                )
+            }
+        };
         ops.operators.push(OperatorEntry {
             name: name.into(),
             token_blake3: hash_hex(&token),
+            card_salt,
+            card_blake3,
         });
         ops.save(data_dir)?;
         Ok(token)
@@ -155,6 +232,48 @@ impl Operators {
             })
             .map(|o| o.name.as_str())
     }
+
+    /// The operator whose staff card is `card`, if any.
+    pub fn by_card(&self, card: &str) -> Option<&str> {
+        self.operators
+            .iter()
+            .find(|o| o.has_card(card))
+            .map(|o| o.name.as_str())
+    }
+}
+
+/// Lifetime of a session issued for a staff card tap.
+pub const CARD_SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
+
+/// Short-lived operator sessions issued after a staff card tap. Kept in
+/// memory (by token hash); a restart ends them all.
+#[derive(Default)]
+pub struct CardSessions {
+    sessions: std::sync::Mutex<std::collections::HashMap<[u8; 32], (String, std::time::Instant)>>,
+}
+
+impl CardSessions {
+    /// Issues a token for `operator`, valid for `ttl`.
+    pub fn issue(&self, operator: &str, ttl: std::time::Duration) -> String {
+        let token = new_token();
+        let now = std::time::Instant::now();
+        let mut s = self.sessions.lock().expect("sessions lock");
+        s.retain(|_, (_, exp)| *exp > now);
+        s.insert(
+            *blake3::hash(token.as_bytes()).as_bytes(),
+            (operator.to_string(), now + ttl),
+        );
+        token
+    }
+
+    /// The operator of a live session token.
+    pub fn verify(&self, token: &str) -> Option<String> {
+        let h = *blake3::hash(token.as_bytes()).as_bytes();
+        let s = self.sessions.lock().expect("sessions lock");
+        s.get(&h)
+            .filter(|(_, exp)| *exp > std::time::Instant::now())
+            .map(|(name, _)| name.clone())
+    }
 }
 
 #[cfg(test)]
@@ -184,5 +303,36 @@ mod tests {
             Operators::rotate(d.path(), "bob"),
             Err(AuthError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn staff_card_is_stored_hashed_and_matched() {
+        let d = tempfile::tempdir().unwrap();
+        let card = crate::card::UserId::parse("5555555555555").unwrap();
+        Operators::add_with_card(d.path(), "staff-1", Some(&card)).unwrap();
+        Operators::add(d.path(), "alice").unwrap();
+        assert!(matches!(
+            Operators::add_with_card(d.path(), "staff-2", Some(&card)),
+            Err(AuthError::CardTaken)
+        ));
+        let text = std::fs::read_to_string(Operators::path(d.path())).unwrap();
+        assert!(!text.contains("5555555555555"), "card must not be stored");
+        let ops = Operators::load(d.path()).unwrap();
+        assert_eq!(ops.by_card("5555555555555"), Some("staff-1"));
+        assert_eq!(ops.by_card("5555555555556"), None);
+        // Files written before staff cards still load.
+        let old = r#"{"operators":[{"name":"x","token_blake3":"00"}]}"#;
+        let o: Operators = serde_json::from_str(old).unwrap();
+        assert_eq!(o.by_card("5555555555555"), None);
+    }
+
+    #[test]
+    fn card_sessions_expire() {
+        let s = CardSessions::default();
+        let t = s.issue("staff-1", std::time::Duration::from_secs(60));
+        assert_eq!(s.verify(&t).as_deref(), Some("staff-1"));
+        assert_eq!(s.verify("nope"), None);
+        let t2 = s.issue("staff-1", std::time::Duration::ZERO);
+        assert_eq!(s.verify(&t2), None);
     }
 }

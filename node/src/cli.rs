@@ -34,7 +34,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Run the node: engine, JSON API (and, once wired, QUIC, mDNS, card, SMTP).
+    /// Run the node: engine, JSON API, QUIC, mDNS, card reader (`[card]`).
     Run {
         #[arg(long)]
         config: PathBuf,
@@ -89,6 +89,10 @@ pub enum OperatorCmd {
         data_dir: PathBuf,
         #[arg(long)]
         name: String,
+        /// The 13-digit user ID of the operator's own card (staff card
+        /// login; stored only as a keyed hash).
+        #[arg(long)]
+        card: Option<String>,
     },
     /// Rotate an operator's token and print the new one.
     Token {
@@ -154,7 +158,19 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
         Cmd::Run { config } => run(&config),
         Cmd::Operator { cmd } => {
             let token = match cmd {
-                OperatorCmd::Add { data_dir, name } => Operators::add(&data_dir, &name)?,
+                OperatorCmd::Add {
+                    data_dir,
+                    name,
+                    card,
+                } => {
+                    let card = card
+                        .map(|c| {
+                            crate::card::UserId::normalize(&c)
+                                .map_err(|e| bad_input(format!("--card: {}", e.code())))
+                        })
+                        .transpose()?;
+                    Operators::add_with_card(&data_dir, &name, card.as_ref())?
+                }
                 OperatorCmd::Token { data_dir, name } => Operators::rotate(&data_dir, &name)?,
             };
             println!("{token}");
@@ -211,6 +227,11 @@ fn run(config: &Path) -> Result<(), Exit> {
     for w in cfg.check_role(role) {
         tracing::warn!("{w}");
     }
+    let card_reader = if cfg.card.enabled {
+        Some(card_reader_config(&cfg).map_err(|e| bad_input(format!("{e:#}")))?)
+    } else {
+        None
+    };
     let lock = DataDirLock::acquire(&cfg.data_dir)?;
     let store = SqliteStore::open(&cfg.data_dir.join(DB_FILE_NAME))?;
     let driver = Driver::start(store, cfg.engine_config(node_id.clone(), role))?;
@@ -223,8 +244,19 @@ fn run(config: &Path) -> Result<(), Exit> {
             .with_context(|| format!("cannot bind http.bind {}", cfg.http.bind))?;
         tracing::info!(node_id = %node_id, role = %role, http = %listener.local_addr()?, "kizuna running");
         let transport = start_mesh(&cfg, creds, &driver).await?;
-        let state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone());
+        let mut state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone());
+        let watcher = match card_reader {
+            Some(reader) => {
+                let (hub, watcher) = start_card(&cfg, reader, &driver, role);
+                state = state.with_card(hub);
+                Some(watcher)
+            }
+            None => None,
+        };
         crate::api::serve(listener, state, shutdown_signal()).await?;
+        if let Some(w) = watcher {
+            w.stop();
+        }
         driver.set_net_sink(Box::new(|_| {}));
         if let Ok(t) = std::sync::Arc::try_unwrap(transport) {
             t.shutdown().await;
@@ -234,6 +266,61 @@ fn run(config: &Path) -> Result<(), Exit> {
     driver.shutdown()?;
     drop(lock);
     result.map_err(Exit::from)
+}
+
+/// The reader settings from `[card]` (the profile file is read here, so a
+/// bad profile stops the start like any other configuration error).
+fn card_reader_config(cfg: &Config) -> anyhow::Result<crate::card::ReaderConfig> {
+    let profile = match &cfg.card.profile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("card.profile: cannot read {}", path.display()))?;
+            crate::card::CardProfile::from_toml(&text)
+                .with_context(|| format!("card.profile {}", path.display()))?
+        }
+        None => crate::card::CardProfile::default(),
+    };
+    Ok(crate::card::ReaderConfig {
+        reader: cfg.card.reader.clone(),
+        profile,
+    })
+}
+
+/// Starts the card watcher; each of its events goes through
+/// [`crate::card::flow::handle_event`] on a tokio task, in order.
+fn start_card(
+    cfg: &Config,
+    reader: crate::card::ReaderConfig,
+    driver: &crate::driver::DriverHandle,
+    role: Role,
+) -> (
+    std::sync::Arc<crate::card::flow::CardHub>,
+    crate::card::CardWatcher,
+) {
+    use crate::card::flow::{handle_event, CardHub, TapContext, TapTarget};
+    let hub = CardHub::new();
+    let cx = TapContext {
+        hub: hub.clone(),
+        driver: driver.clone(),
+        target: TapTarget::for_role(role),
+        data_dir: cfg.data_dir.clone(),
+        db: Some(cfg.data_dir.join(DB_FILE_NAME)),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = crate::card::CardWatcher::spawn(
+        crate::card::watch::WatchConfig {
+            reader,
+            ..Default::default()
+        },
+        move |ev| tx.send(ev).is_ok(),
+    );
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            handle_event(&cx, ev).await;
+        }
+    });
+    tracing::info!(reader = ?cfg.card.reader, target = ?TapTarget::for_role(role), "card reader watcher started");
+    (hub, watcher)
 }
 
 /// Starts QUIC with mutual TLS, mDNS and static peers, and connects the

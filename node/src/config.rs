@@ -75,8 +75,7 @@ pub struct RawConfig {
     pub net: RawNet,
     #[serde(default)]
     pub http: RawHttp,
-    #[serde(default)]
-    pub card: RawCard,
+    pub card: Option<RawCard>,
     pub smtp: Option<RawSmtp>,
     #[serde(default)]
     pub node: RawNode,
@@ -116,7 +115,11 @@ pub struct RawHttp {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCard {
+    /// Default: true when the `[card]` table is present.
+    pub enabled: Option<bool>,
     pub reader: Option<String>,
+    /// Card profile TOML (aid, file_id, offset, length, encoding).
+    pub profile: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,8 +182,14 @@ pub struct HttpConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct CardConfig {
+    /// Whether `kizuna run` watches a card reader: true when the `[card]`
+    /// table is present, unless it says `enabled = false`.
+    pub enabled: bool,
     /// PC/SC reader name; `None` = the first reader found.
     pub reader: Option<String>,
+    /// Card profile file (resolved against the config file's directory);
+    /// `None` = the synthetic default profile.
+    pub profile: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -499,8 +508,13 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
             static_peers,
         },
         http: HttpConfig { bind },
-        card: CardConfig {
-            reader: raw.card.reader,
+        card: match raw.card {
+            None => CardConfig::default(),
+            Some(c) => CardConfig {
+                enabled: c.enabled.unwrap_or(true),
+                reader: c.reader.filter(|r| !r.trim().is_empty()),
+                profile: c.profile.map(abs),
+            },
         },
         smtp,
         node,
@@ -528,6 +542,26 @@ mod tests {
         assert!(c.net.mdns);
         assert!(c.node.mail_primary);
         assert_eq!(c.smtp, None);
+    }
+
+    #[test]
+    fn card_table_enables_the_reader() {
+        let c = parse("data_dir = \"data\"\n").unwrap();
+        assert!(!c.card.enabled);
+        let c = parse("data_dir = \"data\"\n[card]\n").unwrap();
+        assert!(c.card.enabled);
+        assert_eq!(c.card.reader, None);
+        let c = parse(
+            "data_dir = \"data\"\n[card]\nenabled = false\nreader = \"R 00\"\nprofile = \"p.toml\"\n",
+        )
+        .unwrap();
+        assert!(!c.card.enabled);
+        assert_eq!(c.card.reader.as_deref(), Some("R 00"));
+        assert_eq!(c.card.profile, Some(PathBuf::from("/etc/kizuna/p.toml")));
+        assert!(matches!(
+            parse("data_dir = \"data\"\n[card]\nenable = true\n"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
     }
 
     #[test]

@@ -836,3 +836,430 @@ fn suite_apdu_log_has_no_verify_and_no_my_number_aid() {
         "a My Number-family AID reached a card"
     );
 }
+
+// ----- the node's card flows: `kizuna run` with `[card]` -------------------
+//
+// The flow test runs a real `kizuna run` on an **hq** node: only an hq data
+// directory accepts `kizuna registry import`, and a shelter gets its
+// registry only by syncing from hq, which would add a second node and a
+// QUIC sync to a card test. The hq role resolves a tap exactly like a
+// shelter (household + members, `TapTarget::Household`); the per-role
+// difference (ambulance/clinic → the card holder's person id) is tested on
+// the resolution function itself over a real SqliteStore in
+// `node/src/card/flow.rs` (`resolve_tap_per_role`).
+
+const STAFF: &str = "5555555555555";
+const UNKNOWN: &str = "9999999999999";
+
+struct Node {
+    child: Child,
+    http: std::net::SocketAddr,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn kizuna(args: &[&str]) -> String {
+    let out = Command::new(kizuna_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "kizuna {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// An hq node with a 2-household registry, a desk operator (token) and a
+/// staff operator with a staff card, watching our vpcd reader.
+fn start_node() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    certs::ca::init_ca(&ca, "Test CA").unwrap();
+    let node_id = crdt::NodeId::new("hq-1").unwrap();
+    certs::ca::issue(&ca, crdt::Role::Hq, &node_id, &dir.path().join("certs"), 30).unwrap();
+    let data = dir.path().join("data");
+    let csv = dir.path().join("registry.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "household_id,address,person_id,name,kana,birth_date,card_user_id\n\
+             h1,新潟県三条市,p1,山田 太郎,ヤマダ タロウ,1950-04-01,{ID}\n\
+             h1,新潟県三条市,p2,山田 花子,ヤマダ ハナコ,1952-05-02,\n\
+             h2,新潟県三条市,p3,佐藤 一郎,サトウ イチロウ,1980-01-01,1111111111111\n"
+        ),
+    )
+    .unwrap();
+    let d = data.to_str().unwrap();
+    kizuna(&[
+        "registry",
+        "import",
+        "--data-dir",
+        d,
+        "--node-id",
+        "hq-1",
+        csv.to_str().unwrap(),
+    ]);
+    let token = kizuna(&["operator", "add", "--data-dir", d, "--name", "desk"])
+        .trim()
+        .to_string();
+    kizuna(&[
+        "operator",
+        "add",
+        "--data-dir",
+        d,
+        "--name",
+        "staff-1",
+        "--card",
+        STAFF,
+    ]);
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("kizuna.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{}\"\nmdns = false\n\
+             [http]\nbind = \"{http}\"\n[card]\nreader = \"{}\"\n",
+            free_port(),
+            reader_name()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(kizuna_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let node = Node {
+        child,
+        http,
+        token,
+        _dir: dir,
+    };
+    wait_for("the node's API", || {
+        let r = try_http(node.http, "GET", "/api/v1/status", Some(&node.token), "")?;
+        (r.0 == 200).then_some(())
+    });
+    node
+}
+
+/// HTTP/1.0 (no chunking, the server closes): (status, body).
+fn try_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Some((status, body.to_string()))
+}
+
+fn http(
+    node: &Node,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (s, b) = try_http(node.http, method, path, token, body).expect("http request");
+    (
+        s,
+        serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A subscription to `/api/v1/events`: one JSON value per `data:` line.
+struct Events(mpsc::Receiver<serde_json::Value>);
+
+impl Events {
+    fn subscribe(node: &Node) -> Events {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(node.http).unwrap();
+        write!(
+            s,
+            "GET /api/v1/events HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+            node.token
+        )
+        .unwrap();
+        let mut r = BufReader::new(s);
+        // The handler subscribes before answering: after the headers,
+        // nothing is missed.
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "events stream closed");
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in r.lines().map_while(Result::ok) {
+                if let Some(d) = line.strip_prefix("data:") {
+                    let v: serde_json::Value = serde_json::from_str(d.trim()).unwrap();
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Events(rx)
+    }
+
+    /// The next card event (card_tap, card_error, staff_tap), skipping
+    /// engine and status events.
+    fn next_card(&self) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE
+                .checked_sub(start.elapsed())
+                .expect("timed out waiting for a card event");
+            let v = self.0.recv_timeout(left).expect("a card event");
+            if matches!(
+                v["type"].as_str(),
+                Some("card_tap" | "card_error" | "staff_tap")
+            ) {
+                return v;
+            }
+        }
+    }
+}
+
+fn wait_reader_ready(node: &Node) {
+    wait_for("card_reader ready in /api/v1/status", || {
+        let (s, v) = http(node, "GET", "/api/v1/status", Some(&node.token), "");
+        (s == 200 && v["card_reader"]["status"] == "ready").then_some(())
+    });
+}
+
+#[test]
+fn run_announces_taps_errors_and_staff_sessions() {
+    let _g = setup();
+    let node = start_node();
+    wait_reader_ready(&node);
+    let (_, st) = http(&node, "GET", "/api/v1/status", Some(&node.token), "");
+    assert_eq!(st["card_reader"]["degraded"], false);
+    assert_eq!(st["card_reader"]["readers"][0], reader_name());
+    assert_eq!(st["card_reader"]["message_en"], "ready: tap a card");
+    let events = Events::subscribe(&node);
+
+    // A registered resident card: the household and its members.
+    let emu = Emu::start(&["--user-id", ID]);
+    let v = events.next_card();
+    assert_eq!(v["type"], "card_tap", "{v}");
+    assert_eq!(v["household_id"], "h1");
+    assert_eq!(v["reader"], reader_name());
+    let members: Vec<_> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["person_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["p1", "p2"]);
+    assert_eq!(v["members"][0]["location"], serde_json::Value::Null);
+    assert!(
+        !v.to_string().contains(ID),
+        "the card id is not broadcast: {v}"
+    );
+    // The client may fetch the same household by card.
+    let (s, h) = http(
+        &node,
+        "GET",
+        &format!("/api/v1/households/by-card/{ID}"),
+        Some(&node.token),
+        "",
+    );
+    assert_eq!((s, &h["household_id"]), (200, &serde_json::json!("h1")));
+    drop(emu);
+    // A resident card never yields a session.
+    let (s, e) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    assert_eq!(s, 403, "{e}");
+    assert_eq!(e["error"]["code"], "forbidden");
+
+    // Unknown card: a tap with no household and a reason.
+    let emu = Emu::start(&["--user-id", UNKNOWN]);
+    let v = events.next_card();
+    assert_eq!(v["type"], "card_tap", "{v}");
+    assert_eq!(v["household_id"], serde_json::Value::Null);
+    assert_eq!(v["reason"], "card_not_in_registry");
+    assert!(v["reason_en"]
+        .as_str()
+        .unwrap()
+        .contains("card not in registry"));
+    assert!(v["reason_ja"]
+        .as_str()
+        .unwrap()
+        .contains("住民台帳にありません"));
+    drop(emu);
+
+    // Removed mid-read: a card_error with a code and no ids; the next event
+    // is the next card's tap (nothing registered in between).
+    let emu = Emu::start(&["--user-id", ID, "--remove-at-step", "2"]);
+    let v = events.next_card();
+    assert_eq!(v["type"], "card_error", "{v}");
+    assert_eq!(v["tap_again"], true);
+    assert!(v["code"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
+    assert!(
+        v["message_en"].as_str().unwrap().contains("tap again"),
+        "{v}"
+    );
+    assert!(v.get("household_id").is_none() && v.get("person_id").is_none());
+    drop(emu);
+    let emu = Emu::start(&["--user-id", "1111111111111"]);
+    let v = events.next_card();
+    assert_eq!(
+        (&v["type"], &v["household_id"]),
+        (&"card_tap".into(), &"h2".into()),
+        "{v}"
+    );
+    drop(emu);
+
+    // Staff card: staff_tap, then one session whose token works.
+    let (s, _) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    assert_eq!(s, 403, "no staff tap yet");
+    let emu = Emu::start(&["--user-id", STAFF]);
+    let v = events.next_card();
+    assert_eq!(v["type"], "staff_tap", "{v}");
+    assert_eq!(v["operator"], "staff-1");
+    assert!(!v.to_string().contains(STAFF));
+    drop(emu);
+    let (s, sess) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    assert_eq!(s, 201, "{sess}");
+    assert_eq!(sess["operator"], "staff-1");
+    let token = sess["token"].as_str().unwrap().to_string();
+    let (s, _) = http(&node, "GET", "/api/v1/status", Some(&token), "");
+    assert_eq!(s, 200);
+    let (s, _) = http(&node, "GET", "/api/v1/status", Some("not-a-token"), "");
+    assert_eq!(s, 401);
+    // One session per tap.
+    let (s, _) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    assert_eq!(s, 403);
+    // A resident tap after a staff tap cancels it.
+    let emu = Emu::start(&["--user-id", STAFF]);
+    assert_eq!(events.next_card()["type"], "staff_tap");
+    drop(emu);
+    let emu = Emu::start(&["--user-id", ID]);
+    assert_eq!(events.next_card()["type"], "card_tap");
+    drop(emu);
+    let (s, _) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    assert_eq!(s, 403);
+
+    // Cardless fallback over the same node: search by kana + birth date,
+    // register a person without a card (with the staff session).
+    let (s, r) = http(
+        &node,
+        "GET",
+        "/api/v1/search?q=%E3%83%A4%E3%83%9E%E3%83%80&birth_date=1952-05-02",
+        Some(&token),
+        "",
+    );
+    assert_eq!(s, 200, "{r}");
+    let ids: Vec<_> = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["person_id"].clone())
+        .collect();
+    assert_eq!(ids, [serde_json::json!("p2")]);
+    let (s, r) = http(
+        &node,
+        "GET",
+        "/api/v1/search?q=%E3%83%A4%E3%83%9E%E3%83%80",
+        Some(&token),
+        "",
+    );
+    assert_eq!((s, r.as_array().unwrap().len()), (200, 2));
+    let (s, _) = http(
+        &node,
+        "GET",
+        "/api/v1/search?q=x&birth_date=1952-13-02",
+        Some(&token),
+        "",
+    );
+    assert_eq!(s, 400);
+    let (s, r) = http(
+        &node,
+        "POST",
+        "/api/v1/persons",
+        Some(&token),
+        r#"{"name":"鈴木 次郎","kana":"スズキ ジロウ","birth_date":"1990-02-03","note":"カードなし","op_id":"reg-1"}"#,
+    );
+    assert_eq!(s, 201, "{r}");
+    let pid = r["person_id"].as_str().unwrap().to_string();
+    let (s, r) = http(
+        &node,
+        "GET",
+        "/api/v1/search?q=%E3%81%99%E3%81%9A%E3%81%8D&birth_date=1990-02-03",
+        Some(&token),
+        "",
+    );
+    assert_eq!(s, 200);
+    assert_eq!(r[0]["person_id"], pid.as_str(), "{r}");
+    drop(events);
+    drop(node);
+}
+
+/// Reader status changes reach `/api/v1/status` and the event stream.
+#[test]
+fn run_reports_reader_status_changes() {
+    let _g = setup();
+    let node = start_node();
+    wait_reader_ready(&node);
+    let events = Events::subscribe(&node);
+    stack("stop");
+    let start = Instant::now();
+    let v = loop {
+        let left = DEADLINE.checked_sub(start.elapsed()).expect("card_status");
+        let v = events.0.recv_timeout(left).expect("card_status");
+        if v["type"] == "card_status" {
+            break v;
+        }
+    };
+    assert_eq!(v["status"], "service-down", "{v}");
+    assert_eq!(v["degraded"], true);
+    assert!(v["message_ja"]
+        .as_str()
+        .unwrap()
+        .contains("カードなしで受付できます"));
+    let (_, st) = http(&node, "GET", "/api/v1/status", Some(&node.token), "");
+    assert_eq!(st["card_reader"]["status"], "service-down");
+    stack("start");
+    wait_reader_ready(&node);
+    drop(events);
+    drop(node);
+}

@@ -13,7 +13,8 @@
 //! and cards pulled mid-read, and [`cli`] the `kizuna card` sub-commands.
 //! [`emu`] is the synthetic card that the `kizuna-card-emu` binary serves to
 //! the vsmartcard `vpcd` driver and that unit tests call in memory, so both
-//! transports run against one card model.
+//! transports run against one card model. [`flow`] is what `kizuna run`
+//! does with each tap: staff login, household or person lookup, events.
 //!
 //! To read once: `reader::read_card(&ReaderConfig::default(), timeout, &log)`.
 //! To watch: `watch::CardWatcher::spawn(config, sender)` and receive
@@ -28,6 +29,7 @@
 pub mod apdu;
 pub mod cli;
 pub mod emu;
+pub mod flow;
 pub mod id;
 pub mod profile;
 pub mod reader;
