@@ -229,7 +229,7 @@ fn sync(
     at: Now,
 ) -> (usize, usize) {
     let (na, nb) = (a.config().node_id.clone(), b.config().node_id.clone());
-    let mut engines = [a, b];
+    let engines = [a, b];
     let mut inbox: Vec<Vec<Input>> = vec![
         vec![Input::Connected {
             session: 1,

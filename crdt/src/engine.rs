@@ -136,6 +136,9 @@ pub struct Engine<S: Store> {
     mail: BTreeMap<(String, String), MailState>,
     /// Headquarters backup: when each arrival was first seen here.
     arrivals_seen: BTreeMap<String, u64>,
+    /// Headquarters: presence documents still to scan for arrivals after a
+    /// restart (arrivals seen before a crash are not lost).
+    arrival_scan: Vec<DocKey>,
     /// Shelters: wall ms of the last presence change attributed to each.
     shelter_seen: BTreeMap<String, u64>,
     pub(crate) stats: Stats,
@@ -221,11 +224,13 @@ impl<S: Store> Engine<S> {
             shelter_seen: BTreeMap::new(),
             stats: Stats::default(),
             log_end,
+            arrival_scan: Vec::new(),
             group: None,
             #[cfg(feature = "mutants")]
             deferred: None,
         };
         if e.cfg.role == Role::Hq {
+            e.arrival_scan = e.index.keys().filter(|k| k.kind == Kind::Presence).cloned().collect();
             e.recover_mail(now)?;
         }
         Ok(e)
@@ -305,6 +310,9 @@ impl<S: Store> Engine<S> {
             } => self.mail_outcome(&message_id, outcome, now, &mut out),
             Input::Tick => {
                 if self.cfg.role == Role::Hq {
+                    let n = self.arrival_scan.len().saturating_sub(500);
+                    let batch = self.arrival_scan.split_off(n);
+                    self.note_arrivals(&batch, now);
                     self.plan_mail(now, &mut out);
                 }
                 self.tick_cursors(&mut out);

@@ -105,6 +105,7 @@ fn full_batch(n: u8, change_len: usize) -> Batch {
         ops: vec![("op-1".into(), "{\"ok\":true}".into())],
         peer_heads: vec![(NodeId::new("hq-1").unwrap(), pres.clone(), vec![[1; 32]])],
         quarantine: vec![(key(Kind::Medical, "p9"), "checksum mismatch".into())],
+        cursors: vec![(NodeId::new("hq-1").unwrap(), crdt::store::Cursor { seq: 3, hash: [3; 32] })],
     }
 }
 
@@ -132,6 +133,10 @@ fn dump(s: &dyn Store) -> String {
         line(format!("op {op} {:?}", s.op_result(op)));
     }
     line(format!("quarantined {:?}", s.quarantined()));
+    line(format!("log {:?} end {:?}", s.log_since(0, 10_000), s.log_end()));
+    for p in PEERS {
+        line(format!("cursor {p} {:?}", s.sync_cursor(&NodeId::new(*p).unwrap())));
+    }
     for p in PERSON_IDS.iter().chain(["nope"].iter()) {
         line(format!("person {p} {:?}", s.person(p)));
         line(format!("location {p} {:?}", s.location(p)));
@@ -810,9 +815,13 @@ fn batch() -> impl Strategy<Value = Batch> {
             0..3,
         ),
         proptest::collection::vec((doc_key(), text()), 0..2),
+        proptest::collection::vec(
+            (pick(PEERS), any::<u64>(), any::<[u8; 32]>()).prop_map(|(p, seq, hash)| (NodeId::new(p).unwrap(), crdt::store::Cursor { seq: seq >> 1, hash })),
+            0..2,
+        ),
     )
         .prop_map(
-            |(meta, changes, docs, projections, ops, peer_heads, quarantine)| Batch {
+            |(meta, changes, docs, projections, ops, peer_heads, quarantine, cursors)| Batch {
                 meta,
                 changes,
                 docs,
@@ -820,6 +829,7 @@ fn batch() -> impl Strategy<Value = Batch> {
                 ops,
                 peer_heads,
                 quarantine,
+                cursors,
             },
         )
 }
