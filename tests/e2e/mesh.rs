@@ -159,6 +159,7 @@ fn partition_then_heal(cut: Cut, tag: &str) -> Result<()> {
         wait_person(&tb, s, &last)?;
     }
     let (hq, s1, s2) = (tb.ns("hq-1"), tb.ns("shelter-01"), tb.ns("shelter-02"));
+    let t = std::time::Instant::now();
     match cut {
         // shelter-02 alone on one side, hq and shelter-01 on the other.
         Cut::LinkDown => netns(&["isolate", &s2])?,
@@ -169,6 +170,22 @@ fn partition_then_heal(cut: Cut, tag: &str) -> Result<()> {
             netns(&["oneway", &s1, &s2])?;
         }
     }
+    // Write only once every session across the cut has ended (QUIC idle
+    // timeout, ~30 s), so healing needs a new session and range
+    // reconciliation, not just QUIC retransmission of buffered frames.
+    wait_for("the cut to end shelter-02's sessions", 2 * SYNC, || {
+        let c2 = tb.connected("shelter-02")?;
+        let c0 = tb.connected("hq-1")?;
+        let c1 = tb.connected("shelter-01")?;
+        Ok(
+            if c2.is_empty() && !c0.contains("shelter-02") && !c1.contains("shelter-02") {
+                Ok(())
+            } else {
+                Err(format!("shelter-02 {c2:?}, hq {c0:?}, shelter-01 {c1:?}"))
+            },
+        )
+    })?;
+    eprintln!("{cut:?}: sessions ended after {:?}", t.elapsed());
     let both = persons[0].clone();
     let mut acked = BTreeSet::new();
     // Writes on both sides, including the same person at both shelters.
@@ -181,17 +198,23 @@ fn partition_then_heal(cut: Cut, tag: &str) -> Result<()> {
     acked.extend(checkin_ok(&tb, "shelter-01", &[&both], "both-a")?);
     acked.extend(checkin_ok(&tb, "shelter-02", &[&both], "both-b")?);
     ensure!(acked.len() == 12, "expected 12 events, got {acked:?}");
-    if cut == Cut::LinkDown {
-        // Really partitioned: hq has not seen shelter-02's check-in.
-        let seen = tb.person("hq-1", &persons[6])?.expect("registry at hq");
-        ensure!(seen["location"].is_null(), "hq saw through the cut: {seen}");
-    }
+    // Really partitioned: hq has not seen shelter-02's check-ins, nor
+    // shelter-02 shelter-01's.
+    let seen = tb.person("hq-1", &persons[6])?.expect("registry at hq");
+    ensure!(seen["location"].is_null(), "hq saw through the cut: {seen}");
+    let seen = tb.person("shelter-02", &persons[1])?.expect("registry");
+    ensure!(
+        seen["location"].is_null(),
+        "shelter-02 saw through the cut: {seen}"
+    );
     match cut {
         Cut::LinkDown => netns(&["rejoin", &s2])?,
         Cut::OneWay => netns(&["heal", &hq, &s2]).and(netns(&["heal", &s1, &s2]))?,
     }
+    let t = std::time::Instant::now();
     let nodes = ["hq-1", "shelter-01", "shelter-02"];
     wait_converged(&mut tb, &nodes, &acked)?;
+    eprintln!("{cut:?}: converged {:?} after healing", t.elapsed());
     for n in nodes {
         wait_location(&tb, n, &persons[1], "shelter-01")?;
         wait_location(&tb, n, &persons[6], "shelter-02")?;
