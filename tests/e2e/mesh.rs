@@ -333,6 +333,7 @@ fn kill_9_during_checkins_loses_nothing_acknowledged() -> Result<()> {
         Ok(writer.join().expect("writer"))
     })?;
     tb.kill9("shelter-01")?; // reap
+    eprintln!("{} check-ins acknowledged before kill -9", acked.len());
     ensure!(acked.len() >= 20, "only {} acked", acked.len());
     ensure!(
         acked.len() < persons.len(),
@@ -403,6 +404,13 @@ fn roles_hold_only_their_documents_over_real_sockets() -> Result<()> {
     wait_location(&tb, "hq-1", &p, "shelter-01")?;
     let (c, v) = tb.api("shelter-01", "GET", &path, None)?;
     ensure!(c == 403, "medical read on a shelter: {c} {v}");
+    let (c, v) = tb.api(
+        "shelter-01",
+        "POST",
+        &format!("/api/v1/persons/{p}/medical"),
+        Some(&json!({"blood_type": "B+"})),
+    )?;
+    ensure!(c == 403, "medical write on a shelter: {c} {v}");
     let amb = tb
         .person("ambulance-1", &p)?
         .expect("registry at the ambulance");
