@@ -304,5 +304,5 @@ add rule inet bench cut iifname "lo" udp sport 7700-7701 udp dport 7702-7703 dro
             "reconcile_bytes_all_links": all1 - all0,
         })
     );
-    Ok(())
+    tb.passed()
 }

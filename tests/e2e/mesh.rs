@@ -120,7 +120,7 @@ fn five_nodes_find_each_other_by_mdns_alone() -> Result<()> {
         let others: Vec<&str> = ids.iter().copied().filter(|o| *o != me).collect();
         wait_connected(&tb, me, &others)?;
     }
-    Ok(())
+    tb.passed()
 }
 
 #[test]
@@ -140,7 +140,7 @@ fn checkin_reaches_hq_through_another_shelter() -> Result<()> {
         !tb.connected("hq-1")?.contains("shelter-02"),
         "hq and shelter-02 were never meant to connect"
     );
-    Ok(())
+    tb.passed()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -230,7 +230,7 @@ fn partition_then_heal(cut: Cut, tag: &str) -> Result<()> {
         })?;
         ensure!(v["location"]["conflict"] == json!(true), "{n}: {v}");
     }
-    Ok(())
+    tb.passed()
 }
 
 #[test]
@@ -279,7 +279,7 @@ fn ten_percent_loss_everywhere_delivers_every_checkin() -> Result<()> {
         "hq lacks {:?}",
         acked.difference(&at_hq)
     );
-    Ok(())
+    tb.passed()
 }
 
 #[test]
@@ -362,7 +362,7 @@ fn kill_9_during_checkins_loses_nothing_acknowledged() -> Result<()> {
     }
     // And they still reach hq.
     wait_location(&tb, "hq-1", &acked.last().expect("acked").0, "shelter-01")?;
-    Ok(())
+    tb.passed()
 }
 
 #[test]
@@ -438,5 +438,5 @@ fn roles_hold_only_their_documents_over_real_sockets() -> Result<()> {
         !ambulance.contains_key("presence"),
         "ambulance holds presence: {ambulance:?}"
     );
-    Ok(())
+    tb.passed()
 }

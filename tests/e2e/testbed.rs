@@ -136,6 +136,7 @@ pub struct Testbed {
     pub persons: Vec<(String, String)>,
     pub dir: tempfile::TempDir,
     exports: usize,
+    passed: bool,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -150,8 +151,11 @@ impl Drop for Testbed {
         if let Err(e) = netns(&["down", &self.prefix]) {
             eprintln!("testbed cleanup: {e:#}");
         }
-        if std::thread::panicking() || std::env::var_os("KIZUNA_E2E_KEEP").is_some() {
+        if !self.passed || std::env::var_os("KIZUNA_E2E_KEEP").is_some() {
             // Keep logs and databases of a failed run for inspection.
+            for n in &self.nodes {
+                eprintln!("--- {} log tail ---\n{}", n.id, self.log_tail(&n.id));
+            }
             let path = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tmp"));
             eprintln!("testbed kept at {}", path.keep().display());
         }
@@ -190,6 +194,7 @@ impl Testbed {
             persons: Vec::new(),
             dir: tempfile::Builder::new().prefix("kizuna-e2e-").tempdir()?,
             exports: 0,
+            passed: false,
             _serial: serial,
         };
         let n = match layout {
@@ -299,6 +304,13 @@ impl Testbed {
             node::demo::put_shelters(&hq_data, &self.nodes[hq].id, &shelters)
                 .map_err(|e| anyhow!("put_shelters: {}", e.message))?;
         }
+        Ok(())
+    }
+
+    /// Ends a passing test: the testbed directory is removed on drop
+    /// (otherwise it is kept, and every node's log tail printed).
+    pub fn passed(mut self) -> Result<()> {
+        self.passed = true;
         Ok(())
     }
 
