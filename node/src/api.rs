@@ -270,7 +270,10 @@ pub fn router(state: ApiState) -> Router {
             get(household_by_card),
         )
         .route("/api/v1/persons/{person_id}", get(person))
-        .route("/api/v1/persons/{person_id}/medical", get(medical))
+        .route(
+            "/api/v1/persons/{person_id}/medical",
+            get(medical).post(put_medical),
+        )
         .route("/api/v1/checkins", post(checkins))
         .route("/api/v1/checkouts", post(checkouts))
         .route("/api/v1/shelters", get(shelters))
@@ -583,6 +586,42 @@ async fn medical(
         } => Ok(Json(
             json!({"person_id": person_id, "medical": view, "audit_seq": audit_seq}),
         )),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected engine reply",
+        )),
+    }
+}
+
+/// `POST /api/v1/persons/{person_id}/medical`: a `crdt::api::MedicalUpdate`
+/// (roles that may write medical profiles: clinic, ambulance, hq).
+async fn put_medical(
+    State(st): State<ApiState>,
+    axum::Extension(op): axum::Extension<AuthOperator>,
+    headers: HeaderMap,
+    Path(person_id): Path<String>,
+    ApiJson(update): ApiJson<crdt::api::MedicalUpdate>,
+) -> Result<Response, ApiError> {
+    let op_id = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => new_op_id(),
+        Some(Ok(k)) => k.to_string(),
+        Some(Err(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "Idempotency-Key must be ASCII",
+            ))
+        }
+    };
+    let cmd = Command::PutMedical {
+        person_id: person_id.clone(),
+        update,
+    };
+    match st.driver.command(op_id, Operator(op.0), cmd).await? {
+        Reply::Done => {
+            Ok((StatusCode::CREATED, Json(json!({"person_id": person_id}))).into_response())
+        }
         _ => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

@@ -116,6 +116,35 @@ pub fn synthetic_registry(households: usize, seed: u64) -> String {
     out
 }
 
+/// Registers shelters (id, name; capacity 300) in a stopped hq data
+/// directory, as the demo does. Also used by the end-to-end tests.
+pub fn put_shelters(
+    hq_data: &std::path::Path,
+    hq_id: &str,
+    shelters: &[(&str, &str)],
+) -> Result<(), Exit> {
+    let (lock, store, ecfg) = crate::cli::open_hq(hq_data, Some(hq_id))?;
+    let driver = Driver::start(store, ecfg)?;
+    for (id, name) in shelters {
+        driver.command_blocking(
+            format!("demo-shelter-{id}"),
+            Operator("demo".into()),
+            Command::PutShelter {
+                shelter: ShelterInfo {
+                    shelter_id: id.to_string(),
+                    name: name.to_string(),
+                    capacity: 300,
+                    location: String::new(),
+                    needs: String::new(),
+                },
+            },
+        )?;
+    }
+    driver.shutdown()?;
+    drop(lock);
+    Ok(())
+}
+
 struct NodeSpec {
     id: &'static str,
     role: Role,
@@ -222,30 +251,11 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
     let summary =
         crate::cli::registry_import(&hq_data, &csv, crate::import::Encoding::Utf8, Some("hq-1"))?;
     eprintln!("{summary}");
-    {
-        let (lock, store, ecfg) = crate::cli::open_hq(&hq_data, Some("hq-1"))?;
-        let driver = Driver::start(store, ecfg)?;
-        for (i, (id, name)) in [("shelter-01", "三条小学校"), ("shelter-02", "大島中学校")]
-            .iter()
-            .enumerate()
-        {
-            driver.command_blocking(
-                format!("demo-shelter-{i}"),
-                Operator("demo".into()),
-                Command::PutShelter {
-                    shelter: ShelterInfo {
-                        shelter_id: id.to_string(),
-                        name: name.to_string(),
-                        capacity: 300,
-                        location: String::new(),
-                        needs: String::new(),
-                    },
-                },
-            )?;
-        }
-        driver.shutdown()?;
-        drop(lock);
-    }
+    put_shelters(
+        &hq_data,
+        "hq-1",
+        &[("shelter-01", "三条小学校"), ("shelter-02", "大島中学校")],
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
