@@ -230,7 +230,12 @@ impl<S: Store> Engine<S> {
             deferred: None,
         };
         if e.cfg.role == Role::Hq {
-            e.arrival_scan = e.index.keys().filter(|k| k.kind == Kind::Presence).cloned().collect();
+            e.arrival_scan = e
+                .index
+                .keys()
+                .filter(|k| k.kind == Kind::Presence)
+                .cloned()
+                .collect();
             e.recover_mail(now)?;
         }
         Ok(e)

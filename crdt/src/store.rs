@@ -170,8 +170,8 @@ pub trait Store {
     fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError>;
 
     /// The local change log in order: entries with a sequence number above
-    /// `after`, at most `limit` of them. Sequence numbers start at 1 and are
-    /// never reused.
+    /// `after`, at most `limit` of them. Sequence numbers start at 1,
+    /// increase and are never reused; they may have gaps.
     fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError>;
     /// The hash of the change logged at `seq`, if any.
     fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError>;

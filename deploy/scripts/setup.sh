@@ -11,7 +11,7 @@
 set -euo pipefail
 
 need=()
-for pkg in pkg-config libpcsclite-dev pcscd vsmartcard-vpcd nftables iproute2 python3-aiosmtpd; do
+for pkg in pkg-config libpcsclite-dev pcscd vsmartcard-vpcd nftables iproute2 python3-aiosmtpd curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

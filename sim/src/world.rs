@@ -151,6 +151,9 @@ struct Link {
     clog_factor: u64,
     /// A reconnect is scheduled.
     connecting: bool,
+    /// A frame of this connection was lost: like a broken QUIC stream,
+    /// nothing after it is delivered until the connection is replaced.
+    broken: bool,
 }
 
 fn sid(link: usize, gen: u32, side: u8) -> SessionId {
@@ -500,6 +503,7 @@ impl World {
             clog_until: 0,
             clog_factor: 1,
             connecting: false,
+            broken: false,
         });
     }
 
@@ -1030,6 +1034,7 @@ impl World {
         }
         let k = &mut self.links[l];
         k.up = true;
+        k.broken = false;
         k.gen += 1;
         let (a, b, gen) = (k.a, k.b, k.gen);
         k.last_arrival = [self.now; 2];
@@ -1153,6 +1158,7 @@ impl World {
                     .faults_injected
                     .entry("connection_drop".into())
                     .or_default() += 1;
+                self.links[l].broken = true;
                 self.push(arrive, Ev::Timeout(l));
                 return;
             }
@@ -1213,11 +1219,14 @@ impl World {
 
     fn deliver(&mut self, l: usize, gen: u32, dir: u8, bytes: Vec<u8>) {
         let k = &self.links[l];
-        if !k.up || k.gen != gen {
+        if !k.up || k.gen != gen || k.broken {
             return;
         }
         let (from, to) = if dir == 0 { (k.a, k.b) } else { (k.b, k.a) };
         if self.blocked.contains(&(from, to)) {
+            // A blocked direction breaks the stream: a later frame never
+            // overtakes a lost one.
+            self.links[l].broken = true;
             return;
         }
         let session = sid(l, gen, 1 - dir);
@@ -1701,6 +1710,9 @@ impl World {
 
     /// Docs both nodes may hold, grouped by which nodes are linked.
     fn convergence_violations(&mut self) -> Vec<Violation> {
+        fn hex8(h: &[u8; 32]) -> String {
+            h[..4].iter().map(|b| format!("{b:02x}")).collect()
+        }
         let n = self.nodes.len();
         let mut heads: Vec<BTreeMap<DocKey, Vec<[u8; 32]>>> = vec![BTreeMap::new(); n];
         let mut keys: BTreeSet<DocKey> = BTreeSet::new();
@@ -1774,6 +1786,22 @@ impl World {
                                         "debug stats {id}: {:?} inc {}",
                                         e.stats(),
                                         e.incarnation()
+                                    );
+                                    let mem = &e.store().mem;
+                                    let log: Vec<String> = mem
+                                        .log
+                                        .iter()
+                                        .enumerate()
+                                        .filter(|(_, c)| c.key == key)
+                                        .map(|(i, c)| format!("{}@{}", hex8(&c.hash), i + 1))
+                                        .collect();
+                                    eprintln!(
+                                        "debug log {id}: {log:?} len {} cursors {:?}",
+                                        mem.log.len(),
+                                        mem.cursors
+                                            .iter()
+                                            .map(|(p, c)| (p.to_string(), c.seq))
+                                            .collect::<Vec<_>>()
                                     );
                                 }
                             }
