@@ -145,6 +145,86 @@ pub fn put_shelters(
     Ok(())
 }
 
+/// Demo medical profiles (consented; allergies, conditions, blood type)
+/// for the first residents, so the ambulance and clinic views have data,
+/// and pre-registered family contacts for a few, so headquarters plans
+/// safety mail. Addresses use the reserved `example.jp` domain.
+pub fn put_demo_profiles(
+    hq_data: &std::path::Path,
+    hq_id: &str,
+    persons: usize,
+) -> Result<(), Exit> {
+    use crdt::api::MedicalUpdate;
+    use crdt::model::{BloodType, ConsentBasis, Disclosure, FamilyContact, MedicalSection};
+    let (lock, store, ecfg) = crate::cli::open_hq(hq_data, Some(hq_id))?;
+    let ids: Vec<String> = crdt::store::Store::persons(&store, persons, 0)?
+        .into_iter()
+        .map(|p| p.person_id)
+        .collect();
+    let driver = Driver::start(store, ecfg)?;
+    const BLOOD: [BloodType; 4] = [
+        BloodType::APos,
+        BloodType::OPos,
+        BloodType::BNeg,
+        BloodType::AbPos,
+    ];
+    const ALLERGY: [&str; 3] = [
+        "ペニシリン / penicillin",
+        "そば / buckwheat",
+        "造影剤 / contrast medium",
+    ];
+    const CONDITION: [&str; 3] = [
+        "高血圧 / hypertension",
+        "2型糖尿病 / type 2 diabetes",
+        "心房細動 / atrial fibrillation",
+    ];
+    for (i, id) in ids.iter().enumerate() {
+        let update = MedicalUpdate {
+            blood_type: Some(BLOOD[i % BLOOD.len()]),
+            consent: Some(ConsentBasis::Consented),
+            add: vec![
+                (MedicalSection::Allergy, ALLERGY[i % ALLERGY.len()].into()),
+                (
+                    MedicalSection::Condition,
+                    CONDITION[i % CONDITION.len()].into(),
+                ),
+            ],
+            ..Default::default()
+        };
+        driver.command_blocking(
+            format!("demo-medical-{id}"),
+            Operator("demo".into()),
+            Command::PutMedical {
+                person_id: id.clone(),
+                update,
+            },
+        )?;
+        if i % 3 == 0 {
+            let contacts = vec![FamilyContact {
+                contact_id: format!("c-{id}"),
+                name: "家族 / family".into(),
+                email: format!("family-{id}@example.jp"),
+                consent: true,
+            }];
+            driver.command_blocking(
+                format!("demo-contacts-{id}"),
+                Operator("demo".into()),
+                Command::PutContacts {
+                    person_id: id.clone(),
+                    contacts,
+                    disclosure: Disclosure {
+                        do_not_disclose: false,
+                        share_shelter: true,
+                    },
+                },
+            )?;
+        }
+    }
+    driver.shutdown()?;
+    drop(lock);
+    Ok(())
+}
+
 struct NodeSpec {
     id: &'static str,
     role: Role,
@@ -256,6 +336,7 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
         "hq-1",
         &[("shelter-01", "三条小学校"), ("shelter-02", "大島中学校")],
     )?;
+    put_demo_profiles(&hq_data, "hq-1", 20)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
