@@ -654,3 +654,51 @@ fn a_peer_restored_from_an_old_backup_is_reconciled_not_resumed() {
     };
     assert!(d.location.is_some());
 }
+
+#[test]
+fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
+    use crdt::wire::{DocChanges, Frame};
+    let mut net = setup();
+    net.connect(0, 1);
+    let before = net.nodes[1].store().clone();
+    // Node 1's end of its session with headquarters.
+    let sid = net.links[1].0;
+    let send = |net: &mut Net, bytes: Vec<u8>| {
+        net.nodes[1].handle(
+            Input::Frame {
+                session: sid,
+                bytes,
+            },
+            now(net.now),
+            &mut net.rng,
+        )
+    };
+    // Garbage Automerge bytes and a change to a kind the sender may not
+    // write are refused and counted; nothing is stored.
+    let garbage = crdt::wire::encode(&Frame::Changes {
+        docs: vec![DocChanges {
+            key: DocKey::new(Kind::Presence, "h1").unwrap(),
+            changes: vec![vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]],
+        }],
+        upto: None,
+    })
+    .unwrap();
+    send(&mut net, garbage);
+    assert!(net.nodes[1].stats().violations >= 1);
+    let medical = crdt::wire::encode(&Frame::Changes {
+        docs: vec![DocChanges {
+            key: DocKey::new(Kind::Medical, "p1-0").unwrap(),
+            changes: vec![],
+        }],
+        upto: None,
+    })
+    .unwrap();
+    send(&mut net, medical);
+    assert!(net.nodes[1].stats().violations >= 2);
+    assert_eq!(net.nodes[1].store().log, before.log);
+    assert_eq!(net.nodes[1].store().projections, before.projections);
+    // Undecodable bytes end the session with a protocol error.
+    let outs = send(&mut net, vec![0xff; 12]);
+    assert!(outs.iter().any(|o| matches!(o, Output::Close { .. })));
+    assert_eq!(net.nodes[1].store().log, before.log);
+}
