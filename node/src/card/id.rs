@@ -115,26 +115,9 @@ impl fmt::Debug for UserId {
     }
 }
 
-/// True when `s` is 12 ASCII digits whose last digit is the Individual
-/// Number check digit of the first 11: d = 11 − (Σ P_n·Q_n mod 11) with P_n
-/// the n-th of the first 11 digits counted from the right, Q_n = n+1 for
-/// n ≤ 6 and n−5 for n ≥ 7, and d = 0 when the remainder is 0 or 1.
-pub fn is_individual_number(s: &str) -> bool {
-    let b = s.as_bytes();
-    if b.len() != 12 || !b.iter().all(u8::is_ascii_digit) {
-        return false;
-    }
-    let sum: u32 = (1..=11usize)
-        .map(|n| {
-            let p = u32::from(b[11 - n] - b'0');
-            let q = if n <= 6 { n as u32 + 1 } else { n as u32 - 5 };
-            p * q
-        })
-        .sum();
-    let r = sum % 11;
-    let d = if r <= 1 { 0 } else { 11 - r };
-    u32::from(b[11] - b'0') == d
-}
+/// The Individual Number check (12 digits with a valid check digit) is the
+/// core's, so card input and every other field share one definition.
+pub use crdt::text::is_individual_number;
 
 #[cfg(test)]
 mod tests {
