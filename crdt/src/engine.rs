@@ -317,7 +317,7 @@ impl<S: Store> Engine<S> {
                 if self.cfg.role == Role::Hq {
                     let n = self.arrival_scan.len().saturating_sub(500);
                     let batch = self.arrival_scan.split_off(n);
-                    self.note_arrivals(&batch, now);
+                    self.note_presence(&batch, now);
                     self.plan_mail(now, &mut out);
                 }
                 self.tick_cursors(&mut out);
@@ -692,14 +692,8 @@ impl<S: Store> Engine<S> {
             for k in outbox_touched {
                 self.refresh_mail(&k);
             }
-            if !presence_touched.is_empty() {
-                self.note_arrivals(&presence_touched, now);
-            }
-        } else {
-            for k in presence_touched {
-                self.note_shelter_activity(&k, now);
-            }
         }
+        self.note_presence(&presence_touched, now);
     }
 
     fn new_id(&self, prefix: &str, rng: &mut dyn RngCore) -> String {
@@ -1457,16 +1451,15 @@ impl<S: Store> Engine<S> {
             vec![(format!("{}{contact}", views::MAIL_PREFIX), Some(encode(s)))],
             now,
         )?;
-        self.mail
-            .insert((person.to_string(), contact.to_string()), s.clone());
+        // `self.mail` follows the document once the write is committed
+        // (`after_commit` refreshes it), never before.
         Ok(())
     }
 
-    fn note_shelter_activity(&mut self, key: &DocKey, now: Now) {
-        let _ = (key, now);
-    }
-
-    fn note_arrivals(&mut self, keys: &[DocKey], now: Now) {
+    /// Notes, from changed presence documents, when each shelter was last
+    /// heard of (the staleness headquarters shows) and, on headquarters,
+    /// which persons arrived (for family mail).
+    fn note_presence(&mut self, keys: &[DocKey], now: Now) {
         for k in keys {
             let Ok(Some(doc)) = self.load(k) else {
                 continue;
@@ -1477,7 +1470,7 @@ impl<S: Store> Engine<S> {
             for e in &evs {
                 let seen = self.shelter_seen.entry(e.shelter_id.clone()).or_insert(0);
                 *seen = (*seen).max(e.wall_ms.min(now.wall_ms));
-                if e.action == PresenceAction::CheckIn {
+                if e.action == PresenceAction::CheckIn && self.cfg.role == Role::Hq {
                     self.arrivals_seen
                         .entry(e.person_id.clone())
                         .or_insert(now.wall_ms);
@@ -1500,7 +1493,11 @@ impl<S: Store> Engine<S> {
             .iter()
             .filter(|(p, seen)| {
                 (self.cfg.mail_primary || now.wall_ms >= *seen + self.cfg.mail_takeover_ms)
-                    && !self.mail.keys().any(|(mp, _)| mp == *p)
+                    && !self
+                        .mail
+                        .range(((*p).clone(), String::new())..)
+                        .next()
+                        .is_some_and(|((mp, _), _)| mp == *p)
             })
             .map(|(p, _)| p.clone())
             .take(500)

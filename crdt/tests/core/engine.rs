@@ -277,6 +277,16 @@ fn registry_reaches_shelters_and_check_in_reaches_hq_through_another_node() {
         panic!()
     };
     assert_eq!((event_ids.len(), already.len()), (2, 0));
+    // Every node knows when it last heard of each shelter (staleness).
+    let QueryReply::Shelters(at_relay) = net.query(1, Query::Shelters) else {
+        panic!()
+    };
+    assert!(at_relay
+        .iter()
+        .find(|v| v.shelter.shelter_id == "shelter-b")
+        .unwrap()
+        .last_sync
+        .is_some());
     let QueryReply::Shelters(s) = net.query(0, Query::Shelters) else {
         panic!()
     };
