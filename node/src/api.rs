@@ -334,6 +334,8 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
                 Some(c) => c.status_json(),
                 None => Value::Null,
             };
+            let problem = st.driver.clock_problem();
+            v["clock"] = serde_json::json!({ "trusted": problem.is_none(), "problem": problem });
             Ok(Json(v))
         }
         other => Err(unexpected(other)),

@@ -243,6 +243,7 @@ fn run(config: &Path) -> Result<(), Exit> {
             .await
             .with_context(|| format!("cannot bind http.bind {}", cfg.http.bind))?;
         tracing::info!(node_id = %node_id, role = %role, http = %listener.local_addr()?, "kizuna running");
+        watch_clock(&driver, creds.identity.clone());
         let transport = start_mesh(&cfg, creds, &driver).await?;
         let mut state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone());
         let watcher = match card_reader {
@@ -405,6 +406,36 @@ async fn start_mesh(
         }
     });
     Ok(transport)
+}
+
+/// Judges the wall clock against the node's own certificate now and every
+/// minute (B-2, B-4): a clock before the certificate was issued, or after it
+/// expired, is shown as "device clock looks wrong" in the status API, logged,
+/// and marks audit entries as written without trusted time. The node keeps
+/// working; certificate checks are never relaxed.
+fn watch_clock(driver: &crate::driver::DriverHandle, identity: certs::NodeIdentity) {
+    let check = move || certs::clock_sanity(time::OffsetDateTime::now_utc(), &identity).message();
+    // The first verdict is in place before the API answers.
+    let mut last = check();
+    if let Some(m) = &last {
+        tracing::warn!(problem = %m, "device clock looks wrong");
+    }
+    driver.set_clock_problem(last.clone());
+    let d = driver.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            let problem = check();
+            if problem != last {
+                match &problem {
+                    Some(m) => tracing::warn!(problem = %m, "device clock looks wrong"),
+                    None => tracing::info!("device clock looks right again"),
+                }
+                d.set_clock_problem(problem.clone());
+                last = problem;
+            }
+        }
+    });
 }
 
 /// Resolves on SIGINT or SIGTERM.

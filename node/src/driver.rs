@@ -111,6 +111,16 @@ pub struct DriverHandle {
     events: broadcast::Sender<UiEvent>,
     thread: Arc<Mutex<Option<JoinHandle<Option<SqliteStore>>>>>,
     info: Arc<DriverInfo>,
+    clock: Arc<ClockState>,
+}
+
+/// Whether the wall clock is believed, and why not. Shared between the
+/// engine thread (which stamps it on every audit entry, B-4) and the
+/// status API (which shows the operator "device clock looks wrong").
+#[derive(Debug)]
+pub struct ClockState {
+    trusted: std::sync::atomic::AtomicBool,
+    problem: Mutex<Option<String>>,
 }
 
 /// Fixed facts about the running engine.
@@ -133,10 +143,15 @@ impl Driver {
         let (open_tx, open_rx) = mpsc::channel::<Result<DriverInfo, EngineError>>();
         let t_sinks = sinks.clone();
         let t_events = events.clone();
+        let clock_state = Arc::new(ClockState {
+            trusted: std::sync::atomic::AtomicBool::new(true),
+            problem: Mutex::new(None),
+        });
+        let t_clock = clock_state.clone();
         let thread = std::thread::Builder::new()
             .name("kizuna-engine".into())
             .spawn(move || {
-                let clock = Clock::new();
+                let clock = Clock::new(t_clock);
                 let mut engine = match Engine::open(store, cfg, clock.now()) {
                     Ok(e) => e,
                     Err(e) => {
@@ -163,6 +178,7 @@ impl Driver {
                     events,
                     thread: Arc::new(Mutex::new(Some(thread))),
                     info: Arc::new(info),
+                    clock: clock_state,
                 })
             }
             Ok(Err(e)) => {
@@ -178,6 +194,26 @@ impl Driver {
 }
 
 impl DriverHandle {
+    /// Records the verdict on the wall clock (from the node's own
+    /// certificate, see `certs::clock`): `None` when plausible, else the
+    /// message to show. Audit entries written meanwhile carry
+    /// `clock_trusted: false`.
+    pub fn set_clock_problem(&self, problem: Option<String>) {
+        self.clock
+            .trusted
+            .store(problem.is_none(), std::sync::atomic::Ordering::Relaxed);
+        *self.clock.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    /// The current clock problem, if any.
+    pub fn clock_problem(&self) -> Option<String> {
+        self.clock
+            .problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn info(&self) -> &DriverInfo {
         &self.info
     }
@@ -269,12 +305,14 @@ impl DriverHandle {
 
 struct Clock {
     start: Instant,
+    state: Arc<ClockState>,
 }
 
 impl Clock {
-    fn new() -> Clock {
+    fn new(state: Arc<ClockState>) -> Clock {
         Clock {
             start: Instant::now(),
+            state,
         }
     }
     fn now(&self) -> Now {
@@ -285,8 +323,10 @@ impl Clock {
         Now {
             wall_ms,
             mono_ms: self.start.elapsed().as_millis() as u64,
-            // TODO(lead): derive from certs::clock::clock_sanity / peer agreement.
-            wall_trusted: true,
+            wall_trusted: self
+                .state
+                .trusted
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

@@ -625,3 +625,45 @@ fn run_killed_under_concurrent_checkins_keeps_every_ack() {
     let in_count: u32 = s.occupancy().unwrap().values().sum();
     assert_eq!(in_count as usize, all_acked.len());
 }
+
+/// B-2: a node whose clock reads earlier than its own certificate's issue
+/// time keeps working but says "device clock looks wrong" in its status.
+#[test]
+fn a_clock_before_the_own_certificate_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::setup(dir.path(), 2);
+    // Reissue the node certificate as if issued two days from now.
+    let certs_dir = dir.path().join("certs");
+    std::fs::remove_dir_all(&certs_dir).unwrap();
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(2);
+    certs::ca::issue_at(
+        &dir.path().join("ca"),
+        Role::Hq,
+        &NodeId::new("hq-1").unwrap(),
+        &certs_dir,
+        30,
+        later,
+    )
+    .unwrap();
+    let (mut child, _) = node.start();
+    let auth = node.auth();
+    let r = http(
+        node.addr,
+        "GET",
+        "/api/v1/status",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["clock"]["trusted"], false, "{v}");
+    assert!(
+        v["clock"]["problem"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("clock"),
+        "{v}"
+    );
+}
