@@ -25,7 +25,7 @@ use crate::session::Session;
 use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Store, StoreError};
 use crate::text::{check_text, search_key, TextError};
 use crate::views;
-use crate::wire::{self, DocChanges, Frame};
+use crate::wire::{DocChanges, Frame};
 use automerge::Change;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -663,18 +663,7 @@ impl<S: Store> Engine<S> {
         }
         for (sid, docs) in per_session {
             let live = self.sessions.get(&sid).is_some_and(|s| s.is_live());
-            let mut frames: Vec<Vec<DocChanges>> = vec![vec![]];
-            let mut size = 0;
-            for d in docs {
-                let n: usize = d.changes.iter().map(Vec::len).sum::<usize>() + 48;
-                if size + n > wire::TARGET_FRAME_BYTES && !frames.last().is_some_and(Vec::is_empty)
-                {
-                    frames.push(vec![]);
-                    size = 0;
-                }
-                size += n;
-                frames.last_mut().expect("one frame").push(d);
-            }
+            let frames = crate::session::chunk_docs(docs);
             let last = frames.len() - 1;
             for (i, docs) in frames.into_iter().enumerate() {
                 let upto = if live && i == last {

@@ -57,8 +57,12 @@ const STREAM_READ: usize = 512;
 pub(crate) enum Mode {
     /// Waiting for the peer's `Hello`.
     Opening,
-    /// Streaming our log from this sequence number (exclusive).
-    Stream { after: u64 },
+    /// Streaming our log after sequence number `base`. The urgent pass
+    /// (presence and medical only, so they cross a thin link first) reads
+    /// to the end, then the full pass reads again from `base` and sends the
+    /// rest, claiming log positions as it goes. `pos` is where the current
+    /// pass is.
+    Stream { base: u64, pos: u64, urgent: bool },
     /// Reconciling; our catch-up sends are in `outq`.
     Reconcile,
     /// Caught up: new changes are pushed as they are committed.
@@ -125,6 +129,25 @@ impl Session {
 /// peer restored from a backup is not assumed to hold what it lost.
 fn peer_heads_key(node: &NodeId, incarnation: u32) -> Option<NodeId> {
     NodeId::new(format!("{node}.i{incarnation}")).ok()
+}
+
+/// Splits documents into frames of about `TARGET_FRAME_BYTES`, in order.
+pub(crate) fn chunk_docs(docs: Vec<DocChanges>) -> Vec<Vec<DocChanges>> {
+    let mut frames: Vec<Vec<DocChanges>> = vec![vec![]];
+    let mut size = 0;
+    for d in docs {
+        let n: usize = d.changes.iter().map(Vec::len).sum::<usize>() + 48;
+        let last = frames.last().expect("one frame");
+        if !last.is_empty()
+            && (size + n > wire::TARGET_FRAME_BYTES || last.len() >= wire::MAX_DOCS_PER_FRAME)
+        {
+            frames.push(vec![]);
+            size = 0;
+        }
+        size += n;
+        frames.last_mut().expect("one frame").push(d);
+    }
+    frames
 }
 
 fn short_digest(heads: &[Hash32]) -> [u8; 8] {
@@ -251,7 +274,11 @@ impl<S: Store> Engine<S> {
                 s.peer_incarnation = incarnation;
                 s.my_verdict = Some(ok);
                 s.mode = match (ok, resume) {
-                    (true, Some(c)) => Mode::Stream { after: c.seq },
+                    (true, Some(c)) => Mode::Stream {
+                        base: c.seq,
+                        pos: c.seq,
+                        urgent: true,
+                    },
                     _ => Mode::Reconcile,
                 };
                 self.send(sid, &Frame::Resume { ok }, out);
@@ -588,7 +615,9 @@ impl<S: Store> Engine<S> {
                 continue;
             };
             match s.mode {
-                Mode::Stream { after } => self.drain_stream(sid, after, out),
+                Mode::Stream { base, pos, urgent } => {
+                    self.drain_stream(sid, base, pos, urgent, out)
+                }
                 Mode::Reconcile if s.exchange_over && s.outq.is_empty() => {
                     // Everything we held at the start is equal at the peer or
                     // was sent; everything since was pushed live.
@@ -618,23 +647,46 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    fn drain_stream(&mut self, sid: SessionId, mut after: u64, out: &mut Vec<Output>) {
+    fn drain_stream(
+        &mut self,
+        sid: SessionId,
+        base: u64,
+        mut pos: u64,
+        mut urgent: bool,
+        out: &mut Vec<Output>,
+    ) {
         let (peer, role) = {
             let s = &self.sessions[&sid];
             (s.node.clone(), s.role)
         };
-        for _ in 0..FRAMES_PER_DRAIN {
-            let entries = match self.store.log_since(after, STREAM_READ) {
+        let mut frames = 0;
+        while frames < FRAMES_PER_DRAIN {
+            let entries = match self.store.log_since(pos, STREAM_READ) {
                 Ok(e) => e,
                 Err(_) => return,
             };
             let Some((last_seq, last)) = entries.last().map(|(n, c)| (*n, c.hash)) else {
+                if urgent {
+                    // Urgent pass done: now everything, from the start.
+                    urgent = false;
+                    pos = base;
+                    self.sessions.get_mut(&sid).expect("present").mode =
+                        Mode::Stream { base, pos, urgent };
+                    continue;
+                }
                 return self.go_live(sid, out);
             };
             let s = self.sessions.get_mut(&sid).expect("present");
             let mut docs: Vec<DocChanges> = Vec::new();
             for (_, c) in entries {
-                if !may_send(role, &peer, &c.key) || !s.seen.insert(c.hash) {
+                let is_urgent = matches!(
+                    c.key.kind,
+                    crate::ids::Kind::Presence | crate::ids::Kind::Medical
+                );
+                if (urgent && !is_urgent)
+                    || !may_send(role, &peer, &c.key)
+                    || !s.seen.insert(c.hash)
+                {
                     continue;
                 }
                 match docs.last_mut() {
@@ -645,20 +697,27 @@ impl<S: Store> Engine<S> {
                     }),
                 }
             }
-            after = last_seq;
-            s.mode = Mode::Stream { after };
-            s.upto_sent = last_seq;
-            self.send(
-                sid,
-                &Frame::Changes {
-                    docs,
-                    upto: Some(Cursor {
-                        seq: last_seq,
-                        hash: last,
-                    }),
-                },
-                out,
-            );
+            pos = last_seq;
+            s.mode = Mode::Stream { base, pos, urgent };
+            // Only the full pass may claim a log position: the urgent pass
+            // skipped the other kinds.
+            let upto = (!urgent).then_some(Cursor {
+                seq: last_seq,
+                hash: last,
+            });
+            if let Some(c) = upto {
+                s.upto_sent = c.seq;
+            }
+            if docs.is_empty() && upto.is_none() {
+                continue;
+            }
+            let chunks = chunk_docs(docs);
+            let n = chunks.len();
+            for (i, docs) in chunks.into_iter().enumerate() {
+                let upto = if i + 1 == n { upto } else { None };
+                self.send(sid, &Frame::Changes { docs, upto }, out);
+                frames += 1;
+            }
         }
     }
 

@@ -712,3 +712,74 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
     assert!(outs.iter().any(|o| matches!(o, Output::Close { .. })));
     assert_eq!(net.nodes[1].store().log, before.log);
 }
+
+#[test]
+fn on_resume_presence_crosses_before_a_bulk_registry_backlog() {
+    let mut net = setup();
+    net.connect(0, 1);
+    net.disconnect_all();
+    // While apart, headquarters imports a bulk registry, then records an
+    // arrival; both wait for the shelter.
+    let bulk: Vec<Household> = (100..400).map(|i| household(i, 1)).collect();
+    net.cmd(0, "bulk", Command::ImportHouseholds { households: bulk })
+        .unwrap();
+    net.cmd(
+        0,
+        "arrive",
+        Command::CheckIn {
+            person_ids: vec!["p2-0".into()],
+            shelter_id: Some("shelter-b".into()),
+        },
+    )
+    .unwrap();
+    // Reconnect by hand and look at the first changes headquarters sends.
+    let (na, ra) = net.id(0);
+    let (nb, rb) = net.id(1);
+    let mut from_hq = Vec::new();
+    let mut outs = net.nodes[0].handle(
+        Input::Connected {
+            session: 900,
+            node: nb,
+            role: rb,
+            initiator: true,
+        },
+        now(net.now),
+        &mut net.rng,
+    );
+    let to_hq = net.nodes[1].handle(
+        Input::Connected {
+            session: 901,
+            node: na,
+            role: ra,
+            initiator: false,
+        },
+        now(net.now),
+        &mut net.rng,
+    );
+    for o in to_hq {
+        if let Output::Send { bytes, .. } = o {
+            outs.extend(net.nodes[0].handle(
+                Input::Frame {
+                    session: 900,
+                    bytes,
+                },
+                now(net.now),
+                &mut net.rng,
+            ));
+        }
+    }
+    for o in outs {
+        if let Output::Send { bytes, .. } = o {
+            if let Ok(crdt::wire::Frame::Changes { docs, .. }) = crdt::wire::decode(&bytes) {
+                from_hq.extend(docs.into_iter().map(|d| d.key.kind));
+            }
+        }
+    }
+    assert_eq!(
+        from_hq.first(),
+        Some(&Kind::Presence),
+        "{:?}",
+        &from_hq[..from_hq.len().min(5)]
+    );
+    assert!(from_hq.contains(&Kind::Registry));
+}
