@@ -8,7 +8,7 @@ Listens on 127.0.0.1:PORT (0 = any free port) and prints one line
 
 Modes:
   accept           250 to everything; each message is written to DIR as
-                   NNNNNN.eml (headers and body as received, CRLF kept)
+                   <time_ns>-<n>.eml (headers and body as received, CRLF kept)
   tempfail         451 to RCPT TO
   permfail         550 to RCPT TO
   drop-after-data  receives the whole message (written to DIR if given),
@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import os
 import sys
+import time
 
 from aiosmtpd.smtp import SMTP
 
@@ -39,7 +40,8 @@ class Handler:
             return
         os.makedirs(self.args.dir, exist_ok=True)
         n = next(self.counter)
-        name = "%06d-%d.eml" % (n, os.getpid())
+        # Names sort in arrival order, across restarts of the server too.
+        name = "%020d-%06d.eml" % (time.time_ns(), n)
         tmp = os.path.join(self.args.dir, "." + name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(envelope.original_content or envelope.content)
