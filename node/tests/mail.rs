@@ -431,8 +431,12 @@ fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id(
     let smtpd = Smtpd::start("accept", 0, Some(&mail_dir), &[]);
     let smtp_port = smtpd.port;
     let http_port = free_port();
+    let quic_port = {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.local_addr().unwrap().port()
+    };
     let cfg = format!(
-        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:0\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntimeout_secs = 3\ndata_timeout_secs = 3\n"
+        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntimeout_secs = 3\ndata_timeout_secs = 3\n"
     );
     std::fs::write(hq.join("kizuna.toml"), cfg).unwrap();
     let log = std::fs::File::create(hq.join("kizuna.log")).unwrap();
@@ -445,7 +449,16 @@ fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id(
             .spawn()
             .unwrap(),
     );
-    poll("hq status", 30, || status(http_port, &token));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(http_port, &token).is_none() {
+        if Instant::now() > deadline {
+            panic!(
+                "hq did not answer: {}",
+                std::fs::read_to_string(hq.join("kizuna.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // 1. Accepting server: exactly one mail, with the engine's Message-ID.
     let check_in = |p: &str| {
