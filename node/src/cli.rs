@@ -245,6 +245,20 @@ fn run(config: &Path) -> Result<(), Exit> {
         tracing::info!(node_id = %node_id, role = %role, http = %listener.local_addr()?, "kizuna running");
         watch_clock(&driver, creds.identity.clone());
         let transport = start_mesh(&cfg, creds, &driver).await?;
+        match (&cfg.smtp, role) {
+            (Some(smtp), Role::Hq) => {
+                crate::mail::install(
+                    &driver,
+                    crate::mail::SmtpSettings::from_config(smtp),
+                    tokio::runtime::Handle::current(),
+                );
+                tracing::info!(host = %smtp.host, port = smtp.port, "family mail via SMTP");
+            }
+            (None, Role::Hq) => tracing::warn!(
+                "no [smtp] configured: family safety mail stays queued in the outbox"
+            ),
+            _ => {}
+        }
         let mut state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone());
         let watcher = match card_reader {
             Some(reader) => {
@@ -259,6 +273,7 @@ fn run(config: &Path) -> Result<(), Exit> {
             w.stop();
         }
         driver.set_net_sink(Box::new(|_| {}));
+        driver.set_mail_sink(Box::new(|_| {}));
         if let Ok(t) = std::sync::Arc::try_unwrap(transport) {
             t.shutdown().await;
         }

@@ -128,6 +128,10 @@ pub struct RawSmtp {
     pub host: String,
     pub port: Option<i64>,
     pub from: String,
+    pub starttls: Option<bool>,
+    pub timeout_secs: Option<i64>,
+    pub data_timeout_secs: Option<i64>,
+    pub max_concurrent: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +201,17 @@ pub struct SmtpConfig {
     pub host: String,
     pub port: u16,
     pub from: String,
+    /// Upgrade with STARTTLS. Not supported by this build yet: `true` is
+    /// refused when the config is loaded (the local relay needs no TLS).
+    pub starttls: bool,
+    /// Connect timeout and the timeout for each reply before the message
+    /// is sent, and for each write (default 30 s).
+    pub timeout_secs: u64,
+    /// Timeout for the reply to the final "." (default 120 s); expiry
+    /// there makes the outcome indeterminate.
+    pub data_timeout_secs: u64,
+    /// Sends in flight at once (default 4).
+    pub max_concurrent: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -467,10 +482,34 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
                 value: format!("{:?}", s.from),
                 reason: e.to_string(),
             })?;
+            if s.starttls == Some(true) {
+                return Err(ConfigError::Invalid {
+                    path: p.into(),
+                    key: "smtp.starttls".into(),
+                    value: "true".into(),
+                    reason: "STARTTLS is not supported by this build yet; use a local relay".into(),
+                });
+            }
+            let secs = |key: &str, v: Option<i64>, default: i64| -> Result<u64, ConfigError> {
+                let v = v.unwrap_or(default);
+                if !(1..=3600).contains(&v) {
+                    return Err(ConfigError::Invalid {
+                        path: p.into(),
+                        key: key.into(),
+                        value: v.to_string(),
+                        reason: "must be 1..=3600".into(),
+                    });
+                }
+                Ok(v as u64)
+            };
             Some(SmtpConfig {
                 port: port_in_range(p, "smtp.port", s.port.unwrap_or(DEFAULT_SMTP_PORT as i64))?,
                 host: s.host,
                 from: s.from,
+                starttls: false,
+                timeout_secs: secs("smtp.timeout_secs", s.timeout_secs, 30)?,
+                data_timeout_secs: secs("smtp.data_timeout_secs", s.data_timeout_secs, 120)?,
+                max_concurrent: secs("smtp.max_concurrent", s.max_concurrent, 4)?.min(64) as usize,
             })
         }
     };

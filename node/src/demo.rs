@@ -293,6 +293,7 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
     let ca = dir.join("ca");
     certs::ca::init_ca(&ca, "Kizuna Demo CA").map_err(|e| anyhow!("{e}"))?;
     let hq_quic = format!("127.0.0.1:{}", args.base_port);
+    let smtpd = start_test_smtp(&dir);
     let mut planned = Vec::new();
     for (i, n) in NODES.iter().enumerate() {
         let nd = dir.join(n.id);
@@ -313,6 +314,13 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
             );
         }
         let _ = write!(cfg, "\n[http]\nbind = \"127.0.0.1:{http}\"\n");
+        if let (Role::Hq, Some(s)) = (n.role, &smtpd) {
+            let _ = write!(
+                cfg,
+                "\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nfrom = \"kizuna-hq@example.jp\"\n",
+                s.port
+            );
+        }
         let config = nd.join("kizuna.toml");
         std::fs::write(&config, cfg)?;
         let token = Operators::add(&nd.join("data"), "demo")?;
@@ -340,10 +348,85 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(supervise(planned, args.json, dir))
+    let mail_dir = smtpd.as_ref().map(|_| dir.join("mail"));
+    let r = rt.block_on(supervise(planned, args.json, dir, mail_dir));
+    drop(smtpd);
+    r
 }
 
-async fn supervise(planned: Vec<Planned>, json: bool, dir: PathBuf) -> Result<(), Exit> {
+/// The test SMTP server script, written into the demo directory.
+const SMTP_TEST_SERVER: &str = include_str!("../../deploy/scripts/smtp-test-server.py");
+
+struct TestSmtp {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for TestSmtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts deploy/scripts/smtp-test-server.py in `accept` mode writing
+/// into DIR/mail/, or says why not (python3-aiosmtpd missing) and returns
+/// `None`: the demo then runs without mail.
+fn start_test_smtp(dir: &std::path::Path) -> Option<TestSmtp> {
+    use std::io::BufRead;
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let has_aiosmtpd = std::process::Command::new(python)
+        .args(["-c", "import aiosmtpd"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_aiosmtpd {
+        eprintln!("python3-aiosmtpd is not installed (deploy/scripts/setup.sh installs it): the demo runs without family mail");
+        return None;
+    }
+    let script = dir.join("smtp-test-server.py");
+    std::fs::write(&script, SMTP_TEST_SERVER).ok()?;
+    let mut child = std::process::Command::new(python)
+        .arg(&script)
+        .args(["accept", "0", "--dir"])
+        .arg(dir.join("mail"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let out = child.stdout.take()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .ok()
+        .and_then(|l| l.trim().strip_prefix("ready ")?.parse().ok());
+    match port {
+        Some(port) => Some(TestSmtp { child, port }),
+        None => {
+            eprintln!("the test SMTP server did not start: the demo runs without family mail");
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+    }
+}
+
+async fn supervise(
+    planned: Vec<Planned>,
+    json: bool,
+    dir: PathBuf,
+    mail_dir: Option<PathBuf>,
+) -> Result<(), Exit> {
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for p in &planned {
@@ -374,6 +457,12 @@ async fn supervise(planned: Vec<Planned>, json: bool, dir: PathBuf) -> Result<()
             }
         }
         eprintln!("demo running in {} (logs: <node>/kizuna.log); Ctrl-C stops it", dir.display());
+        if let Some(m) = &mail_dir {
+            eprintln!(
+                "family safety mail from hq goes to a local test SMTP server; each mail lands in {}",
+                m.display()
+            );
+        }
         tokio::select! {
             _ = crate::cli::shutdown_signal() => Ok(()),
             r = wait_any_exit(&mut children) => r,

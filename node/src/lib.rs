@@ -11,5 +11,6 @@ pub mod config;
 pub mod demo;
 pub mod driver;
 pub mod import;
+pub mod mail;
 pub mod net;
 pub mod store;

@@ -1,0 +1,541 @@
+//! Family mail against a real SMTP server process
+//! (deploy/scripts/smtp-test-server.py, python3-aiosmtpd): the
+//! `node::mail` sender in every fault mode (G-1..G-4), and end to end
+//! through an hq `kizuna run` node (check-in → mail file; drop after the
+//! final "." → indeterminate, retried with the same Message-ID).
+
+use crdt::api::{MailOutcome, MailRequest};
+use node::mail::{send, SmtpSettings};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn python() -> &'static str {
+    // The Debian package installs into the system python.
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/scripts/smtp-test-server.py")
+}
+
+struct Smtpd {
+    child: Child,
+    port: u16,
+}
+
+impl Smtpd {
+    fn start(mode: &str, port: u16, dir: Option<&Path>, extra: &[&str]) -> Smtpd {
+        let mut cmd = Command::new(python());
+        cmd.arg(script()).arg(mode).arg(port.to_string());
+        if let Some(d) = dir {
+            cmd.arg("--dir").arg(d);
+        }
+        let mut child = cmd
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start smtp-test-server.py");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("smtp-test-server.py did not get ready (is python3-aiosmtpd installed? deploy/scripts/setup.sh)");
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("smtp-test-server.py: {line:?} (python3-aiosmtpd missing?)"));
+        Smtpd { child, port }
+    }
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Smtpd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn req() -> MailRequest {
+    MailRequest {
+        message_id: "<0123456789abcdef@safety.kizuna.invalid>".into(),
+        to: "family@例え.jp".into(),
+        subject: "【安否情報】避難所に到着しました".into(),
+        body: "山田 太郎 さんは無事に避難所に到着しました。\n.dot line\n".into(),
+        person_id: "p1".into(),
+        contact_id: "c1".into(),
+    }
+}
+
+fn settings(port: u16) -> SmtpSettings {
+    let mut s = SmtpSettings::new("127.0.0.1", port, "kizuna@example.jp");
+    s.connect_timeout = Duration::from_secs(5);
+    s.reply_timeout = Duration::from_secs(2);
+    s.data_timeout = Duration::from_secs(2);
+    s
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn mail_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+fn header(mail: &str, name: &str) -> Option<String> {
+    // Unfolds continuation lines.
+    let head = mail.split("\r\n\r\n").next()?;
+    let mut out: Option<String> = None;
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(o) = out.as_mut() {
+                o.push_str(line);
+            }
+            continue;
+        }
+        if out.is_some() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case(name) {
+                out = Some(v.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Decodes RFC 2047 encoded-words (B and Q, UTF-8) as lettre writes them.
+fn decode_2047(v: &str) -> String {
+    let mut out = String::new();
+    for word in v.split_whitespace() {
+        let Some(inner) = word.strip_prefix("=?").and_then(|w| w.strip_suffix("?=")) else {
+            out.push_str(word);
+            continue;
+        };
+        let mut parts = inner.splitn(3, '?');
+        let (_cs, enc, text) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let bytes = if enc.eq_ignore_ascii_case("b") {
+            b64(text)
+        } else {
+            let mut b = Vec::new();
+            let t = text.as_bytes();
+            let mut i = 0;
+            while i < t.len() {
+                match t[i] {
+                    b'_' => b.push(b' '),
+                    b'=' => {
+                        b.push(u8::from_str_radix(&text[i + 1..i + 3], 16).unwrap());
+                        i += 2;
+                    }
+                    c => b.push(c),
+                }
+                i += 1;
+            }
+            b
+        };
+        out.push_str(&String::from_utf8(bytes).unwrap());
+    }
+    out
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            _ => 63,
+        }
+    };
+    let clean: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in clean.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c) << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
+    }
+    out
+}
+
+#[test]
+fn accept_stores_exact_message_id_and_utf8_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Smtpd::start("accept", 0, Some(dir.path()), &[]);
+    let r = req();
+    let out = rt().block_on(send(&settings(srv.port), &r));
+    assert_eq!(out, MailOutcome::Sent);
+    let files = mail_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let mail = String::from_utf8(std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(
+        header(&mail, "Message-ID").as_deref(),
+        Some(r.message_id.as_str())
+    );
+    assert_eq!(decode_2047(&header(&mail, "Subject").unwrap()), r.subject);
+    assert_eq!(
+        header(&mail, "To").as_deref(),
+        Some("family@xn--r8jz45g.jp")
+    );
+    assert!(header(&mail, "Content-Type")
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("charset=utf-8"));
+}
+
+#[test]
+fn tempfail_is_transient() {
+    let srv = Smtpd::start("tempfail", 0, None, &[]);
+    match rt().block_on(send(&settings(srv.port), &req())) {
+        MailOutcome::Transient(r) => assert!(r.contains("451"), "{r}"),
+        o => panic!("{o:?}"),
+    }
+}
+
+#[test]
+fn permfail_is_permanent_with_the_reason() {
+    let srv = Smtpd::start("permfail", 0, None, &[]);
+    match rt().block_on(send(&settings(srv.port), &req())) {
+        MailOutcome::Permanent(r) => {
+            assert!(
+                r.contains("550") && r.contains("mailbox unavailable"),
+                "{r}"
+            )
+        }
+        o => panic!("{o:?}"),
+    }
+}
+
+#[test]
+fn drop_after_data_is_indeterminate() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Smtpd::start("drop-after-data", 0, Some(dir.path()), &[]);
+    match rt().block_on(send(&settings(srv.port), &req())) {
+        MailOutcome::Indeterminate(_) => {}
+        o => panic!("{o:?}"),
+    }
+    // The server did get the whole message: a retry is a possible duplicate.
+    assert_eq!(mail_files(dir.path()).len(), 1);
+}
+
+#[test]
+fn server_not_running_is_transient() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    match rt().block_on(send(&settings(port), &req())) {
+        MailOutcome::Transient(_) => {}
+        o => panic!("{o:?}"),
+    }
+    // DNS failure (.invalid never resolves).
+    let mut s = settings(port);
+    s.host = "smtp.kizuna.invalid".into();
+    match rt().block_on(send(&s, &req())) {
+        MailOutcome::Transient(_) => {}
+        o => panic!("{o:?}"),
+    }
+}
+
+#[test]
+fn slow_greeting_is_transient_slow_final_reply_is_indeterminate() {
+    let srv = Smtpd::start("slow", 0, None, &["--delay", "10", "--slow-phase", "all"]);
+    let t0 = Instant::now();
+    match rt().block_on(send(&settings(srv.port), &req())) {
+        MailOutcome::Transient(r) => assert!(r.contains("greeting"), "{r}"),
+        o => panic!("{o:?}"),
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "bounded by the timeout"
+    );
+    srv.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Smtpd::start(
+        "slow",
+        0,
+        Some(dir.path()),
+        &["--delay", "10", "--slow-phase", "data"],
+    );
+    let t0 = Instant::now();
+    match rt().block_on(send(&settings(srv.port), &req())) {
+        MailOutcome::Indeterminate(r) => assert!(r.contains("final"), "{r}"),
+        o => panic!("{o:?}"),
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "bounded by the timeout"
+    );
+}
+
+#[test]
+fn control_characters_are_refused_permanently() {
+    let mut r = req();
+    r.subject = "件名\r\nBcc: attacker@example.jp".into();
+    // No server needed: refused before connecting.
+    match rt().block_on(send(&settings(1), &r)) {
+        MailOutcome::Permanent(_) => {}
+        o => panic!("{o:?}"),
+    }
+}
+
+// ----- end to end through `kizuna run` --------------------------------------
+
+fn kizuna() -> Command {
+    let bin = std::env::var("KIZUNA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kizuna").into());
+    let mut c = Command::new(bin);
+    c.env("RUST_LOG", "info");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http(port: u16, token: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Some((code, body))
+}
+
+fn status(port: u16, token: &str) -> Option<serde_json::Value> {
+    let (code, body) = http(port, token, "GET", "/api/v1/status", "")?;
+    (code == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+fn poll<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Node(Child);
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id() {
+    use crdt::store::Store;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mail_dir = root.join("mail");
+    // PKI and hq data: registry, a shelter, family contacts for persons
+    // 0 and 3 (node::demo::put_demo_profiles gives every third a contact).
+    let ca = root.join("ca");
+    certs::ca::init_ca(&ca, "Mail Test CA").unwrap();
+    let hq = root.join("hq");
+    let hq_id = crdt::NodeId::new("hq-1").unwrap();
+    certs::ca::issue(&ca, crdt::Role::Hq, &hq_id, &hq.join("certs"), 30).unwrap();
+    let data = hq.join("data");
+    let csv = root.join("registry.csv");
+    std::fs::write(&csv, node::demo::synthetic_registry(6, 3)).unwrap();
+    let st = kizuna()
+        .args(["registry", "import", "--data-dir"])
+        .arg(&data)
+        .arg(&csv)
+        .args(["--node-id", "hq-1"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    node::demo::put_shelters(&data, "hq-1", &[("shelter-01", "三条小学校")]).unwrap();
+    node::demo::put_demo_profiles(&data, "hq-1", 4).unwrap();
+    let ids: Vec<String> =
+        node::store::SqliteStore::open_readonly(&data.join(node::store::DB_FILE_NAME))
+            .unwrap()
+            .persons(4, 0)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.person_id)
+            .collect();
+    assert_eq!(ids.len(), 4);
+    let token = node::auth::Operators::add(&data, "test").unwrap();
+    let mid = |p: &str| {
+        crdt::engine::Engine::<node::store::SqliteStore>::message_id(p, &format!("c-{p}"))
+    };
+
+    let smtpd = Smtpd::start("accept", 0, Some(&mail_dir), &[]);
+    let smtp_port = smtpd.port;
+    let http_port = free_port();
+    let quic_port = {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.local_addr().unwrap().port()
+    };
+    let cfg = format!(
+        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntimeout_secs = 3\ndata_timeout_secs = 3\n"
+    );
+    std::fs::write(hq.join("kizuna.toml"), cfg).unwrap();
+    let log = std::fs::File::create(hq.join("kizuna.log")).unwrap();
+    let _node = Node(
+        kizuna()
+            .args(["run", "--config"])
+            .arg(hq.join("kizuna.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(http_port, &token).is_none() {
+        if Instant::now() > deadline {
+            panic!(
+                "hq did not answer: {}",
+                std::fs::read_to_string(hq.join("kizuna.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 1. Accepting server: exactly one mail, with the engine's Message-ID.
+    let check_in = |p: &str| {
+        let (code, body) = http(
+            http_port,
+            &token,
+            "POST",
+            "/api/v1/checkins",
+            &format!("{{\"person_ids\":[\"{p}\"],\"shelter_id\":\"shelter-01\"}}"),
+        )
+        .unwrap();
+        assert_eq!(code, 201, "{body}");
+    };
+    check_in(&ids[0]);
+    poll("first mail file", 30, || {
+        (mail_files(&mail_dir).len() == 1).then_some(())
+    });
+    poll("empty mail queue", 30, || {
+        let s = status(http_port, &token)?;
+        (s["mail_queue"] == 0).then_some(())
+    });
+    let files = mail_files(&mail_dir);
+    assert_eq!(files.len(), 1, "exactly one mail");
+    let first = String::from_utf8(std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(header(&first, "Message-ID").unwrap(), mid(&ids[0]));
+    assert_eq!(
+        header(&first, "To").unwrap(),
+        format!("family-{}@example.jp", ids[0])
+    );
+    assert!(decode_2047(&header(&first, "Subject").unwrap()).starts_with("【安否情報】"));
+    let before = status(http_port, &token).unwrap()["duplicate_mail_risk"]
+        .as_u64()
+        .unwrap();
+
+    // 2. The server drops the connection after the final ".": the state
+    //    becomes indeterminate (duplicate risk counted), and the retry
+    //    30 s later carries the same Message-ID.
+    smtpd.stop();
+    let smtpd = Smtpd::start("drop-after-data", smtp_port, Some(&mail_dir), &[]);
+    check_in(&ids[3]);
+    poll("indeterminate outcome", 30, || {
+        let s = status(http_port, &token)?;
+        (s["duplicate_mail_risk"].as_u64()? == before + 1 && s["mail_queue"] == 1).then_some(())
+    });
+    assert_eq!(mail_files(&mail_dir).len(), 2, "the dropped server got it");
+    smtpd.stop();
+    let _smtpd = Smtpd::start("accept", smtp_port, Some(&mail_dir), &[]);
+    poll("retried mail", 90, || {
+        (mail_files(&mail_dir).len() == 3).then_some(())
+    });
+    poll("empty mail queue after the retry", 30, || {
+        let s = status(http_port, &token)?;
+        (s["mail_queue"] == 0).then_some(())
+    });
+    let files = mail_files(&mail_dir);
+    let ids_seen: Vec<String> = files
+        .iter()
+        .map(|f| {
+            header(
+                &String::from_utf8(std::fs::read(f).unwrap()).unwrap(),
+                "Message-ID",
+            )
+            .unwrap()
+        })
+        .collect();
+    assert_eq!(ids_seen, vec![mid(&ids[0]), mid(&ids[3]), mid(&ids[3])]);
+    assert_eq!(
+        status(http_port, &token).unwrap()["duplicate_mail_risk"]
+            .as_u64()
+            .unwrap(),
+        before + 1
+    );
+    // The node logs message ids and outcomes, never the address.
+    let log = std::fs::read_to_string(hq.join("kizuna.log")).unwrap();
+    assert!(log.contains("indeterminate"), "{log}");
+    assert!(
+        !log.contains(&format!("family-{}", ids[3])),
+        "address in the log"
+    );
+}
