@@ -10,119 +10,25 @@
 //! one commit per check-in, `commit_p50_ms`/`commit_p99_ms` the latency of
 //! a lone check-in's commit.
 
+mod support;
+
 use crdt::api::*;
-use crdt::engine::{Engine, EngineConfig};
-use crdt::model::{Household, Member, ShelterInfo};
-use crdt::text::CardUserId;
-use crdt::{NodeId, Role};
-use node::store::SqliteStore;
+use crdt::model::ShelterInfo;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter()
-        .position(|x| x == name)
-        .and_then(|i| a.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn now() -> Now {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    Now {
-        wall_ms: ms,
-        mono_ms: ms,
-        wall_trusted: true,
-    }
-}
-
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p) as usize]
-}
+use std::time::Instant;
+use support::*;
 
 fn main() {
     let residents = arg("--residents", 100_000) as usize;
     let checkins = arg("--checkins", 2_000) as usize;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kizuna.db");
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let store = SqliteStore::open(&path).unwrap();
-    let mut hq = Engine::open(
-        store,
-        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
-        now(),
-    )
-    .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
     let t = Instant::now();
-    // Person `id` is `p{id:08}` with card `1_000_000_000_000 + id`; ids are
-    // computed, not kept, so the bench's own memory stays out of the RSS.
-    let person = |id: usize| format!("p{id:08}");
-    let card = |id: usize| format!("{:013}", 1_000_000_000_000u64 + id as u64);
-    let mut next = 0usize;
-    let mut batch = 0;
-    let bar = indicatif::ProgressBar::new(residents as u64);
-    while next < residents {
-        let mut hh = Vec::new();
-        while next < residents && hh.len() < 5_000 {
-            let size = 1 + (rng.next_u32() % 4) as usize;
-            let h = hh.len() + batch * 5_000;
-            let members = (0..size.min(residents - next))
-                .map(|m| {
-                    let id = next + m;
-                    Member {
-                        person_id: format!("p{id:08}"),
-                        name: format!("住民 {id}"),
-                        kana: format!("ジュウミン {id}"),
-                        birth_date: "1970-01-01".into(),
-                        card_user_id: Some(
-                            CardUserId::parse(&format!("{:013}", 1_000_000_000_000u64 + id as u64))
-                                .unwrap(),
-                        ),
-                    }
-                })
-                .collect::<Vec<_>>();
-            next += members.len();
-            hh.push(Household {
-                household_id: format!("h{h:08}"),
-                address: "新潟県".into(),
-                members,
-            });
-        }
-        let out = hq.handle(
-            Input::Command {
-                op_id: format!("imp-{batch}"),
-                operator: Operator("bench".into()),
-                cmd: Command::ImportHouseholds { households: hh },
-            },
-            now(),
-            &mut rng,
-        );
-        assert!(
-            matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })),
-            "import failed"
-        );
-        batch += 1;
-        bar.set_position(next as u64);
-    }
-    bar.finish_and_clear();
+    let mut hq = build_registry(&path, residents);
+    let person = person_of;
+    let card = card_of;
     let import_s = t.elapsed().as_secs_f64();
     hq.handle(
         Input::Command {

@@ -17,108 +17,19 @@
 //! Prints a table and a final JSON line. Numbers only; nothing is asserted
 //! about time.
 
+mod support;
+
 use crdt::api::*;
-use crdt::engine::{Engine, EngineConfig};
-use crdt::model::{Household, Member};
-use crdt::text::CardUserId;
-use crdt::{NodeId, Role};
 use node::card::apdu::ApduLog;
 use node::card::reader::{establish, read_present_card};
 use node::card::CardProfile;
-use node::store::SqliteStore;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::ffi::CString;
 use std::path::Path;
 use std::process::{Child, Command as Proc, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter()
-        .position(|x| x == name)
-        .and_then(|i| a.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn now() -> Now {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    Now {
-        wall_ms: ms,
-        mono_ms: ms,
-        wall_trusted: true,
-    }
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p) as usize]
-}
-
-fn card_of(i: usize) -> String {
-    format!("{:013}", 1_000_000_000_000u64 + i as u64)
-}
-
-/// Imports `residents` persons in households of 1..=4; returns the engine.
-fn build_registry(path: &Path, residents: usize) -> Engine<SqliteStore> {
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let store = SqliteStore::open(path).unwrap();
-    let mut hq = Engine::open(
-        store,
-        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
-        now(),
-    )
-    .unwrap();
-    let mut next = 0usize;
-    let mut batch = 0;
-    let bar = indicatif::ProgressBar::new(residents as u64);
-    while next < residents {
-        let mut hh = Vec::new();
-        while next < residents && hh.len() < 5_000 {
-            let size = 1 + (rng.next_u32() % 4) as usize;
-            let h = hh.len() + batch * 5_000;
-            let members = (0..size.min(residents - next))
-                .map(|m| {
-                    let id = next + m;
-                    Member {
-                        person_id: format!("p{id:08}"),
-                        name: format!("住民 {id}"),
-                        kana: format!("ジュウミン {id}"),
-                        birth_date: "1970-01-01".into(),
-                        card_user_id: Some(CardUserId::parse(&card_of(id)).unwrap()),
-                    }
-                })
-                .collect::<Vec<_>>();
-            next += members.len();
-            hh.push(Household {
-                household_id: format!("h{h:08}"),
-                address: "新潟県".into(),
-                members,
-            });
-        }
-        let out = hq.handle(
-            Input::Command {
-                op_id: format!("imp-{batch}"),
-                operator: Operator("bench".into()),
-                cmd: Command::ImportHouseholds { households: hh },
-            },
-            now(),
-            &mut rng,
-        );
-        assert!(
-            matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })),
-            "import failed"
-        );
-        batch += 1;
-        bar.set_position(next as u64);
-    }
-    bar.finish_and_clear();
-    hq
-}
+use std::time::{Duration, Instant};
+use support::*;
 
 struct Emu(Child);
 
