@@ -5,13 +5,11 @@
 //!
 //! Codemap: [`scenario`] (TOML specs), [`world`] (nodes, links, faults,
 //! workload, event queue), [`check`] (invariant checkers, apart from the
-//! workloads), [`simstore`] (MemStore with an I/O fault switch),
-//! [`report`] (table, JSON, SVG).
+//! workloads), [`report`] (table, JSON, SVG).
 
 pub mod check;
 pub mod report;
 pub mod scenario;
-pub mod simstore;
 pub mod world;
 
 use scenario::Scenario;

@@ -26,19 +26,6 @@ pub struct Scenario {
     pub topology: Topology,
     #[serde(default)]
     pub faults: FaultLimits,
-    /// Simulator-side workarounds for known engine bugs (see the report);
-    /// remove one to reproduce the bug.
-    #[serde(default = "default_workarounds")]
-    pub workarounds: Vec<String>,
-}
-
-fn default_workarounds() -> Vec<String> {
-    vec![
-        "mail_outcome_gossip".into(),
-        "field_nodes_dial_hq".into(),
-        "forget_restored_peer_heads".into(),
-        "drop_known_echoes".into(),
-    ]
 }
 
 #[derive(Clone, Debug, Deserialize)]

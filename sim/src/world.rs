@@ -10,19 +10,17 @@
 
 use crate::check::{self, MailLedger, Replica, Violation};
 use crate::scenario::Scenario;
-use crate::simstore::SimStore;
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
 use crdt::model::*;
+use crdt::store::{MemStore, StoreError};
 use crdt::text::CardUserId;
 use crdt::wire::{self, Frame};
 use crdt::{DocKey, Kind, NodeId, Role};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::rc::Rc;
 
 /// Simulated time 0 on the wall clock (2026-09-21).
 pub const T0_WALL_MS: u64 = 1_790_000_000_000;
@@ -171,9 +169,8 @@ struct Node {
     id: NodeId,
     role: Role,
     cfg: EngineConfig,
-    engine: Option<Engine<SimStore>>,
-    parked: Option<SimStore>,
-    fail_next: Rc<Cell<u32>>,
+    engine: Option<Engine<MemStore>>,
+    parked: Option<MemStore>,
     skew_ms: i64,
     epoch: u32,
     rng: ChaCha8Rng,
@@ -181,7 +178,7 @@ struct Node {
     crash_after_mail: bool,
     /// A copy of the store, with the epoch it was taken in and what was
     /// acknowledged by then (D-5: restore from backup).
-    backup: Option<(SimStore, u32, BTreeMap<String, DocKey>, Vec<u64>)>,
+    backup: Option<(MemStore, u32, BTreeMap<String, DocKey>, Vec<u64>)>,
     /// Acknowledged presence events: event id -> presence document.
     acked: BTreeMap<String, DocKey>,
     /// Audit sequence numbers of successful medical reads.
@@ -297,7 +294,6 @@ pub struct World {
     converged_at: Option<u64>,
     pub progress: Option<indicatif::ProgressBar>,
     hq: Vec<usize>,
-    restored_peers: Rc<std::cell::RefCell<BTreeSet<String>>>,
     checks_done: u64,
 }
 
@@ -368,7 +364,6 @@ impl World {
             converged_at: None,
             progress: None,
             hq: vec![],
-            restored_peers: Default::default(),
             checks_done: 0,
             sc,
         };
@@ -438,8 +433,7 @@ impl World {
                 role,
                 cfg,
                 engine: None,
-                parked: Some(SimStore::default()),
-                fail_next: Rc::new(Cell::new(0)),
+                parked: Some(MemStore::default()),
                 skew_ms,
                 epoch: 0,
                 rng: sub_rng(self.seed, &format!("node-{i}")),
@@ -450,9 +444,7 @@ impl World {
                 reads: vec![],
             };
             let now = Self::node_now(&node, 0);
-            let mut store = node.parked.take().expect("fresh");
-            store.fail_next = node.fail_next.clone();
-            store.restored_peers = self.restored_peers.clone();
+            let store = node.parked.take().expect("fresh");
             node.engine =
                 Some(Engine::open(store, node.cfg.clone(), now).expect("fresh store opens"));
             self.nodes.push(node);
@@ -475,20 +467,6 @@ impl World {
         {
             return;
         }
-        // Field nodes dial headquarters: the engine offers a node's own
-        // audit chain only when it initiates (see the report).
-        let (a, b) = if self
-            .sc
-            .workarounds
-            .iter()
-            .any(|w| w == "field_nodes_dial_hq")
-            && self.nodes[a].role == Role::Hq
-            && self.nodes[b].role != Role::Hq
-        {
-            (b, a)
-        } else {
-            (a, b)
-        };
         let ((lo, hi), _) = profile.params();
         let rtt_ms = range(&mut self.net_rng, lo, hi + 1);
         self.links.push(Link {
@@ -978,13 +956,7 @@ impl World {
                 Output::SendMail(m) => {
                     self.hasher.update(m.message_id.as_bytes());
                 }
-                Output::Close {
-                    session,
-                    ref reason,
-                } => {
-                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                        eprintln!("t={} close by {}: {reason}", self.now, self.nodes[i].id);
-                    }
+                Output::Close { session, .. } => {
                     self.hasher.update(&session.to_le_bytes());
                 }
                 _ => {}
@@ -994,13 +966,7 @@ impl World {
         for o in outs {
             match o {
                 Output::Send { session, bytes } => self.send(i, session, bytes),
-                Output::Close {
-                    session,
-                    ref reason,
-                } => {
-                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                        eprintln!("t={} close by {}: {reason}", self.now, self.nodes[i].id);
-                    }
+                Output::Close { session, .. } => {
                     let (l, gen, _) = sid_parts(session);
                     if l < self.links.len() && self.links[l].gen == gen {
                         self.disconnect(l);
@@ -1113,9 +1079,6 @@ impl World {
             }
         }
         if check::individual_numbers(&bytes) > 0 {
-            if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                eprintln!("leak frame {:?}", String::from_utf8_lossy(&bytes));
-            }
             let v = check::v(
                 check::INDIVIDUAL_NUMBER_LEAK,
                 self.now,
@@ -1230,45 +1193,8 @@ impl World {
             return;
         }
         let session = sid(l, gen, 1 - dir);
-        let bytes = if self.sc.workarounds.iter().any(|w| w == "drop_known_echoes") {
-            self.drop_known_echoes(to, bytes)
-        } else {
-            bytes
-        };
         let rest = self.input(to, Input::Frame { session, bytes });
         self.after_outputs(to, rest, None);
-    }
-
-    /// Engine::receive runs `check_author` before asking whether the
-    /// change is already known, so a node's own changes echoed back by a
-    /// peer (normal: `changes_since` unknown heads returns everything)
-    /// make it reject the whole document batch. Until the engine checks
-    /// `knows` first, the simulated network drops changes the receiver
-    /// already has (see the report).
-    fn drop_known_echoes(&mut self, to: usize, bytes: Vec<u8>) -> Vec<u8> {
-        let Ok(Frame::Changes { docs, upto }) = wire::decode(&bytes) else {
-            return bytes;
-        };
-        let Some(e) = self.nodes[to].engine.as_mut() else {
-            return bytes;
-        };
-        let mut changed = false;
-        let mut out = vec![];
-        for mut dc in docs {
-            if let Ok(Some(d)) = e.doc(&dc.key) {
-                let before = dc.changes.len();
-                dc.changes
-                    .retain(|c| crdt::doc::parse_change(c).map_or(true, |c| !d.knows(&c.hash().0)));
-                changed |= dc.changes.len() != before;
-            }
-            if !dc.changes.is_empty() {
-                out.push(dc);
-            }
-        }
-        if !changed {
-            return bytes;
-        }
-        wire::encode(&Frame::Changes { docs: out, upto }).unwrap_or(bytes)
     }
 
     // ----- mail -------------------------------------------------------------
@@ -1281,12 +1207,6 @@ impl World {
                 // Another HQ took the claim over: the first outcome may be unknown.
                 self.ledger.on_unknown(&pair.0, &pair.1);
             }
-        }
-        if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-            eprintln!(
-                "t={} mail from {} {} {}",
-                self.now, self.nodes[hq].id, req.person_id, req.contact_id
-            );
         }
         for v in self.ledger.on_send(&req, consented, self.now) {
             self.violate(v);
@@ -1366,27 +1286,6 @@ impl World {
             },
         );
         self.after_outputs(hq, rest, None);
-        if self
-            .sc
-            .workarounds
-            .iter()
-            .any(|w| w == "mail_outcome_gossip")
-        {
-            // Engine::mail_outcome commits into a discarded output sink, so
-            // the new outbox state is marked seen but never sent to the
-            // other HQ. Reconnecting makes reconciliation carry it.
-            for l in 0..self.links.len() {
-                let k = &self.links[l];
-                if k.up
-                    && (k.a == hq || k.b == hq)
-                    && self.nodes[k.a].role == Role::Hq
-                    && self.nodes[k.b].role == Role::Hq
-                {
-                    self.disconnect(l);
-                    self.connect(l);
-                }
-            }
-        }
     }
 
     // ----- commands ---------------------------------------------------------
@@ -1481,8 +1380,9 @@ impl World {
         self.count("crash");
         self.hasher
             .update(format!("crash {i} {}", self.now).as_bytes());
-        let store = engine.into_store();
-        self.nodes[i].fail_next.set(0);
+        let mut store = engine.into_store();
+        // Pending I/O errors belong to the process that died.
+        store.fail_commits = None;
         self.nodes[i].parked = Some(store);
         self.nodes[i].epoch += 1;
         if let Some(m) = self.mail_inflight.remove(&i) {
@@ -1651,7 +1551,8 @@ impl World {
             Fault::IoError(i, n) => {
                 if self.nodes[i].engine.is_some() {
                     self.count("io_error");
-                    self.nodes[i].fail_next.set(n);
+                    let e = self.nodes[i].engine.as_mut().expect("running");
+                    e.store_mut().fail_commits = Some((n, StoreError::Io("simulated EIO".into())));
                 }
             }
             Fault::ClockJump(i, skew) => {
@@ -1669,7 +1570,7 @@ impl World {
                 if self.nodes[i].role == Role::Shelter {
                     if let Some(e) = &self.nodes[i].engine {
                         let mut s = e.store().clone();
-                        s.fail_next = self.nodes[i].fail_next.clone();
+                        s.fail_commits = None;
                         self.nodes[i].backup = Some((
                             s,
                             self.nodes[i].epoch,
@@ -1688,16 +1589,6 @@ impl World {
                     return;
                 }
                 self.count("restore_from_backup");
-                if self
-                    .sc
-                    .workarounds
-                    .iter()
-                    .any(|w| w == "forget_restored_peer_heads")
-                {
-                    self.restored_peers
-                        .borrow_mut()
-                        .insert(self.nodes[i].id.to_string());
-                }
                 self.crash(i, 0);
                 self.nodes[i].parked = Some(s);
                 self.nodes[i].acked = acked;
@@ -1710,9 +1601,6 @@ impl World {
 
     /// Docs both nodes may hold, grouped by which nodes are linked.
     fn convergence_violations(&mut self) -> Vec<Violation> {
-        fn hex8(h: &[u8; 32]) -> String {
-            h[..4].iter().map(|b| format!("{b:02x}")).collect()
-        }
         let n = self.nodes.len();
         let mut heads: Vec<BTreeMap<DocKey, Vec<[u8; 32]>>> = vec![BTreeMap::new(); n];
         let mut keys: BTreeSet<DocKey> = BTreeSet::new();
@@ -1764,49 +1652,10 @@ impl World {
                         projection: self.nodes[i]
                             .engine
                             .as_ref()
-                            .and_then(|e| e.store().mem.projections.get(&key)),
+                            .and_then(|e| e.store().projections.get(&key)),
                     })
                     .collect();
                 if let Some(v) = check::converged(&key, &reps, self.now) {
-                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                        for &i in g {
-                            let id = self.nodes[i].id.to_string();
-                            if let Some(e) = self.nodes[i].engine.as_mut() {
-                                if let Ok(Some(d)) = e.doc(&key) {
-                                    let ch: Vec<String> = d
-                                        .am
-                                        .get_changes(&[])
-                                        .iter()
-                                        .map(|c| {
-                                            format!("{}:{}", &c.hash().to_string()[..8], c.seq())
-                                        })
-                                        .collect();
-                                    eprintln!("debug {key} at {id}: {ch:?}");
-                                    eprintln!(
-                                        "debug stats {id}: {:?} inc {}",
-                                        e.stats(),
-                                        e.incarnation()
-                                    );
-                                    let mem = &e.store().mem;
-                                    let log: Vec<String> = mem
-                                        .log
-                                        .iter()
-                                        .enumerate()
-                                        .filter(|(_, c)| c.key == key)
-                                        .map(|(i, c)| format!("{}@{}", hex8(&c.hash), i + 1))
-                                        .collect();
-                                    eprintln!(
-                                        "debug log {id}: {log:?} len {} cursors {:?}",
-                                        mem.log.len(),
-                                        mem.cursors
-                                            .iter()
-                                            .map(|(p, c)| (p.to_string(), c.seq))
-                                            .collect::<Vec<_>>()
-                                    );
-                                }
-                            }
-                        }
-                    }
                     out.push(v);
                 }
             }
@@ -1834,7 +1683,6 @@ impl World {
                 };
                 let rows: BTreeMap<String, crdt::store::LocationRow> = e
                     .store()
-                    .mem
                     .projections
                     .get(&k)
                     .map(|p| {
@@ -1859,7 +1707,6 @@ impl World {
             return self.summary.arrivals_curve.last().map_or(0, |x| x.2);
         };
         e.store()
-            .mem
             .projections
             .iter()
             .filter(|(k, _)| k.kind == Kind::Presence)
@@ -1996,45 +1843,6 @@ impl World {
             }
             self.presence_checks();
             let conv = self.convergence_violations();
-            if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                for k in &self.links {
-                    eprintln!(
-                        "link {}-{} up={} gen={}",
-                        self.nodes[k.a].id, self.nodes[k.b].id, k.up, k.gen
-                    );
-                }
-                for i in 0..self.nodes.len() {
-                    if let Some(e) = &self.nodes[i].engine {
-                        eprintln!("{} stats {:?}", self.nodes[i].id, e.stats());
-                    }
-                }
-                for v in conv.iter().take(2) {
-                    let key = v.detail.split(':').next().unwrap_or("").to_string();
-                    let (kind, id) = key.split_once('/').unwrap_or(("", ""));
-                    let Ok(kind) = kind.parse::<Kind>() else {
-                        continue;
-                    };
-                    let dk = DocKey::new(kind, id).unwrap();
-                    for i in 0..self.nodes.len() {
-                        if let Some(e) = self.nodes[i].engine.as_mut() {
-                            let h: Vec<String> = e
-                                .heads()
-                                .filter(|(k, _)| **k == dk)
-                                .flat_map(|(_, h)| {
-                                    h.iter().map(|x| format!("{:02x}{:02x}", x[0], x[1]))
-                                })
-                                .collect();
-                            let st = e
-                                .doc(&dk)
-                                .ok()
-                                .flatten()
-                                .and_then(|d| crdt::views::outbox(d).ok())
-                                .map(|m| format!("{m:?}"));
-                            eprintln!("{} {dk} heads {h:?} {st:?}", self.nodes[i].id);
-                        }
-                    }
-                }
-            }
             self.summary.converged = conv.is_empty();
             for v in conv.into_iter().take(5) {
                 self.violate(v);
