@@ -5,11 +5,13 @@
 //!
 //! Codemap: [`scenario`] (TOML specs), [`world`] (nodes, links, faults,
 //! workload, event queue), [`check`] (invariant checkers, apart from the
-//! workloads), [`report`] (table, JSON, SVG).
+//! workloads), [`simstore`] (MemStore with indexes for scale),
+//! [`report`] (table, JSON, SVG).
 
 pub mod check;
 pub mod report;
 pub mod scenario;
+pub mod simstore;
 pub mod world;
 
 use scenario::Scenario;

@@ -1,5 +1,5 @@
 //! The simulated world: nodes running the real `crdt::engine::Engine` on
-//! `MemStore`, links with delay, bandwidth, loss, duplication and
+//! `SimStore`, links with delay, bandwidth, loss, duplication and
 //! reordering, an SMTP server, and a fault schedule drawn from one seed.
 //!
 //! Time is simulated milliseconds in a discrete event queue (ordered by
@@ -10,10 +10,11 @@
 
 use crate::check::{self, MailLedger, Replica, Violation};
 use crate::scenario::Scenario;
+use crate::simstore::SimStore;
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
 use crdt::model::*;
-use crdt::store::{MemStore, StoreError};
+use crdt::store::StoreError;
 use crdt::text::CardUserId;
 use crdt::wire::{self, Frame};
 use crdt::{DocKey, Kind, NodeId, Role};
@@ -169,8 +170,8 @@ struct Node {
     id: NodeId,
     role: Role,
     cfg: EngineConfig,
-    engine: Option<Engine<MemStore>>,
-    parked: Option<MemStore>,
+    engine: Option<Engine<SimStore>>,
+    parked: Option<SimStore>,
     skew_ms: i64,
     epoch: u32,
     rng: ChaCha8Rng,
@@ -178,7 +179,7 @@ struct Node {
     crash_after_mail: bool,
     /// A copy of the store, with the epoch it was taken in and what was
     /// acknowledged by then (D-5: restore from backup).
-    backup: Option<(MemStore, u32, BTreeMap<String, DocKey>, Vec<u64>)>,
+    backup: Option<(SimStore, u32, BTreeMap<String, DocKey>, Vec<u64>)>,
     /// Acknowledged presence events: event id -> presence document.
     acked: BTreeMap<String, DocKey>,
     /// Audit sequence numbers of successful medical reads.
@@ -433,7 +434,7 @@ impl World {
                 role,
                 cfg,
                 engine: None,
-                parked: Some(MemStore::default()),
+                parked: Some(SimStore::default()),
                 skew_ms,
                 epoch: 0,
                 rng: sub_rng(self.seed, &format!("node-{i}")),
@@ -1382,7 +1383,7 @@ impl World {
             .update(format!("crash {i} {}", self.now).as_bytes());
         let mut store = engine.into_store();
         // Pending I/O errors belong to the process that died.
-        store.fail_commits = None;
+        store.mem.fail_commits = None;
         self.nodes[i].parked = Some(store);
         self.nodes[i].epoch += 1;
         if let Some(m) = self.mail_inflight.remove(&i) {
@@ -1552,7 +1553,8 @@ impl World {
                 if self.nodes[i].engine.is_some() {
                     self.count("io_error");
                     let e = self.nodes[i].engine.as_mut().expect("running");
-                    e.store_mut().fail_commits = Some((n, StoreError::Io("simulated EIO".into())));
+                    e.store_mut().mem.fail_commits =
+                        Some((n, StoreError::Io("simulated EIO".into())));
                 }
             }
             Fault::ClockJump(i, skew) => {
@@ -1570,7 +1572,7 @@ impl World {
                 if self.nodes[i].role == Role::Shelter {
                     if let Some(e) = &self.nodes[i].engine {
                         let mut s = e.store().clone();
-                        s.fail_commits = None;
+                        s.mem.fail_commits = None;
                         self.nodes[i].backup = Some((
                             s,
                             self.nodes[i].epoch,
@@ -1652,7 +1654,7 @@ impl World {
                         projection: self.nodes[i]
                             .engine
                             .as_ref()
-                            .and_then(|e| e.store().projections.get(&key)),
+                            .and_then(|e| e.store().mem.projections.get(&key)),
                     })
                     .collect();
                 if let Some(v) = check::converged(&key, &reps, self.now) {
@@ -1683,6 +1685,7 @@ impl World {
                 };
                 let rows: BTreeMap<String, crdt::store::LocationRow> = e
                     .store()
+                    .mem
                     .projections
                     .get(&k)
                     .map(|p| {
@@ -1707,6 +1710,7 @@ impl World {
             return self.summary.arrivals_curve.last().map_or(0, |x| x.2);
         };
         e.store()
+            .mem
             .projections
             .iter()
             .filter(|(k, _)| k.kind == Kind::Presence)

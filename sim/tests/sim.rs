@@ -55,6 +55,12 @@ fn small_sweep_has_no_violations() {
     assert!(failing.is_empty(), "{failing:#?}");
 }
 
+/// The simulator's indexed store keeps the `Store` contract.
+#[test]
+fn simstore_conformance() {
+    crdt::store::conformance::run_all(|| Box::new(sim::simstore::SimStore::default()));
+}
+
 #[derive(serde::Deserialize)]
 struct Regressions {
     case: Vec<Case>,
