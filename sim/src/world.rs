@@ -173,6 +173,8 @@ struct Node {
     engine: Option<Engine<SimStore>>,
     parked: Option<SimStore>,
     skew_ms: i64,
+    /// Simulated time the node is switched on: no link comes up before.
+    join_at_ms: u64,
     epoch: u32,
     rng: ChaCha8Rng,
     crash_after_ack: bool,
@@ -227,7 +229,10 @@ enum Ev {
     Fault(Fault),
     /// One-way cut: the session times out.
     Timeout(usize),
+    /// Every 30 s (5 s once healed): bring up links that may be up.
     LinkMaint,
+    /// Once: the same, after a disconnect, restart, heal or join.
+    Reconnect,
     Check,
     Heal,
 }
@@ -412,6 +417,9 @@ impl World {
             let id = NodeId::new(format!("{}-{}", role_prefix(role), c)).expect("valid id");
             let mut cfg = EngineConfig::new(id.clone(), role);
             cfg.mail_primary = primary;
+            if let Some(c) = self.sc.cache_docs {
+                cfg.cache_docs = c;
+            }
             let skew_ms = if self.mix.skew && role != Role::Hq && chance(&mut skew_rng, 0.5) {
                 let mag = if chance(&mut skew_rng, 0.2) {
                     range(&mut skew_rng, 0, 3 * 86_400_000)
@@ -436,6 +444,7 @@ impl World {
                 engine: None,
                 parked: Some(SimStore::default()),
                 skew_ms,
+                join_at_ms: 0,
                 epoch: 0,
                 rng: sub_rng(self.seed, &format!("node-{i}")),
                 crash_after_ack: false,
@@ -714,6 +723,14 @@ impl World {
             .iter()
             .map(|_| start + range(&mut r, 0, spread.max(1)))
             .collect();
+        if let Some(lead) = sc.nodes.join_before_open_hours {
+            let lead_ms = (lead * 3_600_000.0) as u64;
+            for (k, &s) in shelters.iter().enumerate() {
+                let at = opens[k].saturating_sub(lead_ms);
+                self.nodes[s].join_at_ms = at;
+                self.push(at, Ev::Reconnect);
+            }
+        }
         let mut arrived = 0usize;
         for (n, &h) in order.iter().enumerate() {
             if arrived >= sc.arrivals.evacuees {
@@ -984,8 +1001,10 @@ impl World {
 
     fn allowed(&self, l: usize) -> bool {
         let k = &self.links[l];
-        self.nodes[k.a].engine.is_some()
-            && self.nodes[k.b].engine.is_some()
+        let (a, b) = (&self.nodes[k.a], &self.nodes[k.b]);
+        a.engine.is_some()
+            && b.engine.is_some()
+            && self.now >= a.join_at_ms.max(b.join_at_ms)
             && !self.blocked.contains(&(k.a, k.b))
             && !self.blocked.contains(&(k.b, k.a))
     }
@@ -1048,7 +1067,7 @@ impl World {
         );
         self.links[l].connecting = true;
         let back = self.now + range(&mut self.net_rng, 1_000, 10_000);
-        self.push(back, Ev::LinkMaint);
+        self.push(back, Ev::Reconnect);
     }
 
     fn send(&mut self, from: usize, session: SessionId, bytes: Vec<u8>) {
@@ -1194,8 +1213,46 @@ impl World {
             return;
         }
         let session = sid(l, gen, 1 - dir);
+        let cursor_frame = match wire::decode(&bytes) {
+            Ok(f @ Frame::Changes { upto: Some(_), .. }) => Some(f),
+            _ => None,
+        };
         let rest = self.input(to, Input::Frame { session, bytes });
+        if let Some(f) = cursor_frame {
+            self.check_received(from, to, &f, &rest);
+        }
         self.after_outputs(to, rest, None);
+    }
+
+    /// `check::received_changes` for a frame the receiver stored a cursor
+    /// for (not when it rejected part of it or failed to commit).
+    fn check_received(&mut self, from: usize, to: usize, f: &Frame, rest: &[Output]) {
+        let Frame::Changes { upto: Some(c), .. } = f else {
+            return;
+        };
+        if rest
+            .iter()
+            .any(|o| matches!(o, Output::Event(UiEvent::PeerViolation { .. })))
+        {
+            return;
+        }
+        let Some(e) = self.nodes[to].engine.as_ref() else {
+            return;
+        };
+        let mem = &e.store().mem;
+        if mem.cursors.get(&self.nodes[from].id) != Some(c) {
+            return;
+        }
+        let (role, id) = (self.nodes[to].role, &self.nodes[to].id);
+        let vs = check::received_changes(
+            id.as_str(),
+            f,
+            |k, h| !crdt::policy::may_hold(role, id, k) || mem.hashes.contains(h),
+            self.now,
+        );
+        for v in vs {
+            self.violate(v);
+        }
     }
 
     // ----- mail -------------------------------------------------------------
@@ -1421,7 +1478,7 @@ impl World {
         self.hasher
             .update(format!("restart {i} {}", self.now).as_bytes());
         self.check_node_durability(i);
-        self.push(self.now + 1, Ev::LinkMaint);
+        self.push(self.now + 1, Ev::Reconnect);
     }
 
     fn check_node_durability(&mut self, i: usize) {
@@ -1540,7 +1597,7 @@ impl World {
             }
             Fault::HealPartition => {
                 self.blocked.clear();
-                self.push(self.now, Ev::LinkMaint);
+                self.push(self.now, Ev::Reconnect);
             }
             Fault::Clog(l, factor, dur) => {
                 if l < self.links.len() {
@@ -1721,7 +1778,12 @@ impl World {
     fn periodic_check(&mut self) {
         // Presence invariants on every node, as often as is affordable.
         self.checks_done += 1;
-        if self.nodes.len() <= 64 && self.checks_done % 30 == 0 {
+        // Large registries: only at the end (every node loads every presence
+        // document, which dominates a disaster-scale run).
+        if self.nodes.len() <= 64
+            && self.sc.registry.households <= 5_000
+            && self.checks_done % 30 == 0
+        {
             self.presence_checks();
         }
         let known = self.hq_known_arrivals();
@@ -1730,6 +1792,14 @@ impl World {
             .push((self.now, self.true_arrivals.len() as u64, known));
         if let Some(p) = &self.progress {
             p.set_position(self.now / 1000);
+        }
+    }
+
+    fn reconnect(&mut self) {
+        for l in 0..self.links.len() {
+            if !self.links[l].up && self.allowed(l) {
+                self.connect(l);
+            }
         }
     }
 
@@ -1747,7 +1817,7 @@ impl World {
                 self.restart(i);
             }
         }
-        self.push(self.now, Ev::LinkMaint);
+        self.push(self.now, Ev::Reconnect);
     }
 
     /// Runs until the end of the scenario or until `deadline` (wall clock).
@@ -1814,12 +1884,9 @@ impl World {
                     self.count("session_timeout");
                     self.disconnect(l);
                 }
+                Ev::Reconnect => self.reconnect(),
                 Ev::LinkMaint => {
-                    for l in 0..self.links.len() {
-                        if !self.links[l].up && self.allowed(l) {
-                            self.connect(l);
-                        }
-                    }
+                    self.reconnect();
                     if !self.healed {
                         self.push(t + 30_000, Ev::LinkMaint);
                     } else {
