@@ -99,7 +99,8 @@ fn real_main() -> Result<bool> {
                 for v in &s.invariant_violations {
                     println!("  {} at {} ms: {}", v.name, v.at_ms, v.detail);
                 }
-                println!("FAILED; replay with: {}", replay(&scenario, seed));
+                let planted = mutant.map(|m| format!(" --mutant {m}")).unwrap_or_default();
+                println!("FAILED; replay with: {}{planted}", replay(&scenario, seed));
                 return Ok(false);
             }
             Ok(true)

@@ -319,7 +319,9 @@ fn individual_number_scan() {
 #[test]
 fn every_mutant_is_caught() {
     let sc = scenario("ci-small.toml");
-    let results = sim::catch_mutants(&sc, 40, 0);
+    // DropMissingDeps is first caught at seed 83: resumed streams are
+    // causal, so changes with missing dependencies are now rare.
+    let results = sim::catch_mutants(&sc, 100, 0);
     let survivors: Vec<_> = results.iter().filter(|(_, c)| c.is_none()).collect();
     assert!(survivors.is_empty(), "{results:?}");
 }
