@@ -325,3 +325,24 @@ fn every_mutant_is_caught() {
     let survivors: Vec<_> = results.iter().filter(|(_, c)| c.is_none()).collect();
     assert!(survivors.is_empty(), "{results:?}");
 }
+
+#[test]
+fn received_change_lost_fires() {
+    let key = DocKey::new(Kind::Presence, "h1").unwrap();
+    let mut doc = crdt::doc::Doc::new(key.clone());
+    let actor = crdt::actor::Actor::new(Role::Shelter, &NodeId::new("shelter-1").unwrap(), 0);
+    let c = doc
+        .write(actor, 0, "m", &[("f".into(), Some("\"v\"".into()))])
+        .unwrap()
+        .unwrap();
+    let frame = Frame::Changes {
+        docs: vec![DocChanges {
+            key,
+            changes: vec![c.raw_bytes().to_vec()],
+        }],
+        upto: None,
+    };
+    let v = check::received_changes("shelter-2", &frame, |_, _| false, 0);
+    assert_eq!(v[0].name, RECEIVED_CHANGE_LOST);
+    assert!(check::received_changes("shelter-2", &frame, |_, _| true, 0).is_empty());
+}
