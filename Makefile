@@ -12,8 +12,8 @@ demo:
 test:
 	bash deploy/scripts/setup.sh
 	cargo nextest run --workspace --exclude sim --release --no-fail-fast --profile ci
-	# The simulator is not in CI yet: its ci-small sweep still reports
-	# convergence failures (seeds 7 and 19) under investigation (issue 3).
+	cargo nextest run -p sim --release --no-fail-fast
+	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-small.toml --seeds 300
 
 bench:
 	cargo bench -p crdt --bench reconcile -- --docs 100000 --divergence 0.01

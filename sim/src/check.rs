@@ -22,6 +22,7 @@ pub const MAIL_DUPLICATE: &str = "mail_duplicate";
 pub const MAIL_MISSING: &str = "mail_missing";
 pub const MAIL_MESSAGE_ID: &str = "mail_message_id_changed";
 pub const INDIVIDUAL_NUMBER_LEAK: &str = "individual_number_leak";
+pub const RECEIVED_CHANGE_LOST: &str = "received_change_lost";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
@@ -125,6 +126,45 @@ pub fn conflicts(
                         r.map(|r| (r.status, r.shelter_id.as_str(), r.conflict))
                     ),
                 )),
+            }
+        }
+    }
+    out
+}
+
+/// A receiver that stored a resume cursor for an in-order `Changes`
+/// frame (and flagged no peer violation) must have stored every change of
+/// it: the sender resumes after the cursor and never offers them again.
+/// `stored` answers whether a change hash is in the receiver's store.
+pub fn received_changes(
+    to: &str,
+    frame: &Frame,
+    stored: impl Fn(&DocKey, &[u8; 32]) -> bool,
+    at_ms: u64,
+) -> Vec<Violation> {
+    let Frame::Changes { docs, .. } = frame else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for d in docs {
+        for b in &d.changes {
+            let Ok(c) = crdt::doc::parse_change(b) else {
+                continue;
+            };
+            let h = c.hash().0;
+            if !stored(&d.key, &h) {
+                out.push(v(
+                    RECEIVED_CHANGE_LOST,
+                    at_ms,
+                    format!(
+                        "{to}: {} change {} acknowledged by its cursor but not stored",
+                        d.key,
+                        h[..4]
+                            .iter()
+                            .map(|x| format!("{x:02x}"))
+                            .collect::<String>()
+                    ),
+                ));
             }
         }
     }

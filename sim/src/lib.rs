@@ -5,7 +5,7 @@
 //!
 //! Codemap: [`scenario`] (TOML specs), [`world`] (nodes, links, faults,
 //! workload, event queue), [`check`] (invariant checkers, apart from the
-//! workloads), [`simstore`] (MemStore with an I/O fault switch),
+//! workloads), [`simstore`] (MemStore with indexes for scale),
 //! [`report`] (table, JSON, SVG).
 
 pub mod check;

@@ -32,6 +32,9 @@ enum Cmd {
         /// Stop after this many wall seconds (reports how far it got).
         #[arg(long)]
         budget_secs: Option<u64>,
+        /// With `--features mutants`: plant this bug (as `mutants` names it).
+        #[arg(long)]
+        mutant: Option<String>,
     },
     /// Run many seeds; exit 1 listing failing seeds.
     Sweep {
@@ -79,8 +82,10 @@ fn real_main() -> Result<bool> {
             json,
             svg,
             budget_secs,
+            mutant,
         } => {
             let sc = Scenario::load(&scenario)?;
+            plant(mutant.as_deref())?;
             let deadline = budget_secs.map(|b| Instant::now() + std::time::Duration::from_secs(b));
             let s = sim::run_seed_with_progress(&sc, seed, deadline);
             print!("{}", sim::report::table(&s));
@@ -91,7 +96,11 @@ fn real_main() -> Result<bool> {
                 std::fs::write(&p, sim::report::svg(&s))?;
             }
             if !s.invariant_violations.is_empty() {
-                println!("FAILED; replay with: {}", replay(&scenario, seed));
+                for v in &s.invariant_violations {
+                    println!("  {} at {} ms: {}", v.name, v.at_ms, v.detail);
+                }
+                let planted = mutant.map(|m| format!(" --mutant {m}")).unwrap_or_default();
+                println!("FAILED; replay with: {}{planted}", replay(&scenario, seed));
                 return Ok(false);
             }
             Ok(true)
@@ -150,6 +159,26 @@ fn real_main() -> Result<bool> {
 }
 
 #[cfg(feature = "mutants")]
+fn plant(name: Option<&str>) -> Result<()> {
+    let Some(name) = name else { return Ok(()) };
+    let m = crdt::mutants::Mutant::ALL
+        .into_iter()
+        .find(|m| format!("{m:?}") == name)
+        .ok_or_else(|| anyhow::anyhow!("unknown mutant {name}"))?;
+    crdt::mutants::set(Some(m));
+    Ok(())
+}
+
+#[cfg(not(feature = "mutants"))]
+fn plant(name: Option<&str>) -> Result<()> {
+    anyhow::ensure!(
+        name.is_none(),
+        "build with `--features mutants` to plant a mutant"
+    );
+    Ok(())
+}
+
+#[cfg(feature = "mutants")]
 fn mutants(scenario: &str, seeds: u64, start: u64) -> Result<bool> {
     let sc = Scenario::load(scenario)?;
     let results = sim::catch_mutants(&sc, seeds, start);
@@ -157,7 +186,11 @@ fn mutants(scenario: &str, seeds: u64, start: u64) -> Result<bool> {
     let mut all = true;
     for (m, caught) in &results {
         match caught {
-            Some((inv, seed)) => println!("{:<18} {:<40} {seed}", format!("{m:?}"), inv),
+            Some((inv, seed)) => println!(
+                "{:<18} {:<40} {seed:<5} kizuna-sim run --scenario {scenario} --seed {seed} --mutant {m:?}",
+                format!("{m:?}"),
+                inv
+            ),
             None => {
                 all = false;
                 println!("{:<18} {:<40} -", format!("{m:?}"), "SURVIVED")

@@ -26,19 +26,10 @@ pub struct Scenario {
     pub topology: Topology,
     #[serde(default)]
     pub faults: FaultLimits,
-    /// Simulator-side workarounds for known engine bugs (see the report);
-    /// remove one to reproduce the bug.
-    #[serde(default = "default_workarounds")]
-    pub workarounds: Vec<String>,
-}
-
-fn default_workarounds() -> Vec<String> {
-    vec![
-        "mail_outcome_gossip".into(),
-        "field_nodes_dial_hq".into(),
-        "forget_restored_peer_heads".into(),
-        "drop_known_echoes".into(),
-    ]
+    /// `EngineConfig.cache_docs` of every node (the engine's default when
+    /// absent); large scenarios keep it small, as a tablet would.
+    #[serde(default)]
+    pub cache_docs: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -54,6 +45,12 @@ pub struct Nodes {
     pub ambulances: usize,
     #[serde(default)]
     pub facilities: usize,
+    /// When set, each shelter node is switched on and joins the mesh this
+    /// many hours before its shelter opens (shelters open over
+    /// `arrivals.open_spread_hours`), so the registry rolls out as shelters
+    /// open instead of reaching every shelter at once. Absent: all at t=0.
+    #[serde(default)]
+    pub join_before_open_hours: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -1,24 +1,84 @@
-//! `MemStore` with a fault switch the simulator keeps a handle to.
+//! `SimStore`: `MemStore` with indexes, so that disaster-scale scenarios
+//! (tens of thousands of documents per node) do not spend their time in
+//! `MemStore`'s linear scans (a card lookup per imported member, a full log
+//! scan per document load).
 //!
-//! The engine owns its store and offers only `store()`, so
-//! `MemStore::fail_commits` cannot be armed on a running node. This thin
-//! wrapper delegates everything to `MemStore` and fails the next N commits
-//! when the shared counter says so (A-class I/O errors).
+//! Every answer is the one `MemStore` gives: writes go to the wrapped
+//! `MemStore` unchanged (so its `fail_commits` switch still injects I/O
+//! errors), and reads use the indexes only to pick which projections or log
+//! records to look at, in the same order `MemStore` would find them. The
+//! store conformance suite runs against it (`tests/sim.rs`).
 
 use crdt::doc::Hash32;
 use crdt::ids::{DocKey, NodeId};
 use crdt::store::*;
-use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
-use std::rc::Rc;
 
 #[derive(Clone, Default)]
 pub struct SimStore {
     pub mem: MemStore,
-    pub fail_next: Rc<Cell<u32>>,
-    /// Peers restored from a backup: what they were last known to hold
-    /// is no longer true (simulator workaround, see the report).
-    pub restored_peers: Rc<RefCell<BTreeSet<String>>>,
+    /// Log positions (0-based) of each document's changes.
+    doc_log: BTreeMap<DocKey, Vec<usize>>,
+    /// Which projections mention a person, a card, a household member, a
+    /// location; and which hold shelters or locations at all.
+    person_docs: BTreeMap<String, BTreeSet<DocKey>>,
+    card_docs: BTreeMap<String, BTreeSet<DocKey>>,
+    household_docs: BTreeMap<String, BTreeSet<DocKey>>,
+    location_docs: BTreeMap<String, BTreeSet<DocKey>>,
+    shelter_docs: BTreeSet<DocKey>,
+    locations_docs: BTreeSet<DocKey>,
+}
+
+fn unindex(m: &mut BTreeMap<String, BTreeSet<DocKey>>, k: &str, key: &DocKey) {
+    if let Some(s) = m.get_mut(k) {
+        s.remove(key);
+        if s.is_empty() {
+            m.remove(k);
+        }
+    }
+}
+
+impl SimStore {
+    fn index_projection(&mut self, key: &DocKey, p: &Projection, add: bool) {
+        let edit = |m: &mut BTreeMap<String, BTreeSet<DocKey>>, k: &str| {
+            if add {
+                m.entry(k.to_string()).or_default().insert(key.clone());
+            } else {
+                unindex(m, k, key);
+            }
+        };
+        for r in &p.persons {
+            edit(&mut self.person_docs, &r.person_id);
+            if let Some(h) = &r.household_id {
+                edit(&mut self.household_docs, h);
+            }
+        }
+        for c in &p.cards {
+            edit(&mut self.card_docs, &c.0);
+        }
+        for l in &p.locations {
+            edit(&mut self.location_docs, &l.person_id);
+        }
+        for (set, non_empty) in [
+            (&mut self.shelter_docs, !p.shelters.is_empty()),
+            (&mut self.locations_docs, !p.locations.is_empty()),
+        ] {
+            if add && non_empty {
+                set.insert(key.clone());
+            } else if !add {
+                set.remove(key);
+            }
+        }
+    }
+
+    fn projections_of<'a>(
+        &'a self,
+        keys: Option<&'a BTreeSet<DocKey>>,
+    ) -> impl Iterator<Item = &'a Projection> + 'a {
+        keys.into_iter()
+            .flatten()
+            .filter_map(|k| self.mem.projections.get(k))
+    }
 }
 
 impl Store for SimStore {
@@ -29,49 +89,79 @@ impl Store for SimStore {
         self.mem.doc_index()
     }
     fn load_doc(&self, key: &DocKey) -> Result<Option<StoredDoc>, StoreError> {
-        self.mem.load_doc(key)
+        let Some((_, snap, snap_at)) = self.mem.docs.get(key) else {
+            return Ok(None);
+        };
+        let changes = self
+            .doc_log
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter(|&&i| i >= *snap_at)
+            .map(|&i| self.mem.log[i].bytes.clone())
+            .collect();
+        Ok(Some(StoredDoc {
+            snapshot: snap.clone(),
+            changes,
+        }))
     }
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.mem.doc_changes(key)
+        Ok(self
+            .doc_log
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|&i| self.mem.log[i].bytes.clone())
+            .collect())
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let n = self.fail_next.get();
-        if n > 0 {
-            self.fail_next.set(n - 1);
-            return Err(StoreError::Io("simulated EIO".into()));
+        let before = self.mem.log.len();
+        let old: Vec<(DocKey, Projection)> = batch
+            .projections
+            .iter()
+            .filter_map(|(k, _)| self.mem.projections.get(k).map(|p| (k.clone(), p.clone())))
+            .collect();
+        self.mem.commit(batch)?;
+        for i in before..self.mem.log.len() {
+            let k = self.mem.log[i].key.clone();
+            self.doc_log.entry(k).or_default().push(i);
         }
-        self.mem.commit(batch)
+        for (k, p) in &old {
+            self.index_projection(k, p, false);
+        }
+        for (k, _) in &batch.projections {
+            let p = self.mem.projections[k].clone();
+            self.index_projection(k, &p, true);
+        }
+        Ok(())
     }
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError> {
         self.mem.op_result(op_id)
     }
     fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError> {
-        if self.restored_peers.borrow().contains(peer.as_str()) {
-            return Ok(None);
-        }
         self.mem.peer_heads(peer, key)
     }
     fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError> {
         self.mem.quarantined()
     }
-    fn log_since(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, crdt::store::ChangeRecord)>, StoreError> {
+    fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
         self.mem.log_since(after, limit)
     }
-    fn log_at(&self, seq: u64) -> Result<Option<crdt::doc::Hash32>, StoreError> {
+    fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError> {
         self.mem.log_at(seq)
     }
-    fn log_end(&self) -> Result<Option<crdt::store::Cursor>, StoreError> {
+    fn log_end(&self) -> Result<Option<Cursor>, StoreError> {
         self.mem.log_end()
     }
-    fn sync_cursor(&self, peer: &crdt::NodeId) -> Result<Option<crdt::store::Cursor>, StoreError> {
+    fn sync_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
         self.mem.sync_cursor(peer)
     }
     fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError> {
-        self.mem.person(person_id)
+        Ok(self
+            .projections_of(self.person_docs.get(person_id))
+            .flat_map(|p| p.persons.iter())
+            .find(|p| p.person_id == person_id)
+            .cloned())
     }
     fn persons(&self, limit: usize, offset: usize) -> Result<Vec<PersonRow>, StoreError> {
         self.mem.persons(limit, offset)
@@ -80,21 +170,57 @@ impl Store for SimStore {
         self.mem.search(key, limit)
     }
     fn household_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
-        self.mem.household_by_card(card_user_id)
+        Ok(self
+            .projections_of(self.card_docs.get(card_user_id))
+            .flat_map(|p| p.cards.iter())
+            .find(|c| c.0 == card_user_id)
+            .map(|c| c.1.clone()))
     }
     fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
-        self.mem.household_members(household_id)
+        let mut v: Vec<_> = self
+            .projections_of(self.household_docs.get(household_id))
+            .flat_map(|p| p.persons.iter())
+            .filter(|p| p.household_id.as_deref() == Some(household_id))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.person_id.cmp(&b.person_id));
+        Ok(v)
     }
     fn location(&self, person_id: &str) -> Result<Option<LocationRow>, StoreError> {
-        self.mem.location(person_id)
+        Ok(self
+            .projections_of(self.location_docs.get(person_id))
+            .flat_map(|p| p.locations.iter())
+            .find(|l| l.person_id == person_id)
+            .cloned())
     }
     fn shelters(&self) -> Result<Vec<ShelterRow>, StoreError> {
-        self.mem.shelters()
+        let mut v: Vec<_> = self
+            .projections_of(Some(&self.shelter_docs))
+            .flat_map(|p| p.shelters.iter())
+            .cloned()
+            .collect();
+        v.sort();
+        Ok(v)
     }
     fn occupancy(&self) -> Result<BTreeMap<String, u32>, StoreError> {
-        self.mem.occupancy()
+        let mut m = BTreeMap::new();
+        for l in self
+            .projections_of(Some(&self.locations_docs))
+            .flat_map(|p| p.locations.iter())
+            .filter(|l| l.status == LocationStatus::In)
+        {
+            *m.entry(l.shelter_id.clone()).or_insert(0) += 1;
+        }
+        Ok(m)
     }
     fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError> {
-        self.mem.conflicts()
+        let mut v: Vec<_> = self
+            .projections_of(Some(&self.locations_docs))
+            .flat_map(|p| p.locations.iter())
+            .filter(|l| l.conflict)
+            .cloned()
+            .collect();
+        v.sort();
+        Ok(v)
     }
 }

@@ -1,5 +1,5 @@
 //! The simulated world: nodes running the real `crdt::engine::Engine` on
-//! `MemStore`, links with delay, bandwidth, loss, duplication and
+//! `SimStore`, links with delay, bandwidth, loss, duplication and
 //! reordering, an SMTP server, and a fault schedule drawn from one seed.
 //!
 //! Time is simulated milliseconds in a discrete event queue (ordered by
@@ -14,15 +14,14 @@ use crate::simstore::SimStore;
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
 use crdt::model::*;
+use crdt::store::StoreError;
 use crdt::text::CardUserId;
 use crdt::wire::{self, Frame};
 use crdt::{DocKey, Kind, NodeId, Role};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::rc::Rc;
 
 /// Simulated time 0 on the wall clock (2026-09-21).
 pub const T0_WALL_MS: u64 = 1_790_000_000_000;
@@ -173,8 +172,9 @@ struct Node {
     cfg: EngineConfig,
     engine: Option<Engine<SimStore>>,
     parked: Option<SimStore>,
-    fail_next: Rc<Cell<u32>>,
     skew_ms: i64,
+    /// Simulated time the node is switched on: no link comes up before.
+    join_at_ms: u64,
     epoch: u32,
     rng: ChaCha8Rng,
     crash_after_ack: bool,
@@ -229,7 +229,10 @@ enum Ev {
     Fault(Fault),
     /// One-way cut: the session times out.
     Timeout(usize),
+    /// Every 30 s (5 s once healed): bring up links that may be up.
     LinkMaint,
+    /// Once: the same, after a disconnect, restart, heal or join.
+    Reconnect,
     Check,
     Heal,
 }
@@ -297,7 +300,6 @@ pub struct World {
     converged_at: Option<u64>,
     pub progress: Option<indicatif::ProgressBar>,
     hq: Vec<usize>,
-    restored_peers: Rc<std::cell::RefCell<BTreeSet<String>>>,
     checks_done: u64,
 }
 
@@ -368,7 +370,6 @@ impl World {
             converged_at: None,
             progress: None,
             hq: vec![],
-            restored_peers: Default::default(),
             checks_done: 0,
             sc,
         };
@@ -416,6 +417,9 @@ impl World {
             let id = NodeId::new(format!("{}-{}", role_prefix(role), c)).expect("valid id");
             let mut cfg = EngineConfig::new(id.clone(), role);
             cfg.mail_primary = primary;
+            if let Some(c) = self.sc.cache_docs {
+                cfg.cache_docs = c;
+            }
             let skew_ms = if self.mix.skew && role != Role::Hq && chance(&mut skew_rng, 0.5) {
                 let mag = if chance(&mut skew_rng, 0.2) {
                     range(&mut skew_rng, 0, 3 * 86_400_000)
@@ -439,8 +443,8 @@ impl World {
                 cfg,
                 engine: None,
                 parked: Some(SimStore::default()),
-                fail_next: Rc::new(Cell::new(0)),
                 skew_ms,
+                join_at_ms: 0,
                 epoch: 0,
                 rng: sub_rng(self.seed, &format!("node-{i}")),
                 crash_after_ack: false,
@@ -450,9 +454,7 @@ impl World {
                 reads: vec![],
             };
             let now = Self::node_now(&node, 0);
-            let mut store = node.parked.take().expect("fresh");
-            store.fail_next = node.fail_next.clone();
-            store.restored_peers = self.restored_peers.clone();
+            let store = node.parked.take().expect("fresh");
             node.engine =
                 Some(Engine::open(store, node.cfg.clone(), now).expect("fresh store opens"));
             self.nodes.push(node);
@@ -475,20 +477,6 @@ impl World {
         {
             return;
         }
-        // Field nodes dial headquarters: the engine offers a node's own
-        // audit chain only when it initiates (see the report).
-        let (a, b) = if self
-            .sc
-            .workarounds
-            .iter()
-            .any(|w| w == "field_nodes_dial_hq")
-            && self.nodes[a].role == Role::Hq
-            && self.nodes[b].role != Role::Hq
-        {
-            (b, a)
-        } else {
-            (a, b)
-        };
         let ((lo, hi), _) = profile.params();
         let rtt_ms = range(&mut self.net_rng, lo, hi + 1);
         self.links.push(Link {
@@ -735,6 +723,14 @@ impl World {
             .iter()
             .map(|_| start + range(&mut r, 0, spread.max(1)))
             .collect();
+        if let Some(lead) = sc.nodes.join_before_open_hours {
+            let lead_ms = (lead * 3_600_000.0) as u64;
+            for (k, &s) in shelters.iter().enumerate() {
+                let at = opens[k].saturating_sub(lead_ms);
+                self.nodes[s].join_at_ms = at;
+                self.push(at, Ev::Reconnect);
+            }
+        }
         let mut arrived = 0usize;
         for (n, &h) in order.iter().enumerate() {
             if arrived >= sc.arrivals.evacuees {
@@ -978,13 +974,7 @@ impl World {
                 Output::SendMail(m) => {
                     self.hasher.update(m.message_id.as_bytes());
                 }
-                Output::Close {
-                    session,
-                    ref reason,
-                } => {
-                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                        eprintln!("t={} close by {}: {reason}", self.now, self.nodes[i].id);
-                    }
+                Output::Close { session, .. } => {
                     self.hasher.update(&session.to_le_bytes());
                 }
                 _ => {}
@@ -994,13 +984,7 @@ impl World {
         for o in outs {
             match o {
                 Output::Send { session, bytes } => self.send(i, session, bytes),
-                Output::Close {
-                    session,
-                    ref reason,
-                } => {
-                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                        eprintln!("t={} close by {}: {reason}", self.now, self.nodes[i].id);
-                    }
+                Output::Close { session, .. } => {
                     let (l, gen, _) = sid_parts(session);
                     if l < self.links.len() && self.links[l].gen == gen {
                         self.disconnect(l);
@@ -1017,8 +1001,10 @@ impl World {
 
     fn allowed(&self, l: usize) -> bool {
         let k = &self.links[l];
-        self.nodes[k.a].engine.is_some()
-            && self.nodes[k.b].engine.is_some()
+        let (a, b) = (&self.nodes[k.a], &self.nodes[k.b]);
+        a.engine.is_some()
+            && b.engine.is_some()
+            && self.now >= a.join_at_ms.max(b.join_at_ms)
             && !self.blocked.contains(&(k.a, k.b))
             && !self.blocked.contains(&(k.b, k.a))
     }
@@ -1081,7 +1067,7 @@ impl World {
         );
         self.links[l].connecting = true;
         let back = self.now + range(&mut self.net_rng, 1_000, 10_000);
-        self.push(back, Ev::LinkMaint);
+        self.push(back, Ev::Reconnect);
     }
 
     fn send(&mut self, from: usize, session: SessionId, bytes: Vec<u8>) {
@@ -1113,9 +1099,6 @@ impl World {
             }
         }
         if check::individual_numbers(&bytes) > 0 {
-            if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                eprintln!("leak frame {:?}", String::from_utf8_lossy(&bytes));
-            }
             let v = check::v(
                 check::INDIVIDUAL_NUMBER_LEAK,
                 self.now,
@@ -1230,45 +1213,46 @@ impl World {
             return;
         }
         let session = sid(l, gen, 1 - dir);
-        let bytes = if self.sc.workarounds.iter().any(|w| w == "drop_known_echoes") {
-            self.drop_known_echoes(to, bytes)
-        } else {
-            bytes
+        let cursor_frame = match wire::decode(&bytes) {
+            Ok(f @ Frame::Changes { upto: Some(_), .. }) => Some(f),
+            _ => None,
         };
         let rest = self.input(to, Input::Frame { session, bytes });
+        if let Some(f) = cursor_frame {
+            self.check_received(from, to, &f, &rest);
+        }
         self.after_outputs(to, rest, None);
     }
 
-    /// Engine::receive runs `check_author` before asking whether the
-    /// change is already known, so a node's own changes echoed back by a
-    /// peer (normal: `changes_since` unknown heads returns everything)
-    /// make it reject the whole document batch. Until the engine checks
-    /// `knows` first, the simulated network drops changes the receiver
-    /// already has (see the report).
-    fn drop_known_echoes(&mut self, to: usize, bytes: Vec<u8>) -> Vec<u8> {
-        let Ok(Frame::Changes { docs, upto }) = wire::decode(&bytes) else {
-            return bytes;
+    /// `check::received_changes` for a frame the receiver stored a cursor
+    /// for (not when it rejected part of it or failed to commit).
+    fn check_received(&mut self, from: usize, to: usize, f: &Frame, rest: &[Output]) {
+        let Frame::Changes { upto: Some(c), .. } = f else {
+            return;
         };
-        let Some(e) = self.nodes[to].engine.as_mut() else {
-            return bytes;
+        if rest
+            .iter()
+            .any(|o| matches!(o, Output::Event(UiEvent::PeerViolation { .. })))
+        {
+            return;
+        }
+        let Some(e) = self.nodes[to].engine.as_ref() else {
+            return;
         };
-        let mut changed = false;
-        let mut out = vec![];
-        for mut dc in docs {
-            if let Ok(Some(d)) = e.doc(&dc.key) {
-                let before = dc.changes.len();
-                dc.changes
-                    .retain(|c| crdt::doc::parse_change(c).map_or(true, |c| !d.knows(&c.hash().0)));
-                changed |= dc.changes.len() != before;
-            }
-            if !dc.changes.is_empty() {
-                out.push(dc);
-            }
+        let mem = &e.store().mem;
+        if mem.cursors.get(&self.nodes[from].id) != Some(c) {
+            return;
         }
-        if !changed {
-            return bytes;
+        let (role, id) = (self.nodes[to].role, &self.nodes[to].id);
+        let vs = check::received_changes(
+            id.as_str(),
+            f,
+            |k, h| !crdt::policy::may_hold(role, id, k) || mem.hashes.contains(h),
+            self.now,
+        );
+        for v in vs {
+            self.violate(v);
         }
-        wire::encode(&Frame::Changes { docs: out, upto }).unwrap_or(bytes)
     }
 
     // ----- mail -------------------------------------------------------------
@@ -1281,12 +1265,6 @@ impl World {
                 // Another HQ took the claim over: the first outcome may be unknown.
                 self.ledger.on_unknown(&pair.0, &pair.1);
             }
-        }
-        if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-            eprintln!(
-                "t={} mail from {} {} {}",
-                self.now, self.nodes[hq].id, req.person_id, req.contact_id
-            );
         }
         for v in self.ledger.on_send(&req, consented, self.now) {
             self.violate(v);
@@ -1366,27 +1344,6 @@ impl World {
             },
         );
         self.after_outputs(hq, rest, None);
-        if self
-            .sc
-            .workarounds
-            .iter()
-            .any(|w| w == "mail_outcome_gossip")
-        {
-            // Engine::mail_outcome commits into a discarded output sink, so
-            // the new outbox state is marked seen but never sent to the
-            // other HQ. Reconnecting makes reconciliation carry it.
-            for l in 0..self.links.len() {
-                let k = &self.links[l];
-                if k.up
-                    && (k.a == hq || k.b == hq)
-                    && self.nodes[k.a].role == Role::Hq
-                    && self.nodes[k.b].role == Role::Hq
-                {
-                    self.disconnect(l);
-                    self.connect(l);
-                }
-            }
-        }
     }
 
     // ----- commands ---------------------------------------------------------
@@ -1481,8 +1438,9 @@ impl World {
         self.count("crash");
         self.hasher
             .update(format!("crash {i} {}", self.now).as_bytes());
-        let store = engine.into_store();
-        self.nodes[i].fail_next.set(0);
+        let mut store = engine.into_store();
+        // Pending I/O errors belong to the process that died.
+        store.mem.fail_commits = None;
         self.nodes[i].parked = Some(store);
         self.nodes[i].epoch += 1;
         if let Some(m) = self.mail_inflight.remove(&i) {
@@ -1520,7 +1478,7 @@ impl World {
         self.hasher
             .update(format!("restart {i} {}", self.now).as_bytes());
         self.check_node_durability(i);
-        self.push(self.now + 1, Ev::LinkMaint);
+        self.push(self.now + 1, Ev::Reconnect);
     }
 
     fn check_node_durability(&mut self, i: usize) {
@@ -1639,7 +1597,7 @@ impl World {
             }
             Fault::HealPartition => {
                 self.blocked.clear();
-                self.push(self.now, Ev::LinkMaint);
+                self.push(self.now, Ev::Reconnect);
             }
             Fault::Clog(l, factor, dur) => {
                 if l < self.links.len() {
@@ -1651,7 +1609,9 @@ impl World {
             Fault::IoError(i, n) => {
                 if self.nodes[i].engine.is_some() {
                     self.count("io_error");
-                    self.nodes[i].fail_next.set(n);
+                    let e = self.nodes[i].engine.as_mut().expect("running");
+                    e.store_mut().mem.fail_commits =
+                        Some((n, StoreError::Io("simulated EIO".into())));
                 }
             }
             Fault::ClockJump(i, skew) => {
@@ -1669,7 +1629,7 @@ impl World {
                 if self.nodes[i].role == Role::Shelter {
                     if let Some(e) = &self.nodes[i].engine {
                         let mut s = e.store().clone();
-                        s.fail_next = self.nodes[i].fail_next.clone();
+                        s.mem.fail_commits = None;
                         self.nodes[i].backup = Some((
                             s,
                             self.nodes[i].epoch,
@@ -1688,16 +1648,6 @@ impl World {
                     return;
                 }
                 self.count("restore_from_backup");
-                if self
-                    .sc
-                    .workarounds
-                    .iter()
-                    .any(|w| w == "forget_restored_peer_heads")
-                {
-                    self.restored_peers
-                        .borrow_mut()
-                        .insert(self.nodes[i].id.to_string());
-                }
                 self.crash(i, 0);
                 self.nodes[i].parked = Some(s);
                 self.nodes[i].acked = acked;
@@ -1710,9 +1660,6 @@ impl World {
 
     /// Docs both nodes may hold, grouped by which nodes are linked.
     fn convergence_violations(&mut self) -> Vec<Violation> {
-        fn hex8(h: &[u8; 32]) -> String {
-            h[..4].iter().map(|b| format!("{b:02x}")).collect()
-        }
         let n = self.nodes.len();
         let mut heads: Vec<BTreeMap<DocKey, Vec<[u8; 32]>>> = vec![BTreeMap::new(); n];
         let mut keys: BTreeSet<DocKey> = BTreeSet::new();
@@ -1768,45 +1715,6 @@ impl World {
                     })
                     .collect();
                 if let Some(v) = check::converged(&key, &reps, self.now) {
-                    if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                        for &i in g {
-                            let id = self.nodes[i].id.to_string();
-                            if let Some(e) = self.nodes[i].engine.as_mut() {
-                                if let Ok(Some(d)) = e.doc(&key) {
-                                    let ch: Vec<String> = d
-                                        .am
-                                        .get_changes(&[])
-                                        .iter()
-                                        .map(|c| {
-                                            format!("{}:{}", &c.hash().to_string()[..8], c.seq())
-                                        })
-                                        .collect();
-                                    eprintln!("debug {key} at {id}: {ch:?}");
-                                    eprintln!(
-                                        "debug stats {id}: {:?} inc {}",
-                                        e.stats(),
-                                        e.incarnation()
-                                    );
-                                    let mem = &e.store().mem;
-                                    let log: Vec<String> = mem
-                                        .log
-                                        .iter()
-                                        .enumerate()
-                                        .filter(|(_, c)| c.key == key)
-                                        .map(|(i, c)| format!("{}@{}", hex8(&c.hash), i + 1))
-                                        .collect();
-                                    eprintln!(
-                                        "debug log {id}: {log:?} len {} cursors {:?}",
-                                        mem.log.len(),
-                                        mem.cursors
-                                            .iter()
-                                            .map(|(p, c)| (p.to_string(), c.seq))
-                                            .collect::<Vec<_>>()
-                                    );
-                                }
-                            }
-                        }
-                    }
                     out.push(v);
                 }
             }
@@ -1870,7 +1778,12 @@ impl World {
     fn periodic_check(&mut self) {
         // Presence invariants on every node, as often as is affordable.
         self.checks_done += 1;
-        if self.nodes.len() <= 64 && self.checks_done % 30 == 0 {
+        // Large registries: only at the end (every node loads every presence
+        // document, which dominates a disaster-scale run).
+        if self.nodes.len() <= 64
+            && self.sc.registry.households <= 5_000
+            && self.checks_done % 30 == 0
+        {
             self.presence_checks();
         }
         let known = self.hq_known_arrivals();
@@ -1879,6 +1792,14 @@ impl World {
             .push((self.now, self.true_arrivals.len() as u64, known));
         if let Some(p) = &self.progress {
             p.set_position(self.now / 1000);
+        }
+    }
+
+    fn reconnect(&mut self) {
+        for l in 0..self.links.len() {
+            if !self.links[l].up && self.allowed(l) {
+                self.connect(l);
+            }
         }
     }
 
@@ -1896,7 +1817,7 @@ impl World {
                 self.restart(i);
             }
         }
-        self.push(self.now, Ev::LinkMaint);
+        self.push(self.now, Ev::Reconnect);
     }
 
     /// Runs until the end of the scenario or until `deadline` (wall clock).
@@ -1963,12 +1884,9 @@ impl World {
                     self.count("session_timeout");
                     self.disconnect(l);
                 }
+                Ev::Reconnect => self.reconnect(),
                 Ev::LinkMaint => {
-                    for l in 0..self.links.len() {
-                        if !self.links[l].up && self.allowed(l) {
-                            self.connect(l);
-                        }
-                    }
+                    self.reconnect();
                     if !self.healed {
                         self.push(t + 30_000, Ev::LinkMaint);
                     } else {
@@ -1996,45 +1914,6 @@ impl World {
             }
             self.presence_checks();
             let conv = self.convergence_violations();
-            if std::env::var_os("KIZUNA_SIM_DEBUG").is_some() {
-                for k in &self.links {
-                    eprintln!(
-                        "link {}-{} up={} gen={}",
-                        self.nodes[k.a].id, self.nodes[k.b].id, k.up, k.gen
-                    );
-                }
-                for i in 0..self.nodes.len() {
-                    if let Some(e) = &self.nodes[i].engine {
-                        eprintln!("{} stats {:?}", self.nodes[i].id, e.stats());
-                    }
-                }
-                for v in conv.iter().take(2) {
-                    let key = v.detail.split(':').next().unwrap_or("").to_string();
-                    let (kind, id) = key.split_once('/').unwrap_or(("", ""));
-                    let Ok(kind) = kind.parse::<Kind>() else {
-                        continue;
-                    };
-                    let dk = DocKey::new(kind, id).unwrap();
-                    for i in 0..self.nodes.len() {
-                        if let Some(e) = self.nodes[i].engine.as_mut() {
-                            let h: Vec<String> = e
-                                .heads()
-                                .filter(|(k, _)| **k == dk)
-                                .flat_map(|(_, h)| {
-                                    h.iter().map(|x| format!("{:02x}{:02x}", x[0], x[1]))
-                                })
-                                .collect();
-                            let st = e
-                                .doc(&dk)
-                                .ok()
-                                .flatten()
-                                .and_then(|d| crdt::views::outbox(d).ok())
-                                .map(|m| format!("{m:?}"));
-                            eprintln!("{} {dk} heads {h:?} {st:?}", self.nodes[i].id);
-                        }
-                    }
-                }
-            }
             self.summary.converged = conv.is_empty();
             for v in conv.into_iter().take(5) {
                 self.violate(v);
