@@ -11,10 +11,11 @@ demo:
 
 test:
 	bash deploy/scripts/setup.sh
-	cargo nextest run --workspace --exclude sim --release --no-fail-fast --profile ci
-	cargo nextest run -p sim --release --no-fail-fast
+	cargo nextest run --workspace --release --no-fail-fast --profile ci
 	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-small.toml --seeds 300
 
 bench:
 	cargo bench -p crdt --bench reconcile -- --docs 100000 --divergence 0.01
 	cargo bench -p node --bench store -- --residents 1000000
+	cargo bench -p node --bench tap -- --residents 1000000
+	cargo bench -p tests --bench chain -- --checkins 200 --per-side 1000
