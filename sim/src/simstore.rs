@@ -1,7 +1,7 @@
 //! `SimStore`: `MemStore` with indexes, so that disaster-scale scenarios
 //! (tens of thousands of documents per node) do not spend their time in
-//! `MemStore`'s linear scans (a card lookup per imported member, a full log
-//! scan per document load).
+//! `MemStore`'s linear scans of projections (a card lookup per imported
+//! member). Document loads use `MemStore`'s own per-document log index.
 //!
 //! Every answer is the one `MemStore` gives: writes go to the wrapped
 //! `MemStore` unchanged (so its `fail_commits` switch still injects I/O
@@ -17,8 +17,6 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Clone, Default)]
 pub struct SimStore {
     pub mem: MemStore,
-    /// Log positions (0-based) of each document's changes.
-    doc_log: BTreeMap<DocKey, Vec<usize>>,
     /// Which projections mention a person, a card, a household member, a
     /// location; and which hold shelters or locations at all.
     person_docs: BTreeMap<String, BTreeSet<DocKey>>,
@@ -89,43 +87,18 @@ impl Store for SimStore {
         self.mem.doc_index()
     }
     fn load_doc(&self, key: &DocKey) -> Result<Option<StoredDoc>, StoreError> {
-        let Some((_, snap, snap_at)) = self.mem.docs.get(key) else {
-            return Ok(None);
-        };
-        let changes = self
-            .doc_log
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter(|&&i| i >= *snap_at)
-            .map(|&i| self.mem.log[i].bytes.clone())
-            .collect();
-        Ok(Some(StoredDoc {
-            snapshot: snap.clone(),
-            changes,
-        }))
+        self.mem.load_doc(key)
     }
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
-        Ok(self
-            .doc_log
-            .get(key)
-            .into_iter()
-            .flatten()
-            .map(|&i| self.mem.log[i].bytes.clone())
-            .collect())
+        self.mem.doc_changes(key)
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let before = self.mem.log.len();
         let old: Vec<(DocKey, Projection)> = batch
             .projections
             .iter()
             .filter_map(|(k, _)| self.mem.projections.get(k).map(|p| (k.clone(), p.clone())))
             .collect();
         self.mem.commit(batch)?;
-        for i in before..self.mem.log.len() {
-            let k = self.mem.log[i].key.clone();
-            self.doc_log.entry(k).or_default().push(i);
-        }
         for (k, p) in &old {
             self.index_projection(k, p, false);
         }

@@ -106,6 +106,37 @@ impl Net {
             .find(|l| l.1 == to && l.2 == from)
             .map(|l| (l.0, l.1))
     }
+    /// Carries out a node's outputs: frames go to the peer's queue.
+    fn route(&mut self, outs: Vec<Output>) {
+        for o in outs {
+            match o {
+                Output::Send { session, bytes } => {
+                    self.wire_bytes += bytes.len() + 4;
+                    if matches!(
+                        crdt::wire::decode(&bytes),
+                        Ok(crdt::wire::Frame::Reconcile { .. })
+                    ) {
+                        self.reconcile_frames += 1;
+                    }
+                    if let Some((to_sid, to)) = self.peer_session(session) {
+                        self.queue.push_back((
+                            to,
+                            Input::Frame {
+                                session: to_sid,
+                                bytes,
+                            },
+                        ));
+                    }
+                }
+                Output::SendMail(m) => self.mails.push(m),
+                Output::Reply { result, .. } => self.replies.push(result),
+                _ => {}
+            }
+        }
+    }
+
+    /// Delivers everything until no node has anything more to say; ticks
+    /// drain queued catch-up work.
     fn run(&mut self) {
         let mut steps = 0;
         loop {
@@ -113,67 +144,18 @@ impl Net {
                 steps += 1;
                 assert!(steps < 100_000, "no quiescence");
                 let outs = self.nodes[i].handle(input, now(self.now), &mut self.rng);
-                for o in outs {
-                    match o {
-                        Output::Send { session, bytes } => {
-                            self.wire_bytes += bytes.len() + 4;
-                            if matches!(
-                                crdt::wire::decode(&bytes),
-                                Ok(crdt::wire::Frame::Reconcile { .. })
-                            ) {
-                                self.reconcile_frames += 1;
-                            }
-                            if let Some((to_sid, to)) = self.peer_session(session) {
-                                self.queue.push_back((
-                                    to,
-                                    Input::Frame {
-                                        session: to_sid,
-                                        bytes,
-                                    },
-                                ));
-                            }
-                        }
-                        Output::SendMail(m) => self.mails.push(m),
-                        Output::Reply { result, .. } => self.replies.push(result),
-                        _ => {}
-                    }
-                }
+                self.route(outs);
             }
-            // Ticks drain queued catch-up work.
-            let mut more = false;
             for i in 0..self.nodes.len() {
                 let outs = self.nodes[i].handle(Input::Tick, now(self.now), &mut self.rng);
-                for o in outs {
-                    match o {
-                        Output::Send { session, bytes } => {
-                            self.wire_bytes += bytes.len() + 4;
-                            if matches!(
-                                crdt::wire::decode(&bytes),
-                                Ok(crdt::wire::Frame::Reconcile { .. })
-                            ) {
-                                self.reconcile_frames += 1;
-                            }
-                            if let Some((to_sid, to)) = self.peer_session(session) {
-                                self.queue.push_back((
-                                    to,
-                                    Input::Frame {
-                                        session: to_sid,
-                                        bytes,
-                                    },
-                                ));
-                                more = true;
-                            }
-                        }
-                        Output::SendMail(m) => self.mails.push(m),
-                        _ => {}
-                    }
-                }
+                self.route(outs);
             }
-            if !more && self.queue.is_empty() {
+            if self.queue.is_empty() {
                 break;
             }
         }
     }
+
     fn cmd(&mut self, i: usize, op: &str, cmd: Command) -> Result<Reply, CommandError> {
         self.queue.push_back((
             i,
