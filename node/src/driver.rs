@@ -218,6 +218,26 @@ impl DriverHandle {
         &self.info
     }
 
+    /// Hands a command to the engine thread; the receiver yields its
+    /// answer after the commit.
+    fn submit(
+        &self,
+        op_id: String,
+        operator: Operator,
+        cmd: Command,
+    ) -> Result<oneshot::Receiver<Result<Reply, CommandError>>, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Command {
+                op_id,
+                operator,
+                cmd,
+                reply,
+            })
+            .map_err(|_| engine_stopped())?;
+        Ok(rx)
+    }
+
     /// Runs a command; resolves after its commit with the engine's answer.
     /// A stopped driver answers with a storage error (`storage_error`).
     pub async fn command(
@@ -226,18 +246,9 @@ impl DriverHandle {
         operator: Operator,
         cmd: Command,
     ) -> Result<Reply, CommandError> {
-        let (reply, rx) = oneshot::channel();
-        let stopped =
-            || CommandError::Storage(StoreError::Io("the engine thread has stopped".into()));
-        self.tx
-            .send(Msg::Command {
-                op_id,
-                operator,
-                cmd,
-                reply,
-            })
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        self.submit(op_id, operator, cmd)?
+            .await
+            .map_err(|_| engine_stopped())?
     }
 
     /// Blocking variant of [`Self::command`] for non-async callers (CLI).
@@ -247,18 +258,9 @@ impl DriverHandle {
         operator: Operator,
         cmd: Command,
     ) -> Result<Reply, CommandError> {
-        let (reply, rx) = oneshot::channel();
-        let stopped =
-            || CommandError::Storage(StoreError::Io("the engine thread has stopped".into()));
-        self.tx
-            .send(Msg::Command {
-                op_id,
-                operator,
-                cmd,
-                reply,
-            })
-            .map_err(|_| stopped())?;
-        rx.blocking_recv().map_err(|_| stopped())?
+        self.submit(op_id, operator, cmd)?
+            .blocking_recv()
+            .map_err(|_| engine_stopped())?
     }
 
     pub async fn query(&self, query: Query) -> Result<QueryReply, DriverError> {
@@ -301,6 +303,10 @@ impl DriverHandle {
             None => Ok(None),
         }
     }
+}
+
+fn engine_stopped() -> CommandError {
+    CommandError::Storage(StoreError::Io("the engine thread has stopped".into()))
 }
 
 struct Clock {

@@ -276,15 +276,13 @@ fn server_not_running_is_transient() {
 #[test]
 fn slow_greeting_is_transient_slow_final_reply_is_indeterminate() {
     let srv = Smtpd::start("slow", 0, None, &["--delay", "10", "--slow-phase", "all"]);
-    let t0 = Instant::now();
+    // The server would answer after 10 s; a Transient "greeting" outcome
+    // (instead of Sent) shows the phase timeout cut it short. No clock is
+    // asserted.
     match rt().block_on(send(&settings(srv.port), &req())) {
         MailOutcome::Transient(r) => assert!(r.contains("greeting"), "{r}"),
         o => panic!("{o:?}"),
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(8),
-        "bounded by the timeout"
-    );
     srv.stop();
     let dir = tempfile::tempdir().unwrap();
     let srv = Smtpd::start(
@@ -293,15 +291,10 @@ fn slow_greeting_is_transient_slow_final_reply_is_indeterminate() {
         Some(dir.path()),
         &["--delay", "10", "--slow-phase", "data"],
     );
-    let t0 = Instant::now();
     match rt().block_on(send(&settings(srv.port), &req())) {
         MailOutcome::Indeterminate(r) => assert!(r.contains("final"), "{r}"),
         o => panic!("{o:?}"),
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(8),
-        "bounded by the timeout"
-    );
 }
 
 #[test]
