@@ -498,22 +498,27 @@ impl<S: Store> Engine<S> {
             .write(actor, (now.wall_ms / 1000) as i64, "", &writes)
             .map_err(|e| CommandError::Rejected(e.to_string()))?;
         let Some(change) = change else { return Ok(()) };
-        if let Err(e) = derive::projection(doc) {
-            self.evict(key);
-            return Err(CommandError::Rejected(e.to_string()));
-        }
+        let projection = match derive::projection(doc) {
+            Ok(p) => p,
+            Err(e) => {
+                self.evict(key);
+                return Err(CommandError::Rejected(e.to_string()));
+            }
+        };
         txn.touched.insert(key.clone());
-        self.record(txn, key, vec![change], None);
+        self.record(txn, key, vec![change], projection, None);
         Ok(())
     }
 
-    /// Adds new changes of a document (already applied to the cached doc)
-    /// and its new heads, projection and maybe snapshot to the transaction.
+    /// Adds new changes of a document (already applied to the cached doc
+    /// and validated, which gave `projection`) and its new heads, query
+    /// rows and maybe a snapshot to the transaction.
     pub(crate) fn record(
         &mut self,
         txn: &mut Txn,
         key: &DocKey,
         changes: Vec<Change>,
+        projection: crate::store::Projection,
         from: Option<SessionId>,
     ) {
         let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
@@ -538,9 +543,7 @@ impl<S: Store> Engine<S> {
             heads: heads.clone(),
             snapshot,
         });
-        if let Ok(p) = derive::projection(doc) {
-            txn.batch.projections.push((key.clone(), p));
-        }
+        txn.batch.projections.push((key.clone(), projection));
         txn.heads.insert(key.clone(), heads);
     }
 

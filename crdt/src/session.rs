@@ -865,16 +865,19 @@ impl<S: Store> Engine<S> {
                 self.violation(sid, format!("{key}: {e}"), out);
                 continue;
             }
-            if let Err(e) = derive::projection(&doc) {
-                // Schema-invalid data is refused; the last valid view stays (I-22).
-                self.stats.changes_rejected += new.len() as u64;
-                self.violation(sid, e.to_string(), out);
-                continue;
-            }
+            let projection = match derive::projection(&doc) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Schema-invalid data is refused; the last valid view stays (I-22).
+                    self.stats.changes_rejected += new.len() as u64;
+                    self.violation(sid, e.to_string(), out);
+                    continue;
+                }
+            };
             self.stats.changes_applied += new.len() as u64;
             self.cache_insert(doc);
             txn.touched.insert(key.clone());
-            self.record(&mut txn, &key, new, Some(sid));
+            self.record(&mut txn, &key, new, projection, Some(sid));
         }
         if let Some(c) = upto {
             txn.batch.cursors.push((peer.clone(), c));
