@@ -13,7 +13,9 @@ use crate::doc::Hash32;
 use crate::hlc::Hlc;
 use crate::ids::{DocKey, NodeId, Role};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::{OrdMap, OrdSet, Vector};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -199,16 +201,16 @@ pub trait Store {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemStore {
     pub meta: Option<Meta>,
-    pub log: Vec<ChangeRecord>,
+    pub log: Vector<ChangeRecord>,
     /// Positions in `log` of each document's changes.
-    pub by_doc: BTreeMap<DocKey, Vec<usize>>,
-    pub hashes: BTreeSet<Hash32>,
-    pub docs: BTreeMap<DocKey, (Vec<Hash32>, Option<Vec<u8>>, usize)>,
-    pub projections: BTreeMap<DocKey, Projection>,
-    pub ops: BTreeMap<String, String>,
-    pub peer_heads: BTreeMap<(NodeId, DocKey), Vec<Hash32>>,
-    pub quarantine: BTreeMap<DocKey, String>,
-    pub cursors: BTreeMap<NodeId, Cursor>,
+    pub by_doc: OrdMap<DocKey, Vector<usize>>,
+    pub hashes: OrdSet<Hash32>,
+    pub docs: OrdMap<DocKey, (Vec<Hash32>, Option<Arc<[u8]>>, usize)>,
+    pub projections: OrdMap<DocKey, Projection>,
+    pub ops: OrdMap<String, String>,
+    pub peer_heads: OrdMap<(NodeId, DocKey), Vec<Hash32>>,
+    pub quarantine: OrdMap<DocKey, String>,
+    pub cursors: OrdMap<NodeId, Cursor>,
     /// Fault injection: the next N commits fail with this error.
     pub fail_commits: Option<(u32, StoreError)>,
     pub commits: u64,
@@ -250,7 +252,7 @@ impl Store for MemStore {
             .map(|i| self.log[i].bytes.clone())
             .collect();
         Ok(Some(StoredDoc {
-            snapshot: snap.clone(),
+            snapshot: snap.as_deref().map(<[u8]>::to_vec),
             changes,
         }))
     }
@@ -272,19 +274,19 @@ impl Store for MemStore {
             self.meta = Some(m.clone());
         }
         for c in &batch.changes {
-            if self.hashes.insert(c.hash) {
+            if self.hashes.insert(c.hash).is_none() {
                 self.by_doc
                     .entry(c.key.clone())
                     .or_default()
-                    .push(self.log.len());
-                self.log.push(c.clone());
+                    .push_back(self.log.len());
+                self.log.push_back(c.clone());
             }
         }
         for d in &batch.docs {
             let e = self.docs.entry(d.key.clone()).or_insert((vec![], None, 0));
             e.0 = d.heads.clone();
             if let Some(s) = &d.snapshot {
-                e.1 = Some(s.clone());
+                e.1 = Some(Arc::from(s.as_slice()));
                 e.2 = self.log.len();
             }
         }
@@ -307,11 +309,9 @@ impl Store for MemStore {
     }
     fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
         let start = (after as usize).min(self.log.len());
-        Ok(self.log[start..]
-            .iter()
+        Ok((start..self.log.len())
             .take(limit)
-            .enumerate()
-            .map(|(i, c)| ((start + i + 1) as u64, c.clone()))
+            .map(|i| ((i + 1) as u64, self.log[i].clone()))
             .collect())
     }
     fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError> {
@@ -321,7 +321,7 @@ impl Store for MemStore {
             .map(|c| c.hash))
     }
     fn log_end(&self) -> Result<Option<Cursor>, StoreError> {
-        Ok(self.log.last().map(|c| Cursor {
+        Ok(self.log.back().map(|c| Cursor {
             seq: self.log.len() as u64,
             hash: c.hash,
         }))

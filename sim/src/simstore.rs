@@ -12,22 +12,23 @@
 use crdt::doc::Hash32;
 use crdt::ids::{DocKey, NodeId};
 use crdt::store::*;
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::{OrdMap, OrdSet};
+use std::collections::BTreeMap;
 
 #[derive(Clone, Default)]
 pub struct SimStore {
     pub mem: MemStore,
     /// Which projections mention a person, a card, a household member, a
     /// location; and which hold shelters or locations at all.
-    person_docs: BTreeMap<String, BTreeSet<DocKey>>,
-    card_docs: BTreeMap<String, BTreeSet<DocKey>>,
-    household_docs: BTreeMap<String, BTreeSet<DocKey>>,
-    location_docs: BTreeMap<String, BTreeSet<DocKey>>,
-    shelter_docs: BTreeSet<DocKey>,
-    locations_docs: BTreeSet<DocKey>,
+    person_docs: OrdMap<String, OrdSet<DocKey>>,
+    card_docs: OrdMap<String, OrdSet<DocKey>>,
+    household_docs: OrdMap<String, OrdSet<DocKey>>,
+    location_docs: OrdMap<String, OrdSet<DocKey>>,
+    shelter_docs: OrdSet<DocKey>,
+    locations_docs: OrdSet<DocKey>,
 }
 
-fn unindex(m: &mut BTreeMap<String, BTreeSet<DocKey>>, k: &str, key: &DocKey) {
+fn unindex(m: &mut OrdMap<String, OrdSet<DocKey>>, k: &str, key: &DocKey) {
     if let Some(s) = m.get_mut(k) {
         s.remove(key);
         if s.is_empty() {
@@ -38,7 +39,7 @@ fn unindex(m: &mut BTreeMap<String, BTreeSet<DocKey>>, k: &str, key: &DocKey) {
 
 impl SimStore {
     fn index_projection(&mut self, key: &DocKey, p: &Projection, add: bool) {
-        let edit = |m: &mut BTreeMap<String, BTreeSet<DocKey>>, k: &str| {
+        let edit = |m: &mut OrdMap<String, OrdSet<DocKey>>, k: &str| {
             if add {
                 m.entry(k.to_string()).or_default().insert(key.clone());
             } else {
@@ -71,7 +72,7 @@ impl SimStore {
 
     fn projections_of<'a>(
         &'a self,
-        keys: Option<&'a BTreeSet<DocKey>>,
+        keys: Option<&'a OrdSet<DocKey>>,
     ) -> impl Iterator<Item = &'a Projection> + 'a {
         keys.into_iter()
             .flatten()
