@@ -62,6 +62,13 @@ pub struct Registry {
     /// Households per import command (the engine allows 20,000).
     #[serde(default = "default_import_batch")]
     pub import_batch: usize,
+    /// Nodes were installed in peacetime and already hold the registry and
+    /// the shelter list when the disaster starts: HQ imports them before
+    /// t=0 and every other node starts from a copy of those documents (one
+    /// copy in memory, shared until a node changes it). Without it the
+    /// registry spreads from HQ over the mesh during warmup.
+    #[serde(default)]
+    pub provisioned: bool,
 }
 
 fn default_import_batch() -> usize {

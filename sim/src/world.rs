@@ -14,7 +14,7 @@ use crate::simstore::SimStore;
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
 use crdt::model::*;
-use crdt::store::StoreError;
+use crdt::store::{Batch, DocState, Store, StoreError};
 use crdt::text::CardUserId;
 use crdt::wire::{self, Frame};
 use crdt::{DocKey, Kind, NodeId, Role};
@@ -597,42 +597,48 @@ impl World {
             });
         }
         let mut t = 10;
-        for (b, chunk) in households.chunks(sc.registry.import_batch).enumerate() {
-            self.push(
-                t,
-                Ev::Cmd {
-                    node: primary,
-                    op_id: format!("import-{b}"),
-                    cmd: Command::ImportHouseholds {
-                        households: chunk.to_vec(),
+        let provisioned = sc.registry.provisioned;
+        // Provisioned: run HQ's imports now, before anything else happens;
+        // otherwise as events during warmup.
+        let at_hq = |w: &mut World, t: &mut u64, step: u64, op_id: String, cmd: Command| {
+            if provisioned {
+                w.command(primary, op_id, cmd, false);
+            } else {
+                w.push(
+                    *t,
+                    Ev::Cmd {
+                        node: primary,
+                        op_id,
+                        cmd,
+                        resubmit: false,
                     },
-                    resubmit: false,
-                },
-            );
-            t += 10;
+                );
+                *t += step;
+            }
+        };
+        for (b, chunk) in households.chunks(sc.registry.import_batch).enumerate() {
+            let cmd = Command::ImportHouseholds {
+                households: chunk.to_vec(),
+            };
+            at_hq(self, &mut t, 10, format!("import-{b}"), cmd);
         }
         let shelters = self.idx(Role::Shelter);
         for &s in &shelters {
             let id = self.nodes[s].id.as_str().to_string();
             let cap = range(&mut r, 50, 1000) as u32;
-            self.push(
-                t,
-                Ev::Cmd {
-                    node: primary,
-                    op_id: format!("shelter-{id}"),
-                    cmd: Command::PutShelter {
-                        shelter: ShelterInfo {
-                            shelter_id: id.clone(),
-                            name: format!("避難所 {id}"),
-                            capacity: cap,
-                            location: String::new(),
-                            needs: String::new(),
-                        },
-                    },
-                    resubmit: false,
+            let cmd = Command::PutShelter {
+                shelter: ShelterInfo {
+                    shelter_id: id.clone(),
+                    name: format!("避難所 {id}"),
+                    capacity: cap,
+                    location: String::new(),
+                    needs: String::new(),
                 },
-            );
-            t += 1;
+            };
+            at_hq(self, &mut t, 1, format!("shelter-{id}"), cmd);
+        }
+        if provisioned {
+            self.provision(primary);
         }
         let persons: Vec<String> = households
             .iter()
@@ -832,6 +838,45 @@ impl World {
                     },
                 );
             }
+        }
+    }
+
+    /// Peacetime provisioning: every other node starts from a store holding
+    /// exactly the registry and shelter documents of `from` (changes, heads
+    /// and query rows, committed through the `Store` interface), then opens
+    /// its engine on it as a freshly installed node would. The copies share
+    /// memory until a node writes.
+    fn provision(&mut self, from: usize) {
+        let src = &self.nodes[from].engine.as_ref().expect("hq is up").store().mem;
+        let everyone = |k: &DocKey| matches!(k.kind, Kind::Registry | Kind::Shelter);
+        let batch = Batch {
+            changes: src.log.iter().filter(|c| everyone(&c.key)).cloned().collect(),
+            docs: src
+                .docs
+                .iter()
+                .filter(|(k, _)| everyone(k))
+                .map(|(k, (heads, _, _))| DocState {
+                    key: k.clone(),
+                    heads: heads.clone(),
+                    // Loading replays the document's changes.
+                    snapshot: None,
+                })
+                .collect(),
+            projections: src
+                .projections
+                .iter()
+                .filter(|(k, _)| everyone(k))
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let mut template = SimStore::default();
+        template.commit(&batch).expect("memory stores accept every batch");
+        for i in (0..self.nodes.len()).filter(|&i| i != from) {
+            let now = Self::node_now(&self.nodes[i], self.now);
+            let cfg = self.nodes[i].cfg.clone();
+            self.nodes[i].engine =
+                Some(Engine::open(template.clone(), cfg, now).expect("fresh store opens"));
         }
     }
 
