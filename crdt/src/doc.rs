@@ -50,6 +50,9 @@ pub struct Field {
     pub conflicts: Vec<String>,
 }
 
+/// Cloning copies the whole Automerge document (and keeps its actor: every
+/// write names its actor explicitly).
+#[derive(Clone)]
 pub struct Doc {
     pub key: DocKey,
     pub am: Automerge,
@@ -205,24 +208,27 @@ impl Doc {
         let known: Vec<ChangeHash> = their_heads
             .iter()
             .map(|h| ChangeHash(*h))
-            .filter(|h| self.am.get_change_by_hash(h).is_some())
+            .filter(|h| self.knows(&h.0))
             .collect();
         self.am.get_changes(&known)
     }
 
+    /// Whether the change `hash` is applied (not merely queued for its
+    /// dependencies).
     pub fn knows(&self, hash: &Hash32) -> bool {
-        self.am.get_change_by_hash(&ChangeHash(*hash)).is_some()
+        let h = ChangeHash(*hash);
+        // With no change queued (nearly always), "no missing dependencies
+        // from h" means exactly "h is applied", and that is a lookup in the
+        // change graph; `get_change_by_hash` rebuilds the whole change.
+        if self.am.get_missing_deps(&[]).is_empty() {
+            self.am.get_missing_deps(&[h]).is_empty()
+        } else {
+            self.am.get_change_by_hash(&h).is_some()
+        }
     }
 
     pub fn save(&self) -> Vec<u8> {
         self.am.save()
-    }
-
-    pub fn fork(&self) -> Doc {
-        Doc {
-            key: self.key.clone(),
-            am: self.am.fork(),
-        }
     }
 }
 

@@ -22,6 +22,7 @@ use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::model::*;
 use crate::policy;
 use crate::session::Session;
+use crate::share::{Applied, DocShare};
 use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Store, StoreError};
 use crate::text::{check_text, search_key, TextError};
 use crate::views;
@@ -29,6 +30,7 @@ use crate::wire::{DocChanges, Frame};
 use automerge::Change;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// Documents kept loaded.
 const DEFAULT_CACHE_DOCS: usize = 2048;
@@ -126,8 +128,10 @@ pub struct Engine<S: Store> {
     pub(crate) actor: Actor,
     pub(crate) hlc: HlcClock,
     pub(crate) index: BTreeMap<DocKey, IndexEntry>,
-    cache: HashMap<DocKey, Doc>,
+    cache: HashMap<DocKey, Arc<Doc>>,
     cache_order: VecDeque<DocKey>,
+    /// Documents materialised by other engines in this process (simulator).
+    pub(crate) share: Option<DocShare>,
     pub(crate) sessions: BTreeMap<SessionId, Session>,
     pub(crate) peers: BTreeMap<NodeId, (Role, Option<u64>)>,
     /// The newest entry of our change log.
@@ -201,11 +205,14 @@ impl<S: Store> Engine<S> {
             meta: Some(meta.clone()),
             ..Default::default()
         })?;
-        let mut index = BTreeMap::new();
-        for (key, heads) in store.doc_index()? {
-            let fp = item_fp(&key, &heads);
-            index.insert(key, IndexEntry { heads, fp, tail: 0 });
-        }
+        let index: BTreeMap<DocKey, IndexEntry> = store
+            .doc_index()?
+            .into_iter()
+            .map(|(key, heads)| {
+                let fp = item_fp(&key, &heads);
+                (key, IndexEntry { heads, fp, tail: 0 })
+            })
+            .collect();
         let actor = Actor::new(cfg.role, &cfg.node_id, meta.incarnation);
         let log_end = store.log_end()?;
         let mut e = Engine {
@@ -217,6 +224,7 @@ impl<S: Store> Engine<S> {
             index,
             cache: HashMap::new(),
             cache_order: VecDeque::new(),
+            share: None,
             sessions: BTreeMap::new(),
             peers: BTreeMap::new(),
             mail: BTreeMap::new(),
@@ -239,6 +247,12 @@ impl<S: Store> Engine<S> {
             e.recover_mail(now)?;
         }
         Ok(e)
+    }
+
+    /// Shares materialised documents with the other engines of this process
+    /// (see [`crate::share`]); the simulator sets one for all its nodes.
+    pub fn set_share(&mut self, share: DocShare) {
+        self.share = Some(share);
     }
 
     /// The store, for fault injection by the simulator and for tests.
@@ -428,8 +442,16 @@ impl<S: Store> Engine<S> {
 
     // ----- storage plumbing -------------------------------------------------
 
-    pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&mut Doc>, StoreError> {
+    pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
         if !self.cache.contains_key(key) {
+            let shared = match (&self.share, self.index.get(key)) {
+                (Some(share), Some(e)) => share.doc(key, &e.heads),
+                _ => None,
+            };
+            if let Some(doc) = shared {
+                self.cache_insert(doc);
+                return Ok(self.cache.get(key).map(|d| &**d));
+            }
             let Some(stored) = self.store.load_doc(key)? else {
                 return Ok(None);
             };
@@ -450,12 +472,16 @@ impl<S: Store> Engine<S> {
                     }
                 }
             };
+            let doc = Arc::new(doc);
+            if let Some(share) = &self.share {
+                share.put_doc(doc.clone());
+            }
             self.cache_insert(doc);
         }
-        Ok(self.cache.get_mut(key))
+        Ok(self.cache.get(key).map(|d| &**d))
     }
 
-    pub(crate) fn cache_insert(&mut self, doc: Doc) {
+    pub(crate) fn cache_insert(&mut self, doc: Arc<Doc>) {
         let key = doc.key.clone();
         if self.cache.insert(key.clone(), doc).is_none() {
             self.cache_order.push_back(key);
@@ -470,11 +496,24 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// The cached document to change in place (copied first if another
+    /// engine shares it); a new empty one if it does not exist yet.
     fn load_or_new(&mut self, key: &DocKey) -> Result<&mut Doc, StoreError> {
         if self.load(key)?.is_none() {
-            self.cache_insert(Doc::new(key.clone()));
+            self.cache_insert(Arc::new(Doc::new(key.clone())));
         }
-        Ok(self.cache.get_mut(key).expect("just inserted"))
+        Ok(Arc::make_mut(self.cache.get_mut(key).expect("just inserted")))
+    }
+
+    /// Takes a document out of the cache to change it: the caller puts it
+    /// back only if the change is valid, so a failed change leaves no trace
+    /// in memory. `None` for a document this node does not have yet.
+    pub(crate) fn take_doc(&mut self, key: &DocKey) -> Result<Option<Arc<Doc>>, StoreError> {
+        if self.load(key)?.is_none() {
+            return Ok(None);
+        }
+        self.cache_order.retain(|k| k != key);
+        Ok(self.cache.remove(key))
     }
 
     /// Writes fields of a document as one local change, validating the
@@ -493,7 +532,9 @@ impl<S: Store> Engine<S> {
             });
         }
         let actor = self.actor;
+        let share = self.share.is_some();
         let doc = self.load_or_new(key)?;
+        let before = if share { doc.heads() } else { vec![] };
         let change = doc
             .write(actor, (now.wall_ms / 1000) as i64, "", &writes)
             .map_err(|e| CommandError::Rejected(e.to_string()))?;
@@ -505,6 +546,13 @@ impl<S: Store> Engine<S> {
                 return Err(CommandError::Rejected(e.to_string()));
             }
         };
+        if let (Some(share), Some(doc)) = (&self.share, self.cache.get(key)) {
+            let applied = Applied {
+                doc: doc.clone(),
+                projection: Ok(projection.clone()),
+            };
+            share.put_applied(&before, &[change.hash().0], applied);
+        }
         txn.touched.insert(key.clone());
         self.record(txn, key, vec![change], projection, None);
         Ok(())

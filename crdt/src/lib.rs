@@ -22,6 +22,7 @@ pub mod model;
 #[cfg(feature = "mutants")]
 pub mod mutants;
 pub mod session;
+pub mod share;
 pub mod store;
 pub mod text;
 pub mod views;

@@ -35,14 +35,16 @@
 use crate::actor::Actor;
 use crate::api::{Now, Output, SessionId, UiEvent};
 use crate::derive;
-use crate::doc::{parse_change, Doc, Hash32};
+use crate::doc::{parse_change, Doc, DocError, Hash32};
 use crate::engine::{may_send, Engine, IndexEntry, Txn};
 use crate::ids::{DocKey, NodeId, Role};
 use crate::policy;
+use crate::share::Applied;
 use crate::store::{Batch, Cursor, Store};
 use crate::wire::{self, DocChanges, Frame, Item, Range, RangeBody};
 use automerge::Change;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Ranges with at most this many items are listed item by item.
 const ITEMS_THRESHOLD: usize = 32;
@@ -825,13 +827,15 @@ impl<S: Store> Engine<S> {
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.seen.extend(changes.iter().map(|c| c.hash().0));
             }
-            let mut doc = match self.load(&key) {
-                Ok(Some(d)) => d.fork(),
-                _ => Doc::new(key.clone()),
+            // Taken out of the cache: put back only once the changes are
+            // applied and valid.
+            let base = match self.take_doc(&key) {
+                Ok(Some(d)) => d,
+                _ => Arc::new(Doc::new(key.clone())),
             };
             let new: Vec<Change> = changes
                 .into_iter()
-                .filter(|c| !doc.knows(&c.hash().0))
+                .filter(|c| !base.knows(&c.hash().0))
                 .collect();
             // A change we do not know, under our own current actor, was made
             // by someone else using our identity: a cloned node (D-5).
@@ -851,31 +855,35 @@ impl<S: Store> Engine<S> {
                         .filter(|c| {
                             c.deps()
                                 .iter()
-                                .all(|d| doc.knows(&d.0) || batch.contains(&d.0))
+                                .all(|d| base.knows(&d.0) || batch.contains(&d.0))
                         })
                         .collect()
                 } else {
                     new
                 };
             if new.is_empty() {
+                self.cache_insert(base);
                 continue;
             }
-            if let Err(e) = doc.apply(new.clone()) {
-                self.stats.changes_rejected += new.len() as u64;
-                self.violation(sid, format!("{key}: {e}"), out);
-                continue;
-            }
-            let projection = match derive::projection(&doc) {
+            let applied = match self.apply_changes(base, &new) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.stats.changes_rejected += new.len() as u64;
+                    self.violation(sid, format!("{key}: {e}"), out);
+                    continue;
+                }
+            };
+            let projection = match applied.projection {
                 Ok(p) => p,
                 Err(e) => {
                     // Schema-invalid data is refused; the last valid view stays (I-22).
                     self.stats.changes_rejected += new.len() as u64;
-                    self.violation(sid, e.to_string(), out);
+                    self.violation(sid, e, out);
                     continue;
                 }
             };
+            self.cache_insert(applied.doc);
             self.stats.changes_applied += new.len() as u64;
-            self.cache_insert(doc);
             txn.touched.insert(key.clone());
             self.record(&mut txn, &key, new, projection, Some(sid));
         }
@@ -896,6 +904,31 @@ impl<S: Store> Engine<S> {
             });
             self.sessions.remove(&sid);
         }
+    }
+
+    /// `base` with `new` applied, and the rows derived from the result;
+    /// from the share when another engine already computed exactly this.
+    fn apply_changes(&mut self, base: Arc<Doc>, new: &[Change]) -> Result<Applied, DocError> {
+        let share = self.share.clone();
+        let (heads, added): (Vec<Hash32>, Vec<Hash32>) = match &share {
+            Some(_) => (base.heads(), new.iter().map(|c| c.hash().0).collect()),
+            None => Default::default(),
+        };
+        if let Some(hit) = share.as_ref().and_then(|s| s.applied(&base.key, &heads, &added)) {
+            return Ok(hit);
+        }
+        // Not shared with anyone: changed in place, no copy.
+        let mut doc = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
+        doc.apply(new.to_vec())?;
+        let projection = derive::projection(&doc).map_err(|e| e.to_string());
+        let applied = Applied {
+            doc: Arc::new(doc),
+            projection,
+        };
+        if let Some(s) = &share {
+            s.put_applied(&heads, &added, applied.clone());
+        }
+        Ok(applied)
     }
 
     fn check_author(

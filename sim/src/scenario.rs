@@ -30,6 +30,14 @@ pub struct Scenario {
     /// absent); large scenarios keep it small, as a tablet would.
     #[serde(default)]
     pub cache_docs: Option<usize>,
+    /// Engines share materialised documents (`crdt::share`), up to this
+    /// many: a document one node loaded or a change one node applied is not
+    /// computed again by the others. Results are identical without it (the
+    /// same trace hash); it is what lets hundreds of nodes fit in one
+    /// process. Absent: every engine computes everything itself, exactly as
+    /// a node does.
+    #[serde(default)]
+    pub share_docs: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -13,6 +13,7 @@ use crate::scenario::Scenario;
 use crate::simstore::SimStore;
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
+use crdt::share::DocShare;
 use crdt::model::*;
 use crdt::store::{Batch, DocState, Store, StoreError};
 use crdt::text::CardUserId;
@@ -301,6 +302,7 @@ pub struct World {
     pub progress: Option<indicatif::ProgressBar>,
     hq: Vec<usize>,
     checks_done: u64,
+    share: Option<DocShare>,
 }
 
 fn role_prefix(r: Role) -> &'static str {
@@ -371,6 +373,7 @@ impl World {
             progress: None,
             hq: vec![],
             checks_done: 0,
+            share: sc.share_docs.map(DocShare::new),
             sc,
         };
         w.build_nodes();
@@ -455,11 +458,25 @@ impl World {
             };
             let now = Self::node_now(&node, 0);
             let store = node.parked.take().expect("fresh");
-            node.engine =
-                Some(Engine::open(store, node.cfg.clone(), now).expect("fresh store opens"));
+            node.engine = Some(self.open(store, &node.cfg, now).expect("fresh store opens"));
             self.nodes.push(node);
         }
         self.summary.nodes = self.nodes.len();
+    }
+
+    /// Opens a node's engine on its store, sharing documents with the
+    /// other nodes when the scenario says so.
+    fn open(
+        &self,
+        store: SimStore,
+        cfg: &EngineConfig,
+        now: Now,
+    ) -> Result<Engine<SimStore>, crdt::engine::EngineError> {
+        let mut e = Engine::open(store, cfg.clone(), now)?;
+        if let Some(s) = &self.share {
+            e.set_share(s.clone());
+        }
+        Ok(e)
     }
 
     fn idx(&self, role: Role) -> Vec<usize> {
@@ -876,7 +893,7 @@ impl World {
             let now = Self::node_now(&self.nodes[i], self.now);
             let cfg = self.nodes[i].cfg.clone();
             self.nodes[i].engine =
-                Some(Engine::open(template.clone(), cfg, now).expect("fresh store opens"));
+                Some(self.open(template.clone(), &cfg, now).expect("fresh store opens"));
         }
     }
 
@@ -1507,7 +1524,7 @@ impl World {
             return;
         };
         let now = Self::node_now(&self.nodes[i], self.now);
-        match Engine::open(store, self.nodes[i].cfg.clone(), now) {
+        match self.open(store, &self.nodes[i].cfg, now) {
             Ok(e) => self.nodes[i].engine = Some(e),
             Err(e) => {
                 // The store is consumed by a failed open; the node is lost.

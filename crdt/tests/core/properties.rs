@@ -30,7 +30,7 @@ fn make_changes(script: &[(u8, u8, bool)]) -> (Doc, Vec<automerge::Change>) {
         )],
     )
     .unwrap();
-    let mut forks: Vec<Doc> = (0..5).map(|_| base.fork()).collect();
+    let mut forks: Vec<Doc> = (0..5).map(|_| base.clone()).collect();
     let mut all = base.am.get_changes(&[]);
     for (i, (actor, n, checkout)) in script.iter().enumerate() {
         let a = (*actor % 5) as usize;

@@ -1,0 +1,147 @@
+//! Materialised documents shared by engines in one process.
+//!
+//! A document's content is a pure function of its key and its heads: the
+//! heads name every change it holds, by hash. So when many engines hold
+//! replicas of the same documents in one process (the simulator runs
+//! hundreds of nodes), one of them can load or apply, and the others reuse
+//! the result instead of parsing and applying the same Automerge changes
+//! again. A node runs one engine and has no share; an engine with a share
+//! runs exactly the same checks, decisions and writes, and only skips
+//! recomputing what another engine already computed from the same inputs.
+//!
+//! Entries are keyed by what determines them: a document by (key, heads);
+//! the result of applying changes by (key, heads before, hashes applied),
+//! which also keeps the rows derived from the result. Both tables are
+//! bounded and forget their oldest entries first.
+
+use crate::doc::{Doc, Hash32};
+use crate::ids::DocKey;
+use crate::store::Projection;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// A document after some changes were applied, with what deriving its rows
+/// gave (an error is a reason the changes are refused).
+#[derive(Clone)]
+pub struct Applied {
+    pub doc: Arc<Doc>,
+    pub projection: Result<Projection, String>,
+}
+
+type DocId = (DocKey, Vec<Hash32>);
+type StepId = (DocKey, Vec<Hash32>, Vec<Hash32>);
+
+struct Table<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Table<K, V> {
+    fn new(cap: usize) -> Self {
+        Table {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+    fn get(&self, k: &K) -> Option<V> {
+        self.map.get(k).cloned()
+    }
+    fn put(&mut self, k: K, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.map.len() > self.cap {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.map.remove(&old);
+        }
+    }
+}
+
+struct Tables {
+    docs: Table<DocId, Arc<Doc>>,
+    steps: Table<StepId, Applied>,
+    hits: u64,
+    misses: u64,
+}
+
+/// See the module docs. Cheap to clone (one shared table).
+#[derive(Clone)]
+pub struct DocShare {
+    inner: Arc<Mutex<Tables>>,
+}
+
+fn sorted(h: &[Hash32]) -> Vec<Hash32> {
+    let mut v = h.to_vec();
+    v.sort_unstable();
+    v
+}
+
+impl DocShare {
+    /// Holds at most `docs` documents and `docs` apply results.
+    pub fn new(docs: usize) -> DocShare {
+        DocShare {
+            inner: Arc::new(Mutex::new(Tables {
+                docs: Table::new(docs),
+                steps: Table::new(docs),
+                hits: 0,
+                misses: 0,
+            })),
+        }
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // A panic elsewhere cannot leave a table half-updated: every update
+        // is a single insert or remove.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The document `key` at exactly `heads`, if an engine materialised it.
+    pub fn doc(&self, key: &DocKey, heads: &[Hash32]) -> Option<Arc<Doc>> {
+        let mut t = self.tables();
+        let d = t.docs.get(&(key.clone(), sorted(heads)));
+        match d {
+            Some(_) => t.hits += 1,
+            None => t.misses += 1,
+        }
+        d
+    }
+
+    /// Offers a materialised document (its own heads are the key).
+    pub fn put_doc(&self, doc: Arc<Doc>) {
+        let id = (doc.key.clone(), sorted(&doc.heads()));
+        self.tables().docs.put(id, doc);
+    }
+
+    /// What applying the changes `added` to `key` at `heads` gave.
+    pub fn applied(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Option<Applied> {
+        let mut t = self.tables();
+        let a = t
+            .steps
+            .get(&(key.clone(), sorted(heads), sorted(added)));
+        match a {
+            Some(_) => t.hits += 1,
+            None => t.misses += 1,
+        }
+        a
+    }
+
+    /// Records what applying `added` to `key` at `heads` gave; the result
+    /// is also offered as a document.
+    pub fn put_applied(&self, heads: &[Hash32], added: &[Hash32], result: Applied) {
+        let key = result.doc.key.clone();
+        let after = (key.clone(), sorted(&result.doc.heads()));
+        let mut t = self.tables();
+        t.docs.put(after, result.doc.clone());
+        t.steps.put((key, sorted(heads), sorted(added)), result);
+    }
+
+    /// (hits, misses) of lookups so far.
+    pub fn stats(&self) -> (u64, u64) {
+        let t = self.tables();
+        (t.hits, t.misses)
+    }
+}
