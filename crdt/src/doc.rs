@@ -13,7 +13,7 @@ use crate::actor::Actor;
 use crate::ids::DocKey;
 use automerge::{
     transaction::CommitOptions, transaction::Transactable, Automerge, Change, ChangeHash, ReadDoc,
-    ScalarValue, Value, ROOT,
+    ScalarValue, ScalarValueRef, Value, ValueRef, ROOT,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
@@ -116,9 +116,21 @@ impl Doc {
     /// Every field with its value and conflicts, in name order.
     pub fn fields(&self) -> BTreeMap<String, Field> {
         let mut out = BTreeMap::new();
-        for k in self.am.keys(ROOT) {
-            if let Some(f) = self.field(&k) {
-                out.insert(k, f);
+        // One pass over the map; only conflicted fields need every value.
+        for item in self.am.map_range(ROOT, ..) {
+            let f = if item.conflict {
+                self.field(&item.key)
+            } else {
+                match item.value {
+                    ValueRef::Scalar(ScalarValueRef::Str(v)) => Some(Field {
+                        value: v.into_owned(),
+                        conflicts: vec![],
+                    }),
+                    _ => None,
+                }
+            };
+            if let Some(f) = f {
+                out.insert(item.key.into_owned(), f);
             }
         }
         out

@@ -31,6 +31,7 @@ use automerge::Change;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use imbl::OrdMap;
 
 /// Documents kept loaded.
 const DEFAULT_CACHE_DOCS: usize = 2048;
@@ -83,12 +84,24 @@ pub enum EngineError {
     },
 }
 
+/// An engine's index of the documents in its store (heads, fingerprints).
+#[derive(Clone)]
+pub struct DocIndex(OrdMap<DocKey, IndexEntry>);
+
 #[derive(Clone, Debug, Default)]
 pub(crate) struct IndexEntry {
     pub(crate) heads: Vec<Hash32>,
     pub(crate) fp: u128,
     /// Changes logged since the last snapshot.
     tail: u32,
+}
+
+/// A mail state that still needs a send or a decision.
+fn is_open(s: &MailState) -> bool {
+    matches!(
+        s.status,
+        MailStatus::Pending | MailStatus::Indeterminate | MailStatus::Sending
+    )
 }
 
 fn item_fp(key: &DocKey, heads: &[Hash32]) -> u128 {
@@ -127,7 +140,7 @@ pub struct Engine<S: Store> {
     pub(crate) meta: Meta,
     pub(crate) actor: Actor,
     pub(crate) hlc: HlcClock,
-    pub(crate) index: BTreeMap<DocKey, IndexEntry>,
+    pub(crate) index: OrdMap<DocKey, IndexEntry>,
     cache: HashMap<DocKey, Arc<Doc>>,
     cache_order: VecDeque<DocKey>,
     /// Documents materialised by other engines in this process (simulator).
@@ -138,6 +151,8 @@ pub struct Engine<S: Store> {
     pub(crate) log_end: Option<Cursor>,
     /// Headquarters: family mail state per (person, contact).
     mail: BTreeMap<(String, String), MailState>,
+    /// Keys of `mail` still to send or resolve (see [`is_open`]).
+    mail_open: BTreeSet<(String, String)>,
     /// Headquarters backup: when each arrival was first seen here.
     arrivals_seen: BTreeMap<String, u64>,
     /// Headquarters: presence documents still to scan for arrivals after a
@@ -165,7 +180,26 @@ impl<S: Store> Engine<S> {
     /// Opens the node's state: checks the store belongs to this node, bumps
     /// and persists the incarnation (so the actor id is new), loads the
     /// document index.
-    pub fn open(mut store: S, cfg: EngineConfig, now: Now) -> Result<Self, EngineError> {
+    pub fn open(store: S, cfg: EngineConfig, now: Now) -> Result<Self, EngineError> {
+        Self::open_indexed(store, cfg, now, None)
+    }
+
+    /// This engine's document index, to open engines on copies of its
+    /// store without building the index again (see [`Engine::open_indexed`]).
+    /// Cheap: the copies share memory until they change.
+    pub fn doc_index(&self) -> DocIndex {
+        DocIndex(self.index.clone())
+    }
+
+    /// [`Engine::open`] with the index of an engine on an identical store
+    /// (the simulator opens hundreds of nodes on copies of one provisioned
+    /// store). `None` builds it from the store.
+    pub fn open_indexed(
+        mut store: S,
+        cfg: EngineConfig,
+        now: Now,
+        index: Option<DocIndex>,
+    ) -> Result<Self, EngineError> {
         let meta = match store.load_meta()? {
             Some(m) => {
                 if m.node_id != cfg.node_id || m.role != cfg.role {
@@ -205,14 +239,17 @@ impl<S: Store> Engine<S> {
             meta: Some(meta.clone()),
             ..Default::default()
         })?;
-        let index: BTreeMap<DocKey, IndexEntry> = store
-            .doc_index()?
-            .into_iter()
-            .map(|(key, heads)| {
-                let fp = item_fp(&key, &heads);
-                (key, IndexEntry { heads, fp, tail: 0 })
-            })
-            .collect();
+        let index = match index {
+            Some(DocIndex(i)) => i,
+            None => store
+                .doc_index()?
+                .into_iter()
+                .map(|(key, heads)| {
+                    let fp = item_fp(&key, &heads);
+                    (key, IndexEntry { heads, fp, tail: 0 })
+                })
+                .collect(),
+        };
         let actor = Actor::new(cfg.role, &cfg.node_id, meta.incarnation);
         let log_end = store.log_end()?;
         let mut e = Engine {
@@ -228,6 +265,7 @@ impl<S: Store> Engine<S> {
             sessions: BTreeMap::new(),
             peers: BTreeMap::new(),
             mail: BTreeMap::new(),
+            mail_open: BTreeSet::new(),
             arrivals_seen: BTreeMap::new(),
             shelter_seen: BTreeMap::new(),
             stats: Stats::default(),
@@ -1471,7 +1509,13 @@ impl<S: Store> Engine<S> {
         };
         let person = key.id.clone();
         for (contact, s) in states {
-            self.mail.insert((person.clone(), contact), s);
+            let k = (person.clone(), contact);
+            if is_open(&s) {
+                self.mail_open.insert(k.clone());
+            } else {
+                self.mail_open.remove(&k);
+            }
+            self.mail.insert(k, s);
         }
     }
 
@@ -1528,16 +1572,27 @@ impl<S: Store> Engine<S> {
 
     fn plan_mail(&mut self, now: Now, out: &mut Vec<Output>) {
         // 1. New arrivals get one pending state per consented contact.
+        // Arrivals that already have mail (planned here or by the other
+        // HQ) need nothing more: forget them, so this stays short.
+        let planned: Vec<String> = self
+            .arrivals_seen
+            .keys()
+            .filter(|p| {
+                self.mail
+                    .range(((*p).clone(), String::new())..)
+                    .next()
+                    .is_some_and(|((mp, _), _)| mp == *p)
+            })
+            .cloned()
+            .collect();
+        for p in &planned {
+            self.arrivals_seen.remove(p);
+        }
         let ready: Vec<String> = self
             .arrivals_seen
             .iter()
-            .filter(|(p, seen)| {
-                (self.cfg.mail_primary || now.wall_ms >= *seen + self.cfg.mail_takeover_ms)
-                    && !self
-                        .mail
-                        .range(((*p).clone(), String::new())..)
-                        .next()
-                        .is_some_and(|((mp, _), _)| mp == *p)
+            .filter(|(_, seen)| {
+                self.cfg.mail_primary || now.wall_ms >= *seen + self.cfg.mail_takeover_ms
             })
             .map(|(p, _)| p.clone())
             .take(500)
@@ -1578,14 +1633,9 @@ impl<S: Store> Engine<S> {
         let _ = self.commit(txn, now, out);
         // 2. Due sends: ours, or others' whose lease expired (takeover).
         let due: Vec<((String, String), MailState)> = self
-            .mail
+            .mail_open
             .iter()
-            .filter(|(_, s)| {
-                matches!(
-                    s.status,
-                    MailStatus::Pending | MailStatus::Indeterminate | MailStatus::Sending
-                )
-            })
+            .filter_map(|k| self.mail.get_key_value(k))
             .filter(|(_, s)| s.next_attempt_ms <= now.wall_ms)
             .filter(|(_, s)| {
                 if s.claimed_by == self.cfg.node_id {

@@ -392,7 +392,7 @@ impl<S: Store> Engine<S> {
         let lo_b = lo.as_ref().map_or(Unbounded, Included);
         let hi_b = hi.as_ref().map_or(Unbounded, Excluded);
         self.index
-            .range::<DocKey, _>((lo_b, hi_b))
+            .range::<_, DocKey>((lo_b, hi_b))
             .filter(|(k, _)| self.shared(peer_role, k))
             .collect()
     }

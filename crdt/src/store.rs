@@ -203,7 +203,7 @@ pub struct MemStore {
     pub meta: Option<Meta>,
     pub log: Vector<ChangeRecord>,
     /// Positions in `log` of each document's changes.
-    pub by_doc: OrdMap<DocKey, Vector<usize>>,
+    pub by_doc: OrdMap<DocKey, Vec<usize>>,
     pub hashes: OrdSet<Hash32>,
     pub docs: OrdMap<DocKey, (Vec<Hash32>, Option<Arc<[u8]>>, usize)>,
     pub projections: OrdMap<DocKey, Projection>,
@@ -278,7 +278,7 @@ impl Store for MemStore {
                 self.by_doc
                     .entry(c.key.clone())
                     .or_default()
-                    .push_back(self.log.len());
+                    .push(self.log.len());
                 self.log.push_back(c.clone());
             }
         }

@@ -23,7 +23,9 @@ pub fn run_seed(sc: &Scenario, seed: u64, deadline: Option<std::time::Instant>) 
     w.run(deadline)
 }
 
-/// Runs one seed with a progress bar on stderr.
+/// Runs one seed with a progress bar on stderr: the run of a process that
+/// ends right after it, so the world is not freed (at disaster scale that
+/// takes seconds; the process exit returns the memory at once).
 pub fn run_seed_with_progress(
     sc: &Scenario,
     seed: u64,
@@ -44,6 +46,7 @@ pub fn run_seed_with_progress(
     w.progress = Some(bar.clone());
     let s = w.run(deadline);
     bar.finish_and_clear();
+    std::mem::forget(w);
     s
 }
 

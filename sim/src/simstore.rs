@@ -20,17 +20,17 @@ pub struct SimStore {
     pub mem: MemStore,
     /// Which projections mention a person, a card, a household member, a
     /// location; and which hold shelters or locations at all.
-    person_docs: OrdMap<String, OrdSet<DocKey>>,
-    card_docs: OrdMap<String, OrdSet<DocKey>>,
-    household_docs: OrdMap<String, OrdSet<DocKey>>,
-    location_docs: OrdMap<String, OrdSet<DocKey>>,
+    person_docs: OrdMap<String, Vec<DocKey>>,
+    card_docs: OrdMap<String, Vec<DocKey>>,
+    household_docs: OrdMap<String, Vec<DocKey>>,
+    location_docs: OrdMap<String, Vec<DocKey>>,
     shelter_docs: OrdSet<DocKey>,
     locations_docs: OrdSet<DocKey>,
 }
 
-fn unindex(m: &mut OrdMap<String, OrdSet<DocKey>>, k: &str, key: &DocKey) {
+fn unindex(m: &mut OrdMap<String, Vec<DocKey>>, k: &str, key: &DocKey) {
     if let Some(s) = m.get_mut(k) {
-        s.remove(key);
+        s.retain(|x| x != key);
         if s.is_empty() {
             m.remove(k);
         }
@@ -39,9 +39,13 @@ fn unindex(m: &mut OrdMap<String, OrdSet<DocKey>>, k: &str, key: &DocKey) {
 
 impl SimStore {
     fn index_projection(&mut self, key: &DocKey, p: &Projection, add: bool) {
-        let edit = |m: &mut OrdMap<String, OrdSet<DocKey>>, k: &str| {
+        let edit = |m: &mut OrdMap<String, Vec<DocKey>>, k: &str| {
             if add {
-                m.entry(k.to_string()).or_default().insert(key.clone());
+                // A few documents per name: a sorted vector, not a set.
+                let v = m.entry(k.to_string()).or_default();
+                if let Err(at) = v.binary_search(key) {
+                    v.insert(at, key.clone());
+                }
             } else {
                 unindex(m, k, key);
             }
@@ -72,10 +76,9 @@ impl SimStore {
 
     fn projections_of<'a>(
         &'a self,
-        keys: Option<&'a OrdSet<DocKey>>,
+        keys: impl IntoIterator<Item = &'a DocKey> + 'a,
     ) -> impl Iterator<Item = &'a Projection> + 'a {
         keys.into_iter()
-            .flatten()
             .filter_map(|k| self.mem.projections.get(k))
     }
 }
@@ -132,7 +135,7 @@ impl Store for SimStore {
     }
     fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError> {
         Ok(self
-            .projections_of(self.person_docs.get(person_id))
+            .projections_of(self.person_docs.get(person_id).into_iter().flatten())
             .flat_map(|p| p.persons.iter())
             .find(|p| p.person_id == person_id)
             .cloned())
@@ -145,14 +148,14 @@ impl Store for SimStore {
     }
     fn household_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .projections_of(self.card_docs.get(card_user_id))
+            .projections_of(self.card_docs.get(card_user_id).into_iter().flatten())
             .flat_map(|p| p.cards.iter())
             .find(|c| c.0 == card_user_id)
             .map(|c| c.1.clone()))
     }
     fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
         let mut v: Vec<_> = self
-            .projections_of(self.household_docs.get(household_id))
+            .projections_of(self.household_docs.get(household_id).into_iter().flatten())
             .flat_map(|p| p.persons.iter())
             .filter(|p| p.household_id.as_deref() == Some(household_id))
             .cloned()
@@ -162,14 +165,14 @@ impl Store for SimStore {
     }
     fn location(&self, person_id: &str) -> Result<Option<LocationRow>, StoreError> {
         Ok(self
-            .projections_of(self.location_docs.get(person_id))
+            .projections_of(self.location_docs.get(person_id).into_iter().flatten())
             .flat_map(|p| p.locations.iter())
             .find(|l| l.person_id == person_id)
             .cloned())
     }
     fn shelters(&self) -> Result<Vec<ShelterRow>, StoreError> {
         let mut v: Vec<_> = self
-            .projections_of(Some(&self.shelter_docs))
+            .projections_of(&self.shelter_docs)
             .flat_map(|p| p.shelters.iter())
             .cloned()
             .collect();
@@ -179,7 +182,7 @@ impl Store for SimStore {
     fn occupancy(&self) -> Result<BTreeMap<String, u32>, StoreError> {
         let mut m = BTreeMap::new();
         for l in self
-            .projections_of(Some(&self.locations_docs))
+            .projections_of(&self.locations_docs)
             .flat_map(|p| p.locations.iter())
             .filter(|l| l.status == LocationStatus::In)
         {
@@ -189,7 +192,7 @@ impl Store for SimStore {
     }
     fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError> {
         let mut v: Vec<_> = self
-            .projections_of(Some(&self.locations_docs))
+            .projections_of(&self.locations_docs)
             .flat_map(|p| p.locations.iter())
             .filter(|l| l.conflict)
             .cloned()

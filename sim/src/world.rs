@@ -12,7 +12,7 @@ use crate::check::{self, MailLedger, Replica, Violation};
 use crate::scenario::Scenario;
 use crate::simstore::SimStore;
 use crdt::api::*;
-use crdt::engine::{Engine, EngineConfig};
+use crdt::engine::{DocIndex, Engine, EngineConfig};
 use crdt::share::DocShare;
 use crdt::model::*;
 use crdt::store::{Batch, DocState, Store, StoreError};
@@ -458,7 +458,7 @@ impl World {
             };
             let now = Self::node_now(&node, 0);
             let store = node.parked.take().expect("fresh");
-            node.engine = Some(self.open(store, &node.cfg, now).expect("fresh store opens"));
+            node.engine = Some(self.open(store, &node.cfg, now, None).expect("fresh store opens"));
             self.nodes.push(node);
         }
         self.summary.nodes = self.nodes.len();
@@ -471,8 +471,9 @@ impl World {
         store: SimStore,
         cfg: &EngineConfig,
         now: Now,
+        index: Option<DocIndex>,
     ) -> Result<Engine<SimStore>, crdt::engine::EngineError> {
-        let mut e = Engine::open(store, cfg.clone(), now)?;
+        let mut e = Engine::open_indexed(store, cfg.clone(), now, index)?;
         if let Some(s) = &self.share {
             e.set_share(s.clone());
         }
@@ -889,11 +890,16 @@ impl World {
         };
         let mut template = SimStore::default();
         template.commit(&batch).expect("memory stores accept every batch");
+        let mut index = None;
         for i in (0..self.nodes.len()).filter(|&i| i != from) {
             let now = Self::node_now(&self.nodes[i], self.now);
             let cfg = self.nodes[i].cfg.clone();
-            self.nodes[i].engine =
-                Some(self.open(template.clone(), &cfg, now).expect("fresh store opens"));
+            let e = self
+                .open(template.clone(), &cfg, now, index.clone())
+                .expect("fresh store opens");
+            // Every copy holds the same documents: one index, shared.
+            index.get_or_insert_with(|| e.doc_index());
+            self.nodes[i].engine = Some(e);
         }
     }
 
@@ -1524,7 +1530,7 @@ impl World {
             return;
         };
         let now = Self::node_now(&self.nodes[i], self.now);
-        match self.open(store, &self.nodes[i].cfg, now) {
+        match self.open(store, &self.nodes[i].cfg, now, None) {
             Ok(e) => self.nodes[i].engine = Some(e),
             Err(e) => {
                 // The store is consumed by a failed open; the node is lost.
