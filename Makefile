@@ -12,7 +12,9 @@ demo:
 test:
 	bash deploy/scripts/setup.sh
 	cargo nextest run --workspace --release --no-fail-fast --profile ci
-	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-small.toml --seeds 300
+	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-small.toml --seeds 2000
+	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-medium.toml --seeds 300
+	cargo run --release -p sim --features mutants --bin kizuna-sim -- mutants --scenario sim/scenarios/ci-small.toml --seeds 50
 
 bench:
 	cargo bench -p crdt --bench reconcile -- --docs 100000 --divergence 0.01

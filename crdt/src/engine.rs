@@ -319,6 +319,10 @@ impl<S: Store> Engine<S> {
     pub fn heads(&self) -> impl Iterator<Item = (&DocKey, &[Hash32])> {
         self.index.iter().map(|(k, e)| (k, e.heads.as_slice()))
     }
+    /// Whether a session is open (frames on it are processed).
+    pub fn has_session(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
+    }
     pub fn doc_count(&self) -> usize {
         self.index.len()
     }

@@ -132,9 +132,11 @@ pub fn conflicts(
     out
 }
 
-/// A receiver that stored a resume cursor for an in-order `Changes`
-/// frame (and flagged no peer violation) must have stored every change of
-/// it: the sender resumes after the cursor and never offers them again.
+/// A receiver that took a `Changes` frame without objecting (no peer
+/// violation, session still open) must have stored every change of it,
+/// including changes that arrived before their dependencies (C-8: queued,
+/// never dropped): the sender resumes after the frame's cursor and never
+/// offers them again, and a stray copy may have been the only one.
 /// `stored` answers whether a change hash is in the receiver's store.
 pub fn received_changes(
     to: &str,
@@ -157,7 +159,7 @@ pub fn received_changes(
                     RECEIVED_CHANGE_LOST,
                     at_ms,
                     format!(
-                        "{to}: {} change {} acknowledged by its cursor but not stored",
+                        "{to}: {} change {} received without objection but not stored",
                         d.key,
                         h[..4]
                             .iter()

@@ -1281,21 +1281,35 @@ impl World {
             return;
         }
         let session = sid(l, gen, 1 - dir);
-        let cursor_frame = match wire::decode(&bytes) {
-            Ok(f @ Frame::Changes { upto: Some(_), .. }) => Some(f),
+        let open = self.nodes[to]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.has_session(session));
+        let changes_frame = match wire::decode(&bytes) {
+            Ok(f @ Frame::Changes { .. }) if open => Some(f),
             _ => None,
         };
         let rest = self.input(to, Input::Frame { session, bytes });
-        if let Some(f) = cursor_frame {
-            self.check_received(from, to, &f, &rest);
+        if let Some(f) = changes_frame {
+            self.check_received(from, to, session, &f, &rest);
         }
         self.after_outputs(to, rest, None);
     }
 
-    /// `check::received_changes` for a frame the receiver stored a cursor
-    /// for (not when it rejected part of it or failed to commit).
-    fn check_received(&mut self, from: usize, to: usize, f: &Frame, rest: &[Output]) {
-        let Frame::Changes { upto: Some(c), .. } = f else {
+    /// `check::received_changes` for a `Changes` frame an open session
+    /// took without objecting: unless the receiver flagged the peer or closed
+    /// the session (a failed commit), every change it may hold is stored,
+    /// including changes that arrived before their dependencies (C-8: queued,
+    /// never dropped), and a cursor it carried was stored with them.
+    fn check_received(
+        &mut self,
+        from: usize,
+        to: usize,
+        session: SessionId,
+        f: &Frame,
+        rest: &[Output],
+    ) {
+        let Frame::Changes { upto, .. } = f else {
             return;
         };
         if rest
@@ -1304,11 +1318,16 @@ impl World {
         {
             return;
         }
-        let Some(e) = self.nodes[to].engine.as_ref() else {
+        // A failed commit closes the session (and stores nothing).
+        let Some(e) = self.nodes[to]
+            .engine
+            .as_ref()
+            .filter(|e| e.has_session(session))
+        else {
             return;
         };
         let mem = &e.store().mem;
-        if mem.cursors.get(&self.nodes[from].id) != Some(c) {
+        if upto.is_some_and(|c| mem.cursors.get(&self.nodes[from].id) != Some(&c)) {
             return;
         }
         let (role, id) = (self.nodes[to].role, &self.nodes[to].id);
@@ -1889,6 +1908,14 @@ impl World {
     }
 
     /// Runs until the end of the scenario or until `deadline` (wall clock).
+    /// Documents each node holds (`None` while it is down).
+    pub fn doc_counts(&self) -> Vec<Option<usize>> {
+        self.nodes
+            .iter()
+            .map(|n| n.engine.as_ref().map(|e| e.doc_count()))
+            .collect()
+    }
+
     pub fn run(&mut self, deadline: Option<std::time::Instant>) -> Summary {
         let started = std::time::Instant::now();
         let mut end = self.sc.total_ms();
