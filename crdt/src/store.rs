@@ -15,7 +15,8 @@ use crate::ids::{DocKey, NodeId, Role};
 use serde::{Deserialize, Serialize};
 use imbl::{OrdMap, OrdSet, Vector};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -62,7 +63,7 @@ pub struct DocState {
 }
 
 /// A person as the query tables know them.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PersonRow {
     pub person_id: String,
     pub household_id: Option<String>,
@@ -72,7 +73,7 @@ pub struct PersonRow {
     pub birth_date: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LocationStatus {
     In,
@@ -81,7 +82,7 @@ pub enum LocationStatus {
     Pending,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LocationRow {
     pub person_id: String,
     pub shelter_id: String,
@@ -91,7 +92,7 @@ pub struct LocationRow {
     pub conflict: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ShelterRow {
     pub shelter_id: String,
     pub name: String,
@@ -100,7 +101,7 @@ pub struct ShelterRow {
 
 /// All query rows derived from one document. Committing it replaces
 /// whatever that document derived before.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Projection {
     pub persons: Vec<PersonRow>,
     /// (card user id, household id, person id)
@@ -196,17 +197,77 @@ pub trait Store {
     fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError>;
 }
 
+/// A change in `MemStore`'s log; its bytes may be shared with other stores
+/// (see [`StorePool`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedChange {
+    pub key: DocKey,
+    pub hash: Hash32,
+    pub bytes: Arc<[u8]>,
+}
+
+impl LoggedChange {
+    pub fn record(&self) -> ChangeRecord {
+        ChangeRecord {
+            key: self.key.clone(),
+            hash: self.hash,
+            bytes: self.bytes.to_vec(),
+        }
+    }
+}
+
+/// One copy of each change's bytes and of each set of query rows for many
+/// in-memory stores (the simulator's nodes all log the same changes and
+/// derive the same rows). A change is named by its hash, so equal hashes
+/// are equal bytes; rows are compared whole.
+#[derive(Clone, Debug, Default)]
+pub struct StorePool(Arc<Mutex<Pooled>>);
+
+#[derive(Debug, Default)]
+struct Pooled {
+    changes: HashMap<Hash32, Arc<[u8]>>,
+    projections: HashSet<Arc<Projection>>,
+}
+
+impl StorePool {
+    fn pooled(&self) -> std::sync::MutexGuard<'_, Pooled> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn change(&self, hash: Hash32, bytes: &[u8]) -> Arc<[u8]> {
+        let mut m = self.pooled();
+        m.changes.entry(hash).or_insert_with(|| Arc::from(bytes)).clone()
+    }
+    fn projection(&self, p: &Projection) -> Arc<Projection> {
+        let mut m = self.pooled();
+        if let Some(x) = m.projections.get(p) {
+            return x.clone();
+        }
+        let x = Arc::new(p.clone());
+        m.projections.insert(x.clone());
+        x
+    }
+}
+
+impl PartialEq for StorePool {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for StorePool {}
+
 /// Everything a store holds, in plain maps; the in-memory store is just
 /// this, and the conformance suite compares real stores against it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemStore {
     pub meta: Option<Meta>,
-    pub log: Vector<ChangeRecord>,
+    pub log: Vector<LoggedChange>,
+    /// Where change bytes and rows are kept when shared with other stores.
+    pub pool: Option<StorePool>,
     /// Positions in `log` of each document's changes.
     pub by_doc: OrdMap<DocKey, Vec<usize>>,
     pub hashes: OrdSet<Hash32>,
     pub docs: OrdMap<DocKey, (Vec<Hash32>, Option<Arc<[u8]>>, usize)>,
-    pub projections: OrdMap<DocKey, Projection>,
+    pub projections: OrdMap<DocKey, Arc<Projection>>,
     pub ops: OrdMap<String, String>,
     pub peer_heads: OrdMap<(NodeId, DocKey), Vec<Hash32>>,
     pub quarantine: OrdMap<DocKey, String>,
@@ -249,7 +310,7 @@ impl Store for MemStore {
         let changes = self
             .doc_positions(key)
             .filter(|&i| i >= *snap_at)
-            .map(|i| self.log[i].bytes.clone())
+            .map(|i| self.log[i].bytes.to_vec())
             .collect();
         Ok(Some(StoredDoc {
             snapshot: snap.as_deref().map(<[u8]>::to_vec),
@@ -259,7 +320,7 @@ impl Store for MemStore {
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .doc_positions(key)
-            .map(|i| self.log[i].bytes.clone())
+            .map(|i| self.log[i].bytes.to_vec())
             .collect())
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
@@ -279,7 +340,15 @@ impl Store for MemStore {
                     .entry(c.key.clone())
                     .or_default()
                     .push(self.log.len());
-                self.log.push_back(c.clone());
+                let bytes = match &self.pool {
+                    Some(p) => p.change(c.hash, &c.bytes),
+                    None => Arc::from(c.bytes.as_slice()),
+                };
+                self.log.push_back(LoggedChange {
+                    key: c.key.clone(),
+                    hash: c.hash,
+                    bytes,
+                });
             }
         }
         for d in &batch.docs {
@@ -291,7 +360,11 @@ impl Store for MemStore {
             }
         }
         for (k, p) in &batch.projections {
-            self.projections.insert(k.clone(), p.clone());
+            let p = match &self.pool {
+                Some(pool) => pool.projection(p),
+                None => Arc::new(p.clone()),
+            };
+            self.projections.insert(k.clone(), p);
         }
         for (k, v) in &batch.ops {
             self.ops.entry(k.clone()).or_insert_with(|| v.clone());
@@ -311,7 +384,7 @@ impl Store for MemStore {
         let start = (after as usize).min(self.log.len());
         Ok((start..self.log.len())
             .take(limit)
-            .map(|i| ((i + 1) as u64, self.log[i].clone()))
+            .map(|i| ((i + 1) as u64, self.log[i].record()))
             .collect())
     }
     fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError> {

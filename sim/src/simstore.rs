@@ -79,7 +79,7 @@ impl SimStore {
         keys: impl IntoIterator<Item = &'a DocKey> + 'a,
     ) -> impl Iterator<Item = &'a Projection> + 'a {
         keys.into_iter()
-            .filter_map(|k| self.mem.projections.get(k))
+            .filter_map(|k| self.mem.projections.get(k).map(|p| &**p))
     }
 }
 
@@ -97,7 +97,7 @@ impl Store for SimStore {
         self.mem.doc_changes(key)
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let old: Vec<(DocKey, Projection)> = batch
+        let old: Vec<(DocKey, std::sync::Arc<Projection>)> = batch
             .projections
             .iter()
             .filter_map(|(k, _)| self.mem.projections.get(k).map(|p| (k.clone(), p.clone())))

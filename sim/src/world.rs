@@ -15,7 +15,7 @@ use crdt::api::*;
 use crdt::engine::{DocIndex, Engine, EngineConfig};
 use crdt::share::DocShare;
 use crdt::model::*;
-use crdt::store::{Batch, DocState, Store, StoreError};
+use crdt::store::{Batch, StorePool, DocState, Store, StoreError};
 use crdt::text::CardUserId;
 use crdt::wire::{self, Frame};
 use crdt::{DocKey, Kind, NodeId, Role};
@@ -303,6 +303,8 @@ pub struct World {
     hq: Vec<usize>,
     checks_done: u64,
     share: Option<DocShare>,
+    /// With `share`: one copy of each change's bytes for every store.
+    pool: Option<StorePool>,
 }
 
 fn role_prefix(r: Role) -> &'static str {
@@ -374,6 +376,7 @@ impl World {
             hq: vec![],
             checks_done: 0,
             share: sc.share_docs.map(DocShare::new),
+            pool: sc.share_docs.map(|_| StorePool::default()),
             sc,
         };
         w.build_nodes();
@@ -445,7 +448,7 @@ impl World {
                 role,
                 cfg,
                 engine: None,
-                parked: Some(SimStore::default()),
+                parked: Some(self.new_store()),
                 skew_ms,
                 join_at_ms: 0,
                 epoch: 0,
@@ -462,6 +465,12 @@ impl World {
             self.nodes.push(node);
         }
         self.summary.nodes = self.nodes.len();
+    }
+
+    fn new_store(&self) -> SimStore {
+        let mut s = SimStore::default();
+        s.mem.pool = self.pool.clone();
+        s
     }
 
     /// Opens a node's engine on its store, sharing documents with the
@@ -868,7 +877,12 @@ impl World {
         let src = &self.nodes[from].engine.as_ref().expect("hq is up").store().mem;
         let everyone = |k: &DocKey| matches!(k.kind, Kind::Registry | Kind::Shelter);
         let batch = Batch {
-            changes: src.log.iter().filter(|c| everyone(&c.key)).cloned().collect(),
+            changes: src
+                .log
+                .iter()
+                .filter(|c| everyone(&c.key))
+                .map(|c| c.record())
+                .collect(),
             docs: src
                 .docs
                 .iter()
@@ -884,11 +898,11 @@ impl World {
                 .projections
                 .iter()
                 .filter(|(k, _)| everyone(k))
-                .map(|(k, p)| (k.clone(), p.clone()))
+                .map(|(k, p)| (k.clone(), (**p).clone()))
                 .collect(),
             ..Default::default()
         };
-        let mut template = SimStore::default();
+        let mut template = self.new_store();
         template.commit(&batch).expect("memory stores accept every batch");
         let mut index = None;
         for i in (0..self.nodes.len()).filter(|&i| i != from) {
@@ -1798,7 +1812,8 @@ impl World {
                         projection: self.nodes[i]
                             .engine
                             .as_ref()
-                            .and_then(|e| e.store().mem.projections.get(&key)),
+                            .and_then(|e| e.store().mem.projections.get(&key))
+                            .map(|p| &**p),
                     })
                     .collect();
                 if let Some(v) = check::converged(&key, &reps, self.now) {
