@@ -30,8 +30,10 @@ pub fn run_seed_with_progress(
     sc: &Scenario,
     seed: u64,
     deadline: Option<std::time::Instant>,
+    max_rss: Option<u64>,
 ) -> Summary {
     let mut w = World::new(sc.clone(), seed);
+    w.max_rss = max_rss;
     let total = sc.total_ms() / 1000;
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(total),

@@ -32,6 +32,10 @@ enum Cmd {
         /// Stop after this many wall seconds (reports how far it got).
         #[arg(long)]
         budget_secs: Option<u64>,
+        /// Stop when the simulator's resident memory passes this many GiB
+        /// (reports how far it got). Default: 90% of this machine's memory.
+        #[arg(long)]
+        max_rss_gib: Option<f64>,
         /// With `--features mutants`: plant this bug (as `mutants` names it).
         #[arg(long)]
         mutant: Option<String>,
@@ -82,12 +86,17 @@ fn real_main() -> Result<bool> {
             json,
             svg,
             budget_secs,
+            max_rss_gib,
             mutant,
         } => {
             let sc = Scenario::load(&scenario)?;
             plant(mutant.as_deref())?;
             let deadline = budget_secs.map(|b| Instant::now() + std::time::Duration::from_secs(b));
-            let s = sim::run_seed_with_progress(&sc, seed, deadline);
+            let max_rss = match max_rss_gib {
+                Some(g) => Some((g * (1u64 << 30) as f64) as u64),
+                None => Some(sim::world::memory_total() / 10 * 9).filter(|&m| m > 0),
+            };
+            let s = sim::run_seed_with_progress(&sc, seed, deadline, max_rss);
             print!("{}", sim::report::table(&s));
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&sim::report::json(&s))?)?;

@@ -11,7 +11,13 @@ pub fn table(s: &Summary) -> String {
         ("seed", s.seed.to_string()),
         ("nodes", s.nodes.to_string()),
         ("simulated hours", format!("{:.2}", s.simulated_hours)),
-        ("finished", s.finished.to_string()),
+        (
+            "finished",
+            match &s.stopped {
+                Some(why) if !s.finished => format!("false: {why}"),
+                _ => s.finished.to_string(),
+            },
+        ),
         (
             "commands (failed)",
             format!("{} ({})", s.commands, s.commands_failed),
@@ -42,6 +48,13 @@ pub fn table(s: &Summary) -> String {
             s.trace_hash[..16.min(s.trace_hash.len())].to_string(),
         ),
         ("wall ms", s.wall_ms.to_string()),
+        (
+            "node-hours / wall s",
+            format!(
+                "{:.2}",
+                s.nodes as f64 * s.simulated_hours / (s.wall_ms.max(1) as f64 / 1000.0)
+            ),
+        ),
         (
             "peak RSS MiB",
             format!("{:.1}", s.peak_rss_bytes as f64 / 1048576.0),

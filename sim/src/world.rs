@@ -262,6 +262,8 @@ pub struct Summary {
     pub wall_ms: u64,
     pub peak_rss_bytes: u64,
     pub finished: bool,
+    /// Why a run stopped before the end of the scenario.
+    pub stopped: Option<String>,
     /// (simulated ms, true arrivals acknowledged, arrivals known at HQ)
     #[serde(skip)]
     pub arrivals_curve: Vec<(u64, u64, u64)>,
@@ -300,6 +302,9 @@ pub struct World {
     true_arrivals: BTreeSet<String>,
     converged_at: Option<u64>,
     pub progress: Option<indicatif::ProgressBar>,
+    /// Stop (reporting how far the run got) when resident memory passes
+    /// this many bytes, instead of being killed by the kernel.
+    pub max_rss: Option<u64>,
     hq: Vec<usize>,
     checks_done: u64,
     share: Option<DocShare>,
@@ -373,6 +378,7 @@ impl World {
             true_arrivals: BTreeSet::new(),
             converged_at: None,
             progress: None,
+            max_rss: None,
             hq: vec![],
             checks_done: 0,
             share: sc.share_docs.map(DocShare::new),
@@ -1922,7 +1928,6 @@ impl World {
         self.push(self.now, Ev::Reconnect);
     }
 
-    /// Runs until the end of the scenario or until `deadline` (wall clock).
     /// Documents each node holds (`None` while it is down).
     pub fn doc_counts(&self) -> Vec<Option<usize>> {
         self.nodes
@@ -1931,6 +1936,9 @@ impl World {
             .collect()
     }
 
+    /// Runs until the end of the scenario, until `deadline` (wall clock) or
+    /// until the process's resident memory passes `max_rss` bytes; the
+    /// summary says which (`stopped`) and how far it got.
     pub fn run(&mut self, deadline: Option<std::time::Instant>) -> Summary {
         let started = std::time::Instant::now();
         let mut end = self.sc.total_ms();
@@ -1949,11 +1957,17 @@ impl World {
             let ((t, _), ev) = self.queue.pop_first().expect("present");
             self.now = t;
             steps += 1;
-            if steps % 64 == 0 {
-                if let Some(d) = deadline {
-                    if std::time::Instant::now() > d {
-                        break;
-                    }
+            if steps % 64 == 0 && deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                self.summary.stopped = Some("wall-clock budget reached".into());
+                break;
+            }
+            if steps % 4096 == 0 {
+                if let Some(limit) = self.max_rss.filter(|&l| rss() > l) {
+                    self.summary.stopped = Some(format!(
+                        "resident memory passed the {:.1} GiB limit",
+                        limit as f64 / (1u64 << 30) as f64
+                    ));
+                    break;
                 }
             }
             match ev {
@@ -2091,14 +2105,28 @@ impl World {
 }
 
 /// VmHWM from /proc/self/status, in bytes (0 where unavailable).
-pub fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A `/proc` status line in bytes (0 when unavailable).
+fn proc_kib(file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(file)
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+pub fn peak_rss() -> u64 {
+    proc_kib("/proc/self/status", "VmHWM:")
+}
+
+fn rss() -> u64 {
+    proc_kib("/proc/self/status", "VmRSS:")
+}
+
+/// Physical memory of this machine in bytes (0 when unknown).
+pub fn memory_total() -> u64 {
+    proc_kib("/proc/meminfo", "MemTotal:")
 }
