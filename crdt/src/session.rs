@@ -811,7 +811,11 @@ impl<S: Store> Engine<S> {
                 .changes
                 .iter()
                 .map(|b| {
-                    let c = parse_change(b).map_err(|e| e.to_string())?;
+                    let c = match &self.share {
+                        Some(share) => share.parse(b),
+                        None => parse_change(b),
+                    }
+                    .map_err(|e| e.to_string())?;
                     self.check_author(&c, &key, &peer, role)?;
                     Ok(c)
                 })

@@ -11,12 +11,13 @@
 //!
 //! Entries are keyed by what determines them: a document by (key, heads);
 //! the result of applying changes by (key, heads before, hashes applied),
-//! which also keeps the rows derived from the result. Both tables are
-//! bounded and forget their oldest entries first.
+//! which also keeps the rows derived from the result; a parsed change by
+//! its bytes. The tables are bounded and forget their oldest entries first.
 
-use crate::doc::{Doc, Hash32};
+use crate::doc::{parse_change, Doc, DocError, Hash32};
 use crate::ids::DocKey;
 use crate::store::Projection;
+use automerge::Change;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -64,6 +65,8 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Table<K, V> {
 struct Tables {
     docs: Table<DocId, Arc<Doc>>,
     steps: Table<StepId, Applied>,
+    /// Parsed changes by their bytes (only successful parses).
+    parsed: Table<Arc<[u8]>, Change>,
     hits: u64,
     misses: u64,
 }
@@ -87,6 +90,7 @@ impl DocShare {
             inner: Arc::new(Mutex::new(Tables {
                 docs: Table::new(docs),
                 steps: Table::new(docs),
+                parsed: Table::new(docs),
                 hits: 0,
                 misses: 0,
             })),
@@ -137,6 +141,16 @@ impl DocShare {
         let mut t = self.tables();
         t.docs.put(after, result.doc.clone());
         t.steps.put((key, sorted(heads), sorted(added)), result);
+    }
+
+    /// `parse_change(bytes)`, parsing each distinct change once.
+    pub fn parse(&self, bytes: &[u8]) -> Result<Change, DocError> {
+        if let Some(c) = self.tables().parsed.map.get(bytes) {
+            return Ok(c.clone());
+        }
+        let c = parse_change(bytes)?;
+        self.tables().parsed.put(Arc::from(bytes), c.clone());
+        Ok(c)
     }
 
     /// (hits, misses) of lookups so far.

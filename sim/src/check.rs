@@ -137,11 +137,13 @@ pub fn conflicts(
 /// including changes that arrived before their dependencies (C-8: queued,
 /// never dropped): the sender resumes after the frame's cursor and never
 /// offers them again, and a stray copy may have been the only one.
-/// `stored` answers whether a change hash is in the receiver's store.
+/// `stored` answers whether a change hash is in the receiver's store;
+/// `parse` is `crdt::doc::parse_change` (or a memo of it).
 pub fn received_changes(
     to: &str,
     frame: &Frame,
     stored: impl Fn(&DocKey, &[u8; 32]) -> bool,
+    parse: impl Fn(&[u8]) -> Result<automerge::Change, crdt::doc::DocError>,
     at_ms: u64,
 ) -> Vec<Violation> {
     let Frame::Changes { docs, .. } = frame else {
@@ -150,7 +152,7 @@ pub fn received_changes(
     let mut out = vec![];
     for d in docs {
         for b in &d.changes {
-            let Ok(c) = crdt::doc::parse_change(b) else {
+            let Ok(c) = parse(b) else {
                 continue;
             };
             let h = c.hash().0;

@@ -13,7 +13,8 @@ use crdt::doc::Hash32;
 use crdt::ids::{DocKey, NodeId};
 use crdt::store::*;
 use imbl::{OrdMap, OrdSet};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 #[derive(Clone, Default)]
 pub struct SimStore {
@@ -38,37 +39,50 @@ fn unindex(m: &mut OrdMap<String, Vec<DocKey>>, k: &str, key: &DocKey) {
 }
 
 impl SimStore {
-    fn index_projection(&mut self, key: &DocKey, p: &Projection, add: bool) {
-        let edit = |m: &mut OrdMap<String, Vec<DocKey>>, k: &str| {
-            if add {
+    /// Moves a document's index entries from what `old` derived to what
+    /// `new` derives, touching only names that appear or disappear (a new
+    /// presence event usually changes none).
+    fn reindex(&mut self, key: &DocKey, old: Option<&Projection>, new: &Projection) {
+        fn names(p: Option<&Projection>) -> [BTreeSet<&str>; 4] {
+            let mut n: [BTreeSet<&str>; 4] = Default::default();
+            if let Some(p) = p {
+                for r in &p.persons {
+                    n[0].insert(&r.person_id);
+                    if let Some(h) = &r.household_id {
+                        n[1].insert(h);
+                    }
+                }
+                n[2].extend(p.cards.iter().map(|c| c.0.as_str()));
+                n[3].extend(p.locations.iter().map(|l| l.person_id.as_str()));
+            }
+            n
+        }
+        let (before, after) = (names(old), names(Some(new)));
+        let maps = [
+            &mut self.person_docs,
+            &mut self.household_docs,
+            &mut self.card_docs,
+            &mut self.location_docs,
+        ];
+        for ((m, b), a) in maps.into_iter().zip(&before).zip(&after) {
+            for k in b.difference(a) {
+                unindex(m, k, key);
+            }
+            for k in a.difference(b) {
                 // A few documents per name: a sorted vector, not a set.
                 let v = m.entry(k.to_string()).or_default();
                 if let Err(at) = v.binary_search(key) {
                     v.insert(at, key.clone());
                 }
-            } else {
-                unindex(m, k, key);
-            }
-        };
-        for r in &p.persons {
-            edit(&mut self.person_docs, &r.person_id);
-            if let Some(h) = &r.household_id {
-                edit(&mut self.household_docs, h);
             }
         }
-        for c in &p.cards {
-            edit(&mut self.card_docs, &c.0);
-        }
-        for l in &p.locations {
-            edit(&mut self.location_docs, &l.person_id);
-        }
-        for (set, non_empty) in [
-            (&mut self.shelter_docs, !p.shelters.is_empty()),
-            (&mut self.locations_docs, !p.locations.is_empty()),
+        for (set, member) in [
+            (&mut self.shelter_docs, !new.shelters.is_empty()),
+            (&mut self.locations_docs, !new.locations.is_empty()),
         ] {
-            if add && non_empty {
+            if member {
                 set.insert(key.clone());
-            } else if !add {
+            } else {
                 set.remove(key);
             }
         }
@@ -97,18 +111,18 @@ impl Store for SimStore {
         self.mem.doc_changes(key)
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let old: Vec<(DocKey, std::sync::Arc<Projection>)> = batch
-            .projections
-            .iter()
-            .filter_map(|(k, _)| self.mem.projections.get(k).map(|p| (k.clone(), p.clone())))
-            .collect();
-        self.mem.commit(batch)?;
-        for (k, p) in &old {
-            self.index_projection(k, p, false);
-        }
+        let mut old: BTreeMap<DocKey, Option<Arc<Projection>>> = BTreeMap::new();
         for (k, _) in &batch.projections {
-            let p = self.mem.projections[k].clone();
-            self.index_projection(k, &p, true);
+            if !old.contains_key(k) {
+                old.insert(k.clone(), self.mem.projections.get(k).cloned());
+            }
+        }
+        self.mem.commit(batch)?;
+        for (k, before) in old {
+            let after = self.mem.projections[&k].clone();
+            if !before.as_ref().is_some_and(|b| Arc::ptr_eq(b, &after)) {
+                self.reindex(&k, before.as_deref(), &after);
+            }
         }
         Ok(())
     }

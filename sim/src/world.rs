@@ -1351,10 +1351,15 @@ impl World {
             return;
         }
         let (role, id) = (self.nodes[to].role, &self.nodes[to].id);
+        let share = self.share.as_ref();
         let vs = check::received_changes(
             id.as_str(),
             f,
             |k, h| !crdt::policy::may_hold(role, id, k) || mem.hashes.contains(h),
+            |b| match share {
+                Some(s) => s.parse(b),
+                None => crdt::doc::parse_change(b),
+            },
             self.now,
         );
         for v in vs {

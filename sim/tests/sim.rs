@@ -6,6 +6,7 @@
 //! minute; CI runs the large sweeps through the release binary.
 
 use crdt::api::{MailRequest, Reply};
+use crdt::doc::parse_change;
 use crdt::hlc::Hlc;
 use crdt::model::{AuditEntry, PresenceAction, PresenceEvent};
 use crdt::store::{LocationRow, LocationStatus, Projection};
@@ -374,7 +375,7 @@ fn received_change_lost_fires() {
         }],
         upto: None,
     };
-    let v = check::received_changes("shelter-2", &frame, |_, _| false, 0);
+    let v = check::received_changes("shelter-2", &frame, |_, _| false, parse_change, 0);
     assert_eq!(v[0].name, RECEIVED_CHANGE_LOST);
-    assert!(check::received_changes("shelter-2", &frame, |_, _| true, 0).is_empty());
+    assert!(check::received_changes("shelter-2", &frame, |_, _| true, parse_change, 0).is_empty());
 }
