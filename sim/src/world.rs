@@ -212,6 +212,8 @@ enum Ev {
         gen: u32,
         dir: u8,
         bytes: Vec<u8>,
+        /// The same frame decoded, when it carries changes.
+        changes: Option<Box<Frame>>,
     },
     TickAll,
     Cmd {
@@ -1243,7 +1245,8 @@ impl World {
         k.last_arrival[dir] = arrive;
         let stray_copy = || match frame.clone() {
             Some(Frame::Changes { docs, .. }) if !docs.is_empty() => {
-                wire::encode(&Frame::Changes { docs, upto: None }).ok()
+                let f = Frame::Changes { docs, upto: None };
+                wire::encode(&f).ok().map(|b| (b, f))
             }
             _ => None,
         };
@@ -1265,7 +1268,7 @@ impl World {
                 copies.push(("duplicate", arrive + range(r, 0, rtt + 20), copy));
             }
         }
-        for (what, at, copy) in copies {
+        for (what, at, (copy, f)) in copies {
             *self.summary.faults_injected.entry(what.into()).or_default() += 1;
             self.push(
                 at,
@@ -1274,9 +1277,14 @@ impl World {
                     gen,
                     dir: side,
                     bytes: copy,
+                    changes: Some(Box::new(f)),
                 },
             );
         }
+        // The receiver's checks need the changes again: keep them decoded.
+        let changes = frame
+            .filter(|f| matches!(f, Frame::Changes { .. }))
+            .map(Box::new);
         self.push(
             arrive,
             Ev::Deliver {
@@ -1284,11 +1292,19 @@ impl World {
                 gen,
                 dir: side,
                 bytes,
+                changes,
             },
         );
     }
 
-    fn deliver(&mut self, l: usize, gen: u32, dir: u8, bytes: Vec<u8>) {
+    fn deliver(
+        &mut self,
+        l: usize,
+        gen: u32,
+        dir: u8,
+        bytes: Vec<u8>,
+        changes: Option<Box<Frame>>,
+    ) {
         let k = &self.links[l];
         if !k.up || k.gen != gen || k.broken {
             return;
@@ -1305,10 +1321,7 @@ impl World {
             .engine
             .as_ref()
             .is_some_and(|e| e.has_session(session));
-        let changes_frame = match wire::decode(&bytes) {
-            Ok(f @ Frame::Changes { .. }) if open => Some(f),
-            _ => None,
-        };
+        let changes_frame = changes.filter(|_| open);
         let rest = self.input(to, Input::Frame { session, bytes });
         if let Some(f) = changes_frame {
             self.check_received(from, to, session, &f, &rest);
@@ -1981,7 +1994,8 @@ impl World {
                     gen,
                     dir,
                     bytes,
-                } => self.deliver(link, gen, dir, bytes),
+                    changes,
+                } => self.deliver(link, gen, dir, bytes, changes),
                 Ev::TickAll => {
                     for i in 0..self.nodes.len() {
                         let rest = self.input(i, Input::Tick);
