@@ -1548,14 +1548,19 @@ impl<S: Store> Engine<S> {
     /// heard of (the staleness headquarters shows) and, on headquarters,
     /// which persons arrived (for family mail).
     fn note_presence(&mut self, keys: &[DocKey], now: Now) {
+        let share = self.share.clone();
         for k in keys {
             let Ok(Some(doc)) = self.load(k) else {
                 continue;
             };
-            let Ok(evs) = derive::presence_events(doc) else {
+            let evs = match &share {
+                Some(s) => s.presence_events(doc),
+                None => derive::presence_events(doc).map(Arc::new),
+            };
+            let Ok(evs) = evs else {
                 continue;
             };
-            for e in &evs {
+            for e in evs.iter() {
                 let seen = self.shelter_seen.entry(e.shelter_id.clone()).or_insert(0);
                 *seen = (*seen).max(e.wall_ms.min(now.wall_ms));
                 if e.action == PresenceAction::CheckIn && self.cfg.role == Role::Hq {

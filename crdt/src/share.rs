@@ -15,7 +15,9 @@
 //! its bytes. The tables are bounded and forget their oldest entries first.
 
 use crate::doc::{parse_change, Doc, DocError, Hash32};
+use crate::derive;
 use crate::ids::DocKey;
+use crate::model::PresenceEvent;
 use crate::store::Projection;
 use automerge::Change;
 use std::collections::{HashMap, VecDeque};
@@ -67,6 +69,8 @@ struct Tables {
     steps: Table<StepId, Applied>,
     /// Parsed changes by their bytes (only successful parses).
     parsed: Table<Arc<[u8]>, Change>,
+    /// Presence events of a document, by (key, heads).
+    events: Table<DocId, Arc<Vec<PresenceEvent>>>,
     hits: u64,
     misses: u64,
 }
@@ -91,6 +95,7 @@ impl DocShare {
                 docs: Table::new(docs),
                 steps: Table::new(docs),
                 parsed: Table::new(docs),
+                events: Table::new(docs),
                 hits: 0,
                 misses: 0,
             })),
@@ -151,6 +156,17 @@ impl DocShare {
         let c = parse_change(bytes)?;
         self.tables().parsed.put(Arc::from(bytes), c.clone());
         Ok(c)
+    }
+
+    /// `derive::presence_events(doc)`, derived once per document version.
+    pub fn presence_events(&self, doc: &Doc) -> Result<Arc<Vec<PresenceEvent>>, DocError> {
+        let id = (doc.key.clone(), sorted(&doc.heads()));
+        if let Some(e) = self.tables().events.get(&id) {
+            return Ok(e);
+        }
+        let e = Arc::new(derive::presence_events(doc)?);
+        self.tables().events.put(id, e.clone());
+        Ok(e)
     }
 
     /// (hits, misses) of lookups so far.

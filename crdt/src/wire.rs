@@ -64,7 +64,27 @@ pub struct Range {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocChanges {
     pub key: DocKey,
+    #[serde(with = "byte_strings")]
     pub changes: Vec<Vec<u8>>,
+}
+
+/// Change bytes as byte strings: decoded with one copy each instead of one
+/// visit per byte. In postcard a byte string and a sequence of `u8` are the
+/// same bytes on the wire (length, then the bytes).
+mod byte_strings {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|b| Bytes::new(b)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Ok(Vec::<ByteBuf>::deserialize(d)?
+            .into_iter()
+            .map(ByteBuf::into_vec)
+            .collect())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +200,28 @@ pub fn check_frame_len(len: usize) -> Result<(), WireError> {
 mod tests {
     use super::*;
     use crate::ids::Kind;
+
+    /// Change bytes go on the wire exactly as a plain `Vec<Vec<u8>>`
+    /// would: peers built before the byte-string encoding read them.
+    #[test]
+    fn change_bytes_encode_as_a_sequence_of_u8() {
+        #[derive(serde::Serialize)]
+        struct Plain {
+            key: DocKey,
+            changes: Vec<Vec<u8>>,
+        }
+        let key = DocKey::new(crate::Kind::Presence, "h1").unwrap();
+        let changes = vec![vec![], vec![0, 1, 255], (0..=255).collect(), vec![7; 300]];
+        let ours = postcard::to_allocvec(&DocChanges {
+            key: key.clone(),
+            changes: changes.clone(),
+        })
+        .unwrap();
+        let plain = postcard::to_allocvec(&Plain { key, changes }).unwrap();
+        assert_eq!(ours, plain);
+        let back: DocChanges = postcard::from_bytes(&plain).unwrap();
+        assert_eq!(back.changes[3], vec![7; 300]);
+    }
 
     #[test]
     fn malformed_frames_are_errors() {

@@ -80,9 +80,10 @@ impl SimStore {
             (&mut self.shelter_docs, !new.shelters.is_empty()),
             (&mut self.locations_docs, !new.locations.is_empty()),
         ] {
-            if member {
+            // Unchanged membership writes nothing (no copied tree nodes).
+            if member && !set.contains(key) {
                 set.insert(key.clone());
-            } else {
+            } else if !member && set.contains(key) {
                 set.remove(key);
             }
         }
