@@ -141,6 +141,8 @@ pub struct Engine<S: Store> {
     pub(crate) actor: Actor,
     pub(crate) hlc: HlcClock,
     pub(crate) index: OrdMap<DocKey, IndexEntry>,
+    /// Per kind, the XOR of the index fingerprints of its documents.
+    kind_fp: [u128; Kind::ALL.len()],
     cache: HashMap<DocKey, Arc<Doc>>,
     cache_order: VecDeque<DocKey>,
     /// Documents materialised by other engines in this process (simulator).
@@ -250,6 +252,10 @@ impl<S: Store> Engine<S> {
                 })
                 .collect(),
         };
+        let mut kind_fp = [0u128; Kind::ALL.len()];
+        for (k, e) in index.iter() {
+            kind_fp[k.kind.code() as usize] ^= e.fp;
+        }
         let actor = Actor::new(cfg.role, &cfg.node_id, meta.incarnation);
         let log_end = store.log_end()?;
         let mut e = Engine {
@@ -259,6 +265,7 @@ impl<S: Store> Engine<S> {
             actor,
             hlc,
             index,
+            kind_fp,
             cache: HashMap::new(),
             cache_order: VecDeque::new(),
             share: None,
@@ -319,6 +326,18 @@ impl<S: Store> Engine<S> {
     pub fn heads(&self) -> impl Iterator<Item = (&DocKey, &[Hash32])> {
         self.index.iter().map(|(k, e)| (k, e.heads.as_slice()))
     }
+    /// A digest of every document of `kind` this node holds with its
+    /// heads: equal digests mean equal document sets at equal heads (up to
+    /// a 128-bit collision). Kept up to date as documents change.
+    pub fn kind_fingerprint(&self, kind: Kind) -> u128 {
+        self.kind_fp[kind.code() as usize]
+    }
+
+    /// The heads this node holds of a document.
+    pub fn doc_heads(&self, key: &DocKey) -> Option<&[Hash32]> {
+        self.index.get(key).map(|e| e.heads.as_slice())
+    }
+
     /// Whether a session is open (frames on it are processed).
     pub fn has_session(&self, session: SessionId) -> bool {
         self.sessions.contains_key(&session)
@@ -708,7 +727,9 @@ impl<S: Store> Engine<S> {
         let mut presence_touched = Vec::new();
         for (key, heads) in txn.heads {
             let e = self.index.entry(key.clone()).or_default();
-            e.fp = item_fp(&key, &heads);
+            let fp = item_fp(&key, &heads);
+            self.kind_fp[key.kind.code() as usize] ^= e.fp ^ fp;
+            e.fp = fp;
             e.heads = heads;
             let snap = txn
                 .batch

@@ -1784,55 +1784,70 @@ impl World {
     // ----- checks -----------------------------------------------------------
 
     /// Docs both nodes may hold, grouped by which nodes are linked.
-    fn convergence_violations(&mut self) -> Vec<Violation> {
-        let n = self.nodes.len();
-        let mut heads: Vec<BTreeMap<DocKey, Vec<[u8; 32]>>> = vec![BTreeMap::new(); n];
+    /// Every node is up and, per document kind, every node that holds the
+    /// kind reports the same fingerprint of its documents and heads (audit
+    /// documents: every HQ). Cheap; implies convergence of heads.
+    fn replicas_agree(&self) -> bool {
+        for kind in Kind::ALL {
+            let mut seen = None;
+            for n in &self.nodes {
+                let holds = if kind == Kind::Audit {
+                    n.role == Role::Hq
+                } else {
+                    DocKey::new(kind, "any").is_ok_and(|k| crdt::policy::may_receive(n.role, &k))
+                };
+                if !holds {
+                    continue;
+                }
+                let Some(e) = &n.engine else { return false };
+                let fp = e.kind_fingerprint(kind);
+                if *seen.get_or_insert(fp) != fp {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Replicas that disagree within a connected group of holders. Unless
+    /// `full`, the cheap agreement check answers first; `full` also
+    /// compares every replica's derived rows.
+    fn convergence_violations(&mut self, full: bool) -> Vec<Violation> {
+        if !full && self.replicas_agree() {
+            return vec![];
+        }
         let mut keys: BTreeSet<DocKey> = BTreeSet::new();
-        for i in 0..n {
-            if let Some(e) = &self.nodes[i].engine {
-                for (k, h) in e.heads() {
-                    heads[i].insert(k.clone(), h.to_vec());
+        for e in self.nodes.iter().filter_map(|n| n.engine.as_ref()) {
+            for (k, _) in e.heads() {
+                if !keys.contains(k) {
                     keys.insert(k.clone());
                 }
             }
         }
+        // Groups of holders connected by links between holders; they depend
+        // on the key only through its kind (and, for audit documents, whose).
+        let mut groups_by: BTreeMap<(Kind, Option<String>), Vec<Vec<usize>>> = BTreeMap::new();
         let mut out = vec![];
         for key in keys {
-            let holders: Vec<usize> = (0..n)
-                .filter(|&i| crdt::policy::may_hold(self.nodes[i].role, &self.nodes[i].id, &key))
-                .collect();
-            // Components over links between holders.
-            let mut comp: BTreeMap<usize, usize> = holders.iter().map(|&i| (i, i)).collect();
-            fn find(c: &mut BTreeMap<usize, usize>, x: usize) -> usize {
-                let p = c[&x];
-                if p == x {
-                    x
-                } else {
-                    let r = find(c, p);
-                    c.insert(x, r);
-                    r
-                }
-            }
-            for k in &self.links {
-                if comp.contains_key(&k.a) && comp.contains_key(&k.b) {
-                    let (ra, rb) = (find(&mut comp, k.a), find(&mut comp, k.b));
-                    comp.insert(ra, rb);
-                }
-            }
-            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for &i in &holders {
-                let r = find(&mut comp, i);
-                groups.entry(r).or_default().push(i);
-            }
-            for g in groups.values() {
-                if g.len() < 2 || !g.iter().any(|&i| heads[i].contains_key(&key)) {
+            let class = (key.kind, (key.kind == Kind::Audit).then(|| key.id.clone()));
+            let groups = groups_by
+                .entry(class)
+                .or_insert_with(|| holder_groups(&self.nodes, &self.links, &key));
+            for g in groups.iter() {
+                let held = |i: usize| {
+                    self.nodes[i]
+                        .engine
+                        .as_ref()
+                        .and_then(|e| e.doc_heads(&key))
+                };
+                if g.len() < 2 || !g.iter().any(|&i| held(i).is_some()) {
                     continue;
                 }
                 let reps: Vec<Replica<'_>> = g
                     .iter()
                     .map(|&i| Replica {
                         node: self.nodes[i].id.as_str(),
-                        heads: heads[i].get(&key).map(Vec::as_slice),
+                        heads: held(i),
                         projection: self.nodes[i]
                             .engine
                             .as_ref()
@@ -1966,7 +1981,7 @@ impl World {
             if t > end {
                 // Liveness: keep going, a round at a time, until converged
                 // (bounded); retries may still be moving at the nominal end.
-                if end < hard_end && !self.convergence_violations().is_empty() {
+                if end < hard_end && !self.convergence_violations(false).is_empty() {
                     end += self.sc.tick_ms;
                     continue;
                 }
@@ -2003,7 +2018,7 @@ impl World {
                     }
                     if self.healed
                         && self.converged_at.is_none()
-                        && self.convergence_violations().is_empty()
+                        && self.convergence_violations(false).is_empty()
                     {
                         self.converged_at = Some(self.now);
                     }
@@ -2056,7 +2071,7 @@ impl World {
                 }
             }
             self.presence_checks();
-            let conv = self.convergence_violations();
+            let conv = self.convergence_violations(true);
             self.summary.converged = conv.is_empty();
             for v in conv.into_iter().take(5) {
                 self.violate(v);
@@ -2124,6 +2139,37 @@ impl World {
 }
 
 /// VmHWM from /proc/self/status, in bytes (0 where unavailable).
+/// The holders of `key` (nodes whose role may hold it), grouped into
+/// components over the links between holders.
+fn holder_groups(nodes: &[Node], links: &[Link], key: &DocKey) -> Vec<Vec<usize>> {
+    let holders: Vec<usize> = (0..nodes.len())
+        .filter(|&i| crdt::policy::may_hold(nodes[i].role, &nodes[i].id, key))
+        .collect();
+    let mut comp: BTreeMap<usize, usize> = holders.iter().map(|&i| (i, i)).collect();
+    fn find(c: &mut BTreeMap<usize, usize>, x: usize) -> usize {
+        let p = c[&x];
+        if p == x {
+            x
+        } else {
+            let r = find(c, p);
+            c.insert(x, r);
+            r
+        }
+    }
+    for k in links {
+        if comp.contains_key(&k.a) && comp.contains_key(&k.b) {
+            let (ra, rb) = (find(&mut comp, k.a), find(&mut comp, k.b));
+            comp.insert(ra, rb);
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &i in &holders {
+        let r = find(&mut comp, i);
+        groups.entry(r).or_default().push(i);
+    }
+    groups.into_values().collect()
+}
+
 /// A `/proc` status line in bytes (0 when unavailable).
 fn proc_kib(file: &str, field: &str) -> u64 {
     std::fs::read_to_string(file)
