@@ -20,7 +20,8 @@ use crate::ids::DocKey;
 use crate::model::PresenceEvent;
 use crate::store::Projection;
 use automerge::Change;
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 /// A document after some changes were applied, with what deriving its rows
@@ -35,7 +36,7 @@ type DocId = (DocKey, Vec<Hash32>);
 type StepId = (DocKey, Vec<Hash32>, Vec<Hash32>);
 
 struct Table<K, V> {
-    map: HashMap<K, V>,
+    map: FxHashMap<K, V>,
     order: VecDeque<K>,
     cap: usize,
 }
@@ -43,7 +44,7 @@ struct Table<K, V> {
 impl<K: std::hash::Hash + Eq + Clone, V: Clone> Table<K, V> {
     fn new(cap: usize) -> Self {
         Table {
-            map: HashMap::new(),
+            map: FxHashMap::default(),
             order: VecDeque::new(),
             cap: cap.max(1),
         }

@@ -13,7 +13,7 @@ use crdt::doc::Hash32;
 use crdt::ids::{DocKey, NodeId};
 use crdt::store::*;
 use imbl::{OrdMap, OrdSet};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 #[derive(Clone, Default)]
@@ -43,17 +43,19 @@ impl SimStore {
     /// `new` derives, touching only names that appear or disappear (a new
     /// presence event usually changes none).
     fn reindex(&mut self, key: &DocKey, old: Option<&Projection>, new: &Projection) {
-        fn names(p: Option<&Projection>) -> [BTreeSet<&str>; 4] {
-            let mut n: [BTreeSet<&str>; 4] = Default::default();
+        fn names(p: Option<&Projection>) -> [Vec<&str>; 4] {
+            let mut n: [Vec<&str>; 4] = Default::default();
             if let Some(p) = p {
                 for r in &p.persons {
-                    n[0].insert(&r.person_id);
-                    if let Some(h) = &r.household_id {
-                        n[1].insert(h);
-                    }
+                    n[0].push(&r.person_id);
+                    n[1].extend(r.household_id.as_deref());
                 }
                 n[2].extend(p.cards.iter().map(|c| c.0.as_str()));
                 n[3].extend(p.locations.iter().map(|l| l.person_id.as_str()));
+            }
+            for v in &mut n {
+                v.sort_unstable();
+                v.dedup();
             }
             n
         }
@@ -65,10 +67,10 @@ impl SimStore {
             &mut self.location_docs,
         ];
         for ((m, b), a) in maps.into_iter().zip(&before).zip(&after) {
-            for k in b.difference(a) {
+            for k in b.iter().filter(|k| a.binary_search(k).is_err()) {
                 unindex(m, k, key);
             }
-            for k in a.difference(b) {
+            for k in a.iter().filter(|k| b.binary_search(k).is_err()) {
                 // A few documents per name: a sorted vector, not a set.
                 let v = m.entry(k.to_string()).or_default();
                 if let Err(at) = v.binary_search(key) {
