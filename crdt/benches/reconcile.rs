@@ -116,8 +116,11 @@ fn main() {
             &mut rng,
         );
         assert!(engine.stats().commits > before);
-        missing_bytes += engine.store().log[before_log..]
+        missing_bytes += engine
+            .store()
+            .log
             .iter()
+            .skip(before_log)
             .map(|c| c.bytes.len())
             .sum::<usize>();
     }

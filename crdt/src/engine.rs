@@ -601,7 +601,7 @@ impl<S: Store> Engine<S> {
             .map_err(|e| CommandError::Rejected(e.to_string()))?;
         let Some(change) = change else { return Ok(()) };
         let projection = match derive::projection(doc) {
-            Ok(p) => p,
+            Ok(p) => Arc::new(p),
             Err(e) => {
                 self.evict(key);
                 return Err(CommandError::Rejected(e.to_string()));
@@ -627,7 +627,7 @@ impl<S: Store> Engine<S> {
         txn: &mut Txn,
         key: &DocKey,
         changes: Vec<Change>,
-        projection: crate::store::Projection,
+        projection: Arc<crate::store::Projection>,
         from: Option<SessionId>,
     ) {
         let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;

@@ -924,7 +924,9 @@ impl<S: Store> Engine<S> {
         // Not shared with anyone: changed in place, no copy.
         let mut doc = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
         doc.apply(new.to_vec())?;
-        let projection = derive::projection(&doc).map_err(|e| e.to_string());
+        let projection = derive::projection(&doc)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         let applied = Applied {
             doc: Arc::new(doc),
             projection,

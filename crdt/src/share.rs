@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone)]
 pub struct Applied {
     pub doc: Arc<Doc>,
-    pub projection: Result<Projection, String>,
+    pub projection: Result<Arc<Projection>, String>,
 }
 
 type DocId = (DocKey, Vec<Hash32>);

@@ -15,7 +15,7 @@ use crate::ids::{DocKey, NodeId, Role};
 use serde::{Deserialize, Serialize};
 use imbl::{OrdMap, OrdSet, Vector};
 use std::collections::BTreeMap;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,7 +127,9 @@ pub struct Batch {
     pub meta: Option<Meta>,
     pub changes: Vec<ChangeRecord>,
     pub docs: Vec<DocState>,
-    pub projections: Vec<(DocKey, Projection)>,
+    /// Shared, not copied: engines in one process that derived the same
+    /// rows hand the same allocation to their stores.
+    pub projections: Vec<(DocKey, Arc<Projection>)>,
     /// (operation id, result JSON) for idempotent retries (A-3, D-3).
     pub ops: Vec<(String, String)>,
     /// What a peer was last known to hold of a document.
@@ -216,35 +218,16 @@ impl LoggedChange {
     }
 }
 
-/// One copy of each change's bytes and of each set of query rows for many
-/// in-memory stores (the simulator's nodes all log the same changes and
-/// derive the same rows). A change is named by its hash, so equal hashes
-/// are equal bytes; rows are compared whole.
+/// One copy of each change's bytes for many in-memory stores (the
+/// simulator's nodes all log the same changes). A change is named by its
+/// hash, so equal hashes are equal bytes.
 #[derive(Clone, Debug, Default)]
-pub struct StorePool(Arc<Mutex<Pooled>>);
-
-#[derive(Debug, Default)]
-struct Pooled {
-    changes: HashMap<Hash32, Arc<[u8]>>,
-    projections: HashSet<Arc<Projection>>,
-}
+pub struct StorePool(Arc<Mutex<HashMap<Hash32, Arc<[u8]>>>>);
 
 impl StorePool {
-    fn pooled(&self) -> std::sync::MutexGuard<'_, Pooled> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
     fn change(&self, hash: Hash32, bytes: &[u8]) -> Arc<[u8]> {
-        let mut m = self.pooled();
-        m.changes.entry(hash).or_insert_with(|| Arc::from(bytes)).clone()
-    }
-    fn projection(&self, p: &Projection) -> Arc<Projection> {
-        let mut m = self.pooled();
-        if let Some(x) = m.projections.get(p) {
-            return x.clone();
-        }
-        let x = Arc::new(p.clone());
-        m.projections.insert(x.clone());
-        x
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(hash).or_insert_with(|| Arc::from(bytes)).clone()
     }
 }
 
@@ -261,7 +244,7 @@ impl Eq for StorePool {}
 pub struct MemStore {
     pub meta: Option<Meta>,
     pub log: Vector<LoggedChange>,
-    /// Where change bytes and rows are kept when shared with other stores.
+    /// Where change bytes are kept when shared with other stores.
     pub pool: Option<StorePool>,
     /// Positions in `log` of each document's changes.
     pub by_doc: OrdMap<DocKey, Vec<usize>>,
@@ -360,11 +343,7 @@ impl Store for MemStore {
             }
         }
         for (k, p) in &batch.projections {
-            let p = match &self.pool {
-                Some(pool) => pool.projection(p),
-                None => Arc::new(p.clone()),
-            };
-            self.projections.insert(k.clone(), p);
+            self.projections.insert(k.clone(), p.clone());
         }
         for (k, v) in &batch.ops {
             self.ops.entry(k.clone()).or_insert_with(|| v.clone());
@@ -627,7 +606,7 @@ pub mod conformance {
             ..Default::default()
         };
         s.commit(&Batch {
-            projections: vec![(r1.clone(), p1), (r2.clone(), p2)],
+            projections: vec![(r1.clone(), p1.into()), (r2.clone(), p2.into())],
             ..Default::default()
         })
         .unwrap();
@@ -657,7 +636,7 @@ pub mod conformance {
             ..Default::default()
         };
         s.commit(&Batch {
-            projections: vec![(r1.clone(), p1b)],
+            projections: vec![(r1.clone(), p1b.into())],
             ..Default::default()
         })
         .unwrap();
@@ -688,7 +667,8 @@ pub mod conformance {
                             loc("p3", "s2", LocationStatus::Out, false),
                         ],
                         ..Default::default()
-                    },
+                    }
+                    .into(),
                 ),
                 (
                     sh.clone(),
@@ -699,7 +679,8 @@ pub mod conformance {
                             capacity: 300,
                         }],
                         ..Default::default()
-                    },
+                    }
+                    .into(),
                 ),
             ],
             ..Default::default()

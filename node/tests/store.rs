@@ -86,7 +86,8 @@ fn full_batch(n: u8, change_len: usize) -> Batch {
                     ],
                     cards: vec![("1234567890123".into(), "h1".into(), "p1".into())],
                     ..Default::default()
-                },
+                }
+                .into(),
             ),
             (
                 pres.clone(),
@@ -99,7 +100,8 @@ fn full_batch(n: u8, change_len: usize) -> Batch {
                         conflict: true,
                     }],
                     ..Default::default()
-                },
+                }
+                .into(),
             ),
         ],
         ops: vec![("op-1".into(), "{\"ok\":true}".into())],
@@ -463,7 +465,7 @@ fn corrupted_files_fail_cleanly() {
     let d = Dir::new();
     let mut s = SqliteStore::open(&d.db()).unwrap();
     let mut b = full_batch(60, 700);
-    b.projections[0].1.persons = (0..300)
+    std::sync::Arc::make_mut(&mut b.projections[0].1).persons = (0..300)
         .map(|i| person(&format!("p{i:04}"), "h1", "山田 太郎", "ヤマダ タロウ"))
         .collect();
     s.commit(&b).unwrap();
@@ -850,7 +852,10 @@ fn batch() -> impl Strategy<Value = Batch> {
                 meta,
                 changes,
                 docs,
-                projections,
+                projections: projections
+                    .into_iter()
+                    .map(|(k, p)| (k, std::sync::Arc::new(p)))
+                    .collect(),
                 ops,
                 peer_heads,
                 quarantine,

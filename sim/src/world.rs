@@ -906,7 +906,7 @@ impl World {
                 .projections
                 .iter()
                 .filter(|(k, _)| everyone(k))
-                .map(|(k, p)| (k.clone(), (**p).clone()))
+                .map(|(k, p)| (k.clone(), p.clone()))
                 .collect(),
             ..Default::default()
         };
