@@ -312,6 +312,8 @@ pub struct World {
     share: Option<DocShare>,
     /// With `share`: one copy of each change's bytes for every store.
     pool: Option<StorePool>,
+    /// `groups_of`, computed once per class of document.
+    holder_groups: BTreeMap<(Kind, Option<String>), Vec<Vec<usize>>>,
 }
 
 fn role_prefix(r: Role) -> &'static str {
@@ -385,6 +387,7 @@ impl World {
             checks_done: 0,
             share: sc.share_docs.map(DocShare::new),
             pool: sc.share_docs.map(|_| StorePool::default()),
+            holder_groups: BTreeMap::new(),
             sc,
         };
         w.build_nodes();
@@ -1784,24 +1787,49 @@ impl World {
     // ----- checks -----------------------------------------------------------
 
     /// Docs both nodes may hold, grouped by which nodes are linked.
-    /// Every node is up and, per document kind, every node that holds the
-    /// kind reports the same fingerprint of its documents and heads (audit
-    /// documents: every HQ). Cheap; implies convergence of heads.
-    fn replicas_agree(&self) -> bool {
-        for kind in Kind::ALL {
-            let mut seen = None;
-            for n in &self.nodes {
-                let holds = if kind == Kind::Audit {
-                    n.role == Role::Hq
-                } else {
-                    DocKey::new(kind, "any").is_ok_and(|k| crdt::policy::may_receive(n.role, &k))
-                };
-                if !holds {
-                    continue;
+    /// Groups of holders of `key` connected by links between holders
+    /// (links never change; only their up/down state does). They depend on
+    /// the key only through its kind and, for audit documents, whose.
+    fn groups_of(&mut self, key: &DocKey) -> &[Vec<usize>] {
+        let class = (key.kind, (key.kind == Kind::Audit).then(|| key.id.clone()));
+        let (nodes, links) = (&self.nodes, &self.links);
+        self.holder_groups
+            .entry(class)
+            .or_insert_with(|| holder_groups(nodes, links, key))
+    }
+
+    /// Every holder is up and every group of connected holders agrees: per
+    /// kind, the same fingerprint of documents and heads; per node, its own
+    /// audit document has the same heads wherever it is held. Cheap; implies
+    /// converged heads. A down holder, or any disagreement, answers false.
+    fn replicas_agree(&mut self) -> bool {
+        for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::Audit) {
+            let Ok(probe) = DocKey::new(kind, "any") else {
+                return false;
+            };
+            let groups = self.groups_of(&probe).to_vec();
+            for g in groups {
+                let mut fps = g
+                    .iter()
+                    .map(|&i| self.nodes[i].engine.as_ref().map(|e| e.kind_fingerprint(kind)));
+                let first = fps.next().flatten();
+                if first.is_none() || fps.any(|f| f != first) {
+                    return false;
                 }
-                let Some(e) = &n.engine else { return false };
-                let fp = e.kind_fingerprint(kind);
-                if *seen.get_or_insert(fp) != fp {
+            }
+        }
+        for owner in 0..self.nodes.len() {
+            let Ok(key) = DocKey::new(Kind::Audit, self.nodes[owner].id.as_str()) else {
+                return false;
+            };
+            for g in self.groups_of(&key).to_vec() {
+                // Outer None: the holder is down; inner None: it has no
+                // audit entries of that node yet.
+                let heads: Vec<Option<Option<&[[u8; 32]]>>> = g
+                    .iter()
+                    .map(|&i| self.nodes[i].engine.as_ref().map(|e| e.doc_heads(&key)))
+                    .collect();
+                if heads.iter().any(Option::is_none) || heads.windows(2).any(|w| w[0] != w[1]) {
                     return false;
                 }
             }
@@ -1824,15 +1852,9 @@ impl World {
                 }
             }
         }
-        // Groups of holders connected by links between holders; they depend
-        // on the key only through its kind (and, for audit documents, whose).
-        let mut groups_by: BTreeMap<(Kind, Option<String>), Vec<Vec<usize>>> = BTreeMap::new();
         let mut out = vec![];
         for key in keys {
-            let class = (key.kind, (key.kind == Kind::Audit).then(|| key.id.clone()));
-            let groups = groups_by
-                .entry(class)
-                .or_insert_with(|| holder_groups(&self.nodes, &self.links, &key));
+            let groups = self.groups_of(&key).to_vec();
             for g in groups.iter() {
                 let held = |i: usize| {
                     self.nodes[i]
