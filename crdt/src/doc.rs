@@ -239,6 +239,13 @@ impl Doc {
         }
     }
 
+    /// Whether changes wait here for dependencies that have not arrived.
+    /// Such a document is more than its heads say: two replicas with equal
+    /// heads may hold different waiting changes.
+    pub fn has_waiting(&self) -> bool {
+        !self.am.get_missing_deps(&[]).is_empty()
+    }
+
     pub fn save(&self) -> Vec<u8> {
         self.am.save()
     }

@@ -94,6 +94,10 @@ pub(crate) struct IndexEntry {
     pub(crate) fp: u128,
     /// Changes logged since the last snapshot.
     tail: u32,
+    /// Known to hold no changes waiting for dependencies, so the document
+    /// is exactly what its heads name (only then is it looked up in a
+    /// share). False until this engine has seen it loaded or changed.
+    pub(crate) whole: bool,
 }
 
 /// A mail state that still needs a send or a decision.
@@ -248,7 +252,15 @@ impl<S: Store> Engine<S> {
                 .into_iter()
                 .map(|(key, heads)| {
                     let fp = item_fp(&key, &heads);
-                    (key, IndexEntry { heads, fp, tail: 0 })
+                    (
+                        key,
+                        IndexEntry {
+                            heads,
+                            fp,
+                            tail: 0,
+                            whole: false,
+                        },
+                    )
                 })
                 .collect(),
         };
@@ -506,7 +518,7 @@ impl<S: Store> Engine<S> {
     pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
         if !self.cache.contains_key(key) {
             let shared = match (&self.share, self.index.get(key)) {
-                (Some(share), Some(e)) => share.doc(key, &e.heads),
+                (Some(share), Some(e)) if e.whole => share.doc(key, &e.heads),
                 _ => None,
             };
             if let Some(doc) = shared {
@@ -534,7 +546,11 @@ impl<S: Store> Engine<S> {
                 }
             };
             let doc = Arc::new(doc);
-            if let Some(share) = &self.share {
+            let whole = !doc.has_waiting();
+            if let Some(e) = self.index.get_mut(key) {
+                e.whole = whole;
+            }
+            if let (Some(share), true) = (&self.share, whole) {
                 share.put_doc(doc.clone());
             }
             self.cache_insert(doc);
@@ -607,12 +623,15 @@ impl<S: Store> Engine<S> {
                 return Err(CommandError::Rejected(e.to_string()));
             }
         };
+        // Shared only when it is exactly what its heads name.
         if let (Some(share), Some(doc)) = (&self.share, self.cache.get(key)) {
-            let applied = Applied {
-                doc: doc.clone(),
-                projection: Ok(projection.clone()),
-            };
-            share.put_applied(&before, &[change.hash().0], applied);
+            if !doc.has_waiting() {
+                let applied = Applied {
+                    doc: doc.clone(),
+                    projection: Ok(projection.clone()),
+                };
+                share.put_applied(&before, &[change.hash().0], applied);
+            }
         }
         txn.touched.insert(key.clone());
         self.record(txn, key, vec![change], projection, None);
@@ -731,6 +750,7 @@ impl<S: Store> Engine<S> {
             self.kind_fp[key.kind.code() as usize] ^= e.fp ^ fp;
             e.fp = fp;
             e.heads = heads;
+            e.whole = self.cache.get(&key).is_some_and(|d| !d.has_waiting());
             let snap = txn
                 .batch
                 .docs

@@ -913,7 +913,9 @@ impl<S: Store> Engine<S> {
     /// `base` with `new` applied, and the rows derived from the result;
     /// from the share when another engine already computed exactly this.
     fn apply_changes(&mut self, base: Arc<Doc>, new: &[Change]) -> Result<Applied, DocError> {
-        let share = self.share.clone();
+        // A document with changes waiting for dependencies is more than its
+        // heads: neither looked up nor offered.
+        let share = self.share.clone().filter(|_| !base.has_waiting());
         let (heads, added): (Vec<Hash32>, Vec<Hash32>) = match &share {
             Some(_) => (base.heads(), new.iter().map(|c| c.hash().0).collect()),
             None => Default::default(),
@@ -931,7 +933,7 @@ impl<S: Store> Engine<S> {
             doc: Arc::new(doc),
             projection,
         };
-        if let Some(s) = &share {
+        if let (Some(s), false) = (&share, applied.doc.has_waiting()) {
             s.put_applied(&heads, &added, applied.clone());
         }
         Ok(applied)

@@ -1837,13 +1837,10 @@ impl World {
         true
     }
 
-    /// Replicas that disagree within a connected group of holders. Unless
-    /// `full`, the cheap agreement check answers first; `full` also
-    /// compares every replica's derived rows.
-    fn convergence_violations(&mut self, full: bool) -> Vec<Violation> {
-        if !full && self.replicas_agree() {
-            return vec![];
-        }
+    /// Replicas that disagree within a connected group of holders, heads
+    /// and derived rows, document by document (the final check; during the
+    /// run `replicas_agree` answers whether they agree).
+    fn convergence_violations(&mut self) -> Vec<Violation> {
         let mut keys: BTreeSet<DocKey> = BTreeSet::new();
         for e in self.nodes.iter().filter_map(|n| n.engine.as_ref()) {
             for (k, _) in e.heads() {
@@ -2003,7 +2000,7 @@ impl World {
             if t > end {
                 // Liveness: keep going, a round at a time, until converged
                 // (bounded); retries may still be moving at the nominal end.
-                if end < hard_end && !self.convergence_violations(false).is_empty() {
+                if end < hard_end && !self.replicas_agree() {
                     end += self.sc.tick_ms;
                     continue;
                 }
@@ -2040,7 +2037,7 @@ impl World {
                     }
                     if self.healed
                         && self.converged_at.is_none()
-                        && self.convergence_violations(false).is_empty()
+                        && self.replicas_agree()
                     {
                         self.converged_at = Some(self.now);
                     }
@@ -2093,7 +2090,7 @@ impl World {
                 }
             }
             self.presence_checks();
-            let conv = self.convergence_violations(true);
+            let conv = self.convergence_violations();
             self.summary.converged = conv.is_empty();
             for v in conv.into_iter().take(5) {
                 self.violate(v);

@@ -46,7 +46,8 @@ fn same_seed_same_trace() {
 /// invisible: every output of every node, so the whole run, is the same.
 #[test]
 fn sharing_documents_changes_nothing() {
-    for (name, seeds) in [("ci-small.toml", [5, 23]), ("ci-medium.toml", [2, 9])] {
+    // ci-medium 184: changes waiting for dependencies (see regressions).
+    for (name, seeds) in [("ci-small.toml", [5, 23]), ("ci-medium.toml", [9, 184])] {
         let mut sc = scenario(name);
         for seed in seeds {
             sc.share_docs = Some(64);
