@@ -1962,7 +1962,12 @@ impl World {
                 .collect();
             for k in keys {
                 let Ok(Some(d)) = e.doc(&k) else { continue };
-                let Ok(evs) = crdt::derive::presence_events(d) else {
+                // Derived once per document version when documents are shared.
+                let evs = match &self.share {
+                    Some(s) => s.presence_events(d),
+                    None => crdt::derive::presence_events(d).map(Arc::new),
+                };
+                let Ok(evs) = evs else {
                     continue;
                 };
                 let rows: BTreeMap<String, crdt::store::LocationRow> = e
