@@ -28,10 +28,10 @@ use crate::text::{check_text, search_key, TextError};
 use crate::views;
 use crate::wire::{DocChanges, Frame};
 use automerge::Change;
+use imbl::OrdMap;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use imbl::OrdMap;
 
 /// Documents kept loaded.
 const DEFAULT_CACHE_DOCS: usize = 2048;
@@ -579,7 +579,9 @@ impl<S: Store> Engine<S> {
         if self.load(key)?.is_none() {
             self.cache_insert(Arc::new(Doc::new(key.clone())));
         }
-        Ok(Arc::make_mut(self.cache.get_mut(key).expect("just inserted")))
+        Ok(Arc::make_mut(
+            self.cache.get_mut(key).expect("just inserted"),
+        ))
     }
 
     /// Takes a document out of the cache to change it: the caller puts it

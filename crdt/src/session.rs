@@ -920,7 +920,10 @@ impl<S: Store> Engine<S> {
             Some(_) => (base.heads(), new.iter().map(|c| c.hash().0).collect()),
             None => Default::default(),
         };
-        if let Some(hit) = share.as_ref().and_then(|s| s.applied(&base.key, &heads, &added)) {
+        if let Some(hit) = share
+            .as_ref()
+            .and_then(|s| s.applied(&base.key, &heads, &added))
+        {
             return Ok(hit);
         }
         // Not shared with anyone: changed in place, no copy.

@@ -14,8 +14,8 @@
 //! which also keeps the rows derived from the result; a parsed change by
 //! its bytes. The tables are bounded and forget their oldest entries first.
 
-use crate::doc::{parse_change, Doc, DocError, Hash32};
 use crate::derive;
+use crate::doc::{parse_change, Doc, DocError, Hash32};
 use crate::ids::DocKey;
 use crate::model::PresenceEvent;
 use crate::store::Projection;
@@ -129,9 +129,7 @@ impl DocShare {
     /// What applying the changes `added` to `key` at `heads` gave.
     pub fn applied(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Option<Applied> {
         let mut t = self.tables();
-        let a = t
-            .steps
-            .get(&(key.clone(), sorted(heads), sorted(added)));
+        let a = t.steps.get(&(key.clone(), sorted(heads), sorted(added)));
         match a {
             Some(_) => t.hits += 1,
             None => t.misses += 1,

@@ -12,8 +12,8 @@
 use crate::doc::Hash32;
 use crate::hlc::Hlc;
 use crate::ids::{DocKey, NodeId, Role};
-use serde::{Deserialize, Serialize};
 use imbl::{OrdMap, OrdSet, Vector};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

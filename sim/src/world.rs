@@ -13,9 +13,9 @@ use crate::scenario::Scenario;
 use crate::simstore::SimStore;
 use crdt::api::*;
 use crdt::engine::{DocIndex, Engine, EngineConfig};
-use crdt::share::DocShare;
 use crdt::model::*;
-use crdt::store::{Batch, StorePool, DocState, Store, StoreError};
+use crdt::share::DocShare;
+use crdt::store::{Batch, DocState, Store, StoreError, StorePool};
 use crdt::text::CardUserId;
 use crdt::wire::{self, Frame};
 use crdt::{DocKey, Kind, NodeId, Role};
@@ -473,7 +473,10 @@ impl World {
             };
             let now = Self::node_now(&node, 0);
             let store = node.parked.take().expect("fresh");
-            node.engine = Some(self.open(store, &node.cfg, now, None).expect("fresh store opens"));
+            node.engine = Some(
+                self.open(store, &node.cfg, now, None)
+                    .expect("fresh store opens"),
+            );
             self.nodes.push(node);
         }
         self.summary.nodes = self.nodes.len();
@@ -886,7 +889,12 @@ impl World {
     /// its engine on it as a freshly installed node would. The copies share
     /// memory until a node writes.
     fn provision(&mut self, from: usize) {
-        let src = &self.nodes[from].engine.as_ref().expect("hq is up").store().mem;
+        let src = &self.nodes[from]
+            .engine
+            .as_ref()
+            .expect("hq is up")
+            .store()
+            .mem;
         let everyone = |k: &DocKey| matches!(k.kind, Kind::Registry | Kind::Shelter);
         let batch = Batch {
             changes: src
@@ -915,7 +923,9 @@ impl World {
             ..Default::default()
         };
         let mut template = self.new_store();
-        template.commit(&batch).expect("memory stores accept every batch");
+        template
+            .commit(&batch)
+            .expect("memory stores accept every batch");
         let mut index = None;
         for i in (0..self.nodes.len()).filter(|&i| i != from) {
             let now = Self::node_now(&self.nodes[i], self.now);
@@ -1810,9 +1820,12 @@ impl World {
             };
             let groups = self.groups_of(&probe).to_vec();
             for g in groups {
-                let mut fps = g
-                    .iter()
-                    .map(|&i| self.nodes[i].engine.as_ref().map(|e| e.kind_fingerprint(kind)));
+                let mut fps = g.iter().map(|&i| {
+                    self.nodes[i]
+                        .engine
+                        .as_ref()
+                        .map(|e| e.kind_fingerprint(kind))
+                });
                 let first = fps.next().flatten();
                 if first.is_none() || fps.any(|f| f != first) {
                     return false;
@@ -2105,10 +2118,7 @@ impl World {
                         let rest = self.input(i, Input::Tick);
                         self.after_outputs(i, rest, None);
                     }
-                    if self.healed
-                        && self.converged_at.is_none()
-                        && self.replicas_agree()
-                    {
+                    if self.healed && self.converged_at.is_none() && self.replicas_agree() {
                         self.converged_at = Some(self.now);
                     }
                     self.push(t + self.sc.tick_ms, Ev::TickAll);

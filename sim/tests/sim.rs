@@ -68,7 +68,10 @@ fn provisioned_nodes_start_with_the_registry() {
     let docs = sc.registry.households + sc.nodes.shelters;
     let w = sim::world::World::new(sc.clone(), 1);
     let counts = w.doc_counts();
-    assert!(counts.iter().all(|c| c.is_some_and(|n| n >= docs)), "{counts:?}");
+    assert!(
+        counts.iter().all(|c| c.is_some_and(|n| n >= docs)),
+        "{counts:?}"
+    );
     sc.registry.provisioned = false;
     let w = sim::world::World::new(sc, 1);
     let counts = w.doc_counts();
