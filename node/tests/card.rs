@@ -10,6 +10,7 @@
 //! hangs. Every emulator records the APDUs it receives into one suite log;
 //! each test checks that no VERIFY and no My Number AID ever reached a card.
 
+mod support;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+use support::free_port;
 
 use node::card::apdu::{ApduLog, CardError, Sw, TransportError};
 use node::card::emu::is_forbidden_received;
@@ -863,14 +865,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn kizuna(args: &[&str]) -> String {

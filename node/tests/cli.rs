@@ -2,6 +2,7 @@
 //! (UTF-8, CP932, all-or-nothing), docs export, and the API over real HTTP
 //! against a SQLite store in a temp dir.
 
+mod support;
 use crdt::api::{Command, Operator, Reply};
 use crdt::engine::EngineConfig;
 use crdt::model::{Household, Member};
@@ -14,14 +15,12 @@ use node::store::{SqliteStore, DB_FILE_NAME};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Output;
+use support::kizuna_bin;
 
 const HEADER: &str = "household_id,address,person_id,name,kana,birth_date,card_user_id";
 
 fn kizuna(args: &[&str]) -> Output {
-    // KIZUNA_BIN overrides the path: with a target dir shared by several
-    // worktrees another checkout's `kizuna` can land at the same path.
-    let bin = std::env::var("KIZUNA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kizuna").into());
-    std::process::Command::new(bin)
+    std::process::Command::new(kizuna_bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .output()

@@ -6,6 +6,7 @@
 //! condition (rows in the database, acknowledgements received, the HTTP
 //! port answering) under a bounded deadline.
 
+mod support;
 use crdt::api::{Command, Operator, Reply};
 use crdt::engine::EngineConfig;
 use crdt::model::{Household, Member, ShelterInfo};
@@ -23,16 +24,11 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{free_port, free_udp_port, kizuna_bin};
 
 const HEADER: &str = "household_id,address,person_id,name,kana,birth_date,card_user_id";
 /// Every generated household has exactly this many members.
 const PER_HOUSEHOLD: usize = 3;
-
-fn bin() -> PathBuf {
-    std::env::var("KIZUNA_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kizuna").into())
-        .into()
-}
 
 /// Polls `f` until it returns `Some`, at most `limit`; panics with `what`.
 fn poll<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -84,7 +80,7 @@ fn registry_csv(households: usize) -> String {
 }
 
 fn spawn_import(data: &Path, csv: &Path) -> Child {
-    std::process::Command::new(bin())
+    std::process::Command::new(kizuna_bin())
         .args(["registry", "import", "--data-dir"])
         .arg(data)
         .arg(csv)
@@ -202,7 +198,7 @@ fn import_killed_at_batch_boundaries_resumes_exactly_once() {
     }
     assert!(landed.windows(2).all(|w| w[0] <= w[1]), "{landed:?}");
 
-    let out = std::process::Command::new(bin())
+    let out = std::process::Command::new(kizuna_bin())
         .args(["registry", "import", "--data-dir"])
         .arg(&data)
         .arg(&csv)
@@ -285,22 +281,6 @@ fn http(
         status,
         body: body.to_string(),
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Node {
@@ -393,7 +373,7 @@ impl Node {
             .append(true)
             .open(self.dir.join("kizuna.log"))
             .unwrap();
-        let mut child = std::process::Command::new(bin())
+        let mut child = std::process::Command::new(kizuna_bin())
             .arg("run")
             .arg("--config")
             .arg(&self.config)

@@ -4,12 +4,14 @@
 //! through an hq `kizuna run` node (check-in → mail file; drop after the
 //! final "." → indeterminate, retried with the same Message-ID).
 
+mod support;
 use crdt::api::{MailOutcome, MailRequest};
 use node::mail::{send, SmtpSettings};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{free_port, kizuna_bin};
 
 fn python() -> &'static str {
     // The Debian package installs into the system python.
@@ -311,18 +313,9 @@ fn control_characters_are_refused_permanently() {
 // ----- end to end through `kizuna run` --------------------------------------
 
 fn kizuna() -> Command {
-    let bin = std::env::var("KIZUNA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kizuna").into());
-    let mut c = Command::new(bin);
+    let mut c = Command::new(kizuna_bin());
     c.env("RUST_LOG", "info");
     c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http(port: u16, token: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
