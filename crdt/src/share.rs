@@ -72,8 +72,6 @@ struct Tables {
     parsed: Table<Arc<[u8]>, Change>,
     /// Presence events of a document, by (key, heads).
     events: Table<DocId, Arc<Vec<PresenceEvent>>>,
-    hits: u64,
-    misses: u64,
 }
 
 /// See the module docs. Cheap to clone (one shared table).
@@ -97,8 +95,6 @@ impl DocShare {
                 steps: Table::new(docs),
                 parsed: Table::new(docs),
                 events: Table::new(docs),
-                hits: 0,
-                misses: 0,
             })),
         }
     }
@@ -111,13 +107,7 @@ impl DocShare {
 
     /// The document `key` at exactly `heads`, if an engine materialised it.
     pub fn doc(&self, key: &DocKey, heads: &[Hash32]) -> Option<Arc<Doc>> {
-        let mut t = self.tables();
-        let d = t.docs.get(&(key.clone(), sorted(heads)));
-        match d {
-            Some(_) => t.hits += 1,
-            None => t.misses += 1,
-        }
-        d
+        self.tables().docs.get(&(key.clone(), sorted(heads)))
     }
 
     /// Offers a materialised document (its own heads are the key).
@@ -128,13 +118,9 @@ impl DocShare {
 
     /// What applying the changes `added` to `key` at `heads` gave.
     pub fn applied(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Option<Applied> {
-        let mut t = self.tables();
-        let a = t.steps.get(&(key.clone(), sorted(heads), sorted(added)));
-        match a {
-            Some(_) => t.hits += 1,
-            None => t.misses += 1,
-        }
-        a
+        self.tables()
+            .steps
+            .get(&(key.clone(), sorted(heads), sorted(added)))
     }
 
     /// Records what applying `added` to `key` at `heads` gave; the result
@@ -166,11 +152,5 @@ impl DocShare {
         let e = Arc::new(derive::presence_events(doc)?);
         self.tables().events.put(id, e.clone());
         Ok(e)
-    }
-
-    /// (hits, misses) of lookups so far.
-    pub fn stats(&self) -> (u64, u64) {
-        let t = self.tables();
-        (t.hits, t.misses)
     }
 }

@@ -93,7 +93,13 @@ fn real_main() -> Result<bool> {
             plant(mutant.as_deref())?;
             let deadline = budget_secs.map(|b| Instant::now() + std::time::Duration::from_secs(b));
             let max_rss = match max_rss_gib {
-                Some(g) => Some((g * (1u64 << 30) as f64) as u64),
+                Some(g) => {
+                    anyhow::ensure!(
+                        g.is_finite() && g > 0.0,
+                        "--max-rss-gib must be a positive number of GiB, not {g}"
+                    );
+                    Some((g * (1u64 << 30) as f64) as u64)
+                }
                 None => Some(sim::world::memory_total() / 10 * 9).filter(|&m| m > 0),
             };
             let s = sim::run_seed_with_progress(&sc, seed, deadline, max_rss);

@@ -1858,6 +1858,7 @@ impl World {
     fn rows_agree(&mut self) -> bool {
         use std::ops::Bound;
         for (n, kind) in Kind::ALL.into_iter().enumerate() {
+            // Range bounds only: the empty id sorts before every valid id.
             let lo = DocKey {
                 kind,
                 id: String::new(),
