@@ -15,6 +15,7 @@
 
 use crate::actor::Actor;
 use crate::api::*;
+use crate::cache::DocCache;
 use crate::derive::{self, EVENT_PREFIX, HOUSEHOLD_FIELD, PERSON_FIELD, SHELTER_FIELD};
 use crate::doc::{encode, Doc, DocError, Hash32};
 use crate::hlc::HlcClock;
@@ -30,7 +31,7 @@ use crate::wire::{DocChanges, Frame};
 use automerge::Change;
 use imbl::OrdMap;
 use rand_core::RngCore;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Documents kept loaded.
@@ -132,7 +133,9 @@ pub struct Stats {
 pub(crate) struct Txn {
     pub(crate) batch: Batch,
     pub(crate) touched: BTreeSet<DocKey>,
-    heads: BTreeMap<DocKey, Vec<Hash32>>,
+    /// New heads of each changed document, and whether it is whole (no
+    /// changes waiting for their dependencies).
+    heads: BTreeMap<DocKey, (Vec<Hash32>, bool)>,
     /// New changes to gossip, with the session they came from.
     gossip: Vec<(DocKey, Vec<u8>, Hash32, Option<SessionId>)>,
     pub(crate) meta: Option<Meta>,
@@ -147,8 +150,7 @@ pub struct Engine<S: Store> {
     pub(crate) index: OrdMap<DocKey, IndexEntry>,
     /// Per kind, the XOR of the index fingerprints of its documents.
     kind_fp: [u128; Kind::ALL.len()],
-    cache: HashMap<DocKey, Arc<Doc>>,
-    cache_order: VecDeque<DocKey>,
+    cache: DocCache,
     /// Documents materialised by other engines in this process (simulator).
     pub(crate) share: Option<DocShare>,
     pub(crate) sessions: BTreeMap<SessionId, Session>,
@@ -270,6 +272,7 @@ impl<S: Store> Engine<S> {
         }
         let actor = Actor::new(cfg.role, &cfg.node_id, meta.incarnation);
         let log_end = store.log_end()?;
+        let cache_docs = cfg.cache_docs.max(16);
         let mut e = Engine {
             store,
             cfg,
@@ -278,8 +281,7 @@ impl<S: Store> Engine<S> {
             hlc,
             index,
             kind_fp,
-            cache: HashMap::new(),
-            cache_order: VecDeque::new(),
+            cache: DocCache::new(cache_docs),
             share: None,
             sessions: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -516,7 +518,7 @@ impl<S: Store> Engine<S> {
     // ----- storage plumbing -------------------------------------------------
 
     pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
-        if !self.cache.contains_key(key) {
+        if !self.cache.contains(key) {
             let shared = match (&self.share, self.index.get(key)) {
                 (Some(share), Some(e)) if e.whole => share.doc(key, &e.heads),
                 _ => None,
@@ -559,18 +561,7 @@ impl<S: Store> Engine<S> {
     }
 
     pub(crate) fn cache_insert(&mut self, doc: Arc<Doc>) {
-        let key = doc.key.clone();
-        if self.cache.insert(key.clone(), doc).is_none() {
-            self.cache_order.push_back(key);
-        }
-        while self.cache.len() > self.cfg.cache_docs.max(16) {
-            match self.cache_order.pop_front() {
-                Some(old) => {
-                    self.cache.remove(&old);
-                }
-                None => break,
-            }
-        }
+        self.cache.insert(doc);
     }
 
     /// The cached document to change in place (copied first if another
@@ -591,7 +582,6 @@ impl<S: Store> Engine<S> {
         if self.load(key)?.is_none() {
             return Ok(None);
         }
-        self.cache_order.retain(|k| k != key);
         Ok(self.cache.remove(key))
     }
 
@@ -674,12 +664,12 @@ impl<S: Store> Engine<S> {
             snapshot,
         });
         txn.batch.projections.push((key.clone(), projection));
-        txn.heads.insert(key.clone(), heads);
+        let whole = !doc.has_waiting();
+        txn.heads.insert(key.clone(), (heads, whole));
     }
 
     fn evict(&mut self, key: &DocKey) {
         self.cache.remove(key);
-        self.cache_order.retain(|k| k != key);
     }
 
     /// Commits a transaction; on success applies its in-memory effects and
@@ -746,13 +736,15 @@ impl<S: Store> Engine<S> {
         }
         let mut outbox_touched = Vec::new();
         let mut presence_touched = Vec::new();
-        for (key, heads) in txn.heads {
+        for (key, (heads, whole)) in txn.heads {
             let e = self.index.entry(key.clone()).or_default();
             let fp = item_fp(&key, &heads);
             self.kind_fp[key.kind.code() as usize] ^= e.fp ^ fp;
             e.fp = fp;
             e.heads = heads;
-            e.whole = self.cache.get(&key).is_some_and(|d| !d.has_waiting());
+            // Known at `record`: the document may have left the cache since
+            // (a frame with more documents than the cache holds).
+            e.whole = whole;
             let snap = txn
                 .batch
                 .docs
@@ -1604,8 +1596,13 @@ impl<S: Store> Engine<S> {
                 continue;
             };
             for e in evs.iter() {
-                let seen = self.shelter_seen.entry(e.shelter_id.clone()).or_insert(0);
-                *seen = (*seen).max(e.wall_ms.min(now.wall_ms));
+                let at = e.wall_ms.min(now.wall_ms);
+                match self.shelter_seen.get_mut(&e.shelter_id) {
+                    Some(seen) => *seen = (*seen).max(at),
+                    None => {
+                        self.shelter_seen.insert(e.shelter_id.clone(), at);
+                    }
+                }
                 if e.action == PresenceAction::CheckIn && self.cfg.role == Role::Hq {
                     self.arrivals_seen
                         .entry(e.person_id.clone())

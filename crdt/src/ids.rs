@@ -218,11 +218,60 @@ impl std::str::FromStr for Kind {
 }
 
 /// A document's address: its kind and id. Ordered by kind first so range
-/// reconciliation and priority scans walk kinds in priority order.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// reconciliation and priority scans walk kinds in priority order, then by
+/// the id's bytes.
+#[derive(Clone, Hash, Serialize, Deserialize)]
 pub struct DocKey {
     pub kind: Kind,
     pub id: String,
+}
+
+/// `a.cmp(b)` for byte strings, inlined: ids are short (at most
+/// [`MAX_ID_LEN`] bytes), and keys are compared in every index lookup, where
+/// a library `memcmp` call per comparison costs more than the comparison.
+#[inline]
+fn cmp_bytes(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let n = a.len().min(b.len());
+    let (mut x, mut y) = (&a[..n], &b[..n]);
+    while x.len() >= 8 {
+        let (p, q) = (x.split_at(8), y.split_at(8));
+        let u = u64::from_be_bytes(p.0.try_into().expect("8 bytes"));
+        let v = u64::from_be_bytes(q.0.try_into().expect("8 bytes"));
+        if u != v {
+            return u.cmp(&v);
+        }
+        (x, y) = (p.1, q.1);
+    }
+    for (u, v) in x.iter().zip(y) {
+        if u != v {
+            return u.cmp(v);
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+impl PartialEq for DocKey {
+    #[inline]
+    fn eq(&self, o: &Self) -> bool {
+        self.kind == o.kind
+            && self.id.len() == o.id.len()
+            && cmp_bytes(self.id.as_bytes(), o.id.as_bytes()).is_eq()
+    }
+}
+impl Eq for DocKey {}
+impl PartialOrd for DocKey {
+    #[inline]
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for DocKey {
+    #[inline]
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.kind
+            .cmp(&o.kind)
+            .then_with(|| cmp_bytes(self.id.as_bytes(), o.id.as_bytes()))
+    }
 }
 
 impl DocKey {
@@ -254,6 +303,29 @@ impl fmt::Debug for DocKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The inlined comparison is exactly the byte order, and keys order
+        /// by (kind, id) as a derived `Ord` would.
+        #[test]
+        fn key_order_is_kind_then_id_bytes(
+            a in proptest::collection::vec(any::<u8>(), 0..80),
+            b in proptest::collection::vec(any::<u8>(), 0..80),
+            shared in proptest::collection::vec(any::<u8>(), 0..20),
+            ka in 0u8..9, kb in 0u8..9,
+        ) {
+            let a = [shared.clone(), a].concat();
+            let b = [shared, b].concat();
+            prop_assert_eq!(cmp_bytes(&a, &b), a.cmp(&b));
+            prop_assert_eq!(cmp_bytes(&a, &a), std::cmp::Ordering::Equal);
+            let id = |v: &[u8]| v.iter().map(|c| char::from(b'a' + c % 26)).collect::<String>();
+            let x = DocKey { kind: Kind::from_code(ka).unwrap(), id: id(&a) };
+            let y = DocKey { kind: Kind::from_code(kb).unwrap(), id: id(&b) };
+            prop_assert_eq!(x.cmp(&y), (x.kind, &x.id).cmp(&(y.kind, &y.id)));
+            prop_assert_eq!(x == y, (x.kind, &x.id) == (y.kind, &y.id));
+        }
+    }
 
     #[test]
     fn ids_reject_bad_input() {

@@ -14,6 +14,7 @@ pub mod policy;
 pub use ids::{DocKey, Kind, NodeId, Role};
 pub mod actor;
 pub mod api;
+mod cache;
 pub mod derive;
 pub mod doc;
 pub mod engine;

@@ -43,7 +43,8 @@ use crate::share::Applied;
 use crate::store::{Batch, Cursor, Store};
 use crate::wire::{self, DocChanges, Frame, Item, Range, RangeBody};
 use automerge::Change;
-use std::collections::{BTreeMap, BTreeSet};
+use rustc_hash::FxHashSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Ranges with at most this many items are listed item by item.
@@ -93,7 +94,7 @@ pub(crate) struct Session {
     /// it reported (empty when it does not have the document).
     pub(crate) outq: BTreeMap<(u8, DocKey), Vec<Hash32>>,
     /// Change hashes this session is known to have (sent or received).
-    pub(crate) seen: BTreeSet<Hash32>,
+    pub(crate) seen: FxHashSet<Hash32>,
     /// The last log position we told the peer it holds.
     pub(crate) upto_sent: u64,
 }
@@ -115,7 +116,7 @@ impl Session {
             reply_buf: Vec::new(),
             turn_received: 0,
             outq: BTreeMap::new(),
-            seen: BTreeSet::new(),
+            seen: FxHashSet::default(),
             upto_sent: 0,
         }
     }
@@ -854,7 +855,8 @@ impl<S: Store> Engine<S> {
             #[cfg(feature = "mutants")]
             let new: Vec<Change> =
                 if crate::mutants::active(crate::mutants::Mutant::DropMissingDeps) {
-                    let batch: BTreeSet<Hash32> = new.iter().map(|c| c.hash().0).collect();
+                    let batch: std::collections::BTreeSet<Hash32> =
+                        new.iter().map(|c| c.hash().0).collect();
                     new.into_iter()
                         .filter(|c| {
                             c.deps()

@@ -12,11 +12,15 @@
 use crate::doc::Hash32;
 use crate::hlc::Hlc;
 use crate::ids::{DocKey, NodeId, Role};
-use imbl::{OrdMap, OrdSet, Vector};
+use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// A persistent set of change hashes with a fixed (deterministic) hasher.
+pub type HashSet32 =
+    imbl::GenericHashSet<Hash32, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -248,7 +252,9 @@ pub struct MemStore {
     pub pool: Option<StorePool>,
     /// Positions in `log` of each document's changes.
     pub by_doc: OrdMap<DocKey, Vec<usize>>,
-    pub hashes: OrdSet<Hash32>,
+    /// Every logged change's hash (a hash set: hashes are uniform, and
+    /// ordered lookups cost a 32-byte comparison per level).
+    pub hashes: HashSet32,
     pub docs: OrdMap<DocKey, (Vec<Hash32>, Option<Arc<[u8]>>, usize)>,
     pub projections: OrdMap<DocKey, Arc<Projection>>,
     pub ops: OrdMap<String, String>,

@@ -78,14 +78,23 @@ impl SimStore {
                 }
             }
         }
-        for (set, member) in [
-            (&mut self.shelter_docs, !new.shelters.is_empty()),
-            (&mut self.locations_docs, !new.locations.is_empty()),
+        // A document is in a set exactly while its projection has such
+        // rows; unchanged membership touches nothing.
+        for (set, was, member) in [
+            (
+                &mut self.shelter_docs,
+                old.is_some_and(|p| !p.shelters.is_empty()),
+                !new.shelters.is_empty(),
+            ),
+            (
+                &mut self.locations_docs,
+                old.is_some_and(|p| !p.locations.is_empty()),
+                !new.locations.is_empty(),
+            ),
         ] {
-            // Unchanged membership writes nothing (no copied tree nodes).
-            if member && !set.contains(key) {
+            if member && !was {
                 set.insert(key.clone());
-            } else if !member && set.contains(key) {
+            } else if was && !member {
                 set.remove(key);
             }
         }
@@ -114,17 +123,16 @@ impl Store for SimStore {
         self.mem.doc_changes(key)
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let mut old: BTreeMap<DocKey, Option<Arc<Projection>>> = BTreeMap::new();
+        let mut old: BTreeMap<&DocKey, Option<Arc<Projection>>> = BTreeMap::new();
         for (k, _) in &batch.projections {
-            if !old.contains_key(k) {
-                old.insert(k.clone(), self.mem.projections.get(k).cloned());
-            }
+            old.entry(k)
+                .or_insert_with(|| self.mem.projections.get(k).cloned());
         }
         self.mem.commit(batch)?;
         for (k, before) in old {
-            let after = self.mem.projections[&k].clone();
+            let after = self.mem.projections[k].clone();
             if !before.as_ref().is_some_and(|b| Arc::ptr_eq(b, &after)) {
-                self.reindex(&k, before.as_deref(), &after);
+                self.reindex(k, before.as_deref(), &after);
             }
         }
         Ok(())
