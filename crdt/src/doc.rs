@@ -213,16 +213,16 @@ impl Doc {
             .map_err(|e| DocError::Automerge(e.to_string()))
     }
 
-    /// Changes the holder of `their_heads` lacks. Unknown heads are
-    /// ignored, so the answer may include changes they already have, never
-    /// fewer than they need.
+    /// Changes the holder of `their_heads` lacks, in [`canonical_order`].
+    /// Unknown heads are ignored, so the answer may include changes they
+    /// already have, never fewer than they need.
     pub fn changes_since(&self, their_heads: &[Hash32]) -> Vec<Change> {
         let known: Vec<ChangeHash> = their_heads
             .iter()
             .map(|h| ChangeHash(*h))
             .filter(|h| self.knows(&h.0))
             .collect();
-        self.am.get_changes(&known)
+        canonical_order(self.am.get_changes(&known))
     }
 
     /// Whether the change `hash` is applied (not merely queued for its
@@ -249,6 +249,56 @@ impl Doc {
     pub fn save(&self) -> Vec<u8> {
         self.am.save()
     }
+}
+
+/// Changes with every dependency before its dependents and otherwise in
+/// hash order. Automerge lists a document's changes in the order they were
+/// applied, which differs between replicas with equal heads; in this order,
+/// what a node sends depends only on the two sides' heads.
+pub fn canonical_order(changes: Vec<Change>) -> Vec<Change> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    if changes.len() < 2 {
+        return changes;
+    }
+    let at: std::collections::HashMap<Hash32, usize> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.hash().0, i))
+        .collect();
+    let mut waiting = vec![0usize; changes.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
+    for (i, c) in changes.iter().enumerate() {
+        for d in c.deps() {
+            if let Some(&j) = at.get(&d.0) {
+                waiting[i] += 1;
+                dependents[j].push(i);
+            }
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<(Hash32, usize)>> = changes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| waiting[*i] == 0)
+        .map(|(i, c)| Reverse((c.hash().0, i)))
+        .collect();
+    let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(slots.len());
+    while let Some(Reverse((_, i))) = ready.pop() {
+        out.extend(slots[i].take());
+        for &j in &dependents[i] {
+            waiting[j] -= 1;
+            if waiting[j] == 0 {
+                ready.push(Reverse((
+                    slots[j].as_ref().expect("emitted once").hash().0,
+                    j,
+                )));
+            }
+        }
+    }
+    // Unreachable for a change graph; never lose a change if it were not one.
+    out.extend(slots.into_iter().flatten());
+    out
 }
 
 pub fn parse_change(bytes: &[u8]) -> Result<Change, DocError> {
@@ -283,6 +333,48 @@ mod tests {
 
     fn actor(n: &str, inc: u32) -> Actor {
         Actor::new(Role::Hq, &NodeId::new(n).unwrap(), inc)
+    }
+
+    #[test]
+    fn changes_are_listed_in_one_order_however_the_document_was_built() {
+        let key = DocKey::new(Kind::Presence, "h1").unwrap();
+        let mut base = Doc::new(key.clone());
+        let w = |d: &mut Doc, a: Actor, f: &str| {
+            d.write(a, 1, "", &[(f.to_string(), Some("v".into()))])
+                .unwrap()
+                .unwrap()
+        };
+        w(&mut base, actor("shelter-1", 1), "x");
+        let concurrent: Vec<Change> = [("shelter-2", "y"), ("hq-1", "z"), ("shelter-1", "w")]
+            .into_iter()
+            .map(|(n, f)| w(&mut base.clone(), actor(n, 1), f))
+            .collect();
+        let mut after = concurrent[2].clone();
+        let mut later = base.clone();
+        later.apply(vec![after.clone()]).unwrap();
+        after = w(&mut later, actor("shelter-1", 1), "v");
+        let all: Vec<Change> = concurrent.iter().cloned().chain([after]).collect();
+        let mut forward = base.clone();
+        forward.apply(all.clone()).unwrap();
+        let mut backward = base.clone();
+        for c in all.iter().rev() {
+            backward.apply(vec![c.clone()]).unwrap();
+        }
+        let loaded = Doc::load(key, Some(&backward.save()), &[]).unwrap();
+        let order = |d: &Doc| -> Vec<Hash32> {
+            d.changes_since(&base.heads())
+                .iter()
+                .map(|c| c.hash().0)
+                .collect()
+        };
+        assert_eq!(order(&forward).len(), 4);
+        assert_eq!(order(&forward), order(&backward));
+        assert_eq!(order(&forward), order(&loaded));
+        // Dependencies first.
+        let o = order(&forward);
+        let dep = concurrent[2].hash().0;
+        let pos = |h: &Hash32| o.iter().position(|x| x == h).unwrap();
+        assert!(pos(&dep) < pos(&all[3].hash().0));
     }
 
     #[test]
