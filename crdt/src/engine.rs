@@ -122,6 +122,8 @@ pub struct Stats {
     pub frames_sent: u64,
     pub bytes_sent: u64,
     pub changes_applied: u64,
+    /// Received changes this node already held (sent by several peers).
+    pub changes_known: u64,
     pub changes_rejected: u64,
     pub violations: u64,
     pub duplicate_mail_risk: u64,

@@ -838,10 +838,12 @@ impl<S: Store> Engine<S> {
                 Ok(Some(d)) => d,
                 _ => Arc::new(Doc::new(key.clone())),
             };
+            let offered = changes.len();
             let new: Vec<Change> = changes
                 .into_iter()
                 .filter(|c| !base.knows(&c.hash().0))
                 .collect();
+            self.stats.changes_known += (offered - new.len()) as u64;
             // A change we do not know, under our own current actor, was made
             // by someone else using our identity: a cloned node (D-5).
             if new

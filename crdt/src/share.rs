@@ -32,16 +32,64 @@ pub struct Applied {
     pub projection: Result<Arc<Projection>, String>,
 }
 
-type DocId = (DocKey, Vec<Hash32>);
-type StepId = (DocKey, Vec<Hash32>, Vec<Hash32>);
+/// What an entry is the answer for: a document, its heads and (for an
+/// apply result) the changes applied, as sets.
+struct Id {
+    key: DocKey,
+    heads: Vec<Hash32>,
+    added: Vec<Hash32>,
+}
 
-struct Table<K, V> {
-    map: FxHashMap<K, V>,
-    order: VecDeque<K>,
+fn sorted(h: &[Hash32]) -> Vec<Hash32> {
+    let mut v = h.to_vec();
+    v.sort_unstable();
+    v
+}
+
+fn same_set(sorted: &[Hash32], h: &[Hash32]) -> bool {
+    sorted.len() == h.len() && h.iter().all(|x| sorted.binary_search(x).is_ok())
+}
+
+impl Id {
+    fn new(key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Id {
+        Id {
+            key: key.clone(),
+            heads: sorted(heads),
+            added: sorted(added),
+        }
+    }
+    fn is(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> bool {
+        self.key == *key && same_set(&self.heads, heads) && same_set(&self.added, added)
+    }
+}
+
+/// A table's lookup key: a hash of the id that needs no allocation and no
+/// sorting (hash sets are combined order-independently). Entries keep their
+/// full id, so a colliding digest is a miss, never a wrong answer.
+fn digest(key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let set = |hs: &[Hash32], salt: u64| {
+        hs.iter().fold(0u64, |acc, h| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&h[..8]);
+            acc.wrapping_add(u64::from_le_bytes(w) ^ salt)
+        })
+    };
+    let mut f = rustc_hash::FxHasher::default();
+    key.hash(&mut f);
+    set(heads, 0).hash(&mut f);
+    set(added, 0x9e37_79b9_7f4a_7c15).hash(&mut f);
+    (heads.len() as u64 | (added.len() as u64) << 32).hash(&mut f);
+    f.finish()
+}
+
+struct Table<V> {
+    map: FxHashMap<u64, (Id, V)>,
+    order: VecDeque<u64>,
     cap: usize,
 }
 
-impl<K: std::hash::Hash + Eq + Clone, V: Clone> Table<K, V> {
+impl<V: Clone> Table<V> {
     fn new(cap: usize) -> Self {
         Table {
             map: FxHashMap::default(),
@@ -49,12 +97,20 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Table<K, V> {
             cap: cap.max(1),
         }
     }
-    fn get(&self, k: &K) -> Option<V> {
-        self.map.get(k).cloned()
+    fn get(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Option<V> {
+        match self.map.get(&digest(key, heads, added)) {
+            Some((id, v)) if id.is(key, heads, added) => Some(v.clone()),
+            _ => None,
+        }
     }
-    fn put(&mut self, k: K, v: V) {
-        if self.map.insert(k.clone(), v).is_none() {
-            self.order.push_back(k);
+    fn put(&mut self, key: &DocKey, heads: &[Hash32], added: &[Hash32], v: V) {
+        let d = digest(key, heads, added);
+        if self
+            .map
+            .insert(d, (Id::new(key, heads, added), v))
+            .is_none()
+        {
+            self.order.push_back(d);
         }
         while self.map.len() > self.cap {
             let Some(old) = self.order.pop_front() else {
@@ -66,24 +122,20 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Table<K, V> {
 }
 
 struct Tables {
-    docs: Table<DocId, Arc<Doc>>,
-    steps: Table<StepId, Applied>,
+    docs: Table<Arc<Doc>>,
+    steps: Table<Applied>,
     /// Parsed changes by their bytes (only successful parses).
-    parsed: Table<Arc<[u8]>, Change>,
+    parsed: FxHashMap<Arc<[u8]>, Change>,
+    parsed_order: VecDeque<Arc<[u8]>>,
+    cap: usize,
     /// Presence events of a document, by (key, heads).
-    events: Table<DocId, Arc<Vec<PresenceEvent>>>,
+    events: Table<Arc<Vec<PresenceEvent>>>,
 }
 
 /// See the module docs. Cheap to clone (one shared table).
 #[derive(Clone)]
 pub struct DocShare {
     inner: Arc<Mutex<Tables>>,
-}
-
-fn sorted(h: &[Hash32]) -> Vec<Hash32> {
-    let mut v = h.to_vec();
-    v.sort_unstable();
-    v
 }
 
 impl DocShare {
@@ -93,7 +145,9 @@ impl DocShare {
             inner: Arc::new(Mutex::new(Tables {
                 docs: Table::new(docs),
                 steps: Table::new(docs),
-                parsed: Table::new(docs),
+                parsed: FxHashMap::default(),
+                parsed_order: VecDeque::new(),
+                cap: docs.max(1),
                 events: Table::new(docs),
             })),
         }
@@ -107,50 +161,90 @@ impl DocShare {
 
     /// The document `key` at exactly `heads`, if an engine materialised it.
     pub fn doc(&self, key: &DocKey, heads: &[Hash32]) -> Option<Arc<Doc>> {
-        self.tables().docs.get(&(key.clone(), sorted(heads)))
+        self.tables().docs.get(key, heads, &[])
     }
 
     /// Offers a materialised document (its own heads are the key).
     pub fn put_doc(&self, doc: Arc<Doc>) {
-        let id = (doc.key.clone(), sorted(&doc.heads()));
-        self.tables().docs.put(id, doc);
+        let heads = doc.heads();
+        self.tables().docs.put(&doc.key.clone(), &heads, &[], doc);
     }
 
     /// What applying the changes `added` to `key` at `heads` gave.
     pub fn applied(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Option<Applied> {
-        self.tables()
-            .steps
-            .get(&(key.clone(), sorted(heads), sorted(added)))
+        self.tables().steps.get(key, heads, added)
     }
 
     /// Records what applying `added` to `key` at `heads` gave; the result
     /// is also offered as a document.
     pub fn put_applied(&self, heads: &[Hash32], added: &[Hash32], result: Applied) {
         let key = result.doc.key.clone();
-        let after = (key.clone(), sorted(&result.doc.heads()));
+        let after = result.doc.heads();
         let mut t = self.tables();
-        t.docs.put(after, result.doc.clone());
-        t.steps.put((key, sorted(heads), sorted(added)), result);
+        t.docs.put(&key, &after, &[], result.doc.clone());
+        t.steps.put(&key, heads, added, result);
     }
 
     /// `parse_change(bytes)`, parsing each distinct change once.
     pub fn parse(&self, bytes: &[u8]) -> Result<Change, DocError> {
-        if let Some(c) = self.tables().parsed.map.get(bytes) {
+        if let Some(c) = self.tables().parsed.get(bytes) {
             return Ok(c.clone());
         }
         let c = parse_change(bytes)?;
-        self.tables().parsed.put(Arc::from(bytes), c.clone());
+        let mut t = self.tables();
+        let b: Arc<[u8]> = Arc::from(bytes);
+        if t.parsed.insert(b.clone(), c.clone()).is_none() {
+            t.parsed_order.push_back(b);
+        }
+        while t.parsed.len() > t.cap {
+            let Some(old) = t.parsed_order.pop_front() else {
+                break;
+            };
+            t.parsed.remove(&old);
+        }
         Ok(c)
     }
 
     /// `derive::presence_events(doc)`, derived once per document version.
     pub fn presence_events(&self, doc: &Doc) -> Result<Arc<Vec<PresenceEvent>>, DocError> {
-        let id = (doc.key.clone(), sorted(&doc.heads()));
-        if let Some(e) = self.tables().events.get(&id) {
+        let heads = doc.heads();
+        if let Some(e) = self.tables().events.get(&doc.key, &heads, &[]) {
             return Ok(e);
         }
         let e = Arc::new(derive::presence_events(doc)?);
-        self.tables().events.put(id, e.clone());
+        self.tables().events.put(&doc.key, &heads, &[], e.clone());
         Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::Kind;
+
+    #[test]
+    fn entries_are_found_by_their_id_as_sets_and_only_by_it() {
+        let k = DocKey::new(Kind::Presence, "h1").unwrap();
+        let other = DocKey::new(Kind::Presence, "h2").unwrap();
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let mut t: Table<u32> = Table::new(8);
+        t.put(&k, &[a, b], &[c], 7);
+        assert_eq!(t.get(&k, &[b, a], &[c]), Some(7), "heads are a set");
+        assert_eq!(t.get(&k, &[a, b], &[]), None);
+        assert_eq!(t.get(&k, &[a], &[c]), None);
+        assert_eq!(t.get(&k, &[a, c], &[b]), None, "heads and added differ");
+        assert_eq!(t.get(&other, &[a, b], &[c]), None);
+    }
+
+    #[test]
+    fn tables_forget_their_oldest_entries() {
+        let k = DocKey::new(Kind::Presence, "h1").unwrap();
+        let mut t: Table<u32> = Table::new(2);
+        for i in 0..5u8 {
+            t.put(&k, &[[i; 32]], &[], i as u32);
+        }
+        assert_eq!(t.map.len(), 2);
+        assert_eq!(t.get(&k, &[[4; 32]], &[]), Some(4));
+        assert_eq!(t.get(&k, &[[0; 32]], &[]), None);
     }
 }

@@ -25,6 +25,10 @@ pub fn table(s: &Summary) -> String {
         ("acked writes", s.acked_writes.to_string()),
         ("acked writes lost", s.acked_writes_lost.to_string()),
         ("frames / bytes", format!("{} / {}", s.frames, s.bytes)),
+        (
+            "changes new / held",
+            format!("{} / {}", s.changes_new, s.changes_already_held),
+        ),
         ("mails accepted", s.mails_accepted.to_string()),
         ("duplicate mails", s.duplicate_mails.to_string()),
         ("converged", s.converged.to_string()),

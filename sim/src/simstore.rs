@@ -123,16 +123,20 @@ impl Store for SimStore {
         self.mem.doc_changes(key)
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let mut old: BTreeMap<&DocKey, Option<Arc<Projection>>> = BTreeMap::new();
-        for (k, _) in &batch.projections {
-            old.entry(k)
-                .or_insert_with(|| self.mem.projections.get(k).cloned());
+        // Each document's rows before the batch and after it (the batch's
+        // last rows for it, as `MemStore` keeps them).
+        let mut moved: BTreeMap<&DocKey, (Option<Arc<Projection>>, &Arc<Projection>)> =
+            BTreeMap::new();
+        for (k, p) in &batch.projections {
+            moved
+                .entry(k)
+                .and_modify(|e| e.1 = p)
+                .or_insert_with(|| (self.mem.projections.get(k).cloned(), p));
         }
         self.mem.commit(batch)?;
-        for (k, before) in old {
-            let after = self.mem.projections[k].clone();
-            if !before.as_ref().is_some_and(|b| Arc::ptr_eq(b, &after)) {
-                self.reindex(k, before.as_deref(), &after);
+        for (k, (before, after)) in moved {
+            if !before.as_ref().is_some_and(|b| Arc::ptr_eq(b, after)) {
+                self.reindex(k, before.as_deref(), after);
             }
         }
         Ok(())

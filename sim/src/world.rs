@@ -261,6 +261,10 @@ pub struct Summary {
     pub commands_failed: u64,
     pub frames: u64,
     pub bytes: u64,
+    /// Changes received by nodes: new to the receiver, and already held
+    /// (the same change from several peers, or a stray copy).
+    pub changes_new: u64,
+    pub changes_already_held: u64,
     pub trace_hash: String,
     pub wall_ms: u64,
     pub peak_rss_bytes: u64,
@@ -1574,6 +1578,7 @@ impl World {
         let Some(engine) = self.nodes[i].engine.take() else {
             return;
         };
+        self.add_stats(engine.stats());
         self.count("crash");
         self.hasher
             .update(format!("crash {i} {}", self.now).as_bytes());
@@ -2163,7 +2168,20 @@ impl World {
         self.finish(finished, started)
     }
 
+    fn add_stats(&mut self, st: &crdt::engine::Stats) {
+        self.summary.changes_new += st.changes_applied;
+        self.summary.changes_already_held += st.changes_known;
+    }
+
     fn finish(&mut self, finished: bool, started: std::time::Instant) -> Summary {
+        let stats: Vec<crdt::engine::Stats> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref().map(|e| e.stats().clone()))
+            .collect();
+        for st in &stats {
+            self.add_stats(st);
+        }
         if finished {
             for i in 0..self.nodes.len() {
                 if self.nodes[i].engine.is_some() {
