@@ -808,13 +808,13 @@ impl<S: Store> Engine<S> {
                 );
                 continue;
             }
-            let parsed: Result<Vec<Change>, String> = dc
+            let parsed: Result<Vec<Arc<Change>>, String> = dc
                 .changes
                 .iter()
                 .map(|b| {
                     let c = match &self.share {
                         Some(share) => share.parse(b),
-                        None => parse_change(b),
+                        None => parse_change(b).map(Arc::new),
                     }
                     .map_err(|e| e.to_string())?;
                     self.check_author(&c, &key, &peer, role)?;
@@ -832,6 +832,13 @@ impl<S: Store> Engine<S> {
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.seen.extend(changes.iter().map(|c| c.hash().0));
             }
+            // Nothing new (the same change from another peer): done.
+            if let Ok(Some(d)) = self.load(&key) {
+                if changes.iter().all(|c| d.knows(&c.hash().0)) {
+                    self.stats.changes_known += changes.len() as u64;
+                    continue;
+                }
+            }
             // Taken out of the cache: put back only once the changes are
             // applied and valid.
             let base = match self.take_doc(&key) {
@@ -842,6 +849,7 @@ impl<S: Store> Engine<S> {
             let new: Vec<Change> = changes
                 .into_iter()
                 .filter(|c| !base.knows(&c.hash().0))
+                .map(Arc::unwrap_or_clone)
                 .collect();
             self.stats.changes_known += (offered - new.len()) as u64;
             // A change we do not know, under our own current actor, was made

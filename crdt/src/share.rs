@@ -125,7 +125,7 @@ struct Tables {
     docs: Table<Arc<Doc>>,
     steps: Table<Applied>,
     /// Parsed changes by their bytes (only successful parses).
-    parsed: FxHashMap<Arc<[u8]>, Change>,
+    parsed: FxHashMap<Arc<[u8]>, Arc<Change>>,
     parsed_order: VecDeque<Arc<[u8]>>,
     cap: usize,
     /// Presence events of a document, by (key, heads).
@@ -186,11 +186,11 @@ impl DocShare {
     }
 
     /// `parse_change(bytes)`, parsing each distinct change once.
-    pub fn parse(&self, bytes: &[u8]) -> Result<Change, DocError> {
+    pub fn parse(&self, bytes: &[u8]) -> Result<Arc<Change>, DocError> {
         if let Some(c) = self.tables().parsed.get(bytes) {
             return Ok(c.clone());
         }
-        let c = parse_change(bytes)?;
+        let c = Arc::new(parse_change(bytes)?);
         let mut t = self.tables();
         let b: Arc<[u8]> = Arc::from(bytes);
         if t.parsed.insert(b.clone(), c.clone()).is_none() {

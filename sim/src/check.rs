@@ -143,7 +143,7 @@ pub fn received_changes(
     to: &str,
     frame: &Frame,
     stored: impl Fn(&DocKey, &[u8; 32]) -> bool,
-    parse: impl Fn(&[u8]) -> Result<automerge::Change, crdt::doc::DocError>,
+    parse: impl Fn(&[u8]) -> Result<std::sync::Arc<automerge::Change>, crdt::doc::DocError>,
     at_ms: u64,
 ) -> Vec<Violation> {
     let Frame::Changes { docs, .. } = frame else {

@@ -1389,7 +1389,7 @@ impl World {
             |k, h| !crdt::policy::may_hold(role, id, k) || mem.hashes.contains(h),
             |b| match share {
                 Some(s) => s.parse(b),
-                None => crdt::doc::parse_change(b),
+                None => crdt::doc::parse_change(b).map(std::sync::Arc::new),
             },
             self.now,
         );
