@@ -379,7 +379,8 @@ fn received_change_lost_fires() {
         }],
         upto: None,
     };
-    let v = check::received_changes("shelter-2", &frame, |_, _| false, parse_change, 0);
+    let parse = |b: &[u8]| parse_change(b).map(std::sync::Arc::new);
+    let v = check::received_changes("shelter-2", &frame, |_, _| false, parse, 0);
     assert_eq!(v[0].name, RECEIVED_CHANGE_LOST);
-    assert!(check::received_changes("shelter-2", &frame, |_, _| true, parse_change, 0).is_empty());
+    assert!(check::received_changes("shelter-2", &frame, |_, _| true, parse, 0).is_empty());
 }
