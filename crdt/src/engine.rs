@@ -24,7 +24,7 @@ use crate::model::*;
 use crate::policy;
 use crate::session::Session;
 use crate::share::{Applied, DocShare};
-use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Store, StoreError};
+use crate::store::{upsert, Batch, ChangeRecord, Cursor, DocState, Meta, Store, StoreError};
 use crate::text::{check_text, search_key, TextError};
 use crate::views;
 use crate::wire::{DocChanges, Frame};
@@ -739,14 +739,7 @@ impl<S: Store> Engine<S> {
         let mut outbox_touched = Vec::new();
         let mut presence_touched = Vec::new();
         for (key, (heads, whole)) in txn.heads {
-            let e = self.index.entry(key.clone()).or_default();
             let fp = item_fp(&key, &heads);
-            self.kind_fp[key.kind.code() as usize] ^= e.fp ^ fp;
-            e.fp = fp;
-            e.heads = heads;
-            // Known at `record`: the document may have left the cache since
-            // (a frame with more documents than the cache holds).
-            e.whole = whole;
             let snap = txn
                 .batch
                 .docs
@@ -754,7 +747,16 @@ impl<S: Store> Engine<S> {
                 .rev()
                 .find(|d| d.key == key)
                 .is_some_and(|d| d.snapshot.is_some());
-            e.tail = if snap { 0 } else { e.tail + 1 };
+            let kind_fp = &mut self.kind_fp[key.kind.code() as usize];
+            upsert(&mut self.index, &key, IndexEntry::default, |e| {
+                *kind_fp ^= e.fp ^ fp;
+                e.fp = fp;
+                e.heads = heads;
+                // Known at `record`: the document may have left the cache
+                // since (a frame with more documents than the cache holds).
+                e.whole = whole;
+                e.tail = if snap { 0 } else { e.tail + 1 };
+            });
             match key.kind {
                 Kind::Outbox => outbox_touched.push(key.clone()),
                 Kind::Presence => presence_touched.push(key.clone()),

@@ -18,6 +18,24 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// Updates `m[k]` in place, inserting `new()` first when absent: one tree
+/// walk for a key that exists (`OrdMap::entry` walks twice).
+pub fn upsert<K: Ord + Clone, V: Clone>(
+    m: &mut OrdMap<K, V>,
+    k: &K,
+    new: impl FnOnce() -> V,
+    update: impl FnOnce(&mut V),
+) {
+    match m.get_mut(k) {
+        Some(v) => update(v),
+        None => {
+            let mut v = new();
+            update(&mut v);
+            m.insert(k.clone(), v);
+        }
+    }
+}
+
 /// A persistent set of change hashes with a fixed (deterministic) hasher.
 pub type HashSet32 =
     imbl::GenericHashSet<Hash32, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
@@ -325,10 +343,8 @@ impl Store for MemStore {
         }
         for c in &batch.changes {
             if self.hashes.insert(c.hash).is_none() {
-                self.by_doc
-                    .entry(c.key.clone())
-                    .or_default()
-                    .push(self.log.len());
+                let at = self.log.len();
+                upsert(&mut self.by_doc, &c.key, Vec::new, |v| v.push(at));
                 let bytes = match &self.pool {
                     Some(p) => p.change(c.hash, &c.bytes),
                     None => Arc::from(c.bytes.as_slice()),
@@ -341,12 +357,19 @@ impl Store for MemStore {
             }
         }
         for d in &batch.docs {
-            let e = self.docs.entry(d.key.clone()).or_insert((vec![], None, 0));
-            e.0 = d.heads.clone();
-            if let Some(s) = &d.snapshot {
-                e.1 = Some(Arc::from(s.as_slice()));
-                e.2 = self.log.len();
-            }
+            let at = self.log.len();
+            upsert(
+                &mut self.docs,
+                &d.key,
+                || (vec![], None, 0),
+                |e| {
+                    e.0 = d.heads.clone();
+                    if let Some(s) = &d.snapshot {
+                        e.1 = Some(Arc::from(s.as_slice()));
+                        e.2 = at;
+                    }
+                },
+            );
         }
         for (k, p) in &batch.projections {
             self.projections.insert(k.clone(), p.clone());

@@ -72,9 +72,15 @@ impl SimStore {
             }
             for k in a.iter().filter(|k| b.binary_search(k).is_err()) {
                 // A few documents per name: a sorted vector, not a set.
-                let v = m.entry(k.to_string()).or_default();
-                if let Err(at) = v.binary_search(key) {
-                    v.insert(at, key.clone());
+                match m.get_mut(*k) {
+                    Some(v) => {
+                        if let Err(at) = v.binary_search(key) {
+                            v.insert(at, key.clone());
+                        }
+                    }
+                    None => {
+                        m.insert(k.to_string(), vec![key.clone()]);
+                    }
                 }
             }
         }
