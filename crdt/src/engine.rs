@@ -358,6 +358,11 @@ impl<S: Store> Engine<S> {
     pub fn has_session(&self, session: SessionId) -> bool {
         self.sessions.contains_key(&session)
     }
+    /// Whether the index knows `key` to have no changes waiting for their
+    /// dependencies (only such documents are shared with other engines).
+    pub fn is_whole(&self, key: &DocKey) -> Option<bool> {
+        self.index.get(key).map(|e| e.whole)
+    }
     pub fn doc_count(&self) -> usize {
         self.index.len()
     }

@@ -315,6 +315,28 @@ fn registry_reaches_shelters_and_check_in_reaches_hq_through_another_node() {
 }
 
 #[test]
+fn documents_received_in_frames_larger_than_the_cache_are_indexed_as_whole() {
+    let mut net = Net::new(&[("hq-1", Role::Hq), ("shelter-a", Role::Shelter)]);
+    let cfg = EngineConfig {
+        cache_docs: 16,
+        ..EngineConfig::new(NodeId::new("shelter-a").unwrap(), Role::Shelter)
+    };
+    net.nodes[1] = Engine::open(MemStore::new(), cfg, now(T0)).unwrap();
+    let hh: Vec<Household> = (0..200).map(|i| household(i, 2)).collect();
+    net.cmd(0, "imp-1", Command::ImportHouseholds { households: hh })
+        .unwrap();
+    net.connect(0, 1);
+    let keys: Vec<DocKey> = net.nodes[1].heads().map(|(k, _)| k.clone()).collect();
+    // Far more documents than the shelter caches arrived in a few frames.
+    assert!(keys.len() >= 200, "{}", keys.len());
+    let not_whole: Vec<&DocKey> = keys
+        .iter()
+        .filter(|k| net.nodes[1].is_whole(k) != Some(true))
+        .collect();
+    assert!(not_whole.is_empty(), "not marked whole: {not_whole:?}");
+}
+
+#[test]
 fn partitioned_check_ins_at_two_shelters_are_kept_as_a_conflict() {
     let mut net = setup();
     net.connect(0, 1);
