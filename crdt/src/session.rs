@@ -153,6 +153,33 @@ pub(crate) fn chunk_docs(docs: Vec<DocChanges>) -> Vec<Vec<DocChanges>> {
     frames
 }
 
+/// A document listed more than once in a frame (a log streamed in order
+/// interleaves documents) as one entry with all its changes, at its first
+/// place: its later changes must build on its earlier ones, which are not
+/// committed (nor, with many documents between, still cached) yet.
+fn merge_by_key(docs: Vec<DocChanges>) -> Vec<DocChanges> {
+    let mut first: rustc_hash::FxHashMap<&DocKey, usize> = Default::default();
+    let repeated = docs
+        .iter()
+        .enumerate()
+        .any(|(i, d)| *first.entry(&d.key).or_insert(i) != i);
+    if !repeated {
+        return docs;
+    }
+    let mut at: rustc_hash::FxHashMap<DocKey, usize> = Default::default();
+    let mut out: Vec<DocChanges> = Vec::new();
+    for d in docs {
+        match at.get(&d.key) {
+            Some(&i) => out[i].changes.extend(d.changes),
+            None => {
+                at.insert(d.key.clone(), out.len());
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
 fn short_digest(heads: &[Hash32]) -> [u8; 8] {
     let d = crate::doc::heads_digest(heads);
     let mut out = [0u8; 8];
@@ -795,7 +822,7 @@ impl<S: Store> Engine<S> {
             (s.node.clone(), s.role)
         };
         let mut txn = Txn::default();
-        for dc in docs {
+        for dc in merge_by_key(docs) {
             let key = dc.key;
             if !policy::may_hold(self.cfg.role, &self.cfg.node_id, &key)
                 || !policy::may_hold(role, &peer, &key)
@@ -973,5 +1000,26 @@ impl<S: Store> Engine<S> {
             return Err(format!("a {} node may not write {key}", actor.role));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::Kind;
+
+    fn dc(id: &str, changes: &[u8]) -> DocChanges {
+        DocChanges {
+            key: DocKey::new(Kind::Presence, id).unwrap(),
+            changes: changes.iter().map(|c| vec![*c]).collect(),
+        }
+    }
+
+    #[test]
+    fn a_document_listed_twice_in_a_frame_is_handled_once_with_all_changes() {
+        let merged = merge_by_key(vec![dc("a", &[1]), dc("b", &[2]), dc("a", &[3, 4])]);
+        assert_eq!(merged, vec![dc("a", &[1, 3, 4]), dc("b", &[2])]);
+        let distinct = vec![dc("a", &[1]), dc("b", &[2])];
+        assert_eq!(merge_by_key(distinct.clone()), distinct);
     }
 }

@@ -43,11 +43,16 @@ struct Id {
 fn sorted(h: &[Hash32]) -> Vec<Hash32> {
     let mut v = h.to_vec();
     v.sort_unstable();
+    v.dedup();
     v
 }
 
+/// `h` holds exactly the hashes of `sorted` (sorted and without repeats):
+/// equal lengths and inclusion both ways also rule out repeats in `h`.
 fn same_set(sorted: &[Hash32], h: &[Hash32]) -> bool {
-    sorted.len() == h.len() && h.iter().all(|x| sorted.binary_search(x).is_ok())
+    sorted.len() == h.len()
+        && h.iter().all(|x| sorted.binary_search(x).is_ok())
+        && sorted.iter().all(|x| h.contains(x))
 }
 
 impl Id {
@@ -234,6 +239,14 @@ mod tests {
         assert_eq!(t.get(&k, &[a], &[c]), None);
         assert_eq!(t.get(&k, &[a, c], &[b]), None, "heads and added differ");
         assert_eq!(t.get(&other, &[a, b], &[c]), None);
+    }
+
+    #[test]
+    fn a_repeated_hash_is_not_another_hash() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(same_set(&sorted(&[a, b]), &[b, a]));
+        assert!(!same_set(&sorted(&[a, b]), &[a, a]));
+        assert!(!same_set(&sorted(&[a]), &[a, a]));
     }
 
     #[test]
