@@ -88,34 +88,31 @@ fn digest(key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> u64 {
     f.finish()
 }
 
-struct Table<V> {
-    map: FxHashMap<u64, (Id, V)>,
-    order: VecDeque<u64>,
+/// A bounded map that forgets its oldest insertions first.
+struct Fifo<K, V> {
+    map: FxHashMap<K, V>,
+    order: VecDeque<K>,
     cap: usize,
 }
 
-impl<V: Clone> Table<V> {
+impl<K: std::hash::Hash + Eq + Clone, V> Fifo<K, V> {
     fn new(cap: usize) -> Self {
-        Table {
+        Fifo {
             map: FxHashMap::default(),
             order: VecDeque::new(),
             cap: cap.max(1),
         }
     }
-    fn get(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Option<V> {
-        match self.map.get(&digest(key, heads, added)) {
-            Some((id, v)) if id.is(key, heads, added) => Some(v.clone()),
-            _ => None,
-        }
+    fn get<Q>(&self, k: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.map.get(k)
     }
-    fn put(&mut self, key: &DocKey, heads: &[Hash32], added: &[Hash32], v: V) {
-        let d = digest(key, heads, added);
-        if self
-            .map
-            .insert(d, (Id::new(key, heads, added), v))
-            .is_none()
-        {
-            self.order.push_back(d);
+    fn put(&mut self, k: K, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
         }
         while self.map.len() > self.cap {
             let Some(old) = self.order.pop_front() else {
@@ -126,13 +123,30 @@ impl<V: Clone> Table<V> {
     }
 }
 
+/// Entries by the digest of their id, each keeping its full id.
+struct Table<V>(Fifo<u64, (Id, V)>);
+
+impl<V: Clone> Table<V> {
+    fn new(cap: usize) -> Self {
+        Table(Fifo::new(cap))
+    }
+    fn get(&self, key: &DocKey, heads: &[Hash32], added: &[Hash32]) -> Option<V> {
+        match self.0.get(&digest(key, heads, added)) {
+            Some((id, v)) if id.is(key, heads, added) => Some(v.clone()),
+            _ => None,
+        }
+    }
+    fn put(&mut self, key: &DocKey, heads: &[Hash32], added: &[Hash32], v: V) {
+        let id = Id::new(key, heads, added);
+        self.0.put(digest(key, heads, added), (id, v));
+    }
+}
+
 struct Tables {
     docs: Table<Arc<Doc>>,
     steps: Table<Applied>,
     /// Parsed changes by their bytes (only successful parses).
-    parsed: FxHashMap<Arc<[u8]>, Arc<Change>>,
-    parsed_order: VecDeque<Arc<[u8]>>,
-    cap: usize,
+    parsed: Fifo<Arc<[u8]>, Arc<Change>>,
     /// Presence events of a document, by (key, heads).
     events: Table<Arc<Vec<PresenceEvent>>>,
 }
@@ -150,9 +164,7 @@ impl DocShare {
             inner: Arc::new(Mutex::new(Tables {
                 docs: Table::new(docs),
                 steps: Table::new(docs),
-                parsed: FxHashMap::default(),
-                parsed_order: VecDeque::new(),
-                cap: docs.max(1),
+                parsed: Fifo::new(docs),
                 events: Table::new(docs),
             })),
         }
@@ -196,17 +208,7 @@ impl DocShare {
             return Ok(c.clone());
         }
         let c = Arc::new(parse_change(bytes)?);
-        let mut t = self.tables();
-        let b: Arc<[u8]> = Arc::from(bytes);
-        if t.parsed.insert(b.clone(), c.clone()).is_none() {
-            t.parsed_order.push_back(b);
-        }
-        while t.parsed.len() > t.cap {
-            let Some(old) = t.parsed_order.pop_front() else {
-                break;
-            };
-            t.parsed.remove(&old);
-        }
+        self.tables().parsed.put(Arc::from(bytes), c.clone());
         Ok(c)
     }
 
@@ -256,7 +258,7 @@ mod tests {
         for i in 0..5u8 {
             t.put(&k, &[[i; 32]], &[], i as u32);
         }
-        assert_eq!(t.map.len(), 2);
+        assert_eq!(t.0.map.len(), 2);
         assert_eq!(t.get(&k, &[[4; 32]], &[]), Some(4));
         assert_eq!(t.get(&k, &[[0; 32]], &[]), None);
     }
