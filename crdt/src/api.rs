@@ -154,10 +154,22 @@ pub struct MedicalUpdate {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Query {
     Status,
-    Persons { limit: usize, offset: usize },
-    Search { q: String, limit: usize },
-    HouseholdByCard { card_user_id: String },
-    Person { person_id: String },
+    Persons {
+        limit: usize,
+        offset: usize,
+    },
+    Search {
+        q: String,
+        limit: usize,
+    },
+    /// The household of a card's holder, with the holder
+    /// ([`HouseholdView::holder`]): what a tap on a card reader shows.
+    HouseholdByCard {
+        card_user_id: String,
+    },
+    Person {
+        person_id: String,
+    },
     Shelters,
     Conflicts,
     Outbox,
@@ -251,6 +263,9 @@ pub struct PersonDetail {
 pub struct HouseholdView {
     pub household_id: String,
     pub members: Vec<(PersonRow, Option<LocationRow>)>,
+    /// The card holder's person id when the household was found by card
+    /// ([`Query::HouseholdByCard`]); one of `members`.
+    pub holder: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -1454,9 +1454,13 @@ impl<S: Store> Engine<S> {
                                 Ok((p, l))
                             })
                             .collect::<Result<Vec<_>, _>>()?;
+                        // The holder comes from the same cards row as the
+                        // household, so it is one of the members.
+                        let holder = self.store.person_by_card(card.as_str())?;
                         QueryReply::Household(Some(HouseholdView {
                             household_id: h,
                             members,
+                            holder,
                         }))
                     }
                 }

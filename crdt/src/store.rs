@@ -212,7 +212,12 @@ pub trait Store {
     /// Persons whose search key contains `key` (already folded with
     /// [`crate::text::search_key`]; matched literally, no wildcards).
     fn search(&self, key: &str, limit: usize) -> Result<Vec<PersonRow>, StoreError>;
+    /// The household of the card's holder: the first `cards` row for it
+    /// in source order (document kind, document id, position).
     fn household_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError>;
+    /// The card's holder (a person id), from the same row as
+    /// [`Store::household_by_card`].
+    fn person_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError>;
     fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError>;
     fn location(&self, person_id: &str) -> Result<Option<LocationRow>, StoreError>;
     fn shelters(&self) -> Result<Vec<ShelterRow>, StoreError>;
@@ -454,6 +459,14 @@ impl Store for MemStore {
             .find(|c| c.0 == card_user_id)
             .map(|c| c.1.clone()))
     }
+    fn person_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .projections
+            .values()
+            .flat_map(|p| p.cards.iter())
+            .find(|c| c.0 == card_user_id)
+            .map(|c| c.2.clone()))
+    }
     fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
         let mut v: Vec<_> = self
             .all_persons()
@@ -675,6 +688,64 @@ pub mod conformance {
         assert!(s.person("p3").unwrap().is_some());
     }
 
+    /// A card names its holder and the holder's household, both from the
+    /// first row for it in source order; rows go with their document.
+    pub fn cards_name_holder_and_household(s: &mut dyn Store) {
+        let r1 = key(Kind::Registry, "h1");
+        let r2 = key(Kind::Registry, "h2");
+        let card = |c: &str, h: &str, p: &str| (c.to_string(), h.to_string(), p.to_string());
+        let p1 = Projection {
+            persons: vec![
+                person("p1", "h1", "山田 太郎", "ヤマダ タロウ"),
+                person("p2", "h1", "山田 花子", "ヤマダ ハナコ"),
+            ],
+            cards: vec![
+                card("1111111111111", "h1", "p1"),
+                card("2222222222222", "h1", "p2"),
+                card("4444444444444", "h1", "p2"),
+            ],
+            ..Default::default()
+        };
+        let p2 = Projection {
+            persons: vec![person("p3", "h2", "佐藤 一郎", "サトウ イチロウ")],
+            // The same card in a later document: the earlier row wins.
+            cards: vec![
+                card("4444444444444", "h2", "p3"),
+                card("3333333333333", "h2", "p3"),
+            ],
+            ..Default::default()
+        };
+        s.commit(&Batch {
+            projections: vec![(r2.clone(), p2.into()), (r1.clone(), p1.into())],
+            ..Default::default()
+        })
+        .unwrap();
+        let both = |s: &dyn Store, c: &str| {
+            (
+                s.household_by_card(c).unwrap(),
+                s.person_by_card(c).unwrap(),
+            )
+        };
+        let some = |h: &str, p: &str| (Some(h.to_string()), Some(p.to_string()));
+        assert_eq!(both(s, "1111111111111"), some("h1", "p1"));
+        assert_eq!(both(s, "2222222222222"), some("h1", "p2"));
+        assert_eq!(both(s, "3333333333333"), some("h2", "p3"));
+        assert_eq!(both(s, "4444444444444"), some("h1", "p2"));
+        assert_eq!(both(s, "9999999999999"), (None, None));
+        // Dropping h1's cards leaves the later row of the shared card.
+        let p1b = Projection {
+            persons: vec![person("p1", "h1", "山田 太郎", "ヤマダ タロウ")],
+            ..Default::default()
+        };
+        s.commit(&Batch {
+            projections: vec![(r1, p1b.into())],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(both(s, "2222222222222"), (None, None));
+        assert_eq!(both(s, "4444444444444"), some("h2", "p3"));
+    }
+
     pub fn locations_and_occupancy(s: &mut dyn Store) {
         let pr = key(Kind::Presence, "h1");
         let sh = key(Kind::Shelter, "s1");
@@ -830,6 +901,7 @@ pub mod conformance {
         meta_round_trip(&mut *fresh());
         changes_docs_and_snapshots(&mut *fresh());
         projections_replace_per_document(&mut *fresh());
+        cards_name_holder_and_household(&mut *fresh());
         locations_and_occupancy(&mut *fresh());
         ops_peer_heads_quarantine(&mut *fresh());
         log_and_cursors(&mut *fresh());

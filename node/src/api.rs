@@ -1,8 +1,8 @@
 //! JSON API v1 (axum), served by every node on loopback by default.
 //!
 //! Every request carries `Authorization: Bearer <token>`; tokens are
-//! checked against `operators.json` ([`crate::auth`]), re-read when it
-//! changes. Handlers turn requests into engine [`Query`]s and [`Command`]s
+//! checked against `operators.json` through the node's one
+//! [`OperatorsFile`] (re-read when it changes, shared with the card flow). Handlers turn requests into engine [`Query`]s and [`Command`]s
 //! through the [`DriverHandle`]; a command's `201` is sent only after the
 //! engine has committed it. Every error is `{"error":{"code","message"}}`
 //! with a status from [`status_for`]. Request bodies are limited to
@@ -10,7 +10,7 @@
 //! and wrong content types are refused (I-15, I-30). The endpoints are
 //! documented in `docs/api.md`.
 
-use crate::auth::Operators;
+use crate::auth::{Operators, OperatorsFile};
 use crate::card::flow::{CardHub, SessionRefusal, STAFF_TAP_WINDOW};
 use crate::driver::{DriverError, DriverHandle};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -29,8 +29,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub const DEFAULT_PAGE: usize = 100;
@@ -48,16 +47,16 @@ pub struct ApiState {
     /// The card reader's events, status and staff sessions; `None` when
     /// the node has no `[card]` configured.
     pub card: Option<Arc<CardHub>>,
-    operators: Arc<Mutex<(Option<SystemTime>, Arc<Operators>)>>,
+    operators: Arc<OperatorsFile>,
 }
 
 impl ApiState {
     pub fn new(driver: DriverHandle, data_dir: PathBuf) -> ApiState {
         ApiState {
             driver,
-            data_dir,
             card: None,
-            operators: Arc::new(Mutex::new((None, Arc::new(Operators::default())))),
+            operators: OperatorsFile::new(&data_dir),
+            data_dir,
         }
     }
 
@@ -68,23 +67,22 @@ impl ApiState {
         self
     }
 
+    /// The operators file this API checks tokens against (shared with the
+    /// card flow).
+    pub fn operators_file(&self) -> &Arc<OperatorsFile> {
+        &self.operators
+    }
+
     /// The current operators, re-read when the file's mtime changes.
     fn operators(&self) -> Result<Arc<Operators>, ApiError> {
-        let path = Operators::path(&self.data_dir);
-        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let mut cur = self.operators.lock().expect("operators lock");
-        if cur.0 != mtime || mtime.is_none() {
-            let ops = Operators::load(&self.data_dir).map_err(|e| {
-                tracing::error!(error = %e, "operators file unreadable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "operators_unavailable",
-                    "operator list unreadable",
-                )
-            })?;
-            *cur = (mtime, Arc::new(ops));
-        }
-        Ok(cur.1.clone())
+        self.operators.current().map_err(|e| {
+            tracing::error!(error = %e, "operators file unreadable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "operators_unavailable",
+                "operator list unreadable",
+            )
+        })
     }
 }
 

@@ -4,8 +4,10 @@
 //! by `kizuna operator add|token` and never stored or logged.
 //!
 //! The file is rewritten atomically (temp file, fsync, rename) with mode
-//! 0600. The API re-reads it when its modification time changes, so a
-//! rotated token takes effect without a restart.
+//! 0600. A running node reads it through one [`OperatorsFile`], shared by
+//! the API's token check and the card flow's staff-card check, which
+//! re-reads it when its modification time changes, so a rotated token or a
+//! new staff card takes effect without a restart.
 //!
 //! Staff cards: an operator may also register the 13-digit user ID of their
 //! own municipal card (`kizuna operator add --card ID`). Only a keyed
@@ -242,6 +244,37 @@ impl Operators {
     }
 }
 
+/// The operators file of one data directory as a running node sees it:
+/// loaded once and re-read only when the file's modification time changes
+/// (or while it does not exist). One per node, shared by the API and the
+/// card flow, so a tap never reads the file again when nothing changed.
+pub struct OperatorsFile {
+    data_dir: PathBuf,
+    current: std::sync::Mutex<(Option<std::time::SystemTime>, std::sync::Arc<Operators>)>,
+}
+
+impl OperatorsFile {
+    pub fn new(data_dir: &Path) -> std::sync::Arc<OperatorsFile> {
+        std::sync::Arc::new(OperatorsFile {
+            data_dir: data_dir.to_path_buf(),
+            current: std::sync::Mutex::new((None, std::sync::Arc::new(Operators::default()))),
+        })
+    }
+
+    /// The current operators. An unreadable or corrupt file is an error
+    /// (the caller decides: the API refuses, a tap counts as a resident's).
+    pub fn current(&self) -> Result<std::sync::Arc<Operators>, AuthError> {
+        let path = Operators::path(&self.data_dir);
+        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.0 != mtime || mtime.is_none() {
+            let ops = Operators::load(&self.data_dir)?;
+            *cur = (mtime, std::sync::Arc::new(ops));
+        }
+        Ok(cur.1.clone())
+    }
+}
+
 /// Lifetime of a session issued for a staff card tap.
 pub const CARD_SESSION_TTL: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
 
@@ -324,6 +357,31 @@ mod tests {
         let old = r#"{"operators":[{"name":"x","token_blake3":"00"}]}"#;
         let o: Operators = serde_json::from_str(old).unwrap();
         assert_eq!(o.by_card("5555555555555"), None);
+    }
+
+    /// One load per change of the file: a tap or a request in between
+    /// reads nothing (the cached list stays even if the bytes changed under
+    /// an unchanged modification time), and a new mtime is seen at once.
+    #[test]
+    fn operators_file_is_reread_only_when_it_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let card = crate::card::UserId::parse("5555555555555").unwrap();
+        Operators::add_with_card(d.path(), "staff-1", Some(&card)).unwrap();
+        let file = OperatorsFile::new(d.path());
+        let first = file.current().unwrap();
+        assert_eq!(first.by_card("5555555555555"), Some("staff-1"));
+        let path = Operators::path(d.path());
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, b"not json").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(mtime).unwrap();
+        let again = file.current().unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first, &again), "not re-read");
+        f.set_modified(mtime + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert!(matches!(file.current(), Err(AuthError::Corrupt { .. })));
+        std::fs::remove_file(&path).unwrap();
+        assert!(file.current().unwrap().operators.is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! does not leak onto the LAN.
 
 use crate::auth::Operators;
-use crate::cli::Exit;
+use crate::console::Exit;
 use crate::driver::Driver;
 use crate::import::COLUMNS;
 use anyhow::{anyhow, Context};
@@ -123,7 +123,7 @@ pub fn put_shelters(
     hq_id: &str,
     shelters: &[(&str, &str)],
 ) -> Result<(), Exit> {
-    let (lock, store, ecfg) = crate::cli::open_hq(hq_data, Some(hq_id))?;
+    let (lock, store, ecfg) = crate::run::open_hq(hq_data, Some(hq_id))?;
     let driver = Driver::start(store, ecfg)?;
     for (id, name) in shelters {
         driver.command_blocking(
@@ -156,7 +156,7 @@ pub fn put_demo_profiles(
 ) -> Result<(), Exit> {
     use crdt::api::MedicalUpdate;
     use crdt::model::{BloodType, ConsentBasis, Disclosure, FamilyContact, MedicalSection};
-    let (lock, store, ecfg) = crate::cli::open_hq(hq_data, Some(hq_id))?;
+    let (lock, store, ecfg) = crate::run::open_hq(hq_data, Some(hq_id))?;
     let ids: Vec<String> = crdt::store::Store::persons(&store, persons, 0)?
         .into_iter()
         .map(|p| p.person_id)
@@ -337,7 +337,7 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
     std::fs::write(&csv, synthetic_registry(args.households, args.seed))?;
     let hq_data = dir.join("hq-1").join("data");
     let summary =
-        crate::cli::registry_import(&hq_data, &csv, crate::import::Encoding::Utf8, Some("hq-1"))?;
+        crate::import::import_file(&hq_data, &csv, crate::import::Encoding::Utf8, Some("hq-1"))?;
     eprintln!("{summary}");
     put_shelters(
         &hq_data,
@@ -464,7 +464,7 @@ async fn supervise(
             );
         }
         tokio::select! {
-            _ = crate::cli::shutdown_signal() => Ok(()),
+            _ = crate::run::shutdown_signal() => Ok(()),
             r = wait_any_exit(&mut children) => r,
         }
     }

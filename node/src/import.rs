@@ -26,7 +26,15 @@
 //! Every bad row is reported with its line number; a 12-digit Individual
 //! Number-shaped value anywhere rejects the row without echoing it. If any
 //! row is bad nothing is imported.
+//!
+//! [`import_file`] is the whole `kizuna registry import`: parse, then open
+//! the data directory as its hq node ([`crate::run::open_hq`]) and commit
+//! one `ImportHouseholds` command per batch through the engine thread.
 
+use crate::console::{progress, Exit};
+use crate::driver::Driver;
+use anyhow::Context;
+use crdt::api::{Command, Operator, Reply};
 use crdt::model::{Household, Member, Validate, MAX_MEMBERS};
 use crdt::text::{contains_individual_number, CardUserId};
 use std::collections::{BTreeMap, HashMap};
@@ -458,6 +466,78 @@ pub fn summary(h: &[Household]) -> BTreeMap<&'static str, usize> {
         ("households", h.len()),
         ("persons", h.iter().map(|x| x.members.len()).sum()),
     ])
+}
+
+/// Validates and imports a registry file into the hq data directory
+/// `data_dir` (a fresh one needs `node_id`); returns the summary line.
+/// Bad rows are printed to stderr, one per line, and import nothing.
+pub fn import_file(
+    data_dir: &std::path::Path,
+    file: &std::path::Path,
+    enc: Encoding,
+    node_id: Option<&str>,
+) -> Result<String, Exit> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let reg = match parse_file(&bytes, enc, crate::run::wall_ms()) {
+        Ok(r) => r,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}:{e}", file.display());
+            }
+            return Err(Exit::bad_input(format!(
+                "{}: {} bad row(s); nothing was imported",
+                file.display(),
+                errors.len()
+            )));
+        }
+    };
+    let (lock, store, ecfg) = crate::run::open_hq(data_dir, node_id)?;
+    let driver = Driver::start(store, ecfg)?;
+    let batches = batches(&reg.households);
+    let pb = progress(reg.households.len() as u64, "importing households");
+    let mut landed = 0usize;
+    let mut failure = None;
+    for (i, b) in batches.iter().enumerate() {
+        let r = driver.command_blocking(
+            batch_op_id(&bytes, i),
+            Operator("registry-import".into()),
+            Command::ImportHouseholds {
+                households: b.to_vec(),
+            },
+        );
+        match r {
+            Ok(Reply::Imported { .. }) | Ok(_) => {
+                landed += 1;
+                pb.inc(b.len() as u64);
+            }
+            Err(e) => {
+                failure = Some((i, e));
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    driver.shutdown()?;
+    drop(lock);
+    match failure {
+        None => Ok(format!(
+            "imported {} households, {} persons ({:?}, {} batch(es))",
+            reg.households.len(),
+            reg.persons,
+            reg.encoding,
+            batches.len()
+        )),
+        Some((i, e)) => Err(Exit {
+            code: 1,
+            message: format!(
+                "batch {} of {} failed: {e} ({}); batches 1..={landed} were committed and the rest were not. \
+                 Re-running the same file is safe: committed batches are recognised by their op id and not written twice",
+                i + 1,
+                batches.len(),
+                e.code()
+            ),
+        }),
+    }
 }
 
 #[cfg(test)]

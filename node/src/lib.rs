@@ -1,16 +1,26 @@
 //! The `kizuna` node: drives the [`crdt`] engine over SQLite ([`store`]),
 //! on one engine thread ([`driver`]), talks to peers over QUIC with mutual
 //! TLS ([`net`]), reads IC cards over PC/SC ([`card`]), serves a JSON API
-//! ([`api`]), all set up from one validated [`config::Config`].
+//! ([`api`]), all set up from one validated [`config::Config`] and
+//! assembled by [`run`].
+//!
+//! Layers, each depending only on those before it: the edges (`store`,
+//! `driver`, `net`, `card`, `api`, `auth`, `mail`, `config`, `console`),
+//! then [`run`] (assembly), then the commands built on it (`import`,
+//! `export`, `demo`), then [`cli`] (flags and dispatch), which nothing
+//! imports.
 
 pub mod api;
 pub mod auth;
 pub mod card;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod driver;
+pub mod export;
 pub mod import;
 pub mod mail;
 pub mod net;
+pub mod run;
 pub mod store;

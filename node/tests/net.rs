@@ -11,8 +11,9 @@ use std::time::Duration;
 use certs::crl::{OfferOutcome, RevocationState};
 use certs::tls::{PeerTrust, WallClock};
 use certs::{ca, NodeCredentials};
+use crdt::api::Input;
 use crdt::{NodeId, Role};
-use node::net::{StaticPeer, Transport, TransportConfig, TransportEvent};
+use node::net::{Notice, StaticPeer, Transport, TransportConfig, TransportSinks};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -75,9 +76,17 @@ fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// What a test sees: the engine inputs and the notices of one transport,
+/// in the order it reported them.
+#[derive(Debug)]
+enum Ev {
+    Input(Input),
+    Notice(Notice),
+}
+
 struct Node {
     t: Transport,
-    rx: UnboundedReceiver<TransportEvent>,
+    rx: UnboundedReceiver<Ev>,
     revocation: Arc<RevocationState>,
 }
 
@@ -89,7 +98,16 @@ async fn start_with(dir: &Path, c: TransportConfig, crl: Option<&[u8]>) -> anyho
     }
     let trust = PeerTrust::new(revocation.clone(), clock()).unwrap();
     let (tx, rx) = unbounded_channel();
-    let t = Transport::start(c, creds, trust, revocation.clone(), tx).await?;
+    let tx2 = tx.clone();
+    let sinks = TransportSinks {
+        input: Box::new(move |i| {
+            let _ = tx.send(Ev::Input(i));
+        }),
+        notice: Some(Box::new(move |n| {
+            let _ = tx2.send(Ev::Notice(n));
+        })),
+    };
+    let t = Transport::start(c, creds, trust, revocation.clone(), sinks).await?;
     Ok(Node { t, rx, revocation })
 }
 
@@ -99,10 +117,10 @@ async fn start(creds: &Path, c: TransportConfig) -> Node {
 
 /// Next event matching `pred`, skipping others; panics at the deadline.
 async fn wait_for(
-    rx: &mut UnboundedReceiver<TransportEvent>,
+    rx: &mut UnboundedReceiver<Ev>,
     what: &str,
-    mut pred: impl FnMut(&TransportEvent) -> bool,
-) -> TransportEvent {
+    mut pred: impl FnMut(&Ev) -> bool,
+) -> Ev {
     let found = tokio::time::timeout(DEADLINE, async {
         loop {
             let ev = rx.recv().await.expect("event channel closed");
@@ -117,16 +135,16 @@ async fn wait_for(
 }
 
 /// Waits for a `PeerRejected` and fails if a `Connected` comes first.
-async fn expect_rejected(rx: &mut UnboundedReceiver<TransportEvent>, who: &str) -> String {
+async fn expect_rejected(rx: &mut UnboundedReceiver<Ev>, who: &str) -> String {
     match wait_for(rx, "rejection", |e| {
         matches!(
             e,
-            TransportEvent::PeerRejected { .. } | TransportEvent::Connected { .. }
+            Ev::Notice(Notice::PeerRejected { .. }) | Ev::Input(Input::Connected { .. })
         )
     })
     .await
     {
-        TransportEvent::PeerRejected { addr, reason } => {
+        Ev::Notice(Notice::PeerRejected { addr, reason }) => {
             eprintln!("{who} rejected {addr}: {reason}");
             // rustls renders the verifier's error with Debug inside its own
             // Display, so match case-insensitively on the variant name.
@@ -136,45 +154,57 @@ async fn expect_rejected(rx: &mut UnboundedReceiver<TransportEvent>, who: &str) 
     }
 }
 
-async fn connected(rx: &mut UnboundedReceiver<TransportEvent>) -> (u64, NodeId, Role, bool) {
+async fn connected(rx: &mut UnboundedReceiver<Ev>) -> (u64, NodeId, Role, bool) {
     match wait_for(rx, "Connected", |e| {
-        matches!(e, TransportEvent::Connected { .. })
+        matches!(e, Ev::Input(Input::Connected { .. }))
     })
     .await
     {
-        TransportEvent::Connected {
+        Ev::Input(Input::Connected {
             session,
             node,
             role,
             initiator,
-        } => (session, node, role, initiator),
+        }) => (session, node, role, initiator),
         _ => unreachable!(),
     }
 }
 
-async fn frame(rx: &mut UnboundedReceiver<TransportEvent>, session: u64) -> Vec<u8> {
+async fn frame(rx: &mut UnboundedReceiver<Ev>, session: u64) -> Vec<u8> {
     match wait_for(
         rx,
         "Frame",
-        |e| matches!(e, TransportEvent::Frame { session: s, .. } if *s == session),
+        |e| matches!(e, Ev::Input(Input::Frame { session: s, .. }) if *s == session),
     )
     .await
     {
-        TransportEvent::Frame { bytes, .. } => bytes,
+        Ev::Input(Input::Frame { bytes, .. }) => bytes,
         _ => unreachable!(),
     }
 }
 
-async fn disconnected(rx: &mut UnboundedReceiver<TransportEvent>, session: u64) -> String {
-    match wait_for(
+/// Waits for the end of `session`: its `SessionEnded` notice (returns the
+/// reason), then its `Input::Disconnected`, with no frame of it between.
+async fn disconnected(rx: &mut UnboundedReceiver<Ev>, session: u64) -> String {
+    let reason = match wait_for(
         rx,
-        "Disconnected",
-        |e| matches!(e, TransportEvent::Disconnected { session: s, .. } if *s == session),
+        "SessionEnded",
+        |e| matches!(e, Ev::Notice(Notice::SessionEnded { session: s, .. }) if *s == session),
     )
     .await
     {
-        TransportEvent::Disconnected { reason, .. } => reason,
+        Ev::Notice(Notice::SessionEnded { reason, .. }) => reason,
         _ => unreachable!(),
+    };
+    match wait_for(rx, "Disconnected", |e| match e {
+        Ev::Input(Input::Disconnected { session: s })
+        | Ev::Input(Input::Frame { session: s, .. }) => *s == session,
+        _ => false,
+    })
+    .await
+    {
+        Ev::Input(Input::Disconnected { .. }) => reason,
+        other => panic!("after the end of session {session}: {other:?}"),
     }
 }
 
@@ -389,7 +419,11 @@ async fn crl_gossip_closes_sessions_with_the_revoked_peer() {
     let a_creds = pki.node(Role::Hq, "hq-1");
     let b_creds = pki.node(Role::Shelter, "shelter-1");
     let c_creds = pki.node(Role::Ambulance, "amb-3");
-    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
+    // B keeps each CRL it applies, so a restart starts from the newest.
+    let b_crl_file = pki.root.join("b-crl.der");
+    let mut bc = cfg(localhost(), vec![]);
+    bc.crl_file = Some(b_crl_file.clone());
+    let mut b = start(&b_creds, bc).await;
     let b_addr = b.t.local_addr();
     let mut a = start(&a_creds, cfg(localhost(), vec![peer("shelter-1", b_addr)])).await;
     let mut c = start(&c_creds, cfg(localhost(), vec![peer("shelter-1", b_addr)])).await;
@@ -410,6 +444,7 @@ async fn crl_gossip_closes_sessions_with_the_revoked_peer() {
     let reason = disconnected(&mut b.rx, b_to_c).await;
     assert!(reason.contains("revoked"), "{reason}");
     assert_eq!(b.revocation.current_number(), Some(1));
+    assert_eq!(std::fs::read(&b_crl_file).unwrap(), crl, "B kept the CRL");
     let r = disconnected(&mut c.rx, sc).await;
     eprintln!("c saw: {r}");
     // C keeps dialing B and is refused now.
@@ -508,7 +543,7 @@ async fn mdns_peers_find_each_other() {
     let mut a = start(&a_creds, ac).await;
     let mut b = start(&b_creds, bc).await;
     let ev = wait_for(&mut a.rx, "Discovered", |e| {
-        matches!(e, TransportEvent::Discovered { .. })
+        matches!(e, Ev::Notice(Notice::Discovered { .. }))
     })
     .await;
     eprintln!("a discovered: {ev:?}");

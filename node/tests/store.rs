@@ -236,7 +236,7 @@ fn conformance_suite_on_real_files() {
             .join(format!("c{}.db", n.fetch_add(1, Ordering::SeqCst)));
         Box::new(SqliteStore::open(&path).unwrap())
     });
-    assert_eq!(n.load(Ordering::SeqCst), 6);
+    assert_eq!(n.load(Ordering::SeqCst), 7);
 }
 
 #[test]

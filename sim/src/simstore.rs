@@ -188,6 +188,13 @@ impl Store for SimStore {
             .find(|c| c.0 == card_user_id)
             .map(|c| c.1.clone()))
     }
+    fn person_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .projections_of(self.card_docs.get(card_user_id).into_iter().flatten())
+            .flat_map(|p| p.cards.iter())
+            .find(|c| c.0 == card_user_id)
+            .map(|c| c.2.clone()))
+    }
     fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
         let mut v: Vec<_> = self
             .projections_of(self.household_docs.get(household_id).into_iter().flatten())

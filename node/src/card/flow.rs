@@ -13,17 +13,19 @@
 //!   [`STAFF_TAP_WINDOW`] so `POST /api/v1/sessions/card` can issue a
 //!   session. A staff tap is not looked up in the registry.
 //! - any other `Tap` → [`resolve_tap`] through the engine
-//!   (`Query::HouseholdByCard`): on shelter, facility and hq nodes a
-//!   `card_tap` with the household and its members (with their location);
-//!   on ambulance and clinic nodes a `card_tap` with the card holder's
-//!   `person_id` (the member whose card it is) for the medical view, whose
-//!   read stays a separate, audited request. An unknown card is a
-//!   `card_tap` with `household_id: null` and a `reason`.
+//!   (`Query::HouseholdByCard`, which answers with the household and the
+//!   card holder): on shelter, facility and hq nodes a `card_tap` with the
+//!   household and its members (with their location); on ambulance and
+//!   clinic nodes a `card_tap` with the card holder's `person_id` for the
+//!   medical view, whose read stays a separate, audited request. An
+//!   unknown card is a `card_tap` with `household_id: null` and a `reason`.
 //!
+//! The path runs one way: reader → engine query → event. This module
+//! never touches storage itself; it reads the operators file only through
+//! the node's shared [`OperatorsFile`] (re-read only when it changed).
 //! Events never carry the card's user ID: the screen needs the household
 //! or the person, not the key.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +37,7 @@ use tokio::sync::broadcast;
 
 use super::id::UserId;
 use super::watch::{CardEvent, ReaderStatus};
-use crate::auth::{CardSessions, Operators};
+use crate::auth::{CardSessions, OperatorsFile};
 use crate::driver::DriverHandle;
 
 /// How long after a staff tap `POST /api/v1/sessions/card` may use it.
@@ -181,32 +183,11 @@ fn lookup_error(reader: &str, message: String) -> Value {
     })
 }
 
-/// The card holder's person id from the registry index (`cards` table) of
-/// the node's database, opened read-only next to the engine (WAL allows
-/// it). `None` if the card is not there.
-pub fn person_for_card(db: &Path, card: &str) -> Result<Option<String>, rusqlite::Error> {
-    use rusqlite::{OpenFlags, OptionalExtension};
-    let conn = rusqlite::Connection::open_with_flags(
-        db,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(2))?;
-    conn.query_row(
-        "SELECT person_id FROM cards WHERE card_user_id = ?1 \
-         ORDER BY source_kind, source_id, pos LIMIT 1",
-        [card],
-        |r| r.get(0),
-    )
-    .optional()
-}
-
 /// Resolves a resident tap into the `card_tap` event (or a `card_error`
-/// when the lookup itself failed). `db` is the node's SQLite file, used
-/// only for [`TapTarget::Person`].
+/// when the lookup itself failed).
 pub async fn resolve_tap(
     driver: &DriverHandle,
     target: TapTarget,
-    db: Option<&Path>,
     user_id: &UserId,
     reader: &str,
 ) -> Value {
@@ -232,26 +213,10 @@ pub async fn resolve_tap(
             "members": h.members.iter().map(|(p, l)| member_json(p, l)).collect::<Vec<_>>(),
         }),
         TapTarget::Person => {
-            let by_index = match db {
-                Some(db) => {
-                    let db = db.to_path_buf();
-                    let card = user_id.as_str().to_string();
-                    tokio::task::spawn_blocking(move || person_for_card(&db, &card))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
-                }
-                None => Ok(None),
-            };
-            let by_index = match by_index {
-                Ok(p) => p,
-                Err(e) => return lookup_error(reader, e),
-            };
-            // The holder must be a member of the household the engine
-            // returned; a one-person household needs no index.
-            let holder = by_index
-                .and_then(|id| h.members.iter().find(|(p, _)| p.person_id == id))
-                .or_else(|| (h.members.len() == 1).then(|| &h.members[0]));
+            let holder = h
+                .holder
+                .as_deref()
+                .and_then(|id| h.members.iter().find(|(p, _)| p.person_id == id));
             match holder {
                 Some((p, l)) => json!({
                     "type": "card_tap", "reader": reader, "household_id": h.household_id,
@@ -269,8 +234,8 @@ pub struct TapContext {
     pub hub: Arc<CardHub>,
     pub driver: DriverHandle,
     pub target: TapTarget,
-    pub data_dir: PathBuf,
-    pub db: Option<PathBuf>,
+    /// The node's operators file, shared with the API.
+    pub operators: Arc<OperatorsFile>,
 }
 
 /// Handles one watcher event (see the module docs).
@@ -287,7 +252,7 @@ pub async fn handle_event(cx: &TapContext, ev: CardEvent) {
             "message_ja": e.message_ja(), "message_en": e.message_en(),
         })),
         CardEvent::Tap { user_id, reader } => {
-            let staff = match Operators::load(&cx.data_dir) {
+            let staff = match cx.operators.current() {
                 Ok(ops) => ops.by_card(user_id.as_str()).map(str::to_string),
                 Err(e) => {
                     tracing::warn!(error = %e, "operators file unreadable; tap treated as a resident card");
@@ -301,8 +266,7 @@ pub async fn handle_event(cx: &TapContext, ev: CardEvent) {
                     "window_ms": STAFF_TAP_WINDOW.as_millis() as u64,
                 })),
                 None => {
-                    let v = resolve_tap(&cx.driver, cx.target, cx.db.as_deref(), &user_id, &reader)
-                        .await;
+                    let v = resolve_tap(&cx.driver, cx.target, &user_id, &reader).await;
                     cx.hub.publish(v);
                 }
             }
@@ -410,7 +374,7 @@ mod tests {
         rt.block_on(async {
             for role in [Role::Shelter, Role::Facility, Role::Hq] {
                 let t = TapTarget::for_role(role);
-                let v = resolve_tap(&driver, t, Some(&db), &id("2222222222222"), "r").await;
+                let v = resolve_tap(&driver, t, &id("2222222222222"), "r").await;
                 assert_eq!(v["type"], "card_tap", "{v}");
                 assert_eq!(v["household_id"], "h1");
                 assert_eq!(v["person_id"], Value::Null);
@@ -428,15 +392,15 @@ mod tests {
             }
             for role in [Role::Ambulance, Role::Clinic] {
                 let t = TapTarget::for_role(role);
-                let v = resolve_tap(&driver, t, Some(&db), &id("2222222222222"), "r").await;
+                let v = resolve_tap(&driver, t, &id("2222222222222"), "r").await;
                 assert_eq!(v["person_id"], "p2", "{v}");
                 assert_eq!(v["household_id"], "h1");
                 assert!(v.get("members").is_none(), "{v}");
-                let v = resolve_tap(&driver, t, Some(&db), &id("1234567890123"), "r").await;
+                let v = resolve_tap(&driver, t, &id("1234567890123"), "r").await;
                 assert_eq!(v["person_id"], "p1", "{v}");
             }
             for t in [TapTarget::Household, TapTarget::Person] {
-                let v = resolve_tap(&driver, t, Some(&db), &id("9999999999999"), "r").await;
+                let v = resolve_tap(&driver, t, &id("9999999999999"), "r").await;
                 assert_eq!(v["type"], "card_tap");
                 assert_eq!(v["household_id"], Value::Null);
                 assert_eq!(v["person_id"], Value::Null);
@@ -452,14 +416,18 @@ mod tests {
             }
             // Staff taps are never looked up; resident taps never become
             // staff taps.
-            Operators::add_with_card(dir.path(), "staff-1", Some(&id("5555555555555"))).unwrap();
+            crate::auth::Operators::add_with_card(
+                dir.path(),
+                "staff-1",
+                Some(&id("5555555555555")),
+            )
+            .unwrap();
             let hub = CardHub::new();
             let cx = TapContext {
                 hub: hub.clone(),
                 driver: driver.clone(),
                 target: TapTarget::Household,
-                data_dir: dir.path().to_path_buf(),
-                db: Some(db.clone()),
+                operators: OperatorsFile::new(dir.path()),
             };
             let mut rx = hub.subscribe();
             handle_event(

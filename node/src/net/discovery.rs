@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use crdt::{NodeId, Role};
 use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
 
-use super::{Inner, TransportEvent};
+use super::{Inner, Notice};
 
 pub const SERVICE_TYPE: &str = "_kizuna._udp.local.";
 pub const TXT_VERSION: &str = "1";
@@ -87,7 +87,7 @@ pub(crate) fn start(inner: &Arc<Inner>, instance: &str, port: u16) -> anyhow::Re
             }
             seen.insert(node.clone(), addr);
             tracing::info!(peer = %node, role = %role, %addr, "mDNS discovered peer");
-            inner2.emit(TransportEvent::Discovered { node: node.clone(), role, addr });
+            inner2.notice(Notice::Discovered { node: node.clone(), role, addr });
             inner2.ensure_dialer(node, addr);
         }
     });

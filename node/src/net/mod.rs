@@ -16,10 +16,14 @@
 //! The driver (the thread that owns the engine) talks to the transport with
 //! plain method calls ([`Transport::send`], [`Transport::close`],
 //! [`Transport::offer_crl`], [`Transport::add_static_peer`]) that never block
-//! and never need a tokio context, and receives [`TransportEvent`]s on an
-//! unbounded channel. Events map one to one onto `crdt::Input::Connected`,
-//! `Frame` and `Disconnected`; every `Connected` is followed by exactly one
-//! `Disconnected` for the same session (also on shutdown).
+//! and never need a tokio context. The transport reports through
+//! [`TransportSinks`]: engine inputs (`crdt::api::Input::Connected`, `Frame`,
+//! `Disconnected`) go to the input sink exactly as the engine takes them
+//! (`kizuna run` passes them to `DriverHandle::input` unchanged), and
+//! [`Notice`]s (why a session ended, discovered and rejected peers), which the
+//! engine does not need, go to the optional notice sink. Every `Connected` is
+//! followed by exactly one `Disconnected` for the same session (also on
+//! shutdown), preceded by its [`Notice::SessionEnded`].
 //!
 //! Dialing is advisory and self-healing: each static, remembered or
 //! discovered peer gets one dialer task that reconnects with capped,
@@ -31,7 +35,9 @@
 //! right after the session starts; a received CRL is offered to the shared
 //! `RevocationState`; if it is newer, sessions with newly revoked peers are
 //! closed and the CRL is forwarded to every other session. New handshakes
-//! with revoked certificates already fail in the `certs` verifiers.
+//! with revoked certificates already fail in the `certs` verifiers. Each CRL
+//! applied is written to [`TransportConfig::crl_file`], so a restart starts
+//! from the newest one seen.
 
 mod discovery;
 mod peers;
@@ -47,6 +53,7 @@ use anyhow::Context as _;
 use certs::crl::{CrlError, OfferOutcome, RevocationState};
 use certs::tls::PeerTrust;
 use certs::NodeCredentials;
+use crdt::api::Input;
 use crdt::{NodeId, Role};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinSet;
@@ -77,6 +84,8 @@ pub struct TransportConfig {
     /// JSON file of last-known peer addresses, read at start and updated after
     /// each successful dial.
     pub known_peers_file: Option<PathBuf>,
+    /// Where each newly applied CRL is written (atomically).
+    pub crl_file: Option<PathBuf>,
 }
 
 impl TransportConfig {
@@ -91,24 +100,30 @@ impl TransportConfig {
             reconnect_max_ms: 30_000,
             max_sessions: 64,
             known_peers_file: None,
+            crl_file: None,
         }
     }
 }
 
-/// What the transport reports to the driver.
+/// Receives engine inputs: `Input::Connected`, `Input::Frame` (in stream
+/// order) and `Input::Disconnected`. Called from transport tasks; must not
+/// block.
+pub type InputSink = Box<dyn Fn(Input) + Send + Sync>;
+/// Receives [`Notice`]s. Called from transport tasks; must not block.
+pub type NoticeSink = Box<dyn Fn(Notice) + Send + Sync>;
+
+/// Where the transport reports (see the module docs).
+pub struct TransportSinks {
+    pub input: InputSink,
+    pub notice: Option<NoticeSink>,
+}
+
+/// What the transport reports besides engine inputs: facts for logs, the
+/// operator and tests, none of which the engine needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TransportEvent {
-    /// A mutually authenticated session is up (`initiator`: we dialed).
-    Connected {
-        session: u64,
-        node: NodeId,
-        role: Role,
-        initiator: bool,
-    },
-    /// One complete frame body from the peer, in stream order.
-    Frame { session: u64, bytes: Vec<u8> },
-    /// The session ended; no more frames will come and sends are dropped.
-    Disconnected { session: u64, reason: String },
+pub enum Notice {
+    /// The session ended and why; its `Input::Disconnected` follows.
+    SessionEnded { session: u64, reason: String },
     /// mDNS announced a node (advisory: the handshake decides).
     Discovered {
         node: NodeId,
@@ -163,7 +178,8 @@ pub(crate) struct Inner {
     pub local_node: NodeId,
     pub local_role: Role,
     pub endpoint: quinn::Endpoint,
-    pub events: mpsc::UnboundedSender<TransportEvent>,
+    pub sinks: TransportSinks,
+    pub crl_file: Option<PathBuf>,
     pub revocation: Arc<RevocationState>,
     pub sessions: Mutex<HashMap<u64, Session>>,
     pub next_session: AtomicU64,
@@ -178,6 +194,18 @@ pub(crate) struct Inner {
     pub stopping: AtomicBool,
     pub stop_tx: watch::Sender<bool>,
     pub mdns: Mutex<Option<discovery::Mdns>>,
+}
+
+/// Replaces `path` with `bytes`: temporary file, fsync, rename.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
 }
 
 /// Lock ignoring poison: every guarded value stays consistent between
@@ -199,9 +227,15 @@ impl Inner {
         tasks.spawn_on(fut, &self.runtime);
     }
 
-    pub fn emit(&self, ev: TransportEvent) {
-        // The driver may have gone away during shutdown; nothing to do then.
-        let _ = self.events.send(ev);
+    /// Hands an engine input to the driver.
+    pub fn input(&self, input: Input) {
+        (self.sinks.input)(input);
+    }
+
+    pub fn notice(&self, notice: Notice) {
+        if let Some(n) = &self.sinks.notice {
+            n(notice);
+        }
     }
 
     pub fn session_count(&self) -> usize {
@@ -216,10 +250,11 @@ impl Inner {
             s.conn
                 .close(quinn::VarInt::from_u32(close_code), wire_reason.as_bytes());
             tracing::info!(session, peer = %s.node, addr = %s.addr, reason, "session ended");
-            self.emit(TransportEvent::Disconnected {
+            self.notice(Notice::SessionEnded {
                 session,
                 reason: reason.to_string(),
             });
+            self.input(Input::Disconnected { session });
         }
     }
 
@@ -236,6 +271,11 @@ impl Inner {
                 newly_revoked,
             } => {
                 tracing::info!(crl_number = number, newly_revoked = newly_revoked.len(), from_session = ?from, "CRL applied");
+                if let Some(path) = &self.crl_file {
+                    if let Err(e) = write_atomic(path, der) {
+                        tracing::warn!(path = %path.display(), error = %e, "could not keep the applied CRL");
+                    }
+                }
                 let revoked: Vec<(u64, NodeId)> = lock(&self.sessions)
                     .iter()
                     .filter(|(_, s)| newly_revoked.contains(&s.serial))
@@ -309,7 +349,7 @@ impl Transport {
         creds: NodeCredentials,
         trust: Arc<PeerTrust>,
         revocation: Arc<RevocationState>,
-        events: mpsc::UnboundedSender<TransportEvent>,
+        sinks: TransportSinks,
     ) -> anyhow::Result<Transport> {
         anyhow::ensure!(
             cfg.reconnect_min_ms > 0 && cfg.reconnect_min_ms <= cfg.reconnect_max_ms,
@@ -329,7 +369,8 @@ impl Transport {
             local_node: creds.identity.node_id.clone(),
             local_role: creds.identity.role,
             endpoint,
-            events,
+            sinks,
+            crl_file: cfg.crl_file.clone(),
             revocation,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),

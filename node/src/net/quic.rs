@@ -24,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{code, lock, DialTarget, Inner, Outgoing, Session, TransportConfig, TransportEvent};
+use super::{code, lock, DialTarget, Inner, Notice, Outgoing, Session, TransportConfig};
 
 /// First byte on the frame stream, written by the accepting side. Bump it
 /// together with ALPN if the stream layout changes.
@@ -176,7 +176,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 }
                 Err(HandshakeFailure::Rejected(reason)) => {
                     tracing::warn!(%addr, reason, "incoming peer rejected");
-                    inner2.emit(TransportEvent::PeerRejected { addr, reason });
+                    inner2.notice(Notice::PeerRejected { addr, reason });
                 }
                 Err(HandshakeFailure::Unreachable(reason)) => {
                     tracing::debug!(%addr, reason, "incoming handshake abandoned");
@@ -240,7 +240,7 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, node: NodeId, target: Arc<DialT
                 }
                 Ok(Err(HandshakeFailure::Rejected(reason))) => {
                     tracing::warn!(peer = %node, %addr, reason, "dial rejected");
-                    inner.emit(TransportEvent::PeerRejected { addr, reason });
+                    inner.notice(Notice::PeerRejected { addr, reason });
                     backoff_ms = (backoff_ms.saturating_mul(2)).min(max);
                 }
                 Ok(Err(HandshakeFailure::Unreachable(reason))) => {
@@ -299,7 +299,7 @@ fn establish(
         );
     }
     tracing::info!(session, peer = %identity.node_id, role = %identity.role, %addr, initiator, "session connected");
-    inner.emit(TransportEvent::Connected {
+    inner.input(crdt::api::Input::Connected {
         session,
         node: identity.node_id.clone(),
         role: identity.role,
@@ -406,7 +406,7 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
                 e => (code::PROTOCOL, format!("frame cut short: {e}")),
             };
         }
-        inner.emit(TransportEvent::Frame {
+        inner.input(crdt::api::Input::Frame {
             session,
             bytes: body,
         });

@@ -725,6 +725,15 @@ impl Store for SqliteStore {
             .map_err(map_err)
     }
 
+    fn person_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT person_id FROM cards WHERE card_user_id = ?1 ORDER BY {SOURCE_ORDER} LIMIT 1"
+            ))
+            .and_then(|mut st| st.query_row([card_user_id], |r| r.get(0)).optional())
+            .map_err(map_err)
+    }
+
     fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
         self.persons_where(
             "WHERE household_id = ?1",
