@@ -7,7 +7,8 @@
 //! engine reads neither clock nor entropy itself.
 
 use crate::model::{
-    BloodType, ConsentBasis, Disclosure, Eligibility, FamilyContact, MedicalSection, ShelterInfo,
+    BloodType, ConsentBasis, Disclosure, Eligibility, EligibilityStatus, FamilyContact,
+    MedicalSection, ShelterInfo,
 };
 use crate::store::{LocationRow, PersonRow, ShelterRow, StoreError};
 use crate::text::TextError;
@@ -116,6 +117,94 @@ pub enum Command {
         contacts: Vec<FamilyContact>,
         disclosure: Disclosure,
     },
+    /// A batch of a municipal data set (one durable commit), all or
+    /// nothing; the same records again change nothing.
+    Import {
+        records: ImportRecords,
+    },
+    /// Open or close a shelter, change its capacity (hq).
+    UpdateShelter {
+        shelter_id: String,
+        open: Option<bool>,
+        capacity: Option<u32>,
+    },
+    /// Audited offline eligibility check (clinic: full record; hq:
+    /// insurance numbers masked; other roles refused, and the refusal
+    /// audited).
+    CheckEligibility {
+        person_id: String,
+    },
+    /// Appends an audit entry for an export that left the node: what,
+    /// for which scope, how many records.
+    RecordExport {
+        what: String,
+        scope: String,
+        count: u64,
+    },
+}
+
+/// One person's family contacts and disclosure choices; importing it
+/// replaces what the person's contacts document held.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContactSet {
+    pub person_id: String,
+    pub contacts: Vec<FamilyContact>,
+    pub disclosure: Disclosure,
+}
+
+/// A whole pre-registered medical profile; importing it replaces what the
+/// person's medical document held (entries get ids derived from their
+/// text, so importing the same profile twice writes nothing new).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MedicalProfile {
+    pub person_id: String,
+    pub blood_type: Option<BloodType>,
+    pub consent: ConsentBasis,
+    pub entries: Vec<(MedicalSection, String)>,
+}
+
+impl std::fmt::Debug for MedicalProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MedicalProfile({}, {} entries)",
+            self.person_id,
+            self.entries.len()
+        )
+    }
+}
+
+/// The record batches of [`Command::Import`], one data set each.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "dataset", content = "records", rename_all = "snake_case")]
+pub enum ImportRecords {
+    Shelters(Vec<ShelterInfo>),
+    Contacts(Vec<ContactSet>),
+    Medical(Vec<MedicalProfile>),
+    /// (person id, record).
+    Eligibility(Vec<(String, Eligibility)>),
+}
+
+impl ImportRecords {
+    pub fn len(&self) -> usize {
+        match self {
+            ImportRecords::Shelters(v) => v.len(),
+            ImportRecords::Contacts(v) => v.len(),
+            ImportRecords::Medical(v) => v.len(),
+            ImportRecords::Eligibility(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn dataset(&self) -> &'static str {
+        match self {
+            ImportRecords::Shelters(_) => "shelters",
+            ImportRecords::Contacts(_) => "contacts",
+            ImportRecords::Medical(_) => "medical",
+            ImportRecords::Eligibility(_) => "eligibility",
+        }
+    }
 }
 
 impl Command {
@@ -131,6 +220,10 @@ impl Command {
             Command::ReadMedical { .. } => "read_medical",
             Command::PutEligibility { .. } => "put_eligibility",
             Command::PutContacts { .. } => "put_contacts",
+            Command::Import { .. } => "import",
+            Command::UpdateShelter { .. } => "update_shelter",
+            Command::CheckEligibility { .. } => "check_eligibility",
+            Command::RecordExport { .. } => "record_export",
         }
     }
 }
@@ -173,6 +266,13 @@ pub enum Query {
     Shelters,
     Conflicts,
     Outbox,
+    /// Everyone with a location, optionally at one shelter, with their
+    /// do-not-disclose flag (headquarters knows it; elsewhere false).
+    Evacuees {
+        shelter_id: Option<String>,
+    },
+    /// Full shelter records (address, kind, open), from their documents.
+    ShelterInfos,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -195,6 +295,23 @@ pub enum Reply {
     Medical {
         person_id: String,
         view: MedicalView,
+        audit_seq: u64,
+    },
+    ImportedRecords {
+        dataset: String,
+        records: usize,
+    },
+    Eligibility {
+        person_id: String,
+        status: EligibilityStatus,
+        /// Masked unless this is a clinic node.
+        record: Option<Eligibility>,
+        masked: bool,
+        /// The Japan date the status was judged on.
+        on_date: String,
+        audit_seq: u64,
+    },
+    Audited {
         audit_seq: u64,
     },
 }
@@ -283,6 +400,15 @@ pub struct OutboxRow {
     pub state: crate::model::MailState,
 }
 
+/// A person with a location (roster, PFIF).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Evacuee {
+    pub person: PersonRow,
+    pub location: LocationRow,
+    /// The resident asked that nothing about them be disclosed.
+    pub withheld: bool,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum QueryReply {
@@ -293,6 +419,8 @@ pub enum QueryReply {
     Shelters(Vec<ShelterView>),
     Conflicts(Vec<LocationRow>),
     Outbox(Vec<OutboxRow>),
+    Evacuees(Vec<Evacuee>),
+    ShelterInfos(Vec<ShelterInfo>),
 }
 
 /// A family safety mail for the driver to send with SMTP.

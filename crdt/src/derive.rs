@@ -50,6 +50,12 @@ pub fn household(doc: &Doc) -> Result<Option<Household>, DocError> {
     typed(doc, HOUSEHOLD_FIELD)
 }
 
+/// The shelter record of a shelter document (the winning value when two
+/// were written concurrently).
+pub fn shelter(doc: &Doc) -> Result<Option<ShelterInfo>, DocError> {
+    typed(doc, SHELTER_FIELD)
+}
+
 pub fn field_person(doc: &Doc) -> Result<Option<FieldPerson>, DocError> {
     typed(doc, PERSON_FIELD)
 }
@@ -233,7 +239,13 @@ pub fn projection(doc: &Doc) -> Result<Projection, DocError> {
                 });
             }
         }
-        Kind::Medical | Kind::Eligibility | Kind::Contacts | Kind::Audit | Kind::Outbox => {
+        Kind::Contacts => {
+            // Decoding the view validates the document.
+            if crate::views::contacts(doc)?.disclosure.do_not_disclose {
+                p.withheld.push(doc.key.id.clone());
+            }
+        }
+        Kind::Medical | Kind::Eligibility | Kind::Audit | Kind::Outbox => {
             crate::views::validate(doc)?;
         }
     }

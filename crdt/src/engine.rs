@@ -40,6 +40,8 @@ const DEFAULT_CACHE_DOCS: usize = 2048;
 const SNAPSHOT_EVERY: u32 = 32;
 pub const MAX_PERSONS_PER_COMMAND: usize = 200;
 pub const MAX_HOUSEHOLDS_PER_IMPORT: usize = 20_000;
+/// Records per [`Command::Import`] batch.
+pub const MAX_RECORDS_PER_IMPORT: usize = 20_000;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -54,6 +56,8 @@ pub struct EngineConfig {
     pub mail_primary: bool,
     pub mail_lease_ms: u64,
     pub mail_takeover_ms: u64,
+    /// Family mail text per language (see [`crate::mailtext`]).
+    pub mail_templates: crate::mailtext::MailTemplates,
 }
 
 impl EngineConfig {
@@ -66,6 +70,7 @@ impl EngineConfig {
             mail_primary: true,
             mail_lease_ms: 5 * 60_000,
             mail_takeover_ms: 10 * 60_000,
+            mail_templates: Default::default(),
         }
     }
 }
@@ -850,7 +855,14 @@ impl<S: Store> Engine<S> {
                 .map_err(|e| CommandError::Rejected(format!("recorded result unreadable: {e}")));
         }
         let mut txn = Txn::default();
-        let is_read = matches!(cmd, Command::ReadMedical { .. });
+        // Audited reads: never recorded as op results (each read is its
+        // own audit entry), and a refusal is audited too (E-4).
+        let read_denied = match &cmd {
+            Command::ReadMedical { .. } => Some(("medical_read_denied", "medical")),
+            Command::CheckEligibility { .. } => Some(("eligibility_check_denied", "eligibility")),
+            _ => None,
+        };
+        let is_read = read_denied.is_some();
         let reply = match self.run_command(&mut txn, operator, cmd, now, rng) {
             Ok(r) => r,
             Err(e) => {
@@ -862,19 +874,12 @@ impl<S: Store> Engine<S> {
                     self.flush_group(now, out);
                 }
                 self.forget(&txn);
-                // A refused medical read is still audited (E-4).
-                if is_read && matches!(e, CommandError::Forbidden { .. }) {
+                // A refused audited read is still audited (E-4).
+                if let (Some((action, record)), CommandError::Forbidden { .. }) = (read_denied, &e)
+                {
                     let mut audit_txn = Txn::default();
                     if self
-                        .audit(
-                            &mut audit_txn,
-                            operator,
-                            "medical_read_denied",
-                            "medical",
-                            "",
-                            false,
-                            now,
-                        )
+                        .audit(&mut audit_txn, operator, action, record, "", false, now)
                         .is_ok()
                     {
                         let _ = self.commit(audit_txn, now, out);
@@ -906,16 +911,50 @@ impl<S: Store> Engine<S> {
         match cmd {
             Command::ImportHouseholds { households } => self.import(txn, households, now),
             Command::PutShelter { shelter } => {
-                shelter.validate()?;
-                let key = DocKey::new(Kind::Shelter, &shelter.shelter_id)
+                self.put_shelter(txn, shelter, now)?;
+                Ok(Reply::Done)
+            }
+            Command::Import { records } => self.import_records(txn, records, now),
+            Command::UpdateShelter {
+                shelter_id,
+                open,
+                capacity,
+            } => {
+                let key = DocKey::new(Kind::Shelter, &shelter_id)
                     .map_err(|e| CommandError::Rejected(e.to_string()))?;
-                self.write(
+                let current = match self.load(&key)? {
+                    Some(doc) => derive::shelter(doc)?,
+                    None => None,
+                };
+                let mut s = current.ok_or(CommandError::NotFound {
+                    what: "shelter",
+                    id: shelter_id,
+                })?;
+                if let Some(o) = open {
+                    s.open = o;
+                }
+                if let Some(c) = capacity {
+                    s.capacity = c;
+                }
+                self.put_shelter(txn, s, now)?;
+                Ok(Reply::Done)
+            }
+            Command::CheckEligibility { person_id } => {
+                self.check_eligibility(txn, operator, person_id, now)
+            }
+            Command::RecordExport { what, scope, count } => {
+                check_text("what", &what, 100, true)?;
+                check_text("scope", &scope, 200, false)?;
+                let seq = self.audit(
                     txn,
-                    &key,
-                    vec![(SHELTER_FIELD.into(), Some(encode(&shelter)))],
+                    operator,
+                    "export",
+                    &format!("export/{what}"),
+                    &format!("{scope}; {count} records"),
+                    false,
                     now,
                 )?;
-                Ok(Reply::Done)
+                Ok(Reply::Audited { audit_seq: seq })
             }
             Command::RegisterPerson {
                 name,
@@ -1029,15 +1068,7 @@ impl<S: Store> Engine<S> {
                 person_id,
                 eligibility,
             } => {
-                eligibility.validate()?;
-                let key = DocKey::new(Kind::Eligibility, &person_id)
-                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
-                self.write(
-                    txn,
-                    &key,
-                    vec![(views::ELIGIBILITY.into(), Some(encode(&eligibility)))],
-                    now,
-                )?;
+                self.put_eligibility(txn, &person_id, eligibility, now)?;
                 Ok(Reply::Done)
             }
             Command::PutContacts {
@@ -1045,44 +1076,313 @@ impl<S: Store> Engine<S> {
                 contacts,
                 disclosure,
             } => {
-                if contacts.len() > MAX_CONTACTS_PER_PERSON {
-                    return Err(TextError::Invalid {
-                        field: "contacts",
-                        reason: "at most 10 contacts per person".into(),
-                    }
-                    .into());
-                }
-                let key = DocKey::new(Kind::Contacts, &person_id)
-                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
-                let mut writes = vec![(views::DISCLOSURE.to_string(), Some(encode(&disclosure)))];
-                let existing: Vec<String> = match self.load(&key)? {
-                    Some(d) => d
-                        .fields()
-                        .into_keys()
-                        .filter(|k| k.starts_with(views::CONTACT_PREFIX))
-                        .collect(),
-                    None => vec![],
-                };
-                let mut names = BTreeSet::new();
-                for c in &contacts {
-                    c.validate()?;
-                    let name = format!("{}{}", views::CONTACT_PREFIX, c.contact_id);
-                    if !names.insert(name.clone()) {
-                        return Err(TextError::Invalid {
-                            field: "contact_id",
-                            reason: "duplicate contact id".into(),
-                        }
-                        .into());
-                    }
-                    writes.push((name, Some(encode(c))));
-                }
-                for old in existing.into_iter().filter(|k| !names.contains(k)) {
-                    writes.push((old, None));
-                }
-                self.write(txn, &key, writes, now)?;
+                self.put_contacts(txn, &person_id, contacts, disclosure, now)?;
                 Ok(Reply::Done)
             }
         }
+    }
+
+    /// Writes only the fields whose value differs from the document's
+    /// (a field with concurrent values is always rewritten, which resolves
+    /// it), so re-importing the same records adds no change.
+    fn write_changed(
+        &mut self,
+        txn: &mut Txn,
+        key: &DocKey,
+        writes: Vec<(String, Option<String>)>,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let writes: Vec<(String, Option<String>)> = match self.load(key)? {
+            None => writes.into_iter().filter(|(_, v)| v.is_some()).collect(),
+            Some(doc) => writes
+                .into_iter()
+                .filter(|(name, v)| match (doc.field(name), v) {
+                    (None, None) => false,
+                    (Some(f), Some(v)) => !(f.conflicts.is_empty() && &f.value == v),
+                    _ => true,
+                })
+                .collect(),
+        };
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.write(txn, key, writes, now)
+    }
+
+    /// Refuses before anything else is looked at (a forbidden import must
+    /// say "forbidden", not "unknown person").
+    fn may_write(&self, key: &DocKey) -> Result<(), CommandError> {
+        if policy::may_write(self.cfg.role, &self.cfg.node_id, key) {
+            Ok(())
+        } else {
+            Err(CommandError::Forbidden {
+                role: self.cfg.role,
+                action: format!("write {} documents", key.kind),
+            })
+        }
+    }
+
+    /// Records about a person need the person (registry or field).
+    fn require_person(&self, person_id: &str) -> Result<(), CommandError> {
+        crate::ids::check_id_str(person_id).map_err(|r| TextError::Invalid {
+            field: "person_id",
+            reason: r.into(),
+        })?;
+        match self.store.person(person_id)? {
+            Some(_) => Ok(()),
+            None => Err(CommandError::NotFound {
+                what: "person",
+                id: person_id.to_string(),
+            }),
+        }
+    }
+
+    fn put_shelter(
+        &mut self,
+        txn: &mut Txn,
+        shelter: ShelterInfo,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let key = DocKey::new(Kind::Shelter, &shelter.shelter_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        shelter.validate()?;
+        self.write_changed(
+            txn,
+            &key,
+            vec![(SHELTER_FIELD.into(), Some(encode(&shelter)))],
+            now,
+        )
+    }
+
+    fn put_eligibility(
+        &mut self,
+        txn: &mut Txn,
+        person_id: &str,
+        eligibility: Eligibility,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let key = DocKey::new(Kind::Eligibility, person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        eligibility.validate()?;
+        self.require_person(person_id)?;
+        self.write_changed(
+            txn,
+            &key,
+            vec![(views::ELIGIBILITY.into(), Some(encode(&eligibility)))],
+            now,
+        )
+    }
+
+    fn put_contacts(
+        &mut self,
+        txn: &mut Txn,
+        person_id: &str,
+        contacts: Vec<FamilyContact>,
+        disclosure: Disclosure,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        if contacts.len() > MAX_CONTACTS_PER_PERSON {
+            return Err(TextError::Invalid {
+                field: "contacts",
+                reason: "at most 10 contacts per person".into(),
+            }
+            .into());
+        }
+        let key = DocKey::new(Kind::Contacts, person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        self.require_person(person_id)?;
+        let mut writes = vec![(views::DISCLOSURE.to_string(), Some(encode(&disclosure)))];
+        let existing: Vec<String> = match self.load(&key)? {
+            Some(d) => d
+                .fields()
+                .into_keys()
+                .filter(|k| k.starts_with(views::CONTACT_PREFIX))
+                .collect(),
+            None => vec![],
+        };
+        let mut names = BTreeSet::new();
+        for c in &contacts {
+            c.validate()?;
+            let name = format!("{}{}", views::CONTACT_PREFIX, c.contact_id);
+            if !names.insert(name.clone()) {
+                return Err(TextError::Invalid {
+                    field: "contact_id",
+                    reason: "duplicate contact id".into(),
+                }
+                .into());
+            }
+            writes.push((name, Some(encode(c))));
+        }
+        for old in existing.into_iter().filter(|k| !names.contains(k)) {
+            writes.push((old, None));
+        }
+        self.write_changed(txn, &key, writes, now)
+    }
+
+    /// Replaces a person's medical profile with an imported one. Entry ids
+    /// are derived from (section, text), so unchanged entries keep their
+    /// ids and the same profile again writes nothing; consent keeps its
+    /// original record while its basis is unchanged.
+    fn replace_medical(
+        &mut self,
+        txn: &mut Txn,
+        m: MedicalProfile,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let key = DocKey::new(Kind::Medical, &m.person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        self.require_person(&m.person_id)?;
+        let (fields, consent): (BTreeSet<String>, Option<ConsentBasis>) = match self.load(&key)? {
+            Some(d) => (
+                d.fields().into_keys().collect(),
+                views::medical(d)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?
+                    .consent
+                    .map(|c| c.basis),
+            ),
+            None => (BTreeSet::new(), None),
+        };
+        let mut writes = vec![(
+            views::BLOOD_TYPE.to_string(),
+            m.blood_type.map(|b| encode(&b)),
+        )];
+        if consent != Some(m.consent) {
+            writes.push((
+                views::CONSENT.to_string(),
+                Some(encode(&Consent {
+                    basis: m.consent,
+                    recorded_by: self.cfg.node_id.clone(),
+                    wall_ms: now.wall_ms,
+                })),
+            ));
+        }
+        let mut wanted = BTreeSet::new();
+        for (section, text) in m.entries {
+            let e = MedicalEntry { text };
+            e.validate()?;
+            let h = blake3::hash(format!("{}|{}", section.as_str(), e.text).as_bytes());
+            let name = format!("{}:i{}", section.as_str(), &h.to_hex()[..16]);
+            if wanted.insert(name.clone()) {
+                writes.push((name, Some(encode(&e))));
+            }
+        }
+        for old in fields {
+            if old != views::BLOOD_TYPE && old != views::CONSENT && !wanted.contains(&old) {
+                writes.push((old, None));
+            }
+        }
+        self.write_changed(txn, &key, writes, now)
+    }
+
+    fn import_records(
+        &mut self,
+        txn: &mut Txn,
+        records: ImportRecords,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
+        let (dataset, n) = (records.dataset(), records.len());
+        if n > MAX_RECORDS_PER_IMPORT {
+            return Err(CommandError::Rejected(format!(
+                "at most {MAX_RECORDS_PER_IMPORT} records per import batch"
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        let mut once = |id: &str| {
+            if seen.insert(id.to_string()) {
+                Ok(())
+            } else {
+                Err(CommandError::Rejected(format!(
+                    "{id} appears twice in one {dataset} batch"
+                )))
+            }
+        };
+        match records {
+            ImportRecords::Shelters(v) => {
+                for s in v {
+                    once(&s.shelter_id)?;
+                    self.put_shelter(txn, s, now)?;
+                }
+            }
+            ImportRecords::Contacts(v) => {
+                for c in v {
+                    once(&c.person_id)?;
+                    self.put_contacts(txn, &c.person_id, c.contacts, c.disclosure, now)?;
+                }
+            }
+            ImportRecords::Medical(v) => {
+                for m in v {
+                    once(&m.person_id)?;
+                    self.replace_medical(txn, m, now)?;
+                }
+            }
+            ImportRecords::Eligibility(v) => {
+                for (p, e) in v {
+                    once(&p)?;
+                    self.put_eligibility(txn, &p, e, now)?;
+                }
+            }
+        }
+        Ok(Reply::ImportedRecords {
+            dataset: dataset.to_string(),
+            records: n,
+        })
+    }
+
+    /// Clinic nodes answer from their replica, offline; hq sees the same
+    /// status with the insurance numbers masked. Every check is audited.
+    fn check_eligibility(
+        &mut self,
+        txn: &mut Txn,
+        operator: &Operator,
+        person_id: String,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
+        let masked = match self.cfg.role {
+            Role::Clinic => false,
+            Role::Hq => true,
+            role => {
+                return Err(CommandError::Forbidden {
+                    role,
+                    action: "check insurance eligibility".into(),
+                })
+            }
+        };
+        let key = DocKey::new(Kind::Eligibility, &person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let on_date = crate::jst::date(now.wall_ms);
+        let found = match self.load(&key)? {
+            Some(doc) => {
+                views::eligibility_all(doc).map_err(|e| CommandError::Rejected(e.to_string()))?
+            }
+            None => None,
+        };
+        let (status, record) = match found {
+            None => (EligibilityStatus::Unknown, None),
+            // Two crossed imports that disagree: say so, do not guess.
+            Some((e, others)) if !others.is_empty() => (EligibilityStatus::Unknown, Some(e)),
+            Some((e, _)) => (e.status_on(&on_date), Some(e)),
+        };
+        let seq = self.audit(
+            txn,
+            operator,
+            "eligibility_check",
+            &key.to_string(),
+            &format!("insurance eligibility: {status:?}"),
+            false,
+            now,
+        )?;
+        Ok(Reply::Eligibility {
+            person_id,
+            status,
+            record: record.map(|e| if masked { e.masked() } else { e }),
+            masked,
+            on_date,
+            audit_seq: seq,
+        })
     }
 
     fn import(
@@ -1508,6 +1808,43 @@ impl<S: Store> Engine<S> {
                 )
             }
             Query::Conflicts => QueryReply::Conflicts(self.store.conflicts()?),
+            Query::Evacuees { shelter_id } => {
+                if let Some(s) = &shelter_id {
+                    crate::ids::check_id_str(s).map_err(|r| TextError::Invalid {
+                        field: "shelter_id",
+                        reason: r.into(),
+                    })?;
+                }
+                let withheld = self.store.withheld()?;
+                QueryReply::Evacuees(
+                    self.store
+                        .evacuees(shelter_id.as_deref())?
+                        .into_iter()
+                        .map(|(person, location)| Evacuee {
+                            withheld: withheld.contains(&person.person_id),
+                            person,
+                            location,
+                        })
+                        .collect(),
+                )
+            }
+            Query::ShelterInfos => {
+                let keys: Vec<DocKey> = self
+                    .index
+                    .keys()
+                    .filter(|k| k.kind == Kind::Shelter)
+                    .cloned()
+                    .collect();
+                let mut out = Vec::new();
+                for k in keys {
+                    if let Some(doc) = self.load(&k)? {
+                        if let Ok(Some(s)) = derive::shelter(doc) {
+                            out.push(s);
+                        }
+                    }
+                }
+                QueryReply::ShelterInfos(out)
+            }
             Query::Outbox => QueryReply::Outbox(
                 self.mail
                     .iter()
@@ -1766,17 +2103,21 @@ impl<S: Store> Engine<S> {
             None
         };
         let when = loc.map(|l| l.since_ms).unwrap_or(0);
-        let place = shelter
-            .map(|s| format!("避難所 / Shelter: {s}\n"))
-            .unwrap_or_default();
+        let (subject, body) =
+            self.cfg
+                .mail_templates
+                .for_language(&c.language)
+                .render(&crate::mailtext::MailFacts {
+                    name: &p.name,
+                    contact: &c.name,
+                    arrived_ms: when,
+                    shelter: shelter.as_deref(),
+                });
         Some(MailRequest {
             message_id: Self::message_id(person, contact_id),
             to: c.email.clone(),
-            subject: "【安否情報】避難所に到着しました / Safety notice: arrived at a shelter".into(),
-            body: format!(
-                "{name} さんは無事に避難所に到着しました。\n{name} has arrived safely at a shelter.\n\n{place}時刻 / Time (UTC ms): {when}\n\nこのメールは事前に登録された連絡先にのみ送信されています。\nThis message goes only to contacts registered in advance.\n",
-                name = p.name
-            ),
+            subject,
+            body,
             person_id: person.to_string(),
             contact_id: contact_id.to_string(),
         })

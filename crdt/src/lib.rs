@@ -19,6 +19,8 @@ pub mod derive;
 pub mod doc;
 pub mod engine;
 pub mod hlc;
+pub mod jst;
+pub mod mailtext;
 pub mod model;
 #[cfg(feature = "mutants")]
 pub mod mutants;

@@ -348,39 +348,168 @@ impl MedicalSection {
     }
 }
 
-/// Insurance eligibility as cached for clinics: insurer and validity only;
-/// insurance numbers never enter a replicated document.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+/// Insurance eligibility as cached for clinics (the municipality's
+/// National Health Insurance records, imported at headquarters). The
+/// document is received by clinic and hq nodes only ([`crate::policy`]);
+/// the insured person's symbol, number and branch are shown unmasked only
+/// on clinic nodes ([`Eligibility::masked`] everywhere else, exports
+/// included). Never a person key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Eligibility {
+    /// 保険者番号: 6 digits (National Health Insurance) or 8 digits.
+    pub insurer_number: String,
+    /// The insurer's name (optional).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub insurer: String,
-    pub valid_through: String,
-    pub eligible: bool,
+    /// 記号 (may be empty).
+    #[serde(default)]
+    pub symbol: String,
+    /// 番号.
+    pub number: String,
+    /// 枝番: empty or 2 digits.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub branch: String,
+    pub valid_from: String,
+    /// `None`: no end date on record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_to: Option<String>,
+    /// Co-payment in percent (窓口負担割合: 10, 20 or 30; 0 for public
+    /// assistance with no co-payment).
+    pub copay_pct: u8,
+    /// The date the municipality's record was taken (a cache is only as
+    /// good as its age).
+    pub as_of: String,
+}
+
+pub const COPAY_PCTS: [u8; 4] = [0, 10, 20, 30];
+
+/// The answer a clinic gets offline.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EligibilityStatus {
+    /// Today (Japan date) lies within `valid_from..=valid_to`.
+    Valid,
+    /// `valid_to` has passed.
+    Expired,
+    /// No record, not yet valid, or concurrent records that disagree.
+    Unknown,
+}
+
+impl Eligibility {
+    /// The copy shown outside clinic nodes: symbol, number and branch
+    /// replaced by `*` of the same length (the insurer is public).
+    pub fn masked(&self) -> Eligibility {
+        let star = |s: &str| "*".repeat(s.chars().count());
+        Eligibility {
+            symbol: star(&self.symbol),
+            number: star(&self.number),
+            branch: star(&self.branch),
+            ..self.clone()
+        }
+    }
+
+    /// Status on a Japan calendar date `YYYY-MM-DD` (string order is date
+    /// order for validated dates).
+    pub fn status_on(&self, today: &str) -> EligibilityStatus {
+        if today < self.valid_from.as_str() {
+            return EligibilityStatus::Unknown;
+        }
+        match &self.valid_to {
+            Some(to) if today > to.as_str() => EligibilityStatus::Expired,
+            _ => EligibilityStatus::Valid,
+        }
+    }
 }
 
 impl Validate for Eligibility {
     fn validate(&self) -> Result<(), TextError> {
-        check_text("insurer", &self.insurer, MAX_NAME_CHARS, true)?;
-        check_date("valid_through", &self.valid_through)?;
+        let bad = |field, reason: &str| TextError::Invalid {
+            field,
+            reason: reason.to_string(),
+        };
+        let n = &self.insurer_number;
+        if !(n.len() == 6 || n.len() == 8) || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad("insurer_number", "must be 6 or 8 digits"));
+        }
+        check_text("insurer", &self.insurer, MAX_NAME_CHARS, false)?;
+        check_text("symbol", &self.symbol, 20, false)?;
+        check_text("number", &self.number, 20, true)?;
+        if !self
+            .number
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(bad("number", "ASCII letters, digits and '-' only"));
+        }
+        if !(self.branch.is_empty()
+            || (self.branch.len() == 2 && self.branch.bytes().all(|b| b.is_ascii_digit())))
+        {
+            return Err(bad("branch", "empty or 2 digits"));
+        }
+        check_date("valid_from", &self.valid_from)?;
+        if let Some(to) = &self.valid_to {
+            check_date("valid_to", to)?;
+            if to < &self.valid_from {
+                return Err(bad("valid_to", "before valid_from"));
+            }
+        }
+        if !COPAY_PCTS.contains(&self.copay_pct) {
+            return Err(bad("copay_pct", "must be 0, 10, 20 or 30"));
+        }
+        check_date("as_of", &self.as_of)?;
         Ok(())
     }
 }
 
+impl fmt::Debug for Eligibility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Eligibility(insurer {}, number: <redacted>, {}..{:?})",
+            self.insurer_number, self.valid_from, self.valid_to
+        )
+    }
+}
+
 /// A family contact registered in advance by the resident.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FamilyContact {
     pub contact_id: String,
     pub name: String,
     pub email: String,
     pub consent: bool,
+    /// How the contact is related to the resident (free text, e.g. 長男).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub relation: String,
+    /// Mail language (`ja`, `en`, ...; empty = `ja`): picks the template.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub language: String,
+    /// The date consent was given (`YYYY-MM-DD`), when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_date: Option<String>,
 }
+
+/// Mail languages a contact may ask for (each has a template).
+pub const MAIL_LANGUAGES: [&str; 2] = ["ja", "en"];
 
 impl Validate for FamilyContact {
     fn validate(&self) -> Result<(), TextError> {
         id("contact_id", &self.contact_id)?;
         check_text("contact_name", &self.name, MAX_NAME_CHARS, true)?;
-        check_email("email", &self.email)
+        check_email("email", &self.email)?;
+        check_text("relation", &self.relation, 20, false)?;
+        if !(self.language.is_empty() || MAIL_LANGUAGES.contains(&self.language.as_str())) {
+            return Err(TextError::Invalid {
+                field: "language",
+                reason: format!("one of {}", MAIL_LANGUAGES.join(", ")),
+            });
+        }
+        if let Some(d) = &self.consent_date {
+            check_date("consent_date", d)?;
+        }
+        Ok(())
     }
 }
 
@@ -415,14 +544,99 @@ pub struct ShelterInfo {
     pub location: String,
     #[serde(default)]
     pub needs: String,
+    /// Street address (所在地).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// District or school zone the municipality groups shelters by (地区).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub district: String,
+    #[serde(default, skip_serializing_if = "ShelterKind::is_default")]
+    pub kind: ShelterKind,
+    /// Open for evacuees. Shelters are registered in advance and opened
+    /// during the disaster. Absent (older documents) means open.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub open: bool,
 }
+
+impl Default for ShelterInfo {
+    /// An open designated shelter with empty fields (fill in id and name).
+    fn default() -> Self {
+        ShelterInfo {
+            shelter_id: String::new(),
+            name: String::new(),
+            capacity: 0,
+            location: String::new(),
+            needs: String::new(),
+            address: String::new(),
+            district: String::new(),
+            kind: ShelterKind::Designated,
+            open: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// The kinds of shelter the Disaster Countermeasures Basic Act names.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShelterKind {
+    /// 指定避難所.
+    #[default]
+    Designated,
+    /// 福祉避難所: for people who need special care.
+    Welfare,
+    /// その他 (hotels, temporary sites).
+    Other,
+}
+
+impl ShelterKind {
+    fn is_default(&self) -> bool {
+        *self == ShelterKind::Designated
+    }
+    pub fn label_ja(self) -> &'static str {
+        match self {
+            ShelterKind::Designated => "指定避難所",
+            ShelterKind::Welfare => "福祉避難所",
+            ShelterKind::Other => "その他",
+        }
+    }
+    /// From the Japanese label or the English code.
+    pub fn parse(s: &str) -> Option<ShelterKind> {
+        match s.trim() {
+            "指定避難所" | "designated" => Some(ShelterKind::Designated),
+            "福祉避難所" | "welfare" => Some(ShelterKind::Welfare),
+            "その他" | "other" => Some(ShelterKind::Other),
+            _ => None,
+        }
+    }
+}
+
+/// The most evacuees one shelter may be registered for (the largest
+/// Japanese shelters held a few thousand).
+pub const MAX_SHELTER_CAPACITY: u32 = 100_000;
 
 impl Validate for ShelterInfo {
     fn validate(&self) -> Result<(), TextError> {
         id("shelter_id", &self.shelter_id)?;
         check_text("name", &self.name, MAX_NAME_CHARS, true)?;
         check_text("location", &self.location, MAX_ADDRESS_CHARS, false)?;
-        check_text("needs", &self.needs, MAX_NOTE_CHARS, false)
+        check_text("needs", &self.needs, MAX_NOTE_CHARS, false)?;
+        check_text("address", &self.address, MAX_ADDRESS_CHARS, false)?;
+        check_text("district", &self.district, MAX_NAME_CHARS, false)?;
+        if self.capacity > MAX_SHELTER_CAPACITY {
+            return Err(TextError::Invalid {
+                field: "capacity",
+                reason: format!("at most {MAX_SHELTER_CAPACITY}"),
+            });
+        }
+        Ok(())
     }
 }
 

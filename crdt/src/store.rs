@@ -130,6 +130,9 @@ pub struct Projection {
     pub cards: Vec<(String, String, String)>,
     pub locations: Vec<LocationRow>,
     pub shelters: Vec<ShelterRow>,
+    /// Persons who asked that nothing about them be disclosed (from their
+    /// contacts document; headquarters only).
+    pub withheld: Vec<String>,
 }
 
 /// A position in another node's change log: "I durably hold every change
@@ -224,6 +227,38 @@ pub trait Store {
     /// Persons currently checked in, per shelter.
     fn occupancy(&self) -> Result<BTreeMap<String, u32>, StoreError>;
     fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError>;
+    /// Every person with a location (as [`Store::location`] gives it),
+    /// optionally only those at one shelter, with their person row, in
+    /// person id order. Persons without a person row are left out.
+    fn evacuees(
+        &self,
+        shelter_id: Option<&str>,
+    ) -> Result<Vec<(PersonRow, LocationRow)>, StoreError>;
+    /// Persons with the do-not-disclose flag.
+    fn withheld(&self) -> Result<std::collections::BTreeSet<String>, StoreError>;
+}
+
+/// [`Store::evacuees`] over rows in source order: each person's first
+/// location and first person row, filtered by shelter after choosing.
+pub fn evacuees_from<'a>(
+    locations: impl Iterator<Item = &'a LocationRow>,
+    persons: impl Iterator<Item = &'a PersonRow>,
+    shelter_id: Option<&str>,
+) -> Vec<(PersonRow, LocationRow)> {
+    let mut loc: BTreeMap<&str, &LocationRow> = BTreeMap::new();
+    for l in locations {
+        loc.entry(l.person_id.as_str()).or_insert(l);
+    }
+    let mut per: HashMap<&str, &PersonRow> = HashMap::new();
+    for p in persons {
+        if loc.contains_key(p.person_id.as_str()) {
+            per.entry(p.person_id.as_str()).or_insert(p);
+        }
+    }
+    loc.into_iter()
+        .filter(|(_, l)| shelter_id.is_none_or(|s| l.shelter_id == s))
+        .filter_map(|(id, l)| Some(((*per.get(id)?).clone(), l.clone())))
+        .collect()
 }
 
 /// A change in `MemStore`'s log; its bytes may be shared with other stores
@@ -510,6 +545,23 @@ impl Store for MemStore {
             .collect();
         v.sort();
         Ok(v)
+    }
+    fn evacuees(
+        &self,
+        shelter_id: Option<&str>,
+    ) -> Result<Vec<(PersonRow, LocationRow)>, StoreError> {
+        Ok(evacuees_from(
+            self.all_locations(),
+            self.all_persons(),
+            shelter_id,
+        ))
+    }
+    fn withheld(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        Ok(self
+            .projections
+            .values()
+            .flat_map(|p| p.withheld.iter().cloned())
+            .collect())
     }
 }
 
@@ -798,6 +850,75 @@ pub mod conformance {
         assert_eq!(s.shelters().unwrap()[0].capacity, 300);
     }
 
+    /// Evacuee lists join each person's first location with their first
+    /// person row; do-not-disclose flags replace per document.
+    pub fn evacuees_and_withheld(s: &mut dyn Store) {
+        let loc = |p: &str, shelter: &str, st| LocationRow {
+            person_id: p.into(),
+            shelter_id: shelter.into(),
+            status: st,
+            since_ms: 7,
+            conflict: false,
+        };
+        let proj = |p: Projection| Arc::new(p);
+        s.commit(&Batch {
+            projections: vec![
+                (
+                    key(Kind::Registry, "h1"),
+                    proj(Projection {
+                        persons: vec![
+                            person("p1", "h1", "山田 太郎", "ヤマダ タロウ"),
+                            person("p2", "h1", "山田 花子", "ヤマダ ハナコ"),
+                            person("p3", "h1", "山田 次郎", "ヤマダ ジロウ"),
+                        ],
+                        ..Default::default()
+                    }),
+                ),
+                (
+                    key(Kind::Presence, "h1"),
+                    proj(Projection {
+                        locations: vec![
+                            loc("p2", "s2", LocationStatus::Out),
+                            loc("p1", "s1", LocationStatus::In),
+                            // No person row: left out.
+                            loc("p9", "s1", LocationStatus::In),
+                        ],
+                        ..Default::default()
+                    }),
+                ),
+                (
+                    key(Kind::Contacts, "p2"),
+                    proj(Projection {
+                        withheld: vec!["p2".into()],
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let all = s.evacuees(None).unwrap();
+        let ids: Vec<&str> = all.iter().map(|(p, _)| p.person_id.as_str()).collect();
+        assert_eq!(ids, ["p1", "p2"]);
+        assert_eq!(all[0].0.name, "山田 太郎");
+        assert_eq!(all[1].1.status, LocationStatus::Out);
+        let s1 = s.evacuees(Some("s1")).unwrap();
+        assert_eq!(s1.len(), 1);
+        assert_eq!(s1[0].1.shelter_id, "s1");
+        assert!(s.evacuees(Some("s3")).unwrap().is_empty());
+        assert_eq!(
+            s.withheld().unwrap().into_iter().collect::<Vec<_>>(),
+            ["p2"]
+        );
+        // A new projection of the contacts document replaces the flag.
+        s.commit(&Batch {
+            projections: vec![(key(Kind::Contacts, "p2"), proj(Projection::default()))],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.withheld().unwrap().is_empty());
+    }
+
     pub fn ops_peer_heads_quarantine(s: &mut dyn Store) {
         let k = key(Kind::Presence, "h1");
         let peer = NodeId::new("peer-1").unwrap();
@@ -903,6 +1024,7 @@ pub mod conformance {
         projections_replace_per_document(&mut *fresh());
         cards_name_holder_and_household(&mut *fresh());
         locations_and_occupancy(&mut *fresh());
+        evacuees_and_withheld(&mut *fresh());
         ops_peer_heads_quarantine(&mut *fresh());
         log_and_cursors(&mut *fresh());
     }

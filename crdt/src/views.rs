@@ -142,13 +142,23 @@ pub fn contacts(doc: &Doc) -> Result<ContactsView, DocError> {
 }
 
 pub fn eligibility(doc: &Doc) -> Result<Option<Eligibility>, DocError> {
+    Ok(eligibility_all(doc)?.map(|(e, _)| e))
+}
+
+/// The eligibility record and any concurrent, different records (two
+/// imports that crossed): a clinic must not be told "valid" from one of
+/// two disagreeing records.
+pub fn eligibility_all(doc: &Doc) -> Result<Option<(Eligibility, Vec<Eligibility>)>, DocError> {
     let Some(f) = doc.field(ELIGIBILITY) else {
         return Ok(None);
     };
-    let (e, _) = all_values::<Eligibility>(doc, ELIGIBILITY, &f.value, &f.conflicts)?;
-    e.validate()
-        .map_err(|err| schema(doc, ELIGIBILITY, err.to_string()))?;
-    Ok(Some(e))
+    let (e, c) = all_values::<Eligibility>(doc, ELIGIBILITY, &f.value, &f.conflicts)?;
+    for x in std::iter::once(&e).chain(&c) {
+        x.validate()
+            .map_err(|err| schema(doc, ELIGIBILITY, err.to_string()))?;
+    }
+    let c = c.into_iter().filter(|x| *x != e).collect();
+    Ok(Some((e, c)))
 }
 
 pub fn audit(doc: &Doc) -> Result<Vec<AuditEntry>, DocError> {

@@ -41,6 +41,7 @@ fn main() {
                     capacity: 100_000,
                     location: String::new(),
                     needs: String::new(),
+                    ..Default::default()
                 },
             },
         },

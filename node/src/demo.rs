@@ -136,6 +136,7 @@ pub fn put_shelters(
                     capacity: 300,
                     location: String::new(),
                     needs: String::new(),
+                    ..Default::default()
                 },
             },
         )?;
@@ -205,6 +206,7 @@ pub fn put_demo_profiles(
                 name: "家族 / family".into(),
                 email: format!("family-{id}@example.jp"),
                 consent: true,
+                ..Default::default()
             }];
             driver.command_blocking(
                 format!("demo-contacts-{id}"),

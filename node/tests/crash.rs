@@ -336,6 +336,7 @@ impl Node {
                         capacity: 100_000,
                         location: String::new(),
                         needs: String::new(),
+                        ..Default::default()
                     },
                 },
             )

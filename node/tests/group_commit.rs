@@ -51,6 +51,7 @@ fn start(dir: &Path) -> DriverHandle {
                     capacity: 1000,
                     location: String::new(),
                     needs: String::new(),
+                    ..Default::default()
                 },
             },
         )

@@ -194,6 +194,10 @@ fn dump(s: &dyn Store) -> String {
     line(format!("shelters {:?}", s.shelters()));
     line(format!("occupancy {:?}", s.occupancy()));
     line(format!("conflicts {:?}", s.conflicts()));
+    for sh in [None, Some("s1"), Some("s9")] {
+        line(format!("evacuees {sh:?} {:?}", s.evacuees(sh)));
+    }
+    line(format!("withheld {:?}", s.withheld()));
     out
 }
 
@@ -236,7 +240,85 @@ fn conformance_suite_on_real_files() {
             .join(format!("c{}.db", n.fetch_add(1, Ordering::SeqCst)));
         Box::new(SqliteStore::open(&path).unwrap())
     });
-    assert_eq!(n.load(Ordering::SeqCst), 7);
+    assert_eq!(n.load(Ordering::SeqCst), 8);
+}
+
+/// Migration 3 derives the do-not-disclose rows of contacts documents
+/// stored before it (a version 2 database has no `withheld` table).
+#[test]
+fn migration_3_derives_withheld_from_stored_contacts() {
+    use crdt::api::{Command, Input, Now, Operator, Output};
+    use crdt::engine::{Engine, EngineConfig};
+    use crdt::model::{Disclosure, Household, Member};
+    let d = Dir::new();
+    let now = Now {
+        wall_ms: 1_790_000_000_000,
+        mono_ms: 0,
+        wall_trusted: true,
+    };
+    let mut rng =
+        <rand_chacha::ChaCha8Rng as rand_chacha::rand_core::SeedableRng>::seed_from_u64(1);
+    let mut e = Engine::open(
+        SqliteStore::open(&d.db()).unwrap(),
+        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+        now,
+    )
+    .unwrap();
+    let member = |p: &str| Member {
+        person_id: p.into(),
+        name: "山田".into(),
+        kana: "ヤマダ".into(),
+        birth_date: "1950-01-01".into(),
+        card_user_id: None,
+    };
+    for (op, cmd) in [
+        (
+            "h",
+            Command::ImportHouseholds {
+                households: vec![Household {
+                    household_id: "h1".into(),
+                    address: "三条市".into(),
+                    members: vec![member("p1"), member("p2")],
+                }],
+            },
+        ),
+        (
+            "c",
+            Command::PutContacts {
+                person_id: "p2".into(),
+                contacts: vec![],
+                disclosure: Disclosure {
+                    do_not_disclose: true,
+                    share_shelter: false,
+                },
+            },
+        ),
+    ] {
+        let out = e.handle(
+            Input::Command {
+                op_id: op.into(),
+                operator: Operator("t".into()),
+                cmd,
+            },
+            now,
+            &mut rng,
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Output::Reply { result: Ok(_), .. })
+        ));
+    }
+    assert_eq!(e.store().withheld().unwrap().len(), 1);
+    drop(e);
+    let c = rusqlite::Connection::open(d.db()).unwrap();
+    c.execute_batch("DROP TABLE withheld; PRAGMA user_version = 2;")
+        .unwrap();
+    drop(c);
+    let s = SqliteStore::open(&d.db()).unwrap();
+    assert_eq!(
+        s.withheld().unwrap().into_iter().collect::<Vec<_>>(),
+        ["p2"]
+    );
 }
 
 #[test]
@@ -790,13 +872,17 @@ fn projection() -> impl Strategy<Value = Projection> {
             ),
             0..3,
         ),
+        proptest::collection::vec(pick(PERSON_IDS).prop_map(String::from), 0..2),
     )
-        .prop_map(|(persons, cards, locations, shelters)| Projection {
-            persons,
-            cards,
-            locations,
-            shelters,
-        })
+        .prop_map(
+            |(persons, cards, locations, shelters, withheld)| Projection {
+                persons,
+                cards,
+                locations,
+                shelters,
+                withheld,
+            },
+        )
 }
 
 fn batch() -> impl Strategy<Value = Batch> {

@@ -232,6 +232,15 @@ impl Store for SimStore {
         }
         Ok(m)
     }
+    fn evacuees(
+        &self,
+        shelter_id: Option<&str>,
+    ) -> Result<Vec<(PersonRow, LocationRow)>, StoreError> {
+        self.mem.evacuees(shelter_id)
+    }
+    fn withheld(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        self.mem.withheld()
+    }
     fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError> {
         let mut v: Vec<_> = self
             .projections_of(&self.locations_docs)

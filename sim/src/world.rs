@@ -679,6 +679,7 @@ impl World {
                     capacity: cap,
                     location: String::new(),
                     needs: String::new(),
+                    ..Default::default()
                 },
             };
             at_hq(self, &mut t, 1, format!("shelter-{id}"), cmd);
@@ -715,6 +716,7 @@ impl World {
                     name: "家族 連絡先".into(),
                     email: format!("family{cn}@example.jp"),
                     consent,
+                    ..Default::default()
                 });
             }
             self.push(

@@ -228,6 +228,7 @@ fn setup() -> Net {
             capacity: 100,
             location: String::new(),
             needs: String::new(),
+            ..Default::default()
         };
         net.cmd(0, &format!("sh-{s}"), Command::PutShelter { shelter })
             .unwrap();
@@ -471,12 +472,14 @@ fn family_mail_once_per_consented_contact() {
             name: "山田 花子".into(),
             email: "hanako@example.jp".into(),
             consent: true,
+            ..Default::default()
         },
         FamilyContact {
             contact_id: "c2".into(),
             name: "山田 次郎".into(),
             email: "jiro@example.jp".into(),
             consent: false,
+            ..Default::default()
         },
     ];
     net.cmd(
@@ -786,4 +789,340 @@ fn on_resume_presence_crosses_before_a_bulk_registry_backlog() {
         &from_hq[..from_hq.len().min(5)]
     );
     assert!(from_hq.contains(&Kind::Registry));
+}
+
+fn elig(valid_to: Option<&str>) -> Eligibility {
+    Eligibility {
+        insurer_number: "138057".into(),
+        insurer: "三条市国民健康保険".into(),
+        symbol: "三条".into(),
+        number: "12345".into(),
+        branch: "01".into(),
+        valid_from: "2026-04-01".into(),
+        valid_to: valid_to.map(str::to_string),
+        copay_pct: 30,
+        as_of: "2026-09-01".into(),
+    }
+}
+
+#[test]
+fn imported_data_sets_are_all_or_nothing_and_idempotent() {
+    let mut net = Net::new(&[("hq-1", Role::Hq), ("clinic-1", Role::Clinic)]);
+    net.cmd(
+        0,
+        "imp",
+        Command::ImportHouseholds {
+            households: (0..3).map(|i| household(i, 2)).collect(),
+        },
+    )
+    .unwrap();
+    let profile = |p: &str, allergy: &str| MedicalProfile {
+        person_id: p.into(),
+        blood_type: Some(BloodType::ANeg),
+        consent: ConsentBasis::Consented,
+        entries: vec![
+            (MedicalSection::Allergy, allergy.into()),
+            (MedicalSection::FamilyDoctor, "三条内科".into()),
+        ],
+    };
+    let batch = |allergy: &str| Command::Import {
+        records: ImportRecords::Medical(vec![profile("p0-0", allergy), profile("p1-0", "そば")]),
+    };
+    assert_eq!(
+        net.cmd(0, "m1", batch("ペニシリン")).unwrap(),
+        Reply::ImportedRecords {
+            dataset: "medical".into(),
+            records: 2
+        }
+    );
+    let key = DocKey::new(Kind::Medical, "p0-0").unwrap();
+    let heads = net.nodes[0].doc_heads(&key).unwrap().to_vec();
+    // The same profile under another op id writes nothing new.
+    net.cmd(0, "m2", batch("ペニシリン")).unwrap();
+    assert_eq!(net.nodes[0].doc_heads(&key).unwrap(), heads);
+    // A changed profile replaces the old entries.
+    net.cmd(0, "m3", batch("造影剤")).unwrap();
+    let Reply::Medical { view, .. } = net
+        .cmd(
+            0,
+            "r1",
+            Command::ReadMedical {
+                person_id: "p0-0".into(),
+                reason: "test".into(),
+                break_glass: false,
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let allergies: Vec<&str> = view.sections["allergy"]
+        .iter()
+        .map(|e| e.text.as_str())
+        .collect();
+    assert_eq!(allergies, ["造影剤"]);
+    // One unknown person rejects the whole batch: nothing of it is written.
+    let before = net.nodes[0].doc_count();
+    let r = net.cmd(
+        0,
+        "m4",
+        Command::Import {
+            records: ImportRecords::Medical(vec![profile("p2-0", "x"), profile("nobody", "x")]),
+        },
+    );
+    assert!(matches!(r, Err(CommandError::NotFound { .. })), "{r:?}");
+    assert_eq!(net.nodes[0].doc_count(), before);
+    // Contacts may be imported at hq only.
+    let contacts = ImportRecords::Contacts(vec![ContactSet {
+        person_id: "p0-0".into(),
+        contacts: vec![],
+        disclosure: Disclosure {
+            do_not_disclose: true,
+            share_shelter: false,
+        },
+    }]);
+    assert!(matches!(
+        net.cmd(
+            1,
+            "c1",
+            Command::Import {
+                records: contacts.clone()
+            }
+        ),
+        Err(CommandError::Forbidden { .. })
+    ));
+    net.cmd(0, "c1", Command::Import { records: contacts })
+        .unwrap();
+    net.cmd(
+        0,
+        "ci",
+        Command::CheckIn {
+            person_ids: vec!["p0-0".into(), "p0-1".into()],
+            shelter_id: Some("s1".into()),
+        },
+    )
+    .unwrap();
+    let QueryReply::Evacuees(ev) = net.query(0, Query::Evacuees { shelter_id: None }) else {
+        panic!()
+    };
+    let flags: Vec<(&str, bool)> = ev
+        .iter()
+        .map(|e| (e.person.person_id.as_str(), e.withheld))
+        .collect();
+    assert_eq!(flags, [("p0-0", true), ("p0-1", false)]);
+}
+
+#[test]
+fn eligibility_is_checked_offline_masked_outside_clinics_and_audited() {
+    let mut net = Net::new(&[
+        ("hq-1", Role::Hq),
+        ("clinic-1", Role::Clinic),
+        ("shelter-a", Role::Shelter),
+    ]);
+    net.cmd(
+        0,
+        "imp",
+        Command::ImportHouseholds {
+            households: (0..3).map(|i| household(i, 1)).collect(),
+        },
+    )
+    .unwrap();
+    net.cmd(
+        0,
+        "e1",
+        Command::Import {
+            records: ImportRecords::Eligibility(vec![
+                ("p0-0".into(), elig(None)),
+                ("p1-0".into(), elig(Some("2026-08-31"))),
+            ]),
+        },
+    )
+    .unwrap();
+    net.connect(0, 1);
+    net.connect(0, 2);
+    net.disconnect_all();
+    let check = |net: &mut Net, node: usize, p: &str| {
+        net.cmd(
+            node,
+            &format!("chk-{node}-{p}"),
+            Command::CheckEligibility {
+                person_id: p.into(),
+            },
+        )
+    };
+    // T0 is 2026-09-21 23:13 in Japan.
+    let Reply::Eligibility {
+        status,
+        record,
+        masked,
+        on_date,
+        ..
+    } = check(&mut net, 1, "p0-0").unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (status, masked, on_date.as_str()),
+        (EligibilityStatus::Valid, false, "2026-09-21")
+    );
+    assert_eq!(record.unwrap().number, "12345");
+    let Reply::Eligibility { status, .. } = check(&mut net, 1, "p1-0").unwrap() else {
+        panic!()
+    };
+    assert_eq!(status, EligibilityStatus::Expired);
+    let Reply::Eligibility { status, record, .. } = check(&mut net, 1, "p2-0").unwrap() else {
+        panic!()
+    };
+    assert_eq!((status, record), (EligibilityStatus::Unknown, None));
+    let Reply::Eligibility { record, masked, .. } = check(&mut net, 0, "p0-0").unwrap() else {
+        panic!()
+    };
+    let r = record.unwrap();
+    assert!(masked);
+    assert_eq!(
+        (r.number.as_str(), r.symbol.as_str(), r.branch.as_str()),
+        ("*****", "**", "**")
+    );
+    assert!(matches!(
+        check(&mut net, 2, "p0-0"),
+        Err(CommandError::Forbidden { .. })
+    ));
+    // The shelter never received the eligibility documents at all.
+    assert!(net.heads(2, &[Kind::Eligibility]).is_empty());
+    // Every check, the refused one too, is in the node's audit chain.
+    for (node, id, n) in [(1, "clinic-1", 3), (2, "shelter-a", 1), (0, "hq-1", 1)] {
+        let key = DocKey::new(Kind::Audit, id).unwrap();
+        let entries = crdt::views::audit(net.nodes[node].doc(&key).unwrap().unwrap()).unwrap();
+        assert_eq!(entries.len(), n, "{id}");
+        assert!(entries
+            .iter()
+            .all(|e| e.action.starts_with("eligibility_check")));
+    }
+}
+
+#[test]
+fn shelters_open_and_change_capacity_and_exports_are_audited() {
+    let mut net = Net::new(&[("hq-1", Role::Hq)]);
+    let shelter = ShelterInfo {
+        shelter_id: "s1".into(),
+        name: "三条小学校".into(),
+        capacity: 300,
+        kind: ShelterKind::Welfare,
+        open: false,
+        ..Default::default()
+    };
+    net.cmd(
+        0,
+        "s",
+        Command::Import {
+            records: ImportRecords::Shelters(vec![shelter]),
+        },
+    )
+    .unwrap();
+    net.cmd(
+        0,
+        "u",
+        Command::UpdateShelter {
+            shelter_id: "s1".into(),
+            open: Some(true),
+            capacity: Some(450),
+        },
+    )
+    .unwrap();
+    let QueryReply::ShelterInfos(v) = net.query(0, Query::ShelterInfos) else {
+        panic!()
+    };
+    assert_eq!(
+        (v[0].open, v[0].capacity, v[0].kind),
+        (true, 450, ShelterKind::Welfare)
+    );
+    assert!(matches!(
+        net.cmd(
+            0,
+            "u2",
+            Command::UpdateShelter {
+                shelter_id: "s9".into(),
+                open: Some(true),
+                capacity: None
+            }
+        ),
+        Err(CommandError::NotFound { .. })
+    ));
+    let Reply::Audited { audit_seq } = net
+        .cmd(
+            0,
+            "x",
+            Command::RecordExport {
+                what: "pfif".into(),
+                scope: "all shelters".into(),
+                count: 2,
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let key = DocKey::new(Kind::Audit, "hq-1").unwrap();
+    let entries = crdt::views::audit(net.nodes[0].doc(&key).unwrap().unwrap()).unwrap();
+    let e = &entries[audit_seq as usize];
+    assert_eq!(
+        (e.operator.as_str(), e.action.as_str(), e.record.as_str()),
+        ("op-1", "export", "export/pfif")
+    );
+    assert!(e.reason.contains("2 records"));
+}
+
+#[test]
+fn family_mail_is_in_japan_time_in_the_contacts_language() {
+    let mut net = setup();
+    let contact = |id: &str, lang: &str| FamilyContact {
+        contact_id: id.into(),
+        name: format!("家族 {id}"),
+        email: format!("{id}@example.jp"),
+        consent: true,
+        language: lang.into(),
+        ..Default::default()
+    };
+    net.cmd(
+        0,
+        "k",
+        Command::PutContacts {
+            person_id: "p2-0".into(),
+            contacts: vec![contact("c1", "ja"), contact("c2", "en")],
+            disclosure: Disclosure {
+                do_not_disclose: false,
+                share_shelter: false,
+            },
+        },
+    )
+    .unwrap();
+    net.connect(0, 1);
+    net.cmd(
+        1,
+        "ci",
+        Command::CheckIn {
+            person_ids: vec!["p2-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.mails.sort_by(|a, b| a.contact_id.cmp(&b.contact_id));
+    assert_eq!(net.mails.len(), 2);
+    let when = crdt::jst::format_ja(T0);
+    assert!(
+        net.mails[0].body.contains(&format!("到着時刻: {when}")),
+        "{}",
+        net.mails[0].body
+    );
+    assert!(net.mails[0].body.starts_with("家族 c1 様"));
+    assert!(net.mails[1].body.starts_with("Dear 家族 c2"));
+    for m in &net.mails {
+        // The resident did not allow naming the shelter.
+        assert!(
+            !m.body.contains("shelter-a") && !m.body.contains("Shelter:"),
+            "{}",
+            m.body
+        );
+        assert!(!m.body.contains(&T0.to_string()));
+    }
 }

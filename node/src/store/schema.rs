@@ -29,6 +29,8 @@
 //! - `quarantine`: (kind, id) → why the document was set aside (A-10).
 //! - `sync_cursors` (version 2): peer → (seq, hash), how far into that
 //!   peer's change log this node durably holds everything.
+//! - `withheld` (version 3): projection rows of contacts documents, the
+//!   persons who asked that nothing about them be disclosed.
 //!
 //! Kinds are stored as [`crdt::Kind::code`] integers so `ORDER BY kind, id`
 //! is exactly [`crdt::DocKey`]'s `Ord`; text columns use SQLite's BINARY
@@ -40,10 +42,25 @@
 pub const APPLICATION_ID: i32 = 0x4B5A_4E41;
 
 /// Migration `i` (0-based) takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this program writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Version 3: persons with the do-not-disclose flag, derived from their
+/// contacts documents (headquarters). The rows of documents already
+/// stored are derived in the same transaction, in Rust
+/// (`SqliteStore::migrate`).
+const V3: &str = r#"
+CREATE TABLE withheld (
+    source_kind INTEGER NOT NULL,
+    source_id   TEXT NOT NULL,
+    pos         INTEGER NOT NULL,
+    person_id   TEXT NOT NULL,
+    PRIMARY KEY (source_kind, source_id, pos)
+);
+CREATE INDEX withheld_person_id ON withheld (person_id);
+"#;
 
 /// Version 2: receiver-held sync cursors into each peer's change log.
 const V2: &str = r#"
@@ -166,6 +183,7 @@ pub(crate) const DIGEST_TABLES: &[(&str, &str)] = &[
     ("cards", "source_kind, source_id, pos"),
     ("locations", "source_kind, source_id, pos"),
     ("shelters", "source_kind, source_id, pos"),
+    ("withheld", "source_kind, source_id, pos"),
     ("ops", "op_id"),
     ("peer_heads", "peer, kind, doc_id"),
     ("quarantine", "kind, doc_id"),

@@ -360,6 +360,9 @@ impl SqliteStore {
                 return Ok(());
             }
             tx.execute_batch(MIGRATIONS[version]).map_err(map_err)?;
+            if version == 2 {
+                derive_withheld(&tx)?;
+            }
             tx.pragma_update(None, "user_version", version as i64 + 1)
                 .map_err(map_err)?;
             if version == 0 {
@@ -790,6 +793,43 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    fn evacuees(
+        &self,
+        shelter_id: Option<&str>,
+    ) -> Result<Vec<(PersonRow, LocationRow)>, StoreError> {
+        // Rows in source order; crdt::store::evacuees_from picks each
+        // person's first location and person row exactly as MemStore does.
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {LOCATION_COLS} FROM locations ORDER BY {SOURCE_ORDER}"
+            ))
+            .map_err(map_err)?;
+        let mut locations = Vec::new();
+        for row in st.query_map([], location_from_row).map_err(map_err)? {
+            locations.push(location_from_parts(row.map_err(map_err)?)?);
+        }
+        let persons = self.persons_where(
+            "WHERE person_id IN (SELECT person_id FROM locations)",
+            SOURCE_ORDER,
+            [],
+        )?;
+        Ok(crdt::store::evacuees_from(
+            locations.iter(),
+            persons.iter(),
+            shelter_id,
+        ))
+    }
+
+    fn withheld(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT DISTINCT person_id FROM withheld")
+            .map_err(map_err)?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(map_err)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)
+    }
+
     fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError> {
         let mut st = self
             .conn
@@ -807,6 +847,53 @@ impl Store for SqliteStore {
         out.sort();
         Ok(out)
     }
+}
+
+/// Migration 3's Rust step: the `withheld` rows of every stored contacts
+/// document, derived as a commit would have derived them. A document that
+/// does not load is left to the engine (it quarantines it on first load).
+fn derive_withheld(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    let code = Kind::Contacts.code();
+    let docs: Vec<(String, Option<Vec<u8>>, i64)> = {
+        let mut st = tx
+            .prepare("SELECT id, snapshot, snapshot_seq FROM docs WHERE kind = ?1")
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([code], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(map_err)?;
+        rows.collect::<Result<_, _>>().map_err(map_err)?
+    };
+    let mut changes = tx
+        .prepare(
+            "SELECT bytes FROM changes WHERE kind = ?1 AND doc_id = ?2 AND seq > ?3 ORDER BY seq",
+        )
+        .map_err(map_err)?;
+    let mut insert = tx
+        .prepare(
+            "INSERT INTO withheld (source_kind, source_id, pos, person_id) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .map_err(map_err)?;
+    for (id, snapshot, seq) in docs {
+        let tail: Vec<Vec<u8>> = changes
+            .query_map(params![code, id, seq], |r| r.get(0))
+            .map_err(map_err)?
+            .collect::<Result<_, _>>()
+            .map_err(map_err)?;
+        let Ok(key) = DocKey::new(Kind::Contacts, &id) else {
+            continue;
+        };
+        let Ok(doc) = crdt::doc::Doc::load(key, snapshot.as_deref(), &tail) else {
+            continue;
+        };
+        if let Ok(p) = crdt::derive::projection(&doc) {
+            for (i, person) in p.withheld.iter().enumerate() {
+                insert
+                    .execute(params![code, id, i as i64, person])
+                    .map_err(map_err)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Applies a batch inside an open transaction, in MemStore's order: meta,
@@ -847,7 +934,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
         }
     }
     if !batch.projections.is_empty() {
-        let mut del: Vec<_> = ["persons", "cards", "locations", "shelters"]
+        let mut del: Vec<_> = ["persons", "cards", "locations", "shelters", "withheld"]
             .iter()
             .map(|t| {
                 tx.prepare_cached(&format!(
@@ -871,10 +958,16 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
             "INSERT INTO shelters (source_kind, source_id, pos, shelter_id, name, capacity) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
+        let mut withheld = tx.prepare_cached(
+            "INSERT INTO withheld (source_kind, source_id, pos, person_id) VALUES (?1, ?2, ?3, ?4)",
+        )?;
         for (key, p) in &batch.projections {
             let (k, id) = (key.kind.code(), key.id.as_str());
             for st in &mut del {
                 st.execute(params![k, id])?;
+            }
+            for (i, person) in p.withheld.iter().enumerate() {
+                withheld.execute(params![k, id, i as i64, person])?;
             }
             for (i, r) in p.persons.iter().enumerate() {
                 person.execute(params![
