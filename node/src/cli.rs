@@ -41,6 +41,21 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: RegistryCmd,
     },
+    /// Municipal data from CSV (all or nothing, resumable): shelters,
+    /// family contacts, medical profiles, insurance eligibility. Formats:
+    /// docs/cli.md.
+    Import {
+        #[arg(value_enum)]
+        dataset: crate::import::DatasetName,
+        #[arg(long)]
+        data_dir: PathBuf,
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        encoding: Encoding,
+        /// Node id for a fresh data directory (it becomes an hq database).
+        #[arg(long)]
+        node_id: Option<String>,
+    },
     /// Documents.
     Docs {
         #[command(subcommand)]
@@ -156,6 +171,25 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
             println!(
                 "{}",
                 crate::import::import_file(&data_dir, &file, encoding, node_id.as_deref())?
+            );
+            Ok(())
+        }
+        Cmd::Import {
+            dataset,
+            data_dir,
+            file,
+            encoding,
+            node_id,
+        } => {
+            println!(
+                "{}",
+                crate::import::import_named(
+                    dataset,
+                    &data_dir,
+                    &file,
+                    encoding,
+                    node_id.as_deref()
+                )?
             );
             Ok(())
         }

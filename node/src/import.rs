@@ -1,42 +1,42 @@
-//! Registry CSV import: decode, parse and validate the whole file first,
-//! then hand households to the engine in batches.
+//! CSV imports of municipal data, all through one machinery: decode,
+//! parse and validate the whole file first, then hand the records to the
+//! engine in batches, one durable commit each.
 //!
-//! # File format
+//! A data set is a [`Dataset`]: its exact header, how one row is read
+//! (it may add to a record started on an earlier row, like a household's
+//! members or a person's contacts), the batch size and the engine command
+//! a batch becomes. [`parse`] gives every data set the same guarantees:
 //!
-//! One row per person, comma-separated, RFC 4180 quoting (`"a,b"`, `""`
-//! for a quote; a field may not span lines). The first row is a header
-//! naming exactly these columns, in this order:
+//! - Encodings: UTF-8 with or without BOM, or CP932 (Shift_JIS); `auto`
+//!   takes UTF-8 when the whole file is valid UTF-8, else CP932. Bytes
+//!   invalid in the chosen encoding are an error on their line, never
+//!   replaced.
+//! - The header row must name exactly the data set's columns, in order.
+//!   RFC 4180 quoting (`"a,b"`, `""` for a quote; a field may not span
+//!   lines); blank lines are skipped.
+//! - Every bad row is reported with its line number; a 12-digit
+//!   Individual-Number-shaped value anywhere rejects the row without
+//!   echoing it. If any row is bad nothing is imported.
+//! - Batches have op ids derived from the file's hash ([`batch_op_id`]),
+//!   so re-running the same file after an interruption replays committed
+//!   batches instead of writing them twice.
 //!
-//! `household_id,address,person_id,name,kana,birth_date,card_user_id`
-//!
-//! - `household_id`, `person_id`: IDs (`A-Z a-z 0-9 . - _`, ≤ 64 bytes).
-//!   Rows of one household may be anywhere in the file; they must agree on
-//!   `address`.
-//! - `name`, `kana`: ≤ 100 characters, stored exactly as given.
-//! - `birth_date`: `YYYY-MM-DD`, or a Japanese era date such as
-//!   `昭和25年4月1日` / `令和元年5月1日` (明治, 大正, 昭和, 平成, 令和; digits
-//!   ASCII or full-width), checked against the era's first and last day.
-//! - `card_user_id`: empty, or the 13-digit municipal card user ID.
-//!
-//! Encodings: UTF-8 with or without BOM, or CP932 (Shift_JIS); `auto`
-//! takes UTF-8 when the whole file is valid UTF-8, else CP932. Bytes
-//! invalid in the chosen encoding are an error on their line, never
-//! replaced.
-//!
-//! Every bad row is reported with its line number; a 12-digit Individual
-//! Number-shaped value anywhere rejects the row without echoing it. If any
-//! row is bad nothing is imported.
-//!
-//! [`import_file`] is the whole `kizuna registry import`: parse, then open
-//! the data directory as its hq node ([`crate::run::open_hq`]) and commit
-//! one `ImportHouseholds` command per batch through the engine thread.
+//! The formats are in `docs/cli.md`; [`RegistryRows`] is the resident
+//! registry, [`datasets`] holds shelters, family contacts, medical
+//! profiles and insurance eligibility, and [`import_file`] runs any of
+//! them against a data directory (role checked, progress bar, batches).
+
+pub mod datasets;
 
 use crate::console::{progress, Exit};
 use crate::driver::Driver;
+use crate::store::{DataDirLock, SqliteStore, DB_FILE_NAME};
 use anyhow::Context;
-use crdt::api::{Command, Operator, Reply};
+use crdt::api::Operator;
+use crdt::engine::EngineConfig;
 use crdt::model::{Household, Member, Validate, MAX_MEMBERS};
 use crdt::text::{contains_individual_number, CardUserId};
+use crdt::{NodeId, Role};
 use std::collections::{BTreeMap, HashMap};
 
 pub const COLUMNS: [&str; 7] = [
@@ -218,6 +218,21 @@ const ERAS: [Era; 5] = [
     },
 ];
 
+/// A whole number in ASCII or full-width digits (at most 9 of them).
+pub fn ascii_number(s: &str) -> Option<u64> {
+    let d: String = s
+        .chars()
+        .map(|c| match c {
+            '０'..='９' => char::from_u32(c as u32 - '０' as u32 + '0' as u32).unwrap_or(c),
+            c => c,
+        })
+        .collect();
+    if d.is_empty() || d.len() > 9 || !d.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    d.parse().ok()
+}
+
 fn ascii_digits(s: &str) -> Option<u32> {
     let d: String = s
         .chars()
@@ -235,12 +250,17 @@ fn ascii_digits(s: &str) -> Option<u32> {
 /// `YYYY-MM-DD` or an era date → `YYYY-MM-DD`, checked to exist (and to
 /// fall inside the era).
 pub fn parse_birth_date(s: &str) -> Result<String, String> {
+    parse_date("birth_date", s)
+}
+
+/// [`parse_birth_date`] for any date column.
+pub fn parse_date(field: &'static str, s: &str) -> Result<String, String> {
     let s = s.trim();
     if s.is_ascii() {
-        crdt::model::check_date("birth_date", s).map_err(|e| e.to_string())?;
+        crdt::model::check_date(field, s).map_err(|e| e.to_string())?;
         return Ok(s.to_string());
     }
-    let bad = || "birth_date: expected YYYY-MM-DD or an era date like 昭和25年4月1日".to_string();
+    let bad = || format!("{field}: expected YYYY-MM-DD or an era date like 令和8年4月1日");
     let era = ERAS
         .iter()
         .find(|e| s.starts_with(e.name))
@@ -260,17 +280,17 @@ pub fn parse_birth_date(s: &str) -> Result<String, String> {
     );
     if ey == 0 {
         return Err(format!(
-            "birth_date: {}0年 does not exist (the first year is 元年)",
+            "{field}: {}0年 does not exist (the first year is 元年)",
             era.name
         ));
     }
     let y = era.start.0 + ey - 1;
     let iso = format!("{y:04}-{m:02}-{d:02}");
-    crdt::model::check_date("birth_date", &iso).map_err(|e| e.to_string())?;
+    crdt::model::check_date(field, &iso).map_err(|e| e.to_string())?;
     let ymd = (y, m, d);
     if ymd < era.start || era.end.is_some_and(|e| ymd > e) {
         return Err(format!(
-            "birth_date: {} is outside the {} era ({}-{:02}-{:02} to {})",
+            "{field}: {} is outside the {} era ({}-{:02}-{:02} to {})",
             s,
             era.name,
             era.start.0,
@@ -284,11 +304,39 @@ pub fn parse_birth_date(s: &str) -> Result<String, String> {
     Ok(iso)
 }
 
-/// Parses and validates the decoded lines. All errors are collected.
-pub fn parse_lines(
+/// One importable data set (see the module docs).
+pub trait Dataset: Default {
+    /// Used in op ids, messages and the CLI.
+    const NAME: &'static str;
+    /// Roles whose data directory may import this data set.
+    const ROLES: &'static [crdt::Role] = &[crdt::Role::Hq];
+    const COLUMNS: &'static [&'static str];
+    /// Records per engine command.
+    const BATCH: usize;
+    type Item: Clone;
+    /// Reads one row whose column count was checked; `Err` is the reason
+    /// this line is bad.
+    fn row(&mut self, line: usize, f: &[String], now_wall_ms: u64) -> Result<(), String>;
+    /// The records in order of first appearance, each with its first line.
+    fn finish(self) -> Result<Vec<(usize, Self::Item)>, Vec<RowError>>;
+    /// The person a record is about, checked against the registry before
+    /// anything is written (`None` for records not about a person).
+    fn person(item: &Self::Item) -> Option<&str>;
+    /// Rows a record stands for (persons of a household, contacts of a
+    /// person), for the summary.
+    fn rows(item: &Self::Item) -> usize {
+        let _ = item;
+        1
+    }
+    fn command(items: Vec<Self::Item>) -> crdt::api::Command;
+}
+
+/// Parses and validates the decoded lines of a data set. All errors are
+/// collected.
+pub fn parse<D: Dataset>(
     lines: &[String],
     now_wall_ms: u64,
-) -> Result<(Vec<Household>, usize), Vec<RowError>> {
+) -> Result<Vec<(usize, D::Item)>, Vec<RowError>> {
     let mut errors = Vec::new();
     let Some(header) = lines.first() else {
         return Err(vec![RowError {
@@ -297,19 +345,15 @@ pub fn parse_lines(
         }]);
     };
     match split_csv(header) {
-        Ok(h) if h.iter().map(|s| s.trim()).eq(COLUMNS.iter().copied()) => {}
+        Ok(h) if h.iter().map(|s| s.trim()).eq(D::COLUMNS.iter().copied()) => {}
         _ => {
             return Err(vec![RowError {
                 line: 1,
-                reason: format!("header must be exactly: {}", COLUMNS.join(",")),
+                reason: format!("header must be exactly: {}", D::COLUMNS.join(",")),
             }])
         }
     }
-    let mut households: Vec<Household> = Vec::new();
-    let mut hh_index: HashMap<String, (usize, usize)> = HashMap::new(); // id → (index, first line)
-    let mut persons: HashMap<String, usize> = HashMap::new();
-    let mut cards: HashMap<String, usize> = HashMap::new();
-    let mut count = 0;
+    let mut d = D::default();
     for (i, line) in lines.iter().enumerate().skip(1) {
         let ln = i + 1;
         if line.trim().is_empty() {
@@ -328,34 +372,71 @@ pub fn parse_lines(
                 continue;
             }
         };
-        if f.len() != COLUMNS.len() {
+        if f.len() != D::COLUMNS.len() {
             err(format!(
                 "expected {} columns, found {}",
-                COLUMNS.len(),
+                D::COLUMNS.len(),
                 f.len()
             ));
             continue;
         }
-        let birth_date = match parse_birth_date(&f[5]) {
-            Ok(d) => d,
-            Err(r) => {
-                err(r);
-                continue;
-            }
-        };
-        if let Err(e) = crdt::model::check_birth_date("birth_date", &birth_date, now_wall_ms) {
-            err(e.to_string());
-            continue;
+        if let Err(r) = d.row(ln, &f, now_wall_ms) {
+            err(r);
         }
+    }
+    let items = match d.finish() {
+        Ok(items) => items,
+        Err(mut e) => {
+            errors.append(&mut e);
+            errors.sort_by_key(|e| e.line);
+            Vec::new()
+        }
+    };
+    if errors.is_empty() && items.is_empty() {
+        errors.push(RowError {
+            line: 0,
+            reason: "no rows after the header".into(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(items)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Decodes and parses a whole file of a data set.
+pub fn parse_dataset<D: Dataset>(
+    bytes: &[u8],
+    enc: Encoding,
+    now_wall_ms: u64,
+) -> Result<(Encoding, Vec<(usize, D::Item)>), Vec<RowError>> {
+    let (encoding, lines) = decode(bytes, enc)?;
+    Ok((encoding, parse::<D>(&lines, now_wall_ms)?))
+}
+
+/// The resident registry: one row per person, grouped into households.
+#[derive(Default)]
+pub struct RegistryRows {
+    households: Vec<(usize, Household)>,
+    hh_index: HashMap<String, usize>,
+    persons: HashMap<String, usize>,
+    cards: HashMap<String, usize>,
+}
+
+impl Dataset for RegistryRows {
+    const NAME: &'static str = "registry";
+    const COLUMNS: &'static [&'static str] = &COLUMNS;
+    const BATCH: usize = BATCH_HOUSEHOLDS;
+    type Item = Household;
+
+    fn row(&mut self, ln: usize, f: &[String], now_wall_ms: u64) -> Result<(), String> {
+        let birth_date = parse_birth_date(&f[5])?;
+        crdt::model::check_birth_date("birth_date", &birth_date, now_wall_ms)
+            .map_err(|e| e.to_string())?;
         let card = match f[6].trim() {
             "" => None,
-            c => match CardUserId::parse(c) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    err(e.to_string());
-                    continue;
-                }
-            },
+            c => Some(CardUserId::parse(c).map_err(|e| e.to_string())?),
         };
         let member = Member {
             person_id: f[2].clone(),
@@ -364,73 +445,79 @@ pub fn parse_lines(
             birth_date,
             card_user_id: card.clone(),
         };
-        if let Err(e) = member.validate() {
-            err(e.to_string());
-            continue;
-        }
+        member.validate().map_err(|e| e.to_string())?;
         let probe = Household {
             household_id: f[0].clone(),
             address: f[1].clone(),
             members: vec![member.clone()],
         };
-        if let Err(e) = probe.validate() {
-            err(e.to_string());
-            continue;
-        }
-        if let Some(first) = persons.get(&member.person_id) {
-            err(format!(
+        probe.validate().map_err(|e| e.to_string())?;
+        if let Some(first) = self.persons.get(&member.person_id) {
+            return Err(format!(
                 "duplicate person_id {} (first on line {first})",
                 member.person_id
             ));
-            continue;
         }
         if let Some(c) = &card {
-            if let Some(first) = cards.get(c.as_str()) {
-                err(format!("duplicate card_user_id (first on line {first})"));
-                continue;
+            if let Some(first) = self.cards.get(c.as_str()) {
+                return Err(format!("duplicate card_user_id (first on line {first})"));
             }
         }
-        match hh_index.get(&probe.household_id) {
-            Some(&(idx, first)) => {
-                let h = &mut households[idx];
+        match self.hh_index.get(&probe.household_id) {
+            Some(&idx) => {
+                let (first, h) = &mut self.households[idx];
                 if h.address != probe.address {
-                    err(format!(
+                    return Err(format!(
                         "household {} has a different address than on line {first}",
                         h.household_id
                     ));
-                    continue;
                 }
                 if h.members.len() >= MAX_MEMBERS {
-                    err(format!(
+                    return Err(format!(
                         "household {} has more than {MAX_MEMBERS} members",
                         h.household_id
                     ));
-                    continue;
                 }
                 h.members.push(member.clone());
             }
             None => {
-                hh_index.insert(probe.household_id.clone(), (households.len(), ln));
-                households.push(probe);
+                self.hh_index
+                    .insert(probe.household_id.clone(), self.households.len());
+                self.households.push((ln, probe));
             }
         }
-        persons.insert(member.person_id, ln);
+        self.persons.insert(member.person_id, ln);
         if let Some(c) = card {
-            cards.insert(c.as_str().to_string(), ln);
+            self.cards.insert(c.as_str().to_string(), ln);
         }
-        count += 1;
+        Ok(())
     }
-    if errors.is_empty() && households.is_empty() {
-        errors.push(RowError {
-            line: 0,
-            reason: "no rows after the header".into(),
-        });
+
+    fn finish(self) -> Result<Vec<(usize, Household)>, Vec<RowError>> {
+        Ok(self.households)
     }
-    if errors.is_empty() {
-        Ok((households, count))
-    } else {
-        Err(errors)
+
+    fn person(_: &Household) -> Option<&str> {
+        None
     }
+
+    fn rows(h: &Household) -> usize {
+        h.members.len()
+    }
+
+    fn command(households: Vec<Household>) -> crdt::api::Command {
+        crdt::api::Command::ImportHouseholds { households }
+    }
+}
+
+/// Parses and validates the decoded lines of a registry file.
+pub fn parse_lines(
+    lines: &[String],
+    now_wall_ms: u64,
+) -> Result<(Vec<Household>, usize), Vec<RowError>> {
+    let items = parse::<RegistryRows>(lines, now_wall_ms)?;
+    let persons = items.iter().map(|(_, h)| h.members.len()).sum();
+    Ok((items.into_iter().map(|(_, h)| h).collect(), persons))
 }
 
 /// Decode, parse and validate a whole file.
@@ -453,11 +540,15 @@ pub fn batches(households: &[Household]) -> Vec<&[Household]> {
     households.chunks(BATCH_HOUSEHOLDS).collect()
 }
 
-/// A stable op id per (file content, batch): re-running the same import
-/// replays recorded results instead of writing twice.
-pub fn batch_op_id(file: &[u8], batch: usize) -> String {
+/// A stable op id per (data set, file content, batch): re-running the
+/// same import replays recorded results instead of writing twice. (The
+/// registry keeps the op ids it had before the other data sets existed.)
+pub fn batch_op_id(dataset: &str, file: &[u8], batch: usize) -> String {
     let h = blake3::hash(file).to_hex();
-    format!("import-{}-{batch}", &h[..24])
+    match dataset {
+        "registry" => format!("import-{}-{batch}", &h[..24]),
+        d => format!("import-{d}-{}-{batch}", &h[..24]),
+    }
 }
 
 /// Counts per household id, for reports.
@@ -477,36 +568,154 @@ pub fn import_file(
     enc: Encoding,
     node_id: Option<&str>,
 ) -> Result<String, Exit> {
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let reg = match parse_file(&bytes, enc, crate::run::wall_ms()) {
-        Ok(r) => r,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{}:{e}", file.display());
-            }
+    import_dataset::<RegistryRows>(data_dir, file, enc, node_id)
+}
+
+/// The data sets `kizuna import` knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatasetName {
+    Registry,
+    Shelters,
+    Contacts,
+    Medical,
+    Eligibility,
+}
+
+/// [`import_dataset`] by name.
+pub fn import_named(
+    name: DatasetName,
+    data_dir: &std::path::Path,
+    file: &std::path::Path,
+    enc: Encoding,
+    node_id: Option<&str>,
+) -> Result<String, Exit> {
+    use datasets::*;
+    match name {
+        DatasetName::Registry => import_dataset::<RegistryRows>(data_dir, file, enc, node_id),
+        DatasetName::Shelters => import_dataset::<ShelterRows>(data_dir, file, enc, node_id),
+        DatasetName::Contacts => import_dataset::<ContactRows>(data_dir, file, enc, node_id),
+        DatasetName::Medical => import_dataset::<MedicalRows>(data_dir, file, enc, node_id),
+        DatasetName::Eligibility => import_dataset::<EligibilityRows>(data_dir, file, enc, node_id),
+    }
+}
+
+/// Opens a data directory for an import of data set `D`: the node id and
+/// role come from the database; a role not in `D::ROLES` is refused (exit
+/// 2, nothing written); a fresh directory needs `node_id` and becomes an
+/// hq database, if hq may import `D`.
+pub fn open_for<D: Dataset>(
+    data_dir: &std::path::Path,
+    node_id: Option<&str>,
+) -> Result<(DataDirLock, SqliteStore, EngineConfig), Exit> {
+    let lock = DataDirLock::acquire(data_dir)?;
+    let store = SqliteStore::open(&data_dir.join(DB_FILE_NAME))?;
+    let allowed = D::ROLES
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let (id, role) = match crdt::store::Store::load_meta(&store)? {
+        Some(m) if !D::ROLES.contains(&m.role) => {
             return Err(Exit::bad_input(format!(
-                "{}: {} bad row(s); nothing was imported",
-                file.display(),
-                errors.len()
-            )));
+                "{} belongs to {} node {}; {} import needs a data directory of a {allowed} node / \
+                 この役割のノードには{}を取り込めません",
+                data_dir.display(),
+                m.role,
+                m.node_id,
+                D::NAME,
+                D::NAME
+            )))
+        }
+        Some(m) => {
+            if let Some(n) = node_id {
+                if n != m.node_id.as_str() {
+                    return Err(Exit::bad_input(format!(
+                        "--node-id {n} does not match the data directory's node {}",
+                        m.node_id
+                    )));
+                }
+            }
+            (m.node_id, m.role)
+        }
+        None if D::ROLES.contains(&Role::Hq) => {
+            let n = node_id.ok_or_else(|| {
+                Exit::bad_input(format!(
+                    "{} is a new data directory: give --node-id (the hq node's id from its certificate)",
+                    data_dir.display()
+                ))
+            })?;
+            (
+                NodeId::new(n).map_err(|e| Exit::bad_input(e.to_string()))?,
+                Role::Hq,
+            )
+        }
+        None => {
+            return Err(Exit::bad_input(format!(
+                "{} is a new data directory: start the node once first",
+                data_dir.display()
+            )))
         }
     };
-    let (lock, store, ecfg) = crate::run::open_hq(data_dir, node_id)?;
+    Ok((lock, store, EngineConfig::new(id, role)))
+}
+
+/// The whole `kizuna import DATASET` (and `registry import`): parse and
+/// validate the file, open the data directory ([`open_for`]), check that
+/// every person the records are about is known, then commit one command
+/// per batch through the engine thread with a progress bar. Bad rows are
+/// printed to stderr as `FILE:line N: reason` and import nothing.
+pub fn import_dataset<D: Dataset>(
+    data_dir: &std::path::Path,
+    file: &std::path::Path,
+    enc: Encoding,
+    node_id: Option<&str>,
+) -> Result<String, Exit> {
+    let bad_rows = |errors: &[RowError]| {
+        for e in errors {
+            eprintln!("{}:{e}", file.display());
+        }
+        Exit::bad_input(format!(
+            "{}: {} bad row(s); nothing was imported / 不正な行があるため何も取り込んでいません",
+            file.display(),
+            errors.len()
+        ))
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let (encoding, items) =
+        parse_dataset::<D>(&bytes, enc, crate::run::wall_ms()).map_err(|e| bad_rows(&e))?;
+    let (lock, store, ecfg) = open_for::<D>(data_dir, node_id)?;
+    let unknown: Vec<RowError> = items
+        .iter()
+        .filter_map(|(line, item)| {
+            let p = D::person(item)?;
+            match crdt::store::Store::person(&store, p) {
+                Ok(Some(_)) => None,
+                Ok(None) => Some(Ok(RowError {
+                    line: *line,
+                    reason: format!("unknown person_id {p} (not in the registry)"),
+                })),
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    if !unknown.is_empty() {
+        return Err(bad_rows(&unknown));
+    }
+    let rows: usize = items.iter().map(|(_, i)| D::rows(i)).sum();
+    let records: Vec<D::Item> = items.into_iter().map(|(_, i)| i).collect();
     let driver = Driver::start(store, ecfg)?;
-    let batches = batches(&reg.households);
-    let pb = progress(reg.households.len() as u64, "importing households");
+    let batches: Vec<&[D::Item]> = records.chunks(D::BATCH).collect();
+    let pb = progress(records.len() as u64, &format!("importing {}", D::NAME));
     let mut landed = 0usize;
     let mut failure = None;
     for (i, b) in batches.iter().enumerate() {
         let r = driver.command_blocking(
-            batch_op_id(&bytes, i),
-            Operator("registry-import".into()),
-            Command::ImportHouseholds {
-                households: b.to_vec(),
-            },
+            batch_op_id(D::NAME, &bytes, i),
+            Operator(format!("{}-import", D::NAME)),
+            D::command(b.to_vec()),
         );
         match r {
-            Ok(Reply::Imported { .. }) | Ok(_) => {
+            Ok(_) => {
                 landed += 1;
                 pb.inc(b.len() as u64);
             }
@@ -520,11 +729,15 @@ pub fn import_file(
     driver.shutdown()?;
     drop(lock);
     match failure {
+        None if D::NAME == "registry" => Ok(format!(
+            "imported {} households, {rows} persons ({encoding:?}, {} batch(es))",
+            records.len(),
+            batches.len()
+        )),
         None => Ok(format!(
-            "imported {} households, {} persons ({:?}, {} batch(es))",
-            reg.households.len(),
-            reg.persons,
-            reg.encoding,
+            "imported {} {} record(s) from {rows} row(s) ({encoding:?}, {} batch(es))",
+            records.len(),
+            D::NAME,
             batches.len()
         )),
         Some((i, e)) => Err(Exit {
