@@ -2,6 +2,8 @@
 """Local SMTP server for Kizuna's mail tests and `kizuna demo` (aiosmtpd).
 
     smtp-test-server.py MODE PORT [--dir DIR] [--delay SECS] [--slow-phase all|data]
+                        [--tls none|starttls|implicit --cert PEM --key PEM]
+                        [--auth USER:PASSWORD]
 
 Listens on 127.0.0.1:PORT (0 = any free port) and prints one line
 "ready PORT" on stdout once it accepts connections.
@@ -16,6 +18,11 @@ Modes:
   slow             delays replies by --delay seconds: every reply incl.
                    the greeting (--slow-phase all, default) or only the
                    reply to the final "." (--slow-phase data); then accepts
+TLS: --tls starttls offers STARTTLS and refuses mail before it;
+--tls implicit speaks TLS from the first byte (port 465 style). Both
+use the certificate and key given (tests generate their own).
+--auth USER:PASSWORD requires AUTH (PLAIN or LOGIN, over TLS only when
+--tls starttls) with exactly these credentials; others get 535.
 Needs python3-aiosmtpd (deploy/scripts/setup.sh installs it).
 """
 import argparse
@@ -25,7 +32,9 @@ import os
 import sys
 import time
 
-from aiosmtpd.smtp import SMTP
+import ssl
+
+from aiosmtpd.smtp import SMTP, AuthResult
 
 MODES = ["accept", "tempfail", "permfail", "drop-after-data", "slow"]
 
@@ -86,19 +95,43 @@ async def main():
     p.add_argument("--dir")
     p.add_argument("--delay", type=float, default=5.0)
     p.add_argument("--slow-phase", choices=["all", "data"], default="all")
+    p.add_argument("--tls", choices=["none", "starttls", "implicit"], default="none")
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--auth", help="USER:PASSWORD required for AUTH PLAIN/LOGIN")
     args = p.parse_args()
     if args.mode == "accept" and not args.dir:
         p.error("accept needs --dir")
     handler = Handler(args)
+    context = None
+    if args.tls != "none":
+        if not (args.cert and args.key):
+            p.error("--tls needs --cert and --key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.cert, args.key)
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        user, _, password = args.auth.partition(":")
+        ok = auth_data.login == user.encode() and auth_data.password == password.encode()
+        return AuthResult(success=ok, handled=False)
 
     def factory():
         kw = dict(hostname="smtp-test.invalid", decode_data=False, enable_SMTPUTF8=True)
+        if args.tls == "starttls":
+            kw.update(tls_context=context, require_starttls=True)
+        if args.auth:
+            # Implicit TLS is TLS from the first byte; aiosmtpd only knows
+            # about STARTTLS when it checks "AUTH over TLS".
+            kw.update(authenticator=authenticator, auth_required=True,
+                      auth_require_tls=args.tls == "starttls")
         if args.mode == "slow" and args.slow_phase == "all":
             return SlowSMTP(handler, delay=args.delay, **kw)
         return SMTP(handler, **kw)
 
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(factory, host="127.0.0.1", port=args.port, reuse_address=True)
+    server = await loop.create_server(
+        factory, host="127.0.0.1", port=args.port, reuse_address=True,
+        ssl=context if args.tls == "implicit" else None)
     port = server.sockets[0].getsockname()[1]
     print("ready %d" % port, flush=True)
     async with server:

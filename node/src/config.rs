@@ -128,7 +128,14 @@ pub struct RawSmtp {
     pub host: String,
     pub port: Option<i64>,
     pub from: String,
-    pub starttls: Option<bool>,
+    /// `starttls`, `implicit` or `none`.
+    pub tls: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub templates: std::collections::BTreeMap<String, crdt::mailtext::MailTemplate>,
     pub timeout_secs: Option<i64>,
     pub data_timeout_secs: Option<i64>,
     pub max_concurrent: Option<i64>,
@@ -201,9 +208,19 @@ pub struct SmtpConfig {
     pub host: String,
     pub port: u16,
     pub from: String,
-    /// Upgrade with STARTTLS. Not supported by this build yet: `true` is
-    /// refused when the config is loaded (the local relay needs no TLS).
-    pub starttls: bool,
+    /// Default: `implicit` on port 465, else `starttls`; plaintext only
+    /// with `tls = "none"`.
+    pub tls: SmtpTlsMode,
+    /// PEM file of the CA roots to trust (default: the system's).
+    pub ca_file: Option<PathBuf>,
+    /// The name the relay's certificate must carry (default: `host`).
+    pub server_name: Option<String>,
+    /// AUTH user; needs `password_file` and TLS.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Family mail templates by language (`ja`, `en`), replacing the
+    /// built-in ones; see `crdt::mailtext`.
+    pub templates: std::collections::BTreeMap<String, crdt::mailtext::MailTemplate>,
     /// Connect timeout and the timeout for each reply before the message
     /// is sent, and for each write (default 30 s).
     pub timeout_secs: u64,
@@ -212,6 +229,13 @@ pub struct SmtpConfig {
     pub data_timeout_secs: u64,
     /// Sends in flight at once (default 4).
     pub max_concurrent: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpTlsMode {
+    None,
+    StartTls,
+    Implicit,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,6 +294,13 @@ impl Config {
         cfg.mail_primary = self.node.mail_primary;
         cfg.mail_lease_ms = self.node.mail_lease_ms;
         cfg.mail_takeover_ms = self.node.mail_takeover_ms;
+        if let Some(smtp) = self.smtp.as_ref().filter(|s| !s.templates.is_empty()) {
+            let mut t = crdt::mailtext::MailTemplates::default();
+            for (lang, tpl) in &smtp.templates {
+                t.0.insert(lang.clone(), tpl.clone());
+            }
+            cfg.mail_templates = t;
+        }
         cfg
     }
 
@@ -482,13 +513,52 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
                 value: format!("{:?}", s.from),
                 reason: e.to_string(),
             })?;
-            if s.starttls == Some(true) {
-                return Err(ConfigError::Invalid {
-                    path: p.into(),
-                    key: "smtp.starttls".into(),
-                    value: "true".into(),
-                    reason: "STARTTLS is not supported by this build yet; use a local relay".into(),
-                });
+            let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+                path: p.into(),
+                key: key.into(),
+                value,
+                reason: reason.into(),
+            };
+            let port = port_in_range(p, "smtp.port", s.port.unwrap_or(DEFAULT_SMTP_PORT as i64))?;
+            let tls = match s.tls.as_deref() {
+                None if port == 465 => SmtpTlsMode::Implicit,
+                None | Some("starttls") => SmtpTlsMode::StartTls,
+                Some("implicit") => SmtpTlsMode::Implicit,
+                Some("none") => SmtpTlsMode::None,
+                Some(other) => {
+                    return Err(invalid(
+                        "smtp.tls",
+                        format!("{other:?}"),
+                        "one of \"starttls\", \"implicit\", \"none\"",
+                    ))
+                }
+            };
+            if s.username.is_some() != s.password_file.is_some() {
+                return Err(invalid(
+                    "smtp.username",
+                    format!("{:?}", s.username),
+                    "AUTH needs both username and password_file",
+                ));
+            }
+            if s.username.is_some() && tls == SmtpTlsMode::None {
+                return Err(invalid(
+                    "smtp.tls",
+                    "\"none\"".into(),
+                    "AUTH over plaintext would send the password in the clear",
+                ));
+            }
+            if let Some(u) = &s.username {
+                if u.is_empty() || u.chars().any(|c| c.is_control()) {
+                    return Err(invalid(
+                        "smtp.username",
+                        format!("{u:?}"),
+                        "empty or control characters",
+                    ));
+                }
+            }
+            for (lang, tpl) in &s.templates {
+                tpl.check()
+                    .map_err(|e| invalid(&format!("smtp.templates.{lang}"), String::new(), &e))?;
             }
             let secs = |key: &str, v: Option<i64>, default: i64| -> Result<u64, ConfigError> {
                 let v = v.unwrap_or(default);
@@ -503,10 +573,15 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
                 Ok(v as u64)
             };
             Some(SmtpConfig {
-                port: port_in_range(p, "smtp.port", s.port.unwrap_or(DEFAULT_SMTP_PORT as i64))?,
+                port,
                 host: s.host,
                 from: s.from,
-                starttls: false,
+                tls,
+                ca_file: s.ca_file.map(abs),
+                server_name: s.server_name,
+                username: s.username,
+                password_file: s.password_file.map(abs),
+                templates: s.templates,
                 timeout_secs: secs("smtp.timeout_secs", s.timeout_secs, 30)?,
                 data_timeout_secs: secs("smtp.data_timeout_secs", s.data_timeout_secs, 120)?,
                 max_concurrent: secs("smtp.max_concurrent", s.max_concurrent, 4)?.min(64) as usize,

@@ -319,7 +319,7 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
         if let (Role::Hq, Some(s)) = (n.role, &smtpd) {
             let _ = write!(
                 cfg,
-                "\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nfrom = \"kizuna-hq@example.jp\"\n",
+                "\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nfrom = \"kizuna-hq@example.jp\"\ntls = \"none\"\n",
                 s.port
             );
         }

@@ -7,10 +7,24 @@
 //! back with [`crdt::api::Input::MailOutcome`]. The engine thread never
 //! waits for SMTP.
 //!
-//! The SMTP dialogue is hand-rolled on a [`tokio::net::TcpStream`]
-//! (greeting, EHLO/HELO, MAIL FROM, RCPT TO, DATA, dot-stuffed body, ".",
-//! QUIT) so the boundary that matters for duplicates is exact. lettre is
-//! only used to build the RFC 5322 message (`Message::formatted()`).
+//! The SMTP dialogue is hand-rolled (greeting, EHLO/HELO, STARTTLS, AUTH,
+//! MAIL FROM, RCPT TO, DATA, dot-stuffed body, ".", QUIT) so the boundary
+//! that matters for duplicates is exact: lettre's transports report one
+//! error for "the body could not be written" and "the reply to the final
+//! '.' never came", which are transient and indeterminate here. lettre
+//! builds the RFC 5322 message (`Message::formatted()`) and computes the
+//! AUTH PLAIN and LOGIN responses ([`Mechanism::response`]); the TLS layer
+//! is rustls through tokio-rustls (the stack lettre's own `tokio1-rustls`
+//! feature uses), with the CA roots from `[smtp] ca_file` or the system.
+//!
+//! TLS modes ([`TlsMode`]): `implicit` (TLS from the first byte, port
+//! 465), `starttls` (EHLO, STARTTLS, handshake, EHLO again; a server that
+//! does not offer STARTTLS is a transient failure, never a silent
+//! downgrade) and `none` (plaintext, only when configured explicitly).
+//! A handshake or certificate failure and a refused AUTH are transient:
+//! they say nothing about the message, an operator fixes the relay
+//! settings, and the mail is retried (its `last_error` in
+//! `GET /api/v1/outbox` says why).
 //!
 //! Outcome mapping ([`send`]):
 //!
@@ -29,11 +43,95 @@
 
 use crate::driver::DriverHandle;
 use crdt::api::{Input, MailOutcome, MailRequest};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+
+/// How the connection to the relay is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plaintext; only when configured explicitly (a relay on loopback).
+    None,
+    /// EHLO, then STARTTLS (port 587).
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+}
+
+/// TLS client settings: the trusted roots and the name the relay's
+/// certificate must carry.
+#[derive(Clone)]
+pub struct SmtpTls {
+    pub mode: TlsMode,
+    pub config: Arc<rustls::ClientConfig>,
+    /// Defaults to the host.
+    pub server_name: String,
+}
+
+impl std::fmt::Debug for SmtpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SmtpTls({:?}, {})", self.mode, self.server_name)
+    }
+}
+
+impl PartialEq for SmtpTls {
+    fn eq(&self, o: &Self) -> bool {
+        self.mode == o.mode
+            && self.server_name == o.server_name
+            && Arc::ptr_eq(&self.config, &o.config)
+    }
+}
+impl Eq for SmtpTls {}
+
+/// A rustls client configuration trusting the PEM certificates in
+/// `ca_file`, or the system's roots when `None`.
+pub fn tls_client_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("smtp.ca_file {}: {e}", path.display()))?;
+            let mut n = 0;
+            for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+                let cert: rustls_pki_types::CertificateDer<'static> =
+                    cert.map_err(|e| format!("smtp.ca_file {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("smtp.ca_file {}: {e}", path.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!(
+                    "smtp.ca_file {}: no PEM certificate in it",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(
+                    "no system CA certificates found (install ca-certificates or set smtp.ca_file)"
+                        .into(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
 
 /// How to reach the relay and how long to wait.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +150,12 @@ pub struct SmtpSettings {
     pub data_timeout: Duration,
     /// Sends in flight at once.
     pub max_concurrent: usize,
+    /// `None`: plaintext.
+    pub tls: Option<SmtpTls>,
+    /// AUTH PLAIN or LOGIN (whichever the relay offers, PLAIN first).
+    pub auth: Option<Credentials>,
+    /// Mechanisms to use, in order of preference (default PLAIN, LOGIN).
+    pub auth_mechanisms: Vec<Mechanism>,
 }
 
 impl SmtpSettings {
@@ -67,10 +171,16 @@ impl SmtpSettings {
             reply_timeout: Duration::from_secs(30),
             data_timeout: Duration::from_secs(120),
             max_concurrent: 4,
+            tls: None,
+            auth: None,
+            auth_mechanisms: vec![Mechanism::Plain, Mechanism::Login],
         }
     }
 
-    pub fn from_config(c: &crate::config::SmtpConfig) -> SmtpSettings {
+    /// From the validated `[smtp]` table; reads the CA and password
+    /// files, so a missing file stops the start like any config error.
+    pub fn from_config(c: &crate::config::SmtpConfig) -> Result<SmtpSettings, String> {
+        use crate::config::SmtpTlsMode;
         let mut s = SmtpSettings::new(&c.host, c.port, &c.from);
         s.connect_timeout = Duration::from_secs(c.timeout_secs);
         s.reply_timeout = Duration::from_secs(c.timeout_secs);
@@ -79,7 +189,28 @@ impl SmtpSettings {
         if let Ok(h) = hostname_for_helo() {
             s.helo = h;
         }
-        s
+        let mode = match c.tls {
+            SmtpTlsMode::None => TlsMode::None,
+            SmtpTlsMode::StartTls => TlsMode::StartTls,
+            SmtpTlsMode::Implicit => TlsMode::Implicit,
+        };
+        if mode != TlsMode::None {
+            s.tls = Some(SmtpTls {
+                mode,
+                config: tls_client_config(c.ca_file.as_deref())?,
+                server_name: c.server_name.clone().unwrap_or_else(|| c.host.clone()),
+            });
+        }
+        if let (Some(user), Some(file)) = (&c.username, &c.password_file) {
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| format!("smtp.password_file {}: {e}", file.display()))?;
+            let password = password.trim_end_matches(['\r', '\n']).to_string();
+            if password.is_empty() {
+                return Err(format!("smtp.password_file {}: empty", file.display()));
+            }
+            s.auth = Some(Credentials::new(user.clone(), password));
+        }
+        Ok(s)
     }
 }
 
@@ -279,9 +410,12 @@ struct Reply {
 const MAX_REPLY_LINES: usize = 100;
 const MAX_LINE: usize = 4096;
 
+/// A byte stream the dialogue runs on: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 struct Conn {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    r: BufReader<Box<dyn Stream>>,
     timeout: Duration,
 }
 
@@ -328,8 +462,9 @@ impl Conn {
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         let w = async {
-            self.w.write_all(bytes).await?;
-            self.w.flush().await
+            let s = self.r.get_mut();
+            s.write_all(bytes).await?;
+            s.flush().await
         };
         match tokio::time::timeout(self.timeout, w).await {
             Ok(Ok(())) => Ok(()),
@@ -359,6 +494,128 @@ fn expect(phase: &str, r: Result<Reply, String>, class: u16) -> Result<Reply, Ma
     }
 }
 
+/// The EHLO reply's keywords (`STARTTLS`, `AUTH PLAIN LOGIN`, ...).
+struct Ehlo(Vec<String>);
+
+impl Ehlo {
+    fn has(&self, keyword: &str) -> bool {
+        self.0
+            .iter()
+            .any(|l| l.split_whitespace().next() == Some(keyword))
+    }
+    fn auth_mechanisms(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("AUTH"))
+                    .then(|| w.map(str::to_ascii_uppercase).collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect()
+    }
+}
+
+/// EHLO (HELO for an old server without ESMTP).
+async fn hello(s: &SmtpSettings, c: &mut Conn) -> Result<Ehlo, MailOutcome> {
+    match c.command(&format!("EHLO {}", s.helo)).await {
+        Ok(r) if r.code / 100 == 5 => {
+            expect("HELO", c.command(&format!("HELO {}", s.helo)).await, 2)?;
+            Ok(Ehlo(Vec::new()))
+        }
+        other => {
+            let r = expect("EHLO", other, 2)?;
+            // Lines are joined with " / "; each starts "250-" or "250 ".
+            Ok(Ehlo(
+                r.text
+                    .split(" / ")
+                    .map(|l| l.get(4..).unwrap_or("").trim().to_ascii_uppercase())
+                    .collect(),
+            ))
+        }
+    }
+}
+
+/// The TLS handshake, within the connect timeout.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &SmtpSettings,
+    tls: &SmtpTls,
+    stream: S,
+) -> Result<tokio_rustls::client::TlsStream<S>, MailOutcome> {
+    let name = rustls_pki_types::ServerName::try_from(tls.server_name.clone()).map_err(|_| {
+        MailOutcome::Transient(format!(
+            "TLS: {:?} is not a valid server name",
+            tls.server_name
+        ))
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    match tokio::time::timeout(s.connect_timeout, connector.connect(name, stream)).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(MailOutcome::Transient(format!("TLS handshake: {e}"))),
+        Err(_) => Err(MailOutcome::Transient(format!(
+            "TLS handshake: not done within {} s",
+            s.connect_timeout.as_secs_f32()
+        ))),
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// AUTH PLAIN (initial response) or LOGIN (two challenges), with the
+/// responses lettre computes. Refused credentials are transient: see the
+/// module docs.
+async fn authenticate(
+    c: &mut Conn,
+    ehlo: &Ehlo,
+    creds: &Credentials,
+    preferred: &[Mechanism],
+) -> Result<(), MailOutcome> {
+    let offered = ehlo.auth_mechanisms();
+    let mechanism = preferred
+        .iter()
+        .copied()
+        .filter(|m| matches!(m, Mechanism::Plain | Mechanism::Login))
+        .find(|m| offered.iter().any(|o| *o == m.to_string()))
+        .ok_or_else(|| {
+            MailOutcome::Transient("AUTH: the relay offers neither PLAIN nor LOGIN".into())
+        })?;
+    let refused = |r: Result<Reply, String>| match r {
+        Err(e) => MailOutcome::Transient(format!("AUTH: {e}")),
+        Ok(r) => MailOutcome::Transient(format!("AUTH refused by the relay: {}", r.text)),
+    };
+    let client = |e: lettre::transport::smtp::Error| MailOutcome::Transient(format!("AUTH: {e}"));
+    let mut reply = match mechanism {
+        Mechanism::Plain => {
+            let resp = mechanism.response(creds, None).map_err(client)?;
+            c.command(&format!("AUTH PLAIN {}", b64(resp.as_bytes())))
+                .await
+        }
+        _ => c.command("AUTH LOGIN").await,
+    };
+    // LOGIN: answer each 334 challenge (base64 "Username:", "Password:").
+    for _ in 0..3 {
+        match reply {
+            Ok(r) if r.code == 235 => return Ok(()),
+            Ok(r) if r.code == 334 && mechanism == Mechanism::Login => {
+                use base64::Engine as _;
+                let challenge = r.text.get(4..).unwrap_or("").trim();
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(challenge)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| MailOutcome::Transient("AUTH: malformed challenge".into()))?;
+                let resp = mechanism.response(creds, Some(&decoded)).map_err(client)?;
+                reply = c.command(&b64(resp.as_bytes())).await;
+            }
+            other => return Err(refused(other)),
+        }
+    }
+    Err(MailOutcome::Transient("AUTH: too many challenges".into()))
+}
+
 async fn transact(s: &SmtpSettings, p: &Prepared) -> MailOutcome {
     match dialogue(s, p).await {
         Ok(o) | Err(o) => o,
@@ -383,23 +640,40 @@ async fn dialogue(s: &SmtpSettings, p: &Prepared) -> Result<MailOutcome, MailOut
         }
     };
     let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
+    let stream: Box<dyn Stream> = match &s.tls {
+        Some(tls) if tls.mode == TlsMode::Implicit => Box::new(handshake(s, tls, stream).await?),
+        _ => Box::new(stream),
+    };
     let mut c = Conn {
-        r: BufReader::new(r),
-        w,
+        r: BufReader::new(stream),
         timeout: s.reply_timeout,
     };
     let t = c.timeout;
     expect("greeting", c.reply(t).await, 2)?;
-    let ehlo = c.command(&format!("EHLO {}", s.helo)).await;
-    match ehlo {
-        Ok(r) if r.code / 100 == 5 => {
-            // An old server without ESMTP.
-            expect("HELO", c.command(&format!("HELO {}", s.helo)).await, 2)?;
+    let mut ehlo = hello(s, &mut c).await?;
+    if let Some(tls) = s.tls.as_ref().filter(|t| t.mode == TlsMode::StartTls) {
+        if !ehlo.has("STARTTLS") {
+            return Err(MailOutcome::Transient(
+                "the relay does not offer STARTTLS (refusing to send in plaintext)".into(),
+            ));
         }
-        other => {
-            expect("EHLO", other, 2)?;
+        expect("STARTTLS", c.command("STARTTLS").await, 2)?;
+        // Anything the server sent after its 220 would be read as if it
+        // came over TLS (the STARTTLS injection): refuse it.
+        if !c.r.buffer().is_empty() {
+            return Err(MailOutcome::Transient(
+                "data after the STARTTLS reply (possible injection)".into(),
+            ));
         }
+        let plain = c.r.into_inner();
+        c = Conn {
+            r: BufReader::new(Box::new(handshake(s, tls, plain).await?)),
+            timeout: s.reply_timeout,
+        };
+        ehlo = hello(s, &mut c).await?;
+    }
+    if let Some(creds) = &s.auth {
+        authenticate(&mut c, &ehlo, creds, &s.auth_mechanisms).await?;
     }
     expect(
         "MAIL FROM",

@@ -57,6 +57,14 @@ pub fn run(config: &Path) -> Result<(), Exit> {
     } else {
         None
     };
+    // TLS roots and the AUTH password are read now: a bad file stops the
+    // start (exit 2) instead of failing every mail later.
+    let smtp_settings = match (&cfg.smtp, role) {
+        (Some(smtp), Role::Hq) => {
+            Some(crate::mail::SmtpSettings::from_config(smtp).map_err(Exit::bad_input)?)
+        }
+        _ => None,
+    };
     let lock = DataDirLock::acquire(&cfg.data_dir)?;
     let store = SqliteStore::open(&cfg.data_dir.join(DB_FILE_NAME))?;
     let driver = Driver::start(store, cfg.engine_config(node_id.clone(), role))?;
@@ -72,12 +80,10 @@ pub fn run(config: &Path) -> Result<(), Exit> {
         let transport = start_mesh(&cfg, creds, &driver).await?;
         match (&cfg.smtp, role) {
             (Some(smtp), Role::Hq) => {
-                crate::mail::install(
-                    &driver,
-                    crate::mail::SmtpSettings::from_config(smtp),
-                    tokio::runtime::Handle::current(),
-                );
-                tracing::info!(host = %smtp.host, port = smtp.port, "family mail via SMTP");
+                if let Some(settings) = smtp_settings {
+                    crate::mail::install(&driver, settings, tokio::runtime::Handle::current());
+                }
+                tracing::info!(host = %smtp.host, port = smtp.port, tls = ?smtp.tls, auth = smtp.username.is_some(), "family mail via SMTP");
             }
             (None, Role::Hq) => tracing::warn!(
                 "no [smtp] configured: family safety mail stays queued in the outbox"

@@ -422,7 +422,7 @@ fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id(
         u.local_addr().unwrap().port()
     };
     let cfg = format!(
-        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntimeout_secs = 3\ndata_timeout_secs = 3\n"
+        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntls = \"none\"\ntimeout_secs = 3\ndata_timeout_secs = 3\n"
     );
     std::fs::write(hq.join("kizuna.toml"), cfg).unwrap();
     let log = std::fs::File::create(hq.join("kizuna.log")).unwrap();
@@ -524,4 +524,161 @@ fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id(
         !log.contains(&format!("family-{}", ids[3])),
         "address in the log"
     );
+}
+
+// ----- TLS and AUTH against the same server, over STARTTLS and implicit TLS --
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, made by the
+/// test: (cert PEM path, key PEM path).
+fn test_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (dir.join("smtp.crt.pem"), dir.join("smtp.key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+fn tls_settings(port: u16, mode: node::mail::TlsMode, ca: &Path) -> SmtpSettings {
+    let mut s = settings(port);
+    s.tls = Some(node::mail::SmtpTls {
+        mode,
+        config: node::mail::tls_client_config(Some(ca)).unwrap(),
+        server_name: "localhost".into(),
+    });
+    s
+}
+
+fn tls_args<'a>(mode: &'a str, cert: &'a Path, key: &'a Path) -> Vec<&'a str> {
+    vec![
+        "--tls",
+        mode,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]
+}
+
+const MODES: [(&str, node::mail::TlsMode); 2] = [
+    ("starttls", node::mail::TlsMode::StartTls),
+    ("implicit", node::mail::TlsMode::Implicit),
+];
+
+#[test]
+fn starttls_and_implicit_tls_deliver_and_plaintext_is_never_a_fallback() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = test_cert(certs.path());
+    for (name, mode) in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Smtpd::start("accept", 0, Some(dir.path()), &tls_args(name, &cert, &key));
+        let out = rt().block_on(send(&tls_settings(srv.port, mode, &cert), &req()));
+        assert_eq!(out, MailOutcome::Sent, "{name}");
+        let files = mail_files(dir.path());
+        assert_eq!(files.len(), 1, "{name}");
+        let mail = String::from_utf8(std::fs::read(&files[0]).unwrap()).unwrap();
+        assert_eq!(header(&mail, "Message-ID").unwrap(), req().message_id);
+    }
+    // A relay without STARTTLS: refused, nothing sent in plaintext.
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Smtpd::start("accept", 0, Some(dir.path()), &[]);
+    match rt().block_on(send(
+        &tls_settings(srv.port, node::mail::TlsMode::StartTls, &cert),
+        &req(),
+    )) {
+        MailOutcome::Transient(r) => assert!(r.contains("STARTTLS"), "{r}"),
+        o => panic!("{o:?}"),
+    }
+    assert!(mail_files(dir.path()).is_empty());
+    // A certificate from a CA we do not trust: the handshake fails.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _) = test_cert(other.path());
+    for (name, mode) in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Smtpd::start("accept", 0, Some(dir.path()), &tls_args(name, &cert, &key));
+        match rt().block_on(send(&tls_settings(srv.port, mode, &other_ca), &req())) {
+            MailOutcome::Transient(r) => assert!(r.contains("TLS handshake"), "{name}: {r}"),
+            o => panic!("{name}: {o:?}"),
+        }
+        assert!(mail_files(dir.path()).is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn auth_plain_and_login_succeed_and_wrong_credentials_send_nothing() {
+    use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = test_cert(certs.path());
+    for (name, mode) in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = tls_args(name, &cert, &key);
+        args.extend(["--auth", "kizuna:s3cret パス"]);
+        let srv = Smtpd::start("accept", 0, Some(dir.path()), &args);
+        for mechanism in [Mechanism::Plain, Mechanism::Login] {
+            let mut s = tls_settings(srv.port, mode, &cert);
+            s.auth = Some(Credentials::new("kizuna".into(), "s3cret パス".into()));
+            s.auth_mechanisms = vec![mechanism];
+            assert_eq!(
+                rt().block_on(send(&s, &req())),
+                MailOutcome::Sent,
+                "{name} {mechanism}"
+            );
+        }
+        assert_eq!(mail_files(dir.path()).len(), 2, "{name}");
+        let mut s = tls_settings(srv.port, mode, &cert);
+        s.auth = Some(Credentials::new("kizuna".into(), "wrong".into()));
+        match rt().block_on(send(&s, &req())) {
+            MailOutcome::Transient(r) => assert!(r.contains("AUTH refused"), "{name}: {r}"),
+            o => panic!("{name}: {o:?}"),
+        }
+        // Without AUTH the relay refuses the sender (530): permanent,
+        // like any 5xx before the message.
+        let s = tls_settings(srv.port, mode, &cert);
+        match rt().block_on(send(&s, &req())) {
+            MailOutcome::Permanent(r) => assert!(r.contains("530"), "{name}: {r}"),
+            o => panic!("{name}: {o:?}"),
+        }
+        assert_eq!(mail_files(dir.path()).len(), 2, "{name}: nothing more");
+    }
+}
+
+#[test]
+fn fault_modes_keep_their_outcomes_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = test_cert(certs.path());
+    for (name, mode) in MODES {
+        let args = tls_args(name, &cert, &key);
+        let srv = Smtpd::start("tempfail", 0, None, &args);
+        match rt().block_on(send(&tls_settings(srv.port, mode, &cert), &req())) {
+            MailOutcome::Transient(r) => assert!(r.contains("451"), "{name}: {r}"),
+            o => panic!("{name}: {o:?}"),
+        }
+        srv.stop();
+        let srv = Smtpd::start("permfail", 0, None, &args);
+        match rt().block_on(send(&tls_settings(srv.port, mode, &cert), &req())) {
+            MailOutcome::Permanent(r) => assert!(r.contains("550"), "{name}: {r}"),
+            o => panic!("{name}: {o:?}"),
+        }
+        srv.stop();
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Smtpd::start("drop-after-data", 0, Some(dir.path()), &args);
+        match rt().block_on(send(&tls_settings(srv.port, mode, &cert), &req())) {
+            MailOutcome::Indeterminate(_) => {}
+            o => panic!("{name}: {o:?}"),
+        }
+        assert_eq!(mail_files(dir.path()).len(), 1, "{name}");
+        srv.stop();
+        let mut slow = args.clone();
+        slow.extend(["--delay", "10", "--slow-phase", "data"]);
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Smtpd::start("slow", 0, Some(dir.path()), &slow);
+        match rt().block_on(send(&tls_settings(srv.port, mode, &cert), &req())) {
+            MailOutcome::Indeterminate(r) => assert!(r.contains("final"), "{name}: {r}"),
+            o => panic!("{name}: {o:?}"),
+        }
+        srv.stop();
+    }
 }
