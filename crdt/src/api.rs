@@ -270,6 +270,10 @@ pub enum Query {
     /// do-not-disclose flag (headquarters knows it; elsewhere false).
     Evacuees {
         shelter_id: Option<String>,
+        /// Also the household address from the registry (one document
+        /// load per household: rosters, not bulk feeds).
+        #[serde(default)]
+        with_address: bool,
     },
     /// Full shelter records (address, kind, open), from their documents.
     ShelterInfos,
@@ -407,6 +411,8 @@ pub struct Evacuee {
     pub location: LocationRow,
     /// The resident asked that nothing about them be disclosed.
     pub withheld: bool,
+    /// The household address, when asked for and known.
+    pub address: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -1808,7 +1808,10 @@ impl<S: Store> Engine<S> {
                 )
             }
             Query::Conflicts => QueryReply::Conflicts(self.store.conflicts()?),
-            Query::Evacuees { shelter_id } => {
+            Query::Evacuees {
+                shelter_id,
+                with_address,
+            } => {
                 if let Some(s) = &shelter_id {
                     crate::ids::check_id_str(s).map_err(|r| TextError::Invalid {
                         field: "shelter_id",
@@ -1816,17 +1819,37 @@ impl<S: Store> Engine<S> {
                     })?;
                 }
                 let withheld = self.store.withheld()?;
-                QueryReply::Evacuees(
-                    self.store
-                        .evacuees(shelter_id.as_deref())?
-                        .into_iter()
-                        .map(|(person, location)| Evacuee {
-                            withheld: withheld.contains(&person.person_id),
-                            person,
-                            location,
-                        })
-                        .collect(),
-                )
+                let rows = self.store.evacuees(shelter_id.as_deref())?;
+                let mut addresses: BTreeMap<String, Option<String>> = BTreeMap::new();
+                let mut out = Vec::with_capacity(rows.len());
+                for (person, location) in rows {
+                    let address = match (&person.household_id, with_address) {
+                        (Some(h), true) => {
+                            if !addresses.contains_key(h) {
+                                let a = match DocKey::new(Kind::Registry, h) {
+                                    Ok(k) => match self.load(&k)? {
+                                        Some(doc) => derive::household(doc)
+                                            .ok()
+                                            .flatten()
+                                            .map(|hh| hh.address),
+                                        None => None,
+                                    },
+                                    Err(_) => None,
+                                };
+                                addresses.insert(h.clone(), a);
+                            }
+                            addresses[h].clone()
+                        }
+                        _ => None,
+                    };
+                    out.push(Evacuee {
+                        withheld: withheld.contains(&person.person_id),
+                        person,
+                        location,
+                        address,
+                    });
+                }
+                QueryReply::Evacuees(out)
             }
             Query::ShelterInfos => {
                 let keys: Vec<DocKey> = self

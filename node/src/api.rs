@@ -274,8 +274,12 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/checkins", post(checkins))
         .route("/api/v1/checkouts", post(checkouts))
-        .route("/api/v1/shelters", get(shelters))
+        .route(
+            "/api/v1/shelters",
+            get(shelters).post(crate::data_api::put_shelter),
+        )
         .route("/api/v1/events", get(events))
+        .merge(crate::data_api::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

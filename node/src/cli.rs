@@ -56,6 +56,13 @@ pub enum Cmd {
         #[arg(long)]
         node_id: Option<String>,
     },
+    /// Municipal outputs (audited, files 0600): evacuee roster CSV,
+    /// PFIF 1.4, FHIR R4 ambulance handover. Needs the node stopped; a
+    /// running node serves the same through its API.
+    Export {
+        #[command(subcommand)]
+        cmd: ExportCmd,
+    },
     /// Documents.
     Docs {
         #[command(subcommand)]
@@ -126,6 +133,48 @@ pub enum RegistryCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ExportCmd {
+    /// Evacuee roster CSV (hq): everyone in a shelter now.
+    Roster {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// One shelter (default: all).
+        #[arg(long)]
+        shelter: Option<String>,
+        #[arg(long, value_enum, default_value = "utf8-bom")]
+        encoding: crate::outputs::RosterEncoding,
+    },
+    /// PFIF 1.4 XML for person-finder services (hq); do-not-disclose
+    /// residents are left out.
+    Pfif {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Repository domain in record ids (`DOMAIN/person.ID`).
+        #[arg(long, default_value = "kizuna.example.lg.jp")]
+        domain: String,
+        /// `author_name` of the records.
+        #[arg(long, default_value = "災害対策本部 / Disaster headquarters")]
+        author: String,
+    },
+    /// FHIR R4 handover Bundle of one person (ambulance, clinic, hq); the
+    /// medical read is audited with the reason.
+    Handover {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        person: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum DocsCmd {
     /// Save every document as standard Automerge bytes, plus index.json.
     Export {
@@ -192,6 +241,44 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                 )?
             );
             Ok(())
+        }
+        Cmd::Export { cmd } => {
+            use crate::outputs::Output;
+            let (data_dir, out, what) = match cmd {
+                ExportCmd::Roster {
+                    data_dir,
+                    out,
+                    shelter,
+                    encoding,
+                } => (
+                    data_dir,
+                    out,
+                    Output::Roster {
+                        shelter_id: shelter,
+                        encoding,
+                    },
+                ),
+                ExportCmd::Pfif {
+                    data_dir,
+                    out,
+                    domain,
+                    author,
+                } => (data_dir, out, Output::Pfif { domain, author }),
+                ExportCmd::Handover {
+                    data_dir,
+                    out,
+                    person,
+                    reason,
+                } => (
+                    data_dir,
+                    out,
+                    Output::Handover {
+                        person_id: person,
+                        reason,
+                    },
+                ),
+            };
+            crate::export::output(&data_dir, &out, what)
         }
         Cmd::Demo {
             dir,

@@ -433,3 +433,478 @@ fn roles_that_may_not_import_are_refused() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("line 2: unknown person_id p0"), "{err}");
 }
+
+// ----- outputs ---------------------------------------------------------------
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// An hq directory with the four data sets and p0, p1, p2 checked in at
+/// s-01 (p2 asked for do-not-disclose).
+fn hq_with_everything(root: &Path) -> PathBuf {
+    let data = hq_with_registry(root, 4);
+    for (dataset, text) in [
+        ("shelters", SHELTERS),
+        ("contacts", CONTACTS),
+        ("medical", MEDICAL),
+        ("eligibility", ELIGIBILITY),
+    ] {
+        let f = root.join(format!("{dataset}.csv"));
+        std::fs::write(&f, text).unwrap();
+        assert!(import(&data, dataset, &f).status.success());
+    }
+    let (lock, driver) = node::export::open_own(&data).unwrap();
+    driver
+        .command_blocking(
+            "ci".into(),
+            Operator("desk".into()),
+            Command::CheckIn {
+                person_ids: vec!["p0".into(), "p1".into(), "p2".into()],
+                shelter_id: Some("s-01".into()),
+            },
+        )
+        .unwrap();
+    driver.shutdown().unwrap();
+    drop(lock);
+    data
+}
+
+fn audit_entries(data: &Path) -> Vec<crdt::model::AuditEntry> {
+    let doc = load(data, Kind::Audit, "hq-1").unwrap();
+    let e = crdt::views::audit(&doc).unwrap();
+    assert!(crdt::views::audit_chain_ok(&e));
+    e
+}
+
+/// FHIR R4 rules checked offline: Bundle.type document with identifier
+/// and timestamp (bdl-9, bdl-10), the Composition first (bdl-11), every
+/// fullUrl a unique urn:uuid, every reference resolving inside the
+/// Bundle, and each resource's required elements and code values.
+fn check_fhir_document(b: &serde_json::Value) {
+    let instant = |s: &str| {
+        let b = s.as_bytes();
+        s.len() >= 20 && b[4] == b'-' && b[10] == b'T' && (s.ends_with('Z') || s.contains('+'))
+    };
+    assert_eq!(b["resourceType"], "Bundle");
+    assert_eq!(b["type"], "document");
+    assert!(b["identifier"]["system"].is_string() && b["identifier"]["value"].is_string());
+    assert!(instant(b["timestamp"].as_str().unwrap()));
+    let entries = b["entry"].as_array().unwrap();
+    assert_eq!(entries[0]["resource"]["resourceType"], "Composition");
+    let mut urls = std::collections::BTreeMap::new();
+    for e in entries {
+        let url = e["fullUrl"].as_str().unwrap();
+        let uuid = url.strip_prefix("urn:uuid:").expect("urn:uuid fullUrl");
+        assert!(
+            uuid.len() == 36
+                && uuid
+                    .chars()
+                    .enumerate()
+                    .all(|(i, c)| if [8, 13, 18, 23].contains(&i) {
+                        c == '-'
+                    } else {
+                        c.is_ascii_hexdigit() && !c.is_ascii_uppercase()
+                    }),
+            "{uuid}"
+        );
+        assert!(urls
+            .insert(
+                url.to_string(),
+                e["resource"]["resourceType"].as_str().unwrap().to_string()
+            )
+            .is_none());
+    }
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    if k == "reference" {
+                        out.push(x.as_str().unwrap().to_string());
+                    } else {
+                        refs(x, out);
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = vec![];
+    refs(b, &mut all);
+    for r in &all {
+        assert!(urls.contains_key(r), "unresolved reference {r}");
+    }
+    let c = &entries[0]["resource"];
+    assert!(["preliminary", "final", "amended", "entered-in-error"]
+        .contains(&c["status"].as_str().unwrap()));
+    assert!(c["type"]["coding"][0]["code"].is_string());
+    assert!(instant(c["date"].as_str().unwrap()));
+    assert!(!c["author"].as_array().unwrap().is_empty());
+    assert!(c["title"].is_string());
+    assert_eq!(urls[c["subject"]["reference"].as_str().unwrap()], "Patient");
+    for s in c["section"].as_array().unwrap() {
+        assert!(s["title"].is_string() && s["code"]["coding"][0]["system"] == "http://loinc.org");
+        assert!(s["text"]["div"]
+            .as_str()
+            .unwrap()
+            .starts_with("<div xmlns=\"http://www.w3.org/1999/xhtml\">"));
+        assert!(
+            s["entry"].is_array() != s["emptyReason"].is_object(),
+            "cmp-2: entry or emptyReason"
+        );
+    }
+    for e in entries {
+        let r = &e["resource"];
+        match r["resourceType"].as_str().unwrap() {
+            "Patient" => {
+                if let Some(d) = r["birthDate"].as_str() {
+                    assert!(d.len() == 10 && d.as_bytes()[4] == b'-');
+                }
+            }
+            "AllergyIntolerance" => {
+                assert_eq!(urls[r["patient"]["reference"].as_str().unwrap()], "Patient");
+                assert!(r["code"]["text"].is_string());
+            }
+            "Condition" => {
+                assert_eq!(urls[r["subject"]["reference"].as_str().unwrap()], "Patient");
+            }
+            "MedicationStatement" => {
+                assert!([
+                    "active",
+                    "completed",
+                    "entered-in-error",
+                    "intended",
+                    "stopped",
+                    "on-hold",
+                    "unknown",
+                    "not-taken"
+                ]
+                .contains(&r["status"].as_str().unwrap()));
+                assert!(
+                    r["medicationCodeableConcept"].is_object()
+                        || r["medicationReference"].is_object()
+                );
+                assert_eq!(urls[r["subject"]["reference"].as_str().unwrap()], "Patient");
+            }
+            "Observation" => {
+                assert!(r["status"].is_string() && r["code"].is_object());
+            }
+            "Composition" => {}
+            other => panic!("unexpected resource {other}"),
+        }
+    }
+}
+
+#[test]
+fn outputs_are_valid_audited_private_and_honour_do_not_disclose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = hq_with_everything(tmp.path());
+    let out = tmp.path().join("out");
+    let d = data.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = kizuna(args);
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let f = |n: &str| out.join(n).to_str().unwrap().to_string();
+    run(&[
+        "export",
+        "roster",
+        "--data-dir",
+        d,
+        "--out",
+        &f("roster-cp932.csv"),
+        "--encoding",
+        "cp932",
+    ]);
+    run(&[
+        "export",
+        "roster",
+        "--data-dir",
+        d,
+        "--out",
+        &f("roster-utf8.csv"),
+        "--shelter",
+        "s-01",
+    ]);
+    let s = run(&["export", "pfif", "--data-dir", d, "--out", &f("pfif.xml")]);
+    assert!(s.contains("exported 2 record(s)"), "{s}");
+    run(&[
+        "export",
+        "handover",
+        "--data-dir",
+        d,
+        "--out",
+        &f("handover.json"),
+        "--person",
+        "p0",
+        "--reason",
+        "搬送",
+    ]);
+    run(&["docs", "export", "--data-dir", d, "--out", &f("docs")]);
+
+    // Files 0600, directories 0700, whatever the umask.
+    assert_eq!(mode(&out), 0o700);
+    for n in [
+        "roster-cp932.csv",
+        "roster-utf8.csv",
+        "pfif.xml",
+        "handover.json",
+        "docs/index.json",
+    ] {
+        assert_eq!(mode(&out.join(n)), 0o600, "{n}");
+    }
+    assert_eq!(mode(&out.join("docs")), 0o700);
+
+    // Roster: CP932 readable (strict decode), same rows as UTF-8 with BOM.
+    let cp = std::fs::read(out.join("roster-cp932.csv")).unwrap();
+    let text = encoding_rs::SHIFT_JIS
+        .decode_without_bom_handling_and_without_replacement(&cp)
+        .expect("valid CP932")
+        .into_owned();
+    let utf = std::fs::read(out.join("roster-utf8.csv")).unwrap();
+    let utf = std::str::from_utf8(utf.strip_prefix(b"\xEF\xBB\xBF").expect("BOM")).unwrap();
+    assert_eq!(text, utf);
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(
+        rows[0][..5],
+        ["番号", "避難所ID", "避難所名", "世帯番号", "氏名"]
+    );
+    assert_eq!(rows.len(), 4, "{text}");
+    let p2 = rows.iter().find(|r| r[4] == "山田 2").unwrap();
+    assert_eq!(
+        (p2[2], p2[8], p2[9], p2[11]),
+        ("三条小学校", "三条市旭町1-1", "在所", "非開示")
+    );
+    let p0 = rows.iter().find(|r| r[4] == "山田 0").unwrap();
+    assert_eq!((p0[6], p0[11]), ("1950-04-01", "可"));
+
+    // PFIF: valid against the schema, do-not-disclose left out.
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas/pfif-1.4.xsd");
+    let v = std::process::Command::new("xmllint")
+        .args(["--noout", "--schema"])
+        .arg(&schema)
+        .arg(out.join("pfif.xml"))
+        .output()
+        .expect("xmllint (libxml2-utils, deploy/scripts/setup.sh)");
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let xml = std::fs::read_to_string(out.join("pfif.xml")).unwrap();
+    assert_eq!(xml.matches("<pfif:person>").count(), 2);
+    assert!(xml.contains("<pfif:full_name>山田 0</pfif:full_name>"));
+    assert!(xml.contains("<pfif:status>believed_alive</pfif:status>"));
+    assert!(!xml.contains("山田 2") && !xml.contains("person.p2"));
+    // The schema is not a rubber stamp: a person without full_name fails.
+    std::fs::write(
+        out.join("bad.xml"),
+        xml.replacen("<pfif:full_name>山田 0</pfif:full_name>", "", 1),
+    )
+    .unwrap();
+    let v = std::process::Command::new("xmllint")
+        .args(["--noout", "--schema"])
+        .arg(&schema)
+        .arg(out.join("bad.xml"))
+        .output()
+        .unwrap();
+    assert!(!v.status.success());
+
+    // FHIR handover.
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("handover.json")).unwrap()).unwrap();
+    check_fhir_document(&b);
+    let s = b.to_string();
+    assert!(s.contains("ペニシリン") && s.contains("アムロジピン 5mg") && s.contains("\"A+\""));
+
+    // Insurance numbers leave no export (eligibility documents left out).
+    for n in [
+        "roster-cp932.csv",
+        "roster-utf8.csv",
+        "pfif.xml",
+        "handover.json",
+    ] {
+        let t = String::from_utf8_lossy(&std::fs::read(out.join(n)).unwrap()).to_string();
+        assert!(!t.contains("12345") && !t.contains("23456"), "{n}");
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("docs/index.json")).unwrap()).unwrap();
+    assert_eq!(index["left_out"]["eligibility"], 2);
+    assert!(!out.join("docs/eligibility").exists());
+
+    // Every export in the audit chain: who, what, how many.
+    let e = audit_entries(&data);
+    let exports: Vec<(&str, &str)> = e
+        .iter()
+        .filter(|x| x.action == "export")
+        .map(|x| (x.record.as_str(), x.reason.as_str()))
+        .collect();
+    assert_eq!(exports.len(), 5, "{exports:?}");
+    assert!(exports[0].0 == "export/roster_csv_cp932" && exports[0].1.contains("; 3 records"));
+    assert!(exports[2].0 == "export/pfif" && exports[2].1.contains("; 2 records"));
+    assert!(exports[3].0 == "export/fhir_handover" && exports[3].1.contains("p0; 1 records"));
+    assert_eq!(exports[4].0, "export/docs");
+    assert!(e
+        .iter()
+        .filter(|x| x.action == "export")
+        .all(|x| x.operator.starts_with("cli:")));
+    assert!(e
+        .iter()
+        .any(|x| x.action == "medical_read" && x.reason == "handover: 搬送"));
+}
+
+#[test]
+fn api_edits_checks_outbox_and_downloads() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = hq_with_everything(tmp.path());
+    let token = node::auth::Operators::add(&data, "alice").unwrap();
+    let (_lock, driver) = node::export::open_own(&data).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = node::api::ApiState::new(driver.clone(), data.clone());
+    let task = rt.spawn(node::api::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+    let req = |method: &str, path: &str, body: Option<&str>| -> (u16, Vec<u8>, String) {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let body = body.unwrap_or("");
+        let r = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        s.write_all(r.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&buf[..at]).to_string();
+        let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (code, buf[at + 4..].to_vec(), head)
+    };
+    let json = |b: &[u8]| -> serde_json::Value { serde_json::from_slice(b).unwrap() };
+    // Open a shelter during the disaster and change its capacity.
+    let (c, b, _) = req(
+        "PATCH",
+        "/api/v1/shelters/s-02",
+        Some(r#"{"open":true,"capacity":55}"#),
+    );
+    assert_eq!(c, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        (json(&b)["open"].clone(), json(&b)["capacity"].clone()),
+        (true.into(), 55.into())
+    );
+    let (c, _, _) = req(
+        "POST",
+        "/api/v1/shelters",
+        Some(r#"{"shelter_id":"s-03","name":"大島中学校","capacity":200,"kind":"designated"}"#),
+    );
+    assert_eq!(c, 201);
+    let (c, _, _) = req("PATCH", "/api/v1/shelters/s-99", Some(r#"{"open":true}"#));
+    assert_eq!(c, 404);
+    // Contacts and eligibility, single records.
+    let (c, b, _) = req(
+        "PUT",
+        "/api/v1/persons/p3/contacts",
+        Some(
+            r#"{"contacts":[{"contact_id":"c9","name":"家族","email":"f@example.jp","consent":true,"consent_date":"2026-04-01"}],"disclosure":{"do_not_disclose":false,"share_shelter":true}}"#,
+        ),
+    );
+    assert_eq!(c, 201, "{}", String::from_utf8_lossy(&b));
+    let (c, _, _) = req("PUT", "/api/v1/persons/p3/contacts", Some(&format!(r#"{{"contacts":[{}],"disclosure":{{"do_not_disclose":false,"share_shelter":true}}}}"#, (0..11).map(|i| format!(r#"{{"contact_id":"c{i}","name":"x","email":"x{i}@example.jp","consent":false}}"#)).collect::<Vec<_>>().join(","))));
+    assert_eq!(c, 400, "more than 10 contacts");
+    let (c, _, _) = req(
+        "PUT",
+        "/api/v1/persons/p3/eligibility",
+        Some(
+            r#"{"insurer_number":"138057","symbol":"三条","number":"99999","valid_from":"2026-04-01","copay_pct":30,"as_of":"2026-09-01"}"#,
+        ),
+    );
+    assert_eq!(c, 201);
+    // hq sees the status with the numbers masked; the check is audited.
+    let (c, b, _) = req("GET", "/api/v1/persons/p3/eligibility", None);
+    assert_eq!(c, 200);
+    let v = json(&b);
+    assert_eq!(
+        (v["status"].clone(), v["masked"].clone()),
+        ("valid".into(), true.into())
+    );
+    assert_eq!(v["record"]["number"], "*****");
+    // Outbox: an arrival of a person with a consented contact.
+    let (c, _, _) = req(
+        "POST",
+        "/api/v1/checkins",
+        Some(r#"{"person_ids":["p3"],"shelter_id":"s-01"}"#),
+    );
+    assert_eq!(c, 201);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let (c, b, _) = req("GET", "/api/v1/outbox", None);
+        assert_eq!(c, 200);
+        let rows = json(&b);
+        if rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["person_id"] == "p3")
+        {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "no outbox row for p3");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rows = rows.as_array().unwrap();
+    assert!(!rows.is_empty());
+    for r in rows {
+        let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["attempts", "last_error", "message_id", "person_id", "state"]
+        );
+        assert!(
+            ["pending", "sent", "indeterminate", "failed"].contains(&r["state"].as_str().unwrap())
+        );
+        assert_ne!(r["person_id"], "p2", "do-not-disclose gets no mail");
+    }
+    // Downloads, audited, with the operator's name.
+    let (c, b, head) = req("GET", "/api/v1/exports/roster.csv?encoding=cp932", None);
+    assert_eq!(c, 200);
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/csv; charset=shift_jis"));
+    assert!(encoding_rs::SHIFT_JIS
+        .decode_without_bom_handling_and_without_replacement(&b)
+        .is_some());
+    let (c, b, _) = req("GET", "/api/v1/exports/pfif.xml", None);
+    assert_eq!(c, 200);
+    // p0, p1 and p3; p2 asked for do-not-disclose.
+    let xml = String::from_utf8(b).unwrap();
+    assert_eq!(xml.matches("<pfif:person>").count(), 3);
+    assert!(!xml.contains("person.p2<"));
+    let (c, b, _) = req("GET", "/api/v1/persons/p0/handover?reason=transport", None);
+    assert_eq!(c, 200);
+    check_fhir_document(&json(&b));
+    let _ = stop.send(());
+    rt.block_on(task).unwrap().unwrap();
+    driver.shutdown().unwrap();
+    drop(_lock);
+    let e = audit_entries(&data);
+    let by_alice: Vec<&str> = e
+        .iter()
+        .filter(|x| x.operator == "alice")
+        .map(|x| x.action.as_str())
+        .collect();
+    assert_eq!(
+        by_alice,
+        [
+            "eligibility_check",
+            "export",
+            "export",
+            "medical_read",
+            "export"
+        ]
+    );
+}

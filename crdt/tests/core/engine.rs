@@ -902,7 +902,13 @@ fn imported_data_sets_are_all_or_nothing_and_idempotent() {
         },
     )
     .unwrap();
-    let QueryReply::Evacuees(ev) = net.query(0, Query::Evacuees { shelter_id: None }) else {
+    let QueryReply::Evacuees(ev) = net.query(
+        0,
+        Query::Evacuees {
+            shelter_id: None,
+            with_address: true,
+        },
+    ) else {
         panic!()
     };
     let flags: Vec<(&str, bool)> = ev
@@ -910,6 +916,7 @@ fn imported_data_sets_are_all_or_nothing_and_idempotent() {
         .map(|e| (e.person.person_id.as_str(), e.withheld))
         .collect();
     assert_eq!(flags, [("p0-0", true), ("p0-1", false)]);
+    assert_eq!(ev[0].address.as_deref(), Some("新潟県三条市0番地"));
 }
 
 #[test]
