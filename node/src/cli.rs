@@ -84,6 +84,10 @@ pub enum Cmd {
         households: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Send the demo's family mail to this SMTP server (HOST:PORT,
+        /// plaintext) instead of the built-in test server.
+        #[arg(long)]
+        smtp: Option<String>,
     },
     /// Municipal IC card reader (PC/SC).
     #[command(subcommand)]
@@ -286,12 +290,14 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
             base_port,
             households,
             seed,
+            smtp,
         } => crate::demo::run(crate::demo::DemoArgs {
             dir,
             json,
             base_port,
             households,
             seed,
+            smtp,
         }),
         Cmd::Docs {
             cmd: DocsCmd::Export { data_dir, out },

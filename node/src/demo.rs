@@ -200,27 +200,39 @@ pub fn put_demo_profiles(
                 update,
             },
         )?;
-        if i % 3 == 0 {
-            let contacts = vec![FamilyContact {
-                contact_id: format!("c-{id}"),
-                name: "家族 / family".into(),
-                email: format!("family-{id}@example.jp"),
-                consent: true,
-                ..Default::default()
-            }];
-            driver.command_blocking(
-                format!("demo-contacts-{id}"),
-                Operator("demo".into()),
-                Command::PutContacts {
-                    person_id: id.clone(),
-                    contacts,
-                    disclosure: Disclosure {
-                        do_not_disclose: false,
-                        share_shelter: true,
-                    },
+        // The rules made visible: every third resident has a consented
+        // contact (mail goes out, in English for every ninth), the next
+        // one a contact who never consented (no mail), and every sixth
+        // from the third on asked for do-not-disclose although the
+        // contact consented (no mail, left out of PFIF, 非開示 on the
+        // roster).
+        let (consent, do_not_disclose) = match i % 6 {
+            0 | 3 => (true, false),
+            1 | 4 => (false, false),
+            2 => (true, true),
+            _ => continue,
+        };
+        let contacts = vec![FamilyContact {
+            contact_id: format!("c-{id}"),
+            name: "家族 / family".into(),
+            email: format!("family-{id}@example.jp"),
+            consent,
+            consent_date: consent.then(|| "2026-04-01".to_string()),
+            relation: "家族".into(),
+            language: if i % 9 == 0 && i > 0 { "en" } else { "ja" }.into(),
+        }];
+        driver.command_blocking(
+            format!("demo-contacts-{id}"),
+            Operator("demo".into()),
+            Command::PutContacts {
+                person_id: id.clone(),
+                contacts,
+                disclosure: Disclosure {
+                    do_not_disclose,
+                    share_shelter: i % 2 == 0,
                 },
-            )?;
-        }
+            },
+        )?;
     }
     driver.shutdown()?;
     drop(lock);
@@ -261,6 +273,9 @@ pub struct DemoArgs {
     pub base_port: u16,
     pub households: usize,
     pub seed: u64,
+    /// `HOST:PORT` of an SMTP server to send the family mail to
+    /// (plaintext, a local test relay), instead of the built-in one.
+    pub smtp: Option<String>,
 }
 
 struct Planned {
@@ -295,7 +310,24 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
     let ca = dir.join("ca");
     certs::ca::init_ca(&ca, "Kizuna Demo CA").map_err(|e| anyhow!("{e}"))?;
     let hq_quic = format!("127.0.0.1:{}", args.base_port);
-    let smtpd = start_test_smtp(&dir);
+    let external_smtp = match &args.smtp {
+        None => None,
+        Some(hp) => {
+            let (host, port) = hp
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                .filter(|(h, p)| !h.is_empty() && *p > 0)
+                .ok_or_else(|| Exit::bad_input(format!("--smtp {hp}: expected HOST:PORT")))?;
+            Some((host, port))
+        }
+    };
+    let smtpd = match external_smtp {
+        Some(_) => None,
+        None => start_test_smtp(&dir),
+    };
+    let smtp_target = external_smtp
+        .clone()
+        .or_else(|| smtpd.as_ref().map(|s| ("127.0.0.1".to_string(), s.port)));
     let mut planned = Vec::new();
     for (i, n) in NODES.iter().enumerate() {
         let nd = dir.join(n.id);
@@ -316,11 +348,10 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
             );
         }
         let _ = write!(cfg, "\n[http]\nbind = \"127.0.0.1:{http}\"\n");
-        if let (Role::Hq, Some(s)) = (n.role, &smtpd) {
+        if let (Role::Hq, Some((host, port))) = (n.role, &smtp_target) {
             let _ = write!(
                 cfg,
-                "\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nfrom = \"kizuna-hq@example.jp\"\ntls = \"none\"\n",
-                s.port
+                "\n[smtp]\nhost = \"{host}\"\nport = {port}\nfrom = \"kizuna-hq@example.jp\"\ntls = \"none\"\n",
             );
         }
         let config = nd.join("kizuna.toml");
@@ -351,6 +382,9 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
         .enable_all()
         .build()?;
     let mail_dir = smtpd.as_ref().map(|_| dir.join("mail"));
+    if let Some((host, port)) = &external_smtp {
+        eprintln!("family safety mail from hq goes to {host}:{port}");
+    }
     let r = rt.block_on(supervise(planned, args.json, dir, mail_dir));
     drop(smtpd);
     r
