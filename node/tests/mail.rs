@@ -682,3 +682,134 @@ fn fault_modes_keep_their_outcomes_over_tls() {
         srv.stop();
     }
 }
+
+/// 200 arrivals through an hq `kizuna run` node sending over STARTTLS
+/// with AUTH: exactly 200 mails at the server, each Message-ID once, and
+/// 200 `sent` rows in `GET /api/v1/outbox`.
+#[test]
+fn two_hundred_arrivals_over_starttls_with_auth_are_counted_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (cert, key) = test_cert(root);
+    let ca = root.join("ca");
+    certs::ca::init_ca(&ca, "Mail Test CA").unwrap();
+    let hq = root.join("hq");
+    certs::ca::issue(
+        &ca,
+        crdt::Role::Hq,
+        &crdt::NodeId::new("hq-1").unwrap(),
+        &hq.join("certs"),
+        30,
+    )
+    .unwrap();
+    let data = hq.join("data");
+    let mut reg = "household_id,address,person_id,name,kana,birth_date,card_user_id\n".to_string();
+    let mut contacts = "person_id,contact_id,contact_name,relation,email,language,consent,consent_date,do_not_disclose,share_shelter\n".to_string();
+    for i in 0..200 {
+        reg.push_str(&format!(
+            "h{i},三条市{i},p{i},山田 {i},ヤマダ {i},1950-04-01,\n"
+        ));
+        contacts.push_str(&format!(
+            "p{i},c{i},家族 {i},長女,family{i}@example.jp,ja,1,2026-04-01,0,1\n"
+        ));
+    }
+    std::fs::write(root.join("reg.csv"), reg).unwrap();
+    std::fs::write(root.join("contacts.csv"), contacts).unwrap();
+    for args in [
+        vec!["registry", "import", "--node-id", "hq-1", "--data-dir"],
+        vec!["import", "contacts", "--data-dir"],
+    ] {
+        let file = if args[0] == "registry" {
+            "reg.csv"
+        } else {
+            "contacts.csv"
+        };
+        let st = kizuna()
+            .args(&args)
+            .arg(&data)
+            .arg(root.join(file))
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{st:?}");
+    }
+    node::demo::put_shelters(&data, "hq-1", &[("shelter-01", "三条小学校")]).unwrap();
+    let token = node::auth::Operators::add(&data, "test").unwrap();
+    let mail_dir = root.join("mail");
+    let mut args = tls_args("starttls", &cert, &key);
+    args.extend(["--auth", "kizuna:relay-pass"]);
+    let _smtpd = Smtpd::start("accept", 0, Some(&mail_dir), &args);
+    std::fs::write(root.join("smtp-password"), "relay-pass\n").unwrap();
+    let http_port = free_port();
+    let quic_port = {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.local_addr().unwrap().port()
+    };
+    let cfg = format!(
+        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nfrom = \"kizuna@example.jp\"\ntls = \"starttls\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nusername = \"kizuna\"\npassword_file = \"{}\"\ntimeout_secs = 10\nmax_concurrent = 8\n",
+        _smtpd.port,
+        cert.display(),
+        root.join("smtp-password").display()
+    );
+    std::fs::write(hq.join("kizuna.toml"), cfg).unwrap();
+    let log = std::fs::File::create(hq.join("kizuna.log")).unwrap();
+    let _node = Node(
+        kizuna()
+            .args(["run", "--config"])
+            .arg(hq.join("kizuna.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    poll("hq answers", 30, || status(http_port, &token));
+    let ids: Vec<String> = (0..200).map(|i| format!("\"p{i}\"")).collect();
+    let (code, body) = http(
+        http_port,
+        &token,
+        "POST",
+        "/api/v1/checkins",
+        &format!(
+            "{{\"person_ids\":[{}],\"shelter_id\":\"shelter-01\"}}",
+            ids.join(",")
+        ),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{body}");
+    let outbox = poll("200 sent in the outbox", 120, || {
+        let (code, body) = http(http_port, &token, "GET", "/api/v1/outbox", "")?;
+        assert_eq!(code, 200);
+        let rows: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let sent = rows
+            .as_array()?
+            .iter()
+            .filter(|r| r["state"] == "sent")
+            .count();
+        (sent == 200).then_some(rows)
+    });
+    assert_eq!(outbox.as_array().unwrap().len(), 200);
+    assert!(outbox
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["attempts"] == 1 && r["last_error"].is_null()));
+    let files = mail_files(&mail_dir);
+    assert_eq!(files.len(), 200, "exactly 200 mails at the server");
+    let mut mids: Vec<String> = files
+        .iter()
+        .map(|f| {
+            header(
+                &String::from_utf8(std::fs::read(f).unwrap()).unwrap(),
+                "Message-ID",
+            )
+            .unwrap()
+        })
+        .collect();
+    mids.sort();
+    mids.dedup();
+    assert_eq!(mids.len(), 200, "each Message-ID once");
+    let s = status(http_port, &token).unwrap();
+    assert_eq!(
+        (s["mail_queue"].clone(), s["duplicate_mail_risk"].clone()),
+        (0.into(), 0.into())
+    );
+}
