@@ -47,6 +47,15 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Truncate the WAL back to this size after checkpoints.
     pub journal_size_limit_bytes: u64,
+    /// The SQLite VFS to open through; `None` is the platform's default.
+    /// Only the fault-injection tests set it (the `faultvfs` crate).
+    pub vfs: Option<String>,
+    /// `PRAGMA synchronous = OFF` instead of `FULL`: no fsync at all.
+    /// Exists only as the power-cut harness's negative control (it must
+    /// see acknowledged writes vanish, proving it can fail); the node
+    /// never sets it, and `node/tests/powercut.rs` checks that a default
+    /// open runs with `FULL`.
+    pub no_fsync_for_fault_tests: bool,
 }
 
 impl Default for OpenOptions {
@@ -56,6 +65,8 @@ impl Default for OpenOptions {
             quick_check: true,
             read_only: false,
             journal_size_limit_bytes: 64 * 1024 * 1024,
+            vfs: None,
+            no_fsync_for_fault_tests: false,
         }
     }
 }
@@ -229,7 +240,11 @@ impl SqliteStore {
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| match map_err(e) {
+        let conn = match &opts.vfs {
+            None => Connection::open_with_flags(path, flags),
+            Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs.as_str()),
+        }
+        .map_err(|e| match map_err(e) {
             StoreError::Io(m) => StoreError::Io(format!("cannot open {}: {m}", path.display())),
             other => other,
         })?;
@@ -313,7 +328,12 @@ impl SqliteStore {
         store
             .conn
             .execute_batch(&format!(
-                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = {};",
+                "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = {};",
+                if opts.no_fsync_for_fault_tests {
+                    "OFF"
+                } else {
+                    "FULL"
+                },
                 opts.journal_size_limit_bytes
             ))
             .map_err(map_err)?;
@@ -371,6 +391,14 @@ impl SqliteStore {
             }
             tx.commit().map_err(map_err)?;
         }
+    }
+
+    /// The connection's `PRAGMA synchronous` (0 OFF, 1 NORMAL, 2 FULL,
+    /// 3 EXTRA), so tests can hold the store to `FULL`.
+    pub fn synchronous(&self) -> Result<i64, StoreError> {
+        self.conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .map_err(map_err)
     }
 
     /// The database file this store was opened on.
