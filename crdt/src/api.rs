@@ -335,6 +335,12 @@ pub enum CommandError {
     Storage(#[from] StoreError),
 }
 
+impl From<crate::doc::DocError> for CommandError {
+    fn from(e: crate::doc::DocError) -> Self {
+        CommandError::Rejected(e.to_string())
+    }
+}
+
 impl CommandError {
     /// Machine-readable code for the API.
     pub fn code(&self) -> &'static str {

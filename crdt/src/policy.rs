@@ -2,9 +2,10 @@
 //! which document, decided by the document key alone.
 //!
 //! Authentication happens at the edge (mutual TLS in `node`); everything
-//! here is pure so the simulator exercises every decision. The engine calls
-//! [`may_receive`] before a document or change leaves the node and
-//! [`may_write`] on every change that arrives, at every hop.
+//! here is pure so the simulator exercises every decision. Sessions call
+//! [`may_send`] before a document or change leaves the node, and check
+//! [`may_hold`] and [`may_author`] on every change that arrives, at every
+//! hop; commands call [`may_write`] and [`may_read`].
 //!
 //! Decision on sealed relay (architecture brief, "Relays"): medical
 //! documents never travel through roles that may not receive them, not even
@@ -67,6 +68,20 @@ pub fn may_receive(role: Role, key: &DocKey) -> bool {
 /// by itself (its own audit chain).
 pub fn may_hold(role: Role, node: &NodeId, key: &DocKey) -> bool {
     may_receive(role, key) || (key.kind == Kind::Audit && key.id == node.as_str())
+}
+
+/// May this document be sent to a peer of this role and id? The one check
+/// every outgoing document and change passes (gossip, catch-up streams,
+/// reconciliation offers); the same rule as [`may_hold`] for the peer.
+pub fn may_send(role: Role, node: &NodeId, key: &DocKey) -> bool {
+    #[cfg(feature = "mutants")]
+    if crate::mutants::active(crate::mutants::Mutant::MedicalToShelter)
+        && key.kind == Kind::Medical
+        && role == Role::Shelter
+    {
+        return true;
+    }
+    may_hold(role, node, key)
 }
 
 #[cfg(test)]

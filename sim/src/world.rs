@@ -1580,7 +1580,7 @@ impl World {
         let Some(engine) = self.nodes[i].engine.take() else {
             return;
         };
-        self.add_stats(engine.stats());
+        self.add_stats(&engine.stats());
         self.count("crash");
         self.hasher
             .update(format!("crash {i} {}", self.now).as_bytes());

@@ -1,0 +1,829 @@
+//! Commands: what an operator's request writes, validated and staged in a
+//! transaction over the node's [`Replica`].
+//!
+//! [`Commands::run`] checks a command (text limits, ids, the Individual
+//! Number guard through the model's validation, role policy through
+//! [`Replica::write`]) and stages every document it changes in the
+//! caller's [`Txn`]; it commits nothing. The engine wraps it: idempotency
+//! by op id, the recorded result, the audit of a refused medical
+//! read (E-4), and the commit (alone or grouped) before any reply.
+//!
+//! Presence is recorded as events (`ev:<id>` fields of the household's
+//! presence document) whose `prev` names the events the writer saw, so
+//! two check-ins that do not know each other are a conflict, kept and
+//! shown, never overwritten. A repeated check-in where the person already
+//! is, or a check-out where they already left, changes nothing and is
+//! reported as `already` (D-3).
+
+use crate::api::*;
+use crate::derive::{self, EVENT_PREFIX, HOUSEHOLD_FIELD, PERSON_FIELD, SHELTER_FIELD};
+use crate::doc::encode;
+use crate::ids::{DocKey, Kind, Role};
+use crate::model::*;
+use crate::policy;
+use crate::replica::{Replica, Txn};
+use crate::store::Store;
+use crate::text::{check_text, TextError};
+use crate::views;
+use rand_core::RngCore;
+use std::collections::{BTreeMap, BTreeSet};
+
+pub const MAX_PERSONS_PER_COMMAND: usize = 200;
+pub const MAX_HOUSEHOLDS_PER_IMPORT: usize = 20_000;
+/// Records per [`Command::Import`] batch.
+pub const MAX_RECORDS_PER_IMPORT: usize = 20_000;
+
+fn new_id(prefix: &str, rng: &mut dyn RngCore) -> String {
+    format!("{prefix}{:016x}", rng.next_u64())
+}
+
+/// Commands over a borrowed replica.
+pub(crate) struct Commands<'a, S: Store> {
+    pub(crate) r: &'a mut Replica<S>,
+    /// The shelter this node serves (shelter role).
+    pub(crate) shelter_id: &'a Option<String>,
+}
+
+impl<S: Store> Commands<'_, S> {
+    /// Runs one command, staging its writes in `txn`.
+    pub(crate) fn run(
+        &mut self,
+        txn: &mut Txn,
+        operator: &Operator,
+        cmd: Command,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Result<Reply, CommandError> {
+        self.r.hlc.tick(now.wall_ms);
+        match cmd {
+            Command::ImportHouseholds { households } => self.import(txn, households, now),
+            Command::PutShelter { shelter } => {
+                self.put_shelter(txn, shelter, now)?;
+                Ok(Reply::Done)
+            }
+            Command::Import { records } => self.import_records(txn, records, now),
+            Command::UpdateShelter {
+                shelter_id,
+                open,
+                capacity,
+            } => {
+                let key = DocKey::new(Kind::Shelter, &shelter_id)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let current = match self.r.load(&key)? {
+                    Some(doc) => derive::shelter(doc)?,
+                    None => None,
+                };
+                let mut s = current.ok_or(CommandError::NotFound {
+                    what: "shelter",
+                    id: shelter_id,
+                })?;
+                if let Some(o) = open {
+                    s.open = o;
+                }
+                if let Some(c) = capacity {
+                    s.capacity = c;
+                }
+                self.put_shelter(txn, s, now)?;
+                Ok(Reply::Done)
+            }
+            Command::CheckEligibility { person_id } => {
+                self.check_eligibility(txn, operator, person_id, now)
+            }
+            Command::RecordExport { what, scope, count } => {
+                check_text("what", &what, 100, true)?;
+                check_text("scope", &scope, 200, false)?;
+                let seq = self.audit(
+                    txn,
+                    operator,
+                    "export",
+                    &format!("export/{what}"),
+                    &format!("{scope}; {count} records"),
+                    false,
+                    now,
+                )?;
+                Ok(Reply::Audited { audit_seq: seq })
+            }
+            Command::RegisterPerson {
+                name,
+                kana,
+                birth_date,
+                note,
+            } => {
+                if let Some(b) = &birth_date {
+                    check_birth_date("birth_date", b, now.wall_ms)?;
+                }
+                let person_id = new_id("f-", rng);
+                let p = FieldPerson {
+                    person_id: person_id.clone(),
+                    name,
+                    kana,
+                    birth_date,
+                    registered_by: self.r.meta.node_id.clone(),
+                    note,
+                };
+                p.validate()?;
+                let key = DocKey::new(Kind::Person, &person_id).expect("generated ids are valid");
+                self.r.write(
+                    txn,
+                    &key,
+                    vec![(PERSON_FIELD.into(), Some(encode(&p)))],
+                    now,
+                )?;
+                Ok(Reply::Registered { person_id })
+            }
+            Command::CheckIn {
+                person_ids,
+                shelter_id,
+            } => self.presence(
+                txn,
+                person_ids,
+                PresenceAction::CheckIn,
+                shelter_id,
+                None,
+                now,
+                rng,
+            ),
+            Command::CheckOut {
+                person_ids,
+                shelter_id,
+            } => self.presence(
+                txn,
+                person_ids,
+                PresenceAction::CheckOut,
+                shelter_id,
+                None,
+                now,
+                rng,
+            ),
+            Command::Transfer {
+                person_ids,
+                from_shelter,
+                to_shelter,
+            } => self.presence(
+                txn,
+                person_ids,
+                PresenceAction::Transfer,
+                from_shelter,
+                Some(to_shelter),
+                now,
+                rng,
+            ),
+            Command::PutMedical { person_id, update } => {
+                self.put_medical(txn, &person_id, update, now, rng)
+            }
+            Command::ReadMedical {
+                person_id,
+                reason,
+                break_glass,
+            } => {
+                check_text("reason", &reason, 200, true)?;
+                if !policy::may_read(self.r.meta.role, Kind::Medical) {
+                    return Err(CommandError::Forbidden {
+                        role: self.r.meta.role,
+                        action: "read medical profiles".into(),
+                    });
+                }
+                let key = DocKey::new(Kind::Medical, &person_id)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let view = match self.r.load(&key)? {
+                    Some(doc) => {
+                        views::medical(doc).map_err(|e| CommandError::Rejected(e.to_string()))?
+                    }
+                    None => {
+                        return Err(CommandError::NotFound {
+                            what: "medical profile",
+                            id: person_id,
+                        })
+                    }
+                };
+                let seq = self.audit(
+                    txn,
+                    operator,
+                    "medical_read",
+                    &key.to_string(),
+                    &reason,
+                    break_glass,
+                    now,
+                )?;
+                Ok(Reply::Medical {
+                    person_id,
+                    view,
+                    audit_seq: seq,
+                })
+            }
+            Command::PutEligibility {
+                person_id,
+                eligibility,
+            } => {
+                self.put_eligibility(txn, &person_id, eligibility, now)?;
+                Ok(Reply::Done)
+            }
+            Command::PutContacts {
+                person_id,
+                contacts,
+                disclosure,
+            } => {
+                self.put_contacts(txn, &person_id, contacts, disclosure, now)?;
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    /// Writes only the fields whose value differs from the document's
+    /// (a field with concurrent values is always rewritten, which resolves
+    /// it), so re-importing the same records adds no change.
+    fn write_changed(
+        &mut self,
+        txn: &mut Txn,
+        key: &DocKey,
+        writes: Vec<(String, Option<String>)>,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let writes: Vec<(String, Option<String>)> = match self.r.load(key)? {
+            None => writes.into_iter().filter(|(_, v)| v.is_some()).collect(),
+            Some(doc) => writes
+                .into_iter()
+                .filter(|(name, v)| match (doc.field(name), v) {
+                    (None, None) => false,
+                    (Some(f), Some(v)) => !(f.conflicts.is_empty() && &f.value == v),
+                    _ => true,
+                })
+                .collect(),
+        };
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.r.write(txn, key, writes, now)
+    }
+
+    /// Refuses before anything else is looked at (a forbidden import must
+    /// say "forbidden", not "unknown person").
+    fn may_write(&self, key: &DocKey) -> Result<(), CommandError> {
+        if policy::may_write(self.r.meta.role, &self.r.meta.node_id, key) {
+            Ok(())
+        } else {
+            Err(CommandError::Forbidden {
+                role: self.r.meta.role,
+                action: format!("write {} documents", key.kind),
+            })
+        }
+    }
+
+    /// Records about a person need the person (registry or field).
+    fn require_person(&self, person_id: &str) -> Result<(), CommandError> {
+        crate::ids::check_id_str(person_id).map_err(|r| TextError::Invalid {
+            field: "person_id",
+            reason: r.into(),
+        })?;
+        match self.r.store.person(person_id)? {
+            Some(_) => Ok(()),
+            None => Err(CommandError::NotFound {
+                what: "person",
+                id: person_id.to_string(),
+            }),
+        }
+    }
+
+    fn put_shelter(
+        &mut self,
+        txn: &mut Txn,
+        shelter: ShelterInfo,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let key = DocKey::new(Kind::Shelter, &shelter.shelter_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        shelter.validate()?;
+        self.write_changed(
+            txn,
+            &key,
+            vec![(SHELTER_FIELD.into(), Some(encode(&shelter)))],
+            now,
+        )
+    }
+
+    fn put_eligibility(
+        &mut self,
+        txn: &mut Txn,
+        person_id: &str,
+        eligibility: Eligibility,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let key = DocKey::new(Kind::Eligibility, person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        eligibility.validate()?;
+        self.require_person(person_id)?;
+        self.write_changed(
+            txn,
+            &key,
+            vec![(views::ELIGIBILITY.into(), Some(encode(&eligibility)))],
+            now,
+        )
+    }
+
+    fn put_contacts(
+        &mut self,
+        txn: &mut Txn,
+        person_id: &str,
+        contacts: Vec<FamilyContact>,
+        disclosure: Disclosure,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        if contacts.len() > MAX_CONTACTS_PER_PERSON {
+            return Err(TextError::Invalid {
+                field: "contacts",
+                reason: "at most 10 contacts per person".into(),
+            }
+            .into());
+        }
+        let key = DocKey::new(Kind::Contacts, person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        self.require_person(person_id)?;
+        let mut writes = vec![(views::DISCLOSURE.to_string(), Some(encode(&disclosure)))];
+        let existing: Vec<String> = match self.r.load(&key)? {
+            Some(d) => d
+                .fields()
+                .into_keys()
+                .filter(|k| k.starts_with(views::CONTACT_PREFIX))
+                .collect(),
+            None => vec![],
+        };
+        let mut names = BTreeSet::new();
+        for c in &contacts {
+            c.validate()?;
+            let name = format!("{}{}", views::CONTACT_PREFIX, c.contact_id);
+            if !names.insert(name.clone()) {
+                return Err(TextError::Invalid {
+                    field: "contact_id",
+                    reason: "duplicate contact id".into(),
+                }
+                .into());
+            }
+            writes.push((name, Some(encode(c))));
+        }
+        for old in existing.into_iter().filter(|k| !names.contains(k)) {
+            writes.push((old, None));
+        }
+        self.write_changed(txn, &key, writes, now)
+    }
+
+    /// Replaces a person's medical profile with an imported one. Entry ids
+    /// are derived from (section, text), so unchanged entries keep their
+    /// ids and the same profile again writes nothing; consent keeps its
+    /// original record while its basis is unchanged.
+    fn replace_medical(
+        &mut self,
+        txn: &mut Txn,
+        m: MedicalProfile,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        let key = DocKey::new(Kind::Medical, &m.person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        self.may_write(&key)?;
+        self.require_person(&m.person_id)?;
+        let (fields, consent): (BTreeSet<String>, Option<ConsentBasis>) = match self.r.load(&key)? {
+            Some(d) => (
+                d.fields().into_keys().collect(),
+                views::medical(d)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?
+                    .consent
+                    .map(|c| c.basis),
+            ),
+            None => (BTreeSet::new(), None),
+        };
+        let mut writes = vec![(
+            views::BLOOD_TYPE.to_string(),
+            m.blood_type.map(|b| encode(&b)),
+        )];
+        if consent != Some(m.consent) {
+            writes.push((
+                views::CONSENT.to_string(),
+                Some(encode(&Consent {
+                    basis: m.consent,
+                    recorded_by: self.r.meta.node_id.clone(),
+                    wall_ms: now.wall_ms,
+                })),
+            ));
+        }
+        let mut wanted = BTreeSet::new();
+        for (section, text) in m.entries {
+            let e = MedicalEntry { text };
+            e.validate()?;
+            let h = blake3::hash(format!("{}|{}", section.as_str(), e.text).as_bytes());
+            let name = format!("{}:i{}", section.as_str(), &h.to_hex()[..16]);
+            if wanted.insert(name.clone()) {
+                writes.push((name, Some(encode(&e))));
+            }
+        }
+        for old in fields {
+            if old != views::BLOOD_TYPE && old != views::CONSENT && !wanted.contains(&old) {
+                writes.push((old, None));
+            }
+        }
+        self.write_changed(txn, &key, writes, now)
+    }
+
+    fn import_records(
+        &mut self,
+        txn: &mut Txn,
+        records: ImportRecords,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
+        let (dataset, n) = (records.dataset(), records.len());
+        if n > MAX_RECORDS_PER_IMPORT {
+            return Err(CommandError::Rejected(format!(
+                "at most {MAX_RECORDS_PER_IMPORT} records per import batch"
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        let mut once = |id: &str| {
+            if seen.insert(id.to_string()) {
+                Ok(())
+            } else {
+                Err(CommandError::Rejected(format!(
+                    "{id} appears twice in one {dataset} batch"
+                )))
+            }
+        };
+        match records {
+            ImportRecords::Shelters(v) => {
+                for s in v {
+                    once(&s.shelter_id)?;
+                    self.put_shelter(txn, s, now)?;
+                }
+            }
+            ImportRecords::Contacts(v) => {
+                for c in v {
+                    once(&c.person_id)?;
+                    self.put_contacts(txn, &c.person_id, c.contacts, c.disclosure, now)?;
+                }
+            }
+            ImportRecords::Medical(v) => {
+                for m in v {
+                    once(&m.person_id)?;
+                    self.replace_medical(txn, m, now)?;
+                }
+            }
+            ImportRecords::Eligibility(v) => {
+                for (p, e) in v {
+                    once(&p)?;
+                    self.put_eligibility(txn, &p, e, now)?;
+                }
+            }
+        }
+        Ok(Reply::ImportedRecords {
+            dataset: dataset.to_string(),
+            records: n,
+        })
+    }
+
+    /// Clinic nodes answer from their replica, offline; hq sees the same
+    /// status with the insurance numbers masked. Every check is audited.
+    fn check_eligibility(
+        &mut self,
+        txn: &mut Txn,
+        operator: &Operator,
+        person_id: String,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
+        let masked = match self.r.meta.role {
+            Role::Clinic => false,
+            Role::Hq => true,
+            role => {
+                return Err(CommandError::Forbidden {
+                    role,
+                    action: "check insurance eligibility".into(),
+                })
+            }
+        };
+        let key = DocKey::new(Kind::Eligibility, &person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let on_date = crate::jst::date(now.wall_ms);
+        let found = match self.r.load(&key)? {
+            Some(doc) => {
+                views::eligibility_all(doc).map_err(|e| CommandError::Rejected(e.to_string()))?
+            }
+            None => None,
+        };
+        let (status, record) = match found {
+            None => (EligibilityStatus::Unknown, None),
+            // Two crossed imports that disagree: say so, do not guess.
+            Some((e, others)) if !others.is_empty() => (EligibilityStatus::Unknown, Some(e)),
+            Some((e, _)) => (e.status_on(&on_date), Some(e)),
+        };
+        let seq = self.audit(
+            txn,
+            operator,
+            "eligibility_check",
+            &key.to_string(),
+            &format!("insurance eligibility: {status:?}"),
+            false,
+            now,
+        )?;
+        Ok(Reply::Eligibility {
+            person_id,
+            status,
+            record: record.map(|e| if masked { e.masked() } else { e }),
+            masked,
+            on_date,
+            audit_seq: seq,
+        })
+    }
+
+    fn import(
+        &mut self,
+        txn: &mut Txn,
+        households: Vec<Household>,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
+        if households.len() > MAX_HOUSEHOLDS_PER_IMPORT {
+            return Err(CommandError::Rejected(format!(
+                "at most {MAX_HOUSEHOLDS_PER_IMPORT} households per import batch"
+            )));
+        }
+        let mut cards = BTreeMap::new();
+        let mut persons = BTreeSet::new();
+        for h in &households {
+            h.validate()?;
+            for m in &h.members {
+                check_birth_date("birth_date", &m.birth_date, now.wall_ms)?;
+                if !persons.insert(m.person_id.clone()) {
+                    return Err(CommandError::Rejected(format!(
+                        "person {} appears twice",
+                        m.person_id
+                    )));
+                }
+                if let Some(c) = &m.card_user_id {
+                    if cards.insert(c.clone(), h.household_id.clone()).is_some() {
+                        return Err(CommandError::Rejected(format!(
+                            "card user ID of person {} appears twice",
+                            m.person_id
+                        )));
+                    }
+                    if let Some(other) = self.r.store.household_by_card(c.as_str())? {
+                        if other != h.household_id {
+                            return Err(CommandError::Rejected(format!(
+                                "card user ID of person {} already belongs to household {other}",
+                                m.person_id
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for h in &households {
+            let key = DocKey::new(Kind::Registry, &h.household_id).expect("validated");
+            n += h.members.len();
+            self.r.write(
+                txn,
+                &key,
+                vec![(HOUSEHOLD_FIELD.into(), Some(encode(h)))],
+                now,
+            )?;
+        }
+        Ok(Reply::Imported {
+            households: households.len(),
+            persons: n,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn presence(
+        &mut self,
+        txn: &mut Txn,
+        person_ids: Vec<String>,
+        action: PresenceAction,
+        shelter: Option<String>,
+        to: Option<String>,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Result<Reply, CommandError> {
+        if person_ids.is_empty() || person_ids.len() > MAX_PERSONS_PER_COMMAND {
+            return Err(TextError::Invalid {
+                field: "person_ids",
+                reason: format!("give 1 to {MAX_PERSONS_PER_COMMAND} persons"),
+            }
+            .into());
+        }
+        let shelter = match (shelter, self.shelter_id) {
+            (Some(s), Some(own)) if self.r.meta.role == Role::Shelter && &s != own => {
+                return Err(CommandError::Forbidden {
+                    role: self.r.meta.role,
+                    action: format!("record presence at another shelter ({s})"),
+                })
+            }
+            (Some(s), _) => s,
+            (None, Some(own)) => own.clone(),
+            (None, None) => {
+                return Err(TextError::Invalid {
+                    field: "shelter_id",
+                    reason: "required on this node".into(),
+                }
+                .into())
+            }
+        };
+        crate::ids::check_id_str(&shelter).map_err(|r| TextError::Invalid {
+            field: "shelter_id",
+            reason: r.into(),
+        })?;
+        if let Some(t) = &to {
+            crate::ids::check_id_str(t).map_err(|r| TextError::Invalid {
+                field: "to_shelter",
+                reason: r.into(),
+            })?;
+            if self.r.store.shelters()?.iter().all(|s| &s.shelter_id != t) {
+                return Err(CommandError::NotFound {
+                    what: "shelter",
+                    id: t.clone(),
+                });
+            }
+        }
+        let mut per_doc: BTreeMap<DocKey, Vec<String>> = BTreeMap::new();
+        for p in &person_ids {
+            crate::ids::check_id_str(p).map_err(|r| TextError::Invalid {
+                field: "person_ids",
+                reason: r.into(),
+            })?;
+            per_doc
+                .entry(self.r.presence_key(p)?)
+                .or_default()
+                .push(p.clone());
+        }
+        let mut event_ids = Vec::new();
+        let mut already = Vec::new();
+        for (key, persons) in per_doc {
+            let state = match self.r.load(&key)? {
+                Some(doc) => derive::locations(
+                    &derive::presence_events(doc)
+                        .map_err(|e| CommandError::Rejected(e.to_string()))?,
+                ),
+                None => BTreeMap::new(),
+            };
+            let mut writes = Vec::new();
+            for person in persons {
+                let cur = state.get(&person);
+                let here = cur.map(|c| (c.location.status, c.location.shelter_id.as_str()));
+                let in_here = here == Some((crate::store::LocationStatus::In, shelter.as_str()));
+                let conflict = cur.is_some_and(|c| c.location.conflict);
+                match action {
+                    PresenceAction::CheckIn if in_here && !conflict => {
+                        already.push(person);
+                        continue;
+                    }
+                    PresenceAction::CheckOut
+                        if !in_here
+                            && here.is_some_and(|(s, sh)| {
+                                s == crate::store::LocationStatus::Out && sh == shelter
+                            }) =>
+                    {
+                        already.push(person);
+                        continue;
+                    }
+                    PresenceAction::CheckOut | PresenceAction::Transfer
+                        if !in_here && !conflict =>
+                    {
+                        return Err(CommandError::Rejected(format!(
+                            "person {person} is not checked in at shelter {shelter}"
+                        )));
+                    }
+                    _ => {}
+                }
+                let event_id = new_id("e-", rng);
+                let ev = PresenceEvent {
+                    event_id: event_id.clone(),
+                    op_id: event_id.clone(),
+                    person_id: person.clone(),
+                    action,
+                    shelter_id: shelter.clone(),
+                    to_shelter: to.clone(),
+                    hlc: self.r.hlc.tick(now.wall_ms),
+                    node: self.r.meta.node_id.clone(),
+                    wall_ms: now.wall_ms,
+                    prev: cur
+                        .map(|c| c.heads.iter().map(|h| h.event_id.clone()).collect())
+                        .unwrap_or_default(),
+                };
+                writes.push((format!("{EVENT_PREFIX}{event_id}"), Some(encode(&ev))));
+                event_ids.push(event_id);
+            }
+            if !writes.is_empty() {
+                self.r.write(txn, &key, writes, now)?;
+            }
+        }
+        Ok(Reply::Presence { event_ids, already })
+    }
+
+    fn put_medical(
+        &mut self,
+        txn: &mut Txn,
+        person_id: &str,
+        u: MedicalUpdate,
+        now: Now,
+        rng: &mut dyn RngCore,
+    ) -> Result<Reply, CommandError> {
+        let key = DocKey::new(Kind::Medical, person_id)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let existing: BTreeSet<String> = match self.r.load(&key)? {
+            Some(d) => d.fields().into_keys().collect(),
+            None => BTreeSet::new(),
+        };
+        let mut writes = Vec::new();
+        if let Some(b) = u.blood_type {
+            writes.push((views::BLOOD_TYPE.to_string(), Some(encode(&b))));
+        }
+        if let Some(basis) = u.consent {
+            writes.push((
+                views::CONSENT.to_string(),
+                Some(encode(&Consent {
+                    basis,
+                    recorded_by: self.r.meta.node_id.clone(),
+                    wall_ms: now.wall_ms,
+                })),
+            ));
+        }
+        for (section, text) in u.add {
+            let e = MedicalEntry { text };
+            e.validate()?;
+            writes.push((
+                format!("{}:{}", section.as_str(), new_id("m-", rng)),
+                Some(encode(&e)),
+            ));
+        }
+        for (section, id, text) in u.edit {
+            let name = format!("{}:{id}", section.as_str());
+            if !existing.contains(&name) {
+                return Err(CommandError::NotFound {
+                    what: "medical entry",
+                    id: name,
+                });
+            }
+            let e = MedicalEntry { text };
+            e.validate()?;
+            writes.push((name, Some(encode(&e))));
+        }
+        for (section, id) in u.remove {
+            let name = format!("{}:{id}", section.as_str());
+            if !existing.contains(&name) {
+                return Err(CommandError::NotFound {
+                    what: "medical entry",
+                    id: name,
+                });
+            }
+            writes.push((name, None));
+        }
+        if writes.is_empty() {
+            return Err(CommandError::Rejected("nothing to change".into()));
+        }
+        self.r.write(txn, &key, writes, now)?;
+        Ok(Reply::Done)
+    }
+
+    /// Appends one entry to this node's audit chain; returns its sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn audit(
+        &mut self,
+        txn: &mut Txn,
+        operator: &Operator,
+        action: &str,
+        record: &str,
+        reason: &str,
+        break_glass: bool,
+        now: Now,
+    ) -> Result<u64, CommandError> {
+        let mut meta = txn.meta.clone().unwrap_or_else(|| self.r.meta.clone());
+        let mut entry = AuditEntry {
+            seq: meta.audit_seq,
+            operator: operator.0.clone(),
+            node: self.r.meta.node_id.clone(),
+            action: action.to_string(),
+            record: record.to_string(),
+            wall_ms: now.wall_ms,
+            hlc: self.r.hlc.tick(now.wall_ms),
+            clock_trusted: now.wall_trusted,
+            reason: reason.to_string(),
+            break_glass,
+            prev_hash: meta.audit_head.clone(),
+            hash: String::new(),
+        };
+        entry.hash = entry.compute_hash();
+        let key = DocKey::new(Kind::Audit, self.r.meta.node_id.as_str())
+            .expect("node ids are document ids");
+        self.r.write(
+            txn,
+            &key,
+            vec![(
+                format!("{}{:016}", views::AUDIT_PREFIX, entry.seq),
+                Some(encode(&entry)),
+            )],
+            now,
+        )?;
+        meta.audit_seq += 1;
+        meta.audit_head = entry.hash.clone();
+        meta.hlc = self.r.hlc.last();
+        txn.meta = Some(meta);
+        Ok(entry.seq)
+    }
+}

@@ -1,0 +1,115 @@
+//! The index of every document a replica holds: its heads, a fingerprint
+//! of (key, heads) and bookkeeping for snapshots and sharing, in key order.
+//!
+//! The index stays in memory while documents come and go from the cache;
+//! it is what reconciliation ([`crate::reconcile`]) reads and what the
+//! replica ([`crate::replica`]) updates after every commit. Per document
+//! kind it keeps the XOR of the fingerprints of its documents, so "do two
+//! nodes hold the same documents of this kind at the same heads?" is one
+//! comparison.
+//!
+//! Invariant: `kind_fp[k]` is the XOR of `fp` over the entries of kind `k`,
+//! and every entry's `fp` is [`item_fp`] of its key and heads.
+
+use crate::doc::Hash32;
+use crate::ids::{DocKey, Kind};
+use crate::store::upsert;
+use imbl::OrdMap;
+
+/// An engine's index of the documents in its store (heads, fingerprints),
+/// to open engines on copies of that store without building it again (see
+/// `Engine::open_indexed`). Cheap to clone: copies share memory until they
+/// change.
+#[derive(Clone)]
+pub struct DocIndex(pub(crate) OrdMap<DocKey, IndexEntry>);
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct IndexEntry {
+    pub(crate) heads: Vec<Hash32>,
+    pub(crate) fp: u128,
+    /// Changes logged since the last snapshot.
+    pub(crate) tail: u32,
+    /// Known to hold no changes waiting for dependencies, so the document
+    /// is exactly what its heads name (only then is it looked up in a
+    /// share). False until this engine has seen it loaded or changed.
+    pub(crate) whole: bool,
+}
+
+/// The fingerprint of one document at some heads.
+pub(crate) fn item_fp(key: &DocKey, heads: &[Hash32]) -> u128 {
+    let mut h = blake3::Hasher::new();
+    h.update(&key.to_bytes());
+    h.update(&crate::doc::heads_digest(heads));
+    u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+/// The index with its per-kind fingerprints.
+#[derive(Clone, Default)]
+pub(crate) struct Index {
+    pub(crate) map: OrdMap<DocKey, IndexEntry>,
+    /// Per kind, the XOR of the index fingerprints of its documents.
+    kind_fp: [u128; Kind::ALL.len()],
+}
+
+impl Index {
+    /// From stored (key, heads) pairs; nothing is known whole yet.
+    pub(crate) fn build(docs: Vec<(DocKey, Vec<Hash32>)>) -> Index {
+        Index::from_map(
+            docs.into_iter()
+                .map(|(key, heads)| {
+                    let fp = item_fp(&key, &heads);
+                    (
+                        key,
+                        IndexEntry {
+                            heads,
+                            fp,
+                            tail: 0,
+                            whole: false,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    pub(crate) fn from_map(map: OrdMap<DocKey, IndexEntry>) -> Index {
+        let mut kind_fp = [0u128; Kind::ALL.len()];
+        for (k, e) in map.iter() {
+            kind_fp[k.kind.code() as usize] ^= e.fp;
+        }
+        Index { map, kind_fp }
+    }
+
+    pub(crate) fn get(&self, key: &DocKey) -> Option<&IndexEntry> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn kind_fingerprint(&self, kind: Kind) -> u128 {
+        self.kind_fp[kind.code() as usize]
+    }
+
+    /// Records that the document is (or is not) known whole.
+    pub(crate) fn set_whole(&mut self, key: &DocKey, whole: bool) {
+        if let Some(e) = self.map.get_mut(key) {
+            e.whole = whole;
+        }
+    }
+
+    /// A committed change of `key`: its new heads, whether it is whole and
+    /// whether the commit stored a snapshot (which resets the tail).
+    pub(crate) fn update(&mut self, key: &DocKey, heads: Vec<Hash32>, whole: bool, snapshot: bool) {
+        let fp = item_fp(key, &heads);
+        let kind_fp = &mut self.kind_fp[key.kind.code() as usize];
+        upsert(&mut self.map, key, IndexEntry::default, |e| {
+            *kind_fp ^= e.fp ^ fp;
+            e.fp = fp;
+            e.heads = heads;
+            e.whole = whole;
+            e.tail = if snapshot { 0 } else { e.tail + 1 };
+        });
+    }
+}

@@ -1,0 +1,211 @@
+//! Queries: read-only answers from the node's replica, its sessions and
+//! its mail state. Nothing here writes; a query's reply says what this
+//! node holds now (query rows come from the store's projections, updated
+//! in the same transaction as the documents they derive from).
+//!
+//! `HouseholdByCard` is what a card tap shows: the household of the card's
+//! holder with the members' locations, and the holder, from one `cards`
+//! row. `Person` lists the concurrent presence events behind a conflict.
+
+use crate::api::*;
+use crate::derive;
+use crate::ids::{DocKey, Kind};
+use crate::mail::Mail;
+use crate::model::{MailState, MailStatus};
+use crate::replica::Replica;
+use crate::sessions::Sessions;
+use crate::store::{Store, StoreError};
+use crate::text::{check_text, search_key, TextError};
+use std::collections::BTreeMap;
+
+/// Queries over a borrowed replica and the parts beside it.
+pub(crate) struct Queries<'a, S: Store> {
+    pub(crate) r: &'a mut Replica<S>,
+    pub(crate) sessions: &'a Sessions,
+    pub(crate) mail: &'a Mail,
+    /// Wall ms of the last presence change seen per shelter.
+    pub(crate) shelter_seen: &'a BTreeMap<String, u64>,
+}
+
+impl<S: Store> Queries<'_, S> {
+    /// Answers one query; nothing is written.
+    pub(crate) fn run(&mut self, q: Query) -> Result<QueryReply, CommandError> {
+        Ok(match q {
+            Query::Status => {
+                let open: Vec<&MailState> = self
+                    .mail
+                    .states()
+                    .values()
+                    .filter(|m| {
+                        !matches!(
+                            m.status,
+                            MailStatus::Sent | MailStatus::FailedPermanent | MailStatus::Cancelled
+                        )
+                    })
+                    .collect();
+                QueryReply::Status(Status {
+                    node_id: self.r.meta.node_id.clone(),
+                    role: self.r.meta.role,
+                    incarnation: self.r.meta.incarnation,
+                    peers: self.sessions.peer_status(),
+                    documents: self.r.index.len(),
+                    quarantined: self.r.store.quarantined()?.len(),
+                    violations: self.sessions.stats.violations,
+                    mail_queue: open.len(),
+                    mail_oldest_ms: open.iter().map(|m| m.next_attempt_ms).min(),
+                    duplicate_mail_risk: self.mail.duplicate_risk,
+                })
+            }
+            Query::Persons { limit, offset } => {
+                QueryReply::Persons(self.r.store.persons(limit.min(1000), offset)?)
+            }
+            Query::Search { q, limit } => {
+                check_text("q", &q, 100, true)?;
+                QueryReply::Persons(self.r.store.search(&search_key(&q), limit.min(200))?)
+            }
+            Query::HouseholdByCard { card_user_id } => {
+                let card = crate::text::CardUserId::parse(&card_user_id)?;
+                match self.r.store.household_by_card(card.as_str())? {
+                    None => QueryReply::Household(None),
+                    Some(h) => {
+                        let members = self
+                            .r
+                            .store
+                            .household_members(&h)?
+                            .into_iter()
+                            .map(|p| -> Result<_, StoreError> {
+                                let l = self.r.store.location(&p.person_id)?;
+                                Ok((p, l))
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        // The holder comes from the same cards row as the
+                        // household, so it is one of the members.
+                        let holder = self.r.store.person_by_card(card.as_str())?;
+                        QueryReply::Household(Some(HouseholdView {
+                            household_id: h,
+                            members,
+                            holder,
+                        }))
+                    }
+                }
+            }
+            Query::Person { person_id } => {
+                crate::ids::check_id_str(&person_id).map_err(|r| TextError::Invalid {
+                    field: "person_id",
+                    reason: r.into(),
+                })?;
+                match self.r.store.person(&person_id)? {
+                    None => QueryReply::Person(None),
+                    Some(person) => {
+                        let location = self.r.store.location(&person_id)?;
+                        let mut conflicts = Vec::new();
+                        if location.as_ref().is_some_and(|l| l.conflict) {
+                            let key = self.r.presence_key(&person_id)?;
+                            if let Some(doc) = self.r.load(&key)? {
+                                if let Ok(evs) = derive::presence_events(doc) {
+                                    if let Some(pp) = derive::locations(&evs).remove(&person_id) {
+                                        conflicts = pp.heads;
+                                    }
+                                }
+                            }
+                        }
+                        QueryReply::Person(Some(PersonDetail {
+                            person,
+                            location,
+                            conflicts,
+                        }))
+                    }
+                }
+            }
+            Query::Shelters => {
+                let occ = self.r.store.occupancy()?;
+                QueryReply::Shelters(
+                    self.r
+                        .store
+                        .shelters()?
+                        .into_iter()
+                        .map(|s| ShelterView {
+                            occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0),
+                            last_sync: self.shelter_seen.get(&s.shelter_id).copied(),
+                            shelter: s,
+                        })
+                        .collect(),
+                )
+            }
+            Query::Conflicts => QueryReply::Conflicts(self.r.store.conflicts()?),
+            Query::Evacuees {
+                shelter_id,
+                with_address,
+            } => {
+                if let Some(s) = &shelter_id {
+                    crate::ids::check_id_str(s).map_err(|r| TextError::Invalid {
+                        field: "shelter_id",
+                        reason: r.into(),
+                    })?;
+                }
+                let withheld = self.r.store.withheld()?;
+                let rows = self.r.store.evacuees(shelter_id.as_deref())?;
+                let mut addresses: BTreeMap<String, Option<String>> = BTreeMap::new();
+                let mut out = Vec::with_capacity(rows.len());
+                for (person, location) in rows {
+                    let address = match (&person.household_id, with_address) {
+                        (Some(h), true) => {
+                            if !addresses.contains_key(h) {
+                                let a = match DocKey::new(Kind::Registry, h) {
+                                    Ok(k) => match self.r.load(&k)? {
+                                        Some(doc) => derive::household(doc)
+                                            .ok()
+                                            .flatten()
+                                            .map(|hh| hh.address),
+                                        None => None,
+                                    },
+                                    Err(_) => None,
+                                };
+                                addresses.insert(h.clone(), a);
+                            }
+                            addresses[h].clone()
+                        }
+                        _ => None,
+                    };
+                    out.push(Evacuee {
+                        withheld: withheld.contains(&person.person_id),
+                        person,
+                        location,
+                        address,
+                    });
+                }
+                QueryReply::Evacuees(out)
+            }
+            Query::ShelterInfos => {
+                let keys: Vec<DocKey> = self
+                    .r
+                    .index
+                    .map
+                    .keys()
+                    .filter(|k| k.kind == Kind::Shelter)
+                    .cloned()
+                    .collect();
+                let mut out = Vec::new();
+                for k in keys {
+                    if let Some(doc) = self.r.load(&k)? {
+                        if let Ok(Some(s)) = derive::shelter(doc) {
+                            out.push(s);
+                        }
+                    }
+                }
+                QueryReply::ShelterInfos(out)
+            }
+            Query::Outbox => QueryReply::Outbox(
+                self.mail
+                    .states()
+                    .iter()
+                    .map(|((p, c), s)| OutboxRow {
+                        person_id: p.clone(),
+                        contact_id: c.clone(),
+                        state: s.clone(),
+                    })
+                    .collect(),
+            ),
+        })
+    }
+}

@@ -1,0 +1,301 @@
+//! Range-based set reconciliation as pure functions over a document index:
+//! which documents two nodes hold differently, found in a few round trips
+//! without listing every document.
+//!
+//! The set reconciled is the documents *both* roles may receive
+//! ([`shared`]), each an item (key, heads) whose fingerprint is
+//! [`crate::index::item_fp`]. One side opens with [`describe`] over the
+//! whole key space; each turn then answers every range of the other's turn
+//! with [`answer`]:
+//!
+//! - a **fingerprint** (sum of item fingerprints and a count) that matches
+//!   ends the range; a differing one is described again as its item list
+//!   when it holds at most [`ITEMS_THRESHOLD`] items, else split
+//!   [`SPLIT`]-way into sub-ranges with their own fingerprints;
+//! - **digests** (items with short digests of their heads, stage 0) name
+//!   the items that differ: those the other side lacks are sent, those whose
+//!   digests differ are listed with full heads (stage 1);
+//! - **items** with full heads: a side that knows all of the other's heads
+//!   sends exactly what the other lacks; otherwise it shows its own heads
+//!   (stage 1, then 2), and only for truly concurrent histories (stage 2
+//!   and 3) sends a superset.
+//!
+//! An empty turn ends the exchange. Documents only the peer may hold (a
+//! node's own audit chain for headquarters) are offered one by one
+//! ([`own_offers`]). Nothing here reads storage or keeps state: whether a
+//! side "knows" heads missing from its index entry (a document's history
+//! holds more than its heads) is asked of the caller, and the turn state
+//! lives in the session (`crate::sessions`).
+//!
+//! Invariant (property-tested below): after an exchange, every document
+//! either side may send the other and holds differently is queued to be
+//! sent by a side that has changes the other lacks; equal documents are
+//! never queued.
+
+use crate::doc::Hash32;
+use crate::ids::{DocKey, NodeId, Role};
+use crate::index::IndexEntry;
+use crate::policy;
+use crate::wire::{Item, Range, RangeBody};
+use imbl::OrdMap;
+use std::collections::BTreeMap;
+
+/// Ranges with at most this many items are listed item by item.
+pub(crate) const ITEMS_THRESHOLD: usize = 32;
+/// A larger differing range is split into this many parts.
+pub(crate) const SPLIT: usize = 16;
+
+/// The two ends of a session, as policy sees them.
+#[derive(Clone, Copy)]
+pub(crate) struct Sides<'a> {
+    pub(crate) me: Role,
+    pub(crate) my_node: &'a NodeId,
+    pub(crate) peer: Role,
+    pub(crate) peer_node: &'a NodeId,
+}
+
+impl Sides<'_> {
+    /// Documents both ends may receive take part in reconciliation.
+    pub(crate) fn shared(&self, key: &DocKey) -> bool {
+        shared(self.me, self.peer, key)
+    }
+
+    /// May this document be exchanged with the peer at all?
+    fn exchangeable(&self, key: &DocKey) -> bool {
+        policy::may_hold(self.me, self.my_node, key)
+            && policy::may_send(self.peer, self.peer_node, key)
+    }
+}
+
+/// Documents both roles may receive take part in reconciliation.
+pub(crate) fn shared(me: Role, peer: Role, key: &DocKey) -> bool {
+    policy::may_receive(me, key) && policy::may_receive(peer, key)
+}
+
+pub(crate) fn short_digest(heads: &[Hash32]) -> [u8; 8] {
+    let d = crate::doc::heads_digest(heads);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d[..8]);
+    out
+}
+
+type Index = OrdMap<DocKey, IndexEntry>;
+
+/// The shared items in `[lo, hi)` (an absent bound is open).
+pub(crate) fn range_items<'i>(
+    index: &'i Index,
+    sides: &Sides,
+    lo: &Option<DocKey>,
+    hi: &Option<DocKey>,
+) -> Vec<(&'i DocKey, &'i IndexEntry)> {
+    use std::ops::Bound::*;
+    if let (Some(l), Some(h)) = (lo, hi) {
+        if l >= h {
+            return vec![];
+        }
+    }
+    let lo_b = lo.as_ref().map_or(Unbounded, Included);
+    let hi_b = hi.as_ref().map_or(Unbounded, Excluded);
+    index
+        .range::<_, DocKey>((lo_b, hi_b))
+        .filter(|(k, _)| sides.shared(k))
+        .collect()
+}
+
+pub(crate) fn fingerprint(items: &[(&DocKey, &IndexEntry)]) -> RangeBody {
+    let sum = items.iter().fold(0u128, |a, (_, e)| a.wrapping_add(e.fp));
+    RangeBody::Fingerprint {
+        fp: sum.to_le_bytes(),
+        count: items.len() as u32,
+    }
+}
+
+/// Our side of a range: its item list when small, else a fingerprint.
+pub(crate) fn describe(
+    index: &Index,
+    sides: &Sides,
+    lo: Option<DocKey>,
+    hi: Option<DocKey>,
+) -> Range {
+    let items = range_items(index, sides, &lo, &hi);
+    let body = if items.len() <= ITEMS_THRESHOLD {
+        RangeBody::Digests {
+            items: items
+                .iter()
+                .map(|(k, e)| ((*k).clone(), short_digest(&e.heads)))
+                .collect(),
+        }
+    } else {
+        fingerprint(&items)
+    };
+    Range { lo, hi, body }
+}
+
+/// Documents only the peer may receive from us (our own audit chain for
+/// headquarters), offered item by item.
+pub(crate) fn own_offers(index: &Index, sides: &Sides) -> Vec<Range> {
+    index
+        .iter()
+        .filter(|(k, _)| !sides.shared(k) && policy::may_send(sides.peer, sides.peer_node, k))
+        .map(|(k, e)| Range {
+            lo: Some(k.clone()),
+            hi: Some(k.clone()),
+            body: RangeBody::Items {
+                items: vec![Item {
+                    key: k.clone(),
+                    heads: e.heads.clone(),
+                }],
+                stage: 1,
+            },
+        })
+        .collect()
+}
+
+/// Our answer to (part of) the peer's turn.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Answer {
+    /// Ranges for our next turn.
+    pub(crate) reply: Vec<Range>,
+    /// Documents to send changes of, with the heads the peer reported
+    /// (empty when it lacks the document).
+    pub(crate) to_send: Vec<(DocKey, Vec<Hash32>)>,
+    /// Heads the peer told us it holds (hints for later sends).
+    pub(crate) learned: Vec<(DocKey, Vec<Hash32>)>,
+}
+
+/// Answers the peer's ranges against our index. `knows(key, heads)` says
+/// whether our copy of `key` holds every change named by `heads`; it is
+/// asked only when our index entry's heads do not already include them.
+pub(crate) fn answer(
+    index: &Index,
+    sides: &Sides,
+    ranges: Vec<Range>,
+    mut knows: impl FnMut(&DocKey, &[Hash32]) -> bool,
+) -> Answer {
+    let mut a = Answer::default();
+    for r in ranges {
+        match r.body {
+            RangeBody::Fingerprint { fp, count } => {
+                let items = range_items(index, sides, &r.lo, &r.hi);
+                if fingerprint(&items) == (RangeBody::Fingerprint { fp, count }) {
+                    continue;
+                }
+                if items.len() <= ITEMS_THRESHOLD {
+                    a.reply.push(describe(index, sides, r.lo, r.hi));
+                    continue;
+                }
+                let keys: Vec<DocKey> = items.iter().map(|(k, _)| (*k).clone()).collect();
+                let chunk = keys.len().div_ceil(SPLIT);
+                let mut bounds: Vec<Option<DocKey>> = vec![r.lo.clone()];
+                bounds.extend(
+                    (chunk..keys.len())
+                        .step_by(chunk)
+                        .map(|i| Some(keys[i].clone())),
+                );
+                bounds.push(r.hi.clone());
+                for w in bounds.windows(2) {
+                    let sub = range_items(index, sides, &w[0], &w[1]);
+                    a.reply.push(Range {
+                        lo: w[0].clone(),
+                        hi: w[1].clone(),
+                        body: fingerprint(&sub),
+                    });
+                }
+            }
+            RangeBody::Digests { items } => {
+                let theirs: BTreeMap<DocKey, [u8; 8]> = items
+                    .into_iter()
+                    .filter(|(k, _)| sides.exchangeable(k))
+                    .collect();
+                let mut want = Vec::new();
+                for (k, e) in range_items(index, sides, &r.lo, &r.hi) {
+                    match theirs.get(k) {
+                        None => a.to_send.push((k.clone(), vec![])),
+                        Some(d) if *d == short_digest(&e.heads) => {}
+                        Some(_) => want.push(Item {
+                            key: k.clone(),
+                            heads: e.heads.clone(),
+                        }),
+                    }
+                }
+                for k in theirs.keys() {
+                    if !index.contains_key(k) {
+                        want.push(Item {
+                            key: k.clone(),
+                            heads: vec![],
+                        });
+                    }
+                }
+                if !want.is_empty() {
+                    a.reply.push(Range {
+                        lo: r.lo,
+                        hi: r.hi,
+                        body: RangeBody::Items {
+                            items: want,
+                            stage: 1,
+                        },
+                    });
+                }
+            }
+            RangeBody::Items { items, stage } => {
+                let mut want = Vec::new();
+                let items: Vec<Item> = items
+                    .into_iter()
+                    .filter(|i| sides.exchangeable(&i.key))
+                    .collect();
+                for i in items {
+                    let (k, h) = (i.key, i.heads);
+                    let mine = index.get(&k).map(|e| e.heads.clone());
+                    if mine.as_ref() == Some(&h) {
+                        continue;
+                    }
+                    if !h.is_empty() {
+                        a.learned.push((k.clone(), h.clone()));
+                    }
+                    let knows_all = mine.is_some()
+                        && (mine
+                            .as_ref()
+                            .is_some_and(|m| h.iter().all(|x| m.contains(x)))
+                            || knows(&k, &h));
+                    if knows_all {
+                        // We hold all they have: send exactly what they lack.
+                        a.to_send.push((k, h));
+                        continue;
+                    }
+                    match stage {
+                        // They may simply be ahead: show our heads first.
+                        1 => want.push(Item {
+                            key: k,
+                            heads: mine.unwrap_or_default(),
+                        }),
+                        // Neither knows the other's heads: concurrent
+                        // histories. Send a superset, and at stage 2 ask
+                        // for theirs.
+                        _ => {
+                            if mine.is_some() {
+                                a.to_send.push((k.clone(), h));
+                            }
+                            if stage == 2 {
+                                want.push(Item {
+                                    key: k,
+                                    heads: mine.unwrap_or_default(),
+                                });
+                            }
+                        }
+                    }
+                }
+                if !want.is_empty() && stage < 3 {
+                    a.reply.push(Range {
+                        lo: r.lo,
+                        hi: r.hi,
+                        body: RangeBody::Items {
+                            items: want,
+                            stage: stage + 1,
+                        },
+                    });
+                }
+            }
+        }
+    }
+    a
+}

@@ -1,0 +1,481 @@
+//! One node's replica of its documents: the store, the in-memory index of
+//! every document's heads, a bounded cache of loaded documents, the node's
+//! durable identity (meta, actor id, hybrid logical clock) and the end of
+//! its change log.
+//!
+//! Everything that reads or changes documents goes through here:
+//!
+//! - [`Replica::load`] materialises a document (cache, share, store; a
+//!   document whose snapshot fails to load is rebuilt from its raw change
+//!   log, A-10, or quarantined).
+//! - [`Replica::write`] makes one local change (after the role check) and
+//!   [`Replica::record`] adds received changes; both stage everything the
+//!   commit needs (change bytes, heads, query rows, a snapshot every
+//!   [`SNAPSHOT_EVERY`] changes) in a [`Txn`] and leave the changed
+//!   document in the cache.
+//! - [`Replica::persist`] makes a batch durable; [`Replica::committed`]
+//!   then applies the transaction's in-memory effects (meta, index, log
+//!   end) and hands back what the other parts react to ([`Committed`]:
+//!   changes to gossip, documents touched). If the commit fails,
+//!   [`Replica::forget`] drops the touched documents from the cache, so
+//!   memory matches the store again.
+//!
+//! The engine decides *when* to commit (alone, or staged for a group
+//! commit); the replica only knows *how*. It imports nothing from the
+//! sync protocol, the commands or the engine.
+//!
+//! Invariants: a cached document is the stored one plus, at most, the
+//! changes of the transactions not yet committed or forgotten; the index
+//! changes only after a commit; a document is shared with other engines
+//! only when it has no changes waiting for their dependencies.
+
+use crate::actor::Actor;
+use crate::api::{CommandError, Now, Output, SessionId, UiEvent};
+use crate::cache::DocCache;
+use crate::derive;
+use crate::doc::{parse_change, Doc, DocError, Hash32};
+use crate::hlc::HlcClock;
+use crate::ids::{DocKey, Kind, NodeId, Role};
+use crate::index::{DocIndex, Index};
+use crate::model::PresenceEvent;
+use crate::policy;
+use crate::share::{Applied, DocShare};
+use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Projection, Store, StoreError};
+use automerge::Change;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// A compacted snapshot is stored after this many logged changes.
+pub(crate) const SNAPSHOT_EVERY: u32 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "this database belongs to node {found} ({found_role}), not {expected} ({expected_role})"
+    )]
+    WrongNode {
+        found: NodeId,
+        found_role: Role,
+        expected: NodeId,
+        expected_role: Role,
+    },
+}
+
+/// One command's or frame's pending writes, committed at once.
+#[derive(Default)]
+pub(crate) struct Txn {
+    pub(crate) batch: Batch,
+    pub(crate) touched: BTreeSet<DocKey>,
+    /// New heads of each changed document, and whether it is whole (no
+    /// changes waiting for their dependencies).
+    heads: BTreeMap<DocKey, (Vec<Hash32>, bool)>,
+    /// New changes to gossip, with the session they came from.
+    gossip: Vec<Gossip>,
+    pub(crate) meta: Option<Meta>,
+}
+
+/// A new change to push to connected peers.
+pub(crate) struct Gossip {
+    pub(crate) key: DocKey,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) hash: Hash32,
+    /// The session it arrived on (not sent back there).
+    pub(crate) from: Option<SessionId>,
+}
+
+/// What a durable transaction means for the other parts of the engine.
+pub(crate) struct Committed {
+    pub(crate) gossip: Vec<Gossip>,
+    /// Outbox documents changed (headquarters refreshes its mail state).
+    pub(crate) outbox: Vec<DocKey>,
+    /// Presence documents changed (arrivals, shelter staleness).
+    pub(crate) presence: Vec<DocKey>,
+}
+
+pub(crate) struct Replica<S: Store> {
+    pub(crate) store: S,
+    pub(crate) meta: Meta,
+    pub(crate) actor: Actor,
+    pub(crate) hlc: HlcClock,
+    pub(crate) index: Index,
+    cache: DocCache,
+    /// Documents materialised by other engines in this process (simulator).
+    pub(crate) share: Option<DocShare>,
+    /// The newest entry of our change log.
+    pub(crate) log_end: Option<Cursor>,
+    #[cfg(feature = "mutants")]
+    deferred: Option<Batch>,
+}
+
+impl<S: Store> Replica<S> {
+    /// Opens the node's replica: checks the store belongs to this node,
+    /// bumps and persists the incarnation (so the actor id is new), and
+    /// loads the index (or takes `index`, an identical store's).
+    pub(crate) fn open(
+        mut store: S,
+        node_id: &NodeId,
+        role: Role,
+        cache_docs: usize,
+        now: Now,
+        index: Option<DocIndex>,
+    ) -> Result<Self, EngineError> {
+        let meta = match store.load_meta()? {
+            Some(m) => {
+                if &m.node_id != node_id || m.role != role {
+                    return Err(EngineError::WrongNode {
+                        found: m.node_id,
+                        found_role: m.role,
+                        expected: node_id.clone(),
+                        expected_role: role,
+                    });
+                }
+                #[allow(unused_mut)]
+                let mut bump = 1;
+                #[cfg(feature = "mutants")]
+                if crate::mutants::active(crate::mutants::Mutant::ReuseActor) {
+                    bump = 0;
+                }
+                Meta {
+                    incarnation: m.incarnation + bump,
+                    ..m
+                }
+            }
+            None => Meta {
+                node_id: node_id.clone(),
+                role,
+                incarnation: 1,
+                hlc: Default::default(),
+                audit_seq: 0,
+                audit_head: String::new(),
+            },
+        };
+        let mut hlc = HlcClock::new(meta.hlc);
+        let meta = Meta {
+            hlc: hlc.tick(now.wall_ms),
+            ..meta
+        };
+        store.commit(&Batch {
+            meta: Some(meta.clone()),
+            ..Default::default()
+        })?;
+        let index = match index {
+            Some(DocIndex(i)) => Index::from_map(i),
+            None => Index::build(store.doc_index()?),
+        };
+        let actor = Actor::new(role, node_id, meta.incarnation);
+        let log_end = store.log_end()?;
+        Ok(Replica {
+            store,
+            meta,
+            actor,
+            hlc,
+            index,
+            cache: DocCache::new(cache_docs.max(16)),
+            share: None,
+            log_end,
+            #[cfg(feature = "mutants")]
+            deferred: None,
+        })
+    }
+
+    /// A document, from the cache, the share or the store; `None` if this
+    /// node does not hold it.
+    pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
+        if !self.cache.contains(key) {
+            let shared = match (&self.share, self.index.get(key)) {
+                (Some(share), Some(e)) if e.whole => share.doc(key, &e.heads),
+                _ => None,
+            };
+            if let Some(doc) = shared {
+                self.cache.insert(doc);
+                return Ok(self.cache.get(key).map(|d| &**d));
+            }
+            let Some(stored) = self.store.load_doc(key)? else {
+                return Ok(None);
+            };
+            let doc = match Doc::load(key.clone(), stored.snapshot.as_deref(), &stored.changes) {
+                Ok(d) => d,
+                Err(first) => {
+                    // A damaged snapshot: rebuild from the raw change log.
+                    let all = self.store.doc_changes(key)?;
+                    match Doc::load(key.clone(), None, &all) {
+                        Ok(d) => d,
+                        Err(_) => {
+                            let _ = self.store.commit(&Batch {
+                                quarantine: vec![(key.clone(), first.to_string())],
+                                ..Default::default()
+                            });
+                            return Err(StoreError::Corrupt(first.to_string()));
+                        }
+                    }
+                }
+            };
+            let doc = Arc::new(doc);
+            let whole = !doc.has_waiting();
+            self.index.set_whole(key, whole);
+            if let (Some(share), true) = (&self.share, whole) {
+                share.put_doc(doc.clone());
+            }
+            self.cache.insert(doc);
+        }
+        Ok(self.cache.get(key).map(|d| &**d))
+    }
+
+    /// Puts a document (back) into the cache.
+    pub(crate) fn put_back(&mut self, doc: Arc<Doc>) {
+        self.cache.insert(doc);
+    }
+
+    /// The cached document to change in place (copied first if another
+    /// engine shares it); a new empty one if it does not exist yet.
+    fn load_or_new(&mut self, key: &DocKey) -> Result<&mut Doc, StoreError> {
+        if self.load(key)?.is_none() {
+            self.cache.insert(Arc::new(Doc::new(key.clone())));
+        }
+        Ok(Arc::make_mut(
+            self.cache.get_mut(key).expect("just inserted"),
+        ))
+    }
+
+    /// Takes a document out of the cache to change it: the caller puts it
+    /// back only if the change is valid, so a failed change leaves no trace
+    /// in memory. `None` for a document this node does not have yet.
+    pub(crate) fn take(&mut self, key: &DocKey) -> Result<Option<Arc<Doc>>, StoreError> {
+        if self.load(key)?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.cache.remove(key))
+    }
+
+    /// Writes fields of a document as one local change, validating the
+    /// result, and records everything in the transaction. Refused unless
+    /// this node's role may write the document.
+    pub(crate) fn write(
+        &mut self,
+        txn: &mut Txn,
+        key: &DocKey,
+        writes: Vec<(String, Option<String>)>,
+        now: Now,
+    ) -> Result<(), CommandError> {
+        if !policy::may_write(self.meta.role, &self.meta.node_id, key) {
+            return Err(CommandError::Forbidden {
+                role: self.meta.role,
+                action: format!("write {} documents", key.kind),
+            });
+        }
+        let actor = self.actor;
+        let share = self.share.is_some();
+        let doc = self.load_or_new(key)?;
+        let before = if share { doc.heads() } else { vec![] };
+        let change = doc
+            .write(actor, (now.wall_ms / 1000) as i64, "", &writes)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let Some(change) = change else { return Ok(()) };
+        let projection = match derive::projection(doc) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                self.evict(key);
+                return Err(CommandError::Rejected(e.to_string()));
+            }
+        };
+        // Shared only when it is exactly what its heads name.
+        if let (Some(share), Some(doc)) = (&self.share, self.cache.get(key)) {
+            if !doc.has_waiting() {
+                let applied = Applied {
+                    doc: doc.clone(),
+                    projection: Ok(projection.clone()),
+                };
+                share.put_applied(&before, &[change.hash().0], applied);
+            }
+        }
+        txn.touched.insert(key.clone());
+        self.record(txn, key, vec![change], projection, None);
+        Ok(())
+    }
+
+    /// Adds new changes of a document (already applied to the cached doc
+    /// and validated, which gave `projection`) and its new heads, query
+    /// rows and maybe a snapshot to the transaction.
+    pub(crate) fn record(
+        &mut self,
+        txn: &mut Txn,
+        key: &DocKey,
+        changes: Vec<Change>,
+        projection: Arc<Projection>,
+        from: Option<SessionId>,
+    ) {
+        let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
+        let doc = self.cache.get(key).expect("recorded documents are loaded");
+        let heads = doc.heads();
+        for c in changes {
+            let hash = c.hash().0;
+            let bytes = c.raw_bytes().to_vec();
+            txn.batch.changes.push(ChangeRecord {
+                key: key.clone(),
+                hash,
+                bytes: bytes.clone(),
+            });
+            txn.gossip.push(Gossip {
+                key: key.clone(),
+                bytes,
+                hash,
+                from,
+            });
+        }
+        let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save());
+        // A batch's snapshot of a document covers every change of it in the
+        // batch, so only the newest state of each document is kept.
+        txn.batch.docs.retain(|d| d.key != *key);
+        txn.batch.docs.push(DocState {
+            key: key.clone(),
+            heads: heads.clone(),
+            snapshot,
+        });
+        txn.batch.projections.push((key.clone(), projection));
+        let whole = !doc.has_waiting();
+        txn.heads.insert(key.clone(), (heads, whole));
+    }
+
+    /// Parses a received change (once per process with a share).
+    pub(crate) fn parse(&self, bytes: &[u8]) -> Result<Arc<Change>, DocError> {
+        match &self.share {
+            Some(share) => share.parse(bytes),
+            None => parse_change(bytes).map(Arc::new),
+        }
+    }
+
+    /// `base` with `new` applied, and the rows derived from the result;
+    /// from the share when another engine already computed exactly this.
+    pub(crate) fn apply_changes(
+        &mut self,
+        base: Arc<Doc>,
+        new: &[Change],
+    ) -> Result<Applied, DocError> {
+        // A document with changes waiting for dependencies is more than its
+        // heads: neither looked up nor offered.
+        let share = self.share.clone().filter(|_| !base.has_waiting());
+        let (heads, added): (Vec<Hash32>, Vec<Hash32>) = match &share {
+            Some(_) => (base.heads(), new.iter().map(|c| c.hash().0).collect()),
+            None => Default::default(),
+        };
+        if let Some(hit) = share
+            .as_ref()
+            .and_then(|s| s.applied(&base.key, &heads, &added))
+        {
+            return Ok(hit);
+        }
+        // Not shared with anyone: changed in place, no copy.
+        let mut doc = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
+        doc.apply(new.to_vec())?;
+        let projection = derive::projection(&doc)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        let applied = Applied {
+            doc: Arc::new(doc),
+            projection,
+        };
+        if let (Some(s), false) = (&share, applied.doc.has_waiting()) {
+            s.put_applied(&heads, &added, applied.clone());
+        }
+        Ok(applied)
+    }
+
+    /// The presence events of a document this node holds (`None` if it
+    /// holds none or they do not parse).
+    pub(crate) fn presence_events(&mut self, key: &DocKey) -> Option<Arc<Vec<PresenceEvent>>> {
+        let share = self.share.clone();
+        let doc = self.load(key).ok()??;
+        match &share {
+            Some(s) => s.presence_events(doc),
+            None => derive::presence_events(doc).map(Arc::new),
+        }
+        .ok()
+    }
+
+    /// Presence document of a person: their household's, or their own for
+    /// a field-registered person.
+    pub(crate) fn presence_key(&self, person_id: &str) -> Result<DocKey, CommandError> {
+        let p = self
+            .store
+            .person(person_id)?
+            .ok_or_else(|| CommandError::NotFound {
+                what: "person",
+                id: person_id.to_string(),
+            })?;
+        let id = p.household_id.unwrap_or(p.person_id);
+        DocKey::new(Kind::Presence, id).map_err(|e| CommandError::Rejected(e.to_string()))
+    }
+
+    fn evict(&mut self, key: &DocKey) {
+        self.cache.remove(key);
+    }
+
+    /// Drops every document a failed transaction touched from the cache,
+    /// so memory matches the store again.
+    pub(crate) fn forget(&mut self, txn: &Txn) {
+        for k in txn.touched.iter().chain(txn.heads.keys()) {
+            self.evict(k);
+        }
+    }
+
+    /// Makes a batch durable.
+    pub(crate) fn persist(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        #[cfg(feature = "mutants")]
+        if crate::mutants::active(crate::mutants::Mutant::SkipDurability) && !batch.ops.is_empty() {
+            // The planted bug: acknowledge first, write on the next input.
+            self.deferred = Some(batch.clone());
+            return Ok(());
+        }
+        self.store.commit(batch)
+    }
+
+    /// With the `SkipDurability` mutant: the write it put off.
+    #[cfg(feature = "mutants")]
+    pub(crate) fn persist_deferred(&mut self) {
+        if let Some(b) = self.deferred.take() {
+            let _ = self.store.commit(&b);
+        }
+    }
+
+    /// The in-memory effects of a durable transaction: meta, index, a
+    /// `DocumentChanged` event per document, log end. Returns what the
+    /// other parts react to.
+    pub(crate) fn committed(&mut self, mut txn: Txn, out: &mut Vec<Output>) -> Committed {
+        if let Some(m) = txn.meta.take() {
+            self.meta = m;
+        }
+        let mut done = Committed {
+            gossip: Vec::new(),
+            outbox: Vec::new(),
+            presence: Vec::new(),
+        };
+        for (key, (heads, whole)) in txn.heads {
+            let snap = txn
+                .batch
+                .docs
+                .iter()
+                .rev()
+                .find(|d| d.key == key)
+                .is_some_and(|d| d.snapshot.is_some());
+            // `whole` is known at `record`: the document may have left the
+            // cache since (a frame with more documents than the cache holds).
+            self.index.update(&key, heads, whole, snap);
+            match key.kind {
+                Kind::Outbox => done.outbox.push(key.clone()),
+                Kind::Presence => done.presence.push(key.clone()),
+                _ => {}
+            }
+            out.push(Output::Event(UiEvent::DocumentChanged {
+                kind: key.kind,
+                id: key.id.clone(),
+            }));
+        }
+        if !txn.batch.changes.is_empty() {
+            self.log_end = self.store.log_end().ok().flatten();
+        }
+        done.gossip = txn.gossip;
+        done
+    }
+}
