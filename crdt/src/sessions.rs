@@ -21,23 +21,24 @@
 //!   reconciliation is needed at all.
 //! - **Reconcile** (first meeting, or a cursor refused either way): the
 //!   dialing side runs range-based set reconciliation over the documents
-//!   both roles may receive. Turns alternate; a turn is one or more
-//!   `Reconcile` frames, the last with `more: false`. Ranges whose
-//!   fingerprints (sum of item hashes) match are done; a differing range is
-//!   split 16-way until it holds at most 32 items, which are then listed
-//!   with their heads (stage 0). For each differing document, a side that
-//!   knows all of the other's heads sends exactly the changes the other
-//!   lacks; otherwise it answers with its own heads (stage 1, then 2), and
-//!   only for truly concurrent histories sends a superset. An empty turn
-//!   ends the exchange. Documents only the peer may hold (a node's own audit
-//!   chain for headquarters) are offered one by one in each side's first
-//!   turn.
+//!   both roles may receive ([`crate::reconcile`]). Turns alternate; a turn
+//!   is one or more `Reconcile` frames, the last with `more: false`; the
+//!   documents the peer lacks changes of are queued by priority and sent
+//!   from the queue. An empty turn ends the exchange. Documents only the
+//!   peer may hold (a node's own audit chain for headquarters) are offered
+//!   one by one in each side's first turn.
 //!
 //! Either way, once a side has caught up (stream read to the end, or the
 //! exchange over and its send queue empty), every new change is pushed to
 //! the peer as it is committed, and those frames carry the new log end as
 //! `upto`, so the next session resumes from there. Catch-up sends are
 //! drained a bounded number of frames per input (memory stays bounded).
+//!
+//! Invariants: a change is sent on a session at most once (`seen`); a
+//! frame claims a log position (`upto`) only when everything before it
+//! that the peer may hold was sent on this session; every received change
+//! is checked at this hop (the peer may hold the document, the author may
+//! write it) before it is staged.
 
 use crate::actor::Actor;
 use crate::api::{Now, Output, PeerStatus, SessionId, UiEvent};

@@ -49,7 +49,7 @@ pub enum RangeBody {
     /// of its heads.
     Digests { items: Vec<(DocKey, [u8; 8])> },
     /// The sender's full heads of documents that differ, at stage 1, 2 or
-    /// 3 of the exchange (see `crdt::session`).
+    /// 3 of the exchange (see `crdt::reconcile`).
     Items { items: Vec<Item>, stage: u8 },
 }
 

@@ -1,5 +1,6 @@
 //! The crdt crate's one integration test binary.
 
 mod engine;
+mod layers;
 mod properties;
 mod tidy;
