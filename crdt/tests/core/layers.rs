@@ -11,8 +11,8 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["ids", "text", "hlc", "mutants"],
     &["actor", "model", "policy"],
-    &["doc"],
-    &["views", "store"],
+    &["doc", "jst"],
+    &["views", "store", "mailtext"],
     &["derive", "wire", "cache", "api"],
     &["share", "index"],
     &["replica", "reconcile"],
