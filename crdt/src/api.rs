@@ -263,6 +263,12 @@ pub enum Query {
     Person {
         person_id: String,
     },
+    /// Every presence event this node holds for a person, oldest first:
+    /// where they arrived, left and were transferred, including the
+    /// concurrent events of a conflict. Empty on roles without presence.
+    PresenceHistory {
+        person_id: String,
+    },
     Shelters,
     Conflicts,
     Outbox,
@@ -428,6 +434,8 @@ pub enum QueryReply {
     Persons(Vec<PersonRow>),
     Household(Option<HouseholdView>),
     Person(Option<PersonDetail>),
+    /// `None` when the person is not in the registry.
+    PresenceHistory(Option<Vec<crate::model::PresenceEvent>>),
     Shelters(Vec<ShelterView>),
     Conflicts(Vec<LocationRow>),
     Outbox(Vec<OutboxRow>),

@@ -89,6 +89,24 @@ impl<S: Store> Queries<'_, S> {
                     }
                 }
             }
+            Query::PresenceHistory { person_id } => {
+                crate::ids::check_id_str(&person_id).map_err(|r| TextError::Invalid {
+                    field: "person_id",
+                    reason: r.into(),
+                })?;
+                if self.r.store.person(&person_id)?.is_none() {
+                    QueryReply::PresenceHistory(None)
+                } else {
+                    let key = self.r.presence_key(&person_id)?;
+                    let mut evs = match self.r.load(&key)? {
+                        Some(doc) => derive::presence_events(doc)?,
+                        None => Vec::new(),
+                    };
+                    evs.retain(|e| e.person_id == person_id);
+                    evs.sort_by(|a, b| (a.hlc, &a.event_id).cmp(&(b.hlc, &b.event_id)));
+                    QueryReply::PresenceHistory(Some(evs))
+                }
+            }
             Query::Person { person_id } => {
                 crate::ids::check_id_str(&person_id).map_err(|r| TextError::Invalid {
                     field: "person_id",

@@ -268,6 +268,7 @@ pub fn router(state: ApiState) -> Router {
             get(household_by_card),
         )
         .route("/api/v1/persons/{person_id}", get(person))
+        .route("/api/v1/persons/{person_id}/history", get(history))
         .route(
             "/api/v1/persons/{person_id}/medical",
             get(medical).post(put_medical),
@@ -546,6 +547,29 @@ async fn person(
             Ok(Json(v))
         }
         QueryReply::Person(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such person",
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A person's presence history on this node: every arrival, departure and
+/// transfer it holds, oldest first, concurrent ones included. Lets a desk
+/// or headquarters see where someone has been, and lets operators compare
+/// what two nodes hold while they converge.
+async fn history(
+    State(st): State<ApiState>,
+    Path(person_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match st
+        .driver
+        .query(Query::PresenceHistory { person_id })
+        .await?
+    {
+        QueryReply::PresenceHistory(Some(evs)) => Ok(Json(json!({ "events": evs }))),
+        QueryReply::PresenceHistory(None) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             "no such person",

@@ -66,12 +66,18 @@ fn checkin_ok(tb: &Testbed, node: &str, persons: &[&str], op: &str) -> Result<Ve
         .collect())
 }
 
-/// Acknowledged events ⊆ every replica, and the replicas hold equal sets.
-fn wait_converged(tb: &mut Testbed, nodes: &[&str], acked: &BTreeSet<String>) -> Result<()> {
+/// Acknowledged events ⊆ every replica, and the replicas hold equal sets
+/// of events for `persons`.
+fn wait_converged(
+    tb: &Testbed,
+    nodes: &[&str],
+    persons: &[String],
+    acked: &BTreeSet<String>,
+) -> Result<()> {
     wait_for("event id sets to converge", SYNC, || {
         let sets: Vec<BTreeSet<String>> = nodes
             .iter()
-            .map(|n| tb.event_ids(n))
+            .map(|n| tb.event_ids(n, persons))
             .collect::<Result<_>>()?;
         let all_equal = sets.windows(2).all(|w| w[0] == w[1]);
         let missing: Vec<_> = sets
@@ -213,7 +219,7 @@ fn partition_then_heal(cut: Cut, tag: &str) -> Result<()> {
     }
     let t = std::time::Instant::now();
     let nodes = ["hq-1", "shelter-01", "shelter-02"];
-    wait_converged(&mut tb, &nodes, &acked)?;
+    wait_converged(&tb, &nodes, &persons[..11], &acked)?;
     eprintln!("{cut:?}: converged {:?} after healing", t.elapsed());
     for n in nodes {
         wait_location(&tb, n, &persons[1], "shelter-01")?;
@@ -273,7 +279,7 @@ fn ten_percent_loss_everywhere_delivers_every_checkin() -> Result<()> {
         };
         wait_location(&tb, "hq-1", p, s)?;
     }
-    let at_hq = tb.event_ids("hq-1")?;
+    let at_hq = tb.event_ids("hq-1", &persons)?;
     ensure!(
         acked.is_subset(&at_hq),
         "hq lacks {:?}",
@@ -354,7 +360,8 @@ fn kill_9_during_checkins_loses_nothing_acknowledged() -> Result<()> {
             "acknowledged check-in of {p} lost: {v}"
         );
     }
-    let have = tb.event_ids("shelter-01")?;
+    let acked_persons: Vec<String> = acked.iter().map(|(p, _)| p.clone()).collect();
+    let have = tb.event_ids("shelter-01", &acked_persons)?;
     for (p, evs) in &acked {
         for e in evs {
             ensure!(have.contains(e), "event {e} of {p} lost");

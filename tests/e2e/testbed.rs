@@ -499,8 +499,9 @@ impl Testbed {
         )
     }
 
-    /// `kizuna docs export` of a node's database (read-only; may run beside
-    /// the live node). Returns the export directory.
+    /// `kizuna docs export` of a stopped node's database (the export is
+    /// audited, so it needs the data directory to itself). Returns the
+    /// export directory.
     pub fn export(&mut self, id: &str) -> Result<PathBuf> {
         self.exports += 1;
         let out = self
@@ -531,23 +532,21 @@ impl Testbed {
         Ok(m)
     }
 
-    /// Every presence event id a node holds: the `ev:<id>` keys of its
-    /// presence documents, read from a `docs export` with plain Automerge.
-    pub fn event_ids(&mut self, id: &str) -> Result<BTreeSet<String>> {
-        use automerge::ReadDoc;
-        let out = self.export(id)?;
+    /// The presence event ids a running node holds for `persons`, from
+    /// each person's history (`GET /api/v1/persons/{id}/history`).
+    pub fn event_ids(&self, node: &str, persons: &[String]) -> Result<BTreeSet<String>> {
         let mut ids = BTreeSet::new();
-        let dir = out.join("presence");
-        if !dir.exists() {
-            return Ok(ids);
-        }
-        for e in std::fs::read_dir(dir)? {
-            let bytes = std::fs::read(e?.path())?;
-            let doc = automerge::Automerge::load(&bytes)?;
-            for k in doc.keys(automerge::ROOT) {
-                if let Some(ev) = k.strip_prefix("ev:") {
-                    ids.insert(ev.to_string());
-                }
+        for p in persons {
+            let path = format!("/api/v1/persons/{p}/history");
+            match self.api(node, "GET", &path, None)? {
+                (200, v) => ids.extend(
+                    v["events"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|e| e["event_id"].as_str().map(str::to_string)),
+                ),
+                (c, v) => bail!("{node} history of {p}: {c} {v}"),
             }
         }
         Ok(ids)

@@ -375,7 +375,38 @@ fn partitioned_check_ins_at_two_shelters_are_kept_as_a_conflict() {
         };
         assert!(d.location.unwrap().conflict, "node {i}");
         assert_eq!(d.conflicts.len(), 2);
+        // The history holds both concurrent arrivals, and nothing of the
+        // household member who shares the presence document.
+        let QueryReply::PresenceHistory(Some(h)) = net.query(
+            i,
+            Query::PresenceHistory {
+                person_id: "p7-0".into(),
+            },
+        ) else {
+            panic!()
+        };
+        let mut at: Vec<&str> = h.iter().map(|e| e.shelter_id.as_str()).collect();
+        at.sort();
+        assert_eq!(at, ["shelter-a", "shelter-b"], "node {i}: {h:?}");
+        let QueryReply::PresenceHistory(Some(mate)) = net.query(
+            i,
+            Query::PresenceHistory {
+                person_id: "p7-1".into(),
+            },
+        ) else {
+            panic!()
+        };
+        assert!(mate.is_empty(), "node {i}: {mate:?}");
     }
+    assert_eq!(
+        net.query(
+            0,
+            Query::PresenceHistory {
+                person_id: "nobody".into()
+            }
+        ),
+        QueryReply::PresenceHistory(None)
+    );
     assert_eq!(
         net.heads(1, &[Kind::Presence]),
         net.heads(0, &[Kind::Presence])
