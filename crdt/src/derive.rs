@@ -252,6 +252,14 @@ pub fn projection(doc: &Doc) -> Result<Projection, DocError> {
     Ok(p)
 }
 
+/// A document after some changes were applied, with what deriving its rows
+/// gave (an error is a reason the changes are refused).
+#[derive(Clone)]
+pub struct Applied {
+    pub doc: std::sync::Arc<Doc>,
+    pub projection: Result<std::sync::Arc<Projection>, String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,7 +40,6 @@ use crate::model::{MailState, PresenceAction};
 use crate::queries::Queries;
 use crate::replica::{Replica, Txn};
 use crate::sessions::Sessions;
-use crate::share::DocShare;
 use crate::store::{Batch, Meta, Store, StoreError};
 use crate::text::TextError;
 use rand_core::RngCore;
@@ -173,7 +172,8 @@ impl<S: Store> Engine<S> {
 
     /// Shares materialised documents with the other engines of this process
     /// (see [`crate::share`]); the simulator sets one for all its nodes.
-    pub fn set_share(&mut self, share: DocShare) {
+    #[cfg(any(test, feature = "share"))]
+    pub fn set_share(&mut self, share: crate::share::DocShare) {
         self.replica.share = Some(share);
     }
 

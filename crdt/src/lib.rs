@@ -31,6 +31,7 @@ mod queries;
 mod reconcile;
 mod replica;
 mod sessions;
+#[cfg(any(test, feature = "share"))]
 pub mod share;
 pub mod store;
 pub mod text;

@@ -39,7 +39,11 @@ use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::index::{DocIndex, Index};
 use crate::model::PresenceEvent;
 use crate::policy;
-use crate::share::{Applied, DocShare};
+use crate::derive::Applied;
+#[cfg(not(any(test, feature = "share")))]
+use crate::replica::no_share::DocShare;
+#[cfg(any(test, feature = "share"))]
+use crate::share::DocShare;
 use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Projection, Store, StoreError};
 use automerge::Change;
 use std::collections::{BTreeMap, BTreeSet};
@@ -101,7 +105,8 @@ pub(crate) struct Replica<S: Store> {
     pub(crate) hlc: HlcClock,
     pub(crate) index: Index,
     cache: DocCache,
-    /// Documents materialised by other engines in this process (simulator).
+    /// Documents materialised by other engines in this process (simulator,
+    /// `share` feature; always `None` in a node).
     pub(crate) share: Option<DocShare>,
     /// The newest entry of our change log.
     pub(crate) log_end: Option<Cursor>,
@@ -477,5 +482,50 @@ impl<S: Store> Replica<S> {
         }
         done.gossip = txn.gossip;
         done
+    }
+}
+
+/// Without the `share` feature a replica has no share: this stand-in has no
+/// values, so `Option<DocShare>` is always `None` and the code that would
+/// consult one compiles away.
+#[cfg(not(any(test, feature = "share")))]
+mod no_share {
+    use crate::derive::Applied;
+    use crate::doc::{Doc, DocError, Hash32};
+    use crate::ids::DocKey;
+    use crate::model::PresenceEvent;
+    use automerge::Change;
+    use std::sync::Arc;
+
+    pub(crate) enum DocShare {}
+
+    impl Clone for DocShare {
+        fn clone(&self) -> Self {
+            match *self {}
+        }
+    }
+
+    impl DocShare {
+        pub(crate) fn doc(&self, _: &DocKey, _: &[Hash32]) -> Option<Arc<Doc>> {
+            match *self {}
+        }
+        pub(crate) fn put_doc(&self, _: Arc<Doc>) {
+            match *self {}
+        }
+        pub(crate) fn applied(&self, _: &DocKey, _: &[Hash32], _: &[Hash32]) -> Option<Applied> {
+            match *self {}
+        }
+        pub(crate) fn put_applied(&self, _: &[Hash32], _: &[Hash32], _: Applied) {
+            match *self {}
+        }
+        pub(crate) fn parse(&self, _: &[u8]) -> Result<Arc<Change>, DocError> {
+            match *self {}
+        }
+        pub(crate) fn presence_events(
+            &self,
+            _: &Doc,
+        ) -> Result<Arc<Vec<PresenceEvent>>, DocError> {
+            match *self {}
+        }
     }
 }

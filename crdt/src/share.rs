@@ -13,24 +13,18 @@
 //! the result of applying changes by (key, heads before, hashes applied),
 //! which also keeps the rows derived from the result; a parsed change by
 //! its bytes. The tables are bounded and forget their oldest entries first.
+//!
+//! Compiled only with the `share` feature, which only the simulator
+//! enables (and in this crate's unit tests): a node's build has no share.
 
-use crate::derive;
+use crate::derive::{self, Applied};
 use crate::doc::{parse_change, Doc, DocError, Hash32};
 use crate::ids::DocKey;
 use crate::model::PresenceEvent;
-use crate::store::Projection;
 use automerge::Change;
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-
-/// A document after some changes were applied, with what deriving its rows
-/// gave (an error is a reason the changes are refused).
-#[derive(Clone)]
-pub struct Applied {
-    pub doc: Arc<Doc>,
-    pub projection: Result<Arc<Projection>, String>,
-}
 
 /// What an entry is the answer for: a document, its heads and (for an
 /// apply result) the changes applied, as sets.

@@ -203,3 +203,30 @@ fn fault_ids_are_defined() {
         "docs/faults.md names paths that do not exist: {dangling:?}"
     );
 }
+
+/// Document sharing between engines (`crdt::share`) is the simulator's
+/// memory trick; the node binary's dependency tree never enables it.
+#[test]
+fn node_builds_without_document_sharing() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let features = |pkg: &str| {
+        let out = std::process::Command::new(&cargo)
+            .args(["tree", "-p", pkg, "-e", "features", "--prefix", "none"])
+            .arg("--offline")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo tree runs");
+        assert!(
+            out.status.success(),
+            "cargo tree -p {pkg} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let share = "crdt feature \"share\"";
+    assert!(features("sim").contains(share), "the tree output changed");
+    assert!(
+        !features("node").contains(share),
+        "node enables crdt's share feature"
+    );
+}
