@@ -33,13 +33,13 @@ use crate::actor::Actor;
 use crate::api::{CommandError, Now, Output, SessionId, UiEvent};
 use crate::cache::DocCache;
 use crate::derive;
+use crate::derive::Applied;
 use crate::doc::{parse_change, Doc, DocError, Hash32};
 use crate::hlc::HlcClock;
 use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::index::{DocIndex, Index};
 use crate::model::PresenceEvent;
 use crate::policy;
-use crate::derive::Applied;
 #[cfg(not(any(test, feature = "share")))]
 use crate::replica::no_share::DocShare;
 #[cfg(any(test, feature = "share"))]
@@ -521,10 +521,7 @@ mod no_share {
         pub(crate) fn parse(&self, _: &[u8]) -> Result<Arc<Change>, DocError> {
             match *self {}
         }
-        pub(crate) fn presence_events(
-            &self,
-            _: &Doc,
-        ) -> Result<Arc<Vec<PresenceEvent>>, DocError> {
+        pub(crate) fn presence_events(&self, _: &Doc) -> Result<Arc<Vec<PresenceEvent>>, DocError> {
             match *self {}
         }
     }
