@@ -382,6 +382,13 @@ pub struct Status {
     pub mail_queue: usize,
     pub mail_oldest_ms: Option<u64>,
     pub duplicate_mail_risk: u64,
+    /// Documents held per kind (`registry` is the resident registry's
+    /// households: a new node's first sync is watched here).
+    pub documents_by_kind: std::collections::BTreeMap<Kind, usize>,
+    /// Headquarters: family mails per outbox state.
+    pub outbox: std::collections::BTreeMap<crate::model::MailStatus, usize>,
+    /// Entries this node has written to its own audit chain.
+    pub audit_entries: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -49,6 +49,9 @@ pub(crate) struct Index {
     pub(crate) map: OrdMap<DocKey, IndexEntry>,
     /// Per kind, the XOR of the index fingerprints of its documents.
     kind_fp: [u128; Kind::ALL.len()],
+    /// Per kind, how many documents the index holds (documents are never
+    /// removed from it).
+    kind_count: [usize; Kind::ALL.len()],
 }
 
 impl Index {
@@ -74,10 +77,16 @@ impl Index {
 
     pub(crate) fn from_map(map: OrdMap<DocKey, IndexEntry>) -> Index {
         let mut kind_fp = [0u128; Kind::ALL.len()];
+        let mut kind_count = [0usize; Kind::ALL.len()];
         for (k, e) in map.iter() {
             kind_fp[k.kind.code() as usize] ^= e.fp;
+            kind_count[k.kind.code() as usize] += 1;
         }
-        Index { map, kind_fp }
+        Index {
+            map,
+            kind_fp,
+            kind_count,
+        }
     }
 
     pub(crate) fn get(&self, key: &DocKey) -> Option<&IndexEntry> {
@@ -92,6 +101,11 @@ impl Index {
         self.kind_fp[kind.code() as usize]
     }
 
+    /// How many documents of `kind` the index holds.
+    pub(crate) fn kind_count(&self, kind: Kind) -> usize {
+        self.kind_count[kind.code() as usize]
+    }
+
     /// Records that the document is (or is not) known whole.
     pub(crate) fn set_whole(&mut self, key: &DocKey, whole: bool) {
         if let Some(e) = self.map.get_mut(key) {
@@ -104,7 +118,12 @@ impl Index {
     pub(crate) fn update(&mut self, key: &DocKey, heads: Vec<Hash32>, whole: bool, snapshot: bool) {
         let fp = item_fp(key, &heads);
         let kind_fp = &mut self.kind_fp[key.kind.code() as usize];
+        let kind_count = &mut self.kind_count[key.kind.code() as usize];
         upsert(&mut self.map, key, IndexEntry::default, |e| {
+            // A new entry has no heads yet; every stored one has some.
+            if e.heads.is_empty() {
+                *kind_count += 1;
+            }
             *kind_fp ^= e.fp ^ fp;
             e.fp = fp;
             e.heads = heads;

@@ -54,6 +54,16 @@ impl<S: Store> Queries<'_, S> {
                     mail_queue: open.len(),
                     mail_oldest_ms: open.iter().map(|m| m.next_attempt_ms).min(),
                     duplicate_mail_risk: self.mail.duplicate_risk,
+                    documents_by_kind: Kind::ALL
+                        .iter()
+                        .map(|k| (*k, self.r.index.kind_count(*k)))
+                        .filter(|(_, n)| *n > 0)
+                        .collect(),
+                    outbox: self.mail.states().values().fold(BTreeMap::new(), |mut m, s| {
+                        *m.entry(s.status).or_insert(0) += 1;
+                        m
+                    }),
+                    audit_entries: self.r.meta.audit_seq,
                 })
             }
             Query::Persons { limit, offset } => {

@@ -6,13 +6,14 @@
 #   build:  pkg-config, libpcsclite-dev (the pcsc crate links libpcsclite)
 #   tests:  pcscd + vsmartcard-vpcd (card tier), nftables + iproute2
 #           (namespace tier), python3-aiosmtpd (SMTP tier), libxml2-utils
-#           (xmllint: PFIF exports checked against docs/schemas/pfif-1.4.xsd)
+#           (xmllint: PFIF exports checked against docs/schemas/pfif-1.4.xsd),
+#           systemd (systemd-analyze checks the service unit)
 #   tools:  cargo-nextest (on the machine image; installed from crates.io
 #           only if missing)
 set -euo pipefail
 
 need=()
-for pkg in pkg-config libpcsclite-dev pcscd vsmartcard-vpcd nftables iproute2 python3-aiosmtpd libxml2-utils curl; do
+for pkg in pkg-config libpcsclite-dev pcscd vsmartcard-vpcd nftables iproute2 python3-aiosmtpd libxml2-utils curl systemd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

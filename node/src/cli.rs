@@ -11,6 +11,7 @@ use crate::auth::Operators;
 use crate::console::Exit;
 use crate::import::Encoding;
 use clap::{Parser, Subcommand};
+use crdt::Role;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -96,6 +97,56 @@ pub enum Cmd {
     Certs {
         #[command(subcommand)]
         cmd: certs::cli::CertsCmd,
+    },
+    /// Node configuration files.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Online backup and restore of a node's data directory.
+    Backup {
+        #[command(subcommand)]
+        cmd: BackupCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Validate a config without starting the node (exit 2 on errors).
+    Check {
+        file: PathBuf,
+        /// The role the node is meant to have (checked against its
+        /// certificate; needed with --skip-files).
+        #[arg(long, value_parser = |s: &str| s.parse::<Role>())]
+        role: Option<Role>,
+        /// Check the file only, not the certificate, card profile, token and
+        /// database it names (for templates).
+        #[arg(long)]
+        skip_files: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCmd {
+    /// Write a consistent backup of a data directory into a new directory
+    /// OUT, while the node runs.
+    Create {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into a data directory that holds no database; the
+    /// node takes a new incarnation at its next start.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Smallest incarnation to take (when this machine's clock cannot
+        /// be trusted).
+        #[arg(long)]
+        incarnation_floor: Option<u32>,
     },
 }
 
@@ -303,6 +354,66 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
             cmd: DocsCmd::Export { data_dir, out },
         } => crate::export::docs_export(&data_dir, &out),
         Cmd::Certs { cmd } => certs::cli::run(cmd).map_err(Exit::from),
+        Cmd::Config {
+            cmd:
+                ConfigCmd::Check {
+                    file,
+                    role,
+                    skip_files,
+                },
+        } => {
+            let report = crate::check::check(&file, role, skip_files);
+            let text = report.render(&file);
+            if report.ok() {
+                print!("{text}");
+                Ok(())
+            } else {
+                eprint!("{text}");
+                Err(Exit::bad_input(format!(
+                    "{}: {} error(s)",
+                    file.display(),
+                    report.errors.len()
+                )))
+            }
+        }
+        Cmd::Backup {
+            cmd: BackupCmd::Create { data_dir, out },
+        } => {
+            let c = crate::backup::create(&data_dir, &out)?;
+            println!(
+                "backup of {} {} written to {} in {:.1} s: {} documents, log end {}, incarnation {}, {} bytes",
+                c.manifest.role,
+                c.manifest.node_id,
+                c.dir.display(),
+                c.elapsed.as_secs_f64(),
+                c.manifest.documents,
+                c.manifest.log_end,
+                c.manifest.incarnation,
+                c.manifest.db_bytes
+            );
+            Ok(())
+        }
+        Cmd::Backup {
+            cmd:
+                BackupCmd::Restore {
+                    from,
+                    data_dir,
+                    incarnation_floor,
+                },
+        } => {
+            let r = crate::backup::restore(&from, &data_dir, incarnation_floor)
+                .map_err(|e| Exit::bad_input(format!("{e:#}")))?;
+            println!(
+                "restored {} {} into {} in {:.1} s: backup incarnation {}, the node starts as incarnation {}",
+                r.manifest.role,
+                r.manifest.node_id,
+                data_dir.display(),
+                r.elapsed.as_secs_f64(),
+                r.manifest.incarnation,
+                r.incarnation
+            );
+            Ok(())
+        }
         Cmd::Card(_) => unreachable!("main dispatches card commands with their own exit codes"),
     }
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_NET_LISTEN: &str = "0.0.0.0:7700";
 pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:7780";
+pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:7781";
 pub const DEFAULT_SMTP_PORT: u16 = 25;
 pub const DEFAULT_MAIL_LEASE_MS: u64 = 5 * 60_000;
 pub const DEFAULT_MAIL_TAKEOVER_MS: u64 = 10 * 60_000;
@@ -79,6 +80,15 @@ pub struct RawConfig {
     pub smtp: Option<RawSmtp>,
     #[serde(default)]
     pub node: RawNode,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub enabled: Option<bool>,
+    pub bind: Option<String>,
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +173,19 @@ pub struct Config {
     pub card: CardConfig,
     pub smtp: Option<SmtpConfig>,
     pub node: NodeConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint (`node::metrics`): on when the `[metrics]` table
+/// is present, on loopback by default; a bind address anyone else can
+/// reach needs a bearer token file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    /// File holding the bearer token scrapers must send (resolved against
+    /// the config file's directory). Read at start.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -612,6 +635,27 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
             DEFAULT_MAIL_TAKEOVER_MS,
         )?,
     };
+    // Like `[card]`: the table's presence turns the endpoint on, so nodes
+    // sharing one loopback (the demo, tests) never fight over its port.
+    let present = raw.metrics.is_some();
+    let m = raw.metrics.unwrap_or_default();
+    let metrics = MetricsConfig {
+        enabled: m.enabled.unwrap_or(present),
+        bind: socket_addr(
+            p,
+            "metrics.bind",
+            m.bind.as_deref().unwrap_or(DEFAULT_METRICS_BIND),
+        )?,
+        token_file: m.token_file.map(abs),
+    };
+    if metrics.enabled && !metrics.bind.ip().is_loopback() && metrics.token_file.is_none() {
+        return Err(ConfigError::Invalid {
+            path: p.into(),
+            key: "metrics.bind".into(),
+            value: format!("{:?}", metrics.bind.to_string()),
+            reason: "a metrics address off loopback needs metrics.token_file (a bearer token for the scraper)".into(),
+        });
+    }
     Ok(Config {
         source: source.to_path_buf(),
         data_dir,
@@ -632,6 +676,7 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
         },
         smtp,
         node,
+        metrics,
     })
 }
 
@@ -830,6 +875,24 @@ mail_lease_ms = 60000
         );
         let e = parse("data_dir = 3\n").unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { line: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn metrics_table_turns_the_endpoint_on() {
+        let c = parse("data_dir = \"d\"\n").unwrap();
+        assert!(!c.metrics.enabled);
+        let c = parse("data_dir = \"d\"\n[metrics]\n").unwrap();
+        assert!(c.metrics.enabled);
+        assert_eq!(c.metrics.bind.to_string(), DEFAULT_METRICS_BIND);
+        let c = parse("data_dir = \"d\"\n[metrics]\nbind = \"0.0.0.0:9100\"\ntoken_file = \"t\"\n")
+            .unwrap();
+        assert_eq!(c.metrics.token_file, Some(PathBuf::from("/etc/kizuna/t")));
+        let e = parse("data_dir = \"d\"\n[metrics]\nbind = \"0.0.0.0:9100\"\n").unwrap_err();
+        assert!(e.to_string().contains("metrics.token_file"), "{e}");
+        // Switched off, an open address needs no token.
+        let c = parse("data_dir = \"d\"\n[metrics]\nenabled = false\nbind = \"0.0.0.0:9100\"\n")
+            .unwrap();
+        assert!(!c.metrics.enabled);
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crdt::api::{
 };
 use crdt::engine::{Engine, EngineConfig, EngineError};
 use crdt::store::StoreError;
+use prometheus_client::metrics::histogram::Histogram;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use std::collections::{HashMap, VecDeque};
@@ -112,6 +113,14 @@ pub struct DriverHandle {
     thread: Arc<Mutex<Option<JoinHandle<Option<SqliteStore>>>>>,
     info: Arc<DriverInfo>,
     clock: Arc<ClockState>,
+    commit_seconds: Histogram,
+}
+
+/// Buckets of the commit-time histogram, seconds: 0.5 ms .. ~4 s.
+fn commit_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 14,
+    ))
 }
 
 /// Whether the wall clock is believed, and why not. Shared between the
@@ -148,6 +157,8 @@ impl Driver {
             problem: Mutex::new(None),
         });
         let t_clock = clock_state.clone();
+        let commit_seconds = commit_histogram();
+        let t_commit = commit_seconds.clone();
         let thread = std::thread::Builder::new()
             .name("kizuna-engine".into())
             .spawn(move || {
@@ -165,7 +176,7 @@ impl Driver {
                     role: engine.config().role,
                     incarnation: engine.incarnation(),
                 }));
-                run(&mut engine, &clock, rx, &t_sinks, &t_events);
+                run(&mut engine, &clock, rx, &t_sinks, &t_events, &t_commit);
                 Some(engine.into_store())
             })
             .map_err(DriverError::Spawn)?;
@@ -179,6 +190,7 @@ impl Driver {
                     thread: Arc::new(Mutex::new(Some(thread))),
                     info: Arc::new(info),
                     clock: clock_state,
+                    commit_seconds,
                 })
             }
             Ok(Err(e)) => {
@@ -216,6 +228,12 @@ impl DriverHandle {
 
     pub fn info(&self) -> &DriverInfo {
         &self.info
+    }
+
+    /// Seconds the engine spent on each input batch that committed (the
+    /// durable write included): what a check-in waits for beyond queueing.
+    pub fn commit_seconds(&self) -> Histogram {
+        self.commit_seconds.clone()
     }
 
     /// Hands a command to the engine thread; the receiver yields its
@@ -346,6 +364,7 @@ fn run(
     rx: mpsc::Receiver<Msg>,
     sinks: &Mutex<Sinks>,
     events: &broadcast::Sender<UiEvent>,
+    commit_seconds: &Histogram,
 ) {
     let mut rng = ChaCha20Rng::from_entropy();
     let tick = Duration::from_millis(TICK_MS);
@@ -385,7 +404,11 @@ fn run(
             inputs.push(Input::Tick);
         }
         if !inputs.is_empty() {
+            let (commits, started) = (engine.stats().commits, Instant::now());
             let outs = engine.handle_batch(std::mem::take(&mut inputs), clock.now(), &mut rng);
+            if engine.stats().commits != commits {
+                commit_seconds.observe(started.elapsed().as_secs_f64());
+            }
             route(outs, &mut pending, &mut query_replies, sinks, events);
         }
         debug_assert!(query_replies.is_empty(), "every query is answered");

@@ -12,7 +12,9 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod card;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod console;
@@ -22,7 +24,9 @@ pub mod driver;
 pub mod export;
 pub mod import;
 pub mod mail;
+pub mod metrics;
 pub mod net;
 pub mod outputs;
 pub mod run;
 pub mod store;
+pub mod upkeep;

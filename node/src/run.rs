@@ -77,7 +77,36 @@ pub fn run(config: &Path) -> Result<(), Exit> {
             .with_context(|| format!("cannot bind http.bind {}", cfg.http.bind))?;
         tracing::info!(node_id = %node_id, role = %role, http = %listener.local_addr()?, "kizuna running");
         watch_clock(&driver, creds.identity.clone());
-        let transport = start_mesh(&cfg, creds, &driver).await?;
+        let metrics = crate::metrics::Metrics::new(&driver);
+        let metrics_listener = match cfg.metrics.enabled {
+            true => Some((
+                crate::metrics::bind(&cfg.metrics).await?,
+                crate::metrics::read_token(&cfg.metrics)?,
+            )),
+            false => None,
+        };
+        let transport = start_mesh(&cfg, creds, &driver, &metrics).await?;
+        crate::upkeep::start(&driver, &transport, &cfg.data_dir);
+        if let Some((listener, token)) = metrics_listener {
+            // Weak: the transport is unwrapped for its clean shutdown below.
+            let t = Arc::downgrade(&transport);
+            let sources = crate::metrics::Sources {
+                driver: driver.clone(),
+                data_dir: cfg.data_dir.clone(),
+                revocation: Some(transport.revocation()),
+                sessions: Some(Arc::new(move || {
+                    t.upgrade().map(|t| t.session_count()).unwrap_or(0)
+                })),
+            };
+            tracing::info!(metrics = %listener.local_addr()?, "metrics endpoint up");
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                sources,
+                token,
+                shutdown_signal(),
+            ));
+        }
         match (&cfg.smtp, role) {
             (Some(smtp), Role::Hq) => {
                 if let Some(settings) = smtp_settings {
@@ -95,6 +124,17 @@ pub fn run(config: &Path) -> Result<(), Exit> {
             Some(reader) => {
                 let operators = state.operators_file().clone();
                 let (hub, watcher) = start_card(&cfg, reader, &driver, role, operators);
+                let (m, mut rx) = (metrics.clone(), hub.subscribe());
+                tokio::spawn(async move {
+                    use tokio::sync::broadcast::error::RecvError;
+                    loop {
+                        match rx.recv().await {
+                            Ok(ev) => m.observe_card_event(&ev),
+                            Err(RecvError::Lagged(_)) => continue,
+                            Err(RecvError::Closed) => break,
+                        }
+                    }
+                });
                 state = state.with_card(hub);
                 Some(watcher)
             }
@@ -176,6 +216,7 @@ pub async fn start_mesh(
     cfg: &Config,
     creds: certs::NodeCredentials,
     driver: &DriverHandle,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<Arc<crate::net::Transport>> {
     use crate::net::{StaticPeer, Transport, TransportConfig, TransportSinks};
     let revocation = Arc::new(certs::crl::RevocationState::new(creds.ca.clone()));
@@ -205,11 +246,14 @@ pub async fn start_mesh(
             }
         }
     }
-    let d = driver.clone();
+    let (d, m) = (driver.clone(), metrics.clone());
     let sinks = TransportSinks {
         // A stopped driver means the node is shutting down; the input is
         // moot then.
         input: Box::new(move |input| {
+            if let crdt::api::Input::Frame { bytes, .. } = &input {
+                m.observe_frame(crate::metrics::Direction::Received, bytes);
+            }
             let _ = d.input(input);
         }),
         // The transport logs its notices itself.
@@ -217,9 +261,12 @@ pub async fn start_mesh(
     };
     let transport = Arc::new(Transport::start(tcfg, creds, trust, revocation, sinks).await?);
     tracing::info!(quic = %transport.local_addr(), mdns = cfg.net.mdns, "mesh transport up");
-    let t = transport.clone();
+    let (t, m) = (transport.clone(), metrics.clone());
     driver.set_net_sink(Box::new(move |o| match o {
-        NetOut::Send { session, bytes } => t.send(session, bytes),
+        NetOut::Send { session, bytes } => {
+            m.observe_frame(crate::metrics::Direction::Sent, &bytes);
+            t.send(session, bytes)
+        }
         NetOut::Close { session, reason } => t.close(session, &reason),
     }));
     Ok(transport)

@@ -505,3 +505,211 @@ fn run_refuses_bad_config_and_missing_certs() {
         "nothing created before the config and certs check out"
     );
 }
+
+fn repo_path(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn out_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every example config in `deploy/` is valid for its role and draws no
+/// warning (the role is the file's name; templates have no certificate).
+#[test]
+fn config_check_accepts_every_example_config() {
+    let mut seen = 0;
+    for e in std::fs::read_dir(repo_path("deploy/config")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        let role = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let o = kizuna(&[
+            "config",
+            "check",
+            path.to_str().unwrap(),
+            "--role",
+            &role,
+            "--skip-files",
+        ]);
+        let text = out_text(&o);
+        assert_eq!(o.status.code(), Some(0), "{}: {text}", path.display());
+        assert!(text.contains("config ok"), "{text}");
+        assert!(!text.contains("warning"), "{}: {text}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 5, "one example per role");
+    let o = kizuna(&[
+        "config",
+        "check",
+        repo_path("deploy/kizuna.example.toml").to_str().unwrap(),
+        "--role",
+        "hq",
+        "--skip-files",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", out_text(&o));
+}
+
+/// The catalogue in `node/tests/data/bad-configs`: each file's first line
+/// says `# expect: TEXT`; the check must exit 2 with TEXT in its message.
+#[test]
+fn config_check_refuses_the_bad_config_catalogue() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bad-configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let first = String::from_utf8_lossy(&bytes)
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        let expect = first
+            .strip_prefix("# expect: ")
+            .unwrap_or_else(|| panic!("{}: no `# expect:` line", path.display()));
+        let o = kizuna(&["config", "check", path.to_str().unwrap(), "--skip-files"]);
+        let text = out_text(&o);
+        assert_eq!(o.status.code(), Some(2), "{}: {text}", path.display());
+        assert!(
+            text.contains(expect),
+            "{}: expected {expect:?} in {text}",
+            path.display()
+        );
+        assert!(text.contains("config has errors"), "{text}");
+        n += 1;
+    }
+    assert!(n >= 18, "catalogue has {n} entries");
+}
+
+/// Without --skip-files the check reads what the config names: the
+/// certificate (node id and role), the metrics token and an existing
+/// database, and refuses a mismatch of any of them.
+#[test]
+fn config_check_reads_the_files_a_config_names() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let ca = root.join("ca");
+    let ok = |o: &Output| assert_eq!(o.status.code(), Some(0), "{}", out_text(o));
+    ok(&kizuna(&[
+        "certs",
+        "init-ca",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--name",
+        "Test CA",
+    ]));
+    ok(&kizuna(&[
+        "certs",
+        "issue",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--role",
+        "shelter",
+        "--node-id",
+        "shelter-07",
+        "--out",
+        root.join("certs").to_str().unwrap(),
+    ]));
+    let cfg = root.join("kizuna.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &cfg,
+            format!("data_dir = \"data\"\n[certs]\ndir = \"certs\"\n{extra}"),
+        )
+        .unwrap()
+    };
+    let check = |extra: &[&str]| {
+        let mut args = vec!["config", "check", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        kizuna(&args)
+    };
+    write("");
+    let o = check(&[]);
+    ok(&o);
+    let text = out_text(&o);
+    assert!(text.contains("shelter-07 (shelter)"), "{text}");
+    assert!(text.contains("created at the first start"), "{text}");
+    let o = check(&["--role", "hq"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        out_text(&o).contains("certificate is for a shelter node, not hq"),
+        "{}",
+        out_text(&o)
+    );
+    // Settings the role ignores are warnings, not errors.
+    write("[smtp]\nhost = \"127.0.0.1\"\nfrom = \"k@example.jp\"\n");
+    let o = check(&[]);
+    ok(&o);
+    assert!(out_text(&o).contains("[smtp] is ignored on a shelter node"));
+    // The metrics token must be readable and not a placeholder.
+    write("[metrics]\nbind = \"0.0.0.0:7781\"\ntoken_file = \"metrics.token\"\n");
+    let o = check(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(out_text(&o).contains("metrics.token"), "{}", out_text(&o));
+    std::fs::write(root.join("metrics.token"), "short\n").unwrap();
+    assert_eq!(check(&[]).status.code(), Some(2));
+    std::fs::write(root.join("metrics.token"), "0123456789abcdef0123\n").unwrap();
+    ok(&check(&[]));
+    // A data directory that belongs to another node.
+    write("");
+    let csv = root.join("r.csv");
+    std::fs::write(&csv, good_csv()).unwrap();
+    ok(&import(&root.join("data"), &csv, &[]));
+    let o = check(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        out_text(&o).contains(
+            "belongs to hq node hq-1, but the certificate is for shelter node shelter-07"
+        ),
+        "{}",
+        out_text(&o)
+    );
+    // Missing certificates.
+    std::fs::remove_file(root.join("certs/node.key.pem")).unwrap();
+    let o = check(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(out_text(&o).contains("node.key.pem"), "{}", out_text(&o));
+}
+
+/// The systemd unit parses, and `systemd-analyze security` rates its
+/// hardening "OK" (exposure at most 2.0 of 10).
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let t = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(repo_path("deploy/systemd/kizuna.service")).unwrap();
+    for key in [
+        "Restart=on-failure",
+        "User=kizuna",
+        "StateDirectory=kizuna",
+        "PrivateTmp=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+    ] {
+        assert!(unit.contains(key), "unit lacks {key:?}");
+    }
+    // verify needs the binaries it names to exist: point them at ours.
+    let path = t.path().join("kizuna.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/kizuna", kizuna_bin().to_str().unwrap()),
+    )
+    .unwrap();
+    let o = std::process::Command::new("systemd-analyze")
+        .args(["verify"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (package systemd, installed by deploy/scripts/setup.sh)");
+    assert!(o.status.success(), "verify: {}", out_text(&o));
+    let o = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=20"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "security: {}", out_text(&o));
+}

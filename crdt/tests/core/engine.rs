@@ -315,6 +315,60 @@ fn registry_reaches_shelters_and_check_in_reaches_hq_through_another_node() {
     );
 }
 
+/// `Status::documents_by_kind` (metrics, first-sync progress) counts what
+/// the index holds: after an import, after sync, and after a reopen.
+#[test]
+fn status_counts_documents_by_kind() {
+    let mut net = setup();
+    net.connect(0, 1);
+    // Updates of documents already held change no count.
+    let hh: Vec<Household> = (0..50)
+        .map(|i| Household {
+            address: format!("新潟県三条市 {i} 改"),
+            ..household(i, 2)
+        })
+        .collect();
+    net.cmd(0, "imp-2", Command::ImportHouseholds { households: hh })
+        .unwrap();
+    for i in [0, 1] {
+        let QueryReply::Status(st) = net.query(i, Query::Status) else {
+            panic!()
+        };
+        let mut want: std::collections::BTreeMap<Kind, usize> = Default::default();
+        for (k, _) in net.nodes[i].heads() {
+            *want.entry(k.kind).or_default() += 1;
+        }
+        assert_eq!(st.documents_by_kind, want, "node {i}");
+        assert_eq!(st.documents_by_kind[&Kind::Registry], 50, "node {i}");
+        assert_eq!(st.documents, want.values().sum::<usize>());
+    }
+    let QueryReply::Status(before) = net.query(0, Query::Status) else {
+        panic!()
+    };
+    // A reopened engine counts from its store.
+    let store = std::mem::replace(
+        &mut net.nodes[0],
+        Engine::open(
+            MemStore::new(),
+            EngineConfig::new(NodeId::new("x").unwrap(), Role::Hq),
+            now(T0),
+        )
+        .unwrap(),
+    )
+    .into_store();
+    net.nodes[0] = Engine::open(
+        store,
+        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+        now(T0),
+    )
+    .unwrap();
+    let QueryReply::Status(after) = net.query(0, Query::Status) else {
+        panic!()
+    };
+    assert_eq!(after.documents_by_kind, before.documents_by_kind);
+    assert_eq!(after.audit_entries, before.audit_entries);
+}
+
 #[test]
 fn documents_received_in_frames_larger_than_the_cache_are_indexed_as_whole() {
     let mut net = Net::new(&[("hq-1", Role::Hq), ("shelter-a", Role::Shelter)]);

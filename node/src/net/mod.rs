@@ -456,6 +456,17 @@ impl Transport {
         self.inner.apply_crl(&der, None)
     }
 
+    /// The revocation state this transport enforces (CRL number, revoked
+    /// serials), for metrics.
+    pub fn revocation(&self) -> Arc<RevocationState> {
+        self.inner.revocation.clone()
+    }
+
+    /// QUIC sessions open right now.
+    pub fn session_count(&self) -> usize {
+        self.inner.session_count()
+    }
+
     /// Start (or re-aim) a dialer for a peer named at runtime.
     pub fn add_static_peer(&self, peer: StaticPeer) {
         self.inner.ensure_dialer(peer.node_id, peer.addr);

@@ -412,6 +412,19 @@ impl SqliteStore {
         collect_check(&self.conn, "integrity_check")
     }
 
+    /// Writes a consistent copy of the whole database to `dest` (which must
+    /// not exist) with `VACUUM INTO`: one read transaction, so the copy is
+    /// the state after some commit, never a mix, and under WAL the node's
+    /// writer keeps committing meanwhile. Works on a read-only store. The
+    /// copy is compacted and is not fsynced here (the caller does).
+    pub fn snapshot_into(&self, dest: &Path) -> Result<(), StoreError> {
+        let d = dest
+            .to_str()
+            .ok_or_else(|| StoreError::Io(format!("{} is not UTF-8", dest.display())))?;
+        self.conn.execute("VACUUM INTO ?1", [d]).map_err(map_err)?;
+        Ok(())
+    }
+
     /// A BLAKE3 digest of every row of every table in a fixed order, for
     /// "nothing changed" assertions. Equal content gives equal digests
     /// regardless of page layout, WAL state or vacuuming.
