@@ -97,6 +97,9 @@ pub enum CaError {
     /// `revoke` was asked about a node id this CA never issued to.
     #[error("this CA never issued a certificate to node {0}")]
     UnknownNode(NodeId),
+    /// `revoke --serial` named a serial this CA never issued to the node.
+    #[error("this CA never issued certificate {serial} to node {node}")]
+    UnknownSerial { node: NodeId, serial: String },
     /// rcgen refused to build or sign something.
     #[error("signing failed: {0}")]
     Signing(String),
@@ -492,16 +495,43 @@ pub fn revoke(ca_dir: &Path, node_id: &NodeId) -> Result<Revoked, CaError> {
 /// (`crl.der`) listing all revoked certificates, with a CRL number one above
 /// the last.
 pub fn revoke_at(ca_dir: &Path, node_id: &NodeId, now: OffsetDateTime) -> Result<Revoked, CaError> {
+    revoke_serial_at(ca_dir, node_id, None, now)
+}
+
+/// [`revoke_at`] limited to one certificate of the node when `serial` (hex,
+/// as `certs issue` prints it) is given: after a rotation, the old
+/// certificate is revoked and the new one stays valid.
+pub fn revoke_serial_at(
+    ca_dir: &Path,
+    node_id: &NodeId,
+    serial: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<Revoked, CaError> {
     let mut ca = LoadedCa::load(ca_dir)?;
-    if !ca.state.issued.iter().any(|r| r.node_id == *node_id) {
-        return Err(CaError::UnknownNode(node_id.clone()));
+    let serial = serial.map(|s| s.trim().to_ascii_lowercase().replace(':', ""));
+    let matches = |r: &IssuedRecord| {
+        r.node_id == *node_id
+            && serial
+                .as_ref()
+                .is_none_or(|s| r.serial.to_ascii_lowercase() == *s)
+    };
+    if !ca.state.issued.iter().any(matches) {
+        return Err(match serial {
+            Some(serial) if ca.state.issued.iter().any(|r| r.node_id == *node_id) => {
+                CaError::UnknownSerial {
+                    node: node_id.clone(),
+                    serial,
+                }
+            }
+            _ => CaError::UnknownNode(node_id.clone()),
+        });
     }
     let mut newly_revoked = Vec::new();
     for r in ca
         .state
         .issued
         .iter_mut()
-        .filter(|r| r.node_id == *node_id && r.revoked_at.is_none())
+        .filter(|r| matches(r) && r.revoked_at.is_none())
     {
         r.revoked_at = Some(now.unix_timestamp());
         newly_revoked.push(r.serial.clone());

@@ -57,6 +57,10 @@ pub enum CertsCmd {
         /// The node id to revoke.
         #[arg(long, value_parser = parse_node_id)]
         node_id: NodeId,
+        /// Revoke only this certificate of the node (hex serial, as `issue`
+        /// printed it): the old one after a rotation.
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -99,10 +103,18 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             println!("  private key: {} (mode 0600)", issued.key_path.display());
             println!("  CA copy:     {}", issued.ca_cert_path.display());
         }
-        CertsCmd::Revoke { ca_dir, node_id } => {
-            let revoked = ca::revoke(&ca_dir, &node_id).with_context(|| {
-                format!("revoking {node_id} with the CA in {}", ca_dir.display())
-            })?;
+        CertsCmd::Revoke {
+            ca_dir,
+            node_id,
+            serial,
+        } => {
+            let revoked = ca::revoke_serial_at(
+                &ca_dir,
+                &node_id,
+                serial.as_deref(),
+                time::OffsetDateTime::now_utc(),
+            )
+            .with_context(|| format!("revoking {node_id} with the CA in {}", ca_dir.display()))?;
             if revoked.newly_revoked.is_empty() {
                 println!("node {node_id} was already revoked; re-signed the CRL");
             } else {
@@ -207,6 +219,11 @@ mod tests {
             days: 30,
         })
         .unwrap();
-        run(CertsCmd::Revoke { ca_dir, node_id }).unwrap();
+        run(CertsCmd::Revoke {
+            ca_dir,
+            node_id,
+            serial: None,
+        })
+        .unwrap();
     }
 }

@@ -707,6 +707,39 @@ fn node_id_problems_are_rejected() {
 
 // ------------------------------------------------- negative: revocation
 
+/// Rotation: a node gets a new certificate, then only the old one is
+/// revoked; the new one stays good. A serial the node never had is refused.
+#[test]
+fn revoking_one_serial_after_a_rotation_keeps_the_new_certificate() {
+    let pki = Pki::new("Kizuna CA Sendai");
+    let old = pki.node(Role::Shelter, "shelter-9");
+    // `issue` never overwrites: the new certificate goes to a new directory.
+    let out = pki.dir("shelter-9-new");
+    ca::issue(&pki.ca_dir, Role::Shelter, &nid("shelter-9"), &out, 365).unwrap();
+    let new = NodeCredentials::load_dir(&out).unwrap();
+    assert_ne!(old.identity.serial, new.identity.serial);
+    let r = ca::revoke_serial_at(
+        &pki.ca_dir,
+        &nid("shelter-9"),
+        Some(&old.identity.serial_hex().to_uppercase()),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    assert_eq!(r.newly_revoked, vec![old.identity.serial_hex()]);
+    let rev = pki.revocation();
+    rev.offer(&std::fs::read(&r.crl_path).unwrap()).unwrap();
+    assert!(rev.is_revoked(&old.identity.serial));
+    assert!(!rev.is_revoked(&new.identity.serial));
+    let e = ca::revoke_serial_at(
+        &pki.ca_dir,
+        &nid("shelter-9"),
+        Some("00ff"),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ca::CaError::UnknownSerial { .. }), "{e}");
+}
+
 #[test]
 fn server_rejects_revoked_client() {
     let pki = Pki::new("Kizuna CA Sendai");

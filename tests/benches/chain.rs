@@ -16,16 +16,99 @@
 //! `cargo build --release -p node --bin kizuna && cargo bench -p tests --bench chain -- [--checkins 200] [--per-side 1000]`
 //! (root; the last line of output is one JSON object).
 
-#[path = "../e2e/testbed.rs"]
-mod testbed;
-
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use testbed::{spec, wait_for, Layout, Spec, Testbed, HQ, SHELTER};
+use tests::testbed::{self, wait_for, Layout, NodeSpec, Plan, State};
+
+/// The chain on the testbed library (its loopback layout and a custom
+/// static-peer chain, which the command line does not offer); `down` on
+/// drop.
+struct Testbed {
+    st: State,
+    persons: Vec<(String, String)>,
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Err(e) = testbed::down(&self.st.name, &self.st.dir, false) {
+            eprintln!("testbed cleanup: {e:#}");
+        }
+    }
+}
+
+impl Testbed {
+    fn new(nodes: Vec<NodeSpec>, households: usize) -> Result<Testbed> {
+        let name = format!("tbbn{}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("kizuna-bench-{name}"));
+        let _ = testbed::down(&name, &dir, false);
+        let plan = Plan {
+            nodes,
+            households,
+            seed: 1,
+            mdns: false,
+            layout: Layout::Loopback,
+            start: false,
+        };
+        let st = testbed::up(&name, &dir, &testbed::find_kizuna()?, &plan)?;
+        let persons = std::fs::read_to_string(&st.registry_csv)?
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[0].to_string(), f[2].to_string())
+            })
+            .collect();
+        Ok(Testbed { st, persons })
+    }
+    fn ns(&self, id: &str) -> String {
+        self.st.node(id).expect("node").ns.clone()
+    }
+    fn start_all(&mut self) -> Result<()> {
+        let ids = self.st.select("all")?;
+        testbed::start(&mut self.st, &ids)
+    }
+    fn api(&self, id: &str, m: &str, p: &str, b: Option<&Value>) -> Result<(u16, Value)> {
+        self.st.api(id, m, p, b)
+    }
+    fn person(&self, node: &str, person: &str) -> Result<Option<Value>> {
+        match self.api(node, "GET", &format!("/api/v1/persons/{person}"), None)? {
+            (200, v) => Ok(Some(v)),
+            (404, _) => Ok(None),
+            (c, v) => bail!("{node} person {person}: {c} {v}"),
+        }
+    }
+    fn connected(&self, id: &str) -> Result<BTreeSet<String>> {
+        let s = self.st.status_of(id)?;
+        Ok(s["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["connected"] == json!(true))
+            .filter_map(|p| p["node_id"].as_str().map(str::to_string))
+            .collect())
+    }
+    fn checkin(&self, node: &str, persons: &[&str], op: &str) -> Result<(u16, Value)> {
+        self.api(
+            node,
+            "POST",
+            "/api/v1/checkins",
+            Some(&json!({"person_ids": persons, "op_id": op})),
+        )
+    }
+}
+
+fn spec(id: &str, role: &str, peers: &[&str]) -> NodeSpec {
+    NodeSpec {
+        id: id.into(),
+        role: role.into(),
+        static_peers: peers.iter().map(|p| p.to_string()).collect(),
+    }
+}
 
 const LONG: Duration = Duration::from_secs(600);
 
@@ -102,16 +185,15 @@ fn occupancy(tb: &Testbed, node: &str, shelter: &str) -> Result<u64> {
 fn main() -> Result<()> {
     let n_lat = arg("--checkins", 200);
     let per_side = arg("--per-side", 1000);
-    let mut s1 = spec("shelter-01", SHELTER);
-    s1.static_peers = vec!["hq-1"];
-    let mut s2 = spec("shelter-02", SHELTER);
-    s2.static_peers = vec!["shelter-01"];
-    let mut s3 = spec("shelter-03", SHELTER);
-    s3.static_peers = vec!["shelter-02"];
-    let specs: Vec<Spec> = vec![spec("hq-1", HQ), s1, s2, s3];
+    let specs = vec![
+        spec("hq-1", "hq", &[]),
+        spec("shelter-01", "shelter", &["hq-1"]),
+        spec("shelter-02", "shelter", &["shelter-01"]),
+        spec("shelter-03", "shelter", &["shelter-02"]),
+    ];
     // Enough residents for the latency run and both partition sides.
     let households = (n_lat + 2 * per_side) / 2 + 50;
-    let mut tb = Testbed::new("bn", Layout::Loopback, &specs, households, false)?;
+    let mut tb = Testbed::new(specs, households)?;
     ensure!(
         tb.persons.len() >= n_lat + 2 * per_side,
         "registry too small: {}",
@@ -148,7 +230,7 @@ fn main() -> Result<()> {
     );
 
     // --- latency and bytes per check-in -------------------------------
-    let hq = &tb.nodes[tb.idx("hq-1")];
+    let hq = tb.st.node("hq-1")?;
     let mut sse = Command::new("ip")
         .args(["netns", "exec", &hq.ns, "curl", "-sN", "-H"])
         .arg(format!("Authorization: Bearer {}", hq.token))
@@ -304,5 +386,5 @@ add rule inet bench cut iifname "lo" udp sport 7700-7701 udp dport 7702-7703 dro
             "reconcile_bytes_all_links": all1 - all0,
         })
     );
-    tb.passed()
+    Ok(())
 }

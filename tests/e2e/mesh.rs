@@ -1,69 +1,33 @@
 //! Issue 4: the mesh over real namespaces, QUIC, mutual TLS and mDNS
-//! (faults C-1..C-4, C-6, A-crash, D-1, E-4 of design/faults.md).
+//! (faults C-1..C-4, C-6, A-crash, D-1, E-4 of design/faults.md), on the
+//! testbed operators use (`deploy/testbed`).
 
-use crate::testbed::{netns, spec, wait_for, Layout, Testbed, AMBULANCE, CLINIC, HQ, SHELTER};
+use crate::testbed::{
+    checkin_ok, testbed_cmd, wait_connected, wait_for, wait_location, wait_person, State, Testbed,
+    SYNC,
+};
 use anyhow::{ensure, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeSet;
-use std::time::Duration;
-
-const SYNC: Duration = Duration::from_secs(120);
 
 /// hq, shelter-01, shelter-02 in their own namespaces, discovering each
-/// other by mDNS.
+/// other by mDNS alone; provisioned, not started.
 fn three(tag: &str, households: usize) -> Result<Testbed> {
-    Testbed::new(
+    Testbed::up(
         tag,
-        Layout::Mesh,
         &[
-            spec("hq-1", HQ),
-            spec("shelter-01", SHELTER),
-            spec("shelter-02", SHELTER),
+            "--shelters",
+            "2",
+            "--clinics",
+            "0",
+            "--ambulances",
+            "0",
+            "--households",
+            &households.to_string(),
+            "--no-static-peers",
+            "--no-start",
         ],
-        households,
-        true,
     )
-}
-
-/// Waits until `node` holds the registry entry of `person`.
-fn wait_person(tb: &Testbed, node: &str, person: &str) -> Result<Value> {
-    wait_for(&format!("{person} at {node}"), SYNC, || {
-        Ok(tb.person(node, person)?.ok_or_else(|| "404".to_string()))
-    })
-}
-
-/// Waits until `node` shows `person` checked in at `shelter`.
-fn wait_location(tb: &Testbed, node: &str, person: &str, shelter: &str) -> Result<Value> {
-    wait_for(&format!("{person} in {shelter} at {node}"), SYNC, || {
-        let p = tb.person(node, person)?;
-        match &p {
-            Some(v) if v["location"]["shelter_id"] == json!(shelter) => Ok(Ok(v.clone())),
-            other => Ok(Err(format!("{other:?}"))),
-        }
-    })
-}
-
-fn wait_connected(tb: &Testbed, node: &str, want: &[&str]) -> Result<()> {
-    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    wait_for(&format!("{node} connected to {want:?}"), SYNC, || {
-        let c = tb.connected(node)?;
-        Ok(if want.is_subset(&c) {
-            Ok(())
-        } else {
-            Err(format!("connected: {c:?}"))
-        })
-    })
-}
-
-fn checkin_ok(tb: &Testbed, node: &str, persons: &[&str], op: &str) -> Result<Vec<String>> {
-    let (code, body) = tb.checkin(node, persons, op)?;
-    ensure!(code == 201, "check-in at {node}: {code} {body}");
-    Ok(body["event_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.as_str().map(str::to_string))
-        .collect())
 }
 
 /// Acknowledged events ⊆ every replica, and the replicas hold equal sets
@@ -107,20 +71,20 @@ fn five_nodes_find_each_other_by_mdns_alone() -> Result<()> {
         "clinic-1",
         "ambulance-1",
     ];
-    let mut tb = Testbed::new(
+    let tb = Testbed::up(
         "md",
-        Layout::Mesh,
         &[
-            spec(ids[0], HQ),
-            spec(ids[1], SHELTER),
-            spec(ids[2], SHELTER),
-            spec(ids[3], CLINIC),
-            spec(ids[4], AMBULANCE),
+            "--shelters",
+            "2",
+            "--clinics",
+            "1",
+            "--ambulances",
+            "1",
+            "--households",
+            "10",
+            "--no-static-peers",
         ],
-        10,
-        true,
     )?;
-    tb.start_all()?;
     // No static peers anywhere: every session below came from mDNS.
     for me in ids {
         let others: Vec<&str> = ids.iter().copied().filter(|o| *o != me).collect();
@@ -133,8 +97,7 @@ fn five_nodes_find_each_other_by_mdns_alone() -> Result<()> {
 fn checkin_reaches_hq_through_another_shelter() -> Result<()> {
     let mut tb = three("rl", 10)?;
     // shelter-02 ↔ shelter-01 ↔ hq: no direct path between shelter-02 and hq.
-    let (hq, s2) = (tb.ns("hq-1"), tb.ns("shelter-02"));
-    netns(&["cut", &hq, &s2])?;
+    tb.cmd(&["partition", "hq-1", "shelter-02"])?;
     tb.start_all()?;
     wait_connected(&tb, "shelter-01", &["hq-1", "shelter-02"])?;
     let p = tb.persons[0].1.clone();
@@ -164,18 +127,14 @@ fn partition_then_heal(cut: Cut, tag: &str) -> Result<()> {
     for s in ["shelter-01", "shelter-02"] {
         wait_person(&tb, s, &last)?;
     }
-    let (hq, s1, s2) = (tb.ns("hq-1"), tb.ns("shelter-01"), tb.ns("shelter-02"));
     let t = std::time::Instant::now();
     match cut {
         // shelter-02 alone on one side, hq and shelter-01 on the other.
-        Cut::LinkDown => netns(&["isolate", &s2])?,
+        Cut::LinkDown => tb.cmd(&["isolate", "shelter-02"])?,
         // shelter-02 drops everything from hq and shelter-01; its own
         // packets still arrive (C-4).
-        Cut::OneWay => {
-            netns(&["oneway", &hq, &s2])?;
-            netns(&["oneway", &s1, &s2])?;
-        }
-    }
+        Cut::OneWay => tb.cmd(&["partition", "--oneway", "hq-1,shelter-01", "shelter-02"])?,
+    };
     // Write only once every session across the cut has ended (QUIC idle
     // timeout, ~30 s), so healing needs a new session and range
     // reconciliation, not just QUIC retransmission of buffered frames.
@@ -213,10 +172,7 @@ fn partition_then_heal(cut: Cut, tag: &str) -> Result<()> {
         seen["location"].is_null(),
         "shelter-02 saw through the cut: {seen}"
     );
-    match cut {
-        Cut::LinkDown => netns(&["rejoin", &s2])?,
-        Cut::OneWay => netns(&["heal", &hq, &s2]).and(netns(&["heal", &s1, &s2]))?,
-    }
+    tb.cmd(&["heal"])?;
     let t = std::time::Instant::now();
     let nodes = ["hq-1", "shelter-01", "shelter-02"];
     wait_converged(&tb, &nodes, &persons[..11], &acked)?;
@@ -259,9 +215,7 @@ fn ten_percent_loss_everywhere_delivers_every_checkin() -> Result<()> {
     for s in ["shelter-01", "shelter-02"] {
         wait_person(&tb, s, &persons[49])?;
     }
-    for n in ["hq-1", "shelter-01", "shelter-02"] {
-        netns(&["loss", &tb.ns(n), "10"])?;
-    }
+    tb.cmd(&["loss", "10"])?;
     let mut acked = BTreeSet::new();
     for (k, p) in persons.iter().enumerate() {
         let s = if k % 2 == 0 {
@@ -290,17 +244,23 @@ fn ten_percent_loss_everywhere_delivers_every_checkin() -> Result<()> {
 
 #[test]
 fn kill_9_during_checkins_loses_nothing_acknowledged() -> Result<()> {
-    let mut tb = Testbed::new(
+    let mut tb = Testbed::up(
         "cr",
-        Layout::Mesh,
-        &[spec("hq-1", HQ), spec("shelter-01", SHELTER)],
-        60,
-        true,
+        &[
+            "--shelters",
+            "1",
+            "--clinics",
+            "0",
+            "--ambulances",
+            "0",
+            "--households",
+            "60",
+            "--no-static-peers",
+        ],
     )?;
-    tb.start_all()?;
     let persons: Vec<String> = tb.persons.iter().map(|p| p.1.clone()).collect();
     wait_person(&tb, "shelter-01", persons.last().expect("registry"))?;
-    let pid = tb.nodes[tb.idx("shelter-01")].pid().expect("running");
+    let (name, dir) = (tb.name.clone(), tb.dir.clone());
     // A stream of check-ins from another thread; kill -9 in the middle.
     let acked = std::thread::scope(|sc| -> Result<Vec<(String, Vec<String>)>> {
         let (tx, rx) = std::sync::mpsc::channel::<usize>();
@@ -327,18 +287,17 @@ fn kill_9_during_checkins_loses_nothing_acknowledged() -> Result<()> {
             }
             acked
         });
-        // Kill once 20 check-ins are acknowledged, while more are in flight.
+        // Kill once 20 check-ins are acknowledged, while more are in flight
+        // (`deploy/testbed kill`: SIGKILL).
         while let Ok(n) = rx.recv() {
             if n >= 20 {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
+                testbed_cmd(&name, &dir, &["kill", "shelter-01"], &[])?;
                 break;
             }
         }
         Ok(writer.join().expect("writer"))
     })?;
-    tb.kill9("shelter-01")?; // reap
+    tb.st = State::load(&tb.dir)?;
     eprintln!("{} check-ins acknowledged before kill -9", acked.len());
     ensure!(acked.len() >= 20, "only {} acked", acked.len());
     ensure!(
@@ -346,12 +305,12 @@ fn kill_9_during_checkins_loses_nothing_acknowledged() -> Result<()> {
         "the kill came too late to matter"
     );
     {
-        let db = tb.nodes[tb.idx("shelter-01")].db();
+        let db = tb.db("shelter-01");
         let store = node::store::SqliteStore::open(&db)?;
         let check = store.integrity_check()?;
         ensure!(check == "ok", "integrity_check: {check}");
     }
-    tb.start(&["shelter-01"])?;
+    tb.start("shelter-01")?;
     for (p, _) in &acked {
         let v = tb.person("shelter-01", p)?.expect("registry");
         ensure!(
@@ -374,18 +333,20 @@ fn kill_9_during_checkins_loses_nothing_acknowledged() -> Result<()> {
 
 #[test]
 fn roles_hold_only_their_documents_over_real_sockets() -> Result<()> {
-    let mut tb = Testbed::new(
+    let mut tb = Testbed::up(
         "ro",
-        Layout::Mesh,
         &[
-            spec("hq-1", HQ),
-            spec("shelter-01", SHELTER),
-            spec("ambulance-1", AMBULANCE),
+            "--shelters",
+            "1",
+            "--clinics",
+            "0",
+            "--ambulances",
+            "1",
+            "--households",
+            "10",
+            "--no-static-peers",
         ],
-        10,
-        true,
     )?;
-    tb.start_all()?;
     wait_connected(&tb, "hq-1", &["shelter-01", "ambulance-1"])?;
     let p = tb.persons[0].1.clone();
     let (code, body) = tb.api(

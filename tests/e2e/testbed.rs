@@ -1,437 +1,178 @@
-//! A real mesh of `kizuna run` processes in network namespaces.
+//! The tests' handle on `deploy/testbed`: every step that makes, faults,
+//! kills or removes the mesh runs the `kizuna-testbed` command exactly as
+//! an operator would (`--name`, `--dir`, then the subcommand); the handle
+//! then reads the command's state file (`testbed.json`) to learn each
+//! node's namespace, ports and token, and talks to the nodes' APIs from
+//! inside their namespaces. Dropping the handle — also while unwinding
+//! from a failed assertion — runs `down` (keeping the files of a failed
+//! test for inspection and printing every node's log tail).
 //!
-//! [`Testbed::new`] brings up namespaces with `deploy/testbed/netns.sh`
-//! (each testbed has its own bridge namespace, so two testbeds never share
-//! a link), creates a CA and one certificate per node with `kizuna certs`,
-//! writes each node's config, imports a synthetic registry at hq (the
-//! demo's generator) and registers the shelters there, and adds one API
-//! operator per node. Dropping the testbed — also while unwinding from a
-//! failed assertion — kills every node and removes the namespaces.
-//!
-//! HTTP: every node binds its API to 127.0.0.1 *inside its namespace*, as
-//! the example config does, and the tests call it with
-//! `ip netns exec NS curl …`. The alternative (binding the API to the
-//! namespace address and routing to the bridge from the root namespace)
-//! would put API traffic on the faulted link: nftables loss and cuts would
-//! then hit the test's own observations. Faults are on the veth only, so
-//! the API stays reachable whatever the mesh suffers.
-//!
-//! The binary: `CARGO_BIN_EXE_kizuna` exists only for tests of the package
-//! that owns the binary (`node`), so this package finds `kizuna` next to
-//! its own test executable (`target/<profile>/deps/..`), or at `$KIZUNA_BIN`.
-//! Build it first: `cargo build --release -p node --bin kizuna`.
+//! Names: `tb<tag><pid>`, so no two test processes (nor the old `kz…`
+//! namespaces of other checkouts) ever share a namespace. Needs root,
+//! nftables, curl, and `kizuna` built beside `kizuna-testbed`
+//! (`cargo build --release -p node --bin kizuna`).
 #![allow(dead_code)]
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+pub use tests::testbed::{sample, wait_for, State};
 
-/// Tests share the machine (CPU, the `ip netns` list): one testbed at a time
-/// per process. nextest runs each test in its own process; its `e2e` test
-/// group (max-threads = 1) serialises those.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-pub const HQ: &str = "hq";
-pub const SHELTER: &str = "shelter";
-pub const CLINIC: &str = "clinic";
-pub const AMBULANCE: &str = "ambulance";
+pub fn testbed_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kizuna-testbed"))
+}
 
 pub fn kizuna_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KIZUNA_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("kizuna");
-    assert!(
-        bin.exists(),
-        "{} missing: build it first with `cargo build --release -p node --bin kizuna` (same profile as the tests) or set KIZUNA_BIN",
-        bin.display()
-    );
-    bin
-}
-
-pub fn netns_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/testbed/netns.sh")
-}
-
-/// Runs `netns.sh ARGS`; fails with its stderr.
-pub fn netns(args: &[&str]) -> Result<()> {
-    let out = Command::new("bash")
-        .arg(netns_script())
-        .args(args)
-        .output()
-        .context("running netns.sh")?;
-    if !out.status.success() {
-        bail!(
-            "netns.sh {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// Where the nodes live.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Layout {
-    /// One namespace per node (`PREFIX-i`, 10.77.0.i), QUIC on port 7700.
-    Mesh,
-    /// Every node in one namespace `PREFIX-1`, QUIC on 127.0.0.1:7700+i.
-    Loopback,
-}
-
-#[derive(Clone, Debug)]
-pub struct Spec {
-    pub id: &'static str,
-    pub role: &'static str,
-    /// Node ids dialled as static peers.
-    pub static_peers: Vec<&'static str>,
-}
-
-pub fn spec(id: &'static str, role: &'static str) -> Spec {
-    Spec {
-        id,
-        role,
-        static_peers: Vec::new(),
-    }
-}
-
-pub struct Node {
-    pub id: String,
-    pub role: String,
-    pub ns: String,
-    pub dir: PathBuf,
-    pub config: PathBuf,
-    pub quic: String,
-    pub http_port: u16,
-    pub token: String,
-    child: Option<Child>,
-}
-
-impl Node {
-    pub fn db(&self) -> PathBuf {
-        self.dir.join("data").join("kizuna.db")
-    }
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
+    tests::testbed::find_kizuna().expect("kizuna binary")
 }
 
 pub struct Testbed {
-    pub prefix: String,
-    pub layout: Layout,
-    pub nodes: Vec<Node>,
+    pub name: String,
+    pub dir: PathBuf,
+    pub st: State,
     /// (household id, person id) of the registry, in file order.
     pub persons: Vec<(String, String)>,
-    pub dir: tempfile::TempDir,
     exports: usize,
     passed: bool,
-    _serial: MutexGuard<'static, ()>,
+    /// Extra environment for every command (the failure tests).
+    env: Vec<(String, String)>,
 }
 
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            if let Some(mut c) = self.nodes[i].child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        if let Err(e) = netns(&["down", &self.prefix]) {
-            eprintln!("testbed cleanup: {e:#}");
-        }
-        if !self.passed || std::env::var_os("KIZUNA_E2E_KEEP").is_some() {
-            // Keep logs and databases of a failed run for inspection.
-            for n in &self.nodes {
-                eprintln!("--- {} log tail ---\n{}", n.id, self.log_tail(&n.id));
-            }
-            let path = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tmp"));
-            eprintln!("testbed kept at {}", path.keep().display());
-        }
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+/// Runs `kizuna-testbed --name NAME --dir DIR ARGS`.
+pub fn testbed_cmd(
+    name: &str,
+    dir: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+) -> Result<String> {
+    let out = Command::new(testbed_bin())
+        .args(["--name", name, "--dir"])
+        .arg(dir)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .context("running kizuna-testbed")?;
     if !out.status.success() {
         bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            "deploy/testbed {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+pub fn name_for(tag: &str) -> String {
+    format!("tb{tag}{}", std::process::id() % 100_000)
+}
+
+pub fn dir_for(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("kizuna-e2e-{name}"))
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let keep = !self.passed || std::env::var_os("KIZUNA_E2E_KEEP").is_some();
+        if keep {
+            for n in &self.st.nodes {
+                eprintln!("--- {} log tail ---\n{}", n.id, self.st.log_tail(&n.id, 20));
+            }
+        }
+        let args: &[&str] = if keep {
+            &["down", "--keep-files"]
+        } else {
+            &["down"]
+        };
+        if let Err(e) = testbed_cmd(&self.name, &self.dir, args, &[]) {
+            eprintln!("testbed cleanup: {e:#}");
+        }
+        if keep {
+            eprintln!("testbed files kept at {}", self.dir.display());
+        }
+    }
+}
+
 impl Testbed {
-    /// `tag`: a few letters naming the test (namespaces are
-    /// `kz<tag><pid>-i`). `households`: registry size at hq.
-    pub fn new(
-        tag: &str,
-        layout: Layout,
-        specs: &[Spec],
-        households: usize,
-        mdns: bool,
-    ) -> Result<Testbed> {
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let prefix = format!("kz{tag}{}", std::process::id() % 100_000);
-        let _ = netns(&["down", &prefix]);
-        let mut tb = Testbed {
-            prefix,
-            layout,
-            nodes: Vec::new(),
-            persons: Vec::new(),
-            dir: tempfile::Builder::new().prefix("kizuna-e2e-").tempdir()?,
+    /// `deploy/testbed up ARGS` under a fresh name and directory.
+    pub fn up(tag: &str, args: &[&str]) -> Result<Testbed> {
+        let name = name_for(tag);
+        let dir = dir_for(&name);
+        // Leftovers of an earlier run of this very process id.
+        let _ = testbed_cmd(&name, &dir, &["down"], &[]);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut a = vec!["up"];
+        a.extend_from_slice(args);
+        testbed_cmd(&name, &dir, &a, &[])?;
+        let st = State::load(&dir)?;
+        let csv = std::fs::read_to_string(&st.registry_csv)?;
+        let persons = csv
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[0].to_string(), f[2].to_string())
+            })
+            .collect();
+        Ok(Testbed {
+            name,
+            dir,
+            st,
+            persons,
             exports: 0,
             passed: false,
-            _serial: serial,
-        };
-        let n = match layout {
-            Layout::Mesh => specs.len(),
-            Layout::Loopback => 1,
-        };
-        netns(&["up", &n.to_string(), &tb.prefix])?;
-        tb.setup(specs, households, mdns)?;
-        Ok(tb)
+            env: vec![],
+        })
     }
 
-    fn setup(&mut self, specs: &[Spec], households: usize, mdns: bool) -> Result<()> {
-        let bin = kizuna_bin();
-        let root = self.dir.path().to_path_buf();
-        let ca = root.join("ca");
-        run_ok(
-            Command::new(&bin)
-                .args(["certs", "init-ca", "--name", "Kizuna E2E CA", "--dir"])
-                .arg(&ca),
-        )?;
-        let addr = |i: usize| match self.layout {
-            Layout::Mesh => (
-                format!("{}-{}", self.prefix, i + 1),
-                format!("10.77.0.{}:7700", i + 1),
-                7780u16,
-            ),
-            Layout::Loopback => (
-                format!("{}-1", self.prefix),
-                format!("127.0.0.1:{}", 7700 + i),
-                7800 + i as u16,
-            ),
-        };
-        for (i, s) in specs.iter().enumerate() {
-            let nd = root.join(s.id);
-            std::fs::create_dir_all(&nd)?;
-            run_ok(
-                Command::new(&bin)
-                    .args(["certs", "issue", "--days", "30", "--role", s.role])
-                    .args(["--node-id", s.id, "--ca-dir"])
-                    .arg(&ca)
-                    .arg("--out")
-                    .arg(nd.join("certs")),
-            )?;
-            let (ns, quic, http) = addr(i);
-            let mut cfg = format!(
-                "data_dir = \"data\"\n\n[certs]\ndir = \"certs\"\n\n[net]\nlisten = \"{quic}\"\nmdns = {mdns}\n"
-            );
-            for p in &s.static_peers {
-                let j = specs
-                    .iter()
-                    .position(|x| x.id == *p)
-                    .ok_or_else(|| anyhow!("unknown static peer {p}"))?;
-                cfg.push_str(&format!(
-                    "\n[[net.static_peers]]\nnode_id = \"{p}\"\naddr = \"{}\"\n",
-                    addr(j).1
-                ));
-            }
-            cfg.push_str(&format!("\n[http]\nbind = \"127.0.0.1:{http}\"\n"));
-            let config = nd.join("kizuna.toml");
-            std::fs::write(&config, cfg)?;
-            let token = run_ok(
-                Command::new(&bin)
-                    .args(["operator", "add", "--name", "e2e", "--data-dir"])
-                    .arg(nd.join("data")),
-            )?
-            .trim()
-            .to_string();
-            self.nodes.push(Node {
-                id: s.id.to_string(),
-                role: s.role.to_string(),
-                ns,
-                dir: nd,
-                config,
-                quic,
-                http_port: http,
-                token,
-                child: None,
-            });
-        }
-        // Registry and shelters at hq, before it first runs.
-        let hq = specs
-            .iter()
-            .position(|s| s.role == HQ)
-            .ok_or_else(|| anyhow!("a testbed needs an hq node"))?;
-        let csv = node::demo::synthetic_registry(households, 1);
-        for line in csv.lines().skip(1) {
-            let f: Vec<&str> = line.split(',').collect();
-            self.persons.push((f[0].to_string(), f[2].to_string()));
-        }
-        let csv_path = root.join("registry.csv");
-        std::fs::write(&csv_path, csv)?;
-        let hq_data = self.nodes[hq].data_dir();
-        run_ok(
-            Command::new(&bin)
-                .args(["registry", "import", "--encoding", "utf8", "--node-id"])
-                .arg(&self.nodes[hq].id)
-                .arg("--data-dir")
-                .arg(&hq_data)
-                .arg(&csv_path),
-        )?;
-        let shelters: Vec<(&str, &str)> = specs
-            .iter()
-            .filter(|s| s.role == SHELTER)
-            .map(|s| (s.id, s.id))
-            .collect();
-        if !shelters.is_empty() {
-            node::demo::put_shelters(&hq_data, &self.nodes[hq].id, &shelters)
-                .map_err(|e| anyhow!("put_shelters: {}", e.message))?;
-        }
-        Ok(())
-    }
-
-    /// Ends a passing test: the testbed directory is removed on drop
-    /// (otherwise it is kept, and every node's log tail printed).
+    /// Ends a passing test: `down` removes the files too.
     pub fn passed(mut self) -> Result<()> {
         self.passed = true;
         Ok(())
     }
 
-    pub fn idx(&self, id: &str) -> usize {
-        self.nodes
-            .iter()
-            .position(|n| n.id == id)
-            .unwrap_or_else(|| panic!("no node {id}"))
-    }
-
-    pub fn ns(&self, id: &str) -> String {
-        self.nodes[self.idx(id)].ns.clone()
-    }
-
-    /// Starts `kizuna run` in the node's namespace (log: `<node>/kizuna.log`).
-    pub fn spawn(&mut self, id: &str) -> Result<()> {
-        let i = self.idx(id);
-        let n = &mut self.nodes[i];
-        assert!(n.child.is_none(), "{id} already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(n.dir.join("kizuna.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &n.ns])
-            .arg(kizuna_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&n.config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        n.child = Some(child);
-        Ok(())
-    }
-
-    /// Starts the nodes, then waits until each answers `/api/v1/status`.
-    pub fn start(&mut self, ids: &[&str]) -> Result<()> {
-        for id in ids {
-            self.spawn(id)?;
-        }
-        for id in ids {
-            self.wait_ready(id)?;
-        }
-        Ok(())
+    /// Runs one testbed command and reloads the state.
+    pub fn cmd(&mut self, args: &[&str]) -> Result<String> {
+        let out = testbed_cmd(&self.name, &self.dir, args, &self.env)?;
+        self.st = State::load(&self.dir)?;
+        Ok(out)
     }
 
     pub fn start_all(&mut self) -> Result<()> {
-        let ids: Vec<String> = self.nodes.iter().map(|n| n.id.clone()).collect();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        self.start(&ids)
+        self.cmd(&["start"]).map(drop)
     }
-
-    pub fn wait_ready(&mut self, id: &str) -> Result<()> {
-        let i = self.idx(id);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = self.nodes[i].child.as_mut().expect("spawned").try_wait()? {
-                self.nodes[i].child = None;
-                bail!("{id} exited during start-up ({st}): {}", self.log_tail(id));
-            }
-            if let Ok((200, _)) = self.api(id, "GET", "/api/v1/status", None) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("{id} did not answer /api/v1/status: {}", self.log_tail(id));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    pub fn start(&mut self, id: &str) -> Result<()> {
+        self.cmd(&["start", id]).map(drop)
     }
-
-    pub fn log_tail(&self, id: &str) -> String {
-        let s = std::fs::read_to_string(self.nodes[self.idx(id)].dir.join("kizuna.log"))
-            .unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// SIGTERM, then wait (SIGKILL after a grace period).
     pub fn stop(&mut self, id: &str) -> Result<()> {
-        let i = self.idx(id);
-        let Some(mut c) = self.nodes[i].child.take() else {
-            return Ok(());
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = c.try_wait()? {
-                if !st.success() {
-                    bail!("{id} exited with {st} on SIGTERM: {}", self.log_tail(id));
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                bail!("{id} did not stop within 20 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.cmd(&["stop", id]).map(drop)
     }
-
-    /// SIGKILL (`ip netns exec` execs kizuna, so the child is the node).
     pub fn kill9(&mut self, id: &str) -> Result<()> {
-        let i = self.idx(id);
-        if let Some(mut c) = self.nodes[i].child.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
+        self.cmd(&["kill", id]).map(drop)
+    }
+    pub fn restart(&mut self, id: &str) -> Result<()> {
+        self.cmd(&["restart", id]).map(drop)
     }
 
-    /// One HTTP request to a node's API from inside its namespace.
-    /// Returns (status, JSON body); status 0 if the connection failed.
+    pub fn node(&self, id: &str) -> &tests::testbed::NodeState {
+        self.st.node(id).expect("node")
+    }
+    pub fn ns(&self, id: &str) -> String {
+        self.node(id).ns.clone()
+    }
+    pub fn data_dir(&self, id: &str) -> PathBuf {
+        self.node(id).data_dir()
+    }
+    pub fn db(&self, id: &str) -> PathBuf {
+        self.data_dir(id).join("kizuna.db")
+    }
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.node(id).pid
+    }
+
     pub fn api(
         &self,
         id: &str,
@@ -439,32 +180,15 @@ impl Testbed {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value)> {
-        let n = &self.nodes[self.idx(id)];
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns", "exec", &n.ns, "curl", "-sS", "-m", "20", "-X", method,
-        ])
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {}", n.token))
-        .args(["-w", "\n%{http_code}"]);
-        if let Some(b) = body {
-            cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
-                .arg(b.to_string());
-        }
-        cmd.arg(format!("http://127.0.0.1:{}{path}", n.http_port));
-        let out = cmd.output().context("spawning curl")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_ref()));
-        let code: u16 = code.trim().parse().unwrap_or(0);
-        let v = serde_json::from_str(body).unwrap_or(Value::Null);
-        Ok((code, v))
+        self.st.api(id, method, path, body)
     }
 
     pub fn status(&self, id: &str) -> Result<Value> {
-        match self.api(id, "GET", "/api/v1/status", None)? {
-            (200, v) => Ok(v),
-            (c, v) => bail!("{id} status: {c} {v}"),
-        }
+        self.st.status_of(id)
+    }
+
+    pub fn metrics(&self, id: &str) -> Result<String> {
+        self.st.scrape(id)
     }
 
     /// Node ids of the peers `/api/v1/status` shows connected.
@@ -488,8 +212,8 @@ impl Testbed {
         }
     }
 
-    /// Check-in at a shelter node (its own shelter). Returns the status
-    /// and body; `op` is the idempotency key.
+    /// Check-in at a shelter node (its own shelter); `op` is the
+    /// idempotency key.
     pub fn checkin(&self, node: &str, persons: &[&str], op: &str) -> Result<(u16, Value)> {
         self.api(
             node,
@@ -504,15 +228,11 @@ impl Testbed {
     /// export directory.
     pub fn export(&mut self, id: &str) -> Result<PathBuf> {
         self.exports += 1;
-        let out = self
-            .dir
-            .path()
-            .join(format!("export-{id}-{}", self.exports));
-        let n = &self.nodes[self.idx(id)];
-        run_ok(
+        let out = self.dir.join(format!("export-{id}-{}", self.exports));
+        tests::testbed::run_ok(
             Command::new(kizuna_bin())
                 .args(["docs", "export", "--data-dir"])
-                .arg(n.data_dir())
+                .arg(self.data_dir(id))
                 .arg("--out")
                 .arg(&out),
         )?;
@@ -553,23 +273,67 @@ impl Testbed {
     }
 }
 
-/// Polls `f` until it returns `Some`, or fails after `limit` (a hang guard,
-/// not a timing assertion) with the last observation.
-pub fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    mut f: impl FnMut() -> Result<std::result::Result<T, String>>,
-) -> Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = match f() {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(state)) => state,
-            Err(e) => format!("error: {e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("gave up waiting for {what} after {limit:?}; last: {last}");
+pub const SYNC: Duration = Duration::from_secs(120);
+
+/// Waits until `node` holds the registry entry of `person`.
+pub fn wait_person(tb: &Testbed, node: &str, person: &str) -> Result<Value> {
+    wait_for(&format!("{person} at {node}"), SYNC, || {
+        Ok(tb.person(node, person)?.ok_or_else(|| "404".to_string()))
+    })
+}
+
+/// Waits until `node` shows `person` checked in at `shelter`.
+pub fn wait_location(tb: &Testbed, node: &str, person: &str, shelter: &str) -> Result<Value> {
+    wait_for(&format!("{person} in {shelter} at {node}"), SYNC, || {
+        let p = tb.person(node, person)?;
+        match &p {
+            Some(v) if v["location"]["shelter_id"] == json!(shelter) => Ok(Ok(v.clone())),
+            other => Ok(Err(format!("{other:?}"))),
         }
-        std::thread::sleep(Duration::from_millis(200));
+    })
+}
+
+pub fn wait_connected(tb: &Testbed, node: &str, want: &[&str]) -> Result<()> {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    wait_for(&format!("{node} connected to {want:?}"), SYNC, || {
+        let c = tb.connected(node)?;
+        Ok(if want.is_subset(&c) {
+            Ok(())
+        } else {
+            Err(format!("connected: {c:?}"))
+        })
+    })
+}
+
+pub fn checkin_ok(tb: &Testbed, node: &str, persons: &[&str], op: &str) -> Result<Vec<String>> {
+    let (code, body) = tb.checkin(node, persons, op)?;
+    ensure!(code == 201, "check-in at {node}: {code} {body}");
+    Ok(body["event_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str().map(str::to_string))
+        .collect())
+}
+
+/// Waits until every node holds the whole registry (hq's count).
+pub fn wait_registry(tb: &Testbed, nodes: &[&str]) -> Result<u64> {
+    let want = tb.status("hq-1")?["documents_by_kind"]["registry"]
+        .as_u64()
+        .context("hq registry count")?;
+    ensure!(
+        want as usize == tb.st.households,
+        "hq holds {want} households"
+    );
+    for n in nodes {
+        wait_for(&format!("the registry at {n}"), SYNC, || {
+            let got = tb.status(n)?["documents_by_kind"]["registry"].as_u64();
+            Ok(if got == Some(want) {
+                Ok(())
+            } else {
+                Err(format!("{got:?} of {want}"))
+            })
+        })?;
     }
+    Ok(want)
 }

@@ -1,1 +1,5 @@
-//! End-to-end test package; the tests live in e2e/.
+//! End-to-end machinery shared by the `kizuna-testbed` command
+//! (`deploy/testbed`), the end-to-end tests that drive it and the chain
+//! benchmark: see [`testbed`].
+
+pub mod testbed;
