@@ -713,3 +713,58 @@ fn systemd_unit_verifies_and_is_hardened() {
         .unwrap();
     assert!(o.status.success(), "security: {}", out_text(&o));
 }
+
+/// `deploy/scripts/provision-node.sh` issues a certificate and assembles a
+/// checked kit for the device; a bad role or an existing directory is
+/// refused and leaves nothing.
+#[test]
+fn provision_node_script_builds_a_checked_kit() {
+    let t = tempfile::tempdir().unwrap();
+    let ca = t.path().join("ca");
+    let o = kizuna(&[
+        "certs",
+        "init-ca",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--name",
+        "T",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", out_text(&o));
+    let script = repo_path("deploy/scripts/provision-node.sh");
+    let run = |role: &str, node: &str, out: &Path| {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .args([ca.to_str().unwrap(), role, node, out.to_str().unwrap()])
+            .env("KIZUNA", kizuna_bin())
+            .output()
+            .unwrap()
+    };
+    for (role, node) in [("shelter", "shelter-12"), ("hq", "hq-2")] {
+        let kit = t.path().join(node);
+        let o = run(role, node, &kit);
+        assert_eq!(o.status.code(), Some(0), "{}", out_text(&o));
+        assert!(
+            out_text(&o).contains(&format!("{node} ({role})")),
+            "{}",
+            out_text(&o)
+        );
+        for f in [
+            "certs/node.crt.pem",
+            "certs/node.key.pem",
+            "certs/ca.crt.pem",
+            "kizuna.toml",
+        ] {
+            assert!(kit.join(f).exists(), "{f}");
+        }
+        // The kit's config is the role's example, unchanged.
+        assert_eq!(
+            std::fs::read_to_string(kit.join("kizuna.toml")).unwrap(),
+            std::fs::read_to_string(repo_path(&format!("deploy/config/{role}.toml"))).unwrap()
+        );
+        // Again into the same directory: refused.
+        assert_eq!(run(role, node, &kit).status.code(), Some(2));
+    }
+    let bad = t.path().join("bad");
+    assert_eq!(run("doctor", "x-1", &bad).status.code(), Some(2));
+    assert!(!bad.exists());
+}

@@ -421,6 +421,37 @@ fn metrics_on_every_node_move_with_real_traffic() -> Result<()> {
         )?;
     }
     grew(1, "kizuna_commit_seconds_count")?;
+    // Every series the sample Grafana dashboard plots exists (card events
+    // appear only on nodes with a reader).
+    let dash = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/kizuna.json"),
+    )?;
+    let dash: serde_json::Value = serde_json::from_str(&dash)?;
+    let mut names = BTreeSet::new();
+    for p in dash["panels"].as_array().context("panels")? {
+        for t in p["targets"].as_array().context("targets")? {
+            let e = t["expr"].as_str().context("expr")?;
+            for (i, _) in e.match_indices("kizuna_") {
+                let n: String = e[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                names.insert(n);
+            }
+        }
+    }
+    ensure!(names.len() >= 12, "{names:?}");
+    for n in names
+        .iter()
+        .filter(|n| !n.starts_with("kizuna_card_events"))
+    {
+        ensure!(
+            after
+                .iter()
+                .any(|m| m.lines().any(|l| l.starts_with(n.as_str()))),
+            "dashboard plots {n}, which no node exports"
+        );
+    }
     grew(0, "kizuna_documents{kind=\"medical\"}")?;
     ensure!(
         sample(&after[1], "kizuna_documents{kind=\"medical\"}") == Some(0.0),
