@@ -133,6 +133,18 @@ pub fn check(file: &Path, expect_role: Option<Role>, skip_files: bool) -> Report
                 }
             }
         }
+        if let Some(smtp) = &cfg.smtp {
+            for (key, file) in [
+                ("smtp.ca_file", &smtp.ca_file),
+                ("smtp.password_file", &smtp.password_file),
+            ] {
+                if let Some(f) = file {
+                    if let Err(e) = std::fs::File::open(f) {
+                        r.errors.push(format!("{key} {}: {e}", f.display()));
+                    }
+                }
+            }
+        }
         if cfg.metrics.enabled {
             if let Err(e) = crate::metrics::read_token(&cfg.metrics) {
                 r.errors.push(format!("{e:#}"));
