@@ -59,10 +59,14 @@ impl<S: Store> Queries<'_, S> {
                         .map(|k| (*k, self.r.index.kind_count(*k)))
                         .filter(|(_, n)| *n > 0)
                         .collect(),
-                    outbox: self.mail.states().values().fold(BTreeMap::new(), |mut m, s| {
-                        *m.entry(s.status).or_insert(0) += 1;
-                        m
-                    }),
+                    outbox: self
+                        .mail
+                        .states()
+                        .values()
+                        .fold(BTreeMap::new(), |mut m, s| {
+                            *m.entry(s.status).or_insert(0) += 1;
+                            m
+                        }),
                     audit_entries: self.r.meta.audit_seq,
                 })
             }

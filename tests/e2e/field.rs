@@ -558,7 +558,7 @@ fn backup_while_serving_then_restore_takes_a_new_incarnation() -> Result<()> {
     eprintln!("{out}");
     // Before it talks to anyone: everything acknowledged before the
     // backup is there.
-    let restored = tb.event_ids("shelter-01")?;
+    let restored = tb.stored_event_ids("shelter-01")?;
     let lost: Vec<&String> = before.difference(&restored).collect();
     ensure!(
         lost.is_empty(),
@@ -596,7 +596,7 @@ fn backup_while_serving_then_restore_takes_a_new_incarnation() -> Result<()> {
         "the restored shelter to hold every acknowledged check-in",
         SYNC,
         || {
-            let have = tb.event_ids("shelter-01")?;
+            let have = tb.stored_event_ids("shelter-01")?;
             let missing = want.difference(&have).count();
             Ok(if missing == 0 {
                 Ok(())
@@ -619,19 +619,16 @@ fn backup_while_serving_then_restore_takes_a_new_incarnation() -> Result<()> {
 }
 
 /// The incarnations of shelter-01's actor ids in the changes of every
-/// presence document `node` holds (read with plain Automerge from an
-/// export; loading fails on conflicting changes under one actor).
+/// presence document `node` holds (read with plain Automerge from its
+/// live database; loading fails on conflicting changes under one actor).
 fn shelter_actor_incarnations(tb: &mut Testbed, node: &str) -> Result<BTreeSet<u32>> {
-    let out = tb.export(node)?;
-    let dir = out.join("presence");
     let me = crdt::actor::Actor::new(
         crdt::Role::Shelter,
         &crdt::NodeId::new("shelter-01").expect("id"),
         0,
     );
     let mut incs = BTreeSet::new();
-    for e in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
-        let bytes = std::fs::read(e?.path())?;
+    for bytes in tb.live_docs(node, crdt::Kind::Presence)? {
         let doc = automerge::Automerge::load(&bytes)?;
         for c in doc.get_changes(&[]) {
             if let Some(a) = crdt::actor::Actor::from_bytes(c.actor_id().to_bytes()) {
@@ -641,6 +638,5 @@ fn shelter_actor_incarnations(tb: &mut Testbed, node: &str) -> Result<BTreeSet<u
             }
         }
     }
-    let _: &Path = &dir;
     Ok(incs)
 }

@@ -239,6 +239,31 @@ impl Testbed {
         Ok(out)
     }
 
+    /// Every document of `kind` in a node's database, as plain Automerge
+    /// bytes, read through a read-only SQLite connection beside the live
+    /// node (WAL readers never block the writer; `docs export` needs the
+    /// node stopped).
+    pub fn live_docs(&self, id: &str, kind: crdt::Kind) -> Result<Vec<Vec<u8>>> {
+        use crdt::store::Store;
+        let store = node::store::SqliteStore::open_readonly(
+            &self.data_dir(id).join(node::store::DB_FILE_NAME),
+        )?;
+        let mut docs = Vec::new();
+        for (key, _) in store.doc_index()? {
+            if key.kind != kind {
+                continue;
+            }
+            // Written between listing and loading is fine: it is newer.
+            let Some(sd) = store.load_doc(&key)? else {
+                continue;
+            };
+            let doc = crdt::doc::Doc::load(key.clone(), sd.snapshot.as_deref(), &sd.changes)
+                .map_err(|e| anyhow::anyhow!("{}/{}: {e}", key.kind.as_str(), key.id))?;
+            docs.push(doc.save());
+        }
+        Ok(docs)
+    }
+
     /// Document ids per kind in a node's export.
     pub fn kinds(&mut self, id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
         let out = self.export(id)?;
@@ -267,6 +292,23 @@ impl Testbed {
                         .filter_map(|e| e["event_id"].as_str().map(str::to_string)),
                 ),
                 (c, v) => bail!("{node} history of {p}: {c} {v}"),
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Every presence event id a node's database holds (running or not):
+    /// the `ev:<id>` keys of its presence documents, read with plain
+    /// Automerge through a read-only connection ([`Testbed::live_docs`]).
+    pub fn stored_event_ids(&self, id: &str) -> Result<BTreeSet<String>> {
+        use automerge::ReadDoc;
+        let mut ids = BTreeSet::new();
+        for bytes in self.live_docs(id, crdt::Kind::Presence)? {
+            let doc = automerge::Automerge::load(&bytes)?;
+            for k in doc.keys(automerge::ROOT) {
+                if let Some(ev) = k.strip_prefix("ev:") {
+                    ids.insert(ev.to_string());
+                }
             }
         }
         Ok(ids)
