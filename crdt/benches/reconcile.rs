@@ -10,8 +10,9 @@
 use automerge::sync::{self, SyncDoc};
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
-use crdt::model::{Household, Member};
+use crdt::model::Household;
 use crdt::store::MemStore;
+use crdt::testkit::bulk_household;
 use crdt::{Kind, NodeId, Role};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,20 +24,6 @@ fn now(ms: u64) -> Now {
         wall_ms: ms,
         mono_ms: ms,
         wall_trusted: true,
-    }
-}
-
-fn household(i: usize, address: &str) -> Household {
-    Household {
-        household_id: format!("h{i:07}"),
-        address: address.to_string(),
-        members: vec![Member {
-            person_id: format!("p{i:07}"),
-            name: format!("住民 {i}"),
-            kana: format!("ジュウミン {i}"),
-            birth_date: "1960-01-01".into(),
-            card_user_id: None,
-        }],
     }
 }
 
@@ -65,7 +52,7 @@ fn main() {
     for (b, chunk) in (0..docs).collect::<Vec<_>>().chunks(10_000).enumerate() {
         let households = chunk
             .iter()
-            .map(|&i| household(i, "新潟県三条市"))
+            .map(|&i| bulk_household(i, "新潟県三条市"))
             .collect();
         let out = a.handle(
             Input::Command {
@@ -103,7 +90,7 @@ fn main() {
         let before = engine.stats().commits;
         let households: Vec<Household> = picked
             .iter()
-            .map(|&i| household(i, &format!("避難先 {side}")))
+            .map(|&i| bulk_household(i, &format!("避難先 {side}")))
             .collect();
         let before_log = engine.store().log.len();
         engine.handle(

@@ -34,6 +34,8 @@ mod sessions;
 #[cfg(any(test, feature = "share"))]
 pub mod share;
 pub mod store;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod text;
 pub mod views;
 pub mod wire;

@@ -566,7 +566,8 @@ impl Store for MemStore {
 }
 
 /// The one suite every `Store` implementation must pass. Call each
-/// function with a fresh, empty store.
+/// function with a fresh, empty store. Test builds only (`testkit`).
+#[cfg(any(test, feature = "testkit"))]
 pub mod conformance {
     use super::*;
     use crate::ids::Kind;

@@ -24,23 +24,11 @@ fn kizuna(args: &[&str]) -> Output {
         .expect("run kizuna")
 }
 
-fn registry(persons: usize) -> String {
-    let mut s = "household_id,address,person_id,name,kana,birth_date,card_user_id\n".to_string();
-    for i in 0..persons {
-        s.push_str(&format!(
-            "h{},三条市旭町{}-1,p{i},山田 {i},ヤマダ {i},1950-04-01,\n",
-            i / 2,
-            i / 2
-        ));
-    }
-    s
-}
-
 /// An hq data directory holding persons p0..p{n}.
 fn hq_with_registry(root: &Path, n: usize) -> PathBuf {
     let data = root.join("hq");
     let csv = root.join("registry.csv");
-    std::fs::write(&csv, registry(n)).unwrap();
+    std::fs::write(&csv, crdt::testkit::registry_csv(n)).unwrap();
     let o = kizuna(&[
         "registry",
         "import",
@@ -415,7 +403,7 @@ fn roles_that_may_not_import_are_refused() {
         (&clinic, "contacts", CONTACTS),
         (&clinic, "eligibility", ELIGIBILITY),
         (&clinic, "shelters", SHELTERS),
-        (&shelter, "registry", &registry(2)),
+        (&shelter, "registry", &crdt::testkit::registry_csv(2)),
     ] {
         std::fs::write(&f, text).unwrap();
         let before = doc_count(data);

@@ -5,7 +5,7 @@ use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
 use crdt::model::*;
 use crdt::store::MemStore;
-use crdt::text::CardUserId;
+use crdt::testkit::household;
 use crdt::{DocKey, Kind, NodeId, Role};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -186,22 +186,6 @@ impl Net {
             .filter(|(k, _)| kinds.contains(&k.kind))
             .map(|(k, h)| (k.clone(), h.to_vec()))
             .collect()
-    }
-}
-
-fn household(i: usize, members: usize) -> Household {
-    Household {
-        household_id: format!("h{i}"),
-        address: format!("新潟県三条市{i}番地"),
-        members: (0..members)
-            .map(|m| Member {
-                person_id: format!("p{i}-{m}"),
-                name: format!("山田 {i}-{m}"),
-                kana: format!("ヤマダ {i} {m}"),
-                birth_date: "1950-04-01".into(),
-                card_user_id: Some(CardUserId::parse(&format!("{:013}", i * 10 + m)).unwrap()),
-            })
-            .collect(),
     }
 }
 

@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["ids", "text", "hlc", "mutants"],
     &["actor", "model", "policy"],
     &["doc", "jst"],
-    &["views", "store", "mailtext"],
+    &["views", "store", "mailtext", "testkit"],
     &["derive", "wire", "cache", "api"],
     &["share", "index"],
     &["replica", "reconcile"],

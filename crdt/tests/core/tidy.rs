@@ -205,13 +205,22 @@ fn fault_ids_are_defined() {
 }
 
 /// Document sharing between engines (`crdt::share`) is the simulator's
-/// memory trick; the node binary's dependency tree never enables it.
+/// memory trick and the test kit is for tests: the node binary's normal
+/// dependency tree enables neither.
 #[test]
-fn node_builds_without_document_sharing() {
+fn node_builds_without_document_sharing_or_test_kit() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let features = |pkg: &str| {
         let out = std::process::Command::new(&cargo)
-            .args(["tree", "-p", pkg, "-e", "features", "--prefix", "none"])
+            .args([
+                "tree",
+                "-p",
+                pkg,
+                "-e",
+                "features,normal",
+                "--prefix",
+                "none",
+            ])
             .arg("--offline")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
@@ -225,8 +234,10 @@ fn node_builds_without_document_sharing() {
     };
     let share = "crdt feature \"share\"";
     assert!(features("sim").contains(share), "the tree output changed");
+    let node = features("node");
+    assert!(!node.contains(share), "node enables crdt's share feature");
     assert!(
-        !features("node").contains(share),
-        "node enables crdt's share feature"
+        !node.contains("crdt feature \"testkit\""),
+        "node's build enables crdt's testkit feature"
     );
 }
