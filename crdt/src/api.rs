@@ -102,11 +102,21 @@ pub enum Command {
         update: MedicalUpdate,
     },
     /// Audited read of a medical profile (a command because it writes the
-    /// audit entry before anything is shown).
+    /// audit entry before anything is shown). `reason` is an
+    /// [`crate::access::AccessReason`] code; `break_glass` needs a live
+    /// [`Command::BreakGlass`] grant. Every refusal is audited too.
     ReadMedical {
         person_id: String,
         reason: String,
         break_glass: bool,
+    },
+    /// A break-glass grant: lets this operator read this person's profile
+    /// without recorded consent for [`crate::access::BREAK_GLASS_TTL_MS`].
+    /// Audited and flagged for review at headquarters.
+    BreakGlass {
+        person_id: String,
+        reason: String,
+        justification: String,
     },
     PutEligibility {
         person_id: String,
@@ -218,6 +228,7 @@ impl Command {
             Command::Transfer { .. } => "transfer",
             Command::PutMedical { .. } => "put_medical",
             Command::ReadMedical { .. } => "read_medical",
+            Command::BreakGlass { .. } => "break_glass",
             Command::PutEligibility { .. } => "put_eligibility",
             Command::PutContacts { .. } => "put_contacts",
             Command::Import { .. } => "import",
@@ -283,6 +294,30 @@ pub enum Query {
     },
     /// Full shelter records (address, kind, open), from their documents.
     ShelterInfos,
+    /// Registry residents per address district, with how many are
+    /// accounted for.
+    Districts,
+    /// Residents of a district with no presence anywhere, a page at a time
+    /// (person ids after `after`).
+    Unaccounted {
+        district: String,
+        after: String,
+        limit: usize,
+    },
+    /// Persons checked in now, by the hour (or `bucket_ms`) they arrived.
+    Arrivals {
+        bucket_ms: u64,
+    },
+    /// Audit entries of every audit chain held here, newest first
+    /// (headquarters reviews break-glass use with `break_glass_only`).
+    Audit {
+        break_glass_only: bool,
+        limit: usize,
+    },
+    /// Who is in (or pending in) a shelter; `None` = this shelter node's.
+    Roster {
+        shelter_id: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -319,6 +354,13 @@ pub enum Reply {
         masked: bool,
         /// The Japan date the status was judged on.
         on_date: String,
+        audit_seq: u64,
+    },
+    /// A break-glass grant, valid until `expires_wall_ms` (as the node's
+    /// wall clock sees it).
+    Granted {
+        person_id: String,
+        expires_wall_ms: u64,
         audit_seq: u64,
     },
     Audited {
@@ -448,6 +490,10 @@ pub enum QueryReply {
     Outbox(Vec<OutboxRow>),
     Evacuees(Vec<Evacuee>),
     ShelterInfos(Vec<ShelterInfo>),
+    Districts(Vec<crate::store::DistrictCount>),
+    Arrivals(Vec<(u64, u32)>),
+    Audit(Vec<crate::model::AuditEntry>),
+    Roster(Vec<(PersonRow, LocationRow)>),
 }
 
 /// A family safety mail for the driver to send with SMTP.

@@ -7,6 +7,9 @@
 //! caller's [`Txn`]; it commits nothing. The engine wraps it: idempotency
 //! by op id, the recorded result, the audit of a refused medical
 //! read (E-4), and the commit (alone or grouped) before any reply.
+//! Medical reads need a reason code from a closed list and, without
+//! recorded consent, a live break-glass grant held in the engine's
+//! [`MedicalAccess`], which also limits reads per operator.
 //!
 //! Presence is recorded as events (`ev:<id>` fields of the household's
 //! presence document) whose `prev` names the events the writer saw, so
@@ -15,6 +18,7 @@
 //! is, or a check-out where they already left, changes nothing and is
 //! reported as `already` (D-3).
 
+use crate::access::{AccessReason, MedicalAccess, Refusal};
 use crate::api::*;
 use crate::derive::{self, EVENT_PREFIX, HOUSEHOLD_FIELD, PERSON_FIELD, SHELTER_FIELD};
 use crate::doc::encode;
@@ -42,6 +46,8 @@ pub(crate) struct Commands<'a, S: Store> {
     pub(crate) r: &'a mut Replica<S>,
     /// The shelter this node serves (shelter role).
     pub(crate) shelter_id: &'a Option<String>,
+    /// Break-glass grants and per-operator medical read counts.
+    pub(crate) access: &'a mut MedicalAccess,
 }
 
 impl<S: Store> Commands<'_, S> {
@@ -176,15 +182,23 @@ impl<S: Store> Commands<'_, S> {
                 reason,
                 break_glass,
             } => {
-                check_text("reason", &reason, 200, true)?;
+                let refused =
+                    |r: Refusal| CommandError::Rejected(format!("{}: {}", r.code(), r.message()));
                 if !policy::may_read(self.r.meta.role, Kind::Medical) {
                     return Err(CommandError::Forbidden {
                         role: self.r.meta.role,
                         action: "read medical profiles".into(),
                     });
                 }
+                let reason = AccessReason::parse(&reason).ok_or(refused(Refusal::UnknownReason))?;
                 let key = DocKey::new(Kind::Medical, &person_id)
                     .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                if break_glass && !self.access.has_grant(&operator.0, &person_id, now.mono_ms) {
+                    return Err(refused(Refusal::NoGrant));
+                }
+                self.access
+                    .admit_read(&operator.0, now.mono_ms)
+                    .map_err(refused)?;
                 let view = match self.r.load(&key)? {
                     Some(doc) => {
                         views::medical(doc).map_err(|e| CommandError::Rejected(e.to_string()))?
@@ -196,18 +210,64 @@ impl<S: Store> Commands<'_, S> {
                         })
                     }
                 };
+                if view.consent.is_none() && !break_glass {
+                    return Err(refused(Refusal::NoConsent));
+                }
                 let seq = self.audit(
                     txn,
                     operator,
                     "medical_read",
                     &key.to_string(),
-                    &reason,
+                    reason.code(),
                     break_glass,
                     now,
                 )?;
                 Ok(Reply::Medical {
                     person_id,
                     view,
+                    audit_seq: seq,
+                })
+            }
+            Command::BreakGlass {
+                person_id,
+                reason,
+                justification,
+            } => {
+                if !policy::may_read(self.r.meta.role, Kind::Medical) {
+                    return Err(CommandError::Forbidden {
+                        role: self.r.meta.role,
+                        action: "read medical profiles".into(),
+                    });
+                }
+                let reason = AccessReason::parse(&reason).ok_or_else(|| {
+                    CommandError::Rejected(format!(
+                        "{}: {}",
+                        Refusal::UnknownReason.code(),
+                        Refusal::UnknownReason.message()
+                    ))
+                })?;
+                check_text("justification", &justification, 200, true)?;
+                let key = DocKey::new(Kind::Medical, &person_id)
+                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                if self.r.load(&key)?.is_none() {
+                    return Err(CommandError::NotFound {
+                        what: "medical profile",
+                        id: person_id,
+                    });
+                }
+                let seq = self.audit(
+                    txn,
+                    operator,
+                    "break_glass_grant",
+                    &key.to_string(),
+                    &format!("{}: {justification}", reason.code()),
+                    true,
+                    now,
+                )?;
+                let exp = self.access.grant(&operator.0, &person_id, now.mono_ms);
+                Ok(Reply::Granted {
+                    person_id,
+                    expires_wall_ms: now.wall_ms + (exp - now.mono_ms),
                     audit_seq: seq,
                 })
             }

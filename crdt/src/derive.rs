@@ -157,14 +157,71 @@ pub fn locations(events: &[PresenceEvent]) -> BTreeMap<String, PersonPresence> {
     out
 }
 
+/// The address district of a registry address, for headquarters' "who in
+/// this area is not accounted for": the address without its prefecture and
+/// municipality, up to the first digit (the block number). Provisional: it
+/// stands in until the registry carries a district of its own (issue 11).
+///
+/// `新潟県三条市旭町3-12` → `旭町`; an address that is only a municipality
+/// gives the municipality; an empty address gives `None`.
+pub fn district_of(address: &str) -> Option<String> {
+    let a = address.trim();
+    // Prefecture: the four special names, else up to 県 in the first 4 chars.
+    let mut rest = ["東京都", "北海道", "京都府", "大阪府"]
+        .iter()
+        .find_map(|p| a.strip_prefix(p))
+        .or_else(|| {
+            a.char_indices()
+                .take(4)
+                .find(|(_, c)| *c == '県')
+                .map(|(i, c)| &a[i + c.len_utf8()..])
+        })
+        .unwrap_or(a);
+    // Municipality: a city (and its ward), else a county and its town or
+    // village, else a special ward, town or village.
+    let cut_after = |s: &str, set: &[char]| -> Option<usize> {
+        s.char_indices()
+            .find(|(_, c)| set.contains(c))
+            .map(|(i, c)| i + c.len_utf8())
+    };
+    let municipality = if let Some(i) = cut_after(rest, &['市']) {
+        let after = &rest[i..];
+        // A designated city's ward: 札幌市中央区…
+        match cut_after(after, &['区']) {
+            Some(j) if j <= 4 * 3 => i + j,
+            _ => i,
+        }
+    } else if let Some(i) = cut_after(rest, &['郡']) {
+        i + cut_after(&rest[i..], &['町', '村']).unwrap_or(0)
+    } else {
+        cut_after(rest, &['区', '町', '村']).unwrap_or(0)
+    };
+    let whole = rest;
+    rest = &rest[municipality..];
+    let end = rest
+        .char_indices()
+        .find(|(_, c)| c.is_ascii_digit() || ('０'..='９').contains(c) || *c == '-' || *c == '－')
+        .map(|(i, _)| i)
+        .unwrap_or(rest.len());
+    let d = rest[..end].trim();
+    if !d.is_empty() {
+        Some(d.to_string())
+    } else {
+        let m = whole[..municipality].trim();
+        (!m.is_empty()).then(|| m.to_string())
+    }
+}
+
 fn person_row(
     person_id: &str,
     household_id: Option<&str>,
     name: &str,
     kana: &str,
     birth: Option<&str>,
+    district: Option<String>,
 ) -> PersonRow {
     PersonRow {
+        district,
         person_id: person_id.to_string(),
         household_id: household_id.map(str::to_string),
         name: name.to_string(),
@@ -194,6 +251,7 @@ pub fn projection(doc: &Doc) -> Result<Projection, DocError> {
                         &m.name,
                         &m.kana,
                         Some(&m.birth_date),
+                        district_of(&h.address),
                     ));
                     if let Some(c) = &m.card_user_id {
                         p.cards.push((
@@ -220,6 +278,7 @@ pub fn projection(doc: &Doc) -> Result<Projection, DocError> {
                     &fp.name,
                     &fp.kana,
                     fp.birth_date.as_deref(),
+                    None,
                 ));
             }
         }
@@ -303,6 +362,25 @@ mod tests {
         let l = locations(&[a, b, c]);
         assert!(!l["p1"].location.conflict);
         assert_eq!(l["p1"].location.status, LocationStatus::Out);
+    }
+
+    #[test]
+    fn districts_from_addresses() {
+        let d = |a: &str| district_of(a);
+        assert_eq!(d("新潟県三条市旭町3-12").as_deref(), Some("旭町"));
+        assert_eq!(d("新潟県三条市東裏館２－５").as_deref(), Some("東裏館"));
+        assert_eq!(
+            d("北海道札幌市中央区北一条西2").as_deref(),
+            Some("北一条西")
+        );
+        assert_eq!(d("東京都千代田区永田町1-7-1").as_deref(), Some("永田町"));
+        assert_eq!(
+            d("石川県鳳珠郡能登町字宇出津1").as_deref(),
+            Some("字宇出津")
+        );
+        assert_eq!(d("新潟県三条市").as_deref(), Some("三条市"));
+        assert_eq!(d("旭町1").as_deref(), Some("旭町"));
+        assert_eq!(d(""), None);
     }
 
     #[test]

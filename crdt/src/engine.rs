@@ -108,6 +108,8 @@ pub struct Engine<S: Store> {
     mail: Mail,
     /// Wall ms of the last presence change attributed to each shelter.
     shelter_seen: BTreeMap<String, u64>,
+    /// Break-glass grants and per-operator medical read counts.
+    access: crate::access::MedicalAccess,
     commits: u64,
     /// Transactions staged for one group commit (see `handle_batch`).
     group: Option<Group>,
@@ -159,6 +161,7 @@ impl<S: Store> Engine<S> {
             sessions: Sessions::default(),
             mail,
             shelter_seen: BTreeMap::new(),
+            access: Default::default(),
             commits: 0,
             group: None,
         };
@@ -509,6 +512,7 @@ impl<S: Store> Engine<S> {
         Commands {
             r: &mut self.replica,
             shelter_id: &self.cfg.shelter_id,
+            access: &mut self.access,
         }
     }
 
@@ -543,7 +547,19 @@ impl<S: Store> Engine<S> {
             Command::CheckEligibility { .. } => Some(("eligibility_check_denied", "eligibility")),
             _ => None,
         };
-        let is_read = read_denied.is_some();
+        // Medical reads and break-glass grants are audited in detail when
+        // refused or not found: the record, the reason code, why.
+        let medical = match &cmd {
+            Command::ReadMedical {
+                person_id, reason, ..
+            }
+            | Command::BreakGlass {
+                person_id, reason, ..
+            } => Some((person_id.clone(), reason.clone())),
+            _ => None,
+        };
+        let is_read = read_denied.is_some() || medical.is_some();
+        let action = cmd.name();
         let reply = match self.commands().run(&mut txn, operator, cmd, now, rng) {
             Ok(r) => r,
             Err(e) => {
@@ -556,12 +572,56 @@ impl<S: Store> Engine<S> {
                 }
                 self.replica.forget(&txn);
                 // A refused audited read is still audited (E-4).
-                if let (Some((action, record)), CommandError::Forbidden { .. }) = (read_denied, &e)
+                if let (Some((denied, record)), CommandError::Forbidden { .. }, None) =
+                    (read_denied, &e, &medical)
                 {
                     let mut audit_txn = Txn::default();
                     if self
                         .commands()
-                        .audit(&mut audit_txn, operator, action, record, "", false, now)
+                        .audit(&mut audit_txn, operator, denied, record, "", false, now)
+                        .is_ok()
+                    {
+                        let _ = self.commit(audit_txn, now, out);
+                    }
+                }
+                // A refused or not-found medical read is still audited
+                // (E-4): the record when its id is valid, the reason code
+                // when it is one of the list, and why it was refused.
+                if let (Some((person, reason)), false) =
+                    (&medical, matches!(e, CommandError::Storage(_)))
+                {
+                    let record = match DocKey::new(Kind::Medical, person) {
+                        Ok(k) => k.to_string(),
+                        Err(_) => "medical".to_string(),
+                    };
+                    let reason = crate::access::AccessReason::parse(reason)
+                        .map(|r| r.code())
+                        .unwrap_or("-");
+                    let why = match &e {
+                        CommandError::Rejected(m) => m
+                            .split_once(':')
+                            .map(|(c, _)| c)
+                            .unwrap_or("rejected")
+                            .to_string(),
+                        other => other.code().to_string(),
+                    };
+                    let outcome = if matches!(e, CommandError::NotFound { .. }) {
+                        "not_found"
+                    } else {
+                        "denied"
+                    };
+                    let mut audit_txn = Txn::default();
+                    if self
+                        .commands()
+                        .audit(
+                            &mut audit_txn,
+                            operator,
+                            &format!("{action}_{outcome}"),
+                            &record,
+                            &format!("{reason} ({why})"),
+                            false,
+                            now,
+                        )
                         .is_ok()
                     {
                         let _ = self.commit(audit_txn, now, out);
@@ -587,6 +647,7 @@ impl<S: Store> Engine<S> {
             sessions: &self.sessions,
             mail: &self.mail,
             shelter_seen: &self.shelter_seen,
+            shelter_id: &self.cfg.shelter_id,
         }
         .run(q)
     }

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod policy;
 
 pub use ids::{DocKey, Kind, NodeId, Role};
+pub mod access;
 pub mod actor;
 pub mod api;
 mod cache;

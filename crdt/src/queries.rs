@@ -6,16 +6,25 @@
 //! `HouseholdByCard` is what a card tap shows: the household of the card's
 //! holder with the members' locations, and the holder, from one `cards`
 //! row. `Person` lists the concurrent presence events behind a conflict.
+//!
+//! The screens' queries: `Roster` (a shelter's residents, with persons in
+//! conflict listed at every shelter a concurrent event names),
+//! `Districts` and `Unaccounted` (registry residents per address district
+//! not yet seen at any shelter), `Arrivals` (check-ins per time bucket)
+//! and `Audit` (every audit chain held here, for headquarters' review of
+//! break-glass use).
 
 use crate::api::*;
 use crate::derive;
 use crate::ids::{DocKey, Kind};
 use crate::mail::Mail;
-use crate::model::{MailState, MailStatus};
+use crate::model::{MailState, MailStatus, PresenceAction};
+use crate::policy;
 use crate::replica::Replica;
 use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 use crate::text::{check_text, search_key, TextError};
+use crate::views;
 use std::collections::BTreeMap;
 
 /// Queries over a borrowed replica and the parts beside it.
@@ -25,6 +34,8 @@ pub(crate) struct Queries<'a, S: Store> {
     pub(crate) mail: &'a Mail,
     /// Wall ms of the last presence change seen per shelter.
     pub(crate) shelter_seen: &'a BTreeMap<String, u64>,
+    /// The shelter this node serves (shelter role): a roster's default.
+    pub(crate) shelter_id: &'a Option<String>,
 }
 
 impl<S: Store> Queries<'_, S> {
@@ -226,6 +237,98 @@ impl<S: Store> Queries<'_, S> {
                     }
                 }
                 QueryReply::ShelterInfos(out)
+            }
+            Query::Districts => QueryReply::Districts(self.r.store.district_counts()?),
+            Query::Roster { shelter_id } => {
+                let shelter = shelter_id.or_else(|| self.shelter_id.clone()).ok_or(
+                    TextError::Invalid {
+                        field: "shelter_id",
+                        reason: "required on a node that is not a shelter".into(),
+                    },
+                )?;
+                crate::ids::check_id_str(&shelter).map_err(|r| TextError::Invalid {
+                    field: "shelter_id",
+                    reason: r.into(),
+                })?;
+                let mut locs = self.r.store.roster(&shelter)?;
+                // A person in conflict whose winning event names another
+                // shelter is still on this roster when one of the
+                // concurrent events names this one (flagged, D-1).
+                for l in self.r.store.conflicts()? {
+                    if l.shelter_id == shelter || locs.iter().any(|x| x.person_id == l.person_id) {
+                        continue;
+                    }
+                    let key = self.r.presence_key(&l.person_id)?;
+                    let mut here = false;
+                    if let Some(doc) = self.r.load(&key)? {
+                        if let Ok(evs) = derive::presence_events(doc) {
+                            if let Some(pp) = derive::locations(&evs).remove(&l.person_id) {
+                                here = pp.heads.iter().any(|e| {
+                                    let at = e.to_shelter.as_ref().unwrap_or(&e.shelter_id);
+                                    *at == shelter && e.action != PresenceAction::CheckOut
+                                });
+                            }
+                        }
+                    }
+                    if here {
+                        locs.push(l);
+                    }
+                }
+                locs.sort_by(|a, b| a.person_id.cmp(&b.person_id));
+                let mut rows = Vec::new();
+                for l in locs {
+                    if let Some(p) = self.r.store.person(&l.person_id)? {
+                        rows.push((p, l));
+                    }
+                }
+                QueryReply::Roster(rows)
+            }
+            Query::Unaccounted {
+                district,
+                after,
+                limit,
+            } => {
+                check_text("district", &district, 200, true)?;
+                check_text("after", &after, 200, false)?;
+                QueryReply::Persons(self.r.store.unaccounted(&district, &after, limit.min(1000))?)
+            }
+            Query::Arrivals { bucket_ms } => {
+                // At least a minute: a bucket per millisecond is no chart.
+                QueryReply::Arrivals(self.r.store.arrivals(bucket_ms.max(60_000))?)
+            }
+            Query::Audit {
+                break_glass_only,
+                limit,
+            } => {
+                if !policy::may_read(self.r.meta.role, Kind::Audit) {
+                    return Err(CommandError::Forbidden {
+                        role: self.r.meta.role,
+                        action: "read audit logs".into(),
+                    });
+                }
+                let keys: Vec<DocKey> = self
+                    .r
+                    .index
+                    .map
+                    .keys()
+                    .filter(|k| k.kind == Kind::Audit)
+                    .cloned()
+                    .collect();
+                let mut out = Vec::new();
+                for k in &keys {
+                    if let Some(doc) = self.r.load(k)? {
+                        if let Ok(entries) = views::audit(doc) {
+                            out.extend(
+                                entries
+                                    .into_iter()
+                                    .filter(|e| !break_glass_only || e.break_glass),
+                            );
+                        }
+                    }
+                }
+                out.sort_by(|a, b| b.wall_ms.cmp(&a.wall_ms).then(a.node.cmp(&b.node)));
+                out.truncate(limit.min(1000));
+                QueryReply::Audit(out)
             }
             Query::Outbox => QueryReply::Outbox(
                 self.mail

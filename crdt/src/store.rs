@@ -93,6 +93,20 @@ pub struct PersonRow {
     pub kana: String,
     pub search_key: String,
     pub birth_date: Option<String>,
+    /// The address district of a registry resident (see
+    /// [`crate::derive::district_of`]); `None` for persons registered in
+    /// the field.
+    #[serde(default)]
+    pub district: Option<String>,
+}
+
+/// Residents of one address district, and how many of them are accounted
+/// for (have any presence: checked in, out or pending somewhere).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DistrictCount {
+    pub district: String,
+    pub residents: u32,
+    pub accounted: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -236,6 +250,23 @@ pub trait Store {
     ) -> Result<Vec<(PersonRow, LocationRow)>, StoreError>;
     /// Persons with the do-not-disclose flag.
     fn withheld(&self) -> Result<std::collections::BTreeSet<String>, StoreError>;
+    /// Registry residents per address district (persons with a district),
+    /// with how many have any location row; in district order.
+    fn district_counts(&self) -> Result<Vec<DistrictCount>, StoreError>;
+    /// Residents of `district` without any location row, in person id
+    /// order, after `after` (a person id; `""` for the first page).
+    fn unaccounted(
+        &self,
+        district: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<PersonRow>, StoreError>;
+    /// Persons checked in now, counted by `since_ms / bucket_ms` (the start
+    /// of the bucket in ms), in time order.
+    fn arrivals(&self, bucket_ms: u64) -> Result<Vec<(u64, u32)>, StoreError>;
+    /// Location rows of persons in (or pending in) one shelter, in person
+    /// id order: the shelter's roster.
+    fn roster(&self, shelter_id: &str) -> Result<Vec<LocationRow>, StoreError>;
 }
 
 /// [`Store::evacuees`] over rows in source order: each person's first
@@ -563,6 +594,63 @@ impl Store for MemStore {
             .flat_map(|p| p.withheld.iter().cloned())
             .collect())
     }
+    fn district_counts(&self) -> Result<Vec<DistrictCount>, StoreError> {
+        let located: std::collections::BTreeSet<&str> =
+            self.all_locations().map(|l| l.person_id.as_str()).collect();
+        let mut m: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        for p in self.all_persons() {
+            if let Some(d) = &p.district {
+                let e = m.entry(d.as_str()).or_default();
+                e.0 += 1;
+                e.1 += u32::from(located.contains(p.person_id.as_str()));
+            }
+        }
+        Ok(m.into_iter()
+            .map(|(d, (residents, accounted))| DistrictCount {
+                district: d.to_string(),
+                residents,
+                accounted,
+            })
+            .collect())
+    }
+    fn unaccounted(
+        &self,
+        district: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<PersonRow>, StoreError> {
+        let located: std::collections::BTreeSet<&str> =
+            self.all_locations().map(|l| l.person_id.as_str()).collect();
+        let mut v: Vec<_> = self
+            .all_persons()
+            .filter(|p| p.district.as_deref() == Some(district))
+            .filter(|p| p.person_id.as_str() > after && !located.contains(p.person_id.as_str()))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.person_id.cmp(&b.person_id));
+        v.truncate(limit);
+        Ok(v)
+    }
+    fn arrivals(&self, bucket_ms: u64) -> Result<Vec<(u64, u32)>, StoreError> {
+        let bucket_ms = bucket_ms.max(1);
+        let mut m: BTreeMap<u64, u32> = BTreeMap::new();
+        for l in self
+            .all_locations()
+            .filter(|l| l.status == LocationStatus::In)
+        {
+            *m.entry(l.since_ms / bucket_ms * bucket_ms).or_default() += 1;
+        }
+        Ok(m.into_iter().collect())
+    }
+    fn roster(&self, shelter_id: &str) -> Result<Vec<LocationRow>, StoreError> {
+        let mut v: Vec<_> = self
+            .all_locations()
+            .filter(|l| l.shelter_id == shelter_id && l.status != LocationStatus::Out)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.person_id.cmp(&b.person_id));
+        Ok(v)
+    }
 }
 
 /// The one suite every `Store` implementation must pass. Call each
@@ -584,6 +672,7 @@ pub mod conformance {
             kana: kana.into(),
             search_key: crate::text::search_key(kana),
             birth_date: Some("1950-01-01".into()),
+            district: Some("旭町".into()),
         }
     }
 
@@ -1028,6 +1117,104 @@ pub mod conformance {
         evacuees_and_withheld(&mut *fresh());
         ops_peer_heads_quarantine(&mut *fresh());
         log_and_cursors(&mut *fresh());
+        districts_and_arrivals(&mut *fresh());
+    }
+
+    /// The headquarters dashboard's aggregates.
+    pub fn districts_and_arrivals(s: &mut dyn Store) {
+        let mut field = person("f1", "x", "田中 一", "タナカ ハジメ");
+        field.household_id = None;
+        field.district = None;
+        let mut other = person("p4", "h2", "佐藤 三", "サトウ サブロウ");
+        other.district = Some("本町".into());
+        let loc = |p: &str, st, since_ms| LocationRow {
+            person_id: p.into(),
+            shelter_id: "s1".into(),
+            status: st,
+            since_ms,
+            conflict: false,
+        };
+        s.commit(&Batch {
+            projections: vec![
+                (
+                    key(Kind::Registry, "h1"),
+                    Projection {
+                        persons: vec![
+                            person("p1", "h1", "山田 太郎", "ヤマダ タロウ"),
+                            person("p2", "h1", "山田 花子", "ヤマダ ハナコ"),
+                            person("p3", "h1", "山田 次郎", "ヤマダ ジロウ"),
+                        ],
+                        ..Default::default()
+                    }
+                    .into(),
+                ),
+                (
+                    key(Kind::Registry, "h2"),
+                    Projection {
+                        persons: vec![other],
+                        ..Default::default()
+                    }
+                    .into(),
+                ),
+                (
+                    key(Kind::Person, "f1"),
+                    Projection {
+                        persons: vec![field],
+                        ..Default::default()
+                    }
+                    .into(),
+                ),
+                (
+                    key(Kind::Presence, "h1"),
+                    Projection {
+                        locations: vec![
+                            loc("p1", LocationStatus::In, 3_600_000 + 5),
+                            loc("p2", LocationStatus::Out, 10),
+                            loc("f1", LocationStatus::In, 20),
+                        ],
+                        ..Default::default()
+                    }
+                    .into(),
+                ),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.district_counts().unwrap(),
+            vec![
+                DistrictCount {
+                    district: "旭町".into(),
+                    residents: 3,
+                    accounted: 2
+                },
+                DistrictCount {
+                    district: "本町".into(),
+                    residents: 1,
+                    accounted: 0
+                },
+            ]
+        );
+        let ids = |v: Vec<PersonRow>| v.into_iter().map(|p| p.person_id).collect::<Vec<_>>();
+        assert_eq!(ids(s.unaccounted("旭町", "", 10).unwrap()), ["p3"]);
+        assert_eq!(
+            ids(s.unaccounted("旭町", "p3", 10).unwrap()),
+            Vec::<String>::new()
+        );
+        assert_eq!(ids(s.unaccounted("本町", "", 10).unwrap()), ["p4"]);
+        assert_eq!(
+            ids(s.unaccounted("本町", "", 0).unwrap()),
+            Vec::<String>::new()
+        );
+        assert_eq!(s.arrivals(3_600_000).unwrap(), vec![(0, 1), (3_600_000, 1)]);
+        let roster: Vec<_> = s
+            .roster("s1")
+            .unwrap()
+            .into_iter()
+            .map(|l| l.person_id)
+            .collect();
+        assert_eq!(roster, ["f1", "p1"]);
+        assert!(s.roster("s2").unwrap().is_empty());
     }
 }
 

@@ -1,8 +1,14 @@
 //! JSON API v1 (axum), served by every node on loopback by default.
 //!
-//! Every request carries `Authorization: Bearer <token>`; tokens are
-//! checked against `operators.json` through the node's one
-//! [`OperatorsFile`] (re-read when it changes, shared with the card flow). Handlers turn requests into engine [`Query`]s and [`Command`]s
+//! Every request carries `Authorization: Bearer <token>` (checked against
+//! `operators.json` through the node's one [`OperatorsFile`], re-read
+//! when it changes and shared with the card flow; tokens expire) or the
+//! browser's session cookie from [`crate::web`]. A cookie request must
+//! name an accepted `Host` (an IP literal, `localhost` or a configured
+//! `[http] hosts` name: a DNS-rebinding page cannot use the session), and
+//! a state-changing one must come from this origin and carry the
+//! session's CSRF token in `X-CSRF-Token`. Handlers turn requests into
+//! engine [`Query`]s and [`Command`]s
 //! through the [`DriverHandle`]; a command's `201` is sent only after the
 //! engine has committed it. Every error is `{"error":{"code","message"}}`
 //! with a status from [`status_for`]. Request bodies are limited to
@@ -10,7 +16,7 @@
 //! and wrong content types are refused (I-15, I-30). The endpoints are
 //! documented in `docs/api.md`.
 
-use crate::auth::{Operators, OperatorsFile};
+use crate::auth::{Operators, OperatorsFile, Sessions, TokenRefusal, Via};
 use crate::card::flow::{CardHub, SessionRefusal, STAFF_TAP_WINDOW};
 use crate::driver::{DriverError, DriverHandle};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -29,14 +35,14 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 pub const SEARCH_LIMIT: usize = 50;
-/// No HTML is served yet; when it is, this policy (no `unsafe-inline`)
-/// applies to it too.
+/// Every response, HTML included, carries this policy: scripts and styles
+/// only from this node's embedded files, no `unsafe-inline`.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 /// Shared state of the HTTP server.
@@ -47,7 +53,30 @@ pub struct ApiState {
     /// The card reader's events, status and staff sessions; `None` when
     /// the node has no `[card]` configured.
     pub card: Option<Arc<CardHub>>,
+    /// This node's role (decides the screen and the second factor);
+    /// `None` until [`ApiState::with_identity`].
+    pub role: Option<crdt::Role>,
+    pub node_id: Option<String>,
+    /// The shelter a shelter node checks people into.
+    pub shelter_id: Option<String>,
+    /// Browser and staff-card sessions.
+    pub sessions: Arc<Sessions>,
+    /// Host names accepted besides IP literals and `localhost`.
+    pub hosts: Arc<Vec<String>>,
     operators: Arc<OperatorsFile>,
+    /// Failed PIN attempts since the last staff tap (the tap is void after
+    /// [`MAX_PIN_ATTEMPTS`]) and last used TOTP step per operator.
+    pub(crate) login_guard: Arc<Mutex<LoginGuard>>,
+}
+
+/// Wrong PINs allowed per staff tap.
+pub const MAX_PIN_ATTEMPTS: u32 = 3;
+
+#[derive(Default)]
+pub(crate) struct LoginGuard {
+    pub pin_failures: u32,
+    /// operator → the TOTP code last used and when (a code works once).
+    pub totp_used: std::collections::HashMap<String, (String, u64)>,
 }
 
 impl ApiState {
@@ -55,9 +84,34 @@ impl ApiState {
         ApiState {
             driver,
             card: None,
+            role: None,
+            node_id: None,
+            shelter_id: None,
+            sessions: Arc::new(Sessions::default()),
+            hosts: Arc::new(Vec::new()),
             operators: OperatorsFile::new(&data_dir),
+            login_guard: Arc::new(Mutex::new(LoginGuard::default())),
             data_dir,
         }
+    }
+
+    /// The node's id and role (for the screens and the second factor).
+    pub fn with_identity(mut self, node_id: &str, role: crdt::Role) -> ApiState {
+        self.node_id = Some(node_id.to_string());
+        self.role = Some(role);
+        self
+    }
+
+    /// The shelter this node checks people into (shelter nodes).
+    pub fn with_shelter(mut self, shelter_id: Option<String>) -> ApiState {
+        self.shelter_id = shelter_id;
+        self
+    }
+
+    /// Host names the browser may use besides IP literals and `localhost`.
+    pub fn with_hosts(mut self, hosts: Vec<String>) -> ApiState {
+        self.hosts = Arc::new(hosts);
+        self
     }
 
     /// With a card reader: card events on `/api/v1/events`, `card_reader`
@@ -74,7 +128,7 @@ impl ApiState {
     }
 
     /// The current operators, re-read when the file's mtime changes.
-    fn operators(&self) -> Result<Arc<Operators>, ApiError> {
+    pub(crate) fn operators(&self) -> Result<Arc<Operators>, ApiError> {
         self.operators.current().map_err(|e| {
             tracing::error!(error = %e, "operators file unreadable");
             ApiError::new(
@@ -202,6 +256,78 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 #[derive(Clone, Debug)]
 pub struct AuthOperator(pub String);
 
+/// The session cookie's name prefix; the node id follows, because
+/// browsers scope cookies by host, not port, and several nodes may share
+/// one host (the demo: every node on 127.0.0.1).
+pub const SESSION_COOKIE: &str = "kz_session";
+
+impl ApiState {
+    /// This node's session cookie name.
+    pub fn session_cookie(&self) -> String {
+        match &self.node_id {
+            Some(n) => format!("{SESSION_COOKIE}_{n}"),
+            None => SESSION_COOKIE.to_string(),
+        }
+    }
+
+    /// This node's pre-session (sign-in form) cookie name.
+    pub fn pre_cookie(&self) -> String {
+        match &self.node_id {
+            Some(n) => format!("kz_pre_{n}"),
+            None => "kz_pre".to_string(),
+        }
+    }
+}
+
+/// The value of cookie `name`, if the request has it.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Whether the `Host` header names this node in a way a DNS-rebinding
+/// page cannot: an IP literal, `localhost`, or a configured host name.
+pub fn host_allowed(headers: &HeaderMap, extra: &[String]) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        match rest.split_once(']') {
+            Some((ip, _)) => return ip.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.parse::<std::net::Ipv4Addr>().is_ok()
+        || extra.iter().any(|h| *h == name)
+}
+
+/// Whether a state-changing browser request comes from this node's own
+/// pages: `Origin` is `http(s)://` + the request's `Host`.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let (Some(origin), Some(host)) = (
+        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    origin == format!("http://{host}") || origin == format!("https://{host}")
+}
+
+fn refuse(status: StatusCode, code: &'static str, msg: &str) -> Response {
+    ApiError::new(status, code, msg).into_response()
+}
+
 async fn auth(State(st): State<ApiState>, mut req: Request, next: Next) -> Response {
     let token = req
         .headers()
@@ -209,31 +335,72 @@ async fn auth(State(st): State<ApiState>, mut req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(token) = token else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing bearer token",
-        )
-        .into_response();
-    };
     let ops = match st.operators() {
         Ok(o) => o,
         Err(e) => return e.into_response(),
     };
-    let name = ops
-        .verify(token)
-        .map(str::to_string)
-        .or_else(|| st.card.as_ref().and_then(|c| c.sessions.verify(token)));
-    match name {
-        Some(name) => {
-            req.extensions_mut().insert(AuthOperator(name));
-            next.run(req).await
-        }
+    let name = match token {
+        Some(token) => match ops.verify_at(token, crate::auth::now_ms()) {
+            Ok(n) => n.to_string(),
+            // A staff-card session token used as a bearer token.
+            Err(TokenRefusal::Unknown) => match st.sessions.get(token, &ops) {
+                Some(s) if s.via == Via::Card => s.operator,
+                _ => return refuse(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token"),
+            },
+            Err(TokenRefusal::Expired) => {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "token_expired",
+                    "token expired: rotate it with `kizuna operator token`",
+                )
+            }
+        },
         None => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token").into_response()
+            let Some(cookie) = cookie(req.headers(), &st.session_cookie()).map(str::to_string)
+            else {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing bearer token",
+                );
+            };
+            if !host_allowed(req.headers(), &st.hosts) {
+                return refuse(StatusCode::FORBIDDEN, "bad_host", "Host not accepted");
+            }
+            let Some(s) = st.sessions.get(&cookie, &ops) else {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "session_expired",
+                    "session ended: sign in again",
+                );
+            };
+            let safe = matches!(
+                *req.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD
+            );
+            if !safe {
+                if !same_origin(req.headers()) {
+                    return refuse(
+                        StatusCode::FORBIDDEN,
+                        "bad_origin",
+                        "request from another origin",
+                    );
+                }
+                let csrf = req
+                    .headers()
+                    .get("x-csrf-token")
+                    .and_then(|v| v.to_str().ok());
+                let ok = csrf
+                    .is_some_and(|c| blake3::hash(c.as_bytes()) == blake3::hash(s.csrf.as_bytes()));
+                if !ok {
+                    return refuse(StatusCode::FORBIDDEN, "csrf", "missing or wrong CSRF token");
+                }
+            }
+            s.operator
         }
-    }
+    };
+    req.extensions_mut().insert(AuthOperator(name));
+    next.run(req).await
 }
 
 async fn security_headers(req: Request, next: Next) -> Response {
@@ -273,12 +440,21 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/persons/{person_id}/medical",
             get(medical).post(put_medical),
         )
+        .route("/api/v1/persons/{person_id}/break-glass", post(break_glass))
+        .route("/api/v1/medical/reasons", get(medical_reasons))
         .route("/api/v1/checkins", post(checkins))
         .route("/api/v1/checkouts", post(checkouts))
         .route(
             "/api/v1/shelters",
             get(shelters).post(crate::data_api::put_shelter),
         )
+        .route("/api/v1/transfers", post(transfers))
+        .route("/api/v1/roster", get(roster))
+        .route("/api/v1/districts", get(districts))
+        .route("/api/v1/unaccounted", get(unaccounted))
+        .route("/api/v1/arrivals", get(arrivals))
+        .route("/api/v1/conflicts", get(conflicts))
+        .route("/api/v1/audit", get(audit))
         .route("/api/v1/events", get(events))
         .merge(crate::data_api::routes())
         .fallback(|| async {
@@ -290,8 +466,9 @@ pub fn router(state: ApiState) -> Router {
     // staff card tapped on this node's reader.
     let open = Router::new()
         .route("/api/v1/sessions/card", post(card_session))
-        .with_state(state);
-    open.merge(api)
+        .with_state(state.clone());
+    open.merge(crate::web::router(state))
+        .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(security_headers))
 }
@@ -317,7 +494,7 @@ fn unexpected(r: QueryReply) -> ApiError {
 }
 
 fn person_json(p: &PersonRow) -> Value {
-    json!({"person_id": p.person_id, "household_id": p.household_id, "name": p.name, "kana": p.kana, "birth_date": p.birth_date})
+    json!({"person_id": p.person_id, "household_id": p.household_id, "name": p.name, "kana": p.kana, "birth_date": p.birth_date, "district": p.district})
 }
 
 fn location_json(l: &Option<LocationRow>) -> Value {
@@ -477,38 +654,109 @@ async fn register_person(
     }
 }
 
-/// `POST /api/v1/sessions/card`: a session for the staff card tapped on
-/// this node's reader in the last [`STAFF_TAP_WINDOW`] (once per tap).
-async fn card_session(State(st): State<ApiState>) -> Result<Response, ApiError> {
-    let forbidden = |m: &str| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
-    let Some(hub) = &st.card else {
-        return Err(forbidden("this node has no card reader configured"));
-    };
-    match hub.take_staff_tap(STAFF_TAP_WINDOW) {
-        Ok(operator) => {
-            let ttl = crate::auth::CARD_SESSION_TTL;
-            let token = hub.sessions.issue(&operator, ttl);
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            tracing::info!(operator = %operator, "session issued for a staff card tap");
-            Ok((
-                StatusCode::CREATED,
-                Json(json!({
-                    "token": token, "operator": operator,
-                    "expires_at": now_ms + ttl.as_millis() as u64,
-                })),
-            )
-                .into_response())
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardSessionBody {
+    pub pin: String,
+}
+
+/// Why a staff-card sign-in failed.
+pub enum CardLoginError {
+    NoReader,
+    NoRecentTap,
+    NotStaff,
+    NoPin,
+    BadPin { left: u32 },
+    Unavailable(ApiError),
+}
+
+impl From<CardLoginError> for ApiError {
+    fn from(e: CardLoginError) -> ApiError {
+        let forbidden = |code, m: &str| ApiError::new(StatusCode::FORBIDDEN, code, m);
+        match e {
+            CardLoginError::NoReader => forbidden("forbidden", "this node has no card reader configured / このノードにはカードリーダーが設定されていません"),
+            CardLoginError::NoRecentTap => forbidden("no_staff_tap", "no staff card was tapped on this node in the last 60 s / 60秒以内に職員カードがタッチされていません"),
+            CardLoginError::NotStaff => forbidden("not_staff", "the last card tapped is not a registered staff card / 最後にタッチされたカードは職員カードではありません"),
+            CardLoginError::NoPin => forbidden("no_pin", "this staff card has no PIN set (kizuna operator pin) / この職員カードにはPINが設定されていません"),
+            CardLoginError::BadPin { left } => forbidden("bad_pin", &format!("wrong PIN ({left} attempts left for this tap) / PINが違います（このタッチであと{left}回）")),
+            CardLoginError::Unavailable(e) => e,
         }
-        Err(SessionRefusal::NotStaff) => Err(forbidden(
-            "the last card tapped is not a registered staff card / 最後にタッチされたカードは職員カードではありません",
-        )),
-        Err(SessionRefusal::NoRecentTap) => Err(forbidden(
-            "no staff card was tapped on this node in the last 60 s / 60秒以内に職員カードがタッチされていません",
-        )),
     }
+}
+
+/// A staff-card sign-in: the staff card tapped on this node's reader in
+/// the last [`STAFF_TAP_WINDOW`] plus that operator's PIN. The tap is used
+/// once; [`MAX_PIN_ATTEMPTS`] wrong PINs void it. Nothing here logs the
+/// card's ID (the tap event never carries it).
+pub fn card_login(st: &ApiState, pin: &str) -> Result<(String, crate::auth::Via), CardLoginError> {
+    let hub = st.card.as_ref().ok_or(CardLoginError::NoReader)?;
+    let operator = hub.peek_staff_tap(STAFF_TAP_WINDOW).map_err(|r| match r {
+        SessionRefusal::NoRecentTap => CardLoginError::NoRecentTap,
+        SessionRefusal::NotStaff => CardLoginError::NotStaff,
+    })?;
+    let ops = st.operators().map_err(CardLoginError::Unavailable)?;
+    let entry = ops.get(&operator).ok_or(CardLoginError::NotStaff)?;
+    let pin_hash = entry.pin.as_ref().ok_or(CardLoginError::NoPin)?;
+    if !pin_hash.verify(pin) {
+        let mut g = st.login_guard.lock().expect("login guard");
+        g.pin_failures += 1;
+        let left = MAX_PIN_ATTEMPTS.saturating_sub(g.pin_failures);
+        if left == 0 {
+            g.pin_failures = 0;
+            let _ = hub.take_staff_tap(STAFF_TAP_WINDOW);
+        }
+        tracing::warn!(operator = %operator, "staff card sign-in: wrong PIN");
+        return Err(CardLoginError::BadPin { left });
+    }
+    st.login_guard.lock().expect("login guard").pin_failures = 0;
+    // Taken only now, so a wrong PIN can be retyped within the window.
+    hub.take_staff_tap(STAFF_TAP_WINDOW)
+        .map_err(|_| CardLoginError::NoRecentTap)?;
+    let token = st
+        .sessions
+        .issue(entry, Via::Card, crate::auth::CARD_SESSION_TTL);
+    tracing::info!(operator = %operator, "session opened with a staff card and PIN");
+    Ok((token, Via::Card))
+}
+
+/// `POST /api/v1/sessions/card` with `{"pin":"…"}`: a session token for
+/// the staff card just tapped on this node (see [`card_login`]). Refused
+/// for a foreign `Host` or `Origin`.
+async fn card_session(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CardSessionBody>,
+) -> Result<Response, ApiError> {
+    if !host_allowed(&headers, &st.hosts) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "bad_host",
+            "Host not accepted",
+        ));
+    }
+    if headers.contains_key(header::ORIGIN) && !same_origin(&headers) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "bad_origin",
+            "request from another origin",
+        ));
+    }
+    let (token, _) = card_login(&st, &body.pin)?;
+    let ops = st.operators()?;
+    let operator = st
+        .sessions
+        .get(&token, &ops)
+        .map(|s| s.operator)
+        .unwrap_or_default();
+    let ttl = crate::auth::CARD_SESSION_TTL;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token, "operator": operator,
+            "expires_at": crate::auth::now_ms() + ttl.as_millis() as u64,
+        })),
+    )
+        .into_response())
 }
 
 async fn household_by_card(
@@ -586,6 +834,8 @@ struct MedicalQ {
     break_glass: bool,
 }
 
+/// `GET /api/v1/persons/{person_id}/medical?reason=CODE&break_glass=false`:
+/// an audited read (see [`crdt::access`]); refusals are audited too.
 async fn medical(
     State(st): State<ApiState>,
     axum::Extension(op): axum::Extension<AuthOperator>,
@@ -614,6 +864,230 @@ async fn medical(
         } => Ok(Json(
             json!({"person_id": person_id, "medical": view, "audit_seq": audit_seq}),
         )),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected engine reply",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakGlassBody {
+    reason: String,
+    justification: String,
+}
+
+/// `POST /api/v1/persons/{person_id}/break-glass`: a time-boxed grant to
+/// read this profile without recorded consent (audited, flagged).
+async fn break_glass(
+    State(st): State<ApiState>,
+    axum::Extension(op): axum::Extension<AuthOperator>,
+    Path(person_id): Path<String>,
+    ApiJson(b): ApiJson<BreakGlassBody>,
+) -> Result<Response, ApiError> {
+    let cmd = Command::BreakGlass {
+        person_id,
+        reason: b.reason,
+        justification: b.justification,
+    };
+    match st.driver.command(new_op_id(), Operator(op.0), cmd).await? {
+        Reply::Granted {
+            person_id,
+            expires_wall_ms,
+            audit_seq,
+        } => Ok((
+            StatusCode::CREATED,
+            Json(json!({"person_id": person_id, "expires_at": expires_wall_ms, "audit_seq": audit_seq})),
+        )
+            .into_response()),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected engine reply",
+        )),
+    }
+}
+
+/// `GET /api/v1/medical/reasons`: the closed list of read purposes.
+async fn medical_reasons() -> Json<Value> {
+    Json(Value::Array(
+        crdt::access::AccessReason::ALL
+            .iter()
+            .map(|r| json!({"code": r.code(), "ja": r.ja(), "en": r.en()}))
+            .collect(),
+    ))
+}
+
+async fn query(st: &ApiState, q: Query) -> Result<QueryReply, ApiError> {
+    Ok(st.driver.query(q).await?)
+}
+
+/// `GET /api/v1/districts`: registry residents per address district and
+/// how many are accounted for.
+async fn districts(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    match query(&st, Query::Districts).await? {
+        QueryReply::Districts(v) => Ok(Json(serde_json::to_value(v).expect("serialisable"))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnaccountedQ {
+    district: String,
+    #[serde(default)]
+    after: String,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/unaccounted?district=…&after=…&limit=…`.
+async fn unaccounted(
+    State(st): State<ApiState>,
+    ApiQuery(q): ApiQuery<UnaccountedQ>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let qq = Query::Unaccounted {
+        district: q.district,
+        after: q.after,
+        limit,
+    };
+    match query(&st, qq).await? {
+        QueryReply::Persons(v) => Ok(Json(Value::Array(v.iter().map(person_json).collect()))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArrivalsQ {
+    bucket_ms: Option<u64>,
+}
+
+/// `GET /api/v1/arrivals?bucket_ms=3600000`: persons checked in now, by
+/// the hour they arrived: `[[bucket_start_ms, count], …]`.
+async fn arrivals(
+    State(st): State<ApiState>,
+    ApiQuery(q): ApiQuery<ArrivalsQ>,
+) -> Result<Json<Value>, ApiError> {
+    let bucket_ms = q.bucket_ms.unwrap_or(3_600_000);
+    match query(&st, Query::Arrivals { bucket_ms }).await? {
+        QueryReply::Arrivals(v) => Ok(Json(serde_json::to_value(v).expect("serialisable"))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RosterQ {
+    shelter_id: Option<String>,
+}
+
+/// `GET /api/v1/roster?shelter_id=…`: who is in (or pending in) a shelter
+/// (default: this shelter node's own).
+async fn roster(
+    State(st): State<ApiState>,
+    ApiQuery(q): ApiQuery<RosterQ>,
+) -> Result<Json<Value>, ApiError> {
+    match query(
+        &st,
+        Query::Roster {
+            shelter_id: q.shelter_id,
+        },
+    )
+    .await?
+    {
+        QueryReply::Roster(v) => Ok(Json(Value::Array(
+            v.iter()
+                .map(|(p, l)| {
+                    let mut j = person_json(p);
+                    j["location"] = location_json(&Some(l.clone()));
+                    j
+                })
+                .collect(),
+        ))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `GET /api/v1/conflicts`: persons whose location is in conflict.
+async fn conflicts(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    match query(&st, Query::Conflicts).await? {
+        QueryReply::Conflicts(v) => Ok(Json(Value::Array(
+            v.iter()
+                .map(|l| json!({"person_id": l.person_id, "location": location_json(&Some(l.clone()))}))
+                .collect(),
+        ))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQ {
+    #[serde(default)]
+    break_glass_only: bool,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/audit?break_glass_only=true` (hq): audit entries of every
+/// node, newest first.
+async fn audit(
+    State(st): State<ApiState>,
+    ApiQuery(q): ApiQuery<AuditQ>,
+) -> Result<Json<Value>, ApiError> {
+    let qq = Query::Audit {
+        break_glass_only: q.break_glass_only,
+        limit: q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
+    };
+    match query(&st, qq).await? {
+        QueryReply::Audit(v) => Ok(Json(Value::Array(
+            v.iter()
+                .map(|e| {
+                    json!({
+                        "node": e.node, "seq": e.seq, "operator": e.operator, "action": e.action,
+                        "record": e.record, "at": e.wall_ms, "clock_trusted": e.clock_trusted,
+                        "reason": e.reason, "break_glass": e.break_glass,
+                    })
+                })
+                .collect(),
+        ))),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferBody {
+    pub person_ids: Vec<String>,
+    #[serde(default)]
+    pub from_shelter: Option<String>,
+    pub to_shelter: String,
+    #[serde(default)]
+    pub op_id: Option<String>,
+}
+
+/// `POST /api/v1/transfers`: persons leave one shelter for another.
+async fn transfers(
+    State(st): State<ApiState>,
+    axum::Extension(op): axum::Extension<AuthOperator>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<TransferBody>,
+) -> Result<Response, ApiError> {
+    let header_key = idempotency_key(&headers)?;
+    let op_id = body.op_id.or(header_key).unwrap_or_else(new_op_id);
+    let cmd = Command::Transfer {
+        person_ids: body.person_ids,
+        from_shelter: body.from_shelter,
+        to_shelter: body.to_shelter,
+    };
+    match st.driver.command(op_id, Operator(op.0), cmd).await? {
+        Reply::Presence { event_ids, already } => Ok((
+            StatusCode::CREATED,
+            Json(json!({"event_ids": event_ids, "already": already})),
+        )
+            .into_response()),
         _ => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

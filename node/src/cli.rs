@@ -163,13 +163,68 @@ pub enum OperatorCmd {
         #[arg(long)]
         card: Option<String>,
     },
-    /// Rotate an operator's token and print the new one.
+    /// Rotate an operator's token and print the new one (valid 90 days;
+    /// ends the operator's open sessions).
     Token {
         #[arg(long)]
         data_dir: PathBuf,
         #[arg(long)]
         name: String,
     },
+    /// Set the operator's browser password, read from the first line of
+    /// standard input (at least 10 characters; ends open sessions).
+    Password {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Set the PIN asked after the operator's staff card tap, read from
+    /// standard input (4 to 8 digits).
+    Pin {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Give the operator a new TOTP secret (the second factor on nodes
+    /// that read medical data) and print it as an otpauth:// URI.
+    Totp {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Remove an operator: their token stops working and their sessions end.
+    Remove {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Print a one-time sign-in link path (`/ui/link/TOKEN`) that opens the
+    /// node's screen signed in as the operator.
+    Link {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// How long the link stays usable.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// Print a whole URL with this base, e.g. http://127.0.0.1:7780
+        #[arg(long)]
+        base_url: Option<String>,
+    },
+}
+
+/// The first line of standard input, without its line end.
+fn stdin_line(what: &str) -> Result<String, Exit> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| Exit::bad_input(format!("cannot read the {what} from standard input: {e}")))?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -259,6 +314,43 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                     Operators::add_with_card(&data_dir, &name, card.as_ref())?
                 }
                 OperatorCmd::Token { data_dir, name } => Operators::rotate(&data_dir, &name)?,
+                OperatorCmd::Password { data_dir, name } => {
+                    let pw = stdin_line("password")?;
+                    Operators::set_password(&data_dir, &name, &pw)?;
+                    "password set".to_string()
+                }
+                OperatorCmd::Pin { data_dir, name } => {
+                    let pin = stdin_line("PIN")?;
+                    Operators::set_pin(&data_dir, &name, &pin)?;
+                    "PIN set".to_string()
+                }
+                OperatorCmd::Totp { data_dir, name } => {
+                    let secret = Operators::new_totp(&data_dir, &name)?;
+                    format!(
+                        "otpauth://totp/Kizuna:{name}?secret={}&issuer=Kizuna&digits=6&period=30",
+                        crate::auth::base32(&secret)
+                    )
+                }
+                OperatorCmd::Remove { data_dir, name } => {
+                    Operators::remove(&data_dir, &name)?;
+                    format!("removed {name}")
+                }
+                OperatorCmd::Link {
+                    data_dir,
+                    name,
+                    minutes,
+                    base_url,
+                } => {
+                    let token = crate::auth::SigninLinks::issue(
+                        &data_dir,
+                        &name,
+                        std::time::Duration::from_secs(minutes * 60),
+                    )?;
+                    format!(
+                        "{}/ui/link/{token}",
+                        base_url.as_deref().unwrap_or("").trim_end_matches('/')
+                    )
+                }
             };
             println!("{token}");
             Ok(())

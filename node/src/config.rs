@@ -120,6 +120,11 @@ pub struct RawPeer {
 #[serde(deny_unknown_fields)]
 pub struct RawHttp {
     pub bind: Option<String>,
+    /// Serve plain HTTP on a non-loopback address (default false: refused).
+    pub allow_plain_http: Option<bool>,
+    /// Host names (besides IP literals and `localhost`) the browser may
+    /// use to reach this node.
+    pub hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +217,10 @@ pub struct StaticPeer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpConfig {
     pub bind: SocketAddr,
+    /// Plain HTTP on a non-loopback `bind` was explicitly allowed.
+    pub allow_plain_http: bool,
+    /// Extra host names accepted in `Host` (DNS-rebinding guard).
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -519,6 +528,35 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
         "http.bind",
         raw.http.bind.as_deref().unwrap_or(DEFAULT_HTTP_BIND),
     )?;
+    let allow_plain_http = raw.http.allow_plain_http.unwrap_or(false);
+    // Session cookies, passwords and medical profiles would cross the
+    // network in clear text: refused unless the operator says otherwise.
+    if !bind.ip().is_loopback() && !allow_plain_http {
+        return Err(ConfigError::Invalid {
+            path: p.into(),
+            key: "http.bind".into(),
+            value: bind.to_string(),
+            reason: "a non-loopback address serves plain HTTP (no TLS): passwords, sessions and \
+                     medical data would cross the network unencrypted; keep the API on loopback \
+                     (put a TLS proxy in front) or set http.allow_plain_http = true"
+                .into(),
+        });
+    }
+    let hosts = raw.http.hosts.unwrap_or_default();
+    for (i, h) in hosts.iter().enumerate() {
+        if h.is_empty()
+            || !h
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            return Err(ConfigError::Invalid {
+                path: p.into(),
+                key: format!("http.hosts[{i}]"),
+                value: h.clone(),
+                reason: "a host name (letters, digits, dots, hyphens)".into(),
+            });
+        }
+    }
     let smtp = match raw.smtp {
         None => None,
         Some(s) => {
@@ -665,7 +703,11 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
             mdns: raw.net.mdns.unwrap_or(true),
             static_peers,
         },
-        http: HttpConfig { bind },
+        http: HttpConfig {
+            bind,
+            allow_plain_http,
+            hosts: hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+        },
         card: match raw.card {
             None => CardConfig::default(),
             Some(c) => CardConfig {
@@ -875,6 +917,24 @@ mail_lease_ms = 60000
         );
         let e = parse("data_dir = 3\n").unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { line: 1, .. }), "{e}");
+        // Plain HTTP off loopback only when explicitly allowed.
+        let e = parse("data_dir = \"x\"\n[http]\nbind = \"0.0.0.0:7780\"\n").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid { ref key, ref reason, .. }
+                if key == "http.bind" && reason.contains("allow_plain_http")),
+            "{e}"
+        );
+        let c = parse(
+            "data_dir = \"x\"\n[http]\nbind = \"0.0.0.0:7780\"\nallow_plain_http = true\nhosts = [\"Desk1.local\"]\n",
+        )
+        .unwrap();
+        assert!(c.http.allow_plain_http);
+        assert_eq!(c.http.hosts, ["desk1.local"]);
+        let e = parse("data_dir = \"x\"\n[http]\nhosts = [\"a b\"]\n").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid { ref key, .. } if key == "http.hosts[0]"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! always gives the same residents), imports it at headquarters, adds one
 //! API operator per node, then runs `kizuna run --config …` as child
 //! processes for hq, two shelters, a clinic and an ambulance. It waits
-//! until every node's `/api/v1/status` answers, prints one line per node
-//! (`role url token`, or JSON objects with `--json`), and on SIGINT or
+//! until every node's `/api/v1/status` answers, prints per node its role,
+//! API URL and bearer token, and a one-time sign-in link that opens the
+//! node's screen already signed in (JSON objects with `--json`), and on SIGINT or
 //! SIGTERM stops every child with SIGTERM (SIGKILL after a grace period).
 //!
 //! Every non-hq node has hq as a static peer; mDNS is off so the demo
@@ -284,6 +285,8 @@ struct Planned {
     config: PathBuf,
     http: String,
     token: String,
+    /// One-time sign-in link to the node's screen.
+    signin: String,
 }
 
 pub fn run(args: DemoArgs) -> Result<(), Exit> {
@@ -357,11 +360,17 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
         let config = nd.join("kizuna.toml");
         std::fs::write(&config, cfg)?;
         let token = Operators::add(&nd.join("data"), "demo")?;
+        let link = crate::auth::SigninLinks::issue(
+            &nd.join("data"),
+            "demo",
+            Duration::from_secs(12 * 3600),
+        )?;
         planned.push(Planned {
             id: n.id,
             role: n.role,
             config,
             http: format!("http://127.0.0.1:{http}"),
+            signin: format!("http://127.0.0.1:{http}/ui/link/{link}"),
             token,
         });
     }
@@ -486,10 +495,11 @@ async fn supervise(
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"node_id": p.id, "role": p.role, "url": p.http, "token": p.token})
+                    serde_json::json!({"node_id": p.id, "role": p.role, "url": p.http, "token": p.token, "signin_url": p.signin})
                 );
             } else {
                 println!("{:<10} {:<24} {}", p.role.as_str(), p.http, p.token);
+                println!("{:<10} open the screen (one-time sign-in): {}", "", p.signin);
             }
         }
         eprintln!("demo running in {} (logs: <node>/kizuna.log); Ctrl-C stops it", dir.display());

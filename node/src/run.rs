@@ -119,7 +119,18 @@ pub fn run(config: &Path) -> Result<(), Exit> {
             ),
             _ => {}
         }
-        let mut state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone());
+        if !cfg.http.bind.ip().is_loopback() {
+            tracing::warn!(
+                bind = %cfg.http.bind,
+                "http.allow_plain_http: the API and screens are served WITHOUT TLS on a \
+                 non-loopback address; passwords, sessions and medical data cross the network \
+                 unencrypted"
+            );
+        }
+        let mut state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone())
+            .with_identity(node_id.as_str(), role)
+            .with_shelter(cfg.engine_config(node_id.clone(), role).shelter_id)
+            .with_hosts(cfg.http.hosts.clone());
         let watcher = match card_reader {
             Some(reader) => {
                 let operators = state.operators_file().clone();

@@ -553,7 +553,7 @@ fn individual_number_on_a_card_is_rejected_and_never_echoed() {
             "--profile",
         ])
         .arg(&profile_path)
-        .env("RUST_LOG", "debug")
+        .env("RUST_LOG", "info,node=debug")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -920,6 +920,18 @@ fn start_node() -> Node {
         "--card",
         STAFF,
     ]);
+    // The card alone signs nobody in: the tap needs the operator's PIN.
+    let mut pin = Command::new(kizuna_bin())
+        .args(["operator", "pin", "--data-dir", d, "--name", "staff-1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        pin.stdin.take().unwrap().write_all(b"2468\n").unwrap();
+    }
+    assert!(pin.wait().unwrap().success());
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = dir.path().join("kizuna.toml");
     std::fs::write(
@@ -932,12 +944,14 @@ fn start_node() -> Node {
         ),
     )
     .unwrap();
+    let log = std::fs::File::create(dir.path().join("kizuna.log")).unwrap();
     let child = Command::new(kizuna_bin())
         .args(["run", "--config"])
         .arg(&config)
+        .env("RUST_LOG", "info,node=debug")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .unwrap();
     let node = Node {
@@ -972,6 +986,39 @@ fn try_http(
     }
     if !body.is_empty() {
         req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Some((status, body.to_string()))
+}
+
+/// Like [`try_http`] without a token, with extra headers (a `Host` given
+/// here replaces the default one).
+fn try_http_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let host = headers
+        .iter()
+        .find(|(k, _)| *k == "Host")
+        .map(|(_, v)| *v)
+        .unwrap_or("localhost");
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {}\r\nContent-Type: application/json\r\n",
+        body.len()
+    );
+    for (k, v) in headers.iter().filter(|(k, _)| *k != "Host") {
+        req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -1152,7 +1199,46 @@ fn run_announces_taps_errors_and_staff_sessions() {
     assert_eq!(v["operator"], "staff-1");
     assert!(!v.to_string().contains(STAFF));
     drop(emu);
-    let (s, sess) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    // No PIN, a wrong PIN, a foreign page: refused, the tap stays usable.
+    let (s, _) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    assert_eq!(s, 415);
+    let (s, r) = http(
+        &node,
+        "POST",
+        "/api/v1/sessions/card",
+        None,
+        r#"{"pin":"1111"}"#,
+    );
+    assert_eq!(
+        (s, r["error"]["code"].as_str()),
+        (403, Some("bad_pin")),
+        "{r}"
+    );
+    let (s, r) = try_http_with(
+        node.http,
+        "POST",
+        "/api/v1/sessions/card",
+        &[("Origin", "http://evil.example")],
+        r#"{"pin":"2468"}"#,
+    )
+    .unwrap();
+    assert_eq!(s, 403, "{r}");
+    let (s, r) = try_http_with(
+        node.http,
+        "POST",
+        "/api/v1/sessions/card",
+        &[("Host", "evil.example")],
+        r#"{"pin":"2468"}"#,
+    )
+    .unwrap();
+    assert_eq!(s, 403, "{r}");
+    let (s, sess) = http(
+        &node,
+        "POST",
+        "/api/v1/sessions/card",
+        None,
+        r#"{"pin":"2468"}"#,
+    );
     assert_eq!(s, 201, "{sess}");
     assert_eq!(sess["operator"], "staff-1");
     let token = sess["token"].as_str().unwrap().to_string();
@@ -1161,7 +1247,13 @@ fn run_announces_taps_errors_and_staff_sessions() {
     let (s, _) = http(&node, "GET", "/api/v1/status", Some("not-a-token"), "");
     assert_eq!(s, 401);
     // One session per tap.
-    let (s, _) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    let (s, _) = http(
+        &node,
+        "POST",
+        "/api/v1/sessions/card",
+        None,
+        r#"{"pin":"2468"}"#,
+    );
     assert_eq!(s, 403);
     // A resident tap after a staff tap cancels it.
     let emu = Emu::start(&["--user-id", STAFF]);
@@ -1170,7 +1262,13 @@ fn run_announces_taps_errors_and_staff_sessions() {
     let emu = Emu::start(&["--user-id", ID]);
     assert_eq!(events.next_card()["type"], "card_tap");
     drop(emu);
-    let (s, _) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    let (s, _) = http(
+        &node,
+        "POST",
+        "/api/v1/sessions/card",
+        None,
+        r#"{"pin":"2468"}"#,
+    );
     assert_eq!(s, 403);
 
     // Cardless fallback over the same node: search by kana + birth date,
@@ -1225,6 +1323,13 @@ fn run_announces_taps_errors_and_staff_sessions() {
     assert_eq!(s, 200);
     assert_eq!(r[0]["person_id"], pid.as_str(), "{r}");
     drop(events);
+    // The card IDs (staff and resident) never reach the node's log, even
+    // at debug level; the taps themselves do.
+    let log = std::fs::read_to_string(node._dir.path().join("kizuna.log")).unwrap();
+    assert!(log.contains("card tap"), "{log}");
+    for id in [STAFF, ID, UNKNOWN] {
+        assert!(!log.contains(id), "card id {id} in the log");
+    }
     drop(node);
 }
 

@@ -44,6 +44,7 @@ fn person(id: &str, hh: &str, name: &str, kana: &str) -> PersonRow {
         kana: kana.into(),
         search_key: crdt::text::search_key(kana),
         birth_date: Some("1950-01-01".into()),
+        district: Some("旭町".into()),
     }
 }
 
@@ -198,6 +199,21 @@ fn dump(s: &dyn Store) -> String {
         line(format!("evacuees {sh:?} {:?}", s.evacuees(sh)));
     }
     line(format!("withheld {:?}", s.withheld()));
+    line(format!("districts {:?}", s.district_counts()));
+    for d in ["d0", "d1", "d2", "旭町", "nope"] {
+        for (after, limit) in [("", 0), ("", 3), ("", usize::MAX), ("p", 2)] {
+            line(format!(
+                "unaccounted {d} {after} {limit} {:?}",
+                s.unaccounted(d, after, limit)
+            ));
+        }
+    }
+    for sh in ["s1", "s2", "nope"] {
+        line(format!("roster {sh} {:?}", s.roster(sh)));
+    }
+    for b in [1, 1000, 3_600_000] {
+        line(format!("arrivals {b} {:?}", s.arrivals(b)));
+    }
     out
 }
 
@@ -817,6 +833,8 @@ fn person_strategy() -> impl Strategy<Value = PersonRow> {
             } else {
                 raw_key
             },
+            // A few districts, some persons without one.
+            district: birth.as_ref().map(|b| format!("d{}", b.len() % 3)),
             name,
             kana,
             birth_date: birth,

@@ -251,4 +251,23 @@ impl Store for SimStore {
         v.sort();
         Ok(v)
     }
+    // The dashboard's aggregates are not used by the simulator's
+    // workloads: `MemStore`'s scans answer them.
+    fn district_counts(&self) -> Result<Vec<DistrictCount>, StoreError> {
+        self.mem.district_counts()
+    }
+    fn unaccounted(
+        &self,
+        district: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<PersonRow>, StoreError> {
+        self.mem.unaccounted(district, after, limit)
+    }
+    fn arrivals(&self, bucket_ms: u64) -> Result<Vec<(u64, u32)>, StoreError> {
+        self.mem.arrivals(bucket_ms)
+    }
+    fn roster(&self, shelter_id: &str) -> Result<Vec<LocationRow>, StoreError> {
+        self.mem.roster(shelter_id)
+    }
 }

@@ -497,7 +497,7 @@ fn medical_goes_to_ambulance_never_to_shelter_and_reads_are_audited() {
             "r1",
             Command::ReadMedical {
                 person_id: "p1-0".into(),
-                reason: "搬送中".into(),
+                reason: "emergency_transport".into(),
                 break_glass: false,
             },
         )
@@ -530,6 +530,154 @@ fn medical_goes_to_ambulance_never_to_shelter_and_reads_are_audited() {
     let entries = crdt::views::audit(doc).unwrap();
     assert_eq!(entries.len(), 1);
     assert!(crdt::views::audit_chain_ok(&entries));
+}
+
+/// Issue 12, item 6: reasons from a closed list, break-glass as a separate
+/// time-boxed grant, consent required otherwise, a per-operator rate limit,
+/// and every refused or not-found read audited.
+#[test]
+fn medical_access_rules_and_every_refusal_is_audited() {
+    use crdt::access::{BREAK_GLASS_TTL_MS, READS_PER_WINDOW};
+    let mut net = setup();
+    let put = |consent: Option<ConsentBasis>| MedicalUpdate {
+        blood_type: Some(BloodType::APos),
+        consent,
+        add: vec![(MedicalSection::Allergy, "そば".into())],
+        ..Default::default()
+    };
+    net.cmd(
+        0,
+        "m1",
+        Command::PutMedical {
+            person_id: "p1-0".into(),
+            update: put(Some(ConsentBasis::Consented)),
+        },
+    )
+    .unwrap();
+    net.cmd(
+        0,
+        "m2",
+        Command::PutMedical {
+            person_id: "p2-0".into(),
+            update: put(None),
+        },
+    )
+    .unwrap();
+    net.connect(0, 3);
+    let read = |net: &mut Net, op: &str, person: &str, reason: &str, bg: bool| {
+        net.cmd(
+            3,
+            op,
+            Command::ReadMedical {
+                person_id: person.into(),
+                reason: reason.into(),
+                break_glass: bg,
+            },
+        )
+    };
+    let code = |r: Result<Reply, CommandError>| match r {
+        Err(CommandError::Rejected(m)) => m.split(':').next().unwrap().to_string(),
+        Err(e) => e.code().to_string(),
+        Ok(_) => "ok".to_string(),
+    };
+    assert_eq!(
+        code(read(&mut net, "r1", "p1-0", "搬送中", false)),
+        "unknown_reason"
+    );
+    assert_eq!(
+        code(read(&mut net, "r2", "p1-0", "emergency_transport", false)),
+        "ok"
+    );
+    assert_eq!(
+        code(read(&mut net, "r3", "p9-9", "emergency_transport", false)),
+        "not_found"
+    );
+    // No consent: refused until a break-glass grant, then flagged.
+    assert_eq!(
+        code(read(&mut net, "r4", "p2-0", "emergency_transport", false)),
+        "no_consent"
+    );
+    assert_eq!(
+        code(read(&mut net, "r5", "p2-0", "emergency_transport", true)),
+        "no_break_glass_grant"
+    );
+    let g = net.cmd(
+        3,
+        "g1",
+        Command::BreakGlass {
+            person_id: "p2-0".into(),
+            reason: "emergency_transport".into(),
+            justification: "意識なし".into(),
+        },
+    );
+    assert!(matches!(g, Ok(Reply::Granted { .. })), "{g:?}");
+    assert_eq!(
+        code(read(&mut net, "r6", "p2-0", "emergency_transport", true)),
+        "ok"
+    );
+    // The grant is time-boxed.
+    net.now += BREAK_GLASS_TTL_MS;
+    assert_eq!(
+        code(read(&mut net, "r7", "p2-0", "emergency_transport", true)),
+        "no_break_glass_grant"
+    );
+    // Rate limit per operator.
+    let mut refused = 0;
+    for i in 0..READS_PER_WINDOW + 2 {
+        if code(read(
+            &mut net,
+            &format!("rl{i}"),
+            "p1-0",
+            "clinic_care",
+            false,
+        )) == "rate_limited"
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 2, "{refused}");
+    // Every refusal and not-found is in the ambulance's audit chain.
+    let audit = DocKey::new(Kind::Audit, "amb-1").unwrap();
+    let doc = net.nodes[3].doc(&audit).unwrap().expect("audit");
+    let entries = crdt::views::audit(doc).unwrap();
+    assert!(crdt::views::audit_chain_ok(&entries));
+    let count = |action: &str, reason_has: &str| {
+        entries
+            .iter()
+            .filter(|e| e.action == action && e.reason.contains(reason_has))
+            .count()
+    };
+    assert_eq!(count("read_medical_denied", "unknown_reason"), 1);
+    assert_eq!(count("read_medical_not_found", "not_found"), 1);
+    assert_eq!(count("read_medical_denied", "no_consent"), 1);
+    assert_eq!(count("read_medical_denied", "no_break_glass_grant"), 2);
+    assert_eq!(count("read_medical_denied", "rate_limited"), refused);
+    let grants: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action == "break_glass_grant")
+        .collect();
+    assert_eq!(grants.len(), 1);
+    assert!(grants[0].break_glass && grants[0].record == "medical/p2-0");
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.action == "medical_read" && e.break_glass)
+            .count(),
+        1
+    );
+    // Headquarters sees the break-glass use for review.
+    net.disconnect_all();
+    net.connect(3, 0);
+    let QueryReply::Audit(bg) = net.query(
+        0,
+        Query::Audit {
+            break_glass_only: true,
+            limit: 100,
+        },
+    ) else {
+        panic!()
+    };
+    assert_eq!(bg.len(), 2, "{bg:?}");
 }
 
 #[test]

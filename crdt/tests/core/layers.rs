@@ -10,7 +10,7 @@ use std::path::Path;
 /// Lowest first. A new module must be placed here.
 const LAYERS: &[&[&str]] = &[
     &["ids", "text", "hlc", "mutants"],
-    &["actor", "model", "policy"],
+    &["actor", "model", "policy", "access"],
     &["doc", "jst"],
     &["views", "store", "mailtext", "testkit"],
     &["derive", "wire", "cache", "api"],

@@ -37,7 +37,7 @@ use tokio::sync::broadcast;
 
 use super::id::UserId;
 use super::watch::{CardEvent, ReaderStatus};
-use crate::auth::{CardSessions, OperatorsFile};
+use crate::auth::OperatorsFile;
 use crate::driver::DriverHandle;
 
 /// How long after a staff tap `POST /api/v1/sessions/card` may use it.
@@ -66,8 +66,6 @@ pub struct CardHub {
     events: broadcast::Sender<Value>,
     status: Mutex<Option<ReaderStatus>>,
     last_tap: Mutex<Option<LastTap>>,
-    /// Sessions issued for staff card taps.
-    pub sessions: CardSessions,
 }
 
 impl CardHub {
@@ -77,7 +75,6 @@ impl CardHub {
             events,
             status: Mutex::new(None),
             last_tap: Mutex::new(None),
-            sessions: CardSessions::default(),
         })
     }
 
@@ -111,6 +108,17 @@ impl CardHub {
             at: Instant::now(),
             staff,
         });
+    }
+
+    /// The operator of the staff tap of the last `window`, without using
+    /// it up (the PIN is checked before [`Self::take_staff_tap`]).
+    pub fn peek_staff_tap(&self, window: Duration) -> Result<String, SessionRefusal> {
+        match &*self.last_tap.lock().expect("tap lock") {
+            Some(tap) if tap.at.elapsed() <= window => {
+                tap.staff.clone().ok_or(SessionRefusal::NotStaff)
+            }
+            _ => Err(SessionRefusal::NoRecentTap),
+        }
     }
 
     /// Takes the staff tap of the last `window`, once: the operator it

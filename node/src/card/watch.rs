@@ -311,7 +311,8 @@ impl<F: FnMut(CardEvent) -> bool> Loop<F> {
                 match read_present_card(&ctx, &name, &self.config.reader.profile, &self.config.log)
                 {
                     Ok(tap) => {
-                        tracing::info!(user_id = %tap.user_id, reader = %tap.reader, "card tap");
+                        // Never the card's user ID: it keys a person's records.
+                        tracing::info!(reader = %tap.reader, "card tap");
                         self.emit(CardEvent::Tap {
                             user_id: tap.user_id,
                             reader: tap.reader,

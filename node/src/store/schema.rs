@@ -31,6 +31,7 @@
 //!   peer's change log this node durably holds everything.
 //! - `withheld` (version 3): projection rows of contacts documents, the
 //!   persons who asked that nothing about them be disclosed.
+//! - `persons.district` (version 4): a registry resident's address district.
 //!
 //! Kinds are stored as [`crdt::Kind::code`] integers so `ORDER BY kind, id`
 //! is exactly [`crdt::DocKey`]'s `Ord`; text columns use SQLite's BINARY
@@ -42,7 +43,7 @@
 pub const APPLICATION_ID: i32 = 0x4B5A_4E41;
 
 /// Migration `i` (0-based) takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this program writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -60,6 +61,15 @@ CREATE TABLE withheld (
     PRIMARY KEY (source_kind, source_id, pos)
 );
 CREATE INDEX withheld_person_id ON withheld (person_id);
+"#;
+
+/// Version 4: the address district of registry residents
+/// (`crdt::derive::district_of`), for headquarters' count of residents
+/// not yet accounted for per district. Rows written before it have no
+/// district until their document is derived again.
+const V4: &str = r#"
+ALTER TABLE persons ADD COLUMN district TEXT;
+CREATE INDEX persons_district ON persons (district, person_id) WHERE district IS NOT NULL;
 "#;
 
 /// Version 2: receiver-held sync cursors into each peer's change log.

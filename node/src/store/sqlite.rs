@@ -173,7 +173,7 @@ fn usize_to_sql(v: usize) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const PERSON_COLS: &str = "person_id, household_id, name, kana, search_key, birth_date";
+const PERSON_COLS: &str = "person_id, household_id, name, kana, search_key, birth_date, district";
 /// Tie-break shared by every list: document key order, then position in
 /// that document's projection (MemStore's iteration order).
 const SOURCE_ORDER: &str = "source_kind, source_id, pos";
@@ -186,6 +186,7 @@ fn person_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PersonRow> {
         kana: r.get(3)?,
         search_key: r.get(4)?,
         birth_date: r.get(5)?,
+        district: r.get(6)?,
     })
 }
 
@@ -888,6 +889,92 @@ impl Store for SqliteStore {
         out.sort();
         Ok(out)
     }
+
+    fn district_counts(&self) -> Result<Vec<crdt::store::DistrictCount>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT p.district, count(*), \
+                 sum(EXISTS (SELECT 1 FROM locations l WHERE l.person_id = p.person_id)) \
+                 FROM persons p WHERE p.district IS NOT NULL \
+                 GROUP BY p.district ORDER BY p.district",
+            )
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (district, residents, accounted) = row.map_err(map_err)?;
+            out.push(crdt::store::DistrictCount {
+                district,
+                residents: u32::try_from(residents).unwrap_or(u32::MAX),
+                accounted: u32::try_from(accounted).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(out)
+    }
+
+    fn unaccounted(
+        &self,
+        district: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<PersonRow>, StoreError> {
+        self.persons_where(
+            "WHERE district = ?1 AND person_id > ?2 \
+             AND NOT EXISTS (SELECT 1 FROM locations l WHERE l.person_id = persons.person_id)",
+            &format!("person_id, {SOURCE_ORDER} LIMIT ?3"),
+            params![district, after, usize_to_sql(limit)],
+        )
+    }
+
+    fn roster(&self, shelter_id: &str) -> Result<Vec<LocationRow>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {LOCATION_COLS} FROM locations WHERE shelter_id = ?1 AND status != 'out' \
+                 ORDER BY person_id, {SOURCE_ORDER}"
+            ))
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([shelter_id], location_from_row)
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(location_from_parts(row.map_err(map_err)?)?);
+        }
+        Ok(out)
+    }
+
+    fn arrivals(&self, bucket_ms: u64) -> Result<Vec<(u64, u32)>, StoreError> {
+        let bucket_ms = bucket_ms.max(1);
+        // Grouped in Rust: since_ms is a u64 stored as i64, and the counts
+        // per distinct arrival time are far fewer than persons.
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT since_ms, count(*) FROM locations WHERE status = 'in' GROUP BY since_ms",
+            )
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(map_err)?;
+        let mut m: BTreeMap<u64, u32> = BTreeMap::new();
+        for row in rows {
+            let (since, n) = row.map_err(map_err)?;
+            let b = u64_from_sql(since) / bucket_ms * bucket_ms;
+            let e = m.entry(b).or_default();
+            *e = e.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        Ok(m.into_iter().collect())
+    }
 }
 
 /// Migration 3's Rust step: the `withheld` rows of every stored contacts
@@ -984,8 +1071,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
             })
             .collect::<Result<_, _>>()?;
         let mut person = tx.prepare_cached(
-            "INSERT INTO persons (source_kind, source_id, pos, person_id, household_id, name, kana, search_key, name_key, birth_date) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO persons (source_kind, source_id, pos, person_id, household_id, name, kana, search_key, name_key, birth_date, district) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
         let mut card = tx.prepare_cached(
             "INSERT INTO cards (source_kind, source_id, pos, card_user_id, household_id, person_id) \
@@ -1021,7 +1108,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
                     r.kana,
                     r.search_key,
                     crdt::text::search_key(&r.name),
-                    r.birth_date
+                    r.birth_date,
+                    r.district
                 ])?;
             }
             for (i, (card_user_id, household_id, person_id)) in p.cards.iter().enumerate() {

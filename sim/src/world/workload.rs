@@ -309,10 +309,20 @@ impl World {
                     Ev::Cmd {
                         node: a,
                         op_id: format!("read-{k}"),
-                        cmd: Command::ReadMedical {
-                            person_id: p,
-                            reason: "搬送中".into(),
-                            break_glass: chance(&mut r, 0.1),
+                        // One in ten is a break-glass grant instead of
+                        // a read (reads under it need no separate event).
+                        cmd: if chance(&mut r, 0.1) {
+                            Command::BreakGlass {
+                                person_id: p,
+                                reason: "emergency_transport".into(),
+                                justification: "意識なし".into(),
+                            }
+                        } else {
+                            Command::ReadMedical {
+                                person_id: p,
+                                reason: "emergency_transport".into(),
+                                break_glass: false,
+                            }
                         },
                         resubmit: false,
                     },
