@@ -7,13 +7,17 @@
 #   tests:  pcscd + vsmartcard-vpcd (card tier), nftables + iproute2
 #           (namespace tier), python3-aiosmtpd (SMTP tier), libxml2-utils
 #           (xmllint: PFIF exports checked against docs/schemas/pfif-1.4.xsd),
-#           systemd (systemd-analyze checks the service unit)
+#           systemd (systemd-analyze checks the service unit),
+#           chromium + chromium-driver + fonts-noto-cjk (browser tier: the
+#           screens in headless Chromium over WebDriver, screenshots with
+#           Japanese)
 #   tools:  cargo-nextest (on the machine image; installed from crates.io
 #           only if missing)
 set -euo pipefail
 
 need=()
-for pkg in pkg-config libpcsclite-dev pcscd vsmartcard-vpcd nftables iproute2 python3-aiosmtpd libxml2-utils curl systemd; do
+for pkg in pkg-config libpcsclite-dev pcscd vsmartcard-vpcd nftables iproute2 python3-aiosmtpd libxml2-utils curl systemd \
+           chromium chromium-driver fonts-noto-cjk; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

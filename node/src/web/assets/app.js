@@ -293,6 +293,8 @@
 
     function openMembers(list) {
       members = list;
+      // For the tap benchmark: when the household was on screen.
+      B.dataset.householdAt = String(Date.now());
       show($("intake-result"), "", false);
       render();
       const first = document.querySelector("#members input");
@@ -548,6 +550,7 @@
           sync));
       }
       clear(tb).appendChild(frag);
+      B.dataset.paintedAt = String(Date.now());
       $("kpi-evacuees").textContent = String(total);
       $("kpi-shelters").textContent = String(shelters.length);
     }
@@ -688,7 +691,11 @@
     const districts = debounce(refreshDistricts, 5000);
     onEvent((ev) => {
       if (ev.type === "document_changed") {
-        if (ev.kind === "presence" || ev.kind === "shelter") { live(); districts(); }
+        if (ev.kind === "presence" || ev.kind === "shelter") {
+          // For the dashboard benchmark: when the change reached this page.
+          B.dataset.eventAt = String(Date.now());
+          live(); districts();
+        }
         else if (ev.kind === "outbox") mail();
         else if (ev.kind === "audit") audit();
         else if (ev.kind === "registry" || ev.kind === "person") districts();
@@ -702,7 +709,10 @@
           el("span", { class: "hint" }, d.birth_date || ""), whereTag(d.location)));
       } catch (e) { clear(out).appendChild(el("li", { class: "error" }, errText(e))); }
     });
-    refreshLive().then(() => { B.dataset.ready = "1"; });
+    refreshLive().then(() => {
+      B.dataset.ready = "1";
+      B.dataset.readyMs = String(Math.round(performance.now()));
+    });
     refreshOutbox();
     refreshAudit();
     refreshDistricts();

@@ -1,0 +1,291 @@
+//! The screens' speed, measured in headless Chromium against real nodes.
+//! Prints numbers; asserts nothing about time.
+//!
+//! 1. **HQ dashboard at scale**: a headquarters node with a registry of
+//!    `--residents` persons, `--shelters` shelters and `--evacuees`
+//!    persons checked in (spread over the shelters), and one shelter node.
+//!    - first paint: a fresh navigation to the dashboard until its shelter
+//!      table is filled (`performance.now()` at that moment), `--loads`
+//!      times; also the browser's first contentful paint;
+//!    - live update: a check-in at the shelter node until the dashboard
+//!      shows it, end to end, and from the moment the change reached the
+//!      dashboard (its server-sent event) to the moment it is on screen.
+//! 2. **Shelter tap**: a card tap (`kizuna-card-emu` on vpcd slot 0) until
+//!    the household is on the shelter screen, `--taps` times: p50, p99.
+//!
+//! ```text
+//! cargo build --release -p node --bins
+//! flock /work/coord/browser.lock flock /work/coord/card.lock \
+//!   cargo bench -p tests --bench screens -- --residents 1000000 --shelters 855 --evacuees 184000
+//! ```
+
+#[path = "../browser/harness.rs"]
+mod harness;
+
+use anyhow::{Context, Result};
+use harness::*;
+use serde_json::json;
+use std::time::Instant;
+
+struct Args {
+    residents: usize,
+    shelters: usize,
+    evacuees: usize,
+    loads: usize,
+    updates: usize,
+    taps: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        residents: 30_000,
+        shelters: 855,
+        evacuees: 6_000,
+        loads: 5,
+        updates: 20,
+        taps: 30,
+    };
+    let v: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < v.len() {
+        let n = || v.get(i + 1).and_then(|x| x.parse().ok()).expect("a number");
+        match v[i].as_str() {
+            "--residents" => a.residents = n(),
+            "--shelters" => a.shelters = n(),
+            "--evacuees" => a.evacuees = n(),
+            "--loads" => a.loads = n(),
+            "--updates" => a.updates = n(),
+            "--taps" => a.taps = n(),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
+    v[idx.min(v.len() - 1)]
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64
+}
+
+fn main() -> Result<()> {
+    let a = args();
+    // `cargo bench` also runs bench binaries with `--bench`; CI only builds.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        dashboard(&a).await.context("dashboard")?;
+        taps(&a).await.context("taps")
+    })
+}
+
+async fn dashboard(a: &Args) -> Result<()> {
+    use crdt::Role::*;
+    let households = a.residents.div_ceil(3);
+    let t = Instant::now();
+    let csv = node::demo::synthetic_registry(households, 11);
+    let residents = csv.lines().count() - 1;
+    let shelter_ids: Vec<String> = (1..=a.shelters).map(|i| format!("s-{i:03}")).collect();
+    let shelters: Vec<(&str, &str)> = shelter_ids
+        .iter()
+        .map(|s| (s.as_str(), s.as_str()))
+        .collect();
+    let specs = [
+        NodeSpec {
+            id: "hq-1",
+            role: Hq,
+            card_slot: None,
+        },
+        NodeSpec {
+            id: "s-001",
+            role: Shelter,
+            card_slot: None,
+        },
+    ];
+    let mut mesh = Mesh::create(&specs, &csv, &shelters)?;
+    println!(
+        "setup: registry of {residents} residents, {} shelters imported in {:.1} s",
+        a.shelters,
+        t.elapsed().as_secs_f64()
+    );
+    mesh.node("hq-1").start()?;
+    // Evacuees: persons p000001.. checked in at hq, 200 per request,
+    // round-robin over the shelters.
+    let t = Instant::now();
+    let hq = mesh.node("hq-1");
+    let mut k = 0usize;
+    while k < a.evacuees.min(residents) {
+        let n = 200.min(a.evacuees.min(residents) - k);
+        let ids: Vec<String> = (k + 1..=k + n).map(|p| format!("p{p:06}")).collect();
+        let shelter = &shelter_ids[(k / 200) % shelter_ids.len()];
+        let (s, r) = hq.api(
+            "POST",
+            "/api/v1/checkins",
+            Some(json!({"person_ids": ids, "shelter_id": shelter, "op_id": format!("bench-{k}")})),
+        )?;
+        anyhow::ensure!(s == 201, "check-in: {s} {r}");
+        k += n;
+    }
+    println!(
+        "setup: {k} evacuees checked in at hq in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    mesh.node("s-001").start()?;
+
+    let b = Browser::start().await?;
+    b.c.set_window_size(1600, 1000).await?;
+    let mut paint = Vec::new();
+    let mut fcp = Vec::new();
+    for _ in 0..a.loads {
+        let link = mesh.node("hq-1").link("desk")?;
+        b.c.goto(&link).await?;
+        let ms = b.wait_js("the dashboard", "return document.body.dataset.ready === '1' && Number(document.body.dataset.readyMs);").await?;
+        paint.push(ms.as_f64().unwrap_or(f64::NAN));
+        let f = b.js("const p = performance.getEntriesByName('first-contentful-paint')[0]; return p ? p.startTime : null;").await?;
+        if let Some(f) = f.as_f64() {
+            fcp.push(f);
+        }
+    }
+    let rows = b
+        .js("return document.querySelectorAll('#shelters tbody tr').length;")
+        .await?;
+    let occ = b
+        .js("return Number(document.body.dataset.occupancy);")
+        .await?;
+    println!(
+        "hq dashboard first paint ({rows} shelters, {occ} evacuees, {residents} residents): table filled p50 {:.0} ms, max {:.0} ms; first contentful paint p50 {:.0} ms ({} loads)",
+        pct(&mut paint.clone(), 50.0),
+        pct(&mut paint, 100.0),
+        pct(&mut fcp, 50.0),
+        a.loads
+    );
+    // Live updates: field-registered persons checked in at the shelter.
+    let s1 = mesh.node("s-001");
+    let mut e2e = Vec::new();
+    let mut at_hq = Vec::new();
+    for i in 0..a.updates {
+        let (s, r) = s1.api(
+            "POST",
+            "/api/v1/persons",
+            Some(json!({"name": format!("速報 {i}"), "kana": format!("ソクホウ {i}")})),
+        )?;
+        anyhow::ensure!(s == 201, "register: {s} {r}");
+        let pid = r["person_id"].as_str().unwrap().to_string();
+        let before = b
+            .js("return Number(document.body.dataset.occupancy);")
+            .await?
+            .as_f64()
+            .unwrap_or(0.0);
+        let t0 = now_ms();
+        let (s, r) = s1.api(
+            "POST",
+            "/api/v1/checkins",
+            Some(json!({"person_ids": [pid]})),
+        )?;
+        anyhow::ensure!(s == 201, "check-in: {s} {r}");
+        b.c.execute("window.__before = arguments[0];", vec![json!(before)])
+            .await?;
+        b.wait_js(
+            "the update",
+            "return Number(document.body.dataset.occupancy) > window.__before;",
+        )
+        .await?;
+        let v = b.js("return [Number(document.body.dataset.eventAt), Number(document.body.dataset.paintedAt)];").await?;
+        let (ev, painted) = (
+            v[0].as_f64().unwrap_or(f64::NAN),
+            v[1].as_f64().unwrap_or(f64::NAN),
+        );
+        e2e.push(painted - t0);
+        at_hq.push(painted - ev);
+    }
+    println!(
+        "hq dashboard live update ({} check-ins at a shelter node): end to end p50 {:.0} ms, p99 {:.0} ms; after the change reached the dashboard p50 {:.0} ms, p99 {:.0} ms",
+        a.updates,
+        pct(&mut e2e.clone(), 50.0),
+        pct(&mut e2e, 99.0),
+        pct(&mut at_hq.clone(), 50.0),
+        pct(&mut at_hq, 99.0)
+    );
+    b.close().await;
+    Ok(())
+}
+
+async fn taps(a: &Args) -> Result<()> {
+    use crdt::Role::*;
+    card_stack_start()?;
+    let csv = node::demo::synthetic_registry(300, 5);
+    let cards: Vec<String> = csv
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            l.rsplit(',')
+                .next()
+                .filter(|c| c.len() == 13)
+                .map(str::to_string)
+        })
+        .collect();
+    let specs = [
+        NodeSpec {
+            id: "hq-1",
+            role: Hq,
+            card_slot: None,
+        },
+        NodeSpec {
+            id: "shelter-01",
+            role: Shelter,
+            card_slot: Some(0),
+        },
+    ];
+    let mut mesh = Mesh::create(&specs, &csv, &[("shelter-01", "三条小学校")])?;
+    for n in mesh.nodes.iter_mut() {
+        n.start()?;
+    }
+    let s1 = mesh.node("shelter-01");
+    wait_for("the registry at the shelter", || {
+        let (s, v) = s1.api("GET", "/api/v1/persons?limit=1000", None).ok()?;
+        (s == 200 && v.as_array()?.len() >= csv.lines().count() - 1).then_some(())
+    })?;
+    let b = Browser::start().await?;
+    b.c.goto(&s1.link("desk")?).await?;
+    b.wait_js(
+        "the reader",
+        "return document.getElementById('card-status').dataset.status === 'ready';",
+    )
+    .await?;
+    let mut lat = Vec::new();
+    for i in 0..a.taps {
+        let card = &cards[i % cards.len()];
+        let t0 = now_ms();
+        let tap = Card::tap(0, card)?;
+        b.c.execute("window.__t0 = arguments[0];", vec![json!(t0)])
+            .await?;
+        let at = b.wait_js("the household", "const h = Number(document.body.dataset.householdAt || 0); return h >= window.__t0 && h;").await?;
+        lat.push(at.as_f64().unwrap() - t0);
+        drop(tap);
+    }
+    println!(
+        "shelter tap to household on screen ({} taps, kizuna-card-emu on vpcd): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        a.taps,
+        pct(&mut lat.clone(), 50.0),
+        pct(&mut lat.clone(), 99.0),
+        pct(&mut lat, 100.0)
+    );
+    b.close().await;
+    Ok(())
+}
