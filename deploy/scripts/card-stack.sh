@@ -92,8 +92,20 @@ launch() {
     # $1: extra pcscd arguments (the empty config dir), $2: mode name.
     say "starting pcscd --foreground (detached) $1, log $LOG_FILE"
     mkdir -p "$(dirname "$LOG_FILE")"
+    # The daemon must not inherit our open descriptors: a caller running
+    # under `flock LOCKFILE …` would hand its lock to pcscd, which would
+    # then hold it for as long as it lives. The subshell closes them and
+    # becomes pcscd (setsid does not fork here: no job control).
     # shellcheck disable=SC2086
-    setsid pcscd --foreground --info $1 </dev/null >>"$LOG_FILE" 2>&1 &
+    (
+        for fd in /proc/"$BASHPID"/fd/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ] 2>/dev/null; then
+                eval "exec $fd>&-" 2>/dev/null || true
+            fi
+        done
+        exec setsid pcscd --foreground --info $1
+    ) </dev/null >>"$LOG_FILE" 2>&1 &
     echo $! > "$PID_FILE"
     echo "$2" > "$MODE_FILE"
     say "pcscd pid $(cat "$PID_FILE")"

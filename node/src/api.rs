@@ -313,15 +313,19 @@ pub fn host_allowed(headers: &HeaderMap, extra: &[String]) -> bool {
 }
 
 /// Whether a state-changing browser request comes from this node's own
-/// pages: `Origin` is `http(s)://` + the request's `Host`.
+/// pages: `Origin` is `http(s)://` + the request's `Host`; or, where a
+/// browser sends `Origin: null` (a form navigation under a strict
+/// referrer policy), its own `Sec-Fetch-Site: same-origin` (a header no
+/// page can set).
 pub fn same_origin(headers: &HeaderMap) -> bool {
-    let (Some(origin), Some(host)) = (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) else {
+    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let Some(host) = get("host") else {
         return false;
     };
-    origin == format!("http://{host}") || origin == format!("https://{host}")
+    match get("origin") {
+        Some(o) if o != "null" => o == format!("http://{host}") || o == format!("https://{host}"),
+        _ => get("sec-fetch-site") == Some("same-origin"),
+    }
 }
 
 fn refuse(status: StatusCode, code: &'static str, msg: &str) -> Response {
@@ -413,7 +417,9 @@ async fn security_headers(req: Request, next: Next) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        // Same-origin: no URL (a sign-in link) leaves the node, and the
+        // browser still names the origin of a form it posts here.
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(
         header::CONTENT_SECURITY_POLICY,

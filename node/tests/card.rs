@@ -1148,9 +1148,15 @@ fn run_announces_taps_errors_and_staff_sessions() {
     assert_eq!((s, &h["household_id"]), (200, &serde_json::json!("h1")));
     drop(emu);
     // A resident card never yields a session.
-    let (s, e) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    let (s, e) = http(
+        &node,
+        "POST",
+        "/api/v1/sessions/card",
+        None,
+        r#"{"pin":"2468"}"#,
+    );
     assert_eq!(s, 403, "{e}");
-    assert_eq!(e["error"]["code"], "forbidden");
+    assert_eq!(e["error"]["code"], "not_staff");
 
     // Unknown card: a tap with no household and a reason.
     let emu = Emu::start(&["--user-id", UNKNOWN]);
@@ -1191,8 +1197,18 @@ fn run_announces_taps_errors_and_staff_sessions() {
     drop(emu);
 
     // Staff card: staff_tap, then one session whose token works.
-    let (s, _) = http(&node, "POST", "/api/v1/sessions/card", None, "");
+    let (s, e) = http(
+        &node,
+        "POST",
+        "/api/v1/sessions/card",
+        None,
+        r#"{"pin":"2468"}"#,
+    );
     assert_eq!(s, 403, "no staff tap yet");
+    assert_eq!(
+        e["error"]["code"], "not_staff",
+        "the last tap was a resident's"
+    );
     let emu = Emu::start(&["--user-id", STAFF]);
     let v = events.next_card();
     assert_eq!(v["type"], "staff_tap", "{v}");

@@ -118,7 +118,7 @@ async fn dashboard(a: &Args) -> Result<()> {
             card_slot: None,
         },
     ];
-    let mut mesh = Mesh::create(&specs, &csv, &shelters)?;
+    let mut mesh = tokio::task::block_in_place(|| Mesh::create(&specs, &csv, &shelters))?;
     println!(
         "setup: registry of {residents} residents, {} shelters imported in {:.1} s",
         a.shelters,
@@ -252,7 +252,9 @@ async fn taps(a: &Args) -> Result<()> {
             card_slot: Some(0),
         },
     ];
-    let mut mesh = Mesh::create(&specs, &csv, &[("shelter-01", "三条小学校")])?;
+    let mut mesh = tokio::task::block_in_place(|| {
+        Mesh::create(&specs, &csv, &[("shelter-01", "三条小学校")])
+    })?;
     for n in mesh.nodes.iter_mut() {
         n.start()?;
     }

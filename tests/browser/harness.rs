@@ -517,6 +517,15 @@ impl Browser {
         Ok(())
     }
 
+    /// Clicks a button that posts a form and waits until the next page is
+    /// there and `script` is truthy on it.
+    pub async fn submit(&self, css: &str, what: &str, script: &str) -> Result<serde_json::Value> {
+        self.js("window.__oldPage = true;").await?;
+        self.click(css).await?;
+        let guarded = format!("if (window.__oldPage) return null; {script}");
+        self.wait_js(what, &guarded).await
+    }
+
     pub async fn click(&self, css: &str) -> Result<()> {
         self.c.find(Locator::Css(css)).await?.click().await?;
         Ok(())
@@ -536,7 +545,24 @@ impl Browser {
         Ok(())
     }
 
+    /// A screenshot of the top of the page.
     pub async fn screenshot(&self, name: &str) -> Result<()> {
+        self.js("window.scrollTo(0, 0);").await?;
+        self.shot(name).await
+    }
+
+    /// A screenshot with the element `css` scrolled to the top.
+    pub async fn screenshot_at(&self, name: &str, css: &str) -> Result<()> {
+        self.c
+            .execute(
+                "const e = document.querySelector(arguments[0]); if (e) e.scrollIntoView({block: 'start'});",
+                vec![json!(css)],
+            )
+            .await?;
+        self.shot(name).await
+    }
+
+    async fn shot(&self, name: &str) -> Result<()> {
         let png = self.c.screenshot().await?;
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
         std::fs::create_dir_all(&dir)?;

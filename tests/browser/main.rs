@@ -200,11 +200,14 @@ async fn run() -> Result<()> {
             card_slot: None,
         },
     ];
-    let mut mesh = Mesh::create(
-        &specs,
-        &registry(),
-        &[("shelter-01", "三条小学校"), ("shelter-02", "大島中学校")],
-    )?;
+    // Setup writes through blocking engine calls: off the async workers.
+    let mut mesh = tokio::task::block_in_place(|| {
+        Mesh::create(
+            &specs,
+            &registry(),
+            &[("shelter-01", "三条小学校"), ("shelter-02", "大島中学校")],
+        )
+    })?;
     // Operators: a password for the desk, a staff card with a PIN, second
     // operators on the medical nodes for the payload rounds.
     {
@@ -329,9 +332,9 @@ async fn sign_in(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     // A wrong password: a sentence, not JSON.
     b.fill("#name", "desk").await?;
     b.fill("#password", "not the password").await?;
-    b.click(".password-login button[type=submit]").await?;
     let err = b
-        .wait_js(
+        .submit(
+            ".password-login button[type=submit]",
             "the error",
             "const e = document.getElementById('login-error'); return e && e.textContent;",
         )
@@ -342,9 +345,9 @@ async fn sign_in(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     );
     // A PIN without a staff tap: refused with a sentence.
     b.fill("#pin", PIN).await?;
-    b.click(".card-login button[type=submit]").await?;
     let err = b
-        .wait_js(
+        .submit(
+            ".card-login button[type=submit]",
             "the card error",
             "const e = document.getElementById('login-error'); return e && e.textContent;",
         )
@@ -355,9 +358,8 @@ async fn sign_in(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     let start = std::time::Instant::now();
     loop {
         b.fill("#pin", PIN).await?;
-        b.click(".card-login button[type=submit]").await?;
         let v = b
-            .wait_js("the result", "return document.body.dataset.screen === 'shelter' ? 'in' : (document.getElementById('login-error') || {}).textContent;")
+            .submit(".card-login button[type=submit]", "the result", "return document.body.dataset.screen === 'shelter' ? 'in' : (document.getElementById('login-error') || {}).textContent;")
             .await?;
         if v == json!("in") {
             break;
@@ -477,7 +479,7 @@ async fn cardless(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     b.click("#do-checkin").await?;
     b.wait_js("checked in", "return document.getElementById('intake-result').textContent.includes('1 人をチェックイン');").await?;
     b.wait_js("the roster of 5", "return document.querySelectorAll('#roster tbody tr').length === 5 && document.getElementById('roster-count').textContent.includes('5');").await?;
-    b.screenshot("shelter-desk").await?;
+    b.screenshot_at("shelter-desk", "#roster-sec").await?;
     // Filter, then the print view.
     b.fill("#roster-filter", "山田").await?;
     b.wait_js(
@@ -505,6 +507,7 @@ async fn payloads_shelter(b: &Browser, mesh: &mut Mesh) -> Result<()> {
         b.fill("#reg-name", p).await?;
         b.fill("#reg-kana", &format!("ペイロード {i}")).await?;
         b.fill("#reg-note", p).await?;
+        b.js("const r = document.getElementById('register-result'); r.textContent = ''; r.className = 'result';").await?;
         b.click("#register-form button[type=submit]").await?;
         b.c.execute("window.__want = arguments[0];", vec![json!(p)])
             .await?;
@@ -597,8 +600,7 @@ async fn payloads_shelter(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     for (i, p) in PAYLOADS.iter().enumerate() {
         b.fill("#name", p).await?;
         b.fill("#password", p).await?;
-        b.click(".password-login button[type=submit]").await?;
-        b.wait_js("refused", "const e = document.getElementById('login-error'); return e && e.textContent.includes('パスワードが違います');").await?;
+        b.submit(".password-login button[type=submit]", "refused", "const e = document.getElementById('login-error'); return e && e.textContent.includes('パスワードが違います');").await?;
         b.assert_no_injection(&format!("login payload {i}")).await?;
     }
     b.c.close_window().await?;
@@ -647,7 +649,7 @@ async fn ambulance(
     b.wait_js("the profile", "const p = document.getElementById('profile'); return p && p.textContent.includes('ペニシリン') && p.textContent.includes('三条内科医院');").await?;
     let blood = b.text("#blood-type").await?;
     anyhow::ensure!(blood == "A+", "{blood}");
-    b.screenshot("ambulance-profile").await?;
+    b.screenshot_at("ambulance-profile", "#profile-sec").await?;
     // No consent recorded: refused, then break-glass.
     {
         let _card = Card::tap(1, CARD_C)?;
@@ -658,7 +660,8 @@ async fn ambulance(
     b.fill("#bg-just", "意識なし・本人確認不能").await?;
     b.click("#bg-form button[type=submit]").await?;
     b.wait_js("the flagged profile", "const a = document.getElementById('bg-active'); return a && a.textContent.includes('ブレークグラス') && document.getElementById('profile').textContent.includes('造影剤');").await?;
-    b.screenshot("ambulance-break-glass").await?;
+    b.screenshot_at("ambulance-break-glass", "#profile-sec")
+        .await?;
     // Justification payloads, as another crew member (each grant reads once).
     b.c.goto(&format!("{}/ui/login", amb.base())).await?;
     sign_in_link(b, amb, "crew-2").await?;
@@ -672,7 +675,7 @@ async fn ambulance(
     b.click("#search-results li[data-person=px5] button")
         .await?;
     for (i, p) in PAYLOADS.iter().enumerate() {
-        b.js("document.getElementById('bg-sec').hidden = false;")
+        b.js("document.getElementById('bg-sec').hidden = false; document.getElementById('bg-banner').textContent = ''; const r = document.getElementById('medical-result'); r.textContent = ''; r.className = 'result';")
             .await?;
         b.fill("#bg-just", p).await?;
         b.click("#bg-form button[type=submit]").await?;
@@ -743,6 +746,7 @@ async fn clinic(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     .await?;
     for (i, p) in PAYLOADS.iter().enumerate() {
         b.fill("#entry-text", p).await?;
+        b.js("const r = document.getElementById('edit-result'); r.textContent = ''; r.className = 'result';").await?;
         b.js("document.getElementById('entry-section').value = 'condition';")
             .await?;
         b.click("#add-entry-form button[type=submit]").await?;
@@ -800,12 +804,12 @@ async fn partition(
     // Headquarters returns; the conflict is shown there and on the roster.
     mesh.node("hq-1").start()?;
     b.wait_js("the conflict on the roster", "const r = document.querySelector('#roster tbody tr[data-person=px7]'); return r && r.textContent.includes('競合');").await?;
-    b.screenshot("shelter-conflict").await?;
+    b.screenshot_at("shelter-conflict", "#roster-sec").await?;
     b.c.switch_to_window(hq_window.clone()).await?;
     sign_in_link(b, mesh.node("hq-1"), "desk").await?;
     b.wait_js("the conflicts queue", "return document.querySelector('#conflicts li[data-person=px7]') && document.getElementById('kpi-conflicts').textContent === '1';").await?;
     b.wait_js("names in the queue", "return document.querySelector('#conflicts li[data-person=px7]').textContent.includes('伊藤 誠');").await?;
-    b.screenshot("hq-conflict").await?;
+    b.screenshot_at("hq-conflict", "#districts-sec").await?;
     Ok(())
 }
 

@@ -135,7 +135,6 @@ fn layout(cx: &Ctx<'_>, screen: &str, body: Markup) -> Markup {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="referrer" content="no-referrer";
                 title { (title) " — " (t(lang, "app")) }
                 link rel="stylesheet" href="/ui/static/app.css";
                 script src="/ui/static/app.js" defer {}
