@@ -261,9 +261,13 @@ async fn run() -> Result<()> {
     )?;
     anyhow::ensure!(s == 201, "medical px5: {s} {r}");
     let (s, r) = hq.api(
-        "POST",
+        "PUT",
         "/api/v1/persons/px4/eligibility",
-        Some(json!({"insurer": "三条市国民健康保険", "valid_through": "2027-03-31", "eligible": true})),
+        Some(
+            json!({"insurer_number": "154211", "insurer": "三条市国民健康保険", "symbol": "三条",
+                    "number": "1234567", "valid_from": "2025-04-01", "valid_to": "2099-03-31",
+                    "copay_pct": 30, "as_of": "2026-11-01"}),
+        ),
     )?;
     anyhow::ensure!(s == 201, "eligibility: {s} {r}");
     // Every node has the registry and the profiles it may hold.
@@ -715,7 +719,7 @@ async fn clinic(b: &Browser, mesh: &mut Mesh) -> Result<()> {
         "return document.getElementById('profile').textContent.includes('アムロジピン');",
     )
     .await?;
-    b.wait_js("the eligibility", "return document.getElementById('elig').textContent.includes('三条市国民健康保険') && document.getElementById('elig').textContent.includes('2027-03-31');").await?;
+    b.wait_js("the eligibility", "const e = document.getElementById('elig').textContent; return e.includes('三条市国民健康保険') && e.includes('1234567') && e.includes('2099-03-31') && e.includes('有効');").await?;
     b.fill("#entry-text", "ロキソプロフェン 60mg").await?;
     b.js("document.getElementById('entry-section').value = 'medication';")
         .await?;

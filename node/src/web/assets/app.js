@@ -459,17 +459,23 @@
       } catch (e) { showErr(out, e); }
     }
 
+    // The offline eligibility check (audited; numbers unmasked only on
+    // clinic nodes, which is where this screen runs).
     async function loadEligibility() {
       $("elig-sec").hidden = false;
       const dl = clear($("elig"));
       try {
         const r = await api("GET", "/api/v1/persons/" + encodeURIComponent(person.person_id) + "/eligibility");
-        const e = r.eligibility;
-        if (!e) { dl.appendChild(el("dd", null, T("elig.none"))); return; }
         const row = (k, v) => { dl.appendChild(el("dt", null, k)); dl.appendChild(el("dd", null, v)); };
-        row(T("elig.eligible"), e.eligible ? "✔ " + T("elig.yes") : "✖ " + T("elig.no"));
-        row(T("elig.insurer"), bdi(e.insurer));
-        row(T("elig.valid"), e.valid_through);
+        const mark = r.status === "valid" ? "✔ " : (r.status === "expired" ? "✖ " : "? ");
+        row(T("elig.eligible"), el("strong", { id: "elig-status" }, mark + Tdyn("elig.s_" + r.status) + " (" + r.on_date + ")"));
+        const e = r.record;
+        if (!e) { row(T("elig.insurer"), T("elig.none")); return; }
+        row(T("elig.insurer"), bdi(e.insurer || "—"), " · " + e.insurer_number);
+        row(T("elig.number"), [e.symbol, e.number, e.branch].filter((x) => x).join(" · "));
+        row(T("elig.valid"), e.valid_from + " – " + (e.valid_to || ""));
+        row(T("elig.copay"), e.copay_pct + "%");
+        row(T("elig.as_of"), e.as_of);
       } catch (e) { dl.appendChild(el("dd", { class: "error" }, errText(e))); }
     }
 
@@ -605,26 +611,28 @@
       }
     }
 
+    // Rows of GET /api/v1/outbox: state pending | sent | indeterminate |
+    // failed, with the last error of a failed or indeterminate send.
     function renderOutbox(list) {
       const counts = {};
       const fails = {};
       for (const m of list) {
-        counts[m.status] = (counts[m.status] || 0) + 1;
-        if (m.status === "failed_permanent" || m.status === "indeterminate" || (m.reason && m.status === "pending")) {
-          const k = m.status + "\u0000" + (m.reason || "");
+        counts[m.state] = (counts[m.state] || 0) + 1;
+        if (m.state === "failed" || m.state === "indeterminate" || (m.state === "pending" && m.last_error)) {
+          const k = m.state + "\u0000" + (m.last_error || "");
           fails[k] = (fails[k] || 0) + 1;
         }
       }
       const dl = clear($("outbox-counts"));
-      for (const s of ["sent", "pending", "sending", "failed_permanent", "indeterminate", "cancelled"]) {
+      for (const s of ["sent", "pending", "failed", "indeterminate"]) {
         dl.appendChild(el("dt", null, Tdyn("mail." + s)));
         dl.appendChild(el("dd", { "data-status": s }, String(counts[s] || 0)));
       }
       $("kpi-mail").textContent = (counts.sent || 0) + " / " + list.length;
       const tb = clear(document.querySelector("#outbox-failures tbody"));
       for (const k of Object.keys(fails)) {
-        const [status, reason] = k.split("\u0000");
-        tb.appendChild(el("tr", null, el("td", null, Tdyn("mail." + status)), el("td", null, reason), el("td", { class: "num" }, String(fails[k]))));
+        const [state, reason] = k.split("\u0000");
+        tb.appendChild(el("tr", null, el("td", null, Tdyn("mail." + state)), el("td", null, reason), el("td", { class: "num" }, String(fails[k]))));
       }
     }
 
