@@ -735,7 +735,10 @@
     startEvents();
     refreshStatus();
     setInterval(refreshStatus, 15000);
-    onEvent((ev) => { if (ev.type === "document_changed" && ev.kind === "shelter") refreshStatus(); });
+    // Any change that arrives may come with a new connection state: the
+    // banner follows within seconds, not at the next poll.
+    const statusSoon = debounce(refreshStatus, 1500);
+    onEvent((ev) => { if (ev.type === "document_changed") statusSoon(); });
     if (SCREEN === "shelter") shelterDesk(true);
     else if (SCREEN === "facility") shelterDesk(false);
     else if (SCREEN === "ambulance") medicalScreen(false);
