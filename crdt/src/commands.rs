@@ -196,9 +196,6 @@ impl<S: Store> Commands<'_, S> {
                 if break_glass && !self.access.has_grant(&operator.0, &person_id, now.mono_ms) {
                     return Err(refused(Refusal::NoGrant));
                 }
-                self.access
-                    .admit_read(&operator.0, now.mono_ms)
-                    .map_err(refused)?;
                 let view = match self.r.load(&key)? {
                     Some(doc) => {
                         views::medical(doc).map_err(|e| CommandError::Rejected(e.to_string()))?
@@ -213,6 +210,13 @@ impl<S: Store> Commands<'_, S> {
                 if view.consent.is_none() && !break_glass {
                     return Err(refused(Refusal::NoConsent));
                 }
+                // Only a profile about to be shown counts against the
+                // operator's limit: a refused or not-found read discloses
+                // nothing (and is audited), and a client waiting for a
+                // profile to arrive by sync must not lock itself out.
+                self.access
+                    .admit_read(&operator.0, now.mono_ms)
+                    .map_err(refused)?;
                 let seq = self.audit(
                     txn,
                     operator,

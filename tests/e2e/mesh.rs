@@ -360,7 +360,7 @@ fn roles_hold_only_their_documents_over_real_sockets() -> Result<()> {
     checkin_ok(&tb, "shelter-01", &[&p], "role-1")?;
     // Medical reached the ambulance, presence reached hq: sync works, so
     // what is missing below is policy, not a dead link.
-    let path = format!("/api/v1/persons/{p}/medical?reason=e2e");
+    let path = format!("/api/v1/persons/{p}/medical?reason=emergency_transport");
     wait_for("medical profile at the ambulance", SYNC, || {
         let (c, v) = tb.api("ambulance-1", "GET", &path, None)?;
         Ok(if c == 200 {

@@ -1065,7 +1065,7 @@ fn imported_data_sets_are_all_or_nothing_and_idempotent() {
             "r1",
             Command::ReadMedical {
                 person_id: "p0-0".into(),
-                reason: "test".into(),
+                reason: "clinic_care".into(),
                 break_glass: false,
             },
         )
