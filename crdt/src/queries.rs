@@ -240,12 +240,13 @@ impl<S: Store> Queries<'_, S> {
             }
             Query::Districts => QueryReply::Districts(self.r.store.district_counts()?),
             Query::Roster { shelter_id } => {
-                let shelter = shelter_id.or_else(|| self.shelter_id.clone()).ok_or(
-                    TextError::Invalid {
-                        field: "shelter_id",
-                        reason: "required on a node that is not a shelter".into(),
-                    },
-                )?;
+                let shelter =
+                    shelter_id
+                        .or_else(|| self.shelter_id.clone())
+                        .ok_or(TextError::Invalid {
+                            field: "shelter_id",
+                            reason: "required on a node that is not a shelter".into(),
+                        })?;
                 crate::ids::check_id_str(&shelter).map_err(|r| TextError::Invalid {
                     field: "shelter_id",
                     reason: r.into(),
@@ -290,7 +291,11 @@ impl<S: Store> Queries<'_, S> {
             } => {
                 check_text("district", &district, 200, true)?;
                 check_text("after", &after, 200, false)?;
-                QueryReply::Persons(self.r.store.unaccounted(&district, &after, limit.min(1000))?)
+                QueryReply::Persons(
+                    self.r
+                        .store
+                        .unaccounted(&district, &after, limit.min(1000))?,
+                )
             }
             Query::Arrivals { bucket_ms } => {
                 // At least a minute: a bucket per millisecond is no chart.
