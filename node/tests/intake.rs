@@ -629,7 +629,7 @@ fn outputs_are_valid_audited_private_and_honour_do_not_disclose() {
         "--person",
         "p0",
         "--reason",
-        "搬送",
+        "hospital_handover",
     ]);
     run(&["docs", "export", "--data-dir", d, "--out", &f("docs")]);
 
@@ -737,7 +737,7 @@ fn outputs_are_valid_audited_private_and_honour_do_not_disclose() {
         .all(|x| x.operator.starts_with("cli:")));
     assert!(e
         .iter()
-        .any(|x| x.action == "medical_read" && x.reason == "handover: 搬送"));
+        .any(|x| x.action == "medical_read" && x.reason == "hospital_handover"));
 }
 
 #[test]
@@ -872,7 +872,11 @@ fn api_edits_checks_outbox_and_downloads() {
     let xml = String::from_utf8(b).unwrap();
     assert_eq!(xml.matches("<pfif:person>").count(), 3);
     assert!(!xml.contains("person.p2<"));
-    let (c, b, _) = req("GET", "/api/v1/persons/p0/handover?reason=transport", None);
+    let (c, b, _) = req(
+        "GET",
+        "/api/v1/persons/p0/handover?reason=hospital_handover",
+        None,
+    );
     assert_eq!(c, 200);
     check_fhir_document(&json(&b));
     let _ = stop.send(());

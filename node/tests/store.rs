@@ -327,8 +327,12 @@ fn migration_3_derives_withheld_from_stored_contacts() {
     assert_eq!(e.store().withheld().unwrap().len(), 1);
     drop(e);
     let c = rusqlite::Connection::open(d.db()).unwrap();
-    c.execute_batch("DROP TABLE withheld; PRAGMA user_version = 2;")
-        .unwrap();
+    // Back to what version 2 had: no withheld table (3), no district (4).
+    c.execute_batch(
+        "DROP TABLE withheld; DROP INDEX persons_district; \
+         ALTER TABLE persons DROP COLUMN district; PRAGMA user_version = 2;",
+    )
+    .unwrap();
     drop(c);
     let s = SqliteStore::open(&d.db()).unwrap();
     assert_eq!(

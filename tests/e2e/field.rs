@@ -368,7 +368,10 @@ fn metrics_on_every_node_move_with_real_traffic() -> Result<()> {
     wait_location(&tb, "hq-1", &p[0], "shelter-01")?;
     for n in ["ambulance-1", "clinic-1"] {
         wait_person(&tb, n, &p[3])?;
-        let path = format!("/api/v1/persons/{}/medical?reason=transport", p[3]);
+        let path = format!(
+            "/api/v1/persons/{}/medical?reason=emergency_transport",
+            p[3]
+        );
         wait_for(&format!("medical at {n}"), SYNC, || {
             let (c, v) = tb.api(n, "GET", &path, None)?;
             Ok(if c == 200 {
