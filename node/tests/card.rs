@@ -182,49 +182,11 @@ fn assert_no_forbidden(apdus: &str) {
     }
 }
 
-/// The `kizuna` binary, snapshotted into a private path. The shared target
-/// directory is used by several worktrees whose `kizuna` binaries overwrite
-/// each other's uplifted copy (`target/debug/kizuna`) at any moment, so the
-/// suite copies a build that has the `card` command (the uplifted one, or
-/// the newest hashed one in `deps/`) once and uses that copy.
+/// The `kizuna` binary Cargo built for these tests. (An earlier version
+/// copied it to a per-process path in /tmp for worktrees sharing one target
+/// directory; every nextest process left a 128 MB copy behind.)
 fn kizuna_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let has_card = |p: &Path| {
-            Command::new(p)
-                .args(["card", "--help"])
-                .output()
-                .map(|o| {
-                    o.status.success()
-                        && String::from_utf8_lossy(&o.stdout).contains("Wait for one card")
-                })
-                .unwrap_or(false)
-        };
-        let deps = std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
-            .unwrap()
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                name.starts_with("kizuna-") && !name.contains('.')
-            })
-            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-            .collect();
-        candidates.sort();
-        let snapshot =
-            std::env::temp_dir().join(format!("kizuna-card-test-bin-{}", std::process::id()));
-        std::iter::once(PathBuf::from(env!("CARGO_BIN_EXE_kizuna")))
-            .chain(candidates.into_iter().rev().map(|(_, p)| p))
-            .find(|p| std::fs::copy(p, &snapshot).is_ok() && has_card(&snapshot))
-            .expect("a kizuna binary with the `card` command");
-        snapshot
-    })
-    .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_kizuna"))
 }
 
 fn config() -> ReaderConfig {
