@@ -15,8 +15,7 @@
 //!
 //! ```text
 //! cargo build --release -p node --bins
-//! flock /work/coord/browser.lock flock /work/coord/card.lock \
-//!   cargo bench -p tests --bench screens -- --residents 1000000 --shelters 855 --evacuees 184000
+//! cargo bench -p tests --bench screens -- --residents 1000000 --shelters 855 --evacuees 184000
 //! ```
 
 #[path = "../browser/harness.rs"]
