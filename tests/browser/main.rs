@@ -22,8 +22,8 @@
 //! Screenshots of every screen go to `target/screenshots/` (and to
 //! `docs/screenshots/` with `KIZUNA_UPDATE_DOCS=1`). Needs Debian's
 //! `chromium`, `chromium-driver`, `fonts-noto-cjk`, pcscd and vpcd
-//! (deploy/scripts/setup.sh); run under `flock /work/coord/browser.lock`
-//! and the card lock when other card tests may run.
+//! (deploy/scripts/setup.sh). It uses the machine's one virtual card
+//! reader, so it must not run beside another card test suite.
 
 mod harness;
 
