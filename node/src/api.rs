@@ -490,6 +490,23 @@ pub async fn serve(
         .await
 }
 
+/// `201 {"event_ids", "already"}` for a presence command (check-in,
+/// check-out, transfer).
+fn presence_reply(r: Reply) -> Result<Response, ApiError> {
+    match r {
+        Reply::Presence { event_ids, already } => Ok((
+            StatusCode::CREATED,
+            Json(json!({"event_ids": event_ids, "already": already})),
+        )
+            .into_response()),
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "unexpected engine reply",
+        )),
+    }
+}
+
 fn unexpected(r: QueryReply) -> ApiError {
     tracing::error!(reply = ?std::mem::discriminant(&r), "unexpected query reply");
     ApiError::new(
@@ -1088,18 +1105,7 @@ async fn transfers(
         from_shelter: body.from_shelter,
         to_shelter: body.to_shelter,
     };
-    match st.driver.command(op_id, Operator(op.0), cmd).await? {
-        Reply::Presence { event_ids, already } => Ok((
-            StatusCode::CREATED,
-            Json(json!({"event_ids": event_ids, "already": already})),
-        )
-            .into_response()),
-        _ => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected engine reply",
-        )),
-    }
+    presence_reply(st.driver.command(op_id, Operator(op.0), cmd).await?)
 }
 
 /// `POST /api/v1/persons/{person_id}/medical`: a `crdt::api::MedicalUpdate`
@@ -1190,18 +1196,7 @@ async fn presence(
             shelter_id: body.shelter_id,
         }
     };
-    match st.driver.command(op_id, Operator(op.0), cmd).await? {
-        Reply::Presence { event_ids, already } => Ok((
-            StatusCode::CREATED,
-            Json(json!({"event_ids": event_ids, "already": already})),
-        )
-            .into_response()),
-        _ => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected engine reply",
-        )),
-    }
+    presence_reply(st.driver.command(op_id, Operator(op.0), cmd).await?)
 }
 
 async fn checkins(
