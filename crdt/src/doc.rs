@@ -8,6 +8,13 @@
 //! (a blood type, a shelter's capacity) is a field whose concurrent writes
 //! Automerge keeps side by side, which [`Doc::fields`] surfaces as a
 //! conflict instead of silently picking one.
+//!
+//! Automerge panics on some hostile inputs (fuzzing its apply path with
+//! mutated changes finds `unwrap` and assertion failures within seconds,
+//! see `crdt/tests/core/fixtures/`). Every call here that applies, loads,
+//! saves or writes runs behind [`guard`], so such a panic becomes
+//! [`DocError::Panicked`]; the document it happened in is then in an
+//! unknown state and the caller must drop it (it is never put back).
 
 use crate::actor::Actor;
 use crate::ids::DocKey;
@@ -39,6 +46,25 @@ pub enum DocError {
     },
     #[error("automerge: {0}")]
     Automerge(String),
+    /// Automerge panicked; the document it ran on must be dropped.
+    #[error("automerge panicked in {what}: {reason}")]
+    Panicked { what: &'static str, reason: String },
+}
+
+/// Runs `f`, turning a panic into [`DocError::Panicked`]. The closure may
+/// leave what it borrowed half-changed, which is why callers drop it.
+pub fn guard<T>(what: &'static str, f: impl FnOnce() -> T) -> Result<T, DocError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let reason = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        DocError::Panicked {
+            what,
+            reason: reason.chars().take(200).collect(),
+        }
+    })
 }
 
 /// A field's current value, with any concurrent values kept beside it.
@@ -84,6 +110,15 @@ impl Doc {
     }
 
     pub fn load(
+        key: DocKey,
+        snapshot: Option<&[u8]>,
+        changes: &[Vec<u8>],
+    ) -> Result<Doc, DocError> {
+        let k = key.clone();
+        guard("load", move || Self::load_unguarded(k, snapshot, changes))?
+    }
+
+    fn load_unguarded(
         key: DocKey,
         snapshot: Option<&[u8]>,
         changes: &[Vec<u8>],
@@ -178,6 +213,18 @@ impl Doc {
         message: &str,
         writes: &[(String, Option<String>)],
     ) -> Result<Option<Change>, DocError> {
+        guard("write", || {
+            self.write_unguarded(actor, time_s, message, writes)
+        })?
+    }
+
+    fn write_unguarded(
+        &mut self,
+        actor: Actor,
+        time_s: i64,
+        message: &str,
+        writes: &[(String, Option<String>)],
+    ) -> Result<Option<Change>, DocError> {
         self.am.set_actor(actor.automerge());
         let mut tx = self.am.transaction();
         for (name, value) in writes {
@@ -207,9 +254,10 @@ impl Doc {
         Ok(hash.and_then(|h| self.am.get_change_by_hash(&h)))
     }
 
+    /// Applies changes. On `Err(Panicked)` the document is in an unknown
+    /// state: drop it.
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), DocError> {
-        self.am
-            .apply_changes(changes)
+        guard("apply", || self.am.apply_changes(changes))?
             .map_err(|e| DocError::Automerge(e.to_string()))
     }
 
@@ -246,8 +294,8 @@ impl Doc {
         !self.am.get_missing_deps(&[]).is_empty()
     }
 
-    pub fn save(&self) -> Vec<u8> {
-        self.am.save()
+    pub fn save(&self) -> Result<Vec<u8>, DocError> {
+        guard("save", || self.am.save())
     }
 }
 
@@ -360,7 +408,7 @@ mod tests {
         for c in all.iter().rev() {
             backward.apply(vec![c.clone()]).unwrap();
         }
-        let loaded = Doc::load(key, Some(&backward.save()), &[]).unwrap();
+        let loaded = Doc::load(key, Some(&backward.save().unwrap()), &[]).unwrap();
         let order = |d: &Doc| -> Vec<Hash32> {
             d.changes_since(&base.heads())
                 .iter()
@@ -388,7 +436,7 @@ mod tests {
             &[("blood_type".into(), Some("\"A+\"".into()))],
         )
         .unwrap();
-        let mut b = Doc::load(key.clone(), Some(&a.save()), &[]).unwrap();
+        let mut b = Doc::load(key.clone(), Some(&a.save().unwrap()), &[]).unwrap();
         a.write(
             actor("a", 1),
             1,

@@ -96,6 +96,8 @@ pub struct Stats {
     pub changes_known: u64,
     pub changes_rejected: u64,
     pub violations: u64,
+    /// Received changes that panicked Automerge and were quarantined.
+    pub panics: u64,
     pub duplicate_mail_risk: u64,
     pub commits: u64,
 }
@@ -199,6 +201,7 @@ impl<S: Store> Engine<S> {
             changes_known: s.changes_known,
             changes_rejected: s.changes_rejected,
             violations: s.violations,
+            panics: s.panics,
             duplicate_mail_risk: self.mail.duplicate_risk,
             commits: self.commits,
         }

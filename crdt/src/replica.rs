@@ -34,7 +34,7 @@ use crate::api::{CommandError, Now, Output, SessionId, UiEvent};
 use crate::cache::DocCache;
 use crate::derive;
 use crate::derive::Applied;
-use crate::doc::{parse_change, Doc, DocError, Hash32};
+use crate::doc::{guard, parse_change, Doc, DocError, Hash32};
 use crate::hlc::HlcClock;
 use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::index::{DocIndex, Index};
@@ -274,13 +274,18 @@ impl<S: Store> Replica<S> {
         let share = self.share.is_some();
         let doc = self.load_or_new(key)?;
         let before = if share { doc.heads() } else { vec![] };
-        let change = doc
-            .write(actor, (now.wall_ms / 1000) as i64, "", &writes)
-            .map_err(|e| CommandError::Rejected(e.to_string()))?;
-        let Some(change) = change else { return Ok(()) };
-        let projection = match derive::projection(doc) {
-            Ok(p) => Arc::new(p),
+        let change = match doc.write(actor, (now.wall_ms / 1000) as i64, "", &writes) {
+            Ok(c) => c,
             Err(e) => {
+                // After a panic the cached document is in an unknown state.
+                self.evict(key);
+                return Err(CommandError::Rejected(e.to_string()));
+            }
+        };
+        let Some(change) = change else { return Ok(()) };
+        let projection = match guard("read", || derive::projection(doc)) {
+            Ok(Ok(p)) => Arc::new(p),
+            Ok(Err(e)) | Err(e) => {
                 self.evict(key);
                 return Err(CommandError::Rejected(e.to_string()));
             }
@@ -329,7 +334,8 @@ impl<S: Store> Replica<S> {
                 from,
             });
         }
-        let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save());
+        // A snapshot that fails is skipped: the change log has everything.
+        let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save().ok()).flatten();
         // A batch's snapshot of a document covers every change of it in the
         // batch, so only the newest state of each document is kept.
         txn.batch.docs.retain(|d| d.key != *key);
@@ -372,9 +378,11 @@ impl<S: Store> Replica<S> {
             return Ok(hit);
         }
         // Not shared with anyone: changed in place, no copy.
+        // A panic in either step drops `doc` (the caller's copy of the
+        // document is gone from the cache too, so nothing half-applied stays).
         let mut doc = Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
         doc.apply(new.to_vec())?;
-        let projection = derive::projection(&doc)
+        let projection = guard("read", || derive::projection(&doc))?
             .map(Arc::new)
             .map_err(|e| e.to_string());
         let applied = Applied {

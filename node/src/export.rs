@@ -111,7 +111,7 @@ pub fn docs_export(data_dir: &Path, out: &Path) -> Result<(), Exit> {
             .ok_or_else(|| anyhow!("document {}/{} vanished", key.kind.as_str(), key.id))?;
         let doc = crdt::doc::Doc::load(key.clone(), sd.snapshot.as_deref(), &sd.changes)
             .map_err(|e| anyhow!("{e}"))?;
-        let bytes = doc.save();
+        let bytes = doc.save().map_err(|e| anyhow!("{e}"))?;
         // Kinds and ids are restricted to [A-Za-z0-9._-], never leading '.'.
         let rel = format!("{}/{}.automerge", key.kind.as_str(), key.id);
         let path = out.join(&rel);

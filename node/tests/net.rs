@@ -260,6 +260,45 @@ async fn static_peers_connect_and_frames_round_trip_in_order() {
     b.t.shutdown().await;
 }
 
+#[tokio::test]
+async fn spoofed_mdns_announcements_cannot_re_aim_a_static_peer_or_grow_dialers() {
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Shelter, "shelter-1");
+    let b_creds = pki.node(Role::Hq, "hq-1");
+    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
+    let mut a = start(
+        &a_creds,
+        cfg(localhost(), vec![peer("hq-1", b.t.local_addr())]),
+    )
+    .await;
+    let (s1, node, _, _) = connected(&mut a.rx).await;
+    assert_eq!(node, nid("hq-1"));
+    let (sb, _, _, _) = connected(&mut b.rx).await;
+    // 1,000 announcements anyone on the link could send: headquarters'
+    // node id at other addresses, and invented node ids.
+    for i in 0..1000u32 {
+        let spoofed: SocketAddr = format!("127.0.0.1:{}", 20000 + i).parse().unwrap();
+        if i % 2 == 0 {
+            a.t.discovered(nid("hq-1"), spoofed);
+        } else {
+            a.t.discovered(nid(&format!("fake-{i}")), spoofed);
+        }
+    }
+    assert!(
+        a.t.dialer_count() <= 1 + node::net::MAX_DISCOVERED_DIALERS,
+        "{} dialers",
+        a.t.dialer_count()
+    );
+    // Headquarters drops the session; the static dialer still aims at the
+    // real address and reconnects.
+    b.t.close(sb, "test: reconnect");
+    disconnected(&mut a.rx, s1).await;
+    let (s2, node, _, init) = connected(&mut a.rx).await;
+    assert!(s2 != s1 && node == nid("hq-1") && init);
+    a.t.shutdown().await;
+    b.t.shutdown().await;
+}
+
 /// A hand-made quinn client with valid credentials, connected to `server`
 /// and past the stream tag.
 async fn raw_client(

@@ -259,7 +259,10 @@ impl Testbed {
             };
             let doc = crdt::doc::Doc::load(key.clone(), sd.snapshot.as_deref(), &sd.changes)
                 .map_err(|e| anyhow::anyhow!("{}/{}: {e}", key.kind.as_str(), key.id))?;
-            docs.push(doc.save());
+            let bytes = doc
+                .save()
+                .map_err(|e| anyhow::anyhow!("{}/{}: {e}", key.kind.as_str(), key.id))?;
+            docs.push(bytes);
         }
         Ok(docs)
     }

@@ -937,6 +937,155 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
     assert_eq!(net.nodes[1].store().log, before.log);
 }
 
+/// Length-prefixed changes of `fixtures/hostile-change.bin`.
+fn hostile_changes() -> Vec<Vec<u8>> {
+    let raw: &[u8] = include_bytes!("fixtures/hostile-change.bin");
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        let n = u32::from_be_bytes(raw[i..i + 4].try_into().unwrap()) as usize;
+        out.push(raw[i + 4..i + 4 + n].to_vec());
+        i += 4 + n;
+    }
+    out
+}
+
+#[test]
+fn a_change_that_panics_automerge_quarantines_its_document_and_the_node_keeps_serving() {
+    use crdt::store::Store;
+    use crdt::wire::{DocChanges, Frame};
+    // A real hostile change (found by fuzzing the apply path, see
+    // fixtures/README.md), sent by headquarters' own session: it passes
+    // parsing and the author check and panics inside Automerge's apply.
+    let mut net = setup();
+    net.connect(0, 1);
+    let key = DocKey::new(Kind::Shelter, "s-fuzz").unwrap();
+    let frame = crdt::wire::encode(&Frame::Changes {
+        docs: vec![DocChanges {
+            key: key.clone(),
+            changes: hostile_changes(),
+        }],
+        upto: None,
+    })
+    .unwrap();
+    let log_before = net.nodes[1].store().log.clone();
+    for round in 0..2 {
+        let sid = net.links[net.links.len() - 1].0;
+        let outs = net.nodes[1].handle(
+            Input::Frame {
+                session: sid,
+                bytes: frame.clone(),
+            },
+            now(net.now),
+            &mut net.rng,
+        );
+        // The sender is cut off; nothing of the document is stored.
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, Output::Close { session, .. } if *session == sid)),
+            "round {round}: session closed"
+        );
+        assert!(!net.nodes[1].has_session(sid));
+        assert_eq!(net.nodes[1].doc_heads(&key), None);
+        assert_eq!(net.nodes[1].store().log, log_before);
+        // Quarantined once, for review; the resend (a new session) is
+        // refused before it runs again.
+        assert_eq!(net.nodes[1].stats().panics, 1, "round {round}");
+        let q = net.nodes[1].store().quarantined().unwrap();
+        assert!(q
+            .iter()
+            .any(|(k, why)| k == &key && why.contains("crashed")));
+        net.disconnect_all();
+        net.connect(0, 1);
+    }
+    // The node keeps serving: a check-in at that shelter still works and
+    // reaches headquarters.
+    let r = net
+        .cmd(
+            1,
+            "ci-after-panic",
+            Command::CheckIn {
+                person_ids: vec!["p3-0".into()],
+                shelter_id: None,
+            },
+        )
+        .unwrap();
+    assert!(matches!(r, Reply::Presence { .. }));
+    assert_eq!(
+        net.heads(0, &[Kind::Presence]),
+        net.heads(1, &[Kind::Presence])
+    );
+}
+
+#[test]
+fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
+    use crdt::wire::Frame;
+    let empty_turn = crdt::wire::encode(&Frame::Reconcile {
+        ranges: vec![],
+        more: false,
+    })
+    .unwrap();
+    let closed = |outs: &[Output], sid: u64| {
+        outs.iter()
+            .any(|o| matches!(o, Output::Close { session, .. } if *session == sid))
+    };
+    // First meeting: an exchange runs, but a peer that keeps sending turns
+    // is cut off after a bounded number.
+    let mut net = setup();
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    let mut sent = 0;
+    loop {
+        let outs = net.nodes[1].handle(
+            Input::Frame {
+                session: sid,
+                bytes: empty_turn.clone(),
+            },
+            now(net.now),
+            &mut net.rng,
+        );
+        sent += 1;
+        if closed(&outs, sid) {
+            break;
+        }
+        assert!(sent <= 64, "still open after {sent} extra turns");
+    }
+    assert!(sent > 32, "honest exchanges have room: closed after {sent}");
+    // Peers met before resume from their cursors: no exchange may run, so
+    // one reconcile frame ends the session.
+    net.disconnect_all();
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    let outs = net.nodes[1].handle(
+        Input::Frame {
+            session: sid,
+            bytes: empty_turn,
+        },
+        now(net.now),
+        &mut net.rng,
+    );
+    assert!(closed(&outs, sid));
+    // At most two sessions with one peer: a third is refused at once (the
+    // session above is closed).
+    assert!(!net.nodes[1].has_session(sid));
+    let (hq, role) = (NodeId::new("hq-1").unwrap(), Role::Hq);
+    let mut third = vec![];
+    for session in [900, 901, 902] {
+        third = net.nodes[1].handle(
+            Input::Connected {
+                session,
+                node: hq.clone(),
+                role,
+                initiator: false,
+            },
+            now(net.now),
+            &mut net.rng,
+        );
+    }
+    assert!(net.nodes[1].has_session(900) && net.nodes[1].has_session(901));
+    assert!(closed(&third, 902) && !net.nodes[1].has_session(902));
+}
+
 #[test]
 fn on_resume_presence_crosses_before_a_bulk_registry_backlog() {
     let mut net = setup();

@@ -112,7 +112,7 @@ proptest! {
         let (_, changes) = make_changes(&script);
         let mut a = Doc::new(key());
         a.apply(changes.clone()).unwrap();
-        let loaded = Doc::load(key(), Some(&a.save()), &[]).unwrap();
+        let loaded = Doc::load(key(), Some(&a.save().unwrap()), &[]).unwrap();
         let raw: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
         let replayed = Doc::load(key(), None, &raw).unwrap();
         prop_assert_eq!(state(&loaded), state(&a));

@@ -7,6 +7,10 @@
 //! up as `PeerRejected` with the address). Announcements with another `v`
 //! are ignored with a log line (H-1). If multicast is unavailable the
 //! transport logs it and keeps working with static peers (C-10).
+//! An announcement never re-aims the dialer of a static peer, and at most
+//! [`super::MAX_DISCOVERED_DIALERS`] dialers are started from
+//! announcements, so spoofed ones cannot cut us off from headquarters or
+//! grow tasks without bound.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -85,10 +89,14 @@ pub(crate) fn start(inner: &Arc<Inner>, instance: &str, port: u16) -> anyhow::Re
             if seen.get(&node) == Some(&addr) {
                 continue;
             }
+            if seen.len() >= 4 * super::MAX_DISCOVERED_DIALERS {
+                // Bounded: spoofed announcements for invented ids.
+                seen.clear();
+            }
             seen.insert(node.clone(), addr);
             tracing::info!(peer = %node, role = %role, %addr, "mDNS discovered peer");
             inner2.notice(Notice::Discovered { node: node.clone(), role, addr });
-            inner2.ensure_dialer(node, addr);
+            inner2.ensure_dialer(node, addr, super::Origin::Mdns);
         }
     });
     Ok(Mdns { daemon, fullname })

@@ -172,7 +172,27 @@ pub(crate) struct Session {
 pub(crate) struct DialTarget {
     pub addr: Mutex<SocketAddr>,
     pub wake: Notify,
+    /// Named by the operator (static peer): only the operator re-aims it,
+    /// never an mDNS announcement (anyone on the link can send one).
+    pub pinned: AtomicBool,
+    /// Created by an mDNS announcement (counted against the bound).
+    pub discovered: bool,
 }
+
+/// Where a peer's address came from; decides what may re-aim a dialer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Configured or added by the operator.
+    Static,
+    /// From the known-peers file of an earlier run.
+    Remembered,
+    /// From an mDNS announcement (unauthenticated until the handshake).
+    Mdns,
+}
+
+/// Dialers started by mDNS announcements, at most: spoofed announcements
+/// for invented node ids must not grow tasks without bound.
+pub const MAX_DISCOVERED_DIALERS: usize = 64;
 
 pub(crate) struct Inner {
     pub local_node: NodeId,
@@ -308,12 +328,20 @@ impl Inner {
     }
 
     /// Make sure a dialer keeps `node` connected at `addr`.
-    pub fn ensure_dialer(self: &Arc<Self>, node: NodeId, addr: SocketAddr) {
+    pub fn ensure_dialer(self: &Arc<Self>, node: NodeId, addr: SocketAddr, origin: Origin) {
         if node == self.local_node {
             return;
         }
         let mut dialers = lock(&self.dialers);
         if let Some(t) = dialers.get(&node) {
+            if origin == Origin::Static {
+                t.pinned.store(true, Ordering::Relaxed);
+            } else if t.pinned.load(Ordering::Relaxed) {
+                if origin == Origin::Mdns {
+                    tracing::debug!(peer = %node, %addr, "mDNS address for a static peer ignored");
+                }
+                return;
+            }
             let mut a = lock(&t.addr);
             if *a != addr {
                 tracing::info!(peer = %node, old = %*a, new = %addr, "peer address changed");
@@ -322,9 +350,17 @@ impl Inner {
             }
             return;
         }
+        if origin == Origin::Mdns
+            && dialers.values().filter(|t| t.discovered).count() >= MAX_DISCOVERED_DIALERS
+        {
+            tracing::warn!(peer = %node, "too many mDNS-discovered peers; announcement ignored");
+            return;
+        }
         let target = Arc::new(DialTarget {
             addr: Mutex::new(addr),
             wake: Notify::new(),
+            pinned: AtomicBool::new(origin == Origin::Static),
+            discovered: origin == Origin::Mdns,
         });
         dialers.insert(node.clone(), target.clone());
         drop(dialers);
@@ -389,11 +425,11 @@ impl Transport {
         tracing::info!(node = %inner.local_node, role = %inner.local_role, addr = %local_addr, "transport listening");
         inner.spawn(quic::accept_loop(inner.clone()));
         for (node, addr) in known {
-            inner.ensure_dialer(node, addr);
+            inner.ensure_dialer(node, addr, Origin::Remembered);
         }
         // Static peers win over remembered addresses.
         for p in cfg.static_peers {
-            inner.ensure_dialer(p.node_id, p.addr);
+            inner.ensure_dialer(p.node_id, p.addr, Origin::Static);
         }
         if cfg.mdns {
             let instance = cfg
@@ -469,7 +505,21 @@ impl Transport {
 
     /// Start (or re-aim) a dialer for a peer named at runtime.
     pub fn add_static_peer(&self, peer: StaticPeer) {
-        self.inner.ensure_dialer(peer.node_id, peer.addr);
+        self.inner
+            .ensure_dialer(peer.node_id, peer.addr, Origin::Static);
+    }
+
+    /// What an mDNS announcement does (the browser calls this): dial the
+    /// announced node at that address, unless it is a static peer (never
+    /// re-aimed by an announcement) or [`MAX_DISCOVERED_DIALERS`] are
+    /// already running. Public so tests can replay announcements.
+    pub fn discovered(&self, node: NodeId, addr: SocketAddr) {
+        self.inner.ensure_dialer(node, addr, Origin::Mdns);
+    }
+
+    /// Dialer tasks running (static, remembered and discovered peers).
+    pub fn dialer_count(&self) -> usize {
+        lock(&self.inner.dialers).len()
     }
 
     /// Close every session (each reported `Disconnected`), stop mDNS and all
