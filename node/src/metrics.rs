@@ -247,6 +247,11 @@ impl Metrics {
             driver.commit_seconds(),
         );
         r.register(
+            "engine_restarts",
+            "Times the engine was reopened after it panicked (see node::driver)",
+            driver.restarts(),
+        );
+        r.register(
             "sqlite_bytes",
             "Size of the SQLite files (db, wal)",
             m.sqlite_bytes.clone(),
