@@ -69,6 +69,10 @@ pub struct EngineConfig {
     pub mail_takeover_ms: u64,
     /// Family mail text per language (see [`crate::mailtext`]).
     pub mail_templates: crate::mailtext::MailTemplates,
+    /// A planted bug this engine carries (simulator only; see
+    /// [`crate::mutants`]).
+    #[cfg(feature = "mutants")]
+    pub mutant: Option<crate::mutants::Mutant>,
 }
 
 impl EngineConfig {
@@ -82,6 +86,8 @@ impl EngineConfig {
             mail_lease_ms: 5 * 60_000,
             mail_takeover_ms: 10 * 60_000,
             mail_templates: Default::default(),
+            #[cfg(feature = "mutants")]
+            mutant: None,
         }
     }
 }
@@ -150,6 +156,8 @@ impl<S: Store> Engine<S> {
         now: Now,
         index: Option<DocIndex>,
     ) -> Result<Self, EngineError> {
+        #[cfg(feature = "mutants")]
+        let _mutant = crate::mutants::enter(cfg.mutant);
         let replica = Replica::open(store, &cfg.node_id, cfg.role, cfg.cache_docs, now, index)?;
         let mail = Mail::new(MailConfig {
             primary: cfg.mail_primary,
@@ -267,6 +275,8 @@ impl<S: Store> Engine<S> {
     pub fn handle(&mut self, input: Input, now: Now, rng: &mut dyn RngCore) -> Vec<Output> {
         let mut out = Vec::new();
         #[cfg(feature = "mutants")]
+        let _mutant = crate::mutants::enter(self.cfg.mutant);
+        #[cfg(feature = "mutants")]
         self.replica.persist_deferred();
         match input {
             Input::Command {
@@ -341,6 +351,8 @@ impl<S: Store> Engine<S> {
         now: Now,
         rng: &mut dyn RngCore,
     ) -> Vec<Output> {
+        #[cfg(feature = "mutants")]
+        let _mutant = crate::mutants::enter(self.cfg.mutant);
         let mut out = Vec::new();
         for input in inputs {
             if matches!(input, Input::Command { .. }) {

@@ -1,8 +1,16 @@
 //! Deliberately planted bugs, compiled only with the `mutants` feature,
-//! so `kizuna-sim mutants` can prove each is caught by a named invariant.
-//! One mutant is active per process.
+//! so `kizuna-sim mutants` can prove each is caught by the invariant meant
+//! to catch it.
+//!
+//! A mutant belongs to one engine ([`crate::engine::EngineConfig::mutant`]),
+//! not to the process: while an engine opens or handles an input it makes
+//! its mutant the current one of the calling thread ([`enter`]), and the
+//! planted sites ask [`active`]. Two engines in one process (the
+//! simulator's nodes, parallel tests) therefore never see each other's
+//! mutant, and code outside an engine (the simulator's checkers) always
+//! runs unmutated.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::cell::Cell;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
@@ -32,12 +40,27 @@ impl Mutant {
     ];
 }
 
-static ACTIVE: AtomicU8 = AtomicU8::new(0);
-
-pub fn set(m: Option<Mutant>) {
-    ACTIVE.store(m.map_or(0, |m| m as u8), Ordering::SeqCst);
+thread_local! {
+    /// The mutant of the engine this thread is running, 0 for none.
+    static CURRENT: Cell<u8> = const { Cell::new(0) };
 }
 
+/// Whether the engine now running on this thread carries `m`.
 pub fn active(m: Mutant) -> bool {
-    ACTIVE.load(Ordering::Relaxed) == m as u8
+    CURRENT.with(|c| c.get() == m as u8)
+}
+
+/// Restores the previous current mutant when dropped.
+pub(crate) struct Scope(u8);
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.0));
+    }
+}
+
+/// Makes `m` (an engine's mutant) current on this thread until the
+/// returned scope is dropped.
+pub(crate) fn enter(m: Option<Mutant>) -> Scope {
+    Scope(CURRENT.with(|c| c.replace(m.map_or(0, |m| m as u8))))
 }

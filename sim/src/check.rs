@@ -23,6 +23,8 @@ pub const MAIL_MISSING: &str = "mail_missing";
 pub const MAIL_MESSAGE_ID: &str = "mail_message_id_changed";
 pub const INDIVIDUAL_NUMBER_LEAK: &str = "individual_number_leak";
 pub const RECEIVED_CHANGE_LOST: &str = "received_change_lost";
+pub const REBUILT_DIFFERS: &str = "rebuilt_differs";
+pub const PEER_VIOLATION: &str = "honest_peer_violation";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
@@ -199,13 +201,8 @@ pub fn individual_numbers(bytes: &[u8]) -> usize {
                 i += 1;
             }
             let before_ok = start == 0 || !bytes[start - 1].is_ascii_alphanumeric();
-            // The engine names audit entries `e:` + a 12-digit sequence
-            // number, and "000000000000" passes the check digit. Those keys
-            // are not Individual Numbers (see the report: the engine should
-            // widen them); every other run counts.
-            let audit_key = start >= 2 && &bytes[start - 2..start] == b"e:";
             let after_ok = i == bytes.len() || !bytes[i].is_ascii_alphanumeric();
-            if i - start == 12 && before_ok && after_ok && !audit_key {
+            if i - start == 12 && before_ok && after_ok {
                 let s = std::str::from_utf8(&bytes[start..i]).expect("ascii digits");
                 if crdt::text::is_individual_number(s) {
                     n += 1;
@@ -216,6 +213,108 @@ pub fn individual_numbers(bytes: &[u8]) -> usize {
         }
     }
     n
+}
+
+/// Individual Numbers in text as people write them: ASCII or full-width
+/// digits, optionally grouped by single spaces or hyphens, twelve digits
+/// in all, passing the check digit, and bounded like
+/// [`individual_numbers`] (not inside a longer run of letters or digits,
+/// so hex hashes and 13-digit ids do not count).
+pub fn text_individual_numbers(text: &str) -> usize {
+    let chars: Vec<char> = text
+        .chars()
+        .map(|c| match c {
+            '０'..='９' => char::from(b'0' + (c as u32 - '０' as u32) as u8),
+            '－' | 'ー' | '‐' | '−' => '-',
+            '　' => ' ',
+            c => c,
+        })
+        .collect();
+    let mut n = 0;
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut digits = String::new();
+        loop {
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                digits.push(chars[i]);
+                i += 1;
+            }
+            let sep = i + 1 < chars.len()
+                && matches!(chars[i], ' ' | '-')
+                && chars[i + 1].is_ascii_digit();
+            if !sep {
+                break;
+            }
+            i += 1;
+        }
+        let before_ok = start == 0 || !chars[start - 1].is_alphanumeric();
+        let after_ok = i == chars.len() || !chars[i].is_alphanumeric();
+        if before_ok && after_ok && digits.len() == 12 && crdt::text::is_individual_number(&digits)
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Individual Numbers in the text of a stored document, decoded (so
+/// compressed columns and full-width or hyphenated forms are seen too):
+/// every field name, value and conflicting value.
+pub fn doc_individual_numbers(doc: &crdt::doc::Doc) -> usize {
+    doc.fields()
+        .into_iter()
+        .map(|(name, f)| {
+            std::iter::once(&name)
+                .chain(std::iter::once(&f.value))
+                .chain(f.conflicts.iter())
+                .filter(|t| text_individual_numbers(t) > 0)
+                .count()
+        })
+        .sum()
+}
+
+/// A document rebuilt from nothing but a node's stored changes must have
+/// the heads the engine reports for it and derive exactly the query rows
+/// the node stored; otherwise the node's own bookkeeping (index,
+/// incremental fingerprints, projection writes) has drifted from its data.
+pub fn rebuilt(
+    node: &str,
+    key: &DocKey,
+    rebuilt_heads: &[[u8; 32]],
+    engine_heads: Option<&[[u8; 32]]>,
+    rebuilt_rows: Option<&Projection>,
+    stored_rows: Option<&Projection>,
+    at_ms: u64,
+) -> Option<Violation> {
+    let mut a = rebuilt_heads.to_vec();
+    a.sort_unstable();
+    let mut b = engine_heads.map(<[_]>::to_vec).unwrap_or_default();
+    b.sort_unstable();
+    if a != b {
+        return Some(v(
+            REBUILT_DIFFERS,
+            at_ms,
+            format!(
+                "{node}: {key} rebuilt from stored changes has other heads than the engine reports"
+            ),
+        ));
+    }
+    let empty = Projection::default();
+    if rebuilt_rows.unwrap_or(&empty) != stored_rows.unwrap_or(&empty) {
+        return Some(v(
+            REBUILT_DIFFERS,
+            at_ms,
+            format!(
+                "{node}: {key} rebuilt from stored changes derives other rows than the node stored"
+            ),
+        ));
+    }
+    None
 }
 
 /// Every successful medical read has exactly one audit entry at the

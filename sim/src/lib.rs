@@ -31,8 +31,15 @@ pub fn run_seed_with_progress(
     seed: u64,
     deadline: Option<std::time::Instant>,
     max_rss: Option<u64>,
+    mutant: Option<world::MutantArg>,
 ) -> Summary {
-    let mut w = World::new(sc.clone(), seed);
+    #[cfg(feature = "mutants")]
+    let mut w = World::with_mutant(sc.clone(), seed, mutant);
+    #[cfg(not(feature = "mutants"))]
+    let mut w = {
+        let _ = mutant;
+        World::new(sc.clone(), seed)
+    };
     w.max_rss = max_rss;
     let total = sc.total_ms() / 1000;
     let bar = indicatif::ProgressBar::with_draw_target(
@@ -52,28 +59,76 @@ pub fn run_seed_with_progress(
     s
 }
 
-/// For each planted mutant, the first (invariant, seed) that catches it.
+/// The invariant meant to catch each planted mutant.
 #[cfg(feature = "mutants")]
-pub fn catch_mutants(
+pub fn intended(m: crdt::mutants::Mutant) -> &'static str {
+    use crdt::mutants::Mutant;
+    match m {
+        Mutant::SkipDurability => check::ACKED_WRITE_LOST,
+        Mutant::WallClockLww => check::CONFLICT_DROPPED,
+        Mutant::DropMissingDeps => check::RECEIVED_CHANGE_LOST,
+        Mutant::MedicalToShelter => check::ROLE_LEAK,
+        Mutant::MailSentEarly => check::MAIL_MISSING,
+        Mutant::ReuseActor => check::PEER_VIOLATION,
+    }
+}
+
+/// Runs one seed with every engine carrying the planted bug `m`.
+#[cfg(feature = "mutants")]
+pub fn run_seed_mutant(
     sc: &Scenario,
-    seeds: u64,
-    start: u64,
-) -> Vec<(crdt::mutants::Mutant, Option<(String, u64)>)> {
+    seed: u64,
+    m: Option<crdt::mutants::Mutant>,
+    deadline: Option<std::time::Instant>,
+) -> Summary {
+    let mut w = World::with_mutant(sc.clone(), seed, m);
+    w.run(deadline)
+}
+
+/// How a mutant fared: caught at a seed (its intended invariant fired
+/// with the mutant, and the same seed without it finished with no
+/// violation at all), or not, with the invariants that did fire at the
+/// first seed where any fired (if one did).
+#[cfg(feature = "mutants")]
+#[derive(Debug)]
+pub struct MutantResult {
+    pub mutant: crdt::mutants::Mutant,
+    pub caught_at: Option<u64>,
+    /// Invariants that fired at the catching seed (or the first seed
+    /// where any fired).
+    pub fired: Vec<&'static str>,
+}
+
+/// For each planted mutant, the first seed at which it is caught by its
+/// intended invariant while the same seed passes without it. Mutants are
+/// per engine (per world), so this may run beside anything.
+#[cfg(feature = "mutants")]
+pub fn catch_mutants(sc: &Scenario, seeds: u64, start: u64) -> Vec<MutantResult> {
     let mut out = vec![];
     for m in crdt::mutants::Mutant::ALL {
-        crdt::mutants::set(Some(m));
-        let mut caught = None;
+        let mut r = MutantResult {
+            mutant: m,
+            caught_at: None,
+            fired: vec![],
+        };
         for seed in start..start + seeds {
-            let s = run_seed(sc, seed, None);
-            if !s.invariant_violations.is_empty() {
-                let names: std::collections::BTreeSet<&str> =
-                    s.invariant_violations.iter().map(|v| v.name).collect();
-                caught = Some((names.into_iter().collect::<Vec<_>>().join(","), seed));
+            let s = run_seed_mutant(sc, seed, Some(m), None);
+            let names: std::collections::BTreeSet<&'static str> =
+                s.invariant_violations.iter().map(|v| v.name).collect();
+            if r.fired.is_empty() {
+                r.fired = names.iter().copied().collect();
+            }
+            if !names.contains(intended(m)) {
+                continue;
+            }
+            let clean = run_seed(sc, seed, None);
+            if clean.finished && clean.invariant_violations.is_empty() {
+                r.caught_at = Some(seed);
+                r.fired = names.into_iter().collect();
                 break;
             }
         }
-        crdt::mutants::set(None);
-        out.push((m, caught));
+        out.push(r);
     }
     out
 }

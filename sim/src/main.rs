@@ -90,7 +90,7 @@ fn real_main() -> Result<bool> {
             mutant,
         } => {
             let sc = Scenario::load(&scenario)?;
-            plant(mutant.as_deref())?;
+            let planted = plant(mutant.as_deref())?;
             let deadline = budget_secs.map(|b| Instant::now() + std::time::Duration::from_secs(b));
             let max_rss = match max_rss_gib {
                 Some(g) => {
@@ -102,7 +102,7 @@ fn real_main() -> Result<bool> {
                 }
                 None => Some(sim::world::memory_total() / 10 * 9).filter(|&m| m > 0),
             };
-            let s = sim::run_seed_with_progress(&sc, seed, deadline, max_rss);
+            let s = sim::run_seed_with_progress(&sc, seed, deadline, max_rss, planted);
             print!("{}", sim::report::table(&s));
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&sim::report::json(&s))?)?;
@@ -116,6 +116,15 @@ fn real_main() -> Result<bool> {
                 }
                 let planted = mutant.map(|m| format!(" --mutant {m}")).unwrap_or_default();
                 println!("FAILED; replay with: {}{planted}", replay(&scenario, seed));
+                return Ok(false);
+            }
+            if !s.finished {
+                // Stopped at its time or memory budget: the final checks
+                // (durability, convergence, store scans, mail) never ran.
+                println!(
+                    "NOT FINISHED ({}): the final checks did not run",
+                    s.stopped.as_deref().unwrap_or("stopped early")
+                );
                 return Ok(false);
             }
             Ok(true)
@@ -141,6 +150,13 @@ fn real_main() -> Result<bool> {
                 }
                 let s = sim::run_seed(&sc, seed, None);
                 ran += 1;
+                if !s.finished {
+                    println!(
+                        "seed {seed}: NOT FINISHED; replay: {}",
+                        replay(&scenario, seed)
+                    );
+                    failing.push(seed);
+                }
                 traces.update(s.trace_hash.as_bytes());
                 node_hours += s.nodes as f64 * s.simulated_hours;
                 max_rounds = max_rounds.max(s.convergence_rounds.unwrap_or(0));
@@ -182,48 +198,56 @@ fn real_main() -> Result<bool> {
     }
 }
 
+/// The planted bug named on the command line (it goes into every engine
+/// of the run's world, never into the process).
 #[cfg(feature = "mutants")]
-fn plant(name: Option<&str>) -> Result<()> {
-    let Some(name) = name else { return Ok(()) };
-    let m = crdt::mutants::Mutant::ALL
+fn plant(name: Option<&str>) -> Result<Option<crdt::mutants::Mutant>> {
+    let Some(name) = name else { return Ok(None) };
+    crdt::mutants::Mutant::ALL
         .into_iter()
         .find(|m| format!("{m:?}") == name)
-        .ok_or_else(|| anyhow::anyhow!("unknown mutant {name}"))?;
-    crdt::mutants::set(Some(m));
-    Ok(())
+        .map(Some)
+        .ok_or_else(|| anyhow::anyhow!("unknown mutant {name}"))
 }
 
 #[cfg(not(feature = "mutants"))]
-fn plant(name: Option<&str>) -> Result<()> {
+fn plant(name: Option<&str>) -> Result<Option<sim::world::MutantArg>> {
     anyhow::ensure!(
         name.is_none(),
         "build with `--features mutants` to plant a mutant"
     );
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(feature = "mutants")]
 fn mutants(scenario: &str, seeds: u64, start: u64) -> Result<bool> {
     let sc = Scenario::load(scenario)?;
     let results = sim::catch_mutants(&sc, seeds, start);
-    println!("{:<18} {:<40} {}", "mutant", "invariants", "seed");
+    println!(
+        "{:<18} {:<22} {:<5} {}",
+        "mutant", "intended invariant", "seed", "invariants fired"
+    );
     let mut all = true;
-    for (m, caught) in &results {
-        match caught {
-            Some((inv, seed)) => println!(
-                "{:<18} {:<40} {seed:<5} kizuna-sim run --scenario {scenario} --seed {seed} --mutant {m:?}",
-                format!("{m:?}"),
-                inv
+    for r in &results {
+        let m = format!("{:?}", r.mutant);
+        let fired = r.fired.join(",");
+        match r.caught_at {
+            Some(seed) => println!(
+                "{m:<18} {:<22} {seed:<5} {fired}; same seed without it passes; kizuna-sim run --scenario {scenario} --seed {seed} --mutant {m}",
+                sim::intended(r.mutant)
             ),
             None => {
                 all = false;
-                println!("{:<18} {:<40} -", format!("{m:?}"), "SURVIVED")
+                println!(
+                    "{m:<18} {:<22} -     SURVIVED (fired: {})",
+                    sim::intended(r.mutant),
+                    if fired.is_empty() { "nothing" } else { &fired }
+                )
             }
         }
     }
     Ok(all)
 }
-
 #[cfg(not(feature = "mutants"))]
 fn mutants(_: &str, _: u64, _: u64) -> Result<bool> {
     anyhow::bail!("build with `--features mutants` to run the mutants command")

@@ -46,6 +46,18 @@ pub fn table(s: &Summary) -> String {
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
+        ("transfers acked", s.transfers.to_string()),
+        (
+            "hostile inputs",
+            format!(
+                "{} ({} refused as invalid)",
+                s.adversarial_inputs, s.adversarial_refused
+            ),
+        ),
+        (
+            "docs rebuilt",
+            format!("{} (scanned {})", s.docs_rebuilt, s.docs_scanned),
+        ),
         ("violations", s.invariant_violations.len().to_string()),
         (
             "trace hash",

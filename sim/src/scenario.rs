@@ -103,6 +103,15 @@ pub struct Arrivals {
     /// Fraction of checked-in households checked out later.
     #[serde(default)]
     pub checkout_fraction: f64,
+    /// Fraction of checked-in households transferred later to another
+    /// shelter (a departure from the first; the second checks them in).
+    #[serde(default)]
+    pub transfer_fraction: f64,
+    /// Commands carrying an Individual Number (plain, full-width,
+    /// hyphenated, spaced) in free text; each must be refused and none
+    /// may reach a frame, a store or a mail.
+    #[serde(default)]
+    pub adversarial_inputs: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -350,6 +350,56 @@ fn individual_number_scan() {
     // Part of a longer digit run (a 13-digit card id) or of a hex token: no.
     assert_eq!(check::individual_numbers(format!("{n}7").as_bytes()), 0);
     assert_eq!(check::individual_numbers(format!("ab{n}cd").as_bytes()), 0);
+    // No exemption for what follows `e:` (audit keys are 16 digits now).
+    assert_eq!(check::individual_numbers(format!("e:{n}").as_bytes()), 1);
+    assert_eq!(check::individual_numbers(b"e:000000000000"), 1);
+    // Stored documents are scanned decoded: full-width and hyphenated too.
+    let key = DocKey::new(Kind::Medical, "p1").unwrap();
+    let actor = crdt::actor::Actor::new(Role::Hq, &NodeId::new("hq-1").unwrap(), 1);
+    let wide: String = n
+        .chars()
+        .map(|c| char::from_u32(c as u32 - '0' as u32 + '０' as u32).unwrap())
+        .collect();
+    for text in [wide, format!("{}-{}-{}", &n[..4], &n[4..8], &n[8..])] {
+        let mut doc = crdt::doc::Doc::new(key.clone());
+        doc.write(actor, 0, "m", &[("f".into(), Some(format!("\"{text}\"")))])
+            .unwrap();
+        assert_eq!(check::doc_individual_numbers(&doc), 1, "{text}");
+    }
+    let mut doc = crdt::doc::Doc::new(key);
+    doc.write(
+        actor,
+        0,
+        "m",
+        &[("f".into(), Some("\"1970-01-01\"".into()))],
+    )
+    .unwrap();
+    assert_eq!(check::doc_individual_numbers(&doc), 0);
+    // Inside a hex hash (a Message-ID): not a number someone wrote.
+    assert_eq!(check::text_individual_numbers(&format!("<ab{n}cd@x>")), 0);
+    assert_eq!(check::text_individual_numbers(&format!("番号 {n}。")), 1);
+}
+
+#[test]
+fn rebuilt_differs_fires() {
+    let key = DocKey::new(Kind::Presence, "h1").unwrap();
+    let (a, b) = ([1u8; 32], [2u8; 32]);
+    let rows = Projection::default();
+    assert!(check::rebuilt("n", &key, &[a, b], Some(&[b, a]), Some(&rows), None, 0).is_none());
+    let v = check::rebuilt("n", &key, &[a], Some(&[a, b]), None, None, 0).unwrap();
+    assert_eq!(v.name, REBUILT_DIFFERS);
+    let other = Projection {
+        locations: vec![LocationRow {
+            person_id: "p1".into(),
+            status: LocationStatus::In,
+            shelter_id: "s".into(),
+            since_ms: 0,
+            conflict: false,
+        }],
+        ..Default::default()
+    };
+    let v = check::rebuilt("n", &key, &[a], Some(&[a]), Some(&other), Some(&rows), 0).unwrap();
+    assert_eq!(v.name, REBUILT_DIFFERS);
 }
 
 #[cfg(feature = "mutants")]
@@ -359,8 +409,26 @@ fn every_mutant_is_caught() {
     // Each is caught within the first 20 seeds (`make test` runs the same
     // through the binary with 50).
     let results = sim::catch_mutants(&sc, 50, 0);
-    let survivors: Vec<_> = results.iter().filter(|(_, c)| c.is_none()).collect();
+    let survivors: Vec<_> = results.iter().filter(|r| r.caught_at.is_none()).collect();
     assert!(survivors.is_empty(), "{results:?}");
+}
+
+/// A mutant belongs to the engines of one world: a clean world run right
+/// after (or beside) a mutant one is unaffected.
+#[cfg(feature = "mutants")]
+#[test]
+fn mutants_are_per_world() {
+    let sc = scenario("ci-small.toml");
+    let clean = sim::run_seed(&sc, 7, None);
+    let mutant = std::thread::spawn({
+        let sc = sc.clone();
+        move || sim::run_seed_mutant(&sc, 7, Some(crdt::mutants::Mutant::WallClockLww), None)
+    });
+    let again = sim::run_seed(&sc, 7, None);
+    let mutant = mutant.join().unwrap();
+    assert_eq!(clean.trace_hash, again.trace_hash);
+    assert!(again.invariant_violations.is_empty());
+    assert_ne!(mutant.trace_hash, clean.trace_hash);
 }
 
 #[test]

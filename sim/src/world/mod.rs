@@ -40,6 +40,12 @@ pub use faults::FaultMix;
 pub use network::Profile;
 pub use run::{memory_total, peak_rss};
 
+/// A planted bug (`crdt::mutants`); without the feature none can be named.
+#[cfg(feature = "mutants")]
+pub type MutantArg = crdt::mutants::Mutant;
+#[cfg(not(feature = "mutants"))]
+pub type MutantArg = std::convert::Infallible;
+
 /// Simulated time 0 on the wall clock (2026-09-21).
 pub const T0_WALL_MS: u64 = 1_790_000_000_000;
 
@@ -146,6 +152,15 @@ pub struct Summary {
     pub wall_ms: u64,
     pub peak_rss_bytes: u64,
     pub finished: bool,
+    /// Documents rebuilt from stored changes at the end, over all nodes.
+    pub docs_rebuilt: u64,
+    /// Stored documents scanned (decoded) for Individual Numbers.
+    pub docs_scanned: u64,
+    /// Commands carrying an Individual Number, and how many were refused.
+    pub adversarial_inputs: u64,
+    pub adversarial_refused: u64,
+    /// Transfers acknowledged.
+    pub transfers: u64,
     /// Why a run stopped before the end of the scenario.
     pub stopped: Option<String>,
     /// (simulated ms, true arrivals acknowledged, arrivals known at HQ)
@@ -196,6 +211,11 @@ pub struct World {
     pool: Option<StorePool>,
     /// `groups_of`, computed once per class of document.
     holder_groups: BTreeMap<(Kind, Option<String>), Vec<Vec<usize>>>,
+    /// Op ids of commands carrying an Individual Number.
+    adversarial: BTreeSet<String>,
+    /// The planted bug every engine of this world carries (mutant runs).
+    #[cfg(feature = "mutants")]
+    mutant: Option<crdt::mutants::Mutant>,
 }
 
 impl World {
@@ -205,6 +225,22 @@ impl World {
     }
 
     pub fn with_mix(sc: Scenario, seed: u64, mix: FaultMix) -> World {
+        World::build(sc, seed, mix, None)
+    }
+
+    /// A world whose every engine carries the planted bug `m`.
+    #[cfg(feature = "mutants")]
+    pub fn with_mutant(sc: Scenario, seed: u64, m: Option<crdt::mutants::Mutant>) -> World {
+        let mix = FaultMix::draw(&sc, seed);
+        World::build(sc, seed, mix, m)
+    }
+
+    fn build(
+        sc: Scenario,
+        seed: u64,
+        mix: FaultMix,
+        #[allow(unused_variables)] mutant: Option<MutantArg>,
+    ) -> World {
         let mut w = World {
             seed,
             now: 0,
@@ -244,6 +280,9 @@ impl World {
             share: sc.share_docs.map(DocShare::new),
             pool: sc.share_docs.map(|_| StorePool::default()),
             holder_groups: BTreeMap::new(),
+            adversarial: BTreeSet::new(),
+            #[cfg(feature = "mutants")]
+            mutant,
             sc,
         };
         w.build_nodes();
@@ -290,6 +329,10 @@ impl World {
             let id = NodeId::new(format!("{}-{}", role_prefix(role), c)).expect("valid id");
             let mut cfg = EngineConfig::new(id.clone(), role);
             cfg.mail_primary = primary;
+            #[cfg(feature = "mutants")]
+            {
+                cfg.mutant = self.mutant;
+            }
             if let Some(c) = self.sc.cache_docs {
                 cfg.cache_docs = c;
             }
@@ -422,6 +465,18 @@ impl World {
             }
         }
         let mut rest = vec![];
+        for o in &outs {
+            // Every simulated node is honest: a peer violation raised
+            // between them is a bug in one of the two (or in the check).
+            if let Output::Event(UiEvent::PeerViolation { node_id, reason }) = o {
+                let v = check::v(
+                    check::PEER_VIOLATION,
+                    self.now,
+                    format!("{} flagged {node_id}: {reason}", self.nodes[i].id),
+                );
+                self.violate(v);
+            }
+        }
         for o in outs {
             match o {
                 Output::Send { session, bytes } => self.send(i, session, bytes),
@@ -446,15 +501,17 @@ impl World {
         }
         self.summary.commands += 1;
         let track = match &cmd {
-            Command::CheckIn { person_ids, .. } | Command::CheckOut { person_ids, .. } => {
-                person_ids
-                    .first()
-                    .and_then(|p| self.household_of.get(p))
-                    .and_then(|h| DocKey::new(Kind::Presence, h.clone()).ok())
-            }
+            Command::CheckIn { person_ids, .. }
+            | Command::CheckOut { person_ids, .. }
+            | Command::Transfer { person_ids, .. } => person_ids
+                .first()
+                .and_then(|p| self.household_of.get(p))
+                .and_then(|h| DocKey::new(Kind::Presence, h.clone()).ok()),
             _ => None,
         };
         let is_checkin = matches!(cmd, Command::CheckIn { .. });
+        let is_transfer = matches!(cmd, Command::Transfer { .. });
+        let adversarial = self.adversarial.contains(&op_id);
         let persons: Vec<String> = match &cmd {
             Command::CheckIn { person_ids, .. } => person_ids.clone(),
             _ => vec![],
@@ -473,6 +530,19 @@ impl World {
                 match result {
                     Ok(reply) => {
                         wrote = true;
+                        if adversarial {
+                            self.violate(check::v(
+                                check::INDIVIDUAL_NUMBER_LEAK,
+                                self.now,
+                                format!(
+                                    "{}: op {op_id} carrying an Individual Number was accepted",
+                                    self.nodes[i].id
+                                ),
+                            ));
+                        }
+                        if is_transfer {
+                            self.summary.transfers += 1;
+                        }
                         if resubmit {
                             if let Some(first) = self.first_replies.get(&op_id) {
                                 if let Some(v) = check::replay_reply(&op_id, first, reply, self.now)
@@ -502,7 +572,12 @@ impl World {
                             _ => {}
                         }
                     }
-                    Err(_) => self.summary.commands_failed += 1,
+                    Err(e) => {
+                        self.summary.commands_failed += 1;
+                        if adversarial && matches!(e, CommandError::Invalid(_)) {
+                            self.summary.adversarial_refused += 1;
+                        }
+                    }
                 }
             }
         }

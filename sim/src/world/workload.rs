@@ -218,6 +218,9 @@ impl World {
             }
         }
         let mut arrived = 0usize;
+        // Own streams: transfers and hostile input do not shift the draws
+        // of the rest of the workload.
+        let mut tr = sub_rng(self.seed, "transfers");
         for (n, &h) in order.iter().enumerate() {
             if arrived >= sc.arrivals.evacuees {
                 break;
@@ -280,6 +283,40 @@ impl World {
                     },
                 );
             }
+            if shelters.len() > 1 && chance(&mut tr, sc.arrivals.transfer_fraction) {
+                let k2 = (k + 1 + range(&mut tr, 0, shelters.len() as u64 - 1) as usize)
+                    % shelters.len();
+                let leave = at + range(&mut tr, 60_000, (end - at).max(60_001));
+                if leave < end {
+                    let to = self.nodes[shelters[k2]].id.as_str().to_string();
+                    self.push(
+                        leave,
+                        Ev::Cmd {
+                            node,
+                            op_id: format!("tr-{}", hh.household_id),
+                            cmd: Command::Transfer {
+                                person_ids: ids.clone(),
+                                from_shelter: None,
+                                to_shelter: to,
+                            },
+                            resubmit: false,
+                        },
+                    );
+                    // They arrive at the second shelter within the hour.
+                    self.push(
+                        leave + range(&mut tr, 60_000, 3_600_000),
+                        Ev::Cmd {
+                            node: shelters[k2],
+                            op_id: format!("tci-{}", hh.household_id),
+                            cmd: Command::CheckIn {
+                                person_ids: ids.clone(),
+                                shelter_id: None,
+                            },
+                            resubmit: false,
+                        },
+                    );
+                }
+            }
             if chance(&mut r, sc.arrivals.checkout_fraction) {
                 let out = at + range(&mut r, 60_000, (end - at).max(60_001));
                 if out < end {
@@ -298,6 +335,7 @@ impl World {
                 }
             }
         }
+        self.adversarial_workload(&persons, start, end);
         // Medical reads by ambulances during the chaos phase.
         let ambulances = self.idx(Role::Ambulance);
         if !ambulances.is_empty() && !profiled.is_empty() {
@@ -328,6 +366,125 @@ impl World {
                     },
                 );
             }
+        }
+    }
+
+    /// Commands that carry an Individual Number in free text, in the forms
+    /// people write it (plain, full-width digits, hyphenated, spaced), at
+    /// random moments of the chaos phase: a medical note and a family
+    /// contact's name at HQ, a shelter's needs at HQ, a break-glass
+    /// justification on an ambulance. Each must be refused as invalid input; an accepted one
+    /// is an `individual_number_leak`, and the frame and store scans
+    /// check that none of them got anywhere.
+    fn adversarial_workload(&mut self, persons: &[String], start: u64, end: u64) {
+        let n = self.sc.arrivals.adversarial_inputs;
+        if n == 0 || persons.is_empty() {
+            return;
+        }
+        let mut r = sub_rng(self.seed, "adversarial");
+        let primary = self.hq[0];
+        let ambulances = self.idx(Role::Ambulance);
+        let shelters = self.idx(Role::Shelter);
+        for k in 0..n {
+            let number = loop {
+                let body: String = (0..11)
+                    .map(|_| char::from(b'0' + range(&mut r, 0, 10) as u8))
+                    .collect();
+                if let Some(d) = (0..10u8)
+                    .map(|d| format!("{body}{}", char::from(b'0' + d)))
+                    .find(|c| crdt::text::is_individual_number(c))
+                {
+                    break d;
+                }
+            };
+            let written = match k % 4 {
+                0 => number.clone(),
+                1 => number
+                    .chars()
+                    .map(|c| char::from_u32(c as u32 - '0' as u32 + '０' as u32).expect("digit"))
+                    .collect(),
+                2 => format!("{}-{}-{}", &number[..4], &number[4..8], &number[8..]),
+                _ => format!("{} {} {}", &number[..4], &number[4..8], &number[8..]),
+            };
+            let text = format!("マイナンバー {written}");
+            let p = persons[range(&mut r, 0, persons.len() as u64) as usize].clone();
+            let (node, cmd) = match k % 4 {
+                0 => (
+                    primary,
+                    Command::PutMedical {
+                        person_id: p,
+                        update: MedicalUpdate {
+                            add: vec![(MedicalSection::Condition, text)],
+                            ..Default::default()
+                        },
+                    },
+                ),
+                1 => (
+                    primary,
+                    Command::PutContacts {
+                        person_id: p,
+                        contacts: vec![FamilyContact {
+                            contact_id: format!("adv{k}"),
+                            name: text,
+                            email: format!("adv{k}@example.jp"),
+                            consent: true,
+                            ..Default::default()
+                        }],
+                        disclosure: Disclosure {
+                            do_not_disclose: false,
+                            share_shelter: true,
+                        },
+                    },
+                ),
+                2 if !shelters.is_empty() => {
+                    let s = shelters[range(&mut r, 0, shelters.len() as u64) as usize];
+                    (
+                        primary,
+                        Command::PutShelter {
+                            shelter: ShelterInfo {
+                                shelter_id: self.nodes[s].id.as_str().to_string(),
+                                name: format!("避難所 {}", self.nodes[s].id),
+                                capacity: 500,
+                                needs: text,
+                                ..Default::default()
+                            },
+                        },
+                    )
+                }
+                // Read reasons are codes from a closed list now; the
+                // free text of a medical access is a break-glass
+                // justification (audited, so it must never hold a number).
+                _ if !ambulances.is_empty() => (
+                    ambulances[range(&mut r, 0, ambulances.len() as u64) as usize],
+                    Command::BreakGlass {
+                        person_id: p,
+                        reason: "emergency_transport".into(),
+                        justification: text,
+                    },
+                ),
+                _ => (
+                    primary,
+                    Command::PutMedical {
+                        person_id: p,
+                        update: MedicalUpdate {
+                            add: vec![(MedicalSection::Allergy, text)],
+                            ..Default::default()
+                        },
+                    },
+                ),
+            };
+            let op_id = format!("adv-{k}");
+            self.adversarial.insert(op_id.clone());
+            self.summary.adversarial_inputs += 1;
+            self.push(
+                range(&mut r, start, end.max(start + 1)),
+                Ev::Cmd {
+                    node,
+                    op_id,
+                    cmd,
+                    resubmit: false,
+                },
+            );
         }
     }
 
