@@ -3,7 +3,7 @@
 #               a clinic, an ambulance) with a synthetic registry on loopback.
 #   make test   sets up this machine and runs every test, slow tiers included.
 
-.PHONY: demo test bench
+.PHONY: demo test bench fuzz
 
 demo:
 	bash deploy/scripts/setup.sh
@@ -21,3 +21,9 @@ bench:
 	cargo bench -p node --bench store -- --residents 1000000
 	cargo bench -p node --bench tap -- --residents 1000000
 	cargo bench -p tests --bench chain -- --checkins 200 --per-side 1000
+
+# Real fuzzing (nightly + cargo-fuzz, its own build: long the first time).
+# Not part of `make test`: the committed seeds and crashers are replayed on
+# stable there by node/tests/fuzz_regressions.rs.
+fuzz:
+	bash fuzz/run.sh 60

@@ -12,7 +12,8 @@
 #           screens in headless Chromium over WebDriver, screenshots with
 #           Japanese)
 #   tools:  cargo-nextest (on the machine image; installed from crates.io
-#           only if missing)
+#           only if missing), cargo-fuzz (fuzz/, installed only if
+#           missing; `make fuzz` also needs the nightly toolchain)
 set -euo pipefail
 
 need=()
@@ -32,6 +33,18 @@ fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# Fuzzing (fuzz/run.sh): cargo-fuzz from crates.io (only if missing) and
+# the nightly toolchain libFuzzer builds need (on the machine image).
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install --locked cargo-fuzz
+fi
+if ! rustup toolchain list | grep -q '^nightly'; then
+  # Toolchains come with the machine image (no download from here). Only
+  # `make fuzz` needs nightly; `make test` replays the fuzz inputs on stable.
+  echo "setup: warning: no nightly toolchain; make fuzz (fuzz/run.sh) needs it" >&2
 fi
 
 # The card tier talks to pcscd through the vpcd virtual reader.
