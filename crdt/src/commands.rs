@@ -48,6 +48,9 @@ pub(crate) struct Commands<'a, S: Store> {
     pub(crate) shelter_id: &'a Option<String>,
     /// Break-glass grants and per-operator medical read counts.
     pub(crate) access: &'a mut MedicalAccess,
+    /// Persons an import batch found in one read ([`Store::known_persons`]);
+    /// `require_person` trusts these instead of asking the store again.
+    pub(crate) known_persons: BTreeSet<String>,
 }
 
 impl<S: Store> Commands<'_, S> {
@@ -339,6 +342,9 @@ impl<S: Store> Commands<'_, S> {
             field: "person_id",
             reason: r.into(),
         })?;
+        if self.known_persons.contains(person_id) {
+            return Ok(());
+        }
         match self.r.store.person(person_id)? {
             Some(_) => Ok(()),
             None => Err(CommandError::NotFound {
@@ -501,6 +507,15 @@ impl<S: Store> Commands<'_, S> {
                 "at most {MAX_RECORDS_PER_IMPORT} records per import batch"
             )));
         }
+        // Every person of the batch in one store read; an unknown one is
+        // still refused by `require_person`, at its record, as before.
+        let persons: Vec<&str> = match &records {
+            ImportRecords::Shelters(_) => vec![],
+            ImportRecords::Contacts(v) => v.iter().map(|c| c.person_id.as_str()).collect(),
+            ImportRecords::Medical(v) => v.iter().map(|m| m.person_id.as_str()).collect(),
+            ImportRecords::Eligibility(v) => v.iter().map(|(p, _)| p.as_str()).collect(),
+        };
+        self.known_persons = self.r.store.known_persons(&persons)?;
         let mut seen = BTreeSet::new();
         let mut once = |id: &str| {
             if seen.insert(id.to_string()) {

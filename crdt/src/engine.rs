@@ -43,7 +43,7 @@ use crate::sessions::Sessions;
 use crate::store::{Batch, Meta, Store, StoreError};
 use crate::text::TextError;
 use rand_core::RngCore;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use crate::commands::{
     MAX_HOUSEHOLDS_PER_IMPORT, MAX_PERSONS_PER_COMMAND, MAX_RECORDS_PER_IMPORT,
@@ -383,6 +383,7 @@ impl<S: Store> Engine<S> {
         let replies = std::mem::take(&mut g.replies);
         g.ops.clear();
         let mut merged = Batch::default();
+        let mut in_merged = BTreeSet::new();
         for t in &txns {
             let b = &t.batch;
             if b.meta.is_some() {
@@ -392,7 +393,9 @@ impl<S: Store> Engine<S> {
             for d in &b.docs {
                 // As in `record`: the newest state of a document wins, so an
                 // earlier snapshot never claims a later change of the group.
-                merged.docs.retain(|x| x.key != d.key);
+                if !in_merged.insert(d.key.clone()) {
+                    merged.docs.retain(|x| x.key != d.key);
+                }
                 merged.docs.push(d.clone());
             }
             merged.projections.extend(b.projections.iter().cloned());
@@ -528,6 +531,7 @@ impl<S: Store> Engine<S> {
             r: &mut self.replica,
             shelter_id: &self.cfg.shelter_id,
             access: &mut self.access,
+            known_persons: BTreeSet::new(),
         }
     }
 

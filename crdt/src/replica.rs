@@ -189,6 +189,12 @@ impl<S: Store> Replica<S> {
     /// node does not hold it.
     pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
         if !self.cache.contains(key) {
+            // The index names every document the store holds (built from
+            // it, changed only after a commit), so a key it lacks is not
+            // stored: no store round trip for a document not created yet.
+            if self.index.get(key).is_none() {
+                return Ok(None);
+            }
             let shared = match (&self.share, self.index.get(key)) {
                 (Some(share), Some(e)) if e.whole => share.doc(key, &e.heads),
                 _ => None,
@@ -337,8 +343,13 @@ impl<S: Store> Replica<S> {
         // A snapshot that fails is skipped: the change log has everything.
         let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save().ok()).flatten();
         // A batch's snapshot of a document covers every change of it in the
-        // batch, so only the newest state of each document is kept.
-        txn.batch.docs.retain(|d| d.key != *key);
+        // batch, so only the newest state of each document is kept. `heads`
+        // has a key exactly when `docs` holds its state (both are written
+        // only here), so the scan runs only for a document recorded twice
+        // (a scan per record made a batch quadratic).
+        if txn.heads.contains_key(key) {
+            txn.batch.docs.retain(|d| d.key != *key);
+        }
         txn.batch.docs.push(DocState {
             key: key.clone(),
             heads: heads.clone(),

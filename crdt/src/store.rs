@@ -15,6 +15,7 @@ use crate::ids::{DocKey, NodeId, Role};
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -225,6 +226,17 @@ pub trait Store {
     fn sync_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError>;
 
     fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError>;
+    /// Which of `person_ids` have a person row: one read for a whole
+    /// import batch (a store may answer in one transaction).
+    fn known_persons(&self, person_ids: &[&str]) -> Result<BTreeSet<String>, StoreError> {
+        let mut known = BTreeSet::new();
+        for p in person_ids {
+            if self.person(p)?.is_some() {
+                known.insert(p.to_string());
+            }
+        }
+        Ok(known)
+    }
     fn persons(&self, limit: usize, offset: usize) -> Result<Vec<PersonRow>, StoreError>;
     /// Persons whose search key contains `key` (already folded with
     /// [`crate::text::search_key`]; matched literally, no wildcards).
@@ -1118,6 +1130,53 @@ pub mod conformance {
         ops_peer_heads_quarantine(&mut *fresh());
         log_and_cursors(&mut *fresh());
         districts_and_arrivals(&mut *fresh());
+        known_persons_answers_like_person(&mut *fresh());
+    }
+
+    /// `known_persons` (an import batch's person check in one read) names
+    /// exactly the ids `person` finds: duplicates and unknown or empty ids
+    /// in the question change nothing, and a person whose projection row
+    /// went away is no longer known.
+    pub fn known_persons_answers_like_person(s: &mut dyn Store) {
+        assert!(s.known_persons(&[]).unwrap().is_empty());
+        assert!(s.known_persons(&["p1"]).unwrap().is_empty(), "empty store");
+        let r1 = key(Kind::Registry, "h1");
+        let r2 = key(Kind::Registry, "h2");
+        let both = Projection {
+            persons: vec![
+                person("p1", "h1", "山田 太郎", "ヤマダ タロウ"),
+                person("p2", "h1", "山田 花子", "ヤマダ ハナコ"),
+            ],
+            ..Default::default()
+        };
+        let other = Projection {
+            persons: vec![person("p3", "h2", "佐藤 一郎", "サトウ イチロウ")],
+            ..Default::default()
+        };
+        s.commit(&Batch {
+            projections: vec![(r1.clone(), both.into()), (r2, other.into())],
+            ..Default::default()
+        })
+        .unwrap();
+        let asked = ["p3", "p9", "p1", "p1", "", "P1", "p10"];
+        let known = s.known_persons(&asked).unwrap();
+        let expected: BTreeSet<String> = ["p1", "p3"].iter().map(|p| p.to_string()).collect();
+        assert_eq!(known, expected);
+        for p in asked {
+            assert_eq!(known.contains(p), s.person(p).unwrap().is_some(), "{p}");
+        }
+        let one = Projection {
+            persons: vec![person("p1", "h1", "山田 太郎", "ヤマダ タロウ")],
+            ..Default::default()
+        };
+        s.commit(&Batch {
+            projections: vec![(r1, one.into())],
+            ..Default::default()
+        })
+        .unwrap();
+        let known = s.known_persons(&["p1", "p2", "p3"]).unwrap();
+        let expected: BTreeSet<String> = ["p1", "p3"].iter().map(|p| p.to_string()).collect();
+        assert_eq!(known, expected);
     }
 
     /// The headquarters dashboard's aggregates.

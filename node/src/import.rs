@@ -684,20 +684,18 @@ pub fn import_dataset<D: Dataset>(
     let (encoding, items) =
         parse_dataset::<D>(&bytes, enc, crate::run::wall_ms()).map_err(|e| bad_rows(&e))?;
     let (lock, store, ecfg) = open_for::<D>(data_dir, node_id)?;
+    let persons: Vec<&str> = items.iter().filter_map(|(_, i)| D::person(i)).collect();
+    let known = crdt::store::Store::known_persons(&store, &persons)?;
     let unknown: Vec<RowError> = items
         .iter()
         .filter_map(|(line, item)| {
             let p = D::person(item)?;
-            match crdt::store::Store::person(&store, p) {
-                Ok(Some(_)) => None,
-                Ok(None) => Some(Ok(RowError {
-                    line: *line,
-                    reason: format!("unknown person_id {p} (not in the registry)"),
-                })),
-                Err(e) => Some(Err(e)),
-            }
+            (!known.contains(p)).then(|| RowError {
+                line: *line,
+                reason: format!("unknown person_id {p} (not in the registry)"),
+            })
         })
-        .collect::<Result<_, _>>()?;
+        .collect();
     if !unknown.is_empty() {
         return Err(bad_rows(&unknown));
     }

@@ -256,7 +256,7 @@ fn conformance_suite_on_real_files() {
             .join(format!("c{}.db", n.fetch_add(1, Ordering::SeqCst)));
         Box::new(SqliteStore::open(&path).unwrap())
     });
-    assert_eq!(n.load(Ordering::SeqCst), 9);
+    assert_eq!(n.load(Ordering::SeqCst), 10);
 }
 
 /// Migration 3 derives the do-not-disclose rows of contacts documents

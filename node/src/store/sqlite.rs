@@ -732,6 +732,27 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    fn known_persons(
+        &self,
+        person_ids: &[&str],
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        // One read transaction and one prepared statement for the batch,
+        // instead of an implicit transaction per person.
+        let tx = self.conn.unchecked_transaction().map_err(map_err)?;
+        let mut st = tx
+            .prepare_cached("SELECT 1 FROM persons WHERE person_id = ?1 LIMIT 1")
+            .map_err(map_err)?;
+        let mut known = std::collections::BTreeSet::new();
+        for p in person_ids {
+            if st.exists([p]).map_err(map_err)? {
+                known.insert(p.to_string());
+            }
+        }
+        drop(st);
+        tx.finish().map_err(map_err)?;
+        Ok(known)
+    }
+
     fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError> {
         Ok(self
             .persons_where(
