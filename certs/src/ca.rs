@@ -427,6 +427,21 @@ pub fn issue_at(
     validity_days: u32,
     now: OffsetDateTime,
 ) -> Result<Issued, CaError> {
+    issue_sealed_at(ca_dir, role, node_id, out_dir, validity_days, now, None)
+}
+
+/// [`issue_at`], writing `node.key.pem` sealed with `seal` (the node's
+/// storage key, [`crate::storagekey`]) when given: the plain key never
+/// reaches the disk.
+pub fn issue_sealed_at(
+    ca_dir: &Path,
+    role: Role,
+    node_id: &NodeId,
+    out_dir: &Path,
+    validity_days: u32,
+    now: OffsetDateTime,
+    seal: Option<&crate::storagekey::StorageKey>,
+) -> Result<Issued, CaError> {
     if validity_days == 0 || validity_days > MAX_NODE_VALIDITY_DAYS {
         return Err(CaError::InvalidValidity {
             days: validity_days,
@@ -475,7 +490,14 @@ pub fn issue_at(
     save_state(&ca_dir.join(CA_STATE_FILE), &ca.state)?;
 
     fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
-    write_new(&key_path, key.serialize_pem().as_bytes(), 0o600).map_err(io_err(&key_path))?;
+    let key_pem = match seal {
+        None => zeroize::Zeroizing::new(key.serialize_pem()),
+        Some(k) => zeroize::Zeroizing::new(
+            crate::storagekey::seal(&zeroize::Zeroizing::new(key.serialize_der()), k)
+                .map_err(|e| CaError::Signing(e.to_string()))?,
+        ),
+    };
+    write_new(&key_path, key_pem.as_bytes(), 0o600).map_err(io_err(&key_path))?;
     write_atomic(&cert_path, cert.pem().as_bytes(), 0o644).map_err(io_err(&cert_path))?;
     write_atomic(&ca_cert_path, ca.cert_pem.as_bytes(), 0o644).map_err(io_err(&ca_cert_path))?;
     Ok(Issued {

@@ -48,6 +48,26 @@ pub enum CertsCmd {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Seal node.key.pem with the node's storage key (so the plain key
+        /// never touches the disk): a key file, see `certs keygen`.
+        #[command(flatten)]
+        seal: StorageKeyArgs,
+    },
+    /// Seal a node's plain private key with its storage key, in place
+    /// (atomically; the plain file is overwritten). Nodes that encrypt
+    /// their data at rest refuse a plain key.
+    Seal {
+        /// The node.key.pem to seal.
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        storage_key: StorageKeyArgs,
+    },
+    /// Write a new random storage key (64 hex digits, mode 0600) for a
+    /// node that encrypts its data at rest; refuses to overwrite.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Revoke every certificate of a node and write a new signed crl.der.
     Revoke {
@@ -62,6 +82,38 @@ pub enum CertsCmd {
         #[arg(long)]
         serial: Option<String>,
     },
+}
+
+/// Where a storage key comes from, on the command line (at most one).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct StorageKeyArgs {
+    /// File holding the storage key (64 hex digits) or a passphrase.
+    #[arg(long, value_name = "FILE")]
+    pub storage_key_file: Option<PathBuf>,
+    /// systemd credential holding it (`$CREDENTIALS_DIRECTORY/NAME`).
+    #[arg(long, value_name = "NAME")]
+    pub storage_key_credential: Option<String>,
+    /// Read a passphrase from standard input.
+    #[arg(long)]
+    pub storage_key_prompt: bool,
+}
+
+impl StorageKeyArgs {
+    /// The source given, if any.
+    pub fn source(&self) -> Option<crate::storagekey::KeySource> {
+        use crate::storagekey::KeySource;
+        match (
+            &self.storage_key_file,
+            &self.storage_key_credential,
+            self.storage_key_prompt,
+        ) {
+            (Some(f), _, _) => Some(KeySource::File(f.clone())),
+            (_, Some(n), _) => Some(KeySource::Credential(n.clone())),
+            (_, _, true) => Some(KeySource::Prompt),
+            _ => None,
+        }
+    }
 }
 
 /// Run one command, printing what was written.
@@ -84,8 +136,22 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             node_id,
             out,
             days,
+            seal,
         } => {
-            let issued = ca::issue(&ca_dir, role, &node_id, &out, days).with_context(|| {
+            let storage_key = seal
+                .source()
+                .map(|s| crate::storagekey::read(&s))
+                .transpose()?;
+            let issued = ca::issue_sealed_at(
+                &ca_dir,
+                role,
+                &node_id,
+                &out,
+                days,
+                time::OffsetDateTime::now_utc(),
+                storage_key.as_ref(),
+            )
+            .with_context(|| {
                 format!(
                     "issuing a certificate for {node_id} with the CA in {}",
                     ca_dir.display()
@@ -100,8 +166,33 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             );
             println!("  role OID:    {ROLE_OID_STR}");
             println!("  certificate: {}", issued.cert_path.display());
-            println!("  private key: {} (mode 0600)", issued.key_path.display());
+            println!(
+                "  private key: {} (mode 0600{})",
+                issued.key_path.display(),
+                if storage_key.is_some() {
+                    ", sealed with the storage key"
+                } else {
+                    ""
+                }
+            );
             println!("  CA copy:     {}", issued.ca_cert_path.display());
+        }
+        CertsCmd::Seal { key, storage_key } => {
+            let source = storage_key.source().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "give the storage key: --storage-key-file, --storage-key-credential or --storage-key-prompt"
+                )
+            })?;
+            let k = crate::storagekey::read(&source)?;
+            crate::storagekey::seal_file(&key, &k)?;
+            println!("sealed {} with the {source}", key.display());
+        }
+        CertsCmd::Keygen { out } => {
+            crate::storagekey::generate_key_file(&out)?;
+            println!("wrote a new storage key to {} (mode 0600)", out.display());
+            println!(
+                "  keep a copy apart from the device: without it the node's data cannot be read"
+            );
         }
         CertsCmd::Revoke {
             ca_dir,
@@ -217,6 +308,7 @@ mod tests {
             node_id: node_id.clone(),
             out,
             days: 30,
+            seal: StorageKeyArgs::default(),
         })
         .unwrap();
         run(CertsCmd::Revoke {

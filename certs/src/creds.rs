@@ -10,6 +10,11 @@
 //! certificate without a valid Kizuna role ("certificate has no valid Kizuna
 //! role (found …)"). There is no fallback to an insecure mode.
 //!
+//! The private key may be sealed with the node's storage key
+//! ([`crate::storagekey`]; [`NodeCredentials::load_protected`]); on a node
+//! that encrypts its data at rest a plain key is refused unless systemd
+//! hands it over as a credential.
+//!
 //! Validity dates are deliberately *not* checked here: a node with a wrong
 //! clock must still start and say so (see [`crate::clock`]).
 
@@ -57,6 +62,17 @@ pub enum CredsError {
     /// id, EKU, CA flag, DER).
     #[error("{}: {source}", path.display())]
     InvalidOwnCertificate { path: PathBuf, source: CertError },
+    /// A sealed key that cannot be opened (no storage key, wrong key,
+    /// malformed), or a storage key that cannot be read.
+    #[error("{0}")]
+    Sealed(#[from] crate::storagekey::KeyError),
+    /// Storage encryption is on, but the private key sits in plaintext on
+    /// disk (not sealed, not a systemd credential).
+    #[error("秘密鍵 {} が平文のままです / private key {} is stored in plaintext on a node that encrypts its data at rest; seal it with: kizuna certs seal --key {} --storage-key-file FILE (or load it as a systemd credential)", path.display(), path.display(), path.display())]
+    PlainKeyAtRest { path: PathBuf },
+    /// A sealed key, but no storage key was configured to open it.
+    #[error("秘密鍵 {} は封印されていますが、暗号鍵が設定されていません / private key {} is sealed, but no storage key is configured ([storage] key_file, key_credential or key_prompt)", path.display(), path.display())]
+    SealedWithoutKey { path: PathBuf },
     /// The certificate is not signed by the configured municipal CA.
     #[error("certificate {} was not issued by the CA in {}: {detail}", cert.display(), ca.display())]
     NotIssuedByCa {
@@ -122,6 +138,12 @@ fn read_limited(what: &'static str, path: &Path) -> Result<Vec<u8>, CredsError> 
     })
 }
 
+/// The municipal CA certificate (PEM) at `path`, to check revocation
+/// lists against without loading a node's credentials.
+pub fn read_ca_cert(path: &Path) -> Result<CertificateDer<'static>, CredsError> {
+    read_cert("CA certificate", path)
+}
+
 fn read_cert(what: &'static str, path: &Path) -> Result<CertificateDer<'static>, CredsError> {
     let bytes = read_limited(what, path)?;
     CertificateDer::from_pem_slice(&bytes).map_err(|e| CredsError::BadPem {
@@ -129,6 +151,18 @@ fn read_cert(what: &'static str, path: &Path) -> Result<CertificateDer<'static>,
         path: path.to_path_buf(),
         reason: format!("no CERTIFICATE block ({e})"),
     })
+}
+
+/// The role in a node certificate file, read before the rest of the
+/// credentials (the role decides how the private key must be protected).
+pub fn peek_role(cert_path: &Path) -> Result<crdt::Role, CredsError> {
+    let cert = read_cert("node certificate", cert_path)?;
+    parse_leaf(&cert)
+        .map(|id| id.role)
+        .map_err(|source| CredsError::InvalidOwnCertificate {
+            path: cert_path.to_path_buf(),
+            source,
+        })
 }
 
 impl NodeCredentials {
@@ -141,11 +175,27 @@ impl NodeCredentials {
         )
     }
 
-    /// Load and check credentials from explicit paths.
+    /// Load and check credentials from explicit paths; the private key
+    /// must be plain PKCS#8 PEM.
     pub fn load(
         cert_path: &Path,
         key_path: &Path,
         ca_path: &Path,
+    ) -> Result<NodeCredentials, CredsError> {
+        Self::load_protected(cert_path, key_path, ca_path, None, false)
+    }
+
+    /// Load and check credentials whose private key may be sealed with
+    /// the storage key ([`crate::storagekey`]). With `require_protected`
+    /// (the node encrypts its data at rest) a plain key is accepted only
+    /// from the systemd credentials directory, which systemd keeps in
+    /// memory and decrypts itself.
+    pub fn load_protected(
+        cert_path: &Path,
+        key_path: &Path,
+        ca_path: &Path,
+        storage_key: Option<&crate::storagekey::StorageKey>,
+        require_protected: bool,
     ) -> Result<NodeCredentials, CredsError> {
         let cert = read_cert("node certificate", cert_path)?;
         let ca = read_cert("CA certificate", ca_path)?;
@@ -165,11 +215,24 @@ impl NodeCredentials {
                 mode: mode & 0o7777,
             });
         }
-        let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| CredsError::BadPem {
-            what: "private key",
-            path: key_path.to_path_buf(),
-            reason: format!("no PRIVATE KEY block ({e})"),
-        })?;
+        let key = if crate::storagekey::is_sealed(&key_bytes) {
+            let storage_key = storage_key.ok_or_else(|| CredsError::SealedWithoutKey {
+                path: key_path.to_path_buf(),
+            })?;
+            let der = crate::storagekey::unseal(&key_bytes, storage_key, key_path)?;
+            PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(der.to_vec()))
+        } else {
+            if require_protected && !in_credentials_directory(key_path) {
+                return Err(CredsError::PlainKeyAtRest {
+                    path: key_path.to_path_buf(),
+                });
+            }
+            PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| CredsError::BadPem {
+                what: "private key",
+                path: key_path.to_path_buf(),
+                reason: format!("no PRIVATE KEY block ({e})"),
+            })?
+        };
 
         let identity = parse_leaf(&cert).map_err(|source| CredsError::InvalidOwnCertificate {
             path: cert_path.to_path_buf(),
@@ -208,6 +271,17 @@ impl NodeCredentials {
     /// The private key (for the rustls configs in [`crate::tls`]).
     pub fn key(&self) -> &PrivateKeyDer<'static> {
         &self.key
+    }
+}
+
+/// Is `path` inside `$CREDENTIALS_DIRECTORY` (a systemd credential)?
+fn in_credentials_directory(path: &Path) -> bool {
+    let Some(dir) = std::env::var_os(crate::storagekey::CREDENTIALS_DIRECTORY) else {
+        return false;
+    };
+    match (fs::canonicalize(dir), fs::canonicalize(path)) {
+        (Ok(d), Ok(p)) => p.starts_with(d),
+        _ => false,
     }
 }
 

@@ -34,8 +34,10 @@ pub mod cli;
 pub mod clock;
 pub mod creds;
 pub mod crl;
+pub mod crlstore;
 mod fsutil;
 pub mod identity;
+pub mod storagekey;
 pub mod tls;
 
 pub use clock::{clock_sanity, ClockVerdict};

@@ -546,6 +546,8 @@ impl<S: Store> Engine<S> {
         rng: &mut dyn RngCore,
         out: &mut Vec<Output>,
     ) -> Result<Reply, CommandError> {
+        // Before anything can answer with (or log) a value from it.
+        crate::api::guard_individual_numbers(&(op_id, &operator.0, &cmd))?;
         crate::ids::check_id_str(op_id).map_err(|r| {
             CommandError::Invalid(TextError::Invalid {
                 field: "op_id",
@@ -661,6 +663,7 @@ impl<S: Store> Engine<S> {
     }
 
     fn query(&mut self, q: Query) -> Result<QueryReply, CommandError> {
+        crate::api::guard_individual_numbers(&q)?;
         Queries {
             r: &mut self.replica,
             sessions: &self.sessions,

@@ -10,8 +10,10 @@ use std::fmt;
 /// Maximum length of any identifier (node id, document id, event id).
 pub const MAX_ID_LEN: usize = 64;
 
-/// Error for identifiers that are empty, too long or contain characters
-/// outside `[A-Za-z0-9._-]`.
+/// Error for identifiers that are empty, too long, contain characters
+/// outside `[A-Za-z0-9._-]` or hold an Individual Number. `value` is a
+/// prefix of the rejected id, or `<redacted>` when it holds an Individual
+/// Number (never kept, shown or logged).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {what} {value:?}: {reason}")]
 pub struct IdError {
@@ -20,10 +22,20 @@ pub struct IdError {
     pub reason: &'static str,
 }
 
-/// The rule for every identifier, returning the reason it fails.
+/// The reason [`check_id_str`] gives for an id holding an Individual
+/// Number (see [`crate::text::contains_individual_number`]).
+pub const INDIVIDUAL_NUMBER_REASON: &str = "rejected: individual-number-shaped input";
+
+/// The rule for every identifier (node, document, person, household,
+/// shelter, contact, event and operation ids), returning the reason it
+/// fails. An Individual Number is looked for first, in any disguise, so
+/// no other reason ever describes (or leads a caller to echo) one.
 pub fn check_id_str(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         return Err("must not be empty");
+    }
+    if crate::text::contains_individual_number(s) {
+        return Err(INDIVIDUAL_NUMBER_REASON);
     }
     if s.len() > MAX_ID_LEN {
         return Err("longer than 64 bytes");
@@ -43,7 +55,11 @@ pub fn check_id_str(s: &str) -> Result<(), &'static str> {
 fn check_id(what: &'static str, s: &str) -> Result<(), IdError> {
     check_id_str(s).map_err(|reason| IdError {
         what,
-        value: s.chars().take(MAX_ID_LEN).collect(),
+        value: if reason == INDIVIDUAL_NUMBER_REASON {
+            "<redacted>".to_string()
+        } else {
+            s.chars().take(MAX_ID_LEN).collect()
+        },
         reason,
     })
 }

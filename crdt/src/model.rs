@@ -9,7 +9,7 @@
 //! Types holding personal data print redacted `Debug` output.
 
 use crate::hlc::Hlc;
-use crate::ids::{check_id_str, NodeId};
+use crate::ids::{check_id_str, NodeId, INDIVIDUAL_NUMBER_REASON};
 use crate::text::{check_email, check_text, CardUserId, TextError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -26,9 +26,12 @@ pub trait Validate {
 }
 
 fn id(field: &'static str, s: &str) -> Result<(), TextError> {
-    check_id_str(s).map_err(|reason| TextError::Invalid {
-        field,
-        reason: reason.to_string(),
+    check_id_str(s).map_err(|reason| match reason {
+        INDIVIDUAL_NUMBER_REASON => TextError::IndividualNumber { field },
+        _ => TextError::Invalid {
+            field,
+            reason: reason.to_string(),
+        },
     })
 }
 

@@ -20,7 +20,9 @@ pub enum TextError {
     TooLong { field: &'static str, max: usize },
     #[error("{field}: control characters (U+{code:04X}) are not allowed")]
     Control { field: &'static str, code: u32 },
-    #[error("{field}: rejected: individual-number-shaped input")]
+    /// The value holds an Individual Number (or something shaped like
+    /// one); the value itself is never kept, shown or logged.
+    #[error("{field}: 個人番号（マイナンバー）の形式の値は受け付けません / rejected: individual-number-shaped input")]
     IndividualNumber { field: &'static str },
     #[error("{field}: ID must be 13 digits")]
     CardUserId { field: &'static str },
@@ -42,62 +44,338 @@ impl TextError {
 }
 
 /// Does this string of exactly 12 ASCII digits pass the Individual Number
-/// check digit? (Product brief, "Rules from law".)
+/// check digit? (Product brief, "Rules from law".) The check-digit
+/// arithmetic only; [`contains_individual_number`] decides whether a text
+/// holds such a number.
 pub fn is_individual_number(digits: &str) -> bool {
     let b = digits.as_bytes();
     if b.len() != 12 || !b.iter().all(u8::is_ascii_digit) {
         return false;
     }
-    // P_n is the n-th digit from the right of the first eleven digits.
+    let d: Vec<u8> = b.iter().map(|c| c - b'0').collect();
+    check_digit_ok(&d)
+}
+
+/// The check digit rule on twelve digit values (0..=9): P_n is the n-th
+/// digit from the right of the first eleven, Q_n = n + 1 for n <= 6 and
+/// n - 5 for n >= 7; the check digit is 11 - (sum mod 11), or 0 when the
+/// remainder is 0 or 1.
+fn check_digit_ok(d: &[u8]) -> bool {
+    debug_assert_eq!(d.len(), 12);
     let sum: u32 = (1..=11)
         .map(|n| {
-            let p = (b[11 - n] - b'0') as u32;
+            let p = u32::from(d[11 - n]);
             let q = if n <= 6 { n as u32 + 1 } else { n as u32 - 5 };
             p * q
         })
         .sum();
     let r = sum % 11;
     let check = if r <= 1 { 0 } else { 11 - r };
-    check == (b[11] - b'0') as u32
+    check == u32::from(d[11])
 }
 
-/// Does the text contain, as a run of exactly twelve digits (ASCII or
-/// full-width, possibly separated by spaces or hyphens as people write
-/// them), a number that passes the Individual Number check digit?
-pub fn contains_individual_number(text: &str) -> bool {
-    let folded: String = text.nfkc().collect();
-    let chars: Vec<char> = folded.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        if !chars[i].is_ascii_digit() || (i > 0 && chars[i - 1].is_ascii_digit()) {
-            i += 1;
-            continue;
-        }
-        // Collect a digit run allowing single separators between digits.
-        let mut digits = String::new();
-        let mut j = i;
-        while j < chars.len() {
-            let c = chars[j];
-            if c.is_ascii_digit() {
-                digits.push(c);
-                j += 1;
-            } else if (c == ' ' || c == '-')
-                && j + 1 < chars.len()
-                && chars[j + 1].is_ascii_digit()
-                && !digits.is_empty()
-            {
-                j += 1;
-            } else {
+/// What one character (after NFKC) is to the Individual Number guard.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Class {
+    /// A decimal digit in any script people might type it in.
+    Digit(u8),
+    /// White space or a comma: separates the words of a number
+    /// ("1234 5678 9012"), and a number may start at any word.
+    Space,
+    /// Hyphens, dashes, the long-vowel mark, dots, middle dots, slashes,
+    /// underscores and tildes: separate digit groups within a word
+    /// ("1234-5678-9012").
+    Sep,
+    /// Zero-width, bidi, variation selectors, combining marks and other
+    /// default-ignorable characters: invisible, so they are skipped as if
+    /// absent ("1234\u{200B}5678…").
+    Invisible,
+    /// Anything else ends a number.
+    Other,
+}
+
+/// The first code point of each run of ten decimal digits (Unicode
+/// general category Nd) that NFKC leaves alone: Arabic-Indic, Extended
+/// Arabic-Indic, Devanagari, Bengali, Gurmukhi, Gujarati, Oriya, Tamil,
+/// Telugu, Kannada, Malayalam, Thai, Lao, Tibetan, Myanmar, Khmer,
+/// Mongolian. (Full-width, mathematical, circled and super/subscript
+/// digits become ASCII under NFKC.)
+const DIGIT_ZEROS: [u32; 17] = [
+    0x0660, 0x06F0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6, 0x0D66, 0x0E50,
+    0x0ED0, 0x0F20, 0x1040, 0x17E0, 0x1810,
+];
+
+fn classify(c: char) -> Class {
+    let u = c as u32;
+    if c.is_ascii_digit() {
+        return Class::Digit(c as u8 - b'0');
+    }
+    if c.is_ascii() {
+        return match c {
+            ',' => Class::Space,
+            c if c.is_ascii_whitespace() => Class::Space,
+            '-' | '.' | '/' | '\\' | '_' | '~' => Class::Sep,
+            _ => Class::Other,
+        };
+    }
+    // Kanji numerals as written in vertical text and on forms.
+    let kanji = match c {
+        '〇' | '零' => Some(0),
+        '一' => Some(1),
+        '二' => Some(2),
+        '三' => Some(3),
+        '四' => Some(4),
+        '五' => Some(5),
+        '六' => Some(6),
+        '七' => Some(7),
+        '八' => Some(8),
+        '九' => Some(9),
+        _ => None,
+    };
+    if let Some(d) = kanji {
+        return Class::Digit(d);
+    }
+    if let Some(z) = DIGIT_ZEROS.iter().find(|z| (**z..**z + 10).contains(&u)) {
+        return Class::Digit((u - z) as u8);
+    }
+    match u {
+        // Default-ignorable code points (soft hyphen, combining grapheme
+        // joiner, Arabic letter mark, Hangul fillers, Khmer inherent
+        // vowels, Mongolian selectors, zero-width and bidi controls, word
+        // joiner and invisible operators, variation selectors, BOM, tags)
+        // and the other format characters.
+        0x00AD
+        | 0x034F
+        | 0x061C
+        | 0x115F
+        | 0x1160
+        | 0x17B4
+        | 0x17B5
+        | 0x180B..=0x180F
+        | 0x200B..=0x200F
+        | 0x202A..=0x202E
+        | 0x2060..=0x206F
+        | 0x3164
+        | 0xFE00..=0xFE0F
+        | 0xFEFF
+        | 0xFFA0
+        | 0xFFF0..=0xFFFB
+        | 0x1BCA0..=0x1BCA3
+        | 0x1D173..=0x1D17A
+        | 0xE0000..=0xE0FFF
+        | 0x0600..=0x0605
+        | 0x06DD
+        | 0x070F
+        | 0x08E2
+        | 0x110BD
+        | 0x110CD => Class::Invisible,
+        // Combining marks (diacritics, enclosing keycaps, half marks) sit
+        // on the digit before them.
+        0x0300..=0x036F
+        | 0x1AB0..=0x1AFF
+        | 0x1DC0..=0x1DFF
+        | 0x20D0..=0x20FF
+        | 0xFE20..=0xFE2F
+        | 0x3099
+        | 0x309A => Class::Invisible,
+        // Ideographic comma and full stop, middle dots, dashes, minus
+        // signs, the long-vowel mark, wave dash, fraction and division
+        // slashes.
+        0x3001 | 0xFF64 => Class::Space,
+        0x3002
+        | 0xFF61
+        | 0x00B7
+        | 0x30FB
+        | 0x2022
+        | 0x2027
+        | 0x2219
+        | 0x22C5
+        | 0x2010..=0x2015
+        | 0x2212
+        | 0x2043
+        | 0x30FC
+        | 0xFE58
+        | 0xFE63
+        | 0x301C
+        | 0x3030
+        | 0x2044
+        | 0x2215
+        | 0x29F8
+        | 0x29F9 => Class::Sep,
+        _ if c.is_whitespace() => Class::Space,
+        _ => Class::Other,
+    }
+}
+
+/// Digits of one run of words (groups joined by separators), with the
+/// start of each word.
+#[derive(Default)]
+struct Run {
+    digits: Vec<u8>,
+    word_starts: Vec<usize>,
+    in_word: bool,
+}
+
+impl Run {
+    /// Does any sequence of whole consecutive words of this run hold
+    /// exactly twelve digits that pass the check digit?
+    fn holds_number(&self) -> bool {
+        let ends = self
+            .word_starts
+            .iter()
+            .skip(1)
+            .copied()
+            .chain([self.digits.len()]);
+        let bounds: Vec<(usize, usize)> = self.word_starts.iter().copied().zip(ends).collect();
+        for (i, &(start, _)) in bounds.iter().enumerate() {
+            for &(_, end) in &bounds[i..] {
+                match (end - start).cmp(&12) {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Equal => {
+                        if check_digit_ok(&self.digits[start..end]) {
+                            return true;
+                        }
+                    }
+                    std::cmp::Ordering::Greater => {}
+                }
                 break;
             }
         }
-        if digits.len() == 12 && is_individual_number(&digits) {
-            return true;
-        }
-        // Also the plain run without separators, e.g. "123456789012-3".
-        i = j.max(i + 1);
+        false
     }
-    false
+
+    fn clear(&mut self) {
+        self.digits.clear();
+        self.word_starts.clear();
+        self.in_word = false;
+    }
+}
+
+/// The one place that decides whether a text holds an Individual Number.
+/// Every id, name, note, CSV cell and API string goes through it (via
+/// [`check_text`], [`check_email`], [`CardUserId::parse`] and
+/// [`crate::ids::check_id_str`]).
+///
+/// The text is read after NFKC (full-width, circled, mathematical and
+/// super/subscript digits become ASCII; ideographic space becomes a
+/// space), with kanji numerals and other scripts' decimal digits read as
+/// digits and invisible characters (zero-width, bidi, variation
+/// selectors, combining marks) skipped. Digits joined by separators form
+/// *words* ("1234-5678"), words joined by white space or commas form a
+/// *run*, anything else ends a run. A text holds a number when some
+/// sequence of whole consecutive words of a run has exactly twelve digits
+/// that pass the check digit: "1234 5678 9018", "１２３４－５６７８－９０１８",
+/// "1234\u{200B}56789018" and "2024/01/15 123456789018" all do. A digit
+/// group of any other length is never split, so a 13-digit card user ID
+/// (one group) never matches, and neither does a phone number or a date.
+pub fn contains_individual_number(text: &str) -> bool {
+    // Ids and most text are ASCII, where NFKC changes nothing: no digit,
+    // no number.
+    if text.is_ascii() {
+        if !text.bytes().any(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        scan(text.chars())
+    } else {
+        scan(text.nfkc())
+    }
+}
+
+fn scan(chars: impl Iterator<Item = char>) -> bool {
+    let mut run = Run::default();
+    for c in chars {
+        match classify(c) {
+            Class::Digit(d) => {
+                if !run.in_word {
+                    run.word_starts.push(run.digits.len());
+                    run.in_word = true;
+                }
+                run.digits.push(d);
+            }
+            Class::Sep | Class::Invisible => {}
+            Class::Space => run.in_word = false,
+            Class::Other => {
+                if run.holds_number() {
+                    return true;
+                }
+                run.clear();
+            }
+        }
+    }
+    run.holds_number()
+}
+
+/// Field names [`json_individual_number`] may report (anything else is
+/// reported as `request`): a name from the request itself could be the
+/// number.
+const FIELD_NAMES: [&str; 36] = [
+    "person_id",
+    "person_ids",
+    "household_id",
+    "shelter_id",
+    "to_shelter",
+    "from_shelter",
+    "contact_id",
+    "event_id",
+    "op_id",
+    "name",
+    "kana",
+    "note",
+    "address",
+    "reason",
+    "text",
+    "email",
+    "relation",
+    "location",
+    "needs",
+    "district",
+    "insurer",
+    "symbol",
+    "number",
+    "what",
+    "scope",
+    "card_user_id",
+    "birth_date",
+    "q",
+    "update",
+    "add",
+    "edit",
+    "remove",
+    "contacts",
+    "households",
+    "members",
+    "records",
+];
+
+/// Every string and object key of a JSON value through
+/// [`contains_individual_number`]: the guard for whole requests (engine
+/// commands and queries, API bodies), whatever fields they have now or
+/// gain later. Returns the field the first one was found in (the
+/// nearest enclosing known field name, else `request`), never the value.
+pub fn json_individual_number(v: &serde_json::Value) -> Option<&'static str> {
+    fn walk(v: &serde_json::Value, field: &'static str) -> Option<&'static str> {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => contains_individual_number(s).then_some(field),
+            Value::Array(items) => items.iter().find_map(|i| walk(i, field)),
+            Value::Object(map) => map.iter().find_map(|(k, v)| {
+                if contains_individual_number(k) {
+                    return Some(field);
+                }
+                let f = FIELD_NAMES
+                    .iter()
+                    .find(|n| **n == k.as_str())
+                    .copied()
+                    .unwrap_or(field);
+                walk(v, f)
+            }),
+            // A number field is not text, but twelve digits in one are
+            // still the number.
+            Value::Number(n) => contains_individual_number(&n.to_string()).then_some(field),
+            Value::Null | Value::Bool(_) => None,
+        }
+    }
+    walk(v, "request")
 }
 
 /// Validates free text: trims nothing, rejects empty (when `required`),
@@ -116,6 +394,11 @@ pub fn check_text(
             Ok(())
         };
     }
+    // First, so the answer names the real problem even when the text
+    // is also too long or has control characters in it.
+    if contains_individual_number(s) {
+        return Err(TextError::IndividualNumber { field });
+    }
     if s.chars().count() > max_chars {
         return Err(TextError::TooLong {
             field,
@@ -131,9 +414,6 @@ pub fn check_text(
             code: c as u32,
         });
     }
-    if contains_individual_number(s) {
-        return Err(TextError::IndividualNumber { field });
-    }
     Ok(())
 }
 
@@ -148,13 +428,10 @@ pub struct CardUserId(String);
 impl CardUserId {
     pub fn parse(input: &str) -> Result<Self, TextError> {
         let field = "card_user_id";
-        let norm: String = input.nfkc().collect::<String>().trim().to_string();
-        if norm.len() == 12
-            && norm.bytes().all(|b| b.is_ascii_digit())
-            && is_individual_number(&norm)
-        {
+        if contains_individual_number(input) {
             return Err(TextError::IndividualNumber { field });
         }
+        let norm: String = input.nfkc().collect::<String>().trim().to_string();
         if norm.len() != 13 || !norm.bytes().all(|b| b.is_ascii_digit()) {
             return Err(TextError::CardUserId { field });
         }
@@ -221,6 +498,9 @@ pub fn check_email(field: &'static str, s: &str) -> Result<(), TextError> {
         field,
         reason: reason.to_string(),
     };
+    if contains_individual_number(s) {
+        return Err(TextError::IndividualNumber { field });
+    }
     if s.len() > 254 {
         return Err(invalid("e-mail address longer than 254 bytes"));
     }
@@ -243,9 +523,6 @@ pub fn check_email(field: &'static str, s: &str) -> Result<(), TextError> {
         || domain.contains("..")
     {
         return Err(invalid("e-mail domain must be a dotted name"));
-    }
-    if contains_individual_number(s) {
-        return Err(TextError::IndividualNumber { field });
     }
     Ok(())
 }
@@ -295,6 +572,236 @@ mod tests {
         assert!(check_text("note", &format!("x{n}"), 100, true).is_err());
         let err = check_text("note", &n, 100, true).unwrap_err();
         assert!(!err.to_string().contains(&n));
+    }
+
+    /// The twelve digits of a valid Individual Number from eleven.
+    fn complete(eleven: &[u8]) -> Vec<u8> {
+        let s: String = eleven.iter().map(|d| char::from(b'0' + d)).collect();
+        with_check(&s).bytes().map(|b| b - b'0').collect()
+    }
+
+    /// One digit as people (or someone hiding it) might write it.
+    fn digit_form(d: u8, form: u8) -> String {
+        let d32 = u32::from(d);
+        let c = |u: u32| char::from_u32(u).unwrap().to_string();
+        match form % 9 {
+            0 => c('0' as u32 + d32),
+            1 => c(0xFF10 + d32), // full-width
+            2 => "〇一二三四五六七八九"
+                .chars()
+                .nth(d as usize)
+                .unwrap()
+                .to_string(),
+            3 => c(0x0660 + d32),  // Arabic-Indic
+            4 => c(0x1D7CE + d32), // mathematical bold
+            5 => match d {
+                0 => c(0x24EA),           // circled zero
+                _ => c(0x2460 + d32 - 1), // circled
+            },
+            6 => match d {
+                1 => c(0xB9),
+                2 => c(0xB2),
+                3 => c(0xB3),
+                _ => c(0x2070 + d32), // superscript
+            },
+            7 => format!("{}\u{20E3}", d), // keycap
+            _ => c(0x0966 + d32),          // Devanagari
+        }
+    }
+
+    /// What may stand between two digits of a disguised number.
+    const BETWEEN: [&str; 24] = [
+        "",
+        "",
+        "",
+        " ",
+        "-",
+        ".",
+        "/",
+        "　",
+        "－",
+        "ー",
+        "・",
+        " - ",
+        "\u{200B}",
+        "\u{2060}",
+        "\u{FEFF}",
+        "\u{00AD}",
+        "\u{00A0}",
+        "／",
+        "．",
+        "_",
+        "\u{200D} ",
+        "‐",
+        "\u{202E}",
+        "\u{FE0F}",
+    ];
+    /// Text before and after it (never glued to its digits: a digit
+    /// right next to it makes a different, longer number).
+    const PREFIX: [&str; 8] = [
+        "",
+        "My Number: ",
+        "番号は",
+        "note ",
+        "2024/01/15 ",
+        "Tel 03-1234-5678 / ",
+        "x",
+        "（",
+    ];
+    const SUFFIX: [&str; 7] = ["", " です", " thanks", "。", "!", " 2024-01-15", "）"];
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Every valid number, in every disguise, is caught, and every
+        /// checked field rejects it without echoing it.
+        #[test]
+        fn every_disguise_is_caught(
+            eleven in proptest::collection::vec(0u8..10, 11),
+            forms in proptest::collection::vec(0u8..9, 12),
+            gaps in proptest::collection::vec(0usize..BETWEEN.len(), 13),
+            pre in 0usize..PREFIX.len(),
+            suf in 0usize..SUFFIX.len(),
+        ) {
+            let digits = complete(&eleven);
+            let mut text = PREFIX[pre].to_string();
+            // Invisible characters may also come first and last.
+            if gaps[0] % 2 == 0 {
+                text.push('\u{200B}');
+            }
+            for (i, d) in digits.iter().enumerate() {
+                if i > 0 {
+                    text.push_str(BETWEEN[gaps[i]]);
+                }
+                text.push_str(&digit_form(*d, forms[i]));
+            }
+            if gaps[12] % 2 == 0 {
+                text.push('\u{FEFF}');
+            }
+            text.push_str(SUFFIX[suf]);
+            proptest::prop_assert!(contains_individual_number(&text), "{text:?}");
+            let err = check_text("note", &text, 1000, true).unwrap_err();
+            proptest::prop_assert_eq!(&err, &TextError::IndividualNumber { field: "note" });
+            let plain: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
+            proptest::prop_assert!(!err.to_string().contains(&plain));
+            proptest::prop_assert!(CardUserId::parse(&text).is_err());
+        }
+
+        /// 13-digit card user IDs pass, in any width and with invisible
+        /// characters in them, even when their first twelve digits would
+        /// pass the check digit.
+        #[test]
+        fn card_ids_pass(
+            twelve_first in proptest::bool::ANY,
+            eleven in proptest::collection::vec(0u8..10, 11),
+            last in 0u8..10,
+            wide in proptest::bool::ANY,
+            zw in 0usize..14,
+        ) {
+            let mut digits = if twelve_first { complete(&eleven) } else {
+                let mut d = eleven.clone(); d.push(last); d
+            };
+            digits.push(last);
+            let ascii: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
+            let mut text: String = digits
+                .iter()
+                .map(|d| digit_form(*d, if wide { 1 } else { 0 }))
+                .collect();
+            if zw < 13 {
+                let at = text.char_indices().nth(zw).map(|(i, _)| i).unwrap_or(0);
+                text.insert(at, '\u{200B}');
+            }
+            proptest::prop_assert!(!contains_individual_number(&text), "{text:?}");
+            let s = format!("card {ascii} ok");
+            proptest::prop_assert!(!contains_individual_number(&s));
+            let card = CardUserId::parse(&ascii).unwrap();
+            proptest::prop_assert_eq!(card.as_str(), ascii.as_str());
+            let s = format!("カード {text}");
+            proptest::prop_assert!(check_text("note", &s, 100, true).is_ok());
+        }
+
+        /// Ordinary text passes: names, addresses, phone numbers, dates,
+        /// postal codes, card ids and uuids with words between them.
+        #[test]
+        fn ordinary_text_passes(parts in proptest::collection::vec((0usize..8, 0u64..u64::MAX), 1..8)) {
+            let words = ["山田 太郎", "やまだ はなこ", "新潟県三条市旭町", "様", "Tel", "住所", "生年月日", "メモ: 薬あり"];
+            let mut text = String::new();
+            for (kind, n) in parts {
+                let num = match kind {
+                    0 => format!("0{}-{:04}-{:04}", 90 + n % 3, n % 10_000, (n / 10_000) % 10_000), // mobile, 11
+                    1 => format!("0{}-{}-{:04}", 25 + n % 70, 10 + n % 90, (n / 100) % 10_000), // landline, 10
+                    2 => format!("{}-{:02}-{:02}", 1900 + n % 125, 1 + n % 12, 1 + n % 28),
+                    3 => format!("〒{:03}-{:04}", n % 1000, (n / 1000) % 10_000),
+                    4 => format!("{:013}", n % 10_000_000_000_000),
+                    5 => format!("{}-{}-{}", 1 + n % 9, 1 + n % 30, 1 + n % 20),
+                    6 => format!("{:08x}-{:04x}-4{:03x}", n as u32, (n >> 32) as u16, n % 4096),
+                    _ => format!("{}", n % 100_000),
+                };
+                text.push_str(&num);
+                text.push(' ');
+                text.push_str(words[(n % 8) as usize]);
+                text.push(' ');
+            }
+            proptest::prop_assert!(!contains_individual_number(&text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn guard_examples() {
+        let n = with_check("12345678901");
+        let wide: String = n.chars().map(|c| digit_form(c as u8 - b'0', 1)).collect();
+        for caught in [
+            format!("{} {} {}", &n[..4], &n[4..8], &n[8..]),
+            format!("{}-{}-{}", &n[..4], &n[4..8], &n[8..]),
+            format!("{}.{}.{}", &n[..4], &n[4..8], &n[8..]),
+            format!("{}/{}/{}", &n[..4], &n[4..8], &n[8..]),
+            format!("{}\u{200B}{}", &n[..6], &n[6..]),
+            format!("2024/01/15 {n}"),
+            format!("2024-01-15 {} {}", &n[..6], &n[6..]),
+            format!("p-{n}"),
+            format!("{n}-x"),
+            wide,
+        ] {
+            assert!(contains_individual_number(&caught), "{caught:?}");
+        }
+        for passes in [
+            "1234567890123".to_string(),
+            format!("{n}5"),
+            format!("5{n}"),
+            "2024-01-15 2024-01-20".into(),
+            "025-123-4567 / 090-1234-5678".into(),
+            "2-3-1 0256-34-5511".into(),
+            "550e8400-e29b-41d4-a716-446655440000".into(),
+            "一二三".into(),
+            "op-1700000000000-7".into(),
+        ] {
+            assert!(!contains_individual_number(&passes), "{passes:?}");
+        }
+    }
+
+    #[test]
+    fn ids_and_requests_are_guarded_without_echo() {
+        let n = with_check("98765432109");
+        let e = crate::ids::DocKey::new(crate::Kind::Person, format!("p-{n}")).unwrap_err();
+        assert!(!e.to_string().contains(&n), "{e}");
+        let e = crate::ids::NodeId::new(format!("{}-{}", &n[..6], &n[6..])).unwrap_err();
+        assert!(!e.to_string().contains(&n[6..]), "{e}");
+        assert_eq!(
+            crate::ids::check_id_str(&format!("{}.{}", &n[..6], &n[6..])),
+            Err(crate::ids::INDIVIDUAL_NUMBER_REASON)
+        );
+        let body =
+            serde_json::json!({"person_id": "p1", "update": {"edit": [["allergy", n, "x"]]}});
+        assert_eq!(json_individual_number(&body), Some("update"));
+        let body = serde_json::json!({"name": "山田", "note": format!("{} {}", &n[..4], &n[4..])});
+        assert_eq!(json_individual_number(&body), Some("note"));
+        let body = serde_json::json!({ n.clone(): 1 });
+        assert_eq!(json_individual_number(&body), Some("request"));
+        let body = serde_json::json!({"count": n.parse::<u64>().unwrap()});
+        assert_eq!(json_individual_number(&body), Some("request"));
+        let ok =
+            serde_json::json!({"card_user_id": "1234567890123", "n": 5, "ids": ["p-1", "h-2"]});
+        assert_eq!(json_individual_number(&ok), None);
     }
 
     #[test]

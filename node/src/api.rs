@@ -63,6 +63,9 @@ pub struct ApiState {
     pub sessions: Arc<Sessions>,
     /// Host names accepted besides IP literals and `localhost`.
     pub hosts: Arc<Vec<String>>,
+    /// The mesh transport, for revocation lists loaded at runtime
+    /// (`/api/v1/crl`); `None` on an API without one (tests).
+    pub transport: Option<Arc<crate::net::Transport>>,
     operators: Arc<OperatorsFile>,
     /// Failed PIN attempts since the last staff tap (the tap is void after
     /// [`MAX_PIN_ATTEMPTS`]) and last used TOTP step per operator.
@@ -89,6 +92,7 @@ impl ApiState {
             shelter_id: None,
             sessions: Arc::new(Sessions::default()),
             hosts: Arc::new(Vec::new()),
+            transport: None,
             operators: OperatorsFile::new(&data_dir),
             login_guard: Arc::new(Mutex::new(LoginGuard::default())),
             data_dir,
@@ -118,6 +122,13 @@ impl ApiState {
     /// in `/api/v1/status`, `POST /api/v1/sessions/card`.
     pub fn with_card(mut self, hub: Arc<CardHub>) -> ApiState {
         self.card = Some(hub);
+        self
+    }
+
+    /// With the mesh transport: `GET`/`POST /api/v1/crl`, `revocation` in
+    /// `/api/v1/status`.
+    pub fn with_transport(mut self, t: Arc<crate::net::Transport>) -> ApiState {
+        self.transport = Some(t);
         self
     }
 
@@ -211,10 +222,20 @@ pub struct ApiJson<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(json_rejection(r)),
+        let Json(v) = Json::<Value>::from_request(req, state)
+            .await
+            .map_err(json_rejection)?;
+        // The Individual-Number guard over every string of the body comes
+        // first: a typed error below ("invalid type: string …") would
+        // echo the value.
+        if let Some(field) = crdt::text::json_individual_number(&v) {
+            return Err(
+                CommandError::Invalid(crdt::text::TextError::IndividualNumber { field }).into(),
+            );
         }
+        serde_json::from_value(v)
+            .map(ApiJson)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("{e}")))
     }
 }
 
@@ -462,6 +483,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/conflicts", get(conflicts))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/crl", get(crl_status).post(load_crl))
         .merge(crate::data_api::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -539,10 +561,103 @@ async fn status(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
             };
             let problem = st.driver.clock_problem();
             v["clock"] = serde_json::json!({ "trusted": problem.is_none(), "problem": problem });
+            v["revocation"] = match &st.transport {
+                Some(t) => crl_json(t),
+                None => Value::Null,
+            };
             Ok(Json(v))
         }
         other => Err(unexpected(other)),
     }
+}
+
+/// The revocation list in force: its number and dates.
+fn crl_json(t: &crate::net::Transport) -> Value {
+    match t.revocation().current() {
+        Some(l) => json!({
+            "crl_number": l.number(),
+            "revoked": l.revoked_serials().len(),
+            "this_update": l.this_update().unix_timestamp(),
+            "next_update": l.next_update().map(|t| t.unix_timestamp()),
+        }),
+        None => json!({ "crl_number": null, "revoked": 0 }),
+    }
+}
+
+fn no_transport() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_mesh",
+        "this API has no mesh transport / メッシュ通信がありません",
+    )
+}
+
+/// `GET /api/v1/crl`: the revocation list in force.
+async fn crl_status(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let t = st.transport.as_ref().ok_or_else(no_transport)?;
+    Ok(Json(crl_json(t)))
+}
+
+/// `POST /api/v1/crl` (`application/pkix-crl`, the DER `kizuna certs
+/// revoke` writes): loads a CA-signed revocation list into the running
+/// node. A newer list is applied at once (sessions with newly revoked
+/// peers closed, the list saved and gossiped); an older or equal one is
+/// `stale`; a damaged or foreign one is refused with the list in force
+/// kept (and named). The CA signature is the authority, so any operator
+/// may load one.
+async fn load_crl(
+    State(st): State<ApiState>,
+    axum::Extension(AuthOperator(operator)): axum::Extension<AuthOperator>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let t = st.transport.as_ref().ok_or_else(no_transport)?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !matches!(ct, "application/pkix-crl" | "application/octet-stream") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the DER revocation list as application/pkix-crl",
+        ));
+    }
+    match t.offer_crl(body.to_vec()) {
+        Ok(certs::crl::OfferOutcome::Applied {
+            number,
+            newly_revoked,
+        }) => {
+            tracing::warn!(operator = %operator, crl_number = number, newly_revoked = newly_revoked.len(), "revocation list loaded by an operator");
+            Ok((
+                StatusCode::OK,
+                Json(json!({
+                    "applied": true,
+                    "crl_number": number,
+                    "newly_revoked": newly_revoked.iter().map(hex).collect::<Vec<_>>(),
+                })),
+            ))
+        }
+        Ok(certs::crl::OfferOutcome::Stale { held, offered }) => Ok((
+            StatusCode::OK,
+            Json(
+                json!({ "applied": false, "stale": true, "crl_number": held, "offered": offered }),
+            ),
+        )),
+        Err(e) => {
+            let kept = t.revocation().current_number();
+            tracing::warn!(operator = %operator, error = %e, kept = ?kept, "revocation list refused");
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "crl_rejected",
+                certs::crlstore::rejected_message(&e, kept),
+            ))
+        }
+    }
+}
+
+fn hex(b: &Vec<u8>) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[derive(Deserialize)]

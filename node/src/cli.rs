@@ -10,6 +10,7 @@
 use crate::auth::Operators;
 use crate::console::Exit;
 use crate::import::Encoding;
+use certs::cli::StorageKeyArgs;
 use clap::{Parser, Subcommand};
 use crdt::Role;
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ pub enum Cmd {
         /// Node id for a fresh data directory (it becomes an hq database).
         #[arg(long)]
         node_id: Option<String>,
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
     /// Municipal outputs (audited, files 0600): evacuee roster CSV,
     /// PFIF 1.4, FHIR R4 ambulance handover. Needs the node stopped; a
@@ -108,6 +111,16 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: BackupCmd,
     },
+    /// The node's database at rest.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
+    /// Revocation lists on a node.
+    Crl {
+        #[command(subcommand)]
+        cmd: CrlCmd,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,6 +136,22 @@ pub enum ConfigCmd {
         /// database it names (for templates).
         #[arg(long)]
         skip_files: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CrlCmd {
+    /// Put the CA's revocation list (`crl.der` from `kizuna certs revoke`)
+    /// into force: on a running node through its API (sessions with newly
+    /// revoked peers close at once), on a stopped one into its data
+    /// directory. A damaged or foreign list changes nothing.
+    Load {
+        #[arg(long)]
+        config: PathBuf,
+        /// Operator token file for a running node (default: $KIZUNA_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        file: PathBuf,
     },
 }
 
@@ -147,6 +176,35 @@ pub enum BackupCmd {
         /// be trusted).
         #[arg(long)]
         incarnation_floor: Option<u32>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Encrypt a stopped node's plaintext database with its storage key,
+    /// atomically (docs/operations.md, "Data at rest"); then set the same
+    /// key in the node's `[storage]` config.
+    Encrypt {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        key: StorageKeyArgs,
+    },
+    /// Rotate the storage key of a stopped node: the database (and, with
+    /// --node-key, the sealed node key) moves from the current key (the
+    /// --storage-key-* flags) to the key in --new-key-file, atomically;
+    /// rerun after a crash. Then point `[storage]` at the new key.
+    Rekey {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        key: StorageKeyArgs,
+        /// The new key (from `kizuna certs keygen`), or a passphrase file.
+        #[arg(long)]
+        new_key_file: PathBuf,
+        /// The node's sealed node.key.pem, re-sealed with the new key.
+        #[arg(long)]
+        node_key: Option<PathBuf>,
     },
 }
 
@@ -239,6 +297,8 @@ pub enum RegistryCmd {
         /// Node id for a fresh data directory (it becomes an hq database).
         #[arg(long)]
         node_id: Option<String>,
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
 }
 
@@ -255,6 +315,8 @@ pub enum ExportCmd {
         shelter: Option<String>,
         #[arg(long, value_enum, default_value = "utf8-bom")]
         encoding: crate::outputs::RosterEncoding,
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
     /// PFIF 1.4 XML for person-finder services (hq); do-not-disclose
     /// residents are left out.
@@ -269,6 +331,8 @@ pub enum ExportCmd {
         /// `author_name` of the records.
         #[arg(long, default_value = "災害対策本部 / Disaster headquarters")]
         author: String,
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
     /// FHIR R4 handover Bundle of one person (ambulance, clinic, hq); the
     /// medical read is audited with the reason.
@@ -281,6 +345,8 @@ pub enum ExportCmd {
         person: String,
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
 }
 
@@ -292,6 +358,8 @@ pub enum DocsCmd {
         data_dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
 }
 
@@ -362,8 +430,10 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                     file,
                     encoding,
                     node_id,
+                    key,
                 },
         } => {
+            crate::atrest::set_command_key_source(key.source());
             println!(
                 "{}",
                 crate::import::import_file(&data_dir, &file, encoding, node_id.as_deref())?
@@ -376,7 +446,9 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
             file,
             encoding,
             node_id,
+            key,
         } => {
+            crate::atrest::set_command_key_source(key.source());
             println!(
                 "{}",
                 crate::import::import_named(
@@ -391,13 +463,15 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
         }
         Cmd::Export { cmd } => {
             use crate::outputs::Output;
-            let (data_dir, out, what) = match cmd {
+            let (key, data_dir, out, what) = match cmd {
                 ExportCmd::Roster {
                     data_dir,
                     out,
                     shelter,
                     encoding,
+                    key,
                 } => (
+                    key,
                     data_dir,
                     out,
                     Output::Roster {
@@ -410,13 +484,16 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                     out,
                     domain,
                     author,
-                } => (data_dir, out, Output::Pfif { domain, author }),
+                    key,
+                } => (key, data_dir, out, Output::Pfif { domain, author }),
                 ExportCmd::Handover {
                     data_dir,
                     out,
                     person,
                     reason,
+                    key,
                 } => (
+                    key,
                     data_dir,
                     out,
                     Output::Handover {
@@ -425,6 +502,7 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                     },
                 ),
             };
+            crate::atrest::set_command_key_source(key.source());
             crate::export::output(&data_dir, &out, what)
         }
         Cmd::Demo {
@@ -443,8 +521,11 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
             smtp,
         }),
         Cmd::Docs {
-            cmd: DocsCmd::Export { data_dir, out },
-        } => crate::export::docs_export(&data_dir, &out),
+            cmd: DocsCmd::Export { data_dir, out, key },
+        } => {
+            crate::atrest::set_command_key_source(key.source());
+            crate::export::docs_export(&data_dir, &out)
+        }
         Cmd::Certs { cmd } => certs::cli::run(cmd).map_err(Exit::from),
         Cmd::Config {
             cmd:
@@ -504,6 +585,79 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                 r.manifest.incarnation,
                 r.incarnation
             );
+            Ok(())
+        }
+        Cmd::Crl {
+            cmd:
+                CrlCmd::Load {
+                    config,
+                    token_file,
+                    file,
+                },
+        } => {
+            let msg = crate::crlcmd::load(&config, &file, token_file.as_deref())?;
+            println!("{msg}");
+            Ok(())
+        }
+        Cmd::Store {
+            cmd:
+                StoreCmd::Rekey {
+                    data_dir,
+                    key,
+                    new_key_file,
+                    node_key,
+                },
+        } => {
+            let source = key.source().ok_or_else(|| {
+                Exit::bad_input(
+                    "give the current storage key: --storage-key-file, --storage-key-credential or --storage-key-prompt",
+                )
+            })?;
+            let old = std::sync::Arc::new(
+                certs::storagekey::read(&source).map_err(|e| Exit::bad_input(e.to_string()))?,
+            );
+            let new = std::sync::Arc::new(
+                certs::storagekey::read(&certs::storagekey::KeySource::File(new_key_file))
+                    .map_err(|e| Exit::bad_input(e.to_string()))?,
+            );
+            let done = crate::atrest::rekey_data_dir(&data_dir, &old, &new, node_key.as_deref())
+                .map_err(|e| Exit::bad_input(format!("{e:#}")))?;
+            println!(
+                "{}: {} documents under the new storage key ({}); node key {}",
+                done.db.display(),
+                done.documents,
+                if done.db_rekeyed {
+                    "re-encrypted"
+                } else {
+                    "already done"
+                },
+                match (&node_key, done.node_key_resealed) {
+                    (None, _) => "not given",
+                    (Some(_), true) => "re-sealed",
+                    (Some(_), false) => "already under the new key",
+                }
+            );
+            Ok(())
+        }
+        Cmd::Store {
+            cmd: StoreCmd::Encrypt { data_dir, key },
+        } => {
+            let source = key.source().ok_or_else(|| {
+                Exit::bad_input(
+                    "give the storage key: --storage-key-file, --storage-key-credential or --storage-key-prompt",
+                )
+            })?;
+            let k = std::sync::Arc::new(
+                certs::storagekey::read(&source).map_err(|e| Exit::bad_input(e.to_string()))?,
+            );
+            let done = crate::atrest::encrypt_data_dir(&data_dir, &k)?;
+            println!(
+                "encrypted {} ({} documents, {} bytes) with the {source}",
+                done.db.display(),
+                done.documents,
+                done.bytes
+            );
+            println!("  now set the same key in the node's [storage] config (and seal its node key: kizuna certs seal)");
             Ok(())
         }
         Cmd::Card(_) => unreachable!("main dispatches card commands with their own exit codes"),

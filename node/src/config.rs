@@ -81,6 +81,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub node: RawNode,
     pub metrics: Option<RawMetrics>,
+    #[serde(default)]
+    pub storage: RawStorage,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +91,15 @@ pub struct RawMetrics {
     pub enabled: Option<bool>,
     pub bind: Option<String>,
     pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub encrypt: Option<bool>,
+    pub key_file: Option<PathBuf>,
+    pub key_credential: Option<String>,
+    pub key_prompt: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +190,7 @@ pub struct Config {
     pub smtp: Option<SmtpConfig>,
     pub node: NodeConfig,
     pub metrics: MetricsConfig,
+    pub storage: StorageConfig,
 }
 
 /// The Prometheus endpoint (`node::metrics`): on when the `[metrics]` table
@@ -191,6 +203,24 @@ pub struct MetricsConfig {
     /// File holding the bearer token scrapers must send (resolved against
     /// the config file's directory). Read at start.
     pub token_file: Option<PathBuf>,
+}
+
+/// Data at rest (`[storage]`, see [`crate::atrest`]): whether the
+/// database is encrypted, and where the storage key comes from (which
+/// also unseals a sealed node key).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct StorageConfig {
+    /// `None`: the role's default ([`StorageConfig::encrypt_for`]).
+    pub encrypt: Option<bool>,
+    pub key: Option<certs::storagekey::KeySource>,
+}
+
+impl StorageConfig {
+    /// Encrypt at rest? Ambulance tablets do unless told otherwise (they
+    /// carry medical profiles and get lost); other roles when asked.
+    pub fn encrypt_for(&self, role: Role) -> bool {
+        self.encrypt.unwrap_or(role == Role::Ambulance)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -344,6 +374,12 @@ impl Config {
             w.push(format!(
                 "[smtp] is ignored on a {role} node (only hq sends family mail)"
             ));
+        }
+        if role == Role::Ambulance && self.storage.encrypt == Some(false) {
+            w.push(
+                "[storage] encrypt = false on an ambulance node: medical profiles are stored in plaintext"
+                    .to_string(),
+            );
         }
         if self.node.shelter_id.is_some() && role != Role::Shelter {
             w.push(format!("[node] shelter_id is ignored on a {role} node"));
@@ -694,6 +730,56 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
             reason: "a metrics address off loopback needs metrics.token_file (a bearer token for the scraper)".into(),
         });
     }
+    let storage = {
+        let r = raw.storage;
+        let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+            path: p.into(),
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
+        let mut sources = Vec::new();
+        if let Some(f) = r.key_file {
+            sources.push(certs::storagekey::KeySource::File(abs(f)));
+        }
+        if let Some(n) = r.key_credential {
+            if n.is_empty()
+                || n.contains('/')
+                || n == "."
+                || n == ".."
+                || n.chars().any(char::is_control)
+            {
+                return Err(invalid(
+                    "storage.key_credential",
+                    format!("{n:?}"),
+                    "a credential name (a file name in $CREDENTIALS_DIRECTORY)",
+                ));
+            }
+            sources.push(certs::storagekey::KeySource::Credential(n));
+        }
+        if r.key_prompt == Some(true) {
+            sources.push(certs::storagekey::KeySource::Prompt);
+        }
+        if sources.len() > 1 {
+            return Err(invalid(
+                "storage",
+                "(several keys)".into(),
+                "give one of key_file, key_credential and key_prompt",
+            ));
+        }
+        let key = sources.pop();
+        if r.encrypt == Some(true) && key.is_none() {
+            return Err(invalid(
+                "storage.encrypt",
+                "true".into(),
+                "needs the storage key: key_file, key_credential or key_prompt",
+            ));
+        }
+        StorageConfig {
+            encrypt: r.encrypt,
+            key,
+        }
+    };
     Ok(Config {
         source: source.to_path_buf(),
         data_dir,
@@ -719,6 +805,7 @@ fn validate(raw: RawConfig, p: &str, base: &Path, source: &Path) -> Result<Confi
         smtp,
         node,
         metrics,
+        storage,
     })
 }
 
@@ -953,6 +1040,46 @@ mail_lease_ms = 60000
         let c = parse("data_dir = \"d\"\n[metrics]\nenabled = false\nbind = \"0.0.0.0:9100\"\n")
             .unwrap();
         assert!(!c.metrics.enabled);
+    }
+
+    #[test]
+    fn storage_encryption_by_role_and_key_sources() {
+        use certs::storagekey::KeySource;
+        let c = parse("data_dir = \"d\"\n").unwrap();
+        assert_eq!(c.storage, StorageConfig::default());
+        assert!(c.storage.encrypt_for(Role::Ambulance));
+        assert!(!c.storage.encrypt_for(Role::Shelter));
+        let c = parse("data_dir = \"d\"\n[storage]\nencrypt = true\nkey_file = \"k\"\n").unwrap();
+        assert!(c.storage.encrypt_for(Role::Hq));
+        assert_eq!(
+            c.storage.key,
+            Some(KeySource::File(PathBuf::from("/etc/kizuna/k")))
+        );
+        let c = parse("data_dir = \"d\"\n[storage]\nencrypt = false\n").unwrap();
+        assert!(!c.storage.encrypt_for(Role::Ambulance));
+        let c = parse("data_dir = \"d\"\n[storage]\nkey_credential = \"kizuna-storage-key\"\n")
+            .unwrap();
+        assert_eq!(
+            c.storage.key,
+            Some(KeySource::Credential("kizuna-storage-key".into()))
+        );
+        let c = parse("data_dir = \"d\"\n[storage]\nkey_prompt = true\n").unwrap();
+        assert_eq!(c.storage.key, Some(KeySource::Prompt));
+        for (bad, key) in [
+            ("encrypt = true", "storage.encrypt"),
+            ("key_file = \"a\"\nkey_prompt = true", "storage"),
+            ("key_credential = \"../x\"", "storage.key_credential"),
+        ] {
+            let e = parse(&format!("data_dir = \"d\"\n[storage]\n{bad}\n")).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { key: k, .. } if k == key),
+                "{bad}: {e}"
+            );
+        }
+        assert!(matches!(
+            parse("data_dir = \"d\"\n[storage]\nkey = \"x\"\n"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
     }
 
     #[test]

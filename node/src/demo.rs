@@ -335,8 +335,27 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
     for (i, n) in NODES.iter().enumerate() {
         let nd = dir.join(n.id);
         let node_id = NodeId::new(n.id).expect("valid id");
-        certs::ca::issue(&ca, n.role, &node_id, &nd.join("certs"), 30)
-            .map_err(|e| anyhow!("{e}"))?;
+        // The ambulance keeps its data encrypted at rest (its default):
+        // a storage key file beside its config, and its node key sealed
+        // with it at issue.
+        std::fs::create_dir_all(&nd)?;
+        let storage_key = match n.role {
+            Role::Ambulance => Some(
+                certs::storagekey::generate_key_file(&nd.join("storage.key"))
+                    .map_err(|e| anyhow!("{e}"))?,
+            ),
+            _ => None,
+        };
+        certs::ca::issue_sealed_at(
+            &ca,
+            n.role,
+            &node_id,
+            &nd.join("certs"),
+            30,
+            time::OffsetDateTime::now_utc(),
+            storage_key.as_ref(),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         let quic = args.base_port + i as u16;
         let http = args.base_port + 100 + i as u16;
         let mut cfg = format!(
@@ -351,6 +370,9 @@ pub fn run(args: DemoArgs) -> Result<(), Exit> {
             );
         }
         let _ = write!(cfg, "\n[http]\nbind = \"127.0.0.1:{http}\"\n");
+        if storage_key.is_some() {
+            let _ = write!(cfg, "\n[storage]\nkey_file = \"storage.key\"\n");
+        }
         if let (Role::Hq, Some((host, port))) = (n.role, &smtp_target) {
             let _ = write!(
                 cfg,

@@ -12,7 +12,7 @@
 
 use crate::console::{progress, Exit};
 use crate::driver::{Driver, DriverHandle};
-use crate::store::{DataDirLock, SqliteStore, DB_FILE_NAME};
+use crate::store::{DataDirLock, DB_FILE_NAME};
 use anyhow::{anyhow, Context};
 use crdt::api::{Command, Operator, Reply};
 use crdt::engine::EngineConfig;
@@ -38,7 +38,8 @@ pub fn open_own(data_dir: &Path) -> Result<(DataDirLock, DriverHandle), Exit> {
         return Err(Exit::bad_input(format!("{} does not exist", db.display())));
     }
     let lock = DataDirLock::acquire(data_dir)?;
-    let store = SqliteStore::open(&db)?;
+    let store = crate::atrest::open_for_command(&db, crate::store::OpenOptions::default())
+        .map_err(|e| Exit::bad_input(format!("{e:#}")))?;
     let meta = store.load_meta()?.ok_or_else(|| {
         Exit::bad_input(format!("{}: the node never started", data_dir.display()))
     })?;
@@ -94,7 +95,13 @@ pub fn output(data_dir: &Path, out: &Path, what: crate::outputs::Output) -> Resu
 /// Exports every document of `data_dir` into `out` and prints a summary.
 pub fn docs_export(data_dir: &Path, out: &Path) -> Result<(), Exit> {
     let (lock, driver) = open_own(data_dir)?;
-    let store = SqliteStore::open_readonly(&data_dir.join(DB_FILE_NAME))?;
+    let store = crate::atrest::open_for_command(
+        &data_dir.join(DB_FILE_NAME),
+        crate::store::OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     // Insurance numbers are masked in every export: the eligibility
     // documents (which hold them unmasked) are left out, and counted.
     let (index, skipped): (Vec<_>, Vec<_>) = store

@@ -14,8 +14,10 @@
 //! - The header row must name exactly the data set's columns, in order.
 //!   RFC 4180 quoting (`"a,b"`, `""` for a quote; a field may not span
 //!   lines); blank lines are skipped.
-//! - Every bad row is reported with its line number; a 12-digit
-//!   Individual-Number-shaped value anywhere rejects the row without
+//! - Every bad row is reported with its line number; an
+//!   Individual-Number-shaped value in any cell (in any disguise:
+//!   separators, full width, invisible characters; see
+//!   [`crdt::text::contains_individual_number`]) rejects the row without
 //!   echoing it. If any row is bad nothing is imported.
 //! - Batches have op ids derived from the file's hash ([`batch_op_id`]),
 //!   so re-running the same file after an interruption replays committed
@@ -360,18 +362,26 @@ pub fn parse<D: Dataset>(
             continue;
         }
         let mut err = |reason: String| errors.push(RowError { line: ln, reason });
-        // Checked on the raw line before anything else: never echoed.
-        if contains_individual_number(line) {
-            err("rejected: individual-number-shaped input".into());
-            continue;
-        }
+        // Every cell goes through the Individual-Number guard before
+        // anything else looks at it (so no later message can echo one);
+        // a line that does not split is checked whole.
         let f = match split_csv(line) {
             Ok(f) => f,
             Err(r) => {
-                err(r);
+                err(match contains_individual_number(line) {
+                    true => "rejected: individual-number-shaped input".into(),
+                    false => r,
+                });
                 continue;
             }
         };
+        if let Some(col) = f.iter().position(|c| contains_individual_number(c)) {
+            err(format!(
+                "rejected: individual-number-shaped input (column {})",
+                D::COLUMNS.get(col).copied().unwrap_or("?")
+            ));
+            continue;
+        }
         if f.len() != D::COLUMNS.len() {
             err(format!(
                 "expected {} columns, found {}",
@@ -608,7 +618,11 @@ pub fn open_for<D: Dataset>(
     node_id: Option<&str>,
 ) -> Result<(DataDirLock, SqliteStore, EngineConfig), Exit> {
     let lock = DataDirLock::acquire(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join(DB_FILE_NAME))?;
+    let store = crate::atrest::open_for_command(
+        &data_dir.join(DB_FILE_NAME),
+        crate::store::OpenOptions::default(),
+    )
+    .map_err(|e| Exit::bad_input(format!("{e:#}")))?;
     let allowed = D::ROLES
         .iter()
         .map(|r| r.as_str())

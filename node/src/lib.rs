@@ -11,6 +11,7 @@
 //! nothing imports.
 
 pub mod api;
+pub mod atrest;
 pub mod auth;
 pub mod backup;
 pub mod card;
@@ -18,6 +19,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod crlcmd;
 pub mod data_api;
 pub mod demo;
 pub mod driver;

@@ -12,6 +12,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = node::cli::Cli::parse();
+    // Everything a node or a command on its data creates is private to
+    // its user (certificates keep the explicit modes `certs` gives them).
+    if !matches!(cli.cmd, node::cli::Cmd::Certs { .. }) {
+        node::atrest::restrict_umask();
+    }
     if let node::cli::Cmd::Card(cmd) = cli.cmd {
         return cmd.run();
     }

@@ -46,8 +46,32 @@ pub fn wall_ms() -> u64 {
 /// `kizuna run --config PATH`: runs the node until SIGINT or SIGTERM.
 pub fn run(config: &Path) -> Result<(), Exit> {
     let cfg = Config::load(config).map_err(|e| Exit::bad_input(e.to_string()))?;
-    let creds = certs::NodeCredentials::load(&cfg.certs.cert, &cfg.certs.key, &cfg.certs.ca)
-        .map_err(|e| Exit::bad_input(e.to_string()))?;
+    // The role (from the certificate, public) decides whether data at
+    // rest is encrypted; the storage key is read before anything in the
+    // data directory is touched, so a missing key creates nothing.
+    let role =
+        certs::creds::peek_role(&cfg.certs.cert).map_err(|e| Exit::bad_input(e.to_string()))?;
+    let encrypt = cfg.storage.encrypt_for(role);
+    let storage_key = match (&cfg.storage.key, encrypt) {
+        (Some(source), _) => Some(Arc::new(
+            certs::storagekey::read(source).map_err(|e| Exit::bad_input(e.to_string()))?,
+        )),
+        (None, true) => {
+            return Err(Exit::bad_input(format!(
+                "{}: {role} ノードは保存データを暗号化します。[storage] に key_file, key_credential または key_prompt を設定してください / {role} nodes encrypt their data at rest: set the storage key in [storage] (key_file, key_credential or key_prompt), or encrypt = false",
+                cfg.source.display()
+            )))
+        }
+        (None, false) => None,
+    };
+    let creds = certs::NodeCredentials::load_protected(
+        &cfg.certs.cert,
+        &cfg.certs.key,
+        &cfg.certs.ca,
+        storage_key.as_deref(),
+        encrypt,
+    )
+    .map_err(|e| Exit::bad_input(e.to_string()))?;
     let (node_id, role) = (creds.identity.node_id.clone(), creds.identity.role);
     for w in cfg.check_role(role) {
         tracing::warn!("{w}");
@@ -65,8 +89,21 @@ pub fn run(config: &Path) -> Result<(), Exit> {
         }
         _ => None,
     };
+    for p in crate::atrest::secure_data_dir(&cfg.data_dir)
+        .with_context(|| format!("cannot secure {}", cfg.data_dir.display()))?
+    {
+        tracing::warn!(path = %p.display(), "group/other access removed (data directory 0700, files 0600)");
+    }
     let lock = DataDirLock::acquire(&cfg.data_dir)?;
-    let store = SqliteStore::open(&cfg.data_dir.join(DB_FILE_NAME))?;
+    let store = SqliteStore::open_checked(
+        &cfg.data_dir.join(DB_FILE_NAME),
+        &crate::store::OpenOptions {
+            key: storage_key.filter(|_| encrypt),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| Exit::bad_input(e.to_string()))?;
+    tracing::info!(encrypted = encrypt, "store open");
     let driver = Driver::start(store, cfg.engine_config(node_id.clone(), role))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -130,7 +167,8 @@ pub fn run(config: &Path) -> Result<(), Exit> {
         let mut state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone())
             .with_identity(node_id.as_str(), role)
             .with_shelter(cfg.engine_config(node_id.clone(), role).shelter_id)
-            .with_hosts(cfg.http.hosts.clone());
+            .with_hosts(cfg.http.hosts.clone())
+            .with_transport(transport.clone());
         let watcher = match card_reader {
             Some(reader) => {
                 let operators = state.operators_file().clone();
@@ -222,7 +260,8 @@ pub fn start_card(
 
 /// Starts QUIC with mutual TLS, mDNS and static peers. The transport hands
 /// its engine inputs straight to the driver and carries the engine's
-/// frames out; the newest CRL is kept in the data dir (`crl.der`).
+/// frames out; the newest CRL is kept in the data dir (`crl.der`, the one
+/// before it in `crl.prev.der`, [`certs::crlstore`]).
 pub async fn start_mesh(
     cfg: &Config,
     creds: certs::NodeCredentials,
@@ -231,11 +270,20 @@ pub async fn start_mesh(
 ) -> anyhow::Result<Arc<crate::net::Transport>> {
     use crate::net::{StaticPeer, Transport, TransportConfig, TransportSinks};
     let revocation = Arc::new(certs::crl::RevocationState::new(creds.ca.clone()));
-    let crl_path = cfg.data_dir.join("crl.der");
-    if let Ok(der) = std::fs::read(&crl_path) {
-        if let Err(e) = revocation.offer(&der) {
-            tracing::warn!(path = %crl_path.display(), error = %e, "stored revocation list rejected");
+    let crl_path = cfg.data_dir.join(certs::crlstore::CRL_FILE);
+    // Fail closed: a damaged list falls back to the previous one, and with
+    // neither usable the node does not start as if nothing were revoked.
+    match certs::crlstore::load(&crl_path, &revocation)? {
+        certs::crlstore::Loaded::Nothing => tracing::info!("no revocation list held yet"),
+        certs::crlstore::Loaded::Current { number } => {
+            tracing::info!(crl_number = number, "revocation list loaded")
         }
+        certs::crlstore::Loaded::Previous { number, reason } => tracing::error!(
+            path = %crl_path.display(),
+            error = %reason,
+            crl_number = number,
+            "stored revocation list damaged; the previous list is in force (load the CA's current list: kizuna crl load)"
+        ),
     }
     let trust = certs::tls::PeerTrust::new(revocation.clone(), certs::tls::system_clock())?;
     let mut tcfg = TransportConfig::new(cfg.net.listen);
@@ -331,7 +379,11 @@ pub fn open_hq(
     node_id: Option<&str>,
 ) -> Result<(DataDirLock, SqliteStore, EngineConfig), Exit> {
     let lock = DataDirLock::acquire(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join(DB_FILE_NAME))?;
+    let store = crate::atrest::open_for_command(
+        &data_dir.join(DB_FILE_NAME),
+        crate::store::OpenOptions::default(),
+    )
+    .map_err(|e| Exit::bad_input(format!("{e:#}")))?;
     let id = match store.load_meta()? {
         Some(m) if m.role != Role::Hq => {
             return Err(Exit::bad_input(format!(

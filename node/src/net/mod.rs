@@ -36,8 +36,10 @@
 //! `RevocationState`; if it is newer, sessions with newly revoked peers are
 //! closed and the CRL is forwarded to every other session. New handshakes
 //! with revoked certificates already fail in the `certs` verifiers. Each CRL
-//! applied is written to [`TransportConfig::crl_file`], so a restart starts
-//! from the newest one seen.
+//! applied is written to [`TransportConfig::crl_file`] (the one it replaced
+//! kept beside it, see [`certs::crlstore`]), so a restart starts from the
+//! newest one seen. The operator loads a list the same way, through
+//! [`Transport::offer_crl`] (`POST /api/v1/crl`, `kizuna crl load`).
 
 mod discovery;
 mod peers;
@@ -200,6 +202,9 @@ pub(crate) struct Inner {
     pub endpoint: quinn::Endpoint,
     pub sinks: TransportSinks,
     pub crl_file: Option<PathBuf>,
+    /// The list last written to `crl_file` (kept as the previous list when
+    /// a newer one is saved).
+    pub crl_saved: Mutex<Option<Vec<u8>>>,
     pub revocation: Arc<RevocationState>,
     pub sessions: Mutex<HashMap<u64, Session>>,
     pub next_session: AtomicU64,
@@ -214,18 +219,6 @@ pub(crate) struct Inner {
     pub stopping: AtomicBool,
     pub stop_tx: watch::Sender<bool>,
     pub mdns: Mutex<Option<discovery::Mdns>>,
-}
-
-/// Replaces `path` with `bytes`: temporary file, fsync, rename.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 /// Lock ignoring poison: every guarded value stays consistent between
@@ -292,8 +285,18 @@ impl Inner {
             } => {
                 tracing::info!(crl_number = number, newly_revoked = newly_revoked.len(), from_session = ?from, "CRL applied");
                 if let Some(path) = &self.crl_file {
-                    if let Err(e) = write_atomic(path, der) {
-                        tracing::warn!(path = %path.display(), error = %e, "could not keep the applied CRL");
+                    // Always the list in force now: two offers may finish
+                    // in either order, and the older must not be saved last.
+                    let mut saved = lock(&self.crl_saved);
+                    if let Some(now) = self.revocation.current_der() {
+                        if saved.as_deref() != Some(&now[..]) {
+                            match certs::crlstore::save(path, &now, saved.as_deref()) {
+                                Ok(()) => *saved = Some(now),
+                                Err(e) => {
+                                    tracing::warn!(path = %path.display(), error = %e, "could not keep the applied CRL")
+                                }
+                            }
+                        }
                     }
                 }
                 let revoked: Vec<(u64, NodeId)> = lock(&self.sessions)
@@ -407,6 +410,7 @@ impl Transport {
             endpoint,
             sinks,
             crl_file: cfg.crl_file.clone(),
+            crl_saved: Mutex::new(revocation.current_der()),
             revocation,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),

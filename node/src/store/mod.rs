@@ -59,7 +59,7 @@ pub mod schema;
 mod sqlite;
 
 pub use lock::{DataDirLock, LockError, LOCK_FILE_NAME};
-pub use sqlite::{OpenOptions, SqliteStore};
+pub use sqlite::{FileState, OpenError, OpenOptions, SqliteStore, SQLITE_HEADER};
 
 /// The database file's name inside the data directory. The WAL and its
 /// index sit beside it as `kizuna.db-wal` and `kizuna.db-shm`.

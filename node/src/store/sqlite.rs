@@ -21,6 +21,7 @@
 //! panic.
 
 use super::schema::{APPLICATION_ID, DIGEST_TABLES, MIGRATIONS, SCHEMA_VERSION};
+use certs::storagekey::StorageKey;
 use crdt::doc::Hash32;
 use crdt::store::{
     Batch, ChangeRecord, Cursor, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow, Store,
@@ -31,6 +32,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How a store is opened. `Default` is what the node uses.
@@ -56,6 +58,9 @@ pub struct OpenOptions {
     /// never sets it, and `node/tests/powercut.rs` checks that a default
     /// open runs with `FULL`.
     pub no_fsync_for_fault_tests: bool,
+    /// The storage key: the database (and its WAL) are SQLCipher-encrypted
+    /// with it. `None` opens a plaintext database.
+    pub key: Option<Arc<StorageKey>>,
 }
 
 impl Default for OpenOptions {
@@ -67,6 +72,7 @@ impl Default for OpenOptions {
             journal_size_limit_bytes: 64 * 1024 * 1024,
             vfs: None,
             no_fsync_for_fault_tests: false,
+            key: None,
         }
     }
 }
@@ -232,8 +238,55 @@ impl SqliteStore {
         )
     }
 
+    /// [`SqliteStore::open_checked`] with the at-rest errors folded into
+    /// [`StoreError`] (their messages unchanged): a file without SQLite's
+    /// header opened without a key is [`StoreError::Corrupt`] (damaged,
+    /// unless it is encrypted), the others [`StoreError::Foreign`].
     pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<SqliteStore, StoreError> {
-        let existed = path.exists();
+        Self::open_checked(path, opts).map_err(|e| match e {
+            OpenError::Store(e) => e,
+            e @ OpenError::KeyMissing { .. } => StoreError::Corrupt(e.to_string()),
+            other => StoreError::Foreign(other.to_string()),
+        })
+    }
+
+    /// Opens (creating if missing, unless read-only) the store at `path`.
+    /// Before SQLite reads anything it compares the file's first bytes
+    /// with the options: an encrypted file without a key, or a plaintext
+    /// file with one, is refused ([`OpenError`]) with nothing written, so
+    /// there is never a silent fallback to plaintext and never a fresh
+    /// database over an encrypted one. A new file is created 0600 from
+    /// its first byte (SQLite gives the WAL and its index the database
+    /// file's mode).
+    pub fn open_checked(path: &Path, opts: &OpenOptions) -> Result<SqliteStore, OpenError> {
+        let at_rest = FileState::of(path).map_err(|e| {
+            OpenError::Store(StoreError::Io(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        })?;
+        match (at_rest, &opts.key) {
+            (FileState::Encrypted, None) => {
+                return Err(OpenError::KeyMissing {
+                    path: path.to_path_buf(),
+                })
+            }
+            (FileState::Plain, Some(_)) => {
+                return Err(OpenError::NotEncrypted {
+                    path: path.to_path_buf(),
+                })
+            }
+            _ => {}
+        }
+        let existed = at_rest != FileState::Absent;
+        if !existed && !opts.read_only {
+            create_private(path).map_err(|e| {
+                OpenError::Store(StoreError::Io(format!(
+                    "cannot create {}: {e}",
+                    path.display()
+                )))
+            })?;
+        }
         let flags = if opts.read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
@@ -249,14 +302,47 @@ impl SqliteStore {
             StoreError::Io(m) => StoreError::Io(format!("cannot open {}: {m}", path.display())),
             other => other,
         })?;
+        if let Some(key) = &opts.key {
+            // SQLCipher: the key must be the connection's first statement.
+            // Every page of the file and of its WAL is then encrypted
+            // (AES-256, HMAC per page); the WAL index holds no content.
+            conn.pragma_update(None, "key", &*key.sqlcipher_key())
+                .map_err(map_err)?;
+            let probe: Result<i64, _> =
+                conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0));
+            match probe {
+                Ok(_) => {}
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if f.code == ErrorCode::NotADatabase && at_rest == FileState::Encrypted =>
+                {
+                    return Err(OpenError::WrongKey {
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e) => return Err(OpenError::Store(map_err(e))),
+            }
+        }
         conn.busy_timeout(Duration::from_millis(opts.busy_timeout_ms))
             .map_err(map_err)?;
         conn.set_prepared_statement_cache_capacity(64);
         // Never let the schema run functions with side effects, and check
         // cell sizes while reading so damage is found, not followed.
-        conn.execute_batch("PRAGMA trusted_schema = OFF; PRAGMA cell_size_check = ON;")
-            .map_err(map_err)?;
+        // Temporary tables and sort spills stay in memory: a temp file
+        // would hold plaintext beside an encrypted database.
+        conn.execute_batch(
+            "PRAGMA trusted_schema = OFF; PRAGMA cell_size_check = ON; PRAGMA temp_store = MEMORY;",
+        )
+        .map_err(map_err)?;
+        Ok(Self::check_and_migrate(conn, path, opts, existed)?)
+    }
 
+    /// The rest of opening, on a connection that can read the file.
+    fn check_and_migrate(
+        conn: Connection,
+        path: &Path,
+        opts: &OpenOptions,
+        existed: bool,
+    ) -> Result<SqliteStore, StoreError> {
         // 1. Whose file is this, and which version? Read-only so far.
         let app_id: i32 = conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -402,6 +488,38 @@ impl SqliteStore {
             .map_err(map_err)
     }
 
+    /// Writes a copy of the whole database, encrypted with `key`, into
+    /// the new file `dest` (created 0600) with SQLCipher's
+    /// `sqlcipher_export`: schema, every row, `user_version` and
+    /// `application_id`. Not fsynced here (the caller does).
+    pub fn export_encrypted(&self, dest: &Path, key: &StorageKey) -> Result<(), StoreError> {
+        let d = dest
+            .to_str()
+            .ok_or_else(|| StoreError::Io(format!("{} is not UTF-8", dest.display())))?;
+        create_private(dest)
+            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dest.display())))?;
+        self.conn
+            .execute(
+                "ATTACH DATABASE ?1 AS enc KEY ?2",
+                params![d, key.sqlcipher_key().as_str()],
+            )
+            .map_err(map_err)?;
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(map_err)?;
+        let copied = self
+            .conn
+            .query_row("SELECT sqlcipher_export('enc')", [], |_| Ok(()))
+            .and_then(|()| {
+                self.conn.execute_batch(&format!(
+                    "PRAGMA enc.user_version = {version}; PRAGMA enc.application_id = {APPLICATION_ID};"
+                ))
+            });
+        let detached = self.conn.execute_batch("DETACH DATABASE enc");
+        copied.and(detached).map_err(map_err)
+    }
+
     /// The database file this store was opened on.
     pub fn db_path(&self) -> &Path {
         &self.path
@@ -483,6 +601,72 @@ impl SqliteStore {
         let rows = st.query_map(params, person_from_row).map_err(map_err)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
     }
+}
+
+/// Why a store cannot be opened: the store's own errors, or a mismatch
+/// between the file and the storage key. Messages in Japanese and English;
+/// none of them leaves anything written.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The file is encrypted and no key was given.
+    /// An SQLCipher file and a damaged one look alike without the key
+    /// (neither starts with SQLite's header), so the message names both.
+    #[error("{}: データベースは暗号化されていますが、暗号鍵が設定されていません (暗号化していない場合はファイルが壊れています) / the database is encrypted, but no storage key was given ([storage] key_file, key_credential or key_prompt in the config; --storage-key-file, --storage-key-credential or --storage-key-prompt for commands); if it was never encrypted, the file is damaged (not an SQLite header)", path.display())]
+    KeyMissing { path: PathBuf },
+    /// The key does not open the file (or its first page is damaged).
+    #[error("{}: 暗号鍵が違うか、ファイルが壊れています / wrong storage key, or the file is damaged", path.display())]
+    WrongKey { path: PathBuf },
+    /// A key was given for a plaintext database.
+    #[error("{}: データベースが暗号化されていません。`kizuna store encrypt --data-dir DIR` で暗号化してください / the database is not encrypted, but a storage key is configured; encrypt it with `kizuna store encrypt --data-dir DIR` (refusing to use it in plaintext)", path.display())]
+    NotEncrypted { path: PathBuf },
+}
+
+/// What the first bytes of a database file say about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileState {
+    /// No file: a new database.
+    Absent,
+    /// A zero-length file: SQLite's empty database.
+    Empty,
+    /// Starts with SQLite's plaintext header.
+    Plain,
+    /// Anything else: SQLCipher's random salt (or somebody else's file,
+    /// which the key check then refuses).
+    Encrypted,
+}
+
+/// The first 16 bytes of every plaintext SQLite database.
+pub const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+impl FileState {
+    pub fn of(path: &Path) -> std::io::Result<FileState> {
+        use std::io::Read;
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileState::Absent),
+            Err(e) => return Err(e),
+        };
+        let mut head = Vec::with_capacity(16);
+        f.by_ref().take(16).read_to_end(&mut head)?;
+        Ok(match head.as_slice() {
+            [] => FileState::Empty,
+            h if h == SQLITE_HEADER => FileState::Plain,
+            _ => FileState::Encrypted,
+        })
+    }
+}
+
+/// Creates an empty file with mode 0600 (whatever the umask).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
 }
 
 fn collect_check(conn: &Connection, pragma: &str) -> Result<String, StoreError> {

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub mod proc;
+
 /// The `kizuna` binary under test. `KIZUNA_BIN` overrides the path: with a
 /// target dir shared by several worktrees another checkout's `kizuna` can
 /// land at the same path.
