@@ -107,10 +107,12 @@ fn digest_file(path: &Path) -> anyhow::Result<(u64, String)> {
     Ok((n, h.finalize().to_hex().to_string()))
 }
 
+/// Opens a database read-only; an encrypted one with the storage key the
+/// command was given (`--storage-key-*`), refused without it.
 fn read_only(path: &Path, quick_check: bool) -> anyhow::Result<SqliteStore> {
-    SqliteStore::open_with(
+    crate::atrest::open_for_command(
         path,
-        &OpenOptions {
+        OpenOptions {
             read_only: true,
             quick_check,
             ..OpenOptions::default()
@@ -291,9 +293,9 @@ pub fn restore(backup: &Path, data_dir: &Path, floor: Option<u32>) -> anyhow::Re
         // Open without checks (verify ran quick_check on the same bytes)
         // and store the incarnation *before* the one to take: the next
         // start bumps it by one, exactly as after any restart.
-        let mut store = SqliteStore::open_with(
+        let mut store = crate::atrest::open_for_command(
             &tmp,
-            &OpenOptions {
+            OpenOptions {
                 quick_check: false,
                 ..OpenOptions::default()
             },

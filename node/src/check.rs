@@ -4,9 +4,11 @@
 //! Model: the file goes through the same [`Config::load`] as `kizuna run`
 //! (syntax, unknown keys, ranges); then, unless `--skip-files` (for
 //! templates on a machine without the node's files), everything `run` would
-//! read at start is read too: the certificate, key and CA (node id and role
-//! come from there), the card profile, the metrics token, and an existing
-//! database's owner. Nothing is written, bound or locked. The outcome is a
+//! read at start is read too: the storage key (except a prompted one), the
+//! certificate, key and CA (node id and role come from there; a sealed key
+//! is unsealed with the storage key), the card profile, the metrics token,
+//! and an existing database's owner (opened with the storage key when it is
+//! encrypted). Nothing is written, bound or locked. The outcome is a
 //! [`Report`]: facts, warnings (settings that are ignored or risky) and
 //! errors; any error means exit 2, warnings alone do not.
 
@@ -88,7 +90,33 @@ pub fn check(file: &Path, expect_role: Option<Role>, skip_files: bool) -> Report
     }
     let mut role = expect_role;
     if !skip_files {
-        match certs::NodeCredentials::load(&cfg.certs.cert, &cfg.certs.key, &cfg.certs.ca) {
+        // A prompted passphrase is not asked for here: the check must run
+        // unattended (systemd's ExecStartPre).
+        let storage_key = match &cfg.storage.key {
+            Some(certs::storagekey::KeySource::Prompt) => {
+                r.facts
+                    .push("storage   key from a prompt at start (not read by the check)".into());
+                None
+            }
+            Some(source) => match certs::storagekey::read(source) {
+                Ok(k) => {
+                    r.facts.push(format!("storage   key from the {source}"));
+                    Some(std::sync::Arc::new(k))
+                }
+                Err(e) => {
+                    r.errors.push(e.to_string());
+                    None
+                }
+            },
+            None => None,
+        };
+        match certs::NodeCredentials::load_protected(
+            &cfg.certs.cert,
+            &cfg.certs.key,
+            &cfg.certs.ca,
+            storage_key.as_deref(),
+            false,
+        ) {
             Ok(creds) => {
                 let id = &creds.identity;
                 r.facts.push(format!(
@@ -117,7 +145,7 @@ pub fn check(file: &Path, expect_role: Option<Role>, skip_files: bool) -> Report
                     ));
                 }
                 role = Some(id.role);
-                check_database(&cfg, &creds.identity, &mut r);
+                check_database(&cfg, &creds.identity, storage_key, &mut r);
             }
             Err(e) => r.errors.push(e.to_string()),
         }
@@ -154,6 +182,10 @@ pub fn check(file: &Path, expect_role: Option<Role>, skip_files: bool) -> Report
     match role {
         Some(role) => {
             r.warnings.extend(cfg.check_role(role));
+            if cfg.storage.encrypt_for(role) && cfg.storage.key.is_none() {
+                r.errors
+                    .push(crate::config::StorageConfig::missing_key(role));
+            }
             if role == Role::Hq && cfg.smtp.is_none() {
                 r.warnings.push(
                     "no [smtp] on an hq node: family safety mail stays queued in the outbox".into(),
@@ -171,7 +203,12 @@ pub fn check(file: &Path, expect_role: Option<Role>, skip_files: bool) -> Report
 /// An existing database must belong to the node in the certificate (a data
 /// directory copied from another device would otherwise be refused only
 /// at start).
-fn check_database(cfg: &Config, id: &certs::NodeIdentity, r: &mut Report) {
+fn check_database(
+    cfg: &Config,
+    id: &certs::NodeIdentity,
+    key: Option<std::sync::Arc<certs::storagekey::StorageKey>>,
+    r: &mut Report,
+) {
     let db = cfg.data_dir.join(DB_FILE_NAME);
     if cfg.data_dir.exists() && !cfg.data_dir.is_dir() {
         r.errors.push(format!(
@@ -188,6 +225,7 @@ fn check_database(cfg: &Config, id: &certs::NodeIdentity, r: &mut Report) {
     let opts = OpenOptions {
         read_only: true,
         quick_check: false,
+        key,
         ..OpenOptions::default()
     };
     match SqliteStore::open_with(&db, &opts).and_then(|s| s.load_meta()) {

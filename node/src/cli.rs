@@ -164,6 +164,10 @@ pub enum BackupCmd {
         data_dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// The storage key of an encrypted database (the backup stays
+        /// encrypted with it).
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
     /// Restore a backup into a data directory that holds no database; the
     /// node takes a new incarnation at its next start.
@@ -176,6 +180,9 @@ pub enum BackupCmd {
         /// be trusted).
         #[arg(long)]
         incarnation_floor: Option<u32>,
+        /// The storage key of an encrypted backup.
+        #[command(flatten)]
+        key: StorageKeyArgs,
     },
 }
 
@@ -550,8 +557,9 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
             }
         }
         Cmd::Backup {
-            cmd: BackupCmd::Create { data_dir, out },
+            cmd: BackupCmd::Create { data_dir, out, key },
         } => {
+            crate::atrest::set_command_key_source(key.source());
             let c = crate::backup::create(&data_dir, &out)?;
             println!(
                 "backup of {} {} written to {} in {:.1} s: {} documents, log end {}, incarnation {}, {} bytes",
@@ -572,8 +580,10 @@ pub fn main_with(cli: Cli) -> Result<(), Exit> {
                     from,
                     data_dir,
                     incarnation_floor,
+                    key,
                 },
         } => {
+            crate::atrest::set_command_key_source(key.source());
             let r = crate::backup::restore(&from, &data_dir, incarnation_floor)
                 .map_err(|e| Exit::bad_input(format!("{e:#}")))?;
             println!(

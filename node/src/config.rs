@@ -221,6 +221,14 @@ impl StorageConfig {
     pub fn encrypt_for(&self, role: Role) -> bool {
         self.encrypt.unwrap_or(role == Role::Ambulance)
     }
+
+    /// The refusal when a role that encrypts has no storage key (`run`
+    /// and `config check` say the same).
+    pub fn missing_key(role: Role) -> String {
+        format!(
+            "{role} ノードは保存データを暗号化します。[storage] に key_file, key_credential または key_prompt を設定してください / {role} nodes encrypt their data at rest: set the storage key in [storage] (key_file, key_credential or key_prompt), or encrypt = false"
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

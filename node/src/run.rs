@@ -58,8 +58,9 @@ pub fn run(config: &Path) -> Result<(), Exit> {
         )),
         (None, true) => {
             return Err(Exit::bad_input(format!(
-                "{}: {role} ノードは保存データを暗号化します。[storage] に key_file, key_credential または key_prompt を設定してください / {role} nodes encrypt their data at rest: set the storage key in [storage] (key_file, key_credential or key_prompt), or encrypt = false",
-                cfg.source.display()
+                "{}: {}",
+                cfg.source.display(),
+                crate::config::StorageConfig::missing_key(role)
             )))
         }
         (None, false) => None,

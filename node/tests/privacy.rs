@@ -209,7 +209,7 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
             Duration::from_secs(180),
             "the medical profile at the ambulance",
             || {
-                let r = n.api("GET", "/api/v1/persons/p-1/medical?reason=transport", "");
+                let r = n.api("GET", "/api/v1/persons/p-1/medical?reason=emergency_transport", "");
                 (r.status == 200 && r.body.contains(CANARY_MEDICAL)).then_some(())
             },
         );
@@ -228,7 +228,7 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
             &format!(r#"{{"add":[["condition","{CANARY_LOCAL}"]]}}"#),
         );
         assert_eq!(r.status, 201, "{}", r.body);
-        let r = n.api("GET", "/api/v1/persons/p-1/medical?reason=transport", "");
+        let r = n.api("GET", "/api/v1/persons/p-1/medical?reason=emergency_transport", "");
         assert!(r.body.contains(CANARY_LOCAL), "{}", r.body);
     }
 
@@ -260,10 +260,66 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
         enc.data().join(format!("{DB_FILE_NAME}-wal")).exists(),
         "the running node has a WAL to scan"
     );
+    // An online backup of the encrypted node stays encrypted; without the
+    // key it is refused and writes nothing. The plain control's backup
+    // shows the canaries, so the scan would see a plaintext copy.
+    let key_file = enc.dir.join("storage.key");
+    let backup = |n: &Node, out: &Path, key: Option<&Path>| {
+        let data = n.data();
+        let mut args = vec![
+            "backup",
+            "create",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(k) = key {
+            args.extend(["--storage-key-file", k.to_str().unwrap()]);
+        }
+        run_kizuna(&args, &[])
+    };
+    let refused = backup(&enc, &root.join("bk-nokey"), None);
+    assert!(!refused.status.success(), "a backup without the key");
+    assert!(!root.join("bk-nokey").exists());
+    ok(backup(&enc, &root.join("bk-enc"), Some(&key_file)));
+    let found = canaries_in(&root.join("bk-enc"));
+    assert!(found.is_empty(), "plaintext in the backup: {found:?}");
+    let head = std::fs::read(root.join("bk-enc").join(DB_FILE_NAME)).unwrap();
+    assert_ne!(&head[..16], node::store::SQLITE_HEADER, "backup header");
+    ok(backup(&plain, &root.join("bk-plain"), None));
+    assert!(
+        !canaries_in(&root.join("bk-plain")).is_empty(),
+        "the control backup shows no canary"
+    );
     for n in [&mut enc, &mut plain, &mut hq] {
         n.stop();
     }
     check("stopped", &enc, &plain);
+    // `config check` reads what `run` reads: the storage key, the sealed
+    // node key, the encrypted database.
+    let text = ok(run_kizuna(
+        &["config", "check", enc.config().to_str().unwrap()],
+        &[],
+    ));
+    assert!(text.contains("config ok"), "{text}");
+    // The backup restores under the same key into a new data directory.
+    let restored = root.join("restored");
+    ok(run_kizuna(
+        &[
+            "backup",
+            "restore",
+            "--from",
+            root.join("bk-enc").to_str().unwrap(),
+            "--data-dir",
+            restored.to_str().unwrap(),
+            "--storage-key-file",
+            key_file.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let found = canaries_in(&restored);
+    assert!(found.is_empty(), "plaintext after restore: {found:?}");
     assert_private(&hq.data());
     // Logs carry ids, never names or conditions, on every node.
     for n in [&enc, &plain, &hq] {
@@ -589,7 +645,7 @@ fn plaintext_database_encrypted_in_place() {
     text.push_str("[storage]\nencrypt = true\nkey_file = \"storage.key\"\n");
     std::fs::write(hq.config(), text).unwrap();
     hq.start();
-    let r = hq.api("GET", "/api/v1/persons/p-1/medical?reason=check", "");
+    let r = hq.api("GET", "/api/v1/persons/p-1/medical?reason=emergency_treatment", "");
     assert!(r.body.contains(CANARY_MEDICAL), "{}", r.body);
     hq.stop();
     assert!(canaries_in(&hq.data()).is_empty());

@@ -163,6 +163,12 @@ impl Testbed {
     pub fn ns(&self, id: &str) -> String {
         self.node(id).ns.clone()
     }
+    /// The storage key file of a node that encrypts at rest (ambulances).
+    pub fn storage_key_file(&self, id: &str) -> Option<PathBuf> {
+        let f = self.node(id).dir.join(tests::testbed::STORAGE_KEY_FILE);
+        f.exists().then_some(f)
+    }
+
     pub fn data_dir(&self, id: &str) -> PathBuf {
         self.node(id).data_dir()
     }
@@ -229,13 +235,15 @@ impl Testbed {
     pub fn export(&mut self, id: &str) -> Result<PathBuf> {
         self.exports += 1;
         let out = self.dir.join(format!("export-{id}-{}", self.exports));
-        tests::testbed::run_ok(
-            Command::new(kizuna_bin())
-                .args(["docs", "export", "--data-dir"])
-                .arg(self.data_dir(id))
-                .arg("--out")
-                .arg(&out),
-        )?;
+        let mut cmd = Command::new(kizuna_bin());
+        cmd.args(["docs", "export", "--data-dir"])
+            .arg(self.data_dir(id))
+            .arg("--out")
+            .arg(&out);
+        if let Some(key) = self.storage_key_file(id) {
+            cmd.arg("--storage-key-file").arg(key);
+        }
+        tests::testbed::run_ok(&mut cmd)?;
         Ok(out)
     }
 
@@ -245,8 +253,19 @@ impl Testbed {
     /// node stopped).
     pub fn live_docs(&self, id: &str, kind: crdt::Kind) -> Result<Vec<Vec<u8>>> {
         use crdt::store::Store;
-        let store = node::store::SqliteStore::open_readonly(
+        let key = match self.storage_key_file(id) {
+            Some(f) => Some(std::sync::Arc::new(certs::storagekey::read(
+                &certs::storagekey::KeySource::File(f),
+            )?)),
+            None => None,
+        };
+        let store = node::store::SqliteStore::open_with(
             &self.data_dir(id).join(node::store::DB_FILE_NAME),
+            &node::store::OpenOptions {
+                read_only: true,
+                key,
+                ..Default::default()
+            },
         )?;
         let mut docs = Vec::new();
         for (key, _) in store.doc_index()? {

@@ -42,6 +42,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A node's storage key file (ambulance nodes), beside its config.
+pub const STORAGE_KEY_FILE: &str = "storage.key";
+
 pub const STATE_FILE: &str = "testbed.json";
 pub const SUBNET: &str = "10.77.0";
 pub const QUIC_PORT: u16 = 7700;
@@ -622,14 +625,26 @@ fn build(st: &mut State, plan: &Plan) -> Result<()> {
     for (i, s) in plan.nodes.iter().enumerate() {
         let nd = st.dir.join(&s.id);
         std::fs::create_dir_all(&nd)?;
-        run_ok(
-            Command::new(&st.kizuna)
-                .args(["certs", "issue", "--days", "30", "--role", &s.role])
-                .args(["--node-id", &s.id, "--ca-dir"])
-                .arg(&ca)
-                .arg("--out")
-                .arg(nd.join("certs")),
-        )?;
+        // Ambulance nodes encrypt their data at rest (their default): a
+        // storage key, and the node key sealed with it at issue.
+        let mut issue = Command::new(&st.kizuna);
+        issue
+            .args(["certs", "issue", "--days", "30", "--role", &s.role])
+            .args(["--node-id", &s.id, "--ca-dir"])
+            .arg(&ca)
+            .arg("--out")
+            .arg(nd.join("certs"));
+        if s.role == "ambulance" {
+            run_ok(
+                Command::new(&st.kizuna)
+                    .args(["certs", "keygen", "--out"])
+                    .arg(nd.join(STORAGE_KEY_FILE)),
+            )?;
+            issue
+                .arg("--storage-key-file")
+                .arg(nd.join(STORAGE_KEY_FILE));
+        }
+        run_ok(&mut issue)?;
         let (ns, addr, quic, http, metrics) = addr_of(i);
         let mut cfg = format!(
             "# Written by deploy/testbed for node {} ({}).\ndata_dir = \"data\"\n\n[certs]\ndir = \"certs\"\n\n[net]\nlisten = \"{addr}:{quic}\"\nmdns = {}\n",
@@ -649,6 +664,9 @@ fn build(st: &mut State, plan: &Plan) -> Result<()> {
         cfg.push_str(&format!(
             "\n[http]\nbind = \"127.0.0.1:{http}\"\n\n[metrics]\nbind = \"127.0.0.1:{metrics}\"\n"
         ));
+        if s.role == "ambulance" {
+            cfg.push_str(&format!("\n[storage]\nkey_file = \"{STORAGE_KEY_FILE}\"\n"));
+        }
         let config = nd.join("kizuna.toml");
         std::fs::write(&config, cfg)?;
         run_ok(
