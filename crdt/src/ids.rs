@@ -318,6 +318,22 @@ impl fmt::Debug for DocKey {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ids_are_guarded_without_echo() {
+        let n = (0..10)
+            .map(|d| format!("98765432109{d}"))
+            .find(|s| crate::text::contains_individual_number(s))
+            .unwrap();
+        let e = DocKey::new(crate::Kind::Person, format!("p-{n}")).unwrap_err();
+        assert!(!e.to_string().contains(&n), "{e}");
+        let e = NodeId::new(format!("{}-{}", &n[..6], &n[6..])).unwrap_err();
+        assert!(!e.to_string().contains(&n[6..]), "{e}");
+        assert_eq!(
+            check_id_str(&format!("{}.{}", &n[..6], &n[6..])),
+            Err(INDIVIDUAL_NUMBER_REASON)
+        );
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -209,7 +209,11 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
             Duration::from_secs(180),
             "the medical profile at the ambulance",
             || {
-                let r = n.api("GET", "/api/v1/persons/p-1/medical?reason=emergency_transport", "");
+                let r = n.api(
+                    "GET",
+                    "/api/v1/persons/p-1/medical?reason=emergency_transport",
+                    "",
+                );
                 (r.status == 200 && r.body.contains(CANARY_MEDICAL)).then_some(())
             },
         );
@@ -228,7 +232,11 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
             &format!(r#"{{"add":[["condition","{CANARY_LOCAL}"]]}}"#),
         );
         assert_eq!(r.status, 201, "{}", r.body);
-        let r = n.api("GET", "/api/v1/persons/p-1/medical?reason=emergency_transport", "");
+        let r = n.api(
+            "GET",
+            "/api/v1/persons/p-1/medical?reason=emergency_transport",
+            "",
+        );
         assert!(r.body.contains(CANARY_LOCAL), "{}", r.body);
     }
 
@@ -645,7 +653,11 @@ fn plaintext_database_encrypted_in_place() {
     text.push_str("[storage]\nencrypt = true\nkey_file = \"storage.key\"\n");
     std::fs::write(hq.config(), text).unwrap();
     hq.start();
-    let r = hq.api("GET", "/api/v1/persons/p-1/medical?reason=emergency_treatment", "");
+    let r = hq.api(
+        "GET",
+        "/api/v1/persons/p-1/medical?reason=emergency_treatment",
+        "",
+    );
     assert!(r.body.contains(CANARY_MEDICAL), "{}", r.body);
     hq.stop();
     assert!(canaries_in(&hq.data()).is_empty());

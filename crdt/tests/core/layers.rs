@@ -9,7 +9,8 @@ use std::path::Path;
 
 /// Lowest first. A new module must be placed here.
 const LAYERS: &[&[&str]] = &[
-    &["ids", "text", "hlc", "mutants"],
+    &["text", "hlc", "mutants"],
+    &["ids"],
     &["actor", "model", "policy", "access"],
     &["doc", "jst"],
     &["views", "store", "mailtext", "testkit"],
