@@ -189,18 +189,35 @@ impl Node {
 
     /// `kizuna run` that must refuse to start: its exit code and output.
     pub fn refused(&self) -> (i32, String) {
-        let mut c = self.command();
-        let o = c
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
+        // Output to a file (no pipe to fill) and a generous deadline: a
+        // node that starts instead of refusing fails the test, not hangs it.
+        // Outside the node's directory: the callers snapshot it.
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let out = log.path().to_path_buf();
+        let f = log.reopen().unwrap();
+        let mut child = self
+            .command()
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o.status.code().unwrap_or(-1), text)
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "kizuna run did not refuse to start within 60 s:\n{}",
+                    std::fs::read_to_string(&out).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        (status.code().unwrap_or(-1), text)
     }
 
     /// SIGTERM and wait: the node checkpoints and closes its store.
