@@ -287,8 +287,26 @@ impl Mesh {
         for (i, s) in specs.iter().enumerate() {
             let nd = dir.path().join(s.id);
             let node_id = crdt::NodeId::new(s.id).unwrap();
-            certs::ca::issue(&ca, s.role, &node_id, &nd.join("certs"), 30)
-                .map_err(|e| anyhow!("{e}"))?;
+            std::fs::create_dir_all(&nd)?;
+            // The ambulance encrypts its data at rest (its default): a
+            // storage key beside its config, its node key sealed with it.
+            let storage_key = match s.role {
+                crdt::Role::Ambulance => Some(
+                    certs::storagekey::generate_key_file(&nd.join("storage.key"))
+                        .map_err(|e| anyhow!("{e}"))?,
+                ),
+                _ => None,
+            };
+            certs::ca::issue_sealed_at(
+                &ca,
+                s.role,
+                &node_id,
+                &nd.join("certs"),
+                30,
+                time::OffsetDateTime::now_utc(),
+                storage_key.as_ref(),
+            )
+            .map_err(|e| anyhow!("{e}"))?;
             let quic = if i == 0 { hq_quic } else { free_port() };
             let http = free_port();
             let mut cfg = format!(
@@ -303,6 +321,9 @@ impl Mesh {
             cfg.push_str(&format!("[http]\nbind = \"127.0.0.1:{http}\"\n"));
             if let Some(slot) = s.card_slot {
                 cfg.push_str(&format!("[card]\nreader = \"Virtual PCD 00 {slot:02}\"\n"));
+            }
+            if storage_key.is_some() {
+                cfg.push_str("[storage]\nkey_file = \"storage.key\"\n");
             }
             let config = nd.join("kizuna.toml");
             std::fs::create_dir_all(&nd)?;
