@@ -153,59 +153,16 @@ pub fn encrypt_data_dir(data_dir: &Path, key: &Arc<StorageKey>) -> anyhow::Resul
             db.display()
         ),
     }
-    let tmp = data_dir.join(format!("{DB_FILE_NAME}.encrypting"));
-    if tmp.exists() {
-        // Left by an interrupted run, never in use.
-        std::fs::remove_file(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
-    }
     let plain = SqliteStore::open(&db)?;
-    let digest = plain.content_digest()?;
-    plain
-        .export_encrypted(&tmp, key)
-        .with_context(|| format!("cannot export into {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot fsync {}", tmp.display()))?;
-    let documents = {
-        let enc = SqliteStore::open_checked(
-            &tmp,
-            &OpenOptions {
-                read_only: true,
-                key: Some(key.clone()),
-                ..OpenOptions::default()
-            },
-        )?;
-        if enc.content_digest()? != digest {
-            bail!(
-                "{}: the encrypted copy differs from the original; nothing was changed",
-                tmp.display()
-            );
-        }
-        enc.doc_index()?.len()
-    };
-    // Closing the only connection checkpoints and removes the WAL; a WAL
-    // left behind would be replayed into the encrypted file.
-    drop(plain);
-    for side in ["-wal", "-shm"] {
-        let p = data_dir.join(format!("{DB_FILE_NAME}{side}"));
-        if std::fs::metadata(&p).is_ok_and(|m| m.len() > 0) {
-            bail!(
-                "{} still exists after closing the database; nothing was changed",
-                p.display()
-            );
-        }
-        let _ = std::fs::remove_file(&p);
-    }
+    // Held across the rename: the descriptor still reaches the old
+    // plaintext file's blocks afterwards, to overwrite them.
     let old = std::fs::OpenOptions::new()
         .write(true)
         .open(&db)
         .with_context(|| format!("cannot open {}", db.display()))?;
+    let documents = reencrypt(data_dir, &db, plain, key)?;
+    // After the close checkpointed the WAL into it: its final length.
     let old_len = old.metadata()?.len();
-    std::fs::rename(&tmp, &db)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), db.display()))?;
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot fsync {}", data_dir.display()))?;
     wipe(old, old_len);
     let bytes = std::fs::metadata(&db)?.len();
     drop(lock);
