@@ -49,6 +49,15 @@ use automerge::Change;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+/// Heads as short hex, for error messages (the first 8 hex digits each).
+fn heads_hex(heads: &[Hash32]) -> String {
+    let parts: Vec<String> = heads
+        .iter()
+        .map(|h| h[..4].iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    format!("[{}]", parts.join(","))
+}
+
 /// A compacted snapshot is stored after this many logged changes.
 pub(crate) const SNAPSHOT_EVERY: u32 = 32;
 
@@ -206,19 +215,41 @@ impl<S: Store> Replica<S> {
             let Some(stored) = self.store.load_doc(key)? else {
                 return Ok(None);
             };
-            let doc = match Doc::load(key.clone(), stored.snapshot.as_deref(), &stored.changes) {
+            // What was loaded must be exactly what the index (the stored
+            // heads) names: a change row lost or moved to another document,
+            // or a snapshot position pointing past changes, would otherwise
+            // load cleanly and serve an older value. Automerge checks
+            // each chunk's own checksum; only this checks the set.
+            let expected = self.index.get(key).map(|e| e.heads.clone());
+            let checked = |r: Result<Doc, DocError>| -> Result<Doc, String> {
+                let d = r.map_err(|e| e.to_string())?;
+                match &expected {
+                    Some(h) if *h != d.heads() => Err(format!(
+                        "{key}: loaded heads {} differ from the stored heads {}",
+                        heads_hex(&d.heads()),
+                        heads_hex(h)
+                    )),
+                    _ => Ok(d),
+                }
+            };
+            let doc = match checked(Doc::load(
+                key.clone(),
+                stored.snapshot.as_deref(),
+                &stored.changes,
+            )) {
                 Ok(d) => d,
                 Err(first) => {
                     // A damaged snapshot: rebuild from the raw change log.
                     let all = self.store.doc_changes(key)?;
-                    match Doc::load(key.clone(), None, &all) {
+                    match checked(Doc::load(key.clone(), None, &all)) {
                         Ok(d) => d,
                         Err(_) => {
+                            // Never served: set aside for review.
                             let _ = self.store.commit(&Batch {
-                                quarantine: vec![(key.clone(), first.to_string())],
+                                quarantine: vec![(key.clone(), first.clone())],
                                 ..Default::default()
                             });
-                            return Err(StoreError::Corrupt(first.to_string()));
+                            return Err(StoreError::Corrupt(first));
                         }
                     }
                 }

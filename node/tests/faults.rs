@@ -13,10 +13,15 @@
 //! with `synchronous=OFF` must lose acknowledged writes: that proves it can
 //! fail.
 //!
+//! Corruption is in [`corruption`]: damaged copies of a
+//! real store, targeted and by random bit flips.
+//!
 //! Replay and soak: `KIZUNA_POWERCUT_SEED` fixes the seed (a failure
 //! prints it), `KIZUNA_POWERCUT_POINTS` sets the number of cuts (100 in
 //! CI; the release soak runs 1,000, see the README's reliability section).
 
+#[path = "faults/corruption.rs"]
+mod corruption;
 mod support;
 use crdt::api::{Command, CommandError, MedicalUpdate, Operator, Reply};
 use crdt::engine::EngineConfig;
