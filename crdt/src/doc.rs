@@ -226,6 +226,17 @@ impl Doc {
         writes: &[(String, Option<String>)],
     ) -> Result<Option<Change>, DocError> {
         self.am.set_actor(actor.automerge());
+        if let Some(root) = self.first_write_as_root(writes)? {
+            let mut tx = self.am.transaction();
+            tx.init_root_from_hydrate(&root)
+                .map_err(|e| DocError::Automerge(e.to_string()))?;
+            let (hash, _) = tx.commit_with(
+                CommitOptions::default()
+                    .with_time(time_s)
+                    .with_message(message.to_string()),
+            );
+            return Ok(hash.and_then(|h| self.am.get_change_by_hash(&h)));
+        }
         let mut tx = self.am.transaction();
         for (name, value) in writes {
             match value {
@@ -252,6 +263,38 @@ impl Doc {
                 .with_message(message.to_string()),
         );
         Ok(hash.and_then(|h| self.am.get_change_by_hash(&h)))
+    }
+
+    /// The first write of a new document (no change of its own, none
+    /// waiting) when it only puts distinct fields: as one map for
+    /// Automerge's batch insertion, which adds all of a document's ops in
+    /// one splice of its op columns instead of one splice per field (a
+    /// fresh document's puts have no predecessors either way, so the
+    /// resulting document and its conflicts are the same). `None` when
+    /// the write must go field by field.
+    fn first_write_as_root(
+        &self,
+        writes: &[(String, Option<String>)],
+    ) -> Result<Option<automerge::hydrate::Map>, DocError> {
+        if writes.is_empty() || !self.am.get_heads().is_empty() || self.has_waiting() {
+            return Ok(None);
+        }
+        let mut root = std::collections::HashMap::with_capacity(writes.len());
+        for (name, value) in writes {
+            let Some(v) = value else { return Ok(None) };
+            if v.len() > MAX_FIELD_BYTES {
+                return Err(DocError::Schema {
+                    key: self.key.clone(),
+                    field: name.clone(),
+                    reason: "value too large".into(),
+                });
+            }
+            let v = automerge::hydrate::Value::Scalar(ScalarValue::Str(v.as_str().into()));
+            if root.insert(name.clone(), v).is_some() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(root.into()))
     }
 
     /// Applies changes. On `Err(Panicked)` the document is in an unknown
@@ -458,6 +501,69 @@ mod tests {
         let mut all = vec![f.value.clone(), f.conflicts[0].clone()];
         all.sort();
         assert_eq!(all, vec!["\"B+\"", "\"O+\""]);
+    }
+
+    /// A new document's first write goes in as one batch (see
+    /// `first_write_as_root`); what it holds, how a later write replaces
+    /// it and how it conflicts with another node's first write must be
+    /// exactly what field-by-field puts give.
+    #[test]
+    fn a_first_write_in_one_batch_is_the_same_document_as_field_by_field() {
+        let key = DocKey::new(Kind::Medical, "p1").unwrap();
+        let w = |name: &str, v: &str| (name.to_string(), Some(v.to_string()));
+        let first = [w("b", "\"2\""), w("a", "\"1\""), w("c", "\"3\"")];
+        let mut batch = Doc::new(key.clone());
+        assert!(batch.first_write_as_root(&first).unwrap().is_some());
+        let c1 = batch.write(actor("a", 1), 0, "", &first).unwrap().unwrap();
+        // The same fields as three puts: a repeated name keeps the
+        // field-by-field path (the second put replaces the first).
+        let mut puts = Doc::new(key.clone());
+        let with_repeat = [
+            w("b", "\"x\""),
+            w("b", "\"2\""),
+            w("a", "\"1\""),
+            w("c", "\"3\""),
+        ];
+        assert!(puts.first_write_as_root(&with_repeat).unwrap().is_none());
+        puts.write(actor("a", 1), 0, "", &with_repeat)
+            .unwrap()
+            .unwrap();
+        let values = |d: &Doc| {
+            d.fields()
+                .into_iter()
+                .map(|(k, f)| (k, f.value, f.conflicts))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(values(&batch), values(&puts));
+        // Loads from its change alone, as a peer receives it.
+        let mut peer = Doc::new(key.clone());
+        peer.apply(vec![c1.clone()]).unwrap();
+        assert_eq!(values(&peer), values(&batch));
+        // A later write of a field replaces it (its op names the batch's
+        // op as predecessor): no conflict, and it is not a first write.
+        assert!(batch.first_write_as_root(&first[..1]).unwrap().is_none());
+        batch
+            .write(actor("a", 1), 1, "", &[w("b", "\"4\"")])
+            .unwrap()
+            .unwrap();
+        let b = batch.field("b").unwrap();
+        assert_eq!((b.value.as_str(), b.conflicts.len()), ("\"4\"", 0));
+        // Two nodes creating the same document concurrently: both values
+        // are kept, as with puts.
+        let mut other = Doc::new(key);
+        let c2 = other
+            .write(actor("b", 1), 0, "", &[w("a", "\"9\"")])
+            .unwrap()
+            .unwrap();
+        peer.apply(vec![c2]).unwrap();
+        let a = peer.field("a").unwrap();
+        let mut both = vec![a.value, a.conflicts[0].clone()];
+        both.sort();
+        assert_eq!(both, ["\"1\"", "\"9\""]);
+        // A delete among the writes keeps the field-by-field path too.
+        let fresh = Doc::new(DocKey::new(Kind::Medical, "p2").unwrap());
+        let del = [w("a", "\"1\""), ("b".to_string(), None)];
+        assert!(fresh.first_write_as_root(&del).unwrap().is_none());
     }
 
     #[test]

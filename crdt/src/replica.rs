@@ -506,14 +506,14 @@ impl<S: Store> Replica<S> {
             outbox: Vec::new(),
             presence: Vec::new(),
         };
+        // The documents whose newest staged state carries a snapshot, in
+        // one pass (a search per document made a batch quadratic).
+        let mut snapshotted = BTreeMap::new();
+        for d in &txn.batch.docs {
+            snapshotted.insert(&d.key, d.snapshot.is_some());
+        }
         for (key, (heads, whole)) in txn.heads {
-            let snap = txn
-                .batch
-                .docs
-                .iter()
-                .rev()
-                .find(|d| d.key == key)
-                .is_some_and(|d| d.snapshot.is_some());
+            let snap = snapshotted.get(&key).copied().unwrap_or(false);
             // `whole` is known at `record`: the document may have left the
             // cache since (a frame with more documents than the cache holds).
             self.index.update(&key, heads, whole, snap);

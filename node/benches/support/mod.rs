@@ -53,6 +53,25 @@ pub fn peak_rss() -> u64 {
         * 1024
 }
 
+/// CPU seconds this process has used so far, all threads (user and
+/// system, from /proc/self/stat, in Linux's fixed user-visible clock
+/// ticks of 10 ms). On a shared
+/// machine wall time says how busy the others were as much as how fast we
+/// are; CPU time per row is the number to compare between versions.
+pub fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime 14 and stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
 /// Person `id` is `p{id:08}`; ids are computed, not kept, so the bench's
 /// own memory stays out of the measured RSS.
 pub fn person_of(id: usize) -> String {
