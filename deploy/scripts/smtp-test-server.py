@@ -3,7 +3,7 @@
 
     smtp-test-server.py MODE PORT [--dir DIR] [--delay SECS] [--slow-phase all|data]
                         [--tls none|starttls|implicit --cert PEM --key PEM]
-                        [--auth USER:PASSWORD]
+                        [--auth USER:PASSWORD] [--mode-file PATH]
 
 Listens on 127.0.0.1:PORT (0 = any free port) and prints one line
 "ready PORT" on stdout once it accepts connections.
@@ -23,6 +23,10 @@ TLS: --tls starttls offers STARTTLS and refuses mail before it;
 use the certificate and key given (tests generate their own).
 --auth USER:PASSWORD requires AUTH (PLAIN or LOGIN, over TLS only when
 --tls starttls) with exactly these credentials; others get 535.
+--mode-file PATH: when PATH exists, its content (one of accept, tempfail,
+permfail, drop-after-data) is the mode for each RCPT and DATA from then
+on, so a test changes the server's behaviour without giving up its port
+(a port released between two servers can be taken by any other process).
 Needs python3-aiosmtpd (deploy/scripts/setup.sh installs it).
 """
 import argparse
@@ -37,12 +41,27 @@ import ssl
 from aiosmtpd.smtp import SMTP, AuthResult
 
 MODES = ["accept", "tempfail", "permfail", "drop-after-data", "slow"]
+# Modes --mode-file may switch to ("slow" changes how a connection is
+# served, so it is chosen at start only).
+SWITCHABLE = ["accept", "tempfail", "permfail", "drop-after-data"]
 
 
 class Handler:
     def __init__(self, args):
         self.args = args
         self.counter = itertools.count(1)
+
+    def mode(self):
+        if self.args.mode_file:
+            try:
+                with open(self.args.mode_file) as f:
+                    m = f.read().strip()
+            except FileNotFoundError:
+                return self.args.mode
+            if m not in SWITCHABLE:
+                raise SystemExit("--mode-file: unknown mode %r" % m)
+            return m
+        return self.args.mode
 
     def store(self, envelope):
         if not self.args.dir:
@@ -57,15 +76,16 @@ class Handler:
         os.rename(tmp, os.path.join(self.args.dir, name))
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.args.mode == "tempfail":
+        mode = self.mode()
+        if mode == "tempfail":
             return "451 4.3.0 temporary failure, try again later"
-        if self.args.mode == "permfail":
+        if mode == "permfail":
             return "550 5.1.1 mailbox unavailable"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
-        if self.args.mode == "drop-after-data":
+        if self.mode() == "drop-after-data":
             self.store(envelope)
             # abort(): later writes (aiosmtpd's own reply) are discarded.
             server.transport.abort()
@@ -99,9 +119,10 @@ async def main():
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--auth", help="USER:PASSWORD required for AUTH PLAIN/LOGIN")
+    p.add_argument("--mode-file", help="file whose content switches the mode while running")
     args = p.parse_args()
-    if args.mode == "accept" and not args.dir:
-        p.error("accept needs --dir")
+    if (args.mode == "accept" or args.mode_file) and not args.dir:
+        p.error("accept (and --mode-file, which may switch to it) needs --dir")
     handler = Handler(args)
     context = None
     if args.tls != "none":

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{free_port, kizuna_bin};
+use support::{free_port, free_udp_port, kizuna_bin};
 
 fn python() -> &'static str {
     // The Debian package installs into the system python.
@@ -31,6 +31,17 @@ struct Smtpd {
     port: u16,
 }
 
+/// Switches a server started with `--mode-file PATH` to `mode` for its
+/// next messages. The server keeps its port: stopping one server and
+/// starting another on the same port leaves a window in which any other
+/// process (another test's server or node picking a free port) can take
+/// it. Written whole, then renamed, so the server never reads half a mode.
+fn switch_mode(file: &Path, mode: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, mode).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
 impl Smtpd {
     fn start(mode: &str, port: u16, dir: Option<&Path>, extra: &[&str]) -> Smtpd {
         let mut cmd = Command::new(python());
@@ -38,10 +49,13 @@ impl Smtpd {
         if let Some(d) = dir {
             cmd.arg("--dir").arg(d);
         }
+        // Its stderr is kept: a server that fails to start (a port taken,
+        // a missing module) says why in the panic below.
+        let err_log = tempfile::NamedTempFile::new().unwrap();
         let mut child = cmd
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(err_log.reopen().unwrap())
             .spawn()
             .expect("start smtp-test-server.py");
         let out = child.stdout.take().unwrap();
@@ -51,14 +65,18 @@ impl Smtpd {
             let _ = BufReader::new(out).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("smtp-test-server.py did not get ready (is python3-aiosmtpd installed? deploy/scripts/setup.sh)");
+        let stderr = || std::fs::read_to_string(err_log.path()).unwrap_or_default();
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+            panic!(
+                "smtp-test-server.py did not get ready within 20 s (is python3-aiosmtpd installed? deploy/scripts/setup.sh): {}",
+                stderr()
+            )
+        });
         let port = line
             .trim()
             .strip_prefix("ready ")
             .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("smtp-test-server.py: {line:?} (python3-aiosmtpd missing?)"));
+            .unwrap_or_else(|| panic!("smtp-test-server.py: {line:?}: {}", stderr()));
         Smtpd { child, port }
     }
     fn stop(mut self) {
@@ -258,18 +276,24 @@ fn drop_after_data_is_indeterminate() {
 
 #[test]
 fn server_not_running_is_transient() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    match rt().block_on(send(&settings(port), &req())) {
-        MailOutcome::Transient(_) => {}
+    // A port bound but not listening: connections are refused, and no
+    // other process can start listening on it while the test holds it
+    // (a port probed and released could be taken by another test's server).
+    let rt = rt();
+    let _held = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        s
+    });
+    let port = _held.local_addr().unwrap().port();
+    match rt.block_on(send(&settings(port), &req())) {
+        MailOutcome::Transient(r) => assert!(r.contains("refused"), "{r}"),
         o => panic!("{o:?}"),
     }
     // DNS failure (.invalid never resolves).
     let mut s = settings(port);
     s.host = "smtp.kizuna.invalid".into();
-    match rt().block_on(send(&s, &req())) {
+    match rt.block_on(send(&s, &req())) {
         MailOutcome::Transient(_) => {}
         o => panic!("{o:?}"),
     }
@@ -374,6 +398,53 @@ impl Drop for Node {
     }
 }
 
+/// Starts `kizuna run --config DIR/kizuna.toml` with the config `cfg`
+/// gives for an HTTP and a QUIC port, and waits (up to 60 s) until its API
+/// answers `token`: returns the node and its HTTP port. The ports are
+/// probed free and released before the node binds them (the config takes
+/// no port 0), so another process can take one in between; the node then
+/// exits with "Address already in use", and only then is it started again
+/// on newly probed ports (at most 5 times). Any other exit fails the test
+/// with the node's log.
+fn start_node(dir: &Path, token: &str, cfg: impl Fn(u16, u16) -> String) -> (Node, u16) {
+    let log_path = dir.join("kizuna.log");
+    for _attempt in 0..5 {
+        let (http_port, quic_port) = (free_port(), free_udp_port());
+        std::fs::write(dir.join("kizuna.toml"), cfg(http_port, quic_port)).unwrap();
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut node = Node(
+            kizuna()
+                .args(["run", "--config"])
+                .arg(dir.join("kizuna.toml"))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if status(http_port, token).is_some() {
+                return (node, http_port);
+            }
+            if let Ok(Some(st)) = node.0.try_wait() {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                assert!(
+                    text.contains("Address already in use"),
+                    "hq exited ({st}): {text}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hq did not answer: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    panic!("hq found no free port in 5 attempts");
+}
+
 #[test]
 fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id() {
     use crdt::store::Store;
@@ -414,37 +485,21 @@ fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id(
         crdt::engine::Engine::<node::store::SqliteStore>::message_id(p, &format!("c-{p}"))
     };
 
-    let smtpd = Smtpd::start("accept", 0, Some(&mail_dir), &[]);
+    // One server for the whole test, switched between modes through a
+    // file instead of restarted on the same port.
+    let mode_file = root.join("smtp-mode");
+    let smtpd = Smtpd::start(
+        "accept",
+        0,
+        Some(&mail_dir),
+        &["--mode-file", mode_file.to_str().unwrap()],
+    );
     let smtp_port = smtpd.port;
-    let http_port = free_port();
-    let quic_port = {
-        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        u.local_addr().unwrap().port()
-    };
-    let cfg = format!(
-        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntls = \"none\"\ntimeout_secs = 3\ndata_timeout_secs = 3\n"
-    );
-    std::fs::write(hq.join("kizuna.toml"), cfg).unwrap();
-    let log = std::fs::File::create(hq.join("kizuna.log")).unwrap();
-    let _node = Node(
-        kizuna()
-            .args(["run", "--config"])
-            .arg(hq.join("kizuna.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status(http_port, &token).is_none() {
-        if Instant::now() > deadline {
-            panic!(
-                "hq did not answer: {}",
-                std::fs::read_to_string(hq.join("kizuna.log")).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_node, http_port) = start_node(&hq, &token, |http_port, quic_port| {
+        format!(
+            "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntls = \"none\"\ntimeout_secs = 3\ndata_timeout_secs = 3\n"
+        )
+    });
 
     // 1. Accepting server: exactly one mail, with the engine's Message-ID.
     let check_in = |p: &str| {
@@ -482,16 +537,14 @@ fn hq_node_sends_on_check_in_and_retries_indeterminate_with_the_same_message_id(
     // 2. The server drops the connection after the final ".": the state
     //    becomes indeterminate (duplicate risk counted), and the retry
     //    30 s later carries the same Message-ID.
-    smtpd.stop();
-    let smtpd = Smtpd::start("drop-after-data", smtp_port, Some(&mail_dir), &[]);
+    switch_mode(&mode_file, "drop-after-data");
     check_in(&ids[3]);
     poll("indeterminate outcome", 30, || {
         let s = status(http_port, &token)?;
         (s["duplicate_mail_risk"].as_u64()? == before + 1 && s["mail_queue"] == 1).then_some(())
     });
     assert_eq!(mail_files(&mail_dir).len(), 2, "the dropped server got it");
-    smtpd.stop();
-    let _smtpd = Smtpd::start("accept", smtp_port, Some(&mail_dir), &[]);
+    switch_mode(&mode_file, "accept");
     poll("retried mail", 90, || {
         (mail_files(&mail_dir).len() == 3).then_some(())
     });
@@ -739,29 +792,13 @@ fn two_hundred_arrivals_over_starttls_with_auth_are_counted_exactly() {
     args.extend(["--auth", "kizuna:relay-pass"]);
     let _smtpd = Smtpd::start("accept", 0, Some(&mail_dir), &args);
     std::fs::write(root.join("smtp-password"), "relay-pass\n").unwrap();
-    let http_port = free_port();
-    let quic_port = {
-        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        u.local_addr().unwrap().port()
-    };
-    let cfg = format!(
-        "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nfrom = \"kizuna@example.jp\"\ntls = \"starttls\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nusername = \"kizuna\"\npassword_file = \"{}\"\ntimeout_secs = 10\nmax_concurrent = 8\n",
-        _smtpd.port,
-        cert.display(),
-        root.join("smtp-password").display()
-    );
-    std::fs::write(hq.join("kizuna.toml"), cfg).unwrap();
-    let log = std::fs::File::create(hq.join("kizuna.log")).unwrap();
-    let _node = Node(
-        kizuna()
-            .args(["run", "--config"])
-            .arg(hq.join("kizuna.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    poll("hq answers", 30, || status(http_port, &token));
+    let (smtp_port, ca_file) = (_smtpd.port, cert.display().to_string());
+    let password_file = root.join("smtp-password").display().to_string();
+    let (_node, http_port) = start_node(&hq, &token, |http_port, quic_port| {
+        format!(
+            "data_dir = \"data\"\n[certs]\ndir = \"certs\"\n[net]\nlisten = \"127.0.0.1:{quic_port}\"\nmdns = false\n[http]\nbind = \"127.0.0.1:{http_port}\"\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nfrom = \"kizuna@example.jp\"\ntls = \"starttls\"\nserver_name = \"localhost\"\nca_file = \"{ca_file}\"\nusername = \"kizuna\"\npassword_file = \"{password_file}\"\ntimeout_secs = 10\nmax_concurrent = 8\n"
+        )
+    });
     let ids: Vec<String> = (0..200).map(|i| format!("\"p{i}\"")).collect();
     let (code, body) = http(
         http_port,
