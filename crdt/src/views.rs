@@ -176,14 +176,40 @@ pub fn audit(doc: &Doc) -> Result<Vec<AuditEntry>, DocError> {
 /// Checks an audit chain: sequence numbers consecutive from 0 and every
 /// hash linking to the one before.
 pub fn audit_chain_ok(entries: &[AuditEntry]) -> bool {
+    audit_chain_check(entries, None).is_ok()
+}
+
+/// [`audit_chain_ok`] with the reason, and against an anchor when one is
+/// known: `(entries, head hash)` as recorded apart from the chain (the
+/// writing node's own meta, or a verifier's earlier copy). Without an
+/// anchor a chain cut short at its end, or whose tail was rewritten with
+/// recomputed hashes, is a valid shorter chain; the anchor catches both.
+pub fn audit_chain_check(
+    entries: &[AuditEntry],
+    anchor: Option<(u64, &str)>,
+) -> Result<(), String> {
     let mut prev = String::new();
     for (i, e) in entries.iter().enumerate() {
-        if e.seq != i as u64 || e.prev_hash != prev || e.hash != e.compute_hash() {
-            return false;
+        if e.seq != i as u64 {
+            return Err(format!("entry {i} has sequence number {}", e.seq));
+        }
+        if e.prev_hash != prev {
+            return Err(format!("entry {i} does not link to entry {}", i as i64 - 1));
+        }
+        if e.hash != e.compute_hash() {
+            return Err(format!("entry {i} does not match its hash"));
         }
         prev = e.hash.clone();
     }
-    true
+    if let Some((count, head)) = anchor {
+        if entries.len() as u64 != count || prev != head {
+            return Err(format!(
+                "the chain holds {} entries ending in {prev:?}; {count} ending in {head:?} were recorded",
+                entries.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Mail states per contact. Concurrent states (two HQ nodes) resolve to

@@ -32,7 +32,65 @@ const CANARY_NAME: &str = "CanaryNameQx7Ja";
 const CANARY_NAME_JA: &str = "籠鳥カナリア";
 const CANARY_MEDICAL: &str = "CanaryAllergyZq9";
 const CANARY_LOCAL: &str = "CanaryLocalMedKp4";
-const CANARIES: [&str; 4] = [CANARY_NAME, CANARY_NAME_JA, CANARY_MEDICAL, CANARY_LOCAL];
+/// Registry households of canary persons, each with a Latin and a
+/// Japanese name and a card user id that no real card has.
+const CANARY_HOUSEHOLDS: usize = 25;
+
+/// Japanese canary names: 籠鳥 and two kanji numerals.
+fn canary_name_ja(i: usize) -> String {
+    const K: [char; 10] = ['零', '壱', '弐', '参', '肆', '伍', '陸', '漆', '捌', '玖'];
+    format!("籠鳥{}{}", K[i / 10 % 10], K[i % 10])
+}
+
+fn canary_name(i: usize) -> String {
+    format!("CanaryNm{i:03}Vw")
+}
+
+fn canary_card(i: usize) -> String {
+    format!("19870{i:08}")
+}
+
+/// Allergies and conditions entered at headquarters.
+fn canary_conditions() -> Vec<String> {
+    (0..20).map(|i| format!("CanaryCond{i:02}Hx")).collect()
+}
+
+/// Individual-Number-shaped strings (valid check digit) submitted in
+/// medical notes and names: refused, so never stored or logged anywhere.
+fn canary_individual_numbers() -> Vec<String> {
+    (0..1000u32)
+        .map(|i| format!("{:011}", 31_415_926_000u64 + u64::from(i) * 7))
+        .flat_map(|p| (0..10).map(move |d| format!("{p}{d}")))
+        .filter(|s| crdt::text::is_individual_number(s))
+        .take(12)
+        .collect()
+}
+
+/// Every canary with its class: values the ambulance stores (names, card
+/// user ids, medical values) and values nothing may store.
+fn canaries() -> &'static [(String, &'static str)] {
+    static ALL: std::sync::OnceLock<Vec<(String, &'static str)>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| {
+        let mut v: Vec<(String, &'static str)> = [CANARY_NAME, CANARY_NAME_JA]
+            .into_iter()
+            .map(|c| (c.to_string(), "name"))
+            .collect();
+        v.push((CANARY_MEDICAL.into(), "medical"));
+        v.push((CANARY_LOCAL.into(), "medical"));
+        for i in 0..CANARY_HOUSEHOLDS {
+            v.push((canary_name(i), "name"));
+            v.push((canary_name_ja(i), "name"));
+            v.push((canary_card(i), "card"));
+        }
+        v.extend(canary_conditions().into_iter().map(|c| (c, "medical")));
+        v.extend(
+            canary_individual_numbers()
+                .into_iter()
+                .map(|c| (c, "individual-number")),
+        );
+        v
+    })
+}
 
 /// Every regular file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -60,9 +118,9 @@ fn canaries_in(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut found = Vec::new();
     for f in files(dir) {
         let bytes = std::fs::read(&f).unwrap_or_default();
-        for c in CANARIES {
+        for (c, _) in canaries() {
             if contains(&bytes, c) {
-                found.push((f.clone(), c));
+                found.push((f.clone(), c.as_str()));
             }
         }
     }
@@ -91,7 +149,16 @@ fn registry_csv(dir: &Path) -> PathBuf {
             "household_id,address,person_id,name,kana,birth_date,card_user_id\n\
              h-1,新潟県三条市,p-1,{CANARY_NAME_JA},カナリア,1950-01-01,1000000000001\n\
              h-1,新潟県三条市,p-2,{CANARY_NAME},カナリア ニ,1952-02-02,1000000000002\n\
-             h-2,新潟県三条市,p-3,山田 太郎,ヤマダ タロウ,1970-03-03,\n"
+             h-2,新潟県三条市,p-3,山田 太郎,ヤマダ タロウ,1970-03-03,\n{}",
+            (0..CANARY_HOUSEHOLDS)
+                .map(|i| format!(
+                    "hc-{i},新潟県三条市,pc-{i}a,{},カナリア,1960-01-01,{}\n\
+                     hc-{i},新潟県三条市,pc-{i}b,{},カナリア,1961-01-01,\n",
+                    canary_name(i),
+                    canary_card(i),
+                    canary_name_ja(i)
+                ))
+                .collect::<String>()
         ),
     )
     .unwrap();
@@ -202,6 +269,28 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
         ),
     );
     assert_eq!(r.status, 201, "{}", r.body);
+    for c in canary_conditions() {
+        let r = hq.api(
+            "POST",
+            "/api/v1/persons/p-1/medical",
+            &format!(r#"{{"add":[["condition","{c}"]]}}"#),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // Individual-Number-shaped input is refused wherever it is sent.
+    let refuse_numbers = |n: &Node| {
+        for c in canary_individual_numbers() {
+            let r = n.api(
+                "POST",
+                "/api/v1/persons/p-1/medical",
+                &format!(r#"{{"add":[["allergy","note {c}"]]}}"#),
+            );
+            assert!((400..500).contains(&r.status), "{}: {}", r.status, r.body);
+        }
+    };
+    refuse_numbers(&hq);
+    let last_condition = canary_conditions().pop().unwrap();
+    let last_person = format!("pc-{}b", CANARY_HOUSEHOLDS - 1);
 
     // Sync over QUIC: both ambulances show the profile (and the registry).
     for n in [&enc, &plain] {
@@ -214,7 +303,10 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
                     "/api/v1/persons/p-1/medical?reason=emergency_transport",
                     "",
                 );
-                (r.status == 200 && r.body.contains(CANARY_MEDICAL)).then_some(())
+                (r.status == 200
+                    && r.body.contains(CANARY_MEDICAL)
+                    && r.body.contains(&last_condition))
+                .then_some(())
             },
         );
         poll(
@@ -222,9 +314,15 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
             "the registry at the ambulance",
             || {
                 let r = n.api("GET", "/api/v1/persons/p-2", "");
-                (r.status == 200 && r.body.contains(CANARY_NAME)).then_some(())
+                let last = n.api("GET", &format!("/api/v1/persons/{last_person}"), "");
+                (r.status == 200
+                    && r.body.contains(CANARY_NAME)
+                    && last.status == 200
+                    && last.body.contains(&canary_name_ja(CANARY_HOUSEHOLDS - 1)))
+                .then_some(())
             },
         );
+        refuse_numbers(n);
         // A medical update on the ambulance itself.
         let r = n.api(
             "POST",
@@ -253,11 +351,16 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
         assert_ne!(&head[..16], node::store::SQLITE_HEADER, "{phase}");
         // The negative control proves the scan sees plaintext.
         let found = canaries_in(&plain.data());
-        for c in [CANARY_NAME, CANARY_NAME_JA, CANARY_MEDICAL, CANARY_LOCAL] {
-            assert!(
-                found.iter().any(|(_, x)| *x == c),
-                "{phase}: the control does not show {c}: {found:?}"
-            );
+        for (c, class) in canaries() {
+            let shown = found.iter().any(|(_, x)| x == c);
+            match *class {
+                "name" | "medical" => assert!(
+                    shown,
+                    "{phase}: the control does not show {class} {c}: {found:?}"
+                ),
+                "individual-number" => assert!(!shown, "{phase}: {c} stored in the control"),
+                _ => {}
+            }
         }
         for n in [enc, plain] {
             assert_private(&n.data());
@@ -329,6 +432,18 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
     let found = canaries_in(&restored);
     assert!(found.is_empty(), "plaintext after restore: {found:?}");
     assert_private(&hq.data());
+    let at_hq = canaries_in(&hq.data());
+    assert!(
+        !at_hq
+            .iter()
+            .any(|(_, c)| canary_individual_numbers().iter().any(|n| n == c)),
+        "an Individual Number stored at hq: {at_hq:?}"
+    );
+    assert!(canaries().len() >= 100, "{} canaries", canaries().len());
+    eprintln!(
+        "{} canaries: none at rest on the encrypted ambulance, none in any log",
+        canaries().len()
+    );
     // Logs carry ids, never names or conditions, on every node.
     for n in [&enc, &plain, &hq] {
         let log = std::fs::read(n.log()).unwrap();
@@ -337,7 +452,7 @@ fn ambulance_data_at_rest_never_shows_a_canary() {
             "{} logged almost nothing",
             n.log().display()
         );
-        for c in CANARIES {
+        for (c, _) in canaries() {
             assert!(!contains(&log, c), "{} logs {c}", n.log().display());
         }
     }

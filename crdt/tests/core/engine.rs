@@ -1499,3 +1499,141 @@ fn family_mail_is_in_japan_time_in_the_contacts_language() {
         assert!(!m.body.contains(&T0.to_string()));
     }
 }
+
+/// Issue 14 item 5: tampering with a real audit chain (entries modified,
+/// deleted, reordered or truncated, half the time with every hash an
+/// attacker could recompute recomputed) is detected in each of 160 seeded
+/// trials: by the chain itself, or, for a cut or rewritten end, by the
+/// anchor (entry count and head hash recorded apart from the chain).
+#[test]
+fn audit_chain_tampering_is_detected_in_every_trial() {
+    use crdt::actor::Actor;
+    use crdt::model::AuditEntry;
+    use crdt::views::{audit, audit_chain_check, AUDIT_PREFIX};
+    use rand_chacha::rand_core::RngCore;
+    let mut net = setup();
+    net.cmd(
+        0,
+        "m1",
+        Command::PutMedical {
+            person_id: "p1-0".into(),
+            update: MedicalUpdate {
+                consent: Some(ConsentBasis::Consented),
+                add: vec![(MedicalSection::Allergy, "ペニシリン".into())],
+                ..Default::default()
+            },
+        },
+    )
+    .unwrap();
+    net.connect(0, 3);
+    // Reads (refused ones are audited too) build the ambulance's chain.
+    for i in 0..24 {
+        let _ = net.cmd(
+            3,
+            &format!("r{i}"),
+            Command::ReadMedical {
+                person_id: "p1-0".into(),
+                reason: "emergency_transport".into(),
+                break_glass: false,
+            },
+        );
+    }
+    let key = DocKey::new(Kind::Audit, "amb-1").unwrap();
+    let good = net.nodes[3].doc(&key).unwrap().unwrap().clone();
+    let entries = audit(&good).unwrap();
+    assert_eq!(entries.len(), 24);
+    let anchor = (entries.len() as u64, entries.last().unwrap().hash.clone());
+    audit_chain_check(&entries, Some((anchor.0, &anchor.1))).unwrap();
+
+    let field = |seq: u64| format!("{AUDIT_PREFIX}{seq:016}");
+    let put = |e: &AuditEntry| (field(e.seq), Some(serde_json::to_string(e).unwrap()));
+    // Recomputes every hash from `from` on, as an attacker who knows the
+    // (unkeyed) hash would, so only the anchor can tell.
+    let rehash = |es: &mut Vec<AuditEntry>, from: usize| {
+        for i in from..es.len() {
+            es[i].prev_hash = if i == 0 {
+                String::new()
+            } else {
+                es[i - 1].hash.clone()
+            };
+            es[i].hash = es[i].compute_hash();
+        }
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(0x7461_6d70);
+    let below = |rng: &mut ChaCha8Rng, n: usize| (rng.next_u64() % n as u64) as usize;
+    let attacker = Actor::new(Role::Ambulance, &NodeId::new("amb-1").unwrap(), 999);
+    let mut detected = [0u32; 4];
+    for trial in 0..160 {
+        let kind = trial % 4;
+        let recompute = trial % 8 >= 4;
+        let mut es = entries.clone();
+        let mut writes: Vec<(String, Option<String>)> = Vec::new();
+        match kind {
+            // Modify one field of one entry.
+            0 => {
+                let i = below(&mut rng, es.len());
+                match below(&mut rng, 5) {
+                    0 => es[i].operator.push('x'),
+                    1 => es[i].record = "medical/p2-0".into(),
+                    2 => es[i].reason = "visit".into(),
+                    3 => es[i].break_glass = !es[i].break_glass,
+                    _ => es[i].wall_ms += 1,
+                }
+                if recompute {
+                    rehash(&mut es, i);
+                }
+                writes.extend(es[i..].iter().map(put));
+            }
+            // Delete one entry (the last is a truncation).
+            1 => {
+                let i = below(&mut rng, es.len() - 1);
+                es.remove(i);
+                for e in es.iter_mut().skip(i) {
+                    e.seq -= 1;
+                }
+                if recompute {
+                    rehash(&mut es, i);
+                }
+                writes.extend(es[i..].iter().map(put));
+                writes.push((field(es.len() as u64), None));
+            }
+            // Reorder: two entries change places.
+            2 => {
+                let i = below(&mut rng, es.len() - 1);
+                let j = i + 1 + below(&mut rng, es.len() - 1 - i);
+                es.swap(i, j);
+                es[i].seq = i as u64;
+                es[j].seq = j as u64;
+                if recompute {
+                    rehash(&mut es, i);
+                }
+                writes.extend(es[i..].iter().map(put));
+            }
+            // Truncate: the newest entries removed.
+            _ => {
+                let n = 1 + below(&mut rng, es.len() - 1);
+                let keep = es.len() - n;
+                for e in es.drain(keep..) {
+                    writes.push((field(e.seq), None));
+                }
+            }
+        }
+        let mut doc = good.clone();
+        doc.write(attacker, 0, "", &writes).unwrap();
+        let seen = audit(&doc).unwrap();
+        assert_eq!(
+            seen, es,
+            "trial {trial}: the tampering reached the document"
+        );
+        let verdict = audit_chain_check(&seen, Some((anchor.0, &anchor.1)));
+        assert!(
+            verdict.is_err(),
+            "trial {trial} (kind {kind}, recompute {recompute}) went unnoticed"
+        );
+        detected[kind] += 1;
+    }
+    eprintln!(
+        "detected: modify {}, delete {}, reorder {}, truncate {}",
+        detected[0], detected[1], detected[2], detected[3]
+    );
+}
