@@ -202,8 +202,12 @@ impl<S: Store> Commands<'_, S> {
                     });
                 }
                 let reason = AccessReason::parse(&reason).ok_or(refused(Refusal::UnknownReason))?;
-                let key = DocKey::new(Kind::Medical, &person_id)
-                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let key = DocKey::new(Kind::Medical, &person_id).map_err(|e| {
+                    CommandError::Invalid(crate::text::TextError::Invalid {
+                        field: "person_id",
+                        reason: e.to_string(),
+                    })
+                })?;
                 if break_glass && !self.access.has_grant(&operator.0, &person_id, now.mono_ms) {
                     return Err(refused(Refusal::NoGrant));
                 }
@@ -262,8 +266,12 @@ impl<S: Store> Commands<'_, S> {
                     ))
                 })?;
                 check_text("justification", &justification, 200, true)?;
-                let key = DocKey::new(Kind::Medical, &person_id)
-                    .map_err(|e| CommandError::Rejected(e.to_string()))?;
+                let key = DocKey::new(Kind::Medical, &person_id).map_err(|e| {
+                    CommandError::Invalid(crate::text::TextError::Invalid {
+                        field: "person_id",
+                        reason: e.to_string(),
+                    })
+                })?;
                 if self.r.load(&key)?.is_none() {
                     return Err(CommandError::NotFound {
                         what: "medical profile",
@@ -457,8 +465,12 @@ impl<S: Store> Commands<'_, S> {
         m: MedicalProfile,
         now: Now,
     ) -> Result<(), CommandError> {
-        let key = DocKey::new(Kind::Medical, &m.person_id)
-            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let key = DocKey::new(Kind::Medical, &m.person_id).map_err(|e| {
+            CommandError::Invalid(crate::text::TextError::Invalid {
+                field: "person_id",
+                reason: e.to_string(),
+            })
+        })?;
         self.may_write(&key)?;
         self.require_person(&m.person_id)?;
         let (fields, consent): (BTreeSet<String>, Option<ConsentBasis>) = match self.r.load(&key)? {
@@ -811,8 +823,12 @@ impl<S: Store> Commands<'_, S> {
         now: Now,
         rng: &mut dyn RngCore,
     ) -> Result<Reply, CommandError> {
-        let key = DocKey::new(Kind::Medical, person_id)
-            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let key = DocKey::new(Kind::Medical, person_id).map_err(|e| {
+            CommandError::Invalid(crate::text::TextError::Invalid {
+                field: "person_id",
+                reason: e.to_string(),
+            })
+        })?;
         let existing: BTreeSet<String> = match self.r.load(&key)? {
             Some(d) => d.fields().into_keys().collect(),
             None => BTreeSet::new(),

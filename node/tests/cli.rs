@@ -768,3 +768,74 @@ fn provision_node_script_builds_a_checked_kit() {
     assert_eq!(run("doctor", "x-1", &bad).status.code(), Some(2));
     assert!(!bad.exists());
 }
+
+/// docs/bad-inputs.md's API table, executed: every row's body is sent over
+/// real HTTP to an hq node on a real SQLite store and must get the row's
+/// status and error code, echo no digit of the Individual Number the
+/// table uses, and leave the state digest as it was.
+#[test]
+fn bad_input_catalogue_changes_nothing() {
+    let doc = std::fs::read_to_string(repo_path("docs/bad-inputs.md")).unwrap();
+    let rows: Vec<Vec<String>> = doc
+        .lines()
+        .filter(|l| l.starts_with("| API-"))
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect();
+    assert!(rows.len() >= 30, "{} API rows", rows.len());
+    let t = tempfile::tempdir().unwrap();
+    let srv = Server::start(t.path(), "hq-1", Role::Hq, vec![household()]);
+    let r = srv.req(
+        "POST",
+        "/api/v1/checkins",
+        Some(r#"{"person_ids":["p1"],"shelter_id":"s-01"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = srv.req(
+        "POST",
+        "/api/v1/persons/p1/medical",
+        Some(r#"{"blood_type":"A+","consent":"consented","add":[["allergy","ペニシリン"]]}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let db = t.path().join(DB_FILE_NAME);
+    let digest = || {
+        SqliteStore::open_readonly(&db)
+            .unwrap()
+            .content_digest()
+            .unwrap()
+    };
+    let before = digest();
+    let mut failures = Vec::new();
+    for row in &rows {
+        let [id, what, request, body, status, code] = &row[..] else {
+            panic!("malformed row {row:?}");
+        };
+        let (method, path) = request.split_once(' ').unwrap();
+        let body = body.trim_matches('`');
+        let r = srv.req(method, path, Some(body));
+        let got_code = serde_json::from_str::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        if r.status.to_string() != *status || got_code != *code {
+            failures.push(format!(
+                "{id} ({what}): expected {status} {code}, got {} {}",
+                r.status, r.body
+            ));
+        }
+        let digits: String = r.body.chars().filter(char::is_ascii_digit).collect();
+        if digits.contains("2818") || r.body.contains("２８１８") {
+            failures.push(format!("{id}: echoes the number: {}", r.body));
+        }
+        if digest() != before {
+            failures.push(format!("{id} ({what}): the state changed"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    drop(srv.stop());
+    eprintln!("{} catalogue rows refused, state unchanged", rows.len());
+}
