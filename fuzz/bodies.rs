@@ -276,7 +276,7 @@ fn api() -> &'static Api {
         let store = node::store::SqliteStore::open(&dir.join(node::store::DB_FILE_NAME)).unwrap();
         let id = crdt::NodeId::new("hq-fuzz").unwrap();
         let driver =
-            node::driver::Driver::start(store, crdt::engine::EngineConfig::new(id, crdt::Role::Hq))
+            node::driver::Driver::start(store, crdt::engine::EngineConfig::for_tests(id, crdt::Role::Hq))
                 .unwrap();
         let token = node::auth::Operators::add(&dir, "fuzz").unwrap();
         let state = node::api::ApiState::new(driver, dir.clone());

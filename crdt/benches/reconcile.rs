@@ -44,7 +44,7 @@ fn main() {
     let started = Instant::now();
 
     let cfg = |n: &str| {
-        let mut c = EngineConfig::new(NodeId::new(n).unwrap(), Role::Hq);
+        let mut c = EngineConfig::for_tests(NodeId::new(n).unwrap(), Role::Hq);
         c.cache_docs = 4096;
         c
     };

@@ -69,6 +69,9 @@ pub struct EngineConfig {
     pub mail_takeover_ms: u64,
     /// Family mail text per language (see [`crate::mailtext`]).
     pub mail_templates: crate::mailtext::MailTemplates,
+    /// This node's signing key and the verifier of authors' credentials
+    /// (see [`crate::signing`]).
+    pub trust: crate::signing::Trust,
     /// A planted bug this engine carries (simulator only; see
     /// [`crate::mutants`]).
     #[cfg(feature = "mutants")]
@@ -76,8 +79,9 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    pub fn new(node_id: NodeId, role: Role) -> Self {
+    pub fn new(node_id: NodeId, role: Role, trust: crate::signing::Trust) -> Self {
         EngineConfig {
+            trust,
             shelter_id: (role == Role::Shelter).then(|| node_id.as_str().to_string()),
             node_id,
             role,
@@ -89,6 +93,16 @@ impl EngineConfig {
             #[cfg(feature = "mutants")]
             mutant: None,
         }
+    }
+}
+
+#[cfg(any(test, feature = "testkit"))]
+impl EngineConfig {
+    /// A configuration signing with a test credential
+    /// ([`crate::testkit::testca`]): tests, benches and the simulator.
+    pub fn for_tests(node_id: NodeId, role: Role) -> Self {
+        let trust = crate::testkit::testca::trust(&node_id, role);
+        Self::new(node_id, role, trust)
     }
 }
 
@@ -104,6 +118,12 @@ pub struct Stats {
     pub violations: u64,
     /// Received changes that panicked Automerge and were quarantined.
     pub panics: u64,
+    /// Received changes that failed signature or author verification
+    /// (quarantined, never applied or relayed).
+    pub changes_unverified: u64,
+    /// Changes held unsigned (stored before changes were signed) that were
+    /// not relayed.
+    pub unsigned_withheld: u64,
     pub duplicate_mail_risk: u64,
     pub commits: u64,
 }
@@ -158,7 +178,15 @@ impl<S: Store> Engine<S> {
     ) -> Result<Self, EngineError> {
         #[cfg(feature = "mutants")]
         let _mutant = crate::mutants::enter(cfg.mutant);
-        let replica = Replica::open(store, &cfg.node_id, cfg.role, cfg.cache_docs, now, index)?;
+        let replica = Replica::open(
+            store,
+            &cfg.node_id,
+            cfg.role,
+            cfg.cache_docs,
+            now,
+            index,
+            cfg.trust.clone(),
+        )?;
         let mail = Mail::new(MailConfig {
             primary: cfg.mail_primary,
             lease_ms: cfg.mail_lease_ms,
@@ -210,6 +238,8 @@ impl<S: Store> Engine<S> {
             changes_rejected: s.changes_rejected,
             violations: s.violations,
             panics: s.panics,
+            changes_unverified: s.changes_unverified,
+            unsigned_withheld: s.unsigned_withheld,
             duplicate_mail_risk: self.mail.duplicate_risk,
             commits: self.commits,
         }
@@ -473,7 +503,8 @@ impl<S: Store> Engine<S> {
     fn after_commit(&mut self, txn: Txn, now: Now, out: &mut Vec<Output>) {
         self.commits += 1;
         let done = self.replica.committed(txn, out);
-        self.sessions.gossip(done.gossip, self.replica.log_end, out);
+        self.sessions
+            .gossip(done.gossip, self.replica.log_end, &self.replica.directory, out);
         if self.cfg.role == Role::Hq {
             for k in done.outbox {
                 self.mail.refresh(&mut self.replica, &k);

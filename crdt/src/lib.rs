@@ -32,6 +32,7 @@ mod queries;
 mod reconcile;
 mod replica;
 mod sessions;
+pub mod signing;
 #[cfg(any(test, feature = "share"))]
 pub mod share;
 pub mod store;

@@ -29,7 +29,7 @@
 //! changes only after a commit; a document is shared with other engines
 //! only when it has no changes waiting for their dependencies.
 
-use crate::actor::Actor;
+use crate::actor::{node_hash as actor_hash, Actor};
 use crate::api::{CommandError, Now, Output, SessionId, UiEvent};
 use crate::cache::DocCache;
 use crate::derive;
@@ -40,6 +40,7 @@ use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::index::{DocIndex, Index};
 use crate::model::PresenceEvent;
 use crate::policy;
+use crate::signing::{Directory, Seal, Signer, Trust};
 #[cfg(not(any(test, feature = "share")))]
 use crate::replica::no_share::DocShare;
 #[cfg(any(test, feature = "share"))]
@@ -58,6 +59,47 @@ fn heads_hex(heads: &[Hash32]) -> String {
     format!("[{}]", parts.join(","))
 }
 
+/// Signs the changes this node made while it ran without its key (offline
+/// commands) or before changes were signed: every unsigned change whose
+/// actor is this node with this role. Unsigned changes of other authors
+/// stay unsigned and are never relayed.
+fn sign_own_unsigned<S: Store>(
+    store: &mut S,
+    signer: &Signer,
+    role: Role,
+    node_id: &NodeId,
+) -> Result<(), StoreError> {
+    let own = actor_hash(node_id.as_str());
+    let mut after = 0;
+    loop {
+        let page = store.unsigned(after, 4096)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        after = *last;
+        let seals: Vec<(Hash32, Seal)> = page
+            .iter()
+            .filter_map(|(_, c)| {
+                let change = parse_change(&c.bytes).ok()?;
+                let actor = Actor::from_bytes(&change.actor_id().to_bytes())?;
+                (actor.node_hash == own && actor.role == role).then(|| {
+                    let seal = Seal {
+                        author: own,
+                        sig: signer.sign(&c.hash),
+                    };
+                    (c.hash, seal)
+                })
+            })
+            .collect();
+        if !seals.is_empty() {
+            store.commit(&Batch {
+                seals,
+                ..Default::default()
+            })?;
+        }
+    }
+}
+
 /// A compacted snapshot is stored after this many logged changes.
 pub(crate) const SNAPSHOT_EVERY: u32 = 32;
 
@@ -65,6 +107,8 @@ pub(crate) const SNAPSHOT_EVERY: u32 = 32;
 pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("this node's own credential does not verify: {0}")]
+    Credential(String),
     #[error(
         "this database belongs to node {found} ({found_role}), not {expected} ({expected_role})"
     )]
@@ -94,6 +138,8 @@ pub(crate) struct Gossip {
     pub(crate) key: DocKey,
     pub(crate) bytes: Vec<u8>,
     pub(crate) hash: Hash32,
+    /// `None` for a change made offline, not relayed until signed.
+    pub(crate) seal: Option<Seal>,
     /// The session it arrived on (not sent back there).
     pub(crate) from: Option<SessionId>,
 }
@@ -119,6 +165,10 @@ pub(crate) struct Replica<S: Store> {
     pub(crate) share: Option<DocShare>,
     /// The newest entry of our change log.
     pub(crate) log_end: Option<Cursor>,
+    /// Our signing key and the verifier of everyone's credentials.
+    pub(crate) trust: Trust,
+    /// Verified author credentials (ours included).
+    pub(crate) directory: Directory,
     #[cfg(feature = "mutants")]
     deferred: Option<Batch>,
 }
@@ -134,6 +184,7 @@ impl<S: Store> Replica<S> {
         cache_docs: usize,
         now: Now,
         index: Option<DocIndex>,
+        trust: Trust,
     ) -> Result<Self, EngineError> {
         let meta = match store.load_meta()? {
             Some(m) => {
@@ -170,10 +221,37 @@ impl<S: Store> Replica<S> {
             hlc: hlc.tick(now.wall_ms),
             ..meta
         };
+        // Our own credential must name us; stored ones are checked again
+        // (one revoked or expired since is dropped from memory: its
+        // changes already held stay, new ones are refused).
+        let mut directory = Directory::default();
+        let mut credentials = Vec::new();
+        if let Some(signer) = &trust.signer {
+            let own = signer.credential().clone();
+            let new_own = directory
+                .admit(&own, &*trust.verifier)
+                .map_err(EngineError::Credential)?;
+            match directory.get(&actor_hash(node_id.as_str())) {
+                Some(e) if e.author.role == role && e.author.key == signer.public_key() => {}
+                _ => {
+                    return Err(EngineError::Credential(format!(
+                        "it does not name {node_id} ({role}) with this node's signing key"
+                    )))
+                }
+            }
+            credentials.extend(new_own.map(|h| (h, own.to_vec())));
+        }
+        for (_, cred) in store.credentials()? {
+            let _ = directory.admit(&cred, &*trust.verifier);
+        }
         store.commit(&Batch {
             meta: Some(meta.clone()),
+            credentials,
             ..Default::default()
         })?;
+        if let Some(signer) = &trust.signer {
+            sign_own_unsigned(&mut store, signer, role, node_id)?;
+        }
         let index = match index {
             Some(DocIndex(i)) => Index::from_map(i),
             None => Index::build(store.doc_index()?),
@@ -189,6 +267,8 @@ impl<S: Store> Replica<S> {
             cache: DocCache::new(cache_docs.max(16)),
             share: None,
             log_end,
+            trust,
+            directory,
             #[cfg(feature = "mutants")]
             deferred: None,
         })
@@ -338,7 +418,11 @@ impl<S: Store> Replica<S> {
             }
         }
         txn.touched.insert(key.clone());
-        self.record(txn, key, vec![change], projection, None);
+        let seal = self.trust.signer.as_ref().map(|s| Seal {
+            author: actor.node_hash,
+            sig: s.sign(&change.hash().0),
+        });
+        self.record(txn, key, vec![(change, seal)], projection, None);
         Ok(())
     }
 
@@ -349,25 +433,27 @@ impl<S: Store> Replica<S> {
         &mut self,
         txn: &mut Txn,
         key: &DocKey,
-        changes: Vec<Change>,
+        changes: Vec<(Change, Option<Seal>)>,
         projection: Arc<Projection>,
         from: Option<SessionId>,
     ) {
         let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
         let doc = self.cache.get(key).expect("recorded documents are loaded");
         let heads = doc.heads();
-        for c in changes {
+        for (c, seal) in changes {
             let hash = c.hash().0;
             let bytes = c.raw_bytes().to_vec();
             txn.batch.changes.push(ChangeRecord {
                 key: key.clone(),
                 hash,
                 bytes: bytes.clone(),
+                seal,
             });
             txn.gossip.push(Gossip {
                 key: key.clone(),
                 bytes,
                 hash,
+                seal,
                 from,
             });
         }

@@ -40,18 +40,18 @@
 //! is checked at this hop (the peer may hold the document, the author may
 //! write it) before it is staged.
 
-use crate::actor::Actor;
 use crate::api::{Now, Output, PeerStatus, SessionId, UiEvent};
 use crate::doc::{Doc, DocError, Hash32};
 use crate::ids::{DocKey, NodeId, Role};
 use crate::policy::{self, may_send};
 use crate::reconcile::{self, Sides};
 use crate::replica::{Gossip, Replica, Txn};
+use crate::signing::{AuthorHash, Directory, Seal, Sig, Unverified};
 use crate::store::{Batch, Cursor, Store};
 use crate::wire::{self, DocChanges, Frame, Range};
 use automerge::Change;
-use rustc_hash::FxHashSet;
-use std::collections::BTreeMap;
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Frames of catch-up changes emitted per session per input.
@@ -112,6 +112,8 @@ pub(crate) struct Session {
     pub(crate) seen: FxHashSet<Hash32>,
     /// The last log position we told the peer it holds.
     pub(crate) upto_sent: u64,
+    /// Authors whose credentials this session was sent.
+    creds_sent: FxHashSet<AuthorHash>,
 }
 
 impl Session {
@@ -134,6 +136,7 @@ impl Session {
             outq: BTreeMap::new(),
             seen: FxHashSet::default(),
             upto_sent: 0,
+            creds_sent: FxHashSet::default(),
         }
     }
 
@@ -155,7 +158,7 @@ pub(crate) fn chunk_docs(docs: Vec<DocChanges>) -> Vec<Vec<DocChanges>> {
     let mut frames: Vec<Vec<DocChanges>> = vec![vec![]];
     let mut size = 0;
     for d in docs {
-        let n: usize = d.changes.iter().map(Vec::len).sum::<usize>() + 48;
+        let n: usize = d.changes.iter().map(Vec::len).sum::<usize>() + d.sigs.len() + 48;
         let last = frames.last().expect("one frame");
         if !last.is_empty()
             && (size + n > wire::TARGET_FRAME_BYTES || last.len() >= wire::MAX_DOCS_PER_FRAME)
@@ -186,7 +189,10 @@ fn merge_by_key(docs: Vec<DocChanges>) -> Vec<DocChanges> {
     let mut out: Vec<DocChanges> = Vec::new();
     for d in docs {
         match at.get(&d.key) {
-            Some(&i) => out[i].changes.extend(d.changes),
+            Some(&i) => {
+                out[i].changes.extend(d.changes);
+                out[i].sigs.extend(d.sigs);
+            }
             None => {
                 at.insert(d.key.clone(), out.len());
                 out.push(d);
@@ -208,6 +214,11 @@ pub(crate) struct SyncStats {
     pub(crate) violations: u64,
     /// Received changes whose apply panicked Automerge (quarantined).
     pub(crate) panics: u64,
+    /// Received changes that failed verification (quarantined).
+    pub(crate) changes_unverified: u64,
+    /// Held changes not relayed: unsigned, or by an author whose
+    /// credential this node no longer accepts.
+    pub(crate) unsigned_withheld: u64,
 }
 
 /// Every open session, the peers met and the protocol's counters.
@@ -290,16 +301,24 @@ impl Sessions {
         &mut self,
         gossip: Vec<Gossip>,
         log_end: Option<Cursor>,
+        directory: &Directory,
         out: &mut Vec<Output>,
     ) {
-        let mut per_session: BTreeMap<SessionId, Vec<DocChanges>> = BTreeMap::new();
+        let mut per_session: BTreeMap<SessionId, (Vec<DocChanges>, BTreeSet<AuthorHash>)> =
+            BTreeMap::new();
         for Gossip {
             key,
             bytes,
             hash,
+            seal,
             from,
         } in gossip
         {
+            let Some(seal) = seal else {
+                // Made offline: relayed once the node signs it.
+                self.stats.unsigned_withheld += 1;
+                continue;
+            };
             for (sid, s) in self.map.iter_mut() {
                 if Some(*sid) == from
                     || !s.hello
@@ -308,17 +327,20 @@ impl Sessions {
                 {
                     continue;
                 }
-                let docs = per_session.entry(*sid).or_default();
+                let (docs, authors) = per_session.entry(*sid).or_default();
+                authors.insert(seal.author);
                 match docs.last_mut() {
-                    Some(d) if d.key == key => d.changes.push(bytes.clone()),
-                    _ => docs.push(DocChanges {
-                        key: key.clone(),
-                        changes: vec![bytes.clone()],
-                    }),
+                    Some(d) if d.key == key => d.push(bytes.clone(), &seal.sig),
+                    _ => {
+                        let mut d = DocChanges::new(key.clone());
+                        d.push(bytes.clone(), &seal.sig);
+                        docs.push(d);
+                    }
                 }
             }
         }
-        for (sid, docs) in per_session {
+        for (sid, (docs, authors)) in per_session {
+            self.introduce(directory, sid, &authors, out);
             let live = self.map.get(&sid).is_some_and(|s| s.is_live());
             let frames = chunk_docs(docs);
             let last = frames.len() - 1;
@@ -343,6 +365,31 @@ impl Sessions {
                 session,
                 reason: format!("internal: {e}"),
             }),
+        }
+    }
+
+    /// Sends the peer the credentials of `authors` it was not sent yet in
+    /// this session, before the changes they signed.
+    fn introduce(
+        &mut self,
+        directory: &Directory,
+        sid: SessionId,
+        authors: &BTreeSet<AuthorHash>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(s) = self.map.get_mut(&sid) else {
+            return;
+        };
+        let creds: Vec<Vec<u8>> = authors
+            .iter()
+            .filter(|a| s.creds_sent.insert(**a))
+            .filter_map(|a| directory.get(a).map(|e| e.cred.to_vec()))
+            .collect();
+        for chunk in creds.chunks(wire::MAX_CREDS_PER_FRAME) {
+            let f = Frame::Authors {
+                creds: chunk.to_vec(),
+            };
+            self.send(sid, &f, out);
         }
     }
 
@@ -472,6 +519,20 @@ impl Sessions {
                 }
             }
             Frame::Changes { docs, upto } => return Some(self.receive(r, sid, docs, upto, out)),
+            Frame::Authors { creds } => {
+                let mut txn = Txn::default();
+                for cred in creds {
+                    match r.directory.admit(&cred, &*r.trust.verifier) {
+                        Ok(Some(h)) => txn.batch.credentials.push((h, cred)),
+                        Ok(None) => {}
+                        // Not held against the peer: it may not know of a
+                        // revocation yet. Changes by that author will not
+                        // verify here.
+                        Err(why) => self.violation(sid, format!("credential refused: {why}"), out),
+                    }
+                }
+                return Some(txn);
+            }
             Frame::Bye { code, reason } => {
                 out.push(Output::Close {
                     session: sid,
@@ -723,6 +784,7 @@ impl Sessions {
             };
             let s = self.map.get_mut(&sid).expect("present");
             let mut docs: Vec<DocChanges> = Vec::new();
+            let mut authors = BTreeSet::new();
             for (_, c) in entries {
                 let is_urgent = matches!(
                     c.key.kind,
@@ -734,14 +796,22 @@ impl Sessions {
                 {
                     continue;
                 }
+                let Some(seal) = relayable(r, c.seal) else {
+                    self.stats.unsigned_withheld += 1;
+                    continue;
+                };
+                authors.insert(seal.author);
                 match docs.last_mut() {
-                    Some(d) if d.key == c.key => d.changes.push(c.bytes),
-                    _ => docs.push(DocChanges {
-                        key: c.key,
-                        changes: vec![c.bytes],
-                    }),
+                    Some(d) if d.key == c.key => d.push(c.bytes, &seal.sig),
+                    _ => {
+                        let mut d = DocChanges::new(c.key);
+                        d.push(c.bytes, &seal.sig);
+                        docs.push(d);
+                    }
                 }
             }
+            self.introduce(&r.directory, sid, &authors, out);
+            let s = self.map.get_mut(&sid).expect("present");
             pos = last_seq;
             s.mode = Mode::Stream { base, pos, urgent };
             // Only the full pass may claim a log position: the urgent pass
@@ -789,19 +859,34 @@ impl Sessions {
                 _ => continue,
             };
             let s = self.map.get_mut(&sid).expect("present");
-            let bytes: Vec<Vec<u8>> = changes
+            let changes: Vec<_> = changes
                 .into_iter()
                 .filter(|c| s.seen.insert(c.hash().0))
-                .map(|c| c.raw_bytes().to_vec())
                 .collect();
-            if bytes.is_empty() {
+            if changes.is_empty() {
                 continue;
             }
-            size += bytes.iter().map(Vec::len).sum::<usize>() + 48;
-            docs.push(DocChanges {
-                key,
-                changes: bytes,
-            });
+            let hashes: Vec<Hash32> = changes.iter().map(|c| c.hash().0).collect();
+            let Ok(seals) = r.store.seals(&hashes) else {
+                continue;
+            };
+            let mut d = DocChanges::new(key);
+            let mut authors = BTreeSet::new();
+            for (c, seal) in changes.into_iter().zip(seals) {
+                match relayable(r, seal) {
+                    Some(seal) => {
+                        authors.insert(seal.author);
+                        d.push(c.raw_bytes().to_vec(), &seal.sig);
+                    }
+                    None => self.stats.unsigned_withheld += 1,
+                }
+            }
+            if d.changes.is_empty() {
+                continue;
+            }
+            self.introduce(&r.directory, sid, &authors, out);
+            size += d.changes.iter().map(Vec::len).sum::<usize>() + d.sigs.len() + 48;
+            docs.push(d);
             if size >= wire::TARGET_FRAME_BYTES || docs.len() >= wire::MAX_DOCS_PER_FRAME {
                 self.send(
                     sid,
@@ -839,7 +924,7 @@ impl Sessions {
         // The session was closed mid-frame: the rest of it is dropped.
         let mut cut = false;
         for dc in merge_by_key(docs) {
-            let key = dc.key;
+            let key = dc.key.clone();
             if !policy::may_hold(r.meta.role, &r.meta.node_id, &key)
                 || !policy::may_hold(role, &peer, &key)
             {
@@ -854,11 +939,7 @@ impl Sessions {
             let parsed: Result<Vec<Arc<Change>>, String> = dc
                 .changes
                 .iter()
-                .map(|b| {
-                    let c = r.parse(b).map_err(|e| e.to_string())?;
-                    check_author(&c, &key, &peer, role)?;
-                    Ok(c)
-                })
+                .map(|b| r.parse(b).map_err(|e| e.to_string()))
                 .collect();
             let changes = match parsed {
                 Ok(c) => c,
@@ -868,6 +949,11 @@ impl Sessions {
                     continue;
                 }
             };
+            let sigs: FxHashMap<Hash32, Sig> = changes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.hash().0, dc.sig(i)))
+                .collect();
             if let Some(s) = self.map.get_mut(&sid) {
                 s.seen.extend(changes.iter().map(|c| c.hash().0));
             }
@@ -919,6 +1005,41 @@ impl Sessions {
             if new.is_empty() {
                 r.put_back(base);
                 continue;
+            }
+            // Every new change must be signed by its author, who may write
+            // the document (E-5). One that is not is quarantined for review
+            // with the document's whole batch (never applied, so never
+            // relayed), and a peer that sent a forgery or a change of an
+            // unknown author is cut off: an honest relay sends only changes
+            // it verified, after their authors' credentials.
+            let mut seals = Vec::with_capacity(new.len());
+            let mut unverified = None;
+            for c in &new {
+                let hash = c.hash().0;
+                let actor = c.actor_id().to_bytes();
+                match r.directory.check(&*r.trust.verifier, actor, &key, &hash, &sigs[&hash]) {
+                    Ok(seal) => seals.push(seal),
+                    Err(u) => {
+                        unverified = Some((c.hash(), u));
+                        break;
+                    }
+                }
+            }
+            if let Some((hash, why)) = unverified {
+                r.put_back(base);
+                self.stats.changes_unverified += new.len() as u64;
+                self.stats.changes_rejected += new.len() as u64;
+                txn.batch
+                    .quarantine
+                    .push((key.clone(), format!("unverifiable change {hash} from {peer}: {why}")));
+                if matches!(why, Unverified::Revoked(_)) {
+                    continue;
+                }
+                let why = format!("{key}: unverifiable change: {why}");
+                self.violation(sid, why.clone(), out);
+                self.bye(sid, wire::BYE_POLICY, why, out);
+                cut = true;
+                break;
             }
             if new.iter().any(|c| self.poisoned.contains(&c.hash().0)) {
                 // A change that panicked Automerge before: not run again.
@@ -982,6 +1103,7 @@ impl Sessions {
             r.put_back(applied.doc);
             self.stats.changes_applied += new.len() as u64;
             txn.touched.insert(key.clone());
+            let new = new.into_iter().zip(seals.into_iter().map(Some)).collect();
             r.record(&mut txn, &key, new, projection, Some(sid));
         }
         if let (Some(c), false) = (upto, cut) {
@@ -996,21 +1118,12 @@ impl Sessions {
     }
 }
 
-/// Is the change's author (from its actor id) allowed to write `key`, and
-/// does a change claiming to be the peer's own carry the peer's role?
-fn check_author(c: &Change, key: &DocKey, peer: &NodeId, peer_role: Role) -> Result<(), String> {
-    let actor =
-        Actor::from_bytes(c.actor_id().to_bytes()).ok_or("change has a foreign actor id")?;
-    if actor.is_node(peer.as_str()) && actor.role != peer_role {
-        return Err(format!(
-            "change claims role {} but the peer's certificate says {peer_role}",
-            actor.role
-        ));
-    }
-    if !policy::may_author(actor.role, key, |id| actor.is_node(id)) {
-        return Err(format!("a {} node may not write {key}", actor.role));
-    }
-    Ok(())
+/// The seal to send with a held change, if it may be relayed: signed, by
+/// an author whose credential this node holds and has not seen revoked.
+fn relayable<S: Store>(r: &Replica<S>, seal: Option<Seal>) -> Option<Seal> {
+    let seal = seal?;
+    let e = r.directory.get(&seal.author)?;
+    (!r.trust.verifier.revoked(&e.author)).then_some(seal)
 }
 
 #[cfg(test)]
@@ -1019,10 +1132,11 @@ mod tests {
     use crate::ids::Kind;
 
     fn dc(id: &str, changes: &[u8]) -> DocChanges {
-        DocChanges {
-            key: DocKey::new(Kind::Presence, id).unwrap(),
-            changes: changes.iter().map(|c| vec![*c]).collect(),
+        let mut d = DocChanges::new(DocKey::new(Kind::Presence, id).unwrap());
+        for c in changes {
+            d.push(vec![*c], &[*c; 64]);
         }
+        d
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use crate::doc::Hash32;
 use crate::hlc::Hlc;
 use crate::ids::{DocKey, NodeId, Role};
+use crate::signing::{AuthorHash, Seal};
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -38,8 +39,8 @@ pub fn upsert<K: Ord + Clone, V: Clone>(
 }
 
 /// A persistent set of change hashes with a fixed (deterministic) hasher.
-pub type HashSet32 =
-    imbl::GenericHashSet<Hash32, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
+pub type HashMap32<V> =
+    imbl::GenericHashMap<Hash32, V, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -74,6 +75,10 @@ pub struct ChangeRecord {
     pub key: DocKey,
     pub hash: Hash32,
     pub bytes: Vec<u8>,
+    /// The author's signature. Every change recorded by this version has
+    /// one; `None` only for a change stored before changes were signed,
+    /// which is kept but never relayed.
+    pub seal: Option<Seal>,
 }
 
 /// New heads of a touched document, with a compacted snapshot from time
@@ -178,6 +183,11 @@ pub struct Batch {
     pub quarantine: Vec<(DocKey, String)>,
     /// How far into each peer's change log we hold everything.
     pub cursors: Vec<(NodeId, Cursor)>,
+    /// Newly verified author credentials (see [`crate::signing`]).
+    pub credentials: Vec<(AuthorHash, Vec<u8>)>,
+    /// Seals for changes already stored unsigned (a change keeps the first
+    /// seal it gets).
+    pub seals: Vec<(Hash32, Seal)>,
 }
 
 impl Batch {
@@ -190,6 +200,8 @@ impl Batch {
             && self.peer_heads.is_empty()
             && self.quarantine.is_empty()
             && self.cursors.is_empty()
+            && self.credentials.is_empty()
+            && self.seals.is_empty()
     }
 }
 
@@ -209,6 +221,14 @@ pub trait Store {
     /// Every logged change of a document, for rebuilding a damaged one.
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError>;
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
+    /// The stored seals of changes by hash, in order (`None` for a change
+    /// not held or held unsigned): what relaying a document's changes sends.
+    fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<Seal>>, StoreError>;
+    /// Every verified author credential held, by author hash.
+    fn credentials(&self) -> Result<Vec<(AuthorHash, Vec<u8>)>, StoreError>;
+    /// Logged changes without a seal, in log order after `after`, at most
+    /// `limit`.
+    fn unsigned(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError>;
 
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError>;
     fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError>;
@@ -311,6 +331,8 @@ pub struct LoggedChange {
     pub key: DocKey,
     pub hash: Hash32,
     pub bytes: Arc<[u8]>,
+    /// Shared with other stores like the bytes.
+    pub seal: Option<Arc<Seal>>,
 }
 
 impl LoggedChange {
@@ -319,6 +341,7 @@ impl LoggedChange {
             key: self.key.clone(),
             hash: self.hash,
             bytes: self.bytes.to_vec(),
+            seal: self.seal.as_deref().copied(),
         }
     }
 }
@@ -327,12 +350,19 @@ impl LoggedChange {
 /// simulator's nodes all log the same changes). A change is named by its
 /// hash, so equal hashes are equal bytes.
 #[derive(Clone, Debug, Default)]
-pub struct StorePool(Arc<Mutex<HashMap<Hash32, Arc<[u8]>>>>);
+pub struct StorePool(Arc<Mutex<PoolMap>>);
+type PoolMap = HashMap<Hash32, (Arc<[u8]>, Option<Arc<Seal>>)>;
 
 impl StorePool {
-    fn change(&self, hash: Hash32, bytes: &[u8]) -> Arc<[u8]> {
+    fn change(&self, c: &ChangeRecord) -> (Arc<[u8]>, Option<Arc<Seal>>) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(hash).or_insert_with(|| Arc::from(bytes)).clone()
+        let e = m
+            .entry(c.hash)
+            .or_insert_with(|| (Arc::from(c.bytes.as_slice()), c.seal.map(Arc::new)));
+        if e.1.is_none() {
+            e.1 = c.seal.map(Arc::new);
+        }
+        e.clone()
     }
 }
 
@@ -353,9 +383,11 @@ pub struct MemStore {
     pub pool: Option<StorePool>,
     /// Positions in `log` of each document's changes.
     pub by_doc: OrdMap<DocKey, Vec<usize>>,
-    /// Every logged change's hash (a hash set: hashes are uniform, and
-    /// ordered lookups cost a 32-byte comparison per level).
-    pub hashes: HashSet32,
+    /// Every logged change's hash and its position in `log` (a hash map:
+    /// hashes are uniform, and ordered lookups cost a 32-byte comparison
+    /// per level).
+    pub hashes: HashMap32<usize>,
+    pub credentials: OrdMap<AuthorHash, Vec<u8>>,
     pub docs: OrdMap<DocKey, (Vec<Hash32>, Option<Arc<[u8]>>, usize)>,
     pub projections: OrdMap<DocKey, Arc<Projection>>,
     pub ops: OrdMap<String, String>,
@@ -413,6 +445,31 @@ impl Store for MemStore {
             .map(|i| self.log[i].bytes.to_vec())
             .collect())
     }
+    fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<Seal>>, StoreError> {
+        Ok(hashes
+            .iter()
+            .map(|h| {
+                self.hashes
+                    .get(h)
+                    .and_then(|&i| self.log[i].seal.as_deref().copied())
+            })
+            .collect())
+    }
+    fn unsigned(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
+        let start = (after as usize).min(self.log.len());
+        Ok((start..self.log.len())
+            .filter(|&i| self.log[i].seal.is_none())
+            .take(limit)
+            .map(|i| ((i + 1) as u64, self.log[i].record()))
+            .collect())
+    }
+    fn credentials(&self) -> Result<Vec<(AuthorHash, Vec<u8>)>, StoreError> {
+        Ok(self
+            .credentials
+            .iter()
+            .map(|(h, c)| (*h, c.clone()))
+            .collect())
+    }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         if let Some((n, e)) = &mut self.fail_commits {
             if *n > 0 {
@@ -425,18 +482,32 @@ impl Store for MemStore {
             self.meta = Some(m.clone());
         }
         for c in &batch.changes {
-            if self.hashes.insert(c.hash).is_none() {
-                let at = self.log.len();
+            let at = self.log.len();
+            if !self.hashes.contains_key(&c.hash) {
+                self.hashes.insert(c.hash, at);
                 upsert(&mut self.by_doc, &c.key, Vec::new, |v| v.push(at));
-                let bytes = match &self.pool {
-                    Some(p) => p.change(c.hash, &c.bytes),
-                    None => Arc::from(c.bytes.as_slice()),
+                let (bytes, seal) = match &self.pool {
+                    Some(p) => p.change(c),
+                    None => (Arc::from(c.bytes.as_slice()), c.seal.map(Arc::new)),
                 };
                 self.log.push_back(LoggedChange {
                     key: c.key.clone(),
                     hash: c.hash,
                     bytes,
+                    seal,
                 });
+            }
+        }
+        for (h, c) in &batch.credentials {
+            self.credentials.insert(*h, c.clone());
+        }
+        for (h, seal) in &batch.seals {
+            if let Some(&i) = self.hashes.get(h) {
+                let mut e = self.log[i].clone();
+                if e.seal.is_none() {
+                    e.seal = Some(Arc::new(*seal));
+                    self.log.set(i, e);
+                }
             }
         }
         for d in &batch.docs {
@@ -707,6 +778,10 @@ pub mod conformance {
             key: k.clone(),
             hash: [n; 32],
             bytes: vec![n; 3],
+            seal: Some(Seal {
+                author: [n; 8],
+                sig: [n.wrapping_add(1); 64],
+            }),
         }
     }
 
@@ -1131,6 +1206,62 @@ pub mod conformance {
         log_and_cursors(&mut *fresh());
         districts_and_arrivals(&mut *fresh());
         known_persons_answers_like_person(&mut *fresh());
+        seals_and_credentials(&mut *fresh());
+    }
+
+    /// A change's seal is stored beside it and found by hash (the first one
+    /// stored wins, like the change); an unsigned change has none; the log
+    /// carries seals; credentials are kept by author, the newest winning.
+    pub fn seals_and_credentials(s: &mut dyn Store) {
+        let k = key(Kind::Person, "p1");
+        let mut unsigned = change(&k, 3);
+        unsigned.seal = None;
+        let mut resigned = change(&k, 1);
+        resigned.seal.as_mut().unwrap().sig = [0; 64];
+        s.commit(&Batch {
+            changes: vec![change(&k, 1), change(&k, 2), unsigned],
+            credentials: vec![([1; 8], vec![1, 1]), ([2; 8], vec![2])],
+            ..Default::default()
+        })
+        .unwrap();
+        s.commit(&Batch {
+            changes: vec![resigned],
+            credentials: vec![([1; 8], vec![1, 2])],
+            ..Default::default()
+        })
+        .unwrap();
+        let seals = s.seals(&[[2; 32], [1; 32], [3; 32], [4; 32]]).unwrap();
+        assert_eq!(seals[0], change(&k, 2).seal);
+        assert_eq!(seals[1], change(&k, 1).seal, "the first seal stored stays");
+        assert_eq!(seals[2..], [None, None]);
+        let log = s.log_since(0, 10).unwrap();
+        assert_eq!(log.len(), 3);
+        assert_eq!(log[0].1.seal, change(&k, 1).seal);
+        assert_eq!(log[2].1.seal, None);
+        assert_eq!(
+            s.credentials().unwrap(),
+            vec![([1; 8], vec![1, 2]), ([2; 8], vec![2])]
+        );
+        // Signing an unsigned change later: found by `unsigned`, sealed
+        // once, a second seal ignored.
+        let unsigned = s.unsigned(0, 10).unwrap();
+        assert_eq!(unsigned.len(), 1);
+        assert_eq!(unsigned[0].1.hash, [3; 32]);
+        assert!(s.unsigned(unsigned[0].0, 10).unwrap().is_empty());
+        let late = change(&k, 3).seal.unwrap();
+        let other = change(&k, 4).seal.unwrap();
+        for seal in [late, other] {
+            s.commit(&Batch {
+                seals: vec![([3; 32], seal), ([1; 32], other)],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        assert!(s.unsigned(0, 10).unwrap().is_empty());
+        assert_eq!(
+            s.seals(&[[3; 32], [1; 32]]).unwrap(),
+            vec![Some(late), change(&k, 1).seal]
+        );
     }
 
     /// `known_persons` (an import batch's person check in one read) names

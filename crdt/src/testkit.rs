@@ -56,3 +56,91 @@ pub fn registry_csv(persons: usize) -> String {
     }
     s
 }
+
+/// A stand-in for the municipal CA in tests and the simulator: credentials
+/// are `KZT1 | role | Ed25519 key | node id length | node id | CA signature`,
+/// signed with a fixed CA key. Keys are derived from the node id, so every
+/// run of a seed signs the same bytes. Never accepted by a node, whose
+/// verifier reads X.509 certificates only.
+pub mod testca {
+    use crate::ids::{NodeId, Role};
+    use crate::signing::{public_key, Author, Signer, Trust, Verifier};
+    use ring::signature::{Ed25519KeyPair, UnparsedPublicKey, ED25519};
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, RwLock};
+
+    const MAGIC: &[u8; 4] = b"KZT1";
+    const CA_SEED: [u8; 32] = [0x4b; 32];
+
+    /// The seed of a node's test signing key.
+    pub fn seed(node: &NodeId) -> [u8; 32] {
+        blake3::derive_key("kizuna test node key", node.as_str().as_bytes())
+    }
+
+    /// A credential binding `node`, `role` and the Ed25519 key of `seed`.
+    pub fn credential(node: &NodeId, role: Role, seed: &[u8; 32]) -> Vec<u8> {
+        let mut c = MAGIC.to_vec();
+        c.push(role.code());
+        c.extend_from_slice(&public_key(seed));
+        c.push(node.as_str().len() as u8);
+        c.extend_from_slice(node.as_str().as_bytes());
+        let ca = Ed25519KeyPair::from_seed_unchecked(&CA_SEED).expect("seed");
+        c.extend_from_slice(ca.sign(&c).as_ref());
+        c
+    }
+
+    /// Verifies test credentials; revocations are set at run time.
+    #[derive(Default)]
+    pub struct TestVerifier {
+        pub revoked: RwLock<BTreeSet<NodeId>>,
+    }
+
+    impl Verifier for TestVerifier {
+        fn credential(&self, cred: &[u8]) -> Result<Author, String> {
+            let bad = || "not a test credential".to_string();
+            if cred.len() < 4 + 1 + 32 + 1 + 64 || &cred[..4] != MAGIC {
+                return Err(bad());
+            }
+            let (body, sig) = cred.split_at(cred.len() - 64);
+            let ca = public_key(&CA_SEED);
+            UnparsedPublicKey::new(&ED25519, ca)
+                .verify(body, sig)
+                .map_err(|_| "credential not signed by the test CA".to_string())?;
+            let role = Role::from_code(body[4]).ok_or_else(bad)?;
+            let key: [u8; 32] = body[5..37].try_into().map_err(|_| bad())?;
+            let len = body[37] as usize;
+            let id = body.get(38..38 + len).ok_or_else(bad)?;
+            if 38 + len != body.len() {
+                return Err(bad());
+            }
+            let node = NodeId::new(String::from_utf8_lossy(id).into_owned())
+                .map_err(|e| e.to_string())?;
+            Ok(Author {
+                serial: node.as_str().as_bytes().to_vec(),
+                node,
+                role,
+                key,
+            })
+        }
+        fn revoked(&self, author: &Author) -> bool {
+            self.revoked
+                .read()
+                .map(|r| r.contains(&author.node))
+                .unwrap_or(true)
+        }
+    }
+
+    /// Trust for a test engine of `node` with `role`, sharing `verifier`.
+    pub fn trust_with(node: &NodeId, role: Role, verifier: Arc<TestVerifier>) -> Trust {
+        let s = seed(node);
+        Trust {
+            signer: Some(Arc::new(Signer::new(&s, credential(node, role, &s)))),
+            verifier,
+        }
+    }
+
+    /// [`trust_with`] and a verifier of its own.
+    pub fn trust(node: &NodeId, role: Role) -> Trust {
+        trust_with(node, role, Arc::default())
+    }
+}

@@ -9,11 +9,14 @@
 
 use crate::doc::Hash32;
 use crate::ids::{DocKey, NodeId, Role};
+use crate::signing::{Sig, MAX_CRED_BYTES, SIG_LEN};
 use crate::store::Cursor;
 use serde::{Deserialize, Serialize};
 
 /// Version 1 of the Kizuna sync protocol; negotiated in `Hello` (H-1).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: every change travels with its author's signature, and
+/// credentials of authors travel in `Authors` frames.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame body either end sends or accepts (I-29).
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
 /// Target size when splitting outgoing changes into frames.
@@ -23,6 +26,7 @@ pub const MAX_ITEMS_PER_RANGE: usize = 4096;
 pub const MAX_DOCS_PER_FRAME: usize = 8192;
 pub const MAX_CHANGES_PER_DOC: usize = 65536;
 pub const MAX_HEADS: usize = 64;
+pub const MAX_CREDS_PER_FRAME: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -66,6 +70,30 @@ pub struct DocChanges {
     pub key: DocKey,
     #[serde(with = "byte_strings")]
     pub changes: Vec<Vec<u8>>,
+    /// The authors' signatures of `changes`, [`SIG_LEN`] bytes each, in the
+    /// same order (see [`crate::signing`]).
+    #[serde(with = "serde_bytes")]
+    pub sigs: Vec<u8>,
+}
+
+impl DocChanges {
+    pub fn new(key: DocKey) -> DocChanges {
+        DocChanges {
+            key,
+            changes: Vec::new(),
+            sigs: Vec::new(),
+        }
+    }
+    pub fn push(&mut self, bytes: Vec<u8>, sig: &Sig) {
+        self.changes.push(bytes);
+        self.sigs.extend_from_slice(sig);
+    }
+    /// The signature of the `i`th change.
+    pub fn sig(&self, i: usize) -> Sig {
+        let mut s = [0u8; SIG_LEN];
+        s.copy_from_slice(&self.sigs[i * SIG_LEN..(i + 1) * SIG_LEN]);
+        s
+    }
 }
 
 /// Change bytes as byte strings: decoded with one copy each instead of one
@@ -111,6 +139,12 @@ pub enum Frame {
     },
     /// The sender closes the session; `code` is one of the `BYE_*` values.
     Bye { code: u16, reason: String },
+    /// Credentials of authors whose changes follow (each sent at most once
+    /// per session), so the receiver verifies authors it never met.
+    Authors {
+        #[serde(with = "byte_strings")]
+        creds: Vec<Vec<u8>>,
+    },
 }
 
 pub const BYE_VERSION: u16 = 1;
@@ -147,6 +181,22 @@ fn check_bounds(f: &Frame) -> Result<(), WireError> {
             }
             if docs.iter().any(|d| d.changes.len() > MAX_CHANGES_PER_DOC) {
                 return Err(WireError::Bound("changes per document"));
+            }
+            if docs
+                .iter()
+                .any(|d| d.sigs.len() != d.changes.len() * SIG_LEN)
+            {
+                return Err(WireError::Malformed(
+                    "not exactly one signature per change".into(),
+                ));
+            }
+        }
+        Frame::Authors { creds } => {
+            if creds.len() > MAX_CREDS_PER_FRAME {
+                return Err(WireError::Bound("credentials per frame"));
+            }
+            if creds.iter().any(|c| c.len() > MAX_CRED_BYTES) {
+                return Err(WireError::Bound("credential size"));
             }
         }
         Frame::Bye { reason, .. } if reason.len() > 1024 => {
@@ -215,9 +265,11 @@ mod tests {
         let ours = postcard::to_allocvec(&DocChanges {
             key: key.clone(),
             changes: changes.clone(),
+            sigs: vec![],
         })
         .unwrap();
-        let plain = postcard::to_allocvec(&Plain { key, changes }).unwrap();
+        let mut plain = postcard::to_allocvec(&Plain { key, changes }).unwrap();
+        plain.push(0); // the empty signature string
         assert_eq!(ours, plain);
         let back: DocChanges = postcard::from_bytes(&plain).unwrap();
         assert_eq!(back.changes[3], vec![7; 300]);
@@ -239,10 +291,7 @@ mod tests {
         );
         let too_many = Frame::Changes {
             docs: vec![
-                DocChanges {
-                    key: DocKey::new(Kind::Person, "x").unwrap(),
-                    changes: vec![]
-                };
+                DocChanges::new(DocKey::new(Kind::Person, "x").unwrap());
                 MAX_DOCS_PER_FRAME + 1
             ],
             upto: None,
@@ -257,10 +306,7 @@ mod tests {
             id: "../etc".into(),
         };
         let f = Frame::Changes {
-            docs: vec![DocChanges {
-                key: bad,
-                changes: vec![],
-            }],
+            docs: vec![DocChanges::new(bad)],
             upto: None,
         };
         let bytes = postcard::to_allocvec(&f).unwrap();

@@ -123,7 +123,7 @@ fn main() {
     let store = SqliteStore::open(&data.join(DB_FILE_NAME)).unwrap();
     let mut hq = crdt::engine::Engine::open(
         store,
-        crdt::engine::EngineConfig::new(crdt::NodeId::new("hq-1").unwrap(), crdt::Role::Hq),
+        crdt::engine::EngineConfig::for_tests(crdt::NodeId::new("hq-1").unwrap(), crdt::Role::Hq),
         now(),
     )
     .unwrap();
@@ -155,7 +155,7 @@ fn main() {
     let store = hq.into_store();
     let driver = node::driver::Driver::start(
         store,
-        crdt::engine::EngineConfig::new(crdt::NodeId::new("hq-1").unwrap(), crdt::Role::Hq),
+        crdt::engine::EngineConfig::for_tests(crdt::NodeId::new("hq-1").unwrap(), crdt::Role::Hq),
     )
     .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()

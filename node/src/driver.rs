@@ -709,7 +709,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join(crate::store::DB_FILE_NAME)).unwrap();
         let h = Driver::start(
             store,
-            EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+            EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq),
         )
         .unwrap();
         let closed = Arc::new(Mutex::new(Vec::new()));

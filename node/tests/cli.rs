@@ -230,7 +230,7 @@ impl Server {
     fn start(dir: &Path, id: &str, role: Role, households: Vec<Household>) -> Server {
         let store = SqliteStore::open(&dir.join(DB_FILE_NAME)).unwrap();
         let driver =
-            Driver::start(store, EngineConfig::new(NodeId::new(id).unwrap(), role)).unwrap();
+            Driver::start(store, EngineConfig::for_tests(NodeId::new(id).unwrap(), role)).unwrap();
         if !households.is_empty() {
             let r = driver
                 .command_blocking(

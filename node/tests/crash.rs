@@ -301,7 +301,7 @@ impl Node {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
         let store = SqliteStore::open(&data.join(DB_FILE_NAME)).unwrap();
-        let d = Driver::start(store, EngineConfig::new(id, Role::Hq)).unwrap();
+        let d = Driver::start(store, EngineConfig::for_tests(id, Role::Hq)).unwrap();
         let hh: Vec<Household> = (0..households)
             .map(|h| Household {
                 household_id: format!("h{h:06}"),

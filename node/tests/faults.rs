@@ -111,7 +111,7 @@ fn seed(db: &Path, opts: &OpenOptions, persons: usize) {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq)
+    EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq)
 }
 
 /// What one command was meant to do.
@@ -1005,7 +1005,7 @@ fn disk_full_refuses_writes_but_reads_and_sync_go_on() {
     let now = rig.now();
     let mut shelter = crdt::engine::Engine::open(
         crdt::store::MemStore::new(),
-        EngineConfig::new(NodeId::new("s-01").unwrap(), Role::Shelter),
+        EngineConfig::for_tests(NodeId::new("s-01").unwrap(), Role::Shelter),
         now,
     )
     .unwrap();

@@ -16,7 +16,7 @@ fn start(dir: &Path) -> DriverHandle {
     let store = SqliteStore::open(&dir.join(DB_FILE_NAME)).unwrap();
     let d = Driver::start(
         store,
-        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+        EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq),
     )
     .unwrap();
     let households = (0..PERSONS / 3)

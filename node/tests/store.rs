@@ -276,7 +276,7 @@ fn migration_3_derives_withheld_from_stored_contacts() {
         <rand_chacha::ChaCha8Rng as rand_chacha::rand_core::SeedableRng>::seed_from_u64(1);
     let mut e = Engine::open(
         SqliteStore::open(&d.db()).unwrap(),
-        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+        EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq),
         now,
     )
     .unwrap();

@@ -128,6 +128,19 @@ impl Store for SimStore {
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
         self.mem.doc_changes(key)
     }
+    fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<crdt::signing::Seal>>, StoreError> {
+        self.mem.seals(hashes)
+    }
+    fn credentials(&self) -> Result<Vec<(crdt::signing::AuthorHash, Vec<u8>)>, StoreError> {
+        self.mem.credentials()
+    }
+    fn unsigned(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, crdt::store::ChangeRecord)>, StoreError> {
+        self.mem.unsigned(after, limit)
+    }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         // Each document's rows before the batch and after it (the batch's
         // last rows for it, as `MemStore` keeps them).

@@ -212,10 +212,7 @@ fn conflict_dropped_fires() {
 #[test]
 fn role_leak_fires() {
     let frame = Frame::Changes {
-        docs: vec![DocChanges {
-            key: DocKey::new(Kind::Medical, "p1").unwrap(),
-            changes: vec![],
-        }],
+        docs: vec![DocChanges::new(DocKey::new(Kind::Medical, "p1").unwrap())],
         upto: None,
     };
     let shelter = NodeId::new("shelter-1").unwrap();
@@ -444,6 +441,7 @@ fn received_change_lost_fires() {
         docs: vec![DocChanges {
             key,
             changes: vec![c.raw_bytes().to_vec()],
+            sigs: vec![0; 64],
         }],
         upto: None,
     };

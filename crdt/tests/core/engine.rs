@@ -10,10 +10,14 @@ use crdt::{DocKey, Kind, NodeId, Role};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 const T0: u64 = 1_790_000_000_000;
 
 struct Net {
+    /// Each node's credential verifier (revocations are per node, as the
+    /// news of one spreads).
+    verifiers: Vec<Arc<crdt::testkit::testca::TestVerifier>>,
     nodes: Vec<Engine<MemStore>>,
     rng: ChaCha8Rng,
     now: u64,
@@ -37,18 +41,19 @@ fn now(ms: u64) -> Now {
 
 impl Net {
     fn new(spec: &[(&str, Role)]) -> Net {
+        let verifiers: Vec<Arc<crdt::testkit::testca::TestVerifier>> =
+            spec.iter().map(|_| Arc::default()).collect();
         let nodes = spec
             .iter()
-            .map(|(n, r)| {
-                Engine::open(
-                    MemStore::new(),
-                    EngineConfig::new(NodeId::new(*n).unwrap(), *r),
-                    now(T0),
-                )
-                .unwrap()
+            .zip(&verifiers)
+            .map(|((n, r), v)| {
+                let id = NodeId::new(*n).unwrap();
+                let trust = crdt::testkit::testca::trust_with(&id, *r, v.clone());
+                Engine::open(MemStore::new(), EngineConfig::new(id, *r, trust), now(T0)).unwrap()
             })
             .collect();
         Net {
+            verifiers,
             nodes,
             rng: ChaCha8Rng::seed_from_u64(7),
             now: T0,
@@ -334,7 +339,7 @@ fn status_counts_documents_by_kind() {
         &mut net.nodes[0],
         Engine::open(
             MemStore::new(),
-            EngineConfig::new(NodeId::new("x").unwrap(), Role::Hq),
+            EngineConfig::for_tests(NodeId::new("x").unwrap(), Role::Hq),
             now(T0),
         )
         .unwrap(),
@@ -342,7 +347,7 @@ fn status_counts_documents_by_kind() {
     .into_store();
     net.nodes[0] = Engine::open(
         store,
-        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+        EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq),
         now(T0),
     )
     .unwrap();
@@ -358,7 +363,7 @@ fn documents_received_in_frames_larger_than_the_cache_are_indexed_as_whole() {
     let mut net = Net::new(&[("hq-1", Role::Hq), ("shelter-a", Role::Shelter)]);
     let cfg = EngineConfig {
         cache_docs: 16,
-        ..EngineConfig::new(NodeId::new("shelter-a").unwrap(), Role::Shelter)
+        ..EngineConfig::for_tests(NodeId::new("shelter-a").unwrap(), Role::Shelter)
     };
     net.nodes[1] = Engine::open(MemStore::new(), cfg, now(T0)).unwrap();
     let hh: Vec<Household> = (0..200).map(|i| household(i, 2)).collect();
@@ -913,6 +918,7 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
         docs: vec![DocChanges {
             key: DocKey::new(Kind::Presence, "h1").unwrap(),
             changes: vec![vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]],
+            sigs: vec![0; 64],
         }],
         upto: None,
     })
@@ -920,10 +926,7 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
     send(&mut net, garbage);
     assert!(net.nodes[1].stats().violations >= 1);
     let medical = crdt::wire::encode(&Frame::Changes {
-        docs: vec![DocChanges {
-            key: DocKey::new(Kind::Medical, "p1-0").unwrap(),
-            changes: vec![],
-        }],
+        docs: vec![DocChanges::new(DocKey::new(Kind::Medical, "p1-0").unwrap())],
         upto: None,
     })
     .unwrap();
@@ -935,6 +938,103 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
     let outs = send(&mut net, vec![0xff; 12]);
     assert!(outs.iter().any(|o| matches!(o, Output::Close { .. })));
     assert_eq!(net.nodes[1].store().log, before.log);
+}
+
+/// Signed changes (E-5): a shelter node cannot write as headquarters, under
+/// an invented node or hq's own, nor write what its role may not; each
+/// forgery is refused at the first hop, quarantined for review, counted,
+/// never stored, and the forger's session is closed. A change of a revoked
+/// author relayed by a node that has not heard of the revocation yet is
+/// quarantined without blaming the relay.
+#[test]
+fn forged_changes_are_refused_at_the_first_hop_and_revoked_authors_quarantined() {
+    use crdt::actor::{node_hash, Actor};
+    use crdt::doc::Doc;
+    use crdt::signing::Signer;
+    use crdt::store::Store;
+    use crdt::testkit::testca;
+    use crdt::wire::{DocChanges, Frame};
+    let shelter_key = Signer::new(&testca::seed(&NodeId::new("shelter-a").unwrap()), vec![]);
+    let forge = |key: &DocKey, actor: Actor| {
+        let mut d = Doc::new(key.clone());
+        let c = d
+            .write(actor, 1, "", &[("name".into(), Some("\"x\"".into()))])
+            .unwrap()
+            .unwrap();
+        let mut dc = DocChanges::new(key.clone());
+        dc.push(c.raw_bytes().to_vec(), &shelter_key.sign(&c.hash().0));
+        (c.hash().0, crdt::wire::encode(&Frame::Changes { docs: vec![dc], upto: None }).unwrap())
+    };
+    let registry = DocKey::new(Kind::Registry, "h-forged").unwrap();
+    let cases = [
+        ("an invented hq node", Actor { role: Role::Hq, node_hash: node_hash("hq-9"), incarnation: 1 }),
+        ("hq's own node", Actor { role: Role::Hq, node_hash: node_hash("hq-1"), incarnation: 9 }),
+        ("its own actor with hq's role", Actor { role: Role::Hq, node_hash: node_hash("shelter-a"), incarnation: 9 }),
+        ("its own actor and role", Actor { role: Role::Shelter, node_hash: node_hash("shelter-a"), incarnation: 9 }),
+    ];
+    let mut net = setup();
+    for (i, (what, actor)) in cases.into_iter().enumerate() {
+        net.connect(0, 1);
+        // Headquarters' end of its newest session with shelter-a.
+        let sid = net.links.iter().rev().find(|l| l.1 == 0 && l.2 == 1).unwrap().0;
+        let (hash, frame) = forge(&registry, actor);
+        let before = net.nodes[0].stats();
+        let outs = net.nodes[0].handle(Input::Frame { session: sid, bytes: frame }, now(net.now), &mut net.rng);
+        assert!(
+            outs.iter().any(|o| matches!(o, Output::Close { session, .. } if *session == sid)),
+            "{what}: the forger's session is closed"
+        );
+        let after = net.nodes[0].stats();
+        assert_eq!(after.changes_unverified, before.changes_unverified + 1, "{what}");
+        assert_eq!(after.changes_applied, before.changes_applied, "{what}");
+        assert_eq!(net.nodes[0].doc_heads(&registry), None, "{what}");
+        assert!(!net.nodes[0].store().hashes.contains_key(&hash), "{what}: never stored");
+        let q = net.nodes[0].store().quarantined().unwrap();
+        assert!(
+            q.iter().any(|(k, why)| k == &registry && why.contains("unverifiable")),
+            "{what}: quarantined, {q:?}"
+        );
+        net.disconnect_all();
+        assert_eq!(i + 1, net.nodes[0].stats().changes_unverified as usize);
+    }
+    // Revocation: shelter-b checks someone in while connected only to
+    // shelter-a; headquarters learns of shelter-b's revocation, shelter-a
+    // has not yet, and relays the check-in.
+    net.connect(2, 1);
+    net.cmd(2, "ci-rev", Command::CheckIn { person_ids: vec!["p7-0".into()], shelter_id: None }).unwrap();
+    net.disconnect_all();
+    net.verifiers[0].revoked.write().unwrap().insert(NodeId::new("shelter-b").unwrap());
+    let before = net.nodes[0].stats();
+    net.connect(0, 1);
+    let after = net.nodes[0].stats();
+    assert!(after.changes_unverified > before.changes_unverified, "the relayed change is refused");
+    assert_eq!(after.violations, before.violations, "the relay is not blamed");
+    assert!(net.links.iter().any(|l| net.nodes[0].has_session(l.0)), "the relay stays connected");
+    let QueryReply::Shelters(s) = net.query(0, Query::Shelters) else { panic!() };
+    assert_eq!(
+        s.iter().find(|v| v.shelter.shelter_id == "shelter-b").map_or(0, |v| v.occupancy),
+        0,
+        "the revoked node's check-in is not applied at hq"
+    );
+    assert!(net.nodes[0]
+        .store()
+        .quarantined()
+        .unwrap()
+        .iter()
+        .any(|(_, why)| why.contains("revoked")));
+}
+
+/// The signature of `change` by the test node (one of `names`) its actor
+/// names, with that node's test key.
+fn sign_as_author(change: &[u8], names: &[&str]) -> [u8; 64] {
+    let c = automerge::Change::from_bytes(change.to_vec()).expect("parses");
+    let actor = crdt::actor::Actor::from_bytes(&c.actor_id().to_bytes()).expect("a Kizuna actor");
+    let name = names
+        .iter()
+        .find(|n| actor.is_node(n))
+        .expect("the change's author is one of the test nodes");
+    let seed = crdt::testkit::testca::seed(&NodeId::new(*name).unwrap());
+    crdt::signing::Signer::new(&seed, vec![]).sign(&c.hash().0)
 }
 
 /// Length-prefixed changes of `fixtures/hostile-change.bin`.
@@ -960,11 +1060,14 @@ fn a_change_that_panics_automerge_quarantines_its_document_and_the_node_keeps_se
     let mut net = setup();
     net.connect(0, 1);
     let key = DocKey::new(Kind::Shelter, "s-fuzz").unwrap();
+    // Signed by the author its actor names (a compromised but certified
+    // node): the signature check passes and the apply runs.
+    let mut doc = DocChanges::new(key.clone());
+    for c in hostile_changes() {
+        doc.push(c.clone(), &sign_as_author(&c, &["hq-1", "shelter-a", "shelter-b", "amb-1"]));
+    }
     let frame = crdt::wire::encode(&Frame::Changes {
-        docs: vec![DocChanges {
-            key: key.clone(),
-            changes: hostile_changes(),
-        }],
+        docs: vec![doc],
         upto: None,
     })
     .unwrap();

@@ -13,6 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["ids"],
     &["actor", "model", "policy", "access"],
     &["doc", "jst"],
+    &["signing"],
     &["views", "store", "mailtext", "testkit"],
     &["derive", "wire", "cache", "api"],
     &["share", "index"],

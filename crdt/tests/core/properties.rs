@@ -179,11 +179,17 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 arb_key(),
                 prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4)
             )
-                .prop_map(|(key, changes)| DocChanges { key, changes }),
+                .prop_map(|(key, changes)| DocChanges {
+                    key,
+                    sigs: vec![7; changes.len() * 64],
+                    changes,
+                }),
             0..5
         )
         .prop_map(|docs| Frame::Changes { docs, upto: None }),
         (any::<u16>(), "[ -~]{0,40}").prop_map(|(code, reason)| Frame::Bye { code, reason }),
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 0..4)
+            .prop_map(|creds| Frame::Authors { creds }),
     ]
 }
 

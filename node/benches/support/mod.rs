@@ -90,7 +90,7 @@ pub fn build_registry(path: &Path, residents: usize) -> Engine<SqliteStore> {
     let store = SqliteStore::open(path).unwrap();
     let mut hq = Engine::open(
         store,
-        EngineConfig::new(NodeId::new("hq-1").unwrap(), Role::Hq),
+        EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq),
         now(),
     )
     .unwrap();

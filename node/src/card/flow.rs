@@ -347,7 +347,7 @@ mod tests {
         let store = crate::store::SqliteStore::open(&db).unwrap();
         let driver = crate::driver::Driver::start(
             store,
-            EngineConfig::new(crdt::NodeId::new("hq-1").unwrap(), Role::Hq),
+            EngineConfig::for_tests(crdt::NodeId::new("hq-1").unwrap(), Role::Hq),
         )
         .unwrap();
         let member = |id: &str, card: Option<&str>| Member {

@@ -74,7 +74,7 @@ impl World {
         let vs = check::received_changes(
             id.as_str(),
             f,
-            |k, h| !crdt::policy::may_hold(role, id, k) || mem.hashes.contains(h),
+            |k, h| !crdt::policy::may_hold(role, id, k) || mem.hashes.contains_key(h),
             |b| match share {
                 Some(s) => s.parse(b),
                 None => crdt::doc::parse_change(b).map(std::sync::Arc::new),

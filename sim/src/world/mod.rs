@@ -327,7 +327,7 @@ impl World {
             let c = counters.entry(role_prefix(role)).or_default();
             *c += 1;
             let id = NodeId::new(format!("{}-{}", role_prefix(role), c)).expect("valid id");
-            let mut cfg = EngineConfig::new(id.clone(), role);
+            let mut cfg = EngineConfig::for_tests(id.clone(), role);
             cfg.mail_primary = primary;
             #[cfg(feature = "mutants")]
             {

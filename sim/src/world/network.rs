@@ -62,6 +62,32 @@ pub(super) fn sid_parts(s: SessionId) -> (usize, u32, u8) {
 }
 
 impl World {
+    /// An `Authors` frame with the credentials of the authors of the
+    /// changes in `f`, if it has any.
+    fn credentials_for(&self, f: &Frame) -> Option<Vec<u8>> {
+        let Frame::Changes { docs, .. } = f else {
+            return None;
+        };
+        let authors: BTreeSet<[u8; 8]> = docs
+            .iter()
+            .flat_map(|d| &d.changes)
+            .filter_map(|b| crdt::doc::parse_change(b).ok())
+            .filter_map(|c| crdt::actor::Actor::from_bytes(&c.actor_id().to_bytes()))
+            .map(|a| a.node_hash)
+            .collect();
+        let creds: Vec<Vec<u8>> = self
+            .nodes
+            .iter()
+            .filter(|n| authors.contains(&crdt::actor::node_hash(n.id.as_str())))
+            .filter_map(|n| n.cfg.trust.signer.as_ref().map(|s| s.credential().to_vec()))
+            .take(wire::MAX_CREDS_PER_FRAME)
+            .collect();
+        if creds.is_empty() {
+            return None;
+        }
+        wire::encode(&Frame::Authors { creds }).ok()
+    }
+
     pub(super) fn add_link(&mut self, a: usize, b: usize, profile: Profile) {
         if a == b
             || self
@@ -333,6 +359,20 @@ impl World {
         }
         for (what, at, (copy, f)) in copies {
             *self.summary.faults_injected.entry(what.into()).or_default() += 1;
+            // The second path is a session of its own, which introduced the
+            // copy's authors before their changes (their credentials).
+            if let Some(authors) = self.credentials_for(&f) {
+                self.push(
+                    at,
+                    Ev::Deliver {
+                        link: l,
+                        gen,
+                        dir: side,
+                        bytes: authors,
+                        changes: None,
+                    },
+                );
+            }
             self.push(
                 at,
                 Ev::Deliver {

@@ -525,6 +525,12 @@ impl World {
                 .filter(|(k, _)| everyone(k))
                 .map(|(k, p)| (k.clone(), p.clone()))
                 .collect(),
+            // The authors of those changes, so they can be relayed.
+            credentials: src
+                .credentials
+                .iter()
+                .map(|(h, c)| (*h, c.clone()))
+                .collect(),
             ..Default::default()
         };
         let mut template = self.new_store();
