@@ -372,6 +372,14 @@ pub fn role_extension(role: Role) -> CustomExtension {
     CustomExtension::from_oid_content(ROLE_OID, encode_role(role))
 }
 
+/// The extension binding a node's change-signing key (non-critical).
+pub fn signing_key_extension(key: &[u8; 32]) -> CustomExtension {
+    CustomExtension::from_oid_content(
+        crate::identity::SIGNING_KEY_OID,
+        crate::identity::encode_signing_key(key),
+    )
+}
+
 /// Certificate parameters of a standard node certificate, without serial.
 pub fn node_params(
     role: Role,
@@ -462,6 +470,12 @@ pub fn issue_sealed_at(
         now - BACKDATE,
         now + Duration::days(i64::from(validity_days)),
     )?;
+    // The change-signing key is derived from the node key, so it needs no
+    // file of its own; the certificate binds its public half.
+    let seed = zeroize::Zeroizing::new(crdt::signing::seed_from_node_key(&key.serialize_der()));
+    params
+        .custom_extensions
+        .push(signing_key_extension(&crdt::signing::public_key(&seed)));
     let serial = loop {
         let s = random_serial()?;
         if !ca.state.issued.iter().any(|r| r.serial == hex(&s)) {
@@ -477,6 +491,7 @@ pub fn issue_sealed_at(
     assert_eq!(identity.node_id, *node_id);
     assert_eq!(identity.role, role);
     assert_eq!(identity.serial, normalize_serial(&serial));
+    assert!(identity.signing_key.is_some());
 
     // Record before writing, so every certificate in the wild is revocable.
     ca.state.issued.push(IssuedRecord {

@@ -117,6 +117,7 @@ mod tests {
             serial: vec![1],
             not_before: nb,
             not_after: nb + Duration::days(365),
+            signing_key: None,
         }
     }
 

@@ -29,6 +29,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 /// PEN (free at IANA) and move the role to `1.3.6.1.4.1.<PEN>.1.1`; until then
 /// this constant is the only place that changes.
 pub const ROLE_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 5149, 1];
+/// Private OID of the extension binding the node's Ed25519 change-signing
+/// key (see `crdt::signing`): a DER OCTET STRING of the 32-byte public key.
+pub const SIGNING_KEY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 32473, 5149, 2];
 /// [`ROLE_OID`] in dotted form, for messages and documentation.
 pub const ROLE_OID_STR: &str = "1.3.6.1.4.1.32473.5149.1";
 /// DNS suffix of node SANs: node `shelter-12` is `shelter-12.kizuna`.
@@ -48,6 +51,10 @@ pub struct NodeIdentity {
     pub serial: Vec<u8>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
+    /// The Ed25519 key the node signs its changes with; `None` in a
+    /// certificate issued before changes were signed (such a node must be
+    /// issued a new certificate to write).
+    pub signing_key: Option<[u8; 32]>,
 }
 
 impl NodeIdentity {
@@ -218,7 +225,40 @@ fn parse_leaf_inner(der: &[u8]) -> Result<NodeIdentity, CertError> {
         serial: normalize_serial(cert.tbs_certificate.raw_serial()),
         not_before: validity.not_before.to_datetime(),
         not_after: validity.not_after.to_datetime(),
+        signing_key: signing_key_of(&cert)?,
     })
+}
+
+/// The signing-key extension's key, if present exactly once and well formed.
+fn signing_key_of(cert: &X509Certificate<'_>) -> Result<Option<[u8; 32]>, CertError> {
+    let values: Vec<&[u8]> = cert
+        .extensions()
+        .iter()
+        .filter(|ext| {
+            ext.oid
+                .iter()
+                .is_some_and(|arcs| arcs.eq(SIGNING_KEY_OID.iter().copied()))
+        })
+        .map(|ext| ext.value)
+        .collect();
+    match values.as_slice() {
+        [] => Ok(None),
+        [v] if v.len() == 34 && v[0] == 0x04 && v[1] == 32 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&v[2..]);
+            Ok(Some(k))
+        }
+        _ => Err(CertError::MalformedDer(
+            "the change-signing key extension is malformed or repeated".into(),
+        )),
+    }
+}
+
+/// DER encoding of a signing key as the extension value: an OCTET STRING.
+pub fn encode_signing_key(key: &[u8; 32]) -> Vec<u8> {
+    let mut v = vec![0x04, 32];
+    v.extend_from_slice(key);
+    v
 }
 
 /// Find the single role extension and decode it.

@@ -194,7 +194,36 @@ impl PeerTrust {
         .unwrap_or(Err(PeerCertError::VerifierPanic))
     }
 
+    /// Verify an author's certificate relayed with its changes: the chain
+    /// to the CA and the validity dates, as for a peer, but not revocation,
+    /// which is asked per change (a revoked author's changes are
+    /// quarantined, not blamed on the relay).
+    pub fn verify_author(&self, der: &[u8]) -> Result<NodeIdentity, PeerCertError> {
+        let now = (self.clock)();
+        let der = CertificateDer::from(der);
+        catch_unwind(AssertUnwindSafe(|| {
+            self.verify_chain_at(&der, PeerSide::Client, now)
+        }))
+        .unwrap_or(Err(PeerCertError::VerifierPanic))
+    }
+
     fn verify_peer_at(
+        &self,
+        ee_der: &CertificateDer<'_>,
+        side: PeerSide,
+        now: UnixTime,
+    ) -> Result<NodeIdentity, PeerCertError> {
+        let identity = self.verify_chain_at(ee_der, side, now)?;
+        if self.revocation.is_revoked(&identity.serial) {
+            return Err(PeerCertError::Revoked {
+                node_id: identity.node_id,
+                serial: hex(&identity.serial),
+            });
+        }
+        Ok(identity)
+    }
+
+    fn verify_chain_at(
         &self,
         ee_der: &CertificateDer<'_>,
         side: PeerSide,
@@ -245,14 +274,7 @@ impl PeerTrust {
             }
             other => PeerCertError::Chain(other.to_string()),
         })?;
-        let identity = parse_leaf(ee_der)?;
-        if self.revocation.is_revoked(&identity.serial) {
-            return Err(PeerCertError::Revoked {
-                node_id: identity.node_id,
-                serial: hex(&identity.serial),
-            });
-        }
-        Ok(identity)
+        Ok(parse_leaf(ee_der)?)
     }
 
     fn verify_server(
@@ -269,6 +291,50 @@ impl PeerTrust {
             });
         }
         Ok(identity)
+    }
+}
+
+/// Node certificates as change-author credentials (see `crdt::signing`):
+/// chain and dates checked by [`PeerTrust::verify_author`], the signing key
+/// from the certificate's extension, revocation from the live list.
+pub struct AuthorVerifier(pub Arc<PeerTrust>);
+
+impl crdt::signing::Verifier for AuthorVerifier {
+    fn credential(&self, cred: &[u8]) -> Result<crdt::signing::Author, String> {
+        let id = self.0.verify_author(cred).map_err(|e| e.to_string())?;
+        let key = id.signing_key.ok_or_else(|| {
+            format!(
+                "the certificate of {} has no change-signing key (issued before signed changes; issue it again)",
+                id.node_id
+            )
+        })?;
+        Ok(crdt::signing::Author {
+            node: id.node_id,
+            role: id.role,
+            key,
+            serial: id.serial,
+        })
+    }
+    fn revoked(&self, author: &crdt::signing::Author) -> bool {
+        self.0.revocation.is_revoked(&author.serial)
+    }
+}
+
+/// The engine trust of a node: it signs with the key derived from its node
+/// key and checks authors against the CA and the live revocation list.
+pub fn engine_trust(
+    creds: &crate::NodeCredentials,
+    peers: Arc<PeerTrust>,
+) -> crdt::signing::Trust {
+    let seed = zeroize::Zeroizing::new(crdt::signing::seed_from_node_key(
+        creds.key().secret_der(),
+    ));
+    crdt::signing::Trust {
+        signer: Some(Arc::new(crdt::signing::Signer::new(
+            &seed,
+            creds.cert.to_vec(),
+        ))),
+        verifier: Arc::new(AuthorVerifier(peers)),
     }
 }
 

@@ -356,11 +356,14 @@ impl Config {
 
     /// The engine settings for this node, given the identity from its
     /// verified certificate.
-    pub fn engine_config(&self, node_id: NodeId, role: Role) -> EngineConfig {
-        let mut cfg = EngineConfig::new(node_id, role);
-        if let Some(s) = &self.node.shelter_id {
-            cfg.shelter_id = Some(s.clone());
-        }
+    pub fn engine_config(
+        &self,
+        node_id: NodeId,
+        role: Role,
+        trust: crdt::signing::Trust,
+    ) -> EngineConfig {
+        let mut cfg = EngineConfig::new(node_id, role, trust);
+        cfg.shelter_id = self.shelter_id(&cfg.node_id, role);
         cfg.mail_primary = self.node.mail_primary;
         cfg.mail_lease_ms = self.node.mail_lease_ms;
         cfg.mail_takeover_ms = self.node.mail_takeover_ms;
@@ -372,6 +375,15 @@ impl Config {
             cfg.mail_templates = t;
         }
         cfg
+    }
+
+    /// The shelter this node serves: the configured one, or (shelter role)
+    /// its node id.
+    pub fn shelter_id(&self, node_id: &NodeId, role: Role) -> Option<String> {
+        match &self.node.shelter_id {
+            Some(s) => Some(s.clone()),
+            None => (role == Role::Shelter).then(|| node_id.as_str().to_string()),
+        }
     }
 
     /// Checks that depend on the role from the certificate. Returns
@@ -900,7 +912,11 @@ mail_lease_ms = 60000
         assert_eq!(c.certs.ca, PathBuf::from("/ca.pem"));
         assert_eq!(c.net.static_peers[0].node_id.as_str(), "hq-1");
         assert_eq!(c.node.mail_lease_ms, 60000);
-        let e = c.engine_config(NodeId::new("s-01").unwrap(), Role::Shelter);
+        let e = c.engine_config(
+            NodeId::new("s-01").unwrap(),
+            Role::Shelter,
+            crdt::signing::Trust::offline(),
+        );
         assert!(!e.mail_primary);
     }
 

@@ -43,7 +43,9 @@ pub fn open_own(data_dir: &Path) -> Result<(DataDirLock, DriverHandle), Exit> {
     let meta = store.load_meta()?.ok_or_else(|| {
         Exit::bad_input(format!("{}: the node never started", data_dir.display()))
     })?;
-    let driver = Driver::start(store, EngineConfig::new(meta.node_id, meta.role))?;
+    // Audit entries written here are signed by the node at its next start.
+    let cfg = EngineConfig::new(meta.node_id, meta.role, crdt::signing::Trust::offline());
+    let driver = Driver::start(store, cfg)?;
     Ok((lock, driver))
 }
 

@@ -670,7 +670,13 @@ pub fn open_for<D: Dataset>(
             )))
         }
     };
-    Ok((lock, store, EngineConfig::new(id, role)))
+    // The node is stopped and its key elsewhere: the import is stored
+    // unsigned and signed by the node at its next start (crdt::signing).
+    Ok((
+        lock,
+        store,
+        EngineConfig::new(id, role, crdt::signing::Trust::offline()),
+    ))
 }
 
 /// The whole `kizuna import DATASET` (and `registry import`): parse and

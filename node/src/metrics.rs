@@ -282,6 +282,7 @@ impl Metrics {
             Ok(Frame::Resume { .. }) => "resume",
             Ok(Frame::Reconcile { .. }) => "reconcile",
             Ok(Frame::Bye { .. }) => "bye",
+            Ok(Frame::Authors { .. }) => "authors",
             Ok(Frame::Changes { docs, .. }) => {
                 for doc in &docs {
                     let l = KindDirLabels {

@@ -105,7 +105,9 @@ pub fn run(config: &Path) -> Result<(), Exit> {
     )
     .map_err(|e| Exit::bad_input(e.to_string()))?;
     tracing::info!(encrypted = encrypt, "store open");
-    let driver = Driver::start(store, cfg.engine_config(node_id.clone(), role))?;
+    let (revocation, peer_trust) = load_revocation(&cfg, &creds)?;
+    let trust = certs::tls::engine_trust(&creds, peer_trust.clone());
+    let driver = Driver::start(store, cfg.engine_config(node_id.clone(), role, trust))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -123,7 +125,7 @@ pub fn run(config: &Path) -> Result<(), Exit> {
             )),
             false => None,
         };
-        let transport = start_mesh(&cfg, creds, &driver, &metrics).await?;
+        let transport = start_mesh(&cfg, creds, (revocation, peer_trust), &driver, &metrics).await?;
         crate::upkeep::start(&driver, &transport, &cfg.data_dir);
         if let Some((listener, token)) = metrics_listener {
             // Weak: the transport is unwrapped for its clean shutdown below.
@@ -167,7 +169,7 @@ pub fn run(config: &Path) -> Result<(), Exit> {
         }
         let mut state = crate::api::ApiState::new(driver.clone(), cfg.data_dir.clone())
             .with_identity(node_id.as_str(), role)
-            .with_shelter(cfg.engine_config(node_id.clone(), role).shelter_id)
+            .with_shelter(cfg.shelter_id(&node_id, role))
             .with_hosts(cfg.http.hosts.clone())
             .with_transport(transport.clone());
         let watcher = match card_reader {
@@ -259,17 +261,13 @@ pub fn start_card(
     (hub, watcher)
 }
 
-/// Starts QUIC with mutual TLS, mDNS and static peers. The transport hands
-/// its engine inputs straight to the driver and carries the engine's
-/// frames out; the newest CRL is kept in the data dir (`crl.der`, the one
-/// before it in `crl.prev.der`, [`certs::crlstore`]).
-pub async fn start_mesh(
+/// The CA, the stored revocation list and the peer verifier built on them:
+/// one state for TLS peers and change authors alike, so a list loaded at
+/// run time applies to both.
+fn load_revocation(
     cfg: &Config,
-    creds: certs::NodeCredentials,
-    driver: &DriverHandle,
-    metrics: &Arc<crate::metrics::Metrics>,
-) -> anyhow::Result<Arc<crate::net::Transport>> {
-    use crate::net::{StaticPeer, Transport, TransportConfig, TransportSinks};
+    creds: &certs::NodeCredentials,
+) -> anyhow::Result<(Arc<certs::crl::RevocationState>, Arc<certs::tls::PeerTrust>)> {
     let revocation = Arc::new(certs::crl::RevocationState::new(creds.ca.clone()));
     let crl_path = cfg.data_dir.join(certs::crlstore::CRL_FILE);
     // Fail closed: a damaged list falls back to the previous one, and with
@@ -287,7 +285,24 @@ pub async fn start_mesh(
         ),
     }
     let trust = certs::tls::PeerTrust::new(revocation.clone(), certs::tls::system_clock())?;
+    Ok((revocation, trust))
+}
+
+/// Starts QUIC with mutual TLS, mDNS and static peers. The transport hands
+/// its engine inputs straight to the driver and carries the engine's
+/// frames out; the newest CRL is kept in the data dir (`crl.der`, the one
+/// before it in `crl.prev.der`, [`certs::crlstore`]).
+pub async fn start_mesh(
+    cfg: &Config,
+    creds: certs::NodeCredentials,
+    (revocation, trust): (Arc<certs::crl::RevocationState>, Arc<certs::tls::PeerTrust>),
+    driver: &DriverHandle,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<Arc<crate::net::Transport>> {
+    use crate::net::{StaticPeer, Transport, TransportConfig, TransportSinks};
+    let crl_path = cfg.data_dir.join(certs::crlstore::CRL_FILE);
     let mut tcfg = TransportConfig::new(cfg.net.listen);
+
     tcfg.mdns = cfg.net.mdns;
     tcfg.known_peers_file = Some(cfg.data_dir.join("known_peers.json"));
     tcfg.crl_file = Some(crl_path);
@@ -415,5 +430,5 @@ pub fn open_hq(
             NodeId::new(n).map_err(|e| Exit::bad_input(e.to_string()))?
         }
     };
-    Ok((lock, store, EngineConfig::new(id, Role::Hq)))
+    Ok((lock, store, EngineConfig::new(id, Role::Hq, crdt::signing::Trust::offline())))
 }

@@ -63,6 +63,10 @@ fn full_batch(n: u8, change_len: usize) -> Batch {
                 },
                 hash: [i; 32],
                 bytes: vec![i; change_len],
+                seal: (i % 2 == 0).then_some(crdt::signing::Seal {
+                    author: [i; 8],
+                    sig: [i; 64],
+                }),
             })
             .collect(),
         docs: vec![
@@ -115,6 +119,8 @@ fn full_batch(n: u8, change_len: usize) -> Batch {
                 hash: [3; 32],
             },
         )],
+        credentials: vec![([7; 8], vec![1, 2, 3])],
+        seals: vec![],
     }
 }
 
@@ -704,6 +710,7 @@ fn disk_full_rejects_the_commit_and_recovers() {
                 key: key(Kind::Registry, "big"),
                 hash: [100 + i; 32],
                 bytes: vec![i; 4000],
+                seal: None,
             })
             .collect(),
         ops: vec![("op-big".into(), "{}".into())],
@@ -913,8 +920,17 @@ fn batch() -> impl Strategy<Value = Batch> {
                 doc_key(),
                 hash(),
                 proptest::collection::vec(any::<u8>(), 0..4),
+                proptest::option::of(any::<[u8; 8]>()),
             )
-                .prop_map(|(key, hash, bytes)| ChangeRecord { key, hash, bytes }),
+                .prop_map(|(key, hash, bytes, author)| ChangeRecord {
+                    key,
+                    hash,
+                    bytes,
+                    seal: author.map(|author| crdt::signing::Seal {
+                        author,
+                        sig: [author[0]; 64],
+                    }),
+                }),
             0..5,
         ),
         proptest::collection::vec(
@@ -966,6 +982,7 @@ fn batch() -> impl Strategy<Value = Batch> {
                 peer_heads,
                 quarantine,
                 cursors,
+                ..Default::default()
             },
         )
 }

@@ -32,6 +32,12 @@
 //! - `withheld` (version 3): projection rows of contacts documents, the
 //!   persons who asked that nothing about them be disclosed.
 //! - `persons.district` (version 4): a registry resident's address district.
+//! - `changes.seal` (version 5): the author's signature of the change and
+//!   the author's node hash ([`crdt::signing::Seal`], 72 bytes); NULL for a
+//!   change stored before changes were signed or made offline, which the
+//!   node signs at its next start when it is the author, and which is never
+//!   relayed otherwise. `authors`: verified author credentials by node
+//!   hash, relayed to peers with the changes they signed.
 //!
 //! Kinds are stored as [`crdt::Kind::code`] integers so `ORDER BY kind, id`
 //! is exactly [`crdt::DocKey`]'s `Ord`; text columns use SQLite's BINARY
@@ -43,7 +49,7 @@
 pub const APPLICATION_ID: i32 = 0x4B5A_4E41;
 
 /// Migration `i` (0-based) takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this program writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -70,6 +76,17 @@ CREATE INDEX withheld_person_id ON withheld (person_id);
 const V4: &str = r#"
 ALTER TABLE persons ADD COLUMN district TEXT;
 CREATE INDEX persons_district ON persons (district, person_id) WHERE district IS NOT NULL;
+"#;
+
+/// Version 5: signed changes. Existing changes get no seal: the node signs
+/// its own at its next start; others' are kept and not relayed.
+const V5: &str = r#"
+ALTER TABLE changes ADD COLUMN seal BLOB CHECK (seal IS NULL OR length(seal) = 72);
+CREATE INDEX changes_unsigned ON changes (seq) WHERE seal IS NULL;
+CREATE TABLE authors (
+    author BLOB PRIMARY KEY CHECK (length(author) = 8),
+    cred   BLOB NOT NULL
+);
 "#;
 
 /// Version 2: receiver-held sync cursors into each peer's change log.
@@ -197,4 +214,5 @@ pub(crate) const DIGEST_TABLES: &[(&str, &str)] = &[
     ("ops", "op_id"),
     ("peer_heads", "peer, kind, doc_id"),
     ("quarantine", "kind, doc_id"),
+    ("authors", "author"),
 ];

@@ -27,6 +27,7 @@ use crdt::store::{
     Batch, ChangeRecord, Cursor, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow, Store,
     StoreError, StoredDoc,
 };
+use crdt::signing::{AuthorHash, Seal};
 use crdt::{DocKey, Kind, NodeId};
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -221,6 +222,54 @@ fn location_from_parts(
 }
 
 impl SqliteStore {
+    /// Change records from a `SELECT seq, kind, doc_id, hash, bytes, seal`
+    /// taking `after` and `limit`.
+    fn change_records(
+        &self,
+        sql: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
+        let mut st = self.conn.prepare_cached(sql).map_err(map_err)?;
+        let rows = st
+            .query_map(
+                params![after as i64, limit.min(i64::MAX as usize) as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                        r.get::<_, Option<Vec<u8>>>(5)?,
+                    ))
+                },
+            )
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, kind, id, hash, bytes, seal) = row.map_err(map_err)?;
+            let seal = match seal {
+                None => None,
+                Some(b) => Some(
+                    Seal::from_bytes(&b)
+                        .ok_or_else(|| StoreError::Corrupt("a seal is not 72 bytes".into()))?,
+                ),
+            };
+            let key = DocKey::new(kind_from_sql(kind)?, id)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((
+                seq as u64,
+                ChangeRecord {
+                    key,
+                    hash: hash32(&hash)?,
+                    bytes,
+                    seal,
+                },
+            ));
+        }
+        Ok(out)
+    }
     /// Opens (creating if missing) the store at `path` with the default
     /// options: checks, quick_check, WAL, migrations.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
@@ -788,40 +837,63 @@ impl Store for SqliteStore {
     }
 
     fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
+        self.change_records(
+            "SELECT seq, kind, doc_id, hash, bytes, seal FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            after,
+            limit,
+        )
+    }
+
+    fn unsigned(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
+        self.change_records(
+            "SELECT seq, kind, doc_id, hash, bytes, seal FROM changes \
+             WHERE seal IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+            after,
+            limit,
+        )
+    }
+
+    fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<Seal>>, StoreError> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT seq, kind, doc_id, hash, bytes FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .prepare_cached("SELECT seal FROM changes WHERE hash = ?1")
+            .map_err(map_err)?;
+        hashes
+            .iter()
+            .map(|h| {
+                let b: Option<Option<Vec<u8>>> = st
+                    .query_row([&h[..]], |r| r.get(0))
+                    .optional()
+                    .map_err(map_err)?;
+                b.flatten()
+                    .map(|b| {
+                        Seal::from_bytes(&b)
+                            .ok_or_else(|| StoreError::Corrupt("a seal is not 72 bytes".into()))
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    fn credentials(&self) -> Result<Vec<(AuthorHash, Vec<u8>)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT author, cred FROM authors ORDER BY author")
             .map_err(map_err)?;
         let rows = st
-            .query_map(
-                params![after as i64, limit.min(i64::MAX as usize) as i64],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Vec<u8>>(3)?,
-                        r.get::<_, Vec<u8>>(4)?,
-                    ))
-                },
-            )
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))
             .map_err(map_err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, kind, id, hash, bytes) = row.map_err(map_err)?;
-            let key = DocKey::new(kind_from_sql(kind)?, id)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push((
-                seq as u64,
-                ChangeRecord {
-                    key,
-                    hash: hash32(&hash)?,
-                    bytes,
-                },
-            ));
+            let (a, c) = row.map_err(map_err)?;
+            let a: AuthorHash = a
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("an author hash is not 8 bytes".into()))?;
+            out.push((a, c));
         }
         Ok(out)
     }
+
 
     fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError> {
         let h: Option<Vec<u8>> = self
@@ -1241,10 +1313,25 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
     }
     if !batch.changes.is_empty() {
         let mut st = tx.prepare_cached(
-            "INSERT OR IGNORE INTO changes (hash, kind, doc_id, bytes) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR IGNORE INTO changes (hash, kind, doc_id, bytes, seal) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for c in &batch.changes {
-            st.execute(params![&c.hash[..], c.key.kind.code(), c.key.id, c.bytes])?;
+            let seal = c.seal.map(|s| s.to_bytes().to_vec());
+            st.execute(params![&c.hash[..], c.key.kind.code(), c.key.id, c.bytes, seal])?;
+        }
+    }
+    if !batch.seals.is_empty() {
+        let mut st =
+            tx.prepare_cached("UPDATE changes SET seal = ?2 WHERE hash = ?1 AND seal IS NULL")?;
+        for (hash, seal) in &batch.seals {
+            st.execute(params![&hash[..], &seal.to_bytes()[..]])?;
+        }
+    }
+    if !batch.credentials.is_empty() {
+        let mut st =
+            tx.prepare_cached("INSERT OR REPLACE INTO authors (author, cred) VALUES (?1, ?2)")?;
+        for (author, cred) in &batch.credentials {
+            st.execute(params![&author[..], cred])?;
         }
     }
     if !batch.docs.is_empty() {
@@ -1452,6 +1539,7 @@ mod tests {
                     key: key.clone(),
                     hash: [i; 32],
                     bytes: vec![i; 3000],
+                    seal: None,
                 })
                 .collect(),
             ops: vec![(format!("op-{from}"), "{}".into())],
