@@ -322,20 +322,28 @@ impl crdt::signing::Verifier for AuthorVerifier {
 
 /// The engine trust of a node: it signs with the key derived from its node
 /// key and checks authors against the CA and the live revocation list.
+/// Refused when the certificate does not bind that key (issued before
+/// changes were signed, or for another key).
 pub fn engine_trust(
     creds: &crate::NodeCredentials,
     peers: Arc<PeerTrust>,
-) -> crdt::signing::Trust {
+) -> Result<crdt::signing::Trust, String> {
     let seed = zeroize::Zeroizing::new(crdt::signing::seed_from_node_key(
         creds.key().secret_der(),
     ));
-    crdt::signing::Trust {
-        signer: Some(Arc::new(crdt::signing::Signer::new(
-            &seed,
-            creds.cert.to_vec(),
-        ))),
-        verifier: Arc::new(AuthorVerifier(peers)),
+    let signer = crdt::signing::Signer::new(&seed, creds.cert.to_vec());
+    if creds.identity.signing_key != Some(signer.public_key()) {
+        return Err(format!(
+            "{}: この証明書には変更署名用の鍵がありません。`kizuna certs issue` で証明書を発行し直してください / \
+             this certificate does not bind the node's change-signing key (issued before changes were signed): \
+             issue a new one with `kizuna certs issue`",
+            creds.cert_path.display()
+        ));
     }
+    Ok(crdt::signing::Trust {
+        signer: Some(Arc::new(signer)),
+        verifier: Arc::new(AuthorVerifier(peers)),
+    })
 }
 
 fn is_self_signed(der: &[u8]) -> bool {

@@ -40,7 +40,7 @@ use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::index::{DocIndex, Index};
 use crate::model::PresenceEvent;
 use crate::policy;
-use crate::signing::{Directory, Seal, Signer, Trust};
+use crate::signing::{Author, Directory, Seal, Signer, Trust};
 #[cfg(not(any(test, feature = "share")))]
 use crate::replica::no_share::DocShare;
 #[cfg(any(test, feature = "share"))]
@@ -107,8 +107,6 @@ pub(crate) const SNAPSHOT_EVERY: u32 = 32;
 pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("this node's own credential does not verify: {0}")]
-    Credential(String),
     #[error(
         "this database belongs to node {found} ({found_role}), not {expected} ({expected_role})"
     )]
@@ -227,19 +225,20 @@ impl<S: Store> Replica<S> {
         let mut directory = Directory::default();
         let mut credentials = Vec::new();
         if let Some(signer) = &trust.signer {
+            // Our own credential is taken as given (a device clock outside
+            // its validity must not stop the node, B-2); the driver checked
+            // that it binds this signing key.
             let own = signer.credential().clone();
-            let new_own = directory
-                .admit(&own, &*trust.verifier)
-                .map_err(EngineError::Credential)?;
-            match directory.get(&actor_hash(node_id.as_str())) {
-                Some(e) if e.author.role == role && e.author.key == signer.public_key() => {}
-                _ => {
-                    return Err(EngineError::Credential(format!(
-                        "it does not name {node_id} ({role}) with this node's signing key"
-                    )))
-                }
-            }
-            credentials.extend(new_own.map(|h| (h, own.to_vec())));
+            let h = directory.own(
+                Author {
+                    node: node_id.clone(),
+                    role,
+                    key: signer.public_key(),
+                    serial: Vec::new(),
+                },
+                own.clone(),
+            );
+            credentials.push((h, own.to_vec()));
         }
         for (_, cred) in store.credentials()? {
             let _ = directory.admit(&cred, &*trust.verifier);

@@ -106,7 +106,7 @@ pub fn run(config: &Path) -> Result<(), Exit> {
     .map_err(|e| Exit::bad_input(e.to_string()))?;
     tracing::info!(encrypted = encrypt, "store open");
     let (revocation, peer_trust) = load_revocation(&cfg, &creds)?;
-    let trust = certs::tls::engine_trust(&creds, peer_trust.clone());
+    let trust = certs::tls::engine_trust(&creds, peer_trust.clone()).map_err(Exit::bad_input)?;
     let driver = Driver::start(store, cfg.engine_config(node_id.clone(), role, trust))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -593,3 +593,116 @@ async fn mdns_peers_find_each_other() {
     a.t.shutdown().await;
     b.t.shutdown().await;
 }
+
+/// Signed changes over real QUIC (issue 12): a certified shelter node that
+/// writes as headquarters (hq's role under hq's node id, signed with the
+/// only key it has) is cut off by headquarters at the first hop, and the
+/// forgery is quarantined there, never stored. Headquarters runs a real
+/// engine on a real SQLite file with the node's own author verifier.
+#[tokio::test]
+async fn a_shelter_writing_as_headquarters_is_refused_at_the_first_hop() {
+    use crdt::wire::{self, DocChanges, Frame};
+    use crdt::{DocKey, Kind};
+    use node::driver::{Driver, NetOut};
+    let pki = Pki::new("Kizuna test CA");
+    let hq_dir = pki.node(Role::Hq, "hq-1");
+    let shelter_dir = pki.node(Role::Shelter, "shelter-1");
+    let data = tempfile::tempdir().unwrap();
+
+    // Headquarters: transport and engine, wired as `kizuna run` wires them.
+    let creds = NodeCredentials::load_dir(&hq_dir).unwrap();
+    let revocation = Arc::new(RevocationState::new(creds.ca.clone()));
+    let trust = PeerTrust::new(revocation.clone(), clock()).unwrap();
+    let engine_trust = certs::tls::engine_trust(&creds, trust.clone()).unwrap();
+    let store = node::store::SqliteStore::open(&data.path().join("kizuna.db")).unwrap();
+    let driver = Driver::start(
+        store,
+        crdt::engine::EngineConfig::new(nid("hq-1"), Role::Hq, engine_trust),
+    )
+    .unwrap();
+    let d = driver.clone();
+    let sinks = TransportSinks {
+        input: Box::new(move |i| {
+            let _ = d.input(i);
+        }),
+        notice: None,
+    };
+    let hq = Arc::new(
+        Transport::start(cfg(localhost(), vec![]), creds, trust, revocation, sinks)
+            .await
+            .unwrap(),
+    );
+    let t = hq.clone();
+    driver.set_net_sink(Box::new(move |o| match o {
+        NetOut::Send { session, bytes } => t.send(session, bytes),
+        NetOut::Close { session, reason } => t.close(session, &reason),
+    }));
+
+    // The rogue shelter speaks the protocol by hand over its transport.
+    let mut rogue = start(
+        &shelter_dir,
+        cfg(localhost(), vec![peer("hq-1", hq.local_addr())]),
+    )
+    .await;
+    let (sid, ..) = connected(&mut rogue.rx).await;
+    let shelter = NodeCredentials::load_dir(&shelter_dir).unwrap();
+    let send = |f: &Frame| rogue.t.send(sid, wire::encode(f).unwrap());
+    send(&Frame::Hello {
+        version: wire::PROTOCOL_VERSION,
+        node: nid("shelter-1"),
+        role: Role::Shelter,
+        incarnation: 1,
+        resume: None,
+    });
+    send(&Frame::Authors {
+        creds: vec![shelter.cert.to_vec()],
+    });
+    // Re-point a registry card: hq's role, hq's node id, the shelter's key.
+    let key = DocKey::new(Kind::Registry, "h-forged").unwrap();
+    let mut doc = crdt::doc::Doc::new(key.clone());
+    let actor = crdt::actor::Actor::new(Role::Hq, &nid("hq-1"), 77);
+    let change = doc
+        .write(actor, 0, "", &[("address".into(), Some("\"x\"".into()))])
+        .unwrap()
+        .unwrap();
+    let own_key = crdt::signing::Signer::new(
+        &crdt::signing::seed_from_node_key(shelter.key().secret_der()),
+        vec![],
+    );
+    let mut dc = DocChanges::new(key.clone());
+    dc.push(change.raw_bytes().to_vec(), &own_key.sign(&change.hash().0));
+    send(&Frame::Changes {
+        docs: vec![dc],
+        upto: None,
+    });
+    // Headquarters says why it closes, then closes.
+    let bye = wait_for(&mut rogue.rx, "hq's Bye", |e| match e {
+        Ev::Input(Input::Frame { session, bytes }) if *session == sid => {
+            matches!(wire::decode(bytes), Ok(Frame::Bye { .. }))
+        }
+        _ => false,
+    })
+    .await;
+    let Ev::Input(Input::Frame { bytes, .. }) = bye else {
+        unreachable!()
+    };
+    let Ok(Frame::Bye { code, reason }) = wire::decode(&bytes) else {
+        unreachable!()
+    };
+    assert_eq!(code, wire::BYE_POLICY);
+    assert!(reason.contains("unverifiable"), "{reason}");
+    disconnected(&mut rogue.rx, sid).await;
+
+    use crdt::store::Store;
+    let store = driver.shutdown().unwrap().expect("the store comes back");
+    let held = store.log_since(0, 100_000).unwrap();
+    assert!(
+        held.iter().all(|(_, c)| c.hash != change.hash().0),
+        "the forgery is never stored"
+    );
+    assert!(store
+        .quarantined()
+        .unwrap()
+        .iter()
+        .any(|(k, why)| *k == key && why.contains("unverifiable")));
+}

@@ -262,7 +262,95 @@ fn conformance_suite_on_real_files() {
             .join(format!("c{}.db", n.fetch_add(1, Ordering::SeqCst)));
         Box::new(SqliteStore::open(&path).unwrap())
     });
-    assert_eq!(n.load(Ordering::SeqCst), 10);
+    assert_eq!(n.load(Ordering::SeqCst), 11);
+}
+
+/// Migration 5 and offline writes (signed changes): changes stored unsigned
+/// (a version 4 database, or a command run while the node was stopped) are
+/// signed by the node at its next start with its key when it authored them;
+/// another author's unsigned change stays unsigned (never relayed).
+#[test]
+fn unsigned_own_changes_are_signed_at_the_next_start() {
+    use crdt::api::{Command, Input, Now, Operator};
+    use crdt::engine::{Engine, EngineConfig};
+    let d = Dir::new();
+    let now = Now {
+        wall_ms: 1_790_000_000_000,
+        mono_ms: 0,
+        wall_trusted: true,
+    };
+    let mut rng =
+        <rand_chacha::ChaCha8Rng as rand_chacha::rand_core::SeedableRng>::seed_from_u64(1);
+    let hq = NodeId::new("hq-1").unwrap();
+    // Offline: no key, the import is stored unsigned.
+    let mut e = Engine::open(
+        SqliteStore::open(&d.db()).unwrap(),
+        EngineConfig::new(hq.clone(), Role::Hq, crdt::signing::Trust::offline()),
+        now,
+    )
+    .unwrap();
+    e.handle(
+        Input::Command {
+            op_id: "imp".into(),
+            operator: Operator("op".into()),
+            cmd: Command::ImportHouseholds {
+                households: vec![crdt::testkit::household(1, 2)],
+            },
+        },
+        now,
+        &mut rng,
+    );
+    let mut store = e.into_store();
+    let unsigned = store.unsigned(0, 100).unwrap();
+    assert!(!unsigned.is_empty(), "offline changes are stored unsigned");
+    // Another node's change, stored unsigned (as before version 5).
+    let foreign = {
+        let key = DocKey::new(Kind::Person, "p-x").unwrap();
+        let mut doc = crdt::doc::Doc::new(key.clone());
+        let actor =
+            crdt::actor::Actor::new(Role::Shelter, &NodeId::new("shelter-1").unwrap(), 1);
+        let c = doc
+            .write(actor, 0, "", &[("f".into(), Some("\"v\"".into()))])
+            .unwrap()
+            .unwrap();
+        ChangeRecord {
+            key,
+            hash: c.hash().0,
+            bytes: c.raw_bytes().to_vec(),
+            seal: None,
+        }
+    };
+    store
+        .commit(&Batch {
+            changes: vec![foreign.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+    drop(store);
+    // The node starts with its key.
+    let e = Engine::open(
+        SqliteStore::open(&d.db()).unwrap(),
+        EngineConfig::for_tests(hq.clone(), Role::Hq),
+        now,
+    )
+    .unwrap();
+    let store = e.into_store();
+    let still: Vec<_> = store
+        .unsigned(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, c)| c.hash)
+        .collect();
+    assert_eq!(still, vec![foreign.hash], "only the foreign change stays unsigned");
+    let key = crdt::signing::public_key(&crdt::testkit::testca::seed(&hq));
+    let seals = store
+        .seals(&unsigned.iter().map(|(_, c)| c.hash).collect::<Vec<_>>())
+        .unwrap();
+    for ((_, c), seal) in unsigned.iter().zip(seals) {
+        let seal = seal.expect("signed at start");
+        assert_eq!(seal.author, crdt::actor::node_hash("hq-1"));
+        assert!(crdt::signing::verify(&key, &c.hash, &seal.sig));
+    }
 }
 
 /// Migration 3 derives the do-not-disclose rows of contacts documents
@@ -336,7 +424,9 @@ fn migration_3_derives_withheld_from_stored_contacts() {
     // Back to what version 2 had: no withheld table (3), no district (4).
     c.execute_batch(
         "DROP TABLE withheld; DROP INDEX persons_district; \
-         ALTER TABLE persons DROP COLUMN district; PRAGMA user_version = 2;",
+         ALTER TABLE persons DROP COLUMN district; \
+         DROP INDEX changes_unsigned; DROP TABLE authors; \
+         ALTER TABLE changes DROP COLUMN seal; PRAGMA user_version = 2;",
     )
     .unwrap();
     drop(c);
