@@ -24,7 +24,7 @@ use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
 use crdt::model::ShelterInfo;
 use crdt::signing::{Signer, Trust};
-use crdt::store::MemStore;
+use crdt::store::{MemStore, Store};
 use crdt::{NodeId, Role};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
