@@ -275,9 +275,11 @@ fn api() -> &'static Api {
         std::fs::create_dir_all(&dir).unwrap();
         let store = node::store::SqliteStore::open(&dir.join(node::store::DB_FILE_NAME)).unwrap();
         let id = crdt::NodeId::new("hq-fuzz").unwrap();
-        let driver =
-            node::driver::Driver::start(store, crdt::engine::EngineConfig::for_tests(id, crdt::Role::Hq))
-                .unwrap();
+        let driver = node::driver::Driver::start(
+            store,
+            crdt::engine::EngineConfig::for_tests(id, crdt::Role::Hq),
+        )
+        .unwrap();
         let token = node::auth::Operators::add(&dir, "fuzz").unwrap();
         let state = node::api::ApiState::new(driver, dir.clone());
         let (tx, rx) = std::sync::mpsc::channel();

@@ -328,9 +328,7 @@ pub fn engine_trust(
     creds: &crate::NodeCredentials,
     peers: Arc<PeerTrust>,
 ) -> Result<crdt::signing::Trust, String> {
-    let seed = zeroize::Zeroizing::new(crdt::signing::seed_from_node_key(
-        creds.key().secret_der(),
-    ));
+    let seed = zeroize::Zeroizing::new(crdt::signing::seed_from_node_key(creds.key().secret_der()));
     let signer = crdt::signing::Signer::new(&seed, creds.cert.to_vec());
     if creds.identity.signing_key != Some(signer.public_key()) {
         return Err(format!(

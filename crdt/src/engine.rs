@@ -503,8 +503,12 @@ impl<S: Store> Engine<S> {
     fn after_commit(&mut self, txn: Txn, now: Now, out: &mut Vec<Output>) {
         self.commits += 1;
         let done = self.replica.committed(txn, out);
-        self.sessions
-            .gossip(done.gossip, self.replica.log_end, &self.replica.directory, out);
+        self.sessions.gossip(
+            done.gossip,
+            self.replica.log_end,
+            &self.replica.directory,
+            out,
+        );
         if self.cfg.role == Role::Hq {
             for k in done.outbox {
                 self.mail.refresh(&mut self.replica, &k);

@@ -32,9 +32,9 @@ mod queries;
 mod reconcile;
 mod replica;
 mod sessions;
-pub mod signing;
 #[cfg(any(test, feature = "share"))]
 pub mod share;
+pub mod signing;
 pub mod store;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -40,11 +40,11 @@ use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::index::{DocIndex, Index};
 use crate::model::PresenceEvent;
 use crate::policy;
-use crate::signing::{Author, Directory, Seal, Signer, Trust};
 #[cfg(not(any(test, feature = "share")))]
 use crate::replica::no_share::DocShare;
 #[cfg(any(test, feature = "share"))]
 use crate::share::DocShare;
+use crate::signing::{Author, Directory, Seal, Signer, Trust};
 use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Projection, Store, StoreError};
 use automerge::Change;
 use std::collections::{BTreeMap, BTreeSet};

@@ -1017,7 +1017,10 @@ impl Sessions {
             for c in &new {
                 let hash = c.hash().0;
                 let actor = c.actor_id().to_bytes();
-                match r.directory.check(&*r.trust.verifier, actor, &key, &hash, &sigs[&hash]) {
+                match r
+                    .directory
+                    .check(&*r.trust.verifier, actor, &key, &hash, &sigs[&hash])
+                {
                     Ok(seal) => seals.push(seal),
                     Err(u) => {
                         unverified = Some((c.hash(), u));
@@ -1029,9 +1032,10 @@ impl Sessions {
                 r.put_back(base);
                 self.stats.changes_unverified += new.len() as u64;
                 self.stats.changes_rejected += new.len() as u64;
-                txn.batch
-                    .quarantine
-                    .push((key.clone(), format!("unverifiable change {hash} from {peer}: {why}")));
+                txn.batch.quarantine.push((
+                    key.clone(),
+                    format!("unverifiable change {hash} from {peer}: {why}"),
+                ));
                 if matches!(why, Unverified::Revoked(_)) {
                     continue;
                 }

@@ -113,8 +113,8 @@ pub mod testca {
             if 38 + len != body.len() {
                 return Err(bad());
             }
-            let node = NodeId::new(String::from_utf8_lossy(id).into_owned())
-                .map_err(|e| e.to_string())?;
+            let node =
+                NodeId::new(String::from_utf8_lossy(id).into_owned()).map_err(|e| e.to_string())?;
             Ok(Author {
                 serial: node.as_str().as_bytes().to_vec(),
                 node,

@@ -76,8 +76,12 @@ fn main() {
             Trust::offline()
         };
         let store = node::store::SqliteStore::open(&path).unwrap();
-        let mut e = Engine::open(store, EngineConfig::new(hq_id.clone(), Role::Hq, trust), now())
-            .unwrap();
+        let mut e = Engine::open(
+            store,
+            EngineConfig::new(hq_id.clone(), Role::Hq, trust),
+            now(),
+        )
+        .unwrap();
         if round == 0 {
             shelter(&mut e, &mut rng);
         }
@@ -144,7 +148,10 @@ fn main() {
         _Hello,
         _Resume,
         _Reconcile,
-        Changes { docs: Vec<V1Doc>, upto: Option<crdt::store::Cursor> },
+        Changes {
+            docs: Vec<V1Doc>,
+            upto: Option<crdt::store::Cursor>,
+        },
     }
     let v1 = postcard::to_allocvec(&V1Frame::Changes {
         docs: vec![V1Doc {
@@ -221,7 +228,10 @@ fn shelter(e: &mut Engine<node::store::SqliteStore>, rng: &mut ChaCha8Rng) {
         now(),
         rng,
     );
-    assert!(matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })));
+    assert!(matches!(
+        out.last(),
+        Some(Output::Reply { result: Ok(_), .. })
+    ));
 }
 
 /// Headquarters with `docs` one-person households syncs them to a new
@@ -239,11 +249,7 @@ fn initial_sync(docs: usize) -> (f64, usize, usize) {
     };
     let mut hq = open("hq-1", Role::Hq);
     let mut sh = open("shelter-1", Role::Shelter);
-    for (b, chunk) in (0..docs)
-        .collect::<Vec<_>>()
-        .chunks(5_000)
-        .enumerate()
-    {
+    for (b, chunk) in (0..docs).collect::<Vec<_>>().chunks(5_000).enumerate() {
         let out = hq.handle(
             Input::Command {
                 op_id: format!("imp-{b}"),
@@ -258,12 +264,31 @@ fn initial_sync(docs: usize) -> (f64, usize, usize) {
             now(),
             &mut rng,
         );
-        assert!(matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })));
+        assert!(matches!(
+            out.last(),
+            Some(Output::Reply { result: Ok(_), .. })
+        ));
     }
     let t = Instant::now();
     let mut q: VecDeque<(usize, Input)> = VecDeque::new();
-    q.push_back((0, Input::Connected { session: 1, node: NodeId::new("shelter-1").unwrap(), role: Role::Shelter, initiator: true }));
-    q.push_back((1, Input::Connected { session: 2, node: NodeId::new("hq-1").unwrap(), role: Role::Hq, initiator: false }));
+    q.push_back((
+        0,
+        Input::Connected {
+            session: 1,
+            node: NodeId::new("shelter-1").unwrap(),
+            role: Role::Shelter,
+            initiator: true,
+        },
+    ));
+    q.push_back((
+        1,
+        Input::Connected {
+            session: 2,
+            node: NodeId::new("hq-1").unwrap(),
+            role: Role::Hq,
+            initiator: false,
+        },
+    ));
     let mut frames = 0;
     loop {
         while let Some((i, input)) = q.pop_front() {

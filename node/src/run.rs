@@ -430,5 +430,9 @@ pub fn open_hq(
             NodeId::new(n).map_err(|e| Exit::bad_input(e.to_string()))?
         }
     };
-    Ok((lock, store, EngineConfig::new(id, Role::Hq, crdt::signing::Trust::offline())))
+    Ok((
+        lock,
+        store,
+        EngineConfig::new(id, Role::Hq, crdt::signing::Trust::offline()),
+    ))
 }

@@ -229,8 +229,11 @@ struct Server {
 impl Server {
     fn start(dir: &Path, id: &str, role: Role, households: Vec<Household>) -> Server {
         let store = SqliteStore::open(&dir.join(DB_FILE_NAME)).unwrap();
-        let driver =
-            Driver::start(store, EngineConfig::for_tests(NodeId::new(id).unwrap(), role)).unwrap();
+        let driver = Driver::start(
+            store,
+            EngineConfig::for_tests(NodeId::new(id).unwrap(), role),
+        )
+        .unwrap();
         if !households.is_empty() {
             let r = driver
                 .command_blocking(

@@ -379,7 +379,8 @@ fn roles_that_may_not_import_are_refused() {
         std::fs::create_dir_all(&d).unwrap();
         let s = SqliteStore::open(&d.join(DB_FILE_NAME)).unwrap();
         // The engine writes the data directory's identity, as `run` does.
-        let driver = Driver::start(s, EngineConfig::for_tests(NodeId::new(id).unwrap(), role)).unwrap();
+        let driver =
+            Driver::start(s, EngineConfig::for_tests(NodeId::new(id).unwrap(), role)).unwrap();
         driver
             .command_blocking(
                 "noop".into(),

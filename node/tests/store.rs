@@ -307,8 +307,7 @@ fn unsigned_own_changes_are_signed_at_the_next_start() {
     let foreign = {
         let key = DocKey::new(Kind::Person, "p-x").unwrap();
         let mut doc = crdt::doc::Doc::new(key.clone());
-        let actor =
-            crdt::actor::Actor::new(Role::Shelter, &NodeId::new("shelter-1").unwrap(), 1);
+        let actor = crdt::actor::Actor::new(Role::Shelter, &NodeId::new("shelter-1").unwrap(), 1);
         let c = doc
             .write(actor, 0, "", &[("f".into(), Some("\"v\"".into()))])
             .unwrap()
@@ -341,7 +340,11 @@ fn unsigned_own_changes_are_signed_at_the_next_start() {
         .into_iter()
         .map(|(_, c)| c.hash)
         .collect();
-    assert_eq!(still, vec![foreign.hash], "only the foreign change stays unsigned");
+    assert_eq!(
+        still,
+        vec![foreign.hash],
+        "only the foreign change stays unsigned"
+    );
     let key = crdt::signing::public_key(&crdt::testkit::testca::seed(&hq));
     let seals = store
         .seals(&unsigned.iter().map(|(_, c)| c.hash).collect::<Vec<_>>())

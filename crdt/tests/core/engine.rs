@@ -963,35 +963,92 @@ fn forged_changes_are_refused_at_the_first_hop_and_revoked_authors_quarantined()
             .unwrap();
         let mut dc = DocChanges::new(key.clone());
         dc.push(c.raw_bytes().to_vec(), &shelter_key.sign(&c.hash().0));
-        (c.hash().0, crdt::wire::encode(&Frame::Changes { docs: vec![dc], upto: None }).unwrap())
+        (
+            c.hash().0,
+            crdt::wire::encode(&Frame::Changes {
+                docs: vec![dc],
+                upto: None,
+            })
+            .unwrap(),
+        )
     };
     let registry = DocKey::new(Kind::Registry, "h-forged").unwrap();
     let cases = [
-        ("an invented hq node", Actor { role: Role::Hq, node_hash: node_hash("hq-9"), incarnation: 1 }),
-        ("hq's own node", Actor { role: Role::Hq, node_hash: node_hash("hq-1"), incarnation: 9 }),
-        ("its own actor with hq's role", Actor { role: Role::Hq, node_hash: node_hash("shelter-a"), incarnation: 9 }),
-        ("its own actor and role", Actor { role: Role::Shelter, node_hash: node_hash("shelter-a"), incarnation: 9 }),
+        (
+            "an invented hq node",
+            Actor {
+                role: Role::Hq,
+                node_hash: node_hash("hq-9"),
+                incarnation: 1,
+            },
+        ),
+        (
+            "hq's own node",
+            Actor {
+                role: Role::Hq,
+                node_hash: node_hash("hq-1"),
+                incarnation: 9,
+            },
+        ),
+        (
+            "its own actor with hq's role",
+            Actor {
+                role: Role::Hq,
+                node_hash: node_hash("shelter-a"),
+                incarnation: 9,
+            },
+        ),
+        (
+            "its own actor and role",
+            Actor {
+                role: Role::Shelter,
+                node_hash: node_hash("shelter-a"),
+                incarnation: 9,
+            },
+        ),
     ];
     let mut net = setup();
     for (i, (what, actor)) in cases.into_iter().enumerate() {
         net.connect(0, 1);
         // Headquarters' end of its newest session with shelter-a.
-        let sid = net.links.iter().rev().find(|l| l.1 == 0 && l.2 == 1).unwrap().0;
+        let sid = net
+            .links
+            .iter()
+            .rev()
+            .find(|l| l.1 == 0 && l.2 == 1)
+            .unwrap()
+            .0;
         let (hash, frame) = forge(&registry, actor);
         let before = net.nodes[0].stats();
-        let outs = net.nodes[0].handle(Input::Frame { session: sid, bytes: frame }, now(net.now), &mut net.rng);
+        let outs = net.nodes[0].handle(
+            Input::Frame {
+                session: sid,
+                bytes: frame,
+            },
+            now(net.now),
+            &mut net.rng,
+        );
         assert!(
-            outs.iter().any(|o| matches!(o, Output::Close { session, .. } if *session == sid)),
+            outs.iter()
+                .any(|o| matches!(o, Output::Close { session, .. } if *session == sid)),
             "{what}: the forger's session is closed"
         );
         let after = net.nodes[0].stats();
-        assert_eq!(after.changes_unverified, before.changes_unverified + 1, "{what}");
+        assert_eq!(
+            after.changes_unverified,
+            before.changes_unverified + 1,
+            "{what}"
+        );
         assert_eq!(after.changes_applied, before.changes_applied, "{what}");
         assert_eq!(net.nodes[0].doc_heads(&registry), None, "{what}");
-        assert!(!net.nodes[0].store().hashes.contains_key(&hash), "{what}: never stored");
+        assert!(
+            !net.nodes[0].store().hashes.contains_key(&hash),
+            "{what}: never stored"
+        );
         let q = net.nodes[0].store().quarantined().unwrap();
         assert!(
-            q.iter().any(|(k, why)| k == &registry && why.contains("unverifiable")),
+            q.iter()
+                .any(|(k, why)| k == &registry && why.contains("unverifiable")),
             "{what}: quarantined, {q:?}"
         );
         net.disconnect_all();
@@ -1001,18 +1058,43 @@ fn forged_changes_are_refused_at_the_first_hop_and_revoked_authors_quarantined()
     // shelter-a; headquarters learns of shelter-b's revocation, shelter-a
     // has not yet, and relays the check-in.
     net.connect(2, 1);
-    net.cmd(2, "ci-rev", Command::CheckIn { person_ids: vec!["p7-0".into()], shelter_id: None }).unwrap();
+    net.cmd(
+        2,
+        "ci-rev",
+        Command::CheckIn {
+            person_ids: vec!["p7-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
     net.disconnect_all();
-    net.verifiers[0].revoked.write().unwrap().insert(NodeId::new("shelter-b").unwrap());
+    net.verifiers[0]
+        .revoked
+        .write()
+        .unwrap()
+        .insert(NodeId::new("shelter-b").unwrap());
     let before = net.nodes[0].stats();
     net.connect(0, 1);
     let after = net.nodes[0].stats();
-    assert!(after.changes_unverified > before.changes_unverified, "the relayed change is refused");
-    assert_eq!(after.violations, before.violations, "the relay is not blamed");
-    assert!(net.links.iter().any(|l| net.nodes[0].has_session(l.0)), "the relay stays connected");
-    let QueryReply::Shelters(s) = net.query(0, Query::Shelters) else { panic!() };
+    assert!(
+        after.changes_unverified > before.changes_unverified,
+        "the relayed change is refused"
+    );
     assert_eq!(
-        s.iter().find(|v| v.shelter.shelter_id == "shelter-b").map_or(0, |v| v.occupancy),
+        after.violations, before.violations,
+        "the relay is not blamed"
+    );
+    assert!(
+        net.links.iter().any(|l| net.nodes[0].has_session(l.0)),
+        "the relay stays connected"
+    );
+    let QueryReply::Shelters(s) = net.query(0, Query::Shelters) else {
+        panic!()
+    };
+    assert_eq!(
+        s.iter()
+            .find(|v| v.shelter.shelter_id == "shelter-b")
+            .map_or(0, |v| v.occupancy),
         0,
         "the revoked node's check-in is not applied at hq"
     );
@@ -1064,7 +1146,10 @@ fn a_change_that_panics_automerge_quarantines_its_document_and_the_node_keeps_se
     // node): the signature check passes and the apply runs.
     let mut doc = DocChanges::new(key.clone());
     for c in hostile_changes() {
-        doc.push(c.clone(), &sign_as_author(&c, &["hq-1", "shelter-a", "shelter-b", "amb-1"]));
+        doc.push(
+            c.clone(),
+            &sign_as_author(&c, &["hq-1", "shelter-a", "shelter-b", "amb-1"]),
+        );
     }
     let frame = crdt::wire::encode(&Frame::Changes {
         docs: vec![doc],

@@ -23,11 +23,11 @@
 use super::schema::{APPLICATION_ID, DIGEST_TABLES, MIGRATIONS, SCHEMA_VERSION};
 use certs::storagekey::StorageKey;
 use crdt::doc::Hash32;
+use crdt::signing::{AuthorHash, Seal};
 use crdt::store::{
     Batch, ChangeRecord, Cursor, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow, Store,
     StoreError, StoredDoc,
 };
-use crdt::signing::{AuthorHash, Seal};
 use crdt::{DocKey, Kind, NodeId};
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -881,7 +881,9 @@ impl Store for SqliteStore {
             .prepare_cached("SELECT author, cred FROM authors ORDER BY author")
             .map_err(map_err)?;
         let rows = st
-            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(map_err)?;
         let mut out = Vec::new();
         for row in rows {
@@ -893,7 +895,6 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
-
 
     fn log_at(&self, seq: u64) -> Result<Option<Hash32>, StoreError> {
         let h: Option<Vec<u8>> = self
@@ -1317,7 +1318,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
         )?;
         for c in &batch.changes {
             let seal = c.seal.map(|s| s.to_bytes().to_vec());
-            st.execute(params![&c.hash[..], c.key.kind.code(), c.key.id, c.bytes, seal])?;
+            st.execute(params![
+                &c.hash[..],
+                c.key.kind.code(),
+                c.key.id,
+                c.bytes,
+                seal
+            ])?;
         }
     }
     if !batch.seals.is_empty() {
