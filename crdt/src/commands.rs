@@ -41,12 +41,7 @@ pub const MAX_RECORDS_PER_IMPORT: usize = 20_000;
 /// digits that pass the Individual Number check digit (`ev-3a1234…ff`);
 /// every node would refuse such an id, so it is drawn again.
 fn new_id(prefix: &str, rng: &mut dyn RngCore) -> String {
-    loop {
-        let id = format!("{prefix}{:016x}", rng.next_u64());
-        if !crate::text::contains_individual_number(&id) {
-            return id;
-        }
-    }
+    crate::text::random_id(prefix, 1, rng)
 }
 
 /// Commands over a borrowed replica.

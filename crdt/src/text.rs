@@ -881,3 +881,18 @@ mod tests {
         }
     }
 }
+
+/// `prefix` and `words` random 64-bit words in hex, redrawn while the hex
+/// spells a checked twelve-digit number (every node would refuse such an
+/// id as an Individual Number).
+pub fn random_id(prefix: &str, words: usize, rng: &mut dyn rand_core::RngCore) -> String {
+    loop {
+        let mut id = prefix.to_string();
+        for _ in 0..words {
+            id.push_str(&format!("{:016x}", rng.next_u64()));
+        }
+        if !contains_individual_number(&id) {
+            return id;
+        }
+    }
+}

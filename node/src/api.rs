@@ -1278,12 +1278,7 @@ pub fn new_op_id() -> String {
 /// Individual-Number guard covers the op id too and would refuse the
 /// request.
 fn op_id_from(rng: &mut impl rand_core::RngCore) -> String {
-    loop {
-        let id = format!("api-{:016x}{:016x}", rng.next_u64(), rng.next_u64());
-        if !crdt::text::contains_individual_number(&id) {
-            return id;
-        }
-    }
+    crdt::text::random_id("api-", 2, rng)
 }
 
 #[cfg(test)]
