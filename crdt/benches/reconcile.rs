@@ -5,7 +5,11 @@
 //! lets each edit a different `divergence` fraction of them while apart,
 //! reconnects them and counts what crosses the wire until both are idle.
 //! It compares that with the encoded size of just the missing changes and
-//! with Automerge's own sync protocol run on every document.
+//! with Automerge's own sync protocol run on every document, like for
+//! like: our first meeting (no cursors) against Automerge from fresh sync
+//! states, and our resumed meeting (cursors kept) against Automerge from
+//! the sync states both sides saved at their last meeting. Every run goes
+//! until nothing is sent and is checked converged.
 
 use automerge::sync::{self, SyncDoc};
 use crdt::api::*;
@@ -16,7 +20,7 @@ use crdt::testkit::bulk_household;
 use crdt::{Kind, NodeId, Role};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 fn now(ms: u64) -> Now {
@@ -79,6 +83,23 @@ fn main() {
     );
     eprintln!("built {docs} shared documents in {:?}", started.elapsed());
 
+    // The Automerge baseline for resumed peers: per document, sync two
+    // copies with Automerge's own protocol now (before the edits) and keep
+    // each side's persisted sync state, as a node would between meetings.
+    let keys: Vec<_> = a
+        .heads()
+        .map(|(k, _)| k.clone())
+        .filter(|k| k.kind == Kind::Registry)
+        .collect();
+    let mut saved: BTreeMap<_, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
+    for k in &keys {
+        let mut da = a.doc(k).unwrap().unwrap().am.fork();
+        let mut db = b.doc(k).unwrap().unwrap().am.fork();
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        am_sync(&mut da, &mut db, &mut sa, &mut sb);
+        saved.insert(k.clone(), (sa.encode(), sb.encode()));
+    }
+
     // Independent edits while apart.
     let n_edit = ((docs as f64) * divergence).round() as usize;
     let mut missing_bytes = 0usize;
@@ -112,42 +133,41 @@ fn main() {
             .sum::<usize>();
     }
 
-    // Naive: Automerge's sync protocol on every document, fresh state.
+    // Automerge's sync protocol on every document, run until neither side
+    // has anything to send and checked converged: from fresh sync states
+    // (the baseline for a first meeting), and from the states saved at the
+    // last meeting (the baseline for resumed peers).
     let t_naive = Instant::now();
-    let mut naive_bytes = 0usize;
-    let keys: Vec<_> = a
-        .heads()
-        .map(|(k, _)| k.clone())
-        .filter(|k| k.kind == Kind::Registry)
-        .collect();
+    let (mut naive_bytes, mut naive_resumed_bytes) = (0usize, 0usize);
+    // The same split by whether the document was edited while apart:
+    // (documents, fresh bytes, resumed bytes) for unchanged and edited.
+    let mut split = [(0usize, 0usize, 0usize); 2];
     for k in &keys {
-        let da = a.doc(k).unwrap().unwrap().am.fork();
-        let db = b.doc(k).unwrap().unwrap().am.fork();
-        let (mut da, mut db) = (da, db);
+        let fork = |e: &mut Engine<MemStore>| e.doc(k).unwrap().unwrap().am.fork();
+        let (mut da, mut db) = (fork(&mut a), fork(&mut b));
+        let (mut ha, mut hb) = (da.get_heads(), db.get_heads());
+        ha.sort();
+        hb.sort();
         let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
-        for _ in 0..10 {
-            let mut moved = false;
-            if let Some(m) = da.generate_sync_message(&mut sa) {
-                let bytes = m.encode();
-                naive_bytes += bytes.len();
-                db.receive_sync_message(&mut sb, sync::Message::decode(&bytes).unwrap())
-                    .unwrap();
-                moved = true;
-            }
-            if let Some(m) = db.generate_sync_message(&mut sb) {
-                let bytes = m.encode();
-                naive_bytes += bytes.len();
-                da.receive_sync_message(&mut sa, sync::Message::decode(&bytes).unwrap())
-                    .unwrap();
-                moved = true;
-            }
-            if !moved {
-                break;
-            }
-        }
+        let fresh = am_sync(&mut da, &mut db, &mut sa, &mut sb);
+        let (mut da, mut db) = (fork(&mut a), fork(&mut b));
+        let (ea, eb) = &saved[k];
+        let (mut sa, mut sb) = (
+            sync::State::decode(ea).unwrap(),
+            sync::State::decode(eb).unwrap(),
+        );
+        // A saved state holds exactly the heads both sides had in common.
+        assert!(!sa.shared_heads.is_empty() && sa.shared_heads == sb.shared_heads);
+        let resumed = am_sync(&mut da, &mut db, &mut sa, &mut sb);
+        naive_bytes += fresh;
+        naive_resumed_bytes += resumed;
+        let s = &mut split[usize::from(ha != hb)];
+        s.0 += 1;
+        s.1 += fresh;
+        s.2 += resumed;
     }
     eprintln!(
-        "naive automerge sync over {} documents took {:?}",
+        "automerge sync (fresh and resumed) over {} documents took {:?}",
         keys.len(),
         t_naive.elapsed()
     );
@@ -161,34 +181,40 @@ fn main() {
     };
     let (mut fa, mut fb) = (strip(&a, "hq-c"), strip(&b, "hq-d"));
     let (first_bytes, first_rounds) = sync(&mut fa, &mut fb, &mut rng, now(t0 + 2000));
+    assert_converged(&fa, &fb, "first meeting");
     drop((fa, fb));
 
     // Kizuna, peers met before: reconnect and run until both are idle.
     let t_sync = Instant::now();
     let (wire_bytes, rounds) = sync(&mut a, &mut b, &mut rng, now(t0 + 2000));
     let wall_ms = t_sync.elapsed().as_millis();
-    let ha: Vec<_> = a
-        .heads()
-        .filter(|(k, _)| k.kind == Kind::Registry)
-        .map(|(k, h)| (k.clone(), h.to_vec()))
-        .collect();
-    let hb: Vec<_> = b
-        .heads()
-        .filter(|(k, _)| k.kind == Kind::Registry)
-        .map(|(k, h)| (k.clone(), h.to_vec()))
-        .collect();
-    for (x, y) in ha.iter().zip(hb.iter()).filter(|(x, y)| x != y).take(3) {
-        eprintln!("differs: {:?} a={} b={}", x.0, x.1.len(), y.1.len());
-    }
     eprintln!("stats a={:?} b={:?}", a.stats(), b.stats());
-    let differ = ha.iter().zip(hb.iter()).filter(|(x, y)| x != y).count();
-    assert_eq!(differ, 0, "replicas did not converge: {differ} documents differ after {rounds} rounds, {wire_bytes} bytes");
+    assert_converged(&a, &b, "resumed");
 
     println!("documents            {docs}");
     println!("edited per side      {n_edit}");
     println!("bytes on wire        {wire_bytes}");
     println!("lower bound bytes    {missing_bytes}");
-    println!("naive automerge      {naive_bytes}");
+    println!("like for like (bytes on the wire, every run checked converged):");
+    println!(
+        "  first meeting: kizuna {first_bytes}, automerge from fresh sync states {naive_bytes} ({:.1}x)",
+        naive_bytes as f64 / first_bytes.max(1) as f64
+    );
+    println!(
+        "  resumed:       kizuna {wire_bytes}, automerge from saved sync states {naive_resumed_bytes} ({:.1}x)",
+        naive_resumed_bytes as f64 / wire_bytes.max(1) as f64
+    );
+    // Why Automerge resuming can cost more than starting fresh here: its
+    // resumed opening names the shared heads (32 bytes each) in place of a
+    // Bloom filter of the whole history, and these documents have a
+    // history of one or two changes, whose filter is smaller than a hash.
+    for (name, (n, fresh, resumed)) in ["unchanged", "edited"].iter().zip(split) {
+        println!(
+            "  automerge per {name} document ({n}): fresh {:.1} B, resumed {:.1} B",
+            fresh as f64 / n.max(1) as f64,
+            resumed as f64 / n.max(1) as f64
+        );
+    }
     println!("round trips          {}", rounds.div_ceil(2));
     println!(
         "first meeting bytes  {first_bytes} ({} round trips)",
@@ -200,13 +226,70 @@ fn main() {
         "{}",
         serde_json::json!({
             "docs": docs, "divergence": divergence, "bytes_on_wire": wire_bytes, "lower_bound_bytes": missing_bytes,
-            "naive_automerge_bytes": naive_bytes, "round_trips": rounds.div_ceil(2), "wall_ms": wall_ms,
+        "round_trips": rounds.div_ceil(2), "wall_ms": wall_ms,
             "ratio_to_lower_bound": wire_bytes as f64 / missing_bytes.max(1) as f64,
             "first_meeting_bytes": first_bytes, "first_meeting_round_trips": first_rounds.div_ceil(2),
             "first_meeting_ratio_to_lower_bound": first_bytes as f64 / missing_bytes.max(1) as f64,
-            "naive_over_ours": naive_bytes as f64 / wire_bytes.max(1) as f64,
+            "automerge_fresh_bytes": naive_bytes, "automerge_resumed_bytes": naive_resumed_bytes,
+            "first_meeting_automerge_fresh_over_ours": naive_bytes as f64 / first_bytes.max(1) as f64,
+            "resumed_automerge_resumed_over_ours": naive_resumed_bytes as f64 / wire_bytes.max(1) as f64,
         })
     );
+}
+
+/// Automerge's sync protocol between two copies of one document until
+/// neither side sends anything; asserts they converged. Returns the bytes
+/// of the sync messages.
+fn am_sync(
+    da: &mut automerge::Automerge,
+    db: &mut automerge::Automerge,
+    sa: &mut sync::State,
+    sb: &mut sync::State,
+) -> usize {
+    let mut bytes = 0;
+    for _ in 0..1_000 {
+        let mut moved = false;
+        if let Some(m) = da.generate_sync_message(sa) {
+            let b = m.encode();
+            bytes += b.len();
+            db.receive_sync_message(sb, sync::Message::decode(&b).unwrap())
+                .unwrap();
+            moved = true;
+        }
+        if let Some(m) = db.generate_sync_message(sb) {
+            let b = m.encode();
+            bytes += b.len();
+            da.receive_sync_message(sa, sync::Message::decode(&b).unwrap())
+                .unwrap();
+            moved = true;
+        }
+        if !moved {
+            let (mut ha, mut hb) = (da.get_heads(), db.get_heads());
+            ha.sort();
+            hb.sort();
+            assert_eq!(ha, hb, "automerge sync stopped before converging");
+            return bytes;
+        }
+    }
+    panic!("automerge sync did not finish in 1,000 rounds");
+}
+
+/// Every registry document has the same heads on both engines.
+fn assert_converged(a: &Engine<MemStore>, b: &Engine<MemStore>, what: &str) {
+    let heads = |e: &Engine<MemStore>| -> BTreeMap<_, _> {
+        e.heads()
+            .filter(|(k, _)| k.kind == Kind::Registry)
+            .map(|(k, h)| {
+                let mut h = h.to_vec();
+                h.sort();
+                (k.clone(), h)
+            })
+            .collect()
+    };
+    let (ha, hb) = (heads(a), heads(b));
+    let differ = ha.iter().filter(|(k, h)| hb.get(*k) != Some(*h)).count()
+        + hb.keys().filter(|k| !ha.contains_key(*k)).count();
+    assert_eq!(differ, 0, "{what}: {differ} documents differ after sync");
 }
 
 /// Connects two engines, runs rounds (every frame of a round delivered
