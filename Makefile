@@ -16,7 +16,7 @@ test:
 	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-medium.toml --seeds 300
 	cargo run --release -p sim --features mutants --bin kizuna-sim -- mutants --scenario sim/scenarios/ci-small.toml --seeds 50
 	# Every bench must keep building (they run under `make bench`).
-	cargo bench --workspace --no-run
+	cargo bench --workspace --benches --no-run
 
 bench:
 	cargo bench -p crdt --bench reconcile -- --docs 100000 --divergence 0.01
