@@ -46,7 +46,7 @@ use crate::ids::{DocKey, NodeId, Role};
 use crate::policy::{self, may_send};
 use crate::reconcile::{self, Sides};
 use crate::replica::{Gossip, Replica, Txn};
-use crate::signing::{AuthorHash, Directory, Seal, Sig, Unverified};
+use crate::signing::{AuthorHash, Directory, Proven, Seal, Sig, Unverified};
 use crate::store::{Batch, Cursor, Store};
 use crate::wire::{self, DocChanges, Frame, Range};
 use automerge::Change;
@@ -923,11 +923,26 @@ impl Sessions {
         let mut txn = Txn::default();
         // The session was closed mid-frame: the rest of it is dropped.
         let mut cut = false;
-        for dc in merge_by_key(docs) {
+        let docs = merge_by_key(docs);
+        // Each document's changes parsed (those the roles may hold), then
+        // the signatures of all that may be new verified in one batch.
+        let parsed: Vec<Option<Result<Vec<Arc<Change>>, String>>> = docs
+            .iter()
+            .map(|dc| {
+                (policy::may_hold(r.meta.role, &r.meta.node_id, &dc.key)
+                    && policy::may_hold(role, &peer, &dc.key))
+                .then(|| {
+                    dc.changes
+                        .iter()
+                        .map(|b| r.parse(b).map_err(|e| e.to_string()))
+                        .collect()
+                })
+            })
+            .collect();
+        let proven = prove_signatures(r, &docs, &parsed);
+        for (dc, parsed) in docs.into_iter().zip(parsed) {
             let key = dc.key.clone();
-            if !policy::may_hold(r.meta.role, &r.meta.node_id, &key)
-                || !policy::may_hold(role, &peer, &key)
-            {
+            let Some(parsed) = parsed else {
                 self.stats.changes_rejected += dc.changes.len() as u64;
                 self.violation(
                     sid,
@@ -935,12 +950,7 @@ impl Sessions {
                     out,
                 );
                 continue;
-            }
-            let parsed: Result<Vec<Arc<Change>>, String> = dc
-                .changes
-                .iter()
-                .map(|b| r.parse(b).map_err(|e| e.to_string()))
-                .collect();
+            };
             let changes = match parsed {
                 Ok(c) => c,
                 Err(why) => {
@@ -1017,10 +1027,14 @@ impl Sessions {
             for c in &new {
                 let hash = c.hash().0;
                 let actor = c.actor_id().to_bytes();
-                match r
-                    .directory
-                    .check(&*r.trust.verifier, actor, &key, &hash, &sigs[&hash])
-                {
+                match r.directory.check(
+                    &*r.trust.verifier,
+                    actor,
+                    &key,
+                    &hash,
+                    &sigs[&hash],
+                    &proven,
+                ) {
                     Ok(seal) => seals.push(seal),
                     Err(u) => {
                         unverified = Some((c.hash(), u));
@@ -1120,6 +1134,27 @@ impl Sessions {
         }
         txn
     }
+}
+
+/// Verifies in one batch the signatures of a frame's changes that may be
+/// new here (not among their document's heads; the rest are filtered out
+/// before any check, so their signatures need no work).
+fn prove_signatures<S: Store>(
+    r: &Replica<S>,
+    docs: &[DocChanges],
+    parsed: &[Option<Result<Vec<Arc<Change>>, String>>],
+) -> Proven {
+    let mut items = Vec::new();
+    for (dc, parsed) in docs.iter().zip(parsed) {
+        let Some(Ok(changes)) = parsed else { continue };
+        let held = r.index.get(&dc.key).map_or(&[][..], |e| &e.heads[..]);
+        for (i, c) in changes.iter().enumerate() {
+            if !held.contains(&c.hash().0) {
+                items.push((c.actor_id().to_bytes(), c.hash().0, dc.sig(i)));
+            }
+        }
+    }
+    r.directory.prove(items)
 }
 
 /// The seal to send with a held change, if it may be relayed: signed, by

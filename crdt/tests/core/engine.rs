@@ -29,6 +29,13 @@ struct Net {
     /// Reconcile frames delivered, and bytes of all frames delivered.
     reconcile_frames: usize,
     wire_bytes: usize,
+    /// When set, the signature of one change in the next changes frame to
+    /// this node that carries at least this many changes is spoiled; the
+    /// change's hash is kept in `spoiled`.
+    spoil: Option<(usize, usize)>,
+    spoiled: Option<[u8; 32]>,
+    /// Sessions a node closed.
+    closed: Vec<u64>,
 }
 
 fn now(ms: u64) -> Now {
@@ -63,6 +70,9 @@ impl Net {
             replies: vec![],
             reconcile_frames: 0,
             wire_bytes: 0,
+            spoil: None,
+            spoiled: None,
+            closed: vec![],
         }
     }
     fn id(&self, i: usize) -> (NodeId, Role) {
@@ -115,8 +125,18 @@ impl Net {
     fn route(&mut self, outs: Vec<Output>) {
         for o in outs {
             match o {
-                Output::Send { session, bytes } => {
+                Output::Send { session, mut bytes } => {
                     self.wire_bytes += bytes.len() + 4;
+                    if let (Some((to, at_least)), Some((_, dest))) =
+                        (self.spoil, self.peer_session(session))
+                    {
+                        if dest == to {
+                            if let Some(spoiled) = spoil_one_signature(&mut bytes, at_least) {
+                                self.spoil = None;
+                                self.spoiled = Some(spoiled);
+                            }
+                        }
+                    }
                     if matches!(
                         crdt::wire::decode(&bytes),
                         Ok(crdt::wire::Frame::Reconcile { .. })
@@ -135,6 +155,7 @@ impl Net {
                 }
                 Output::SendMail(m) => self.mails.push(m),
                 Output::Reply { result, .. } => self.replies.push(result),
+                Output::Close { session, .. } => self.closed.push(session),
                 _ => {}
             }
         }
@@ -192,6 +213,26 @@ impl Net {
             .map(|(k, h)| (k.clone(), h.to_vec()))
             .collect()
     }
+}
+
+/// Flips one bit of the signature of the middle change of a changes frame
+/// carrying at least `at_least` changes; returns that change's hash.
+fn spoil_one_signature(bytes: &mut Vec<u8>, at_least: usize) -> Option<[u8; 32]> {
+    let crdt::wire::Frame::Changes { mut docs, upto } = crdt::wire::decode(bytes).ok()? else {
+        return None;
+    };
+    if docs.iter().map(|d| d.changes.len()).sum::<usize>() < at_least {
+        return None;
+    }
+    let d = docs.iter_mut().max_by_key(|d| d.changes.len())?;
+    let i = d.changes.len() / 2;
+    d.sigs[i * crdt::signing::SIG_LEN + 7] ^= 0x20;
+    let hash = automerge::Change::from_bytes(d.changes[i].clone())
+        .ok()?
+        .hash()
+        .0;
+    *bytes = crdt::wire::encode(&crdt::wire::Frame::Changes { docs, upto }).ok()?;
+    Some(hash)
 }
 
 fn setup() -> Net {
@@ -946,6 +987,47 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
 /// never stored, and the forger's session is closed. A change of a revoked
 /// author relayed by a node that has not heard of the revocation yet is
 /// quarantined without blaming the relay.
+/// A frame's signatures are verified in one batch; one bad signature among
+/// many good ones must still be found and refused like a lone forgery.
+#[test]
+fn a_bad_signature_among_many_good_ones_is_refused() {
+    use crdt::store::Store;
+    let mut net = setup();
+    net.connect(0, 1);
+    net.disconnect_all();
+    // Twenty check-ins at shelter-a while cut off from headquarters.
+    for i in 0..20 {
+        net.cmd(
+            1,
+            &format!("ci-{i}"),
+            Command::CheckIn {
+                person_ids: vec![format!("p{i}-0")],
+                shelter_id: None,
+            },
+        )
+        .unwrap();
+    }
+    let before = net.nodes[0].stats();
+    net.spoil = Some((0, 10));
+    net.connect(0, 1);
+    let spoiled = net
+        .spoiled
+        .expect("a frame of at least ten changes went to headquarters");
+    let after = net.nodes[0].stats();
+    assert!(after.changes_unverified > before.changes_unverified);
+    assert!(
+        !net.nodes[0].store().hashes.contains_key(&spoiled),
+        "the change with the bad signature is never stored"
+    );
+    let hq_session = net.links.iter().find(|l| l.1 == 0 && l.2 == 1).unwrap().0;
+    assert!(net.closed.contains(&hq_session), "the sender is cut off");
+    let q = net.nodes[0].store().quarantined().unwrap();
+    assert!(
+        q.iter().any(|(_, why)| why.contains("bad signature")),
+        "{q:?}"
+    );
+}
+
 #[test]
 fn forged_changes_are_refused_at_the_first_hop_and_revoked_authors_quarantined() {
     use crdt::actor::{node_hash, Actor};
