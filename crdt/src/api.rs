@@ -219,12 +219,10 @@ impl ImportRecords {
 
 /// The Individual-Number guard over a whole command or query: every
 /// string in it, ids and entry ids included, through
-/// [`crate::text::json_individual_number`]. The engine runs it before it
+/// [`crate::text::find_individual_number`]. The engine runs it before it
 /// looks at anything else, so no later error can echo such a value.
 pub fn guard_individual_numbers<T: Serialize>(request: &T) -> Result<(), TextError> {
-    // Serializing our own types to JSON cannot fail (string keys only).
-    let v = serde_json::to_value(request).unwrap_or(serde_json::Value::Null);
-    match crate::text::json_individual_number(&v) {
+    match crate::text::find_individual_number(request) {
         Some(field) => Err(TextError::IndividualNumber { field }),
         None => Ok(()),
     }
