@@ -231,17 +231,7 @@ fn parse_leaf_inner(der: &[u8]) -> Result<NodeIdentity, CertError> {
 
 /// The signing-key extension's key, if present exactly once and well formed.
 fn signing_key_of(cert: &X509Certificate<'_>) -> Result<Option<[u8; 32]>, CertError> {
-    let values: Vec<&[u8]> = cert
-        .extensions()
-        .iter()
-        .filter(|ext| {
-            ext.oid
-                .iter()
-                .is_some_and(|arcs| arcs.eq(SIGNING_KEY_OID.iter().copied()))
-        })
-        .map(|ext| ext.value)
-        .collect();
-    match values.as_slice() {
+    match extension_values(cert, SIGNING_KEY_OID).as_slice() {
         [] => Ok(None),
         [v] if v.len() == 34 && v[0] == 0x04 && v[1] == 32 => {
             let mut k = [0u8; 32];
@@ -254,6 +244,20 @@ fn signing_key_of(cert: &X509Certificate<'_>) -> Result<Option<[u8; 32]>, CertEr
     }
 }
 
+/// The values of every extension of `cert` with this OID (a well-formed
+/// certificate has at most one).
+fn extension_values<'c>(cert: &'c X509Certificate<'_>, oid: &[u64]) -> Vec<&'c [u8]> {
+    cert.extensions()
+        .iter()
+        .filter(|ext| {
+            ext.oid
+                .iter()
+                .is_some_and(|arcs| arcs.eq(oid.iter().copied()))
+        })
+        .map(|ext| ext.value)
+        .collect()
+}
+
 /// DER encoding of a signing key as the extension value: an OCTET STRING.
 pub fn encode_signing_key(key: &[u8; 32]) -> Vec<u8> {
     let mut v = vec![0x04, 32];
@@ -263,17 +267,7 @@ pub fn encode_signing_key(key: &[u8; 32]) -> Vec<u8> {
 
 /// Find the single role extension and decode it.
 fn role_of(cert: &X509Certificate<'_>) -> Result<Role, CertError> {
-    let values: Vec<&[u8]> = cert
-        .extensions()
-        .iter()
-        .filter(|ext| {
-            ext.oid
-                .iter()
-                .is_some_and(|arcs| arcs.eq(ROLE_OID.iter().copied()))
-        })
-        .map(|ext| ext.value)
-        .collect();
-    match values.as_slice() {
+    match extension_values(cert, ROLE_OID).as_slice() {
         [] => Err(CertError::RoleMissing),
         [one] => {
             let s = decode_utf8_string(one)?;

@@ -23,7 +23,6 @@ mod support;
 
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
-use crdt::model::ShelterInfo;
 use crdt::signing::{Signer, Trust};
 use crdt::store::{MemStore, Store};
 use crdt::{NodeId, Role};
@@ -99,7 +98,7 @@ fn main() {
         )
         .unwrap();
         if round == 0 {
-            shelter(&mut e, &mut rng);
+            put_shelter(&mut e, &mut rng);
         }
         let before = e.store().log_end().unwrap().map_or(0, |c| c.seq);
         let group = 32;
@@ -229,29 +228,6 @@ fn main() {
             "initial_sync_verify_s": verify_s,
         })
     );
-}
-
-fn shelter(e: &mut Engine<node::store::SqliteStore>, rng: &mut ChaCha8Rng) {
-    let out = e.handle(
-        Input::Command {
-            op_id: "shelter".into(),
-            operator: Operator("bench".into()),
-            cmd: Command::PutShelter {
-                shelter: ShelterInfo {
-                    shelter_id: "s1".into(),
-                    name: "体育館".into(),
-                    capacity: 100_000,
-                    ..Default::default()
-                },
-            },
-        },
-        now(),
-        rng,
-    );
-    assert!(matches!(
-        out.last(),
-        Some(Output::Reply { result: Ok(_), .. })
-    ));
 }
 
 /// Headquarters with `docs` one-person households syncs them to a new

@@ -13,7 +13,6 @@
 mod support;
 
 use crdt::api::*;
-use crdt::model::ShelterInfo;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
@@ -30,24 +29,7 @@ fn main() {
     let person = person_of;
     let card = card_of;
     let import_s = t.elapsed().as_secs_f64();
-    hq.handle(
-        Input::Command {
-            op_id: "shelter".into(),
-            operator: Operator("bench".into()),
-            cmd: Command::PutShelter {
-                shelter: ShelterInfo {
-                    shelter_id: "s1".into(),
-                    name: "体育館".into(),
-                    capacity: 100_000,
-                    location: String::new(),
-                    needs: String::new(),
-                    ..Default::default()
-                },
-            },
-        },
-        now(),
-        &mut rng,
-    );
+    put_shelter(&mut hq, &mut rng);
 
     // Distinct persons in a scrambled order: a second check-in of someone
     // already in the shelter writes nothing and would flatter the numbers.

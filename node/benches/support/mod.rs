@@ -5,7 +5,7 @@
 
 use crdt::api::{Command, Input, Now, Operator, Output};
 use crdt::engine::{Engine, EngineConfig};
-use crdt::model::{Household, Member};
+use crdt::model::{Household, Member, ShelterInfo};
 use crdt::text::CardUserId;
 use crdt::{NodeId, Role};
 use node::store::SqliteStore;
@@ -132,4 +132,29 @@ pub fn build_registry(path: &Path, residents: usize) -> Engine<SqliteStore> {
     }
     bar.finish_and_clear();
     hq
+}
+
+/// Opens shelter `s1` (capacity 100,000) on `e`, the shelter the benches'
+/// check-ins go to.
+pub fn put_shelter(e: &mut Engine<SqliteStore>, rng: &mut ChaCha8Rng) {
+    let out = e.handle(
+        Input::Command {
+            op_id: "shelter".into(),
+            operator: Operator("bench".into()),
+            cmd: Command::PutShelter {
+                shelter: ShelterInfo {
+                    shelter_id: "s1".into(),
+                    name: "体育館".into(),
+                    capacity: 100_000,
+                    ..Default::default()
+                },
+            },
+        },
+        now(),
+        rng,
+    );
+    assert!(
+        matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })),
+        "the shelter opens"
+    );
 }
