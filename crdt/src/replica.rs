@@ -68,13 +68,14 @@ fn sign_own_unsigned<S: Store>(
     signer: &Signer,
     role: Role,
     node_id: &NodeId,
-) -> Result<(), StoreError> {
+    checked: u64,
+) -> Result<u64, StoreError> {
     let own = actor_hash(node_id.as_str());
-    let mut after = 0;
+    let mut after = checked;
     loop {
         let page = store.unsigned(after, 4096)?;
         let Some((last, _)) = page.last() else {
-            return Ok(());
+            return Ok(after);
         };
         after = *last;
         let seals: Vec<(Hash32, Seal)> = page
@@ -212,6 +213,7 @@ impl<S: Store> Replica<S> {
                 hlc: Default::default(),
                 audit_seq: 0,
                 audit_head: String::new(),
+                unsigned_checked: 0,
             },
         };
         let mut hlc = HlcClock::new(meta.hlc);
@@ -248,8 +250,17 @@ impl<S: Store> Replica<S> {
             credentials,
             ..Default::default()
         })?;
+        let mut meta = meta;
         if let Some(signer) = &trust.signer {
-            sign_own_unsigned(&mut store, signer, role, node_id)?;
+            let checked =
+                sign_own_unsigned(&mut store, signer, role, node_id, meta.unsigned_checked)?;
+            if checked != meta.unsigned_checked {
+                meta.unsigned_checked = checked;
+                store.commit(&Batch {
+                    meta: Some(meta.clone()),
+                    ..Default::default()
+                })?;
+            }
         }
         let index = match index {
             Some(DocIndex(i)) => Index::from_map(i),

@@ -67,6 +67,13 @@ pub struct Meta {
     /// Next audit sequence number and chain head.
     pub audit_seq: u64,
     pub audit_head: String,
+    /// The change log up to this sequence number has been searched for
+    /// this node's own unsigned changes (those written by commands run
+    /// without its key), so a start searches only what came after: the
+    /// unsigned changes of other authors stored before changes were signed
+    /// are not parsed again at every start.
+    #[serde(default)]
+    pub unsigned_checked: u64,
 }
 
 /// A raw Automerge change, addressed by its hash.
@@ -770,6 +777,7 @@ pub mod conformance {
             },
             audit_seq: 0,
             audit_head: String::new(),
+            unsigned_checked: 0,
         }
     }
 

@@ -33,6 +33,7 @@ fn meta(inc: u32) -> Meta {
         },
         audit_seq: 3,
         audit_head: "abc".into(),
+        unsigned_checked: 2,
     }
 }
 
@@ -354,6 +355,54 @@ fn unsigned_own_changes_are_signed_at_the_next_start() {
         assert_eq!(seal.author, crdt::actor::node_hash("hq-1"));
         assert!(crdt::signing::verify(&key, &c.hash, &seal.sig));
     }
+    // The search is not repeated over what it has seen: the foreign
+    // change lies at or below the mark.
+    let foreign_seq = store.unsigned(0, 100).unwrap()[0].0;
+    let checked = store.load_meta().unwrap().unwrap().unsigned_checked;
+    assert!(
+        checked >= foreign_seq,
+        "searched up to {checked}, foreign change at {foreign_seq}"
+    );
+    drop(store);
+    // A later offline command writes past the mark, and the next start
+    // still signs it.
+    let mut e = Engine::open(
+        SqliteStore::open(&d.db()).unwrap(),
+        EngineConfig::new(hq.clone(), Role::Hq, crdt::signing::Trust::offline()),
+        now,
+    )
+    .unwrap();
+    e.handle(
+        Input::Command {
+            op_id: "imp-2".into(),
+            operator: Operator("op".into()),
+            cmd: Command::ImportHouseholds {
+                households: vec![crdt::testkit::household(2, 2)],
+            },
+        },
+        now,
+        &mut rng,
+    );
+    let later: Vec<_> = e.into_store().unsigned(0, 100).unwrap();
+    assert!(later.len() > 1, "the second offline import is unsigned");
+    let e = Engine::open(
+        SqliteStore::open(&d.db()).unwrap(),
+        EngineConfig::for_tests(hq.clone(), Role::Hq),
+        now,
+    )
+    .unwrap();
+    let still: Vec<_> = e
+        .into_store()
+        .unsigned(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, c)| c.hash)
+        .collect();
+    assert_eq!(
+        still,
+        vec![foreign.hash],
+        "the later offline changes are signed too"
+    );
 }
 
 /// Migration 3 derives the do-not-disclose rows of contacts documents
@@ -916,6 +965,7 @@ fn meta_strategy() -> impl Strategy<Value = Meta> {
             hlc: Hlc { wall_ms, counter },
             audit_seq,
             audit_head,
+            unsigned_checked: u64::from(inc),
         })
 }
 
