@@ -17,6 +17,7 @@ pub mod actor;
 pub mod api;
 mod cache;
 mod commands;
+pub mod content;
 pub mod derive;
 pub mod doc;
 pub mod engine;

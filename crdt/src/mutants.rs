@@ -27,16 +27,20 @@ pub enum Mutant {
     MailSentEarly = 5,
     /// Reuse the previous actor id after a restart.
     ReuseActor = 6,
+    /// Accept forged changes (bad signature, borrowed role, a document
+    /// the author may not write) as if verified.
+    AcceptForged = 7,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 6] = [
+    pub const ALL: [Mutant; 7] = [
         Mutant::SkipDurability,
         Mutant::WallClockLww,
         Mutant::DropMissingDeps,
         Mutant::MedicalToShelter,
         Mutant::MailSentEarly,
         Mutant::ReuseActor,
+        Mutant::AcceptForged,
     ];
 }
 

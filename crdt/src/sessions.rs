@@ -41,6 +41,7 @@
 //! write it) before it is staged.
 
 use crate::api::{Now, Output, PeerStatus, SessionId, UiEvent};
+use crate::content;
 use crate::doc::{Doc, DocError, Hash32};
 use crate::ids::{DocKey, NodeId, Role};
 use crate::policy::{self, may_send};
@@ -1027,14 +1028,27 @@ impl Sessions {
             for c in &new {
                 let hash = c.hash().0;
                 let actor = c.actor_id().to_bytes();
-                match r.directory.check(
-                    &*r.trust.verifier,
-                    actor,
-                    &key,
-                    &hash,
-                    &sigs[&hash],
-                    &proven,
-                ) {
+                let checked = r
+                    .directory
+                    .check(
+                        &*r.trust.verifier,
+                        actor,
+                        &key,
+                        &hash,
+                        &sigs[&hash],
+                        &proven,
+                    )
+                    .and_then(|seal| {
+                        // What the change says (E-5): checked against the
+                        // author the seal names, before it is applied.
+                        let e = r
+                            .directory
+                            .get(&seal.author)
+                            .ok_or(Unverified::UnknownAuthor)?;
+                        content::check(&key, &e.author, c, &base).map_err(Unverified::Forged)?;
+                        Ok(seal)
+                    });
+                match checked {
                     Ok(seal) => seals.push(seal),
                     Err(u) => {
                         unverified = Some((c.hash(), u));

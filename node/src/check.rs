@@ -144,6 +144,7 @@ pub fn check(file: &Path, expect_role: Option<Role>, skip_files: bool) -> Report
                         id.node_id
                     ));
                 }
+                r.errors.extend(cfg.shelter_id_error(&id.node_id, id.role));
                 role = Some(id.role);
                 check_database(&cfg, &creds.identity, storage_key, &mut r);
             }

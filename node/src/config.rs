@@ -386,6 +386,20 @@ impl Config {
         }
     }
 
+    /// A shelter node records presence at its own shelter, and every peer
+    /// takes that to be its node id (the identity its certificate binds;
+    /// see `crdt::content`): a configured `shelter_id` that differs would
+    /// have all of its check-ins refused along the mesh, so the node does
+    /// not start with it.
+    pub fn shelter_id_error(&self, node_id: &NodeId, role: Role) -> Option<String> {
+        let s = self.node.shelter_id.as_ref()?;
+        (role == Role::Shelter && s != node_id.as_str()).then(|| {
+            format!(
+                "[node] shelter_id = {s:?} は証明書のノード ID {node_id} と異なります。避難所ノードの避難所 ID はノード ID です（他のノードがチェックインを拒否します） / [node] shelter_id {s:?} differs from this shelter node's certified id {node_id}: a shelter node's shelter is its node id (peers refuse check-ins at any other); remove the setting or issue the certificate for {s}"
+            )
+        })
+    }
+
     /// Checks that depend on the role from the certificate. Returns
     /// warnings for settings that are ignored for this role.
     pub fn check_role(&self, role: Role) -> Vec<String> {
@@ -878,6 +892,28 @@ mod tests {
         let c = parse(text).unwrap();
         assert_eq!(c.net.static_peers.len(), 1);
         assert_eq!(c.smtp.as_ref().unwrap().port, 587);
+    }
+
+    #[test]
+    fn a_shelter_node_records_presence_only_at_its_certified_id() {
+        let c = parse(
+            r#"
+data_dir = "/var/lib/kizuna"
+[certs]
+cert = "a.pem"
+key = "b.pem"
+ca = "/ca.pem"
+[node]
+shelter_id = "s-01"
+"#,
+        )
+        .unwrap();
+        let id = |s: &str| NodeId::new(s).unwrap();
+        assert_eq!(c.shelter_id_error(&id("s-01"), Role::Shelter), None);
+        let e = c.shelter_id_error(&id("shelter-1"), Role::Shelter).unwrap();
+        assert!(e.contains("shelter-1") && e.contains("s-01"), "{e}");
+        // Ignored (with a warning) on other roles.
+        assert_eq!(c.shelter_id_error(&id("hq-1"), Role::Hq), None);
     }
 
     #[test]

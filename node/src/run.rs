@@ -77,6 +77,9 @@ pub fn run(config: &Path) -> Result<(), Exit> {
     for w in cfg.check_role(role) {
         tracing::warn!("{w}");
     }
+    if let Some(e) = cfg.shelter_id_error(&node_id, role) {
+        return Err(Exit::bad_input(e));
+    }
     let card_reader = if cfg.card.enabled {
         Some(card_reader_config(&cfg).map_err(|e| Exit::bad_input(format!("{e:#}")))?)
     } else {

@@ -25,6 +25,8 @@ pub const INDIVIDUAL_NUMBER_LEAK: &str = "individual_number_leak";
 pub const RECEIVED_CHANGE_LOST: &str = "received_change_lost";
 pub const REBUILT_DIFFERS: &str = "rebuilt_differs";
 pub const PEER_VIOLATION: &str = "honest_peer_violation";
+pub const UNVERIFIED_APPLIED: &str = "unverifiable_change_applied";
+pub const HOSTILE_NOT_REFUSED: &str = "hostile_change_not_refused";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
@@ -175,6 +177,71 @@ pub fn received_changes(
         }
     }
     out
+}
+
+/// The credentials the checker trusts, by author (node) hash: every
+/// simulated node's test credential, and the identities revoked for the
+/// whole run. Built from the world's node list, not from any engine's
+/// directory, so a node that admitted a bad credential cannot vouch for it.
+#[derive(Clone, Debug, Default)]
+pub struct KnownAuthors {
+    pub by_hash: BTreeMap<[u8; 8], (NodeId, Role, [u8; 32])>,
+    pub revoked: BTreeSet<NodeId>,
+}
+
+impl KnownAuthors {
+    pub fn add(&mut self, node: &NodeId, role: Role) {
+        let key = crdt::signing::public_key(&crdt::testkit::testca::seed(node));
+        self.by_hash.insert(
+            crdt::actor::node_hash(node.as_str()),
+            (node.clone(), role, key),
+        );
+    }
+}
+
+/// Why a change stored at an honest node could not have been verified
+/// (`None` when it is a valid write): it must carry a seal naming its
+/// actor's author, whose credential is known, gives the actor's role, lets
+/// that role write the document, is not revoked, and whose key made the
+/// signature over the change hash.
+pub fn unverifiable(
+    known: &KnownAuthors,
+    key: &DocKey,
+    hash: &[u8; 32],
+    bytes: &[u8],
+    seal: Option<&crdt::signing::Seal>,
+) -> Option<String> {
+    let Some(seal) = seal else {
+        return Some("stored without a seal".into());
+    };
+    let Ok(c) = crdt::doc::parse_change(bytes) else {
+        return Some("does not parse".into());
+    };
+    if c.hash().0 != *hash {
+        return Some("stored under another hash".into());
+    }
+    let Some(actor) = crdt::actor::Actor::from_bytes(&c.actor_id().to_bytes()) else {
+        return Some("not a Kizuna actor".into());
+    };
+    if seal.author != actor.node_hash {
+        return Some("its seal names another author".into());
+    }
+    let Some((node, role, pk)) = known.by_hash.get(&actor.node_hash) else {
+        return Some("by an author with no credential".into());
+    };
+    if *role != actor.role {
+        return Some(format!("claims role {} but {node} is {role}", actor.role));
+    }
+    if !crdt::policy::may_author(*role, key, |id| id == node.as_str()) {
+        return Some(format!("{node} ({role}) may not write it"));
+    }
+    if known.revoked.contains(node) {
+        return Some(format!("by {node}, which is revoked"));
+    }
+    if !crdt::signing::verify(pk, hash, &seal.sig) {
+        return Some(format!("its signature is not {node}'s"));
+    }
+    None
 }
 
 /// No document kind may reach a node whose role may not hold it.

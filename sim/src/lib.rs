@@ -70,6 +70,7 @@ pub fn intended(m: crdt::mutants::Mutant) -> &'static str {
         Mutant::MedicalToShelter => check::ROLE_LEAK,
         Mutant::MailSentEarly => check::MAIL_MISSING,
         Mutant::ReuseActor => check::PEER_VIOLATION,
+        Mutant::AcceptForged => check::UNVERIFIED_APPLIED,
     }
 }
 

@@ -164,6 +164,13 @@ pub struct FaultLimits {
     pub hq_failover: bool,
     /// Faults per chaos hour at full intensity.
     pub events_per_hour: f64,
+    /// Forged and hostile changes from a compromised shelter.
+    #[serde(default = "yes")]
+    pub hostile: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for FaultLimits {
@@ -181,6 +188,7 @@ impl Default for FaultLimits {
             restore_backup: true,
             hq_failover: true,
             events_per_hour: 20.0,
+            hostile: true,
         }
     }
 }

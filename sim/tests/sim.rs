@@ -450,3 +450,115 @@ fn received_change_lost_fires() {
     assert_eq!(v[0].name, RECEIVED_CHANGE_LOST);
     assert!(check::received_changes("shelter-2", &frame, |_, _| true, parse, 0).is_empty());
 }
+
+/// `unverifiable_change_applied`: the checker takes a change only with a
+/// seal by its actor's author, from a known credential whose role may
+/// write the document, unrevoked, over the change hash.
+#[test]
+fn unverifiable_change_fires() {
+    use crdt::actor::Actor;
+    use crdt::signing::{Seal, Signer};
+    use crdt::testkit::testca;
+    let shelter = NodeId::new("shelter-1").unwrap();
+    let revoked = NodeId::new(sim::world::REVOKED_NODE).unwrap();
+    let mut known = KnownAuthors::default();
+    known.add(&shelter, Role::Shelter);
+    known.add(&revoked, Role::Shelter);
+    known.revoked.insert(revoked.clone());
+    let person = DocKey::new(Kind::Person, "p1").unwrap();
+    let registry = DocKey::new(Kind::Registry, "h1").unwrap();
+    let change = |key: &DocKey, actor: Actor| {
+        let mut d = crdt::doc::Doc::new(key.clone());
+        d.write(actor, 0, "", &[("f".into(), Some("\"v\"".into()))])
+            .unwrap()
+            .unwrap()
+    };
+    let sealed = |c: &automerge::Change, node: &NodeId, by: &NodeId| Seal {
+        author: crdt::actor::node_hash(node.as_str()),
+        sig: Signer::new(&testca::seed(by), vec![]).sign(&c.hash().0),
+    };
+    let check = |key: &DocKey, c: &automerge::Change, seal: Option<Seal>| {
+        check::unverifiable(&known, key, &c.hash().0, c.raw_bytes(), seal.as_ref())
+    };
+    let good = change(&person, Actor::new(Role::Shelter, &shelter, 1));
+    assert_eq!(
+        check(&person, &good, Some(sealed(&good, &shelter, &shelter))),
+        None
+    );
+    assert!(check(&person, &good, None).is_some(), "unsigned");
+    let other = NodeId::new("shelter-2").unwrap();
+    assert!(
+        check(&person, &good, Some(sealed(&good, &shelter, &other))).is_some(),
+        "another key"
+    );
+    let as_hq = change(&person, Actor::new(Role::Hq, &shelter, 1));
+    assert!(
+        check(&person, &as_hq, Some(sealed(&as_hq, &shelter, &shelter))).is_some(),
+        "a borrowed role"
+    );
+    let reg = change(&registry, Actor::new(Role::Shelter, &shelter, 1));
+    assert!(
+        check(&registry, &reg, Some(sealed(&reg, &shelter, &shelter))).is_some(),
+        "a document its role may not write"
+    );
+    let rev = change(&person, Actor::new(Role::Shelter, &revoked, 1));
+    assert!(
+        check(&person, &rev, Some(sealed(&rev, &revoked, &revoked))).is_some(),
+        "a revoked author"
+    );
+    let unknown = NodeId::new("shelter-9").unwrap();
+    let unk = change(&person, Actor::new(Role::Shelter, &unknown, 1));
+    assert!(
+        check(&person, &unk, Some(sealed(&unk, &unknown, &unknown))).is_some(),
+        "an author with no credential"
+    );
+}
+
+/// Every kind of hostile change from a compromised shelter is refused
+/// where it arrives and never stored anywhere, and the run is otherwise
+/// clean (the expected complaints about the forger are not violations).
+#[test]
+fn hostile_changes_are_refused_and_never_stored() {
+    let sc = scenario("ci-small.toml");
+    let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    for seed in 0..3 {
+        let mut mix = sim::world::FaultMix::draw(&sc, seed);
+        (mix.crashes, mix.crash_after_ack, mix.partitions, mix.clog) = (false, false, false, false);
+        (mix.io_errors, mix.skew, mix.smtp_down, mix.restore_backup) = (false, false, false, false);
+        mix.crash_during_mail = false;
+        mix.hostile = true;
+        mix.events_per_hour = 40.0;
+        let mut w = sim::world::World::with_mix(sc.clone(), seed, mix);
+        let s = w.run(None);
+        assert!(s.finished && s.converged, "seed {seed}");
+        assert!(
+            s.invariant_violations.is_empty(),
+            "seed {seed}: {:#?}",
+            s.invariant_violations
+        );
+        for (k, n) in &s.faults_injected {
+            if k.starts_with("hostile_") {
+                *sent.entry(k.clone()).or_default() += n;
+            }
+        }
+    }
+    for kind in [
+        "forged_invented_hq",
+        "forged_borrowed_hq",
+        "forged_role",
+        "forged_doc",
+        "revoked_author",
+        "presence_elsewhere",
+        "garbage_change",
+        "panic_change",
+    ] {
+        assert!(
+            sent.contains_key(&format!("hostile_{kind}")),
+            "{kind} never sent: {sent:?}"
+        );
+    }
+    assert!(
+        sent.get("hostile_refused").copied().unwrap_or(0) >= 8,
+        "{sent:?}"
+    );
+}

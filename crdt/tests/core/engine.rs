@@ -1188,6 +1188,223 @@ fn forged_changes_are_refused_at_the_first_hop_and_revoked_authors_quarantined()
         .any(|(_, why)| why.contains("revoked")));
 }
 
+/// Content checks at the first hop (E-5): a change that its author may
+/// sign and whose document its role may write is still refused when what
+/// it says is not the author's to say. A shelter node records presence only
+/// at its own shelter (headquarters' corrections at any shelter are
+/// accepted), and an audit document only grows: a change deleting or
+/// rewriting an entry is quarantined, counted, never stored, and the
+/// sender's session closed, like a forgery.
+#[test]
+fn a_shelters_presence_elsewhere_and_audit_rewrites_are_refused_at_the_first_hop() {
+    use crdt::actor::Actor;
+    use crdt::doc::{encode, Doc};
+    use crdt::hlc::Hlc;
+    use crdt::signing::Signer;
+    use crdt::store::Store;
+    use crdt::testkit::testca;
+    use crdt::wire::{DocChanges, Frame};
+    let a = NodeId::new("shelter-a").unwrap();
+    let a_key = Signer::new(&testca::seed(&a), vec![]);
+    // shelter-a's own actor (a later incarnation): signed with its own key,
+    // so only the content can be wrong.
+    let actor = Actor::new(Role::Shelter, &a, 9);
+    let mut net = setup();
+    // hq learns shelter-a's credential with its first check-in.
+    net.connect(0, 1);
+    net.cmd(
+        1,
+        "ci-a",
+        Command::CheckIn {
+            person_ids: vec!["p5-0".into()],
+            shelter_id: None,
+        },
+    )
+    .unwrap();
+    net.disconnect_all();
+    // Sends `changes` of `key` from shelter-a to hq on a fresh session;
+    // returns whether hq took them (stored, session open, nothing counted).
+    let send = |net: &mut Net, key: &DocKey, changes: &[automerge::Change]| -> bool {
+        net.connect(0, 1);
+        let sid = net
+            .links
+            .iter()
+            .rev()
+            .find(|l| l.1 == 0 && l.2 == 1)
+            .unwrap()
+            .0;
+        let mut dc = DocChanges::new(key.clone());
+        for c in changes {
+            dc.push(c.raw_bytes().to_vec(), &a_key.sign(&c.hash().0));
+        }
+        let frame = crdt::wire::encode(&Frame::Changes {
+            docs: vec![dc],
+            upto: None,
+        })
+        .unwrap();
+        let before = net.nodes[0].stats();
+        let outs = net.nodes[0].handle(
+            Input::Frame {
+                session: sid,
+                bytes: frame,
+            },
+            now(net.now),
+            &mut net.rng,
+        );
+        let after = net.nodes[0].stats();
+        let closed = outs
+            .iter()
+            .any(|o| matches!(o, Output::Close { session, .. } if *session == sid));
+        let stored = changes
+            .iter()
+            .all(|c| net.nodes[0].store().hashes.contains_key(&c.hash().0));
+        let counted = after.changes_unverified - before.changes_unverified;
+        net.disconnect_all();
+        if closed || counted > 0 || !stored {
+            assert!(closed, "{key}: a refused change closes the session");
+            assert_eq!(counted, changes.len() as u64, "{key}: counted");
+            assert!(
+                changes
+                    .iter()
+                    .all(|c| !net.nodes[0].store().hashes.contains_key(&c.hash().0)),
+                "{key}: a refused change is never stored"
+            );
+            let q = net.nodes[0].store().quarantined().unwrap();
+            assert!(
+                q.iter()
+                    .any(|(k, why)| k == key && why.contains("unverifiable")),
+                "{key}: quarantined, {q:?}"
+            );
+            false
+        } else {
+            true
+        }
+    };
+
+    // Presence: at its own shelter, taken; at another shelter, refused.
+    let presence = DocKey::new(Kind::Presence, "h3").unwrap();
+    let event = |id: &str, shelter: &str| {
+        let ev = PresenceEvent {
+            event_id: id.into(),
+            op_id: id.into(),
+            person_id: "p3-0".into(),
+            action: PresenceAction::CheckIn,
+            shelter_id: shelter.into(),
+            to_shelter: None,
+            hlc: Hlc {
+                wall_ms: T0,
+                counter: 0,
+            },
+            node: a.clone(),
+            wall_ms: T0,
+            prev: vec![],
+        };
+        (format!("ev:{id}"), Some(encode(&ev)))
+    };
+    let mut doc = Doc::new(presence.clone());
+    let own = doc
+        .write(actor, 1, "", &[event("e-own", "shelter-a")])
+        .unwrap()
+        .unwrap();
+    assert!(send(&mut net, &presence, &[own]), "its own shelter");
+    let elsewhere = doc
+        .write(actor, 2, "", &[event("e-else", "shelter-b")])
+        .unwrap()
+        .unwrap();
+    assert!(!send(&mut net, &presence, &[elsewhere]), "another shelter");
+
+    // Headquarters corrects: its check-in at shelter-b reaches shelter-a
+    // without objection.
+    net.cmd(
+        0,
+        "hq-fix",
+        Command::CheckIn {
+            person_ids: vec!["p4-0".into()],
+            shelter_id: Some("shelter-b".into()),
+        },
+    )
+    .unwrap();
+    let violations = net.nodes[1].stats().violations;
+    net.connect(0, 1);
+    assert_eq!(net.nodes[1].stats().violations, violations);
+    let QueryReply::Person(Some(p)) = net.query(
+        1,
+        Query::Person {
+            person_id: "p4-0".into(),
+        },
+    ) else {
+        panic!("shelter-a knows p4-0")
+    };
+    assert_eq!(
+        p.location.map(|l| l.shelter_id).as_deref(),
+        Some("shelter-b"),
+        "hq's correction applied at shelter-a"
+    );
+    net.disconnect_all();
+
+    // Audit: entries are added; a deletion, a rewrite, or an entry written
+    // again by a replica that never saw it are refused.
+    let audit = DocKey::new(Kind::Audit, "shelter-a").unwrap();
+    let entry = |seq: u64, prev: &str, action: &str| {
+        let mut e = AuditEntry {
+            seq,
+            operator: "op-1".into(),
+            node: a.clone(),
+            action: action.into(),
+            record: "p1-0".into(),
+            wall_ms: T0,
+            hlc: Hlc {
+                wall_ms: T0,
+                counter: seq as u32,
+            },
+            clock_trusted: true,
+            reason: "test".into(),
+            break_glass: false,
+            prev_hash: prev.into(),
+            hash: String::new(),
+        };
+        e.hash = e.compute_hash();
+        e
+    };
+    let e0 = entry(0, "", "export");
+    let e1 = entry(1, &e0.hash, "export");
+    let field = |e: &AuditEntry| (format!("e:{:016}", e.seq), Some(encode(e)));
+    let mut doc = Doc::new(audit.clone());
+    let fresh = doc.clone();
+    let c0 = doc.write(actor, 1, "", &[field(&e0)]).unwrap().unwrap();
+    assert!(send(&mut net, &audit, &[c0]), "the first entry");
+    let delete = doc
+        .clone()
+        .write(actor, 2, "", &[(field(&e0).0, None)])
+        .unwrap()
+        .unwrap();
+    assert!(!send(&mut net, &audit, &[delete]), "a deletion");
+    let rewrite = doc
+        .clone()
+        .write(actor, 2, "", &[field(&entry(0, "", "nothing"))])
+        .unwrap()
+        .unwrap();
+    assert!(!send(&mut net, &audit, &[rewrite]), "a rewrite");
+    let blind = fresh
+        .clone()
+        .write(actor, 2, "", &[field(&entry(0, "", "nothing"))])
+        .unwrap()
+        .unwrap();
+    assert!(!send(&mut net, &audit, &[blind]), "a concurrent rewrite");
+    let c1 = doc.write(actor, 3, "", &[field(&e1)]).unwrap().unwrap();
+    assert!(send(&mut net, &audit, &[c1]), "the next entry");
+    let QueryReply::Audit(entries) = net.query(
+        0,
+        Query::Audit {
+            break_glass_only: false,
+            limit: 100,
+        },
+    ) else {
+        panic!("hq reads the audit chains it holds")
+    };
+    assert_eq!(entries.iter().filter(|e| e.node == a).count(), 2);
+}
+
 /// The signature of `change` by the test node (one of `names`) its actor
 /// names, with that node's test key.
 fn sign_as_author(change: &[u8], names: &[&str]) -> [u8; 64] {

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["signing"],
     &["views", "store", "mailtext", "testkit"],
     &["derive", "wire", "cache", "api"],
-    &["share", "index"],
+    &["share", "index", "content"],
     &["replica", "reconcile"],
     &["sessions", "commands", "mail"],
     &["queries"],

@@ -27,6 +27,8 @@ pub struct FaultMix {
     pub restore_backup: bool,
     pub hq_failover: bool,
     pub events_per_hour: f64,
+    /// A compromised shelter sends forged and hostile changes (`hostile`).
+    pub hostile: bool,
 }
 
 impl FaultMix {
@@ -68,6 +70,8 @@ impl FaultMix {
             restore_backup: on(&mut r, l.restore_backup),
             hq_failover: on(&mut r, l.hq_failover),
             events_per_hour: l.events_per_hour * (0.25 + unit(&mut r) * 0.75),
+            // Drawn last, so the draws above stay those of earlier versions.
+            hostile: on(&mut r, l.hostile),
         }
     }
 }
@@ -87,6 +91,8 @@ pub(super) enum Fault {
 
     TakeBackup(usize),
     Restore(usize),
+    /// Shelter node `.0` sends a hostile change of kind `.1`.
+    Hostile(usize, u8),
 }
 
 impl World {
@@ -94,6 +100,7 @@ impl World {
         let start = self.sc.warmup_ms();
         let end = self.sc.chaos_end_ms();
         let m = self.mix.clone();
+        let shelters = self.idx(Role::Shelter);
         let r = &mut self.fault_rng;
         let n = self.nodes.len() as u64;
         let count = (m.events_per_hour * self.sc.chaos_hours) as usize;
@@ -125,6 +132,10 @@ impl World {
         if m.crash_during_mail {
             kinds.extend([8, 8]);
         }
+        if m.hostile {
+            kinds.push(9);
+        }
+
         let mut evs = vec![];
         if !kinds.is_empty() {
             for _ in 0..count {
@@ -160,9 +171,14 @@ impl World {
                         evs.push((at, Fault::TakeBackup(node)));
                         evs.push((at + range(r, 60_000, 1_800_000), Fault::Restore(node)));
                     }
-                    _ => {
+                    8 => {
                         let hq = self.hq[range(r, 0, self.hq.len() as u64) as usize];
                         evs.push((at, Fault::CrashDuringMail(hq)));
+                    }
+                    _ => {
+                        let s = shelters[range(r, 0, shelters.len() as u64) as usize];
+                        let kind = range(r, 0, KINDS.len() as u64) as u8;
+                        evs.push((at, Fault::Hostile(s, kind)));
                     }
                 }
             }
@@ -374,6 +390,11 @@ impl World {
                 self.smtp_down_until = self.now + d;
             }
 
+            Fault::Hostile(i, kind) => {
+                if self.nodes[i].engine.is_some() {
+                    self.hostile(i, kind);
+                }
+            }
             Fault::TakeBackup(i) => {
                 if self.nodes[i].role == Role::Shelter {
                     if let Some(e) = &self.nodes[i].engine {

@@ -27,16 +27,19 @@ use std::sync::Arc;
 
 mod checks;
 mod faults;
+mod hostile;
 mod network;
 mod run;
 mod smtp;
 mod workload;
 
 use faults::*;
+use hostile::*;
 use network::*;
 use workload::*;
 
 pub use faults::FaultMix;
+pub use hostile::REVOKED_NODE;
 pub use network::Profile;
 pub use run::{memory_total, peak_rss};
 
@@ -98,6 +101,8 @@ enum Ev {
         bytes: Vec<u8>,
         /// The same frame decoded, when it carries changes.
         changes: Option<Box<Frame>>,
+        /// Sent by a compromised node (`hostile`): not the sender's engine.
+        hostile: Option<Box<HostileNote>>,
     },
     TickAll,
     Cmd {
@@ -213,6 +218,13 @@ pub struct World {
     holder_groups: BTreeMap<(Kind, Option<String>), Vec<Vec<usize>>>,
     /// Op ids of commands carrying an Individual Number.
     adversarial: BTreeSet<String>,
+    /// While a hostile frame is handed over: its sender, whom the
+    /// receiver is expected to flag.
+    hostile_from: Option<usize>,
+    /// Hashes of every hostile change sent: no node may ever hold one.
+    forged: BTreeSet<[u8; 32]>,
+    /// The credentials the checker trusts (every node's, and the revoked).
+    known: check::KnownAuthors,
     /// The planted bug every engine of this world carries (mutant runs).
     #[cfg(feature = "mutants")]
     mutant: Option<crdt::mutants::Mutant>,
@@ -281,6 +293,9 @@ impl World {
             pool: sc.share_docs.map(|_| StorePool::default()),
             holder_groups: BTreeMap::new(),
             adversarial: BTreeSet::new(),
+            hostile_from: None,
+            forged: BTreeSet::new(),
+            known: check::KnownAuthors::default(),
             #[cfg(feature = "mutants")]
             mutant,
             sc,
@@ -323,11 +338,24 @@ impl World {
         spec.extend((0..n.facilities).map(|_| (Role::Facility, true)));
         let mut counters: BTreeMap<&str, usize> = BTreeMap::new();
         let mut skew_rng = sub_rng(self.seed, "skew");
+        // One verifier for all: a node revoked for the whole run, whose
+        // changes hostile nodes relay (`hostile`).
+        let revoked = NodeId::new(REVOKED_NODE).expect("valid id");
+        let verifier = Arc::new(crdt::testkit::testca::TestVerifier::default());
+        verifier
+            .revoked
+            .write()
+            .expect("fresh lock")
+            .insert(revoked.clone());
+        self.known.add(&revoked, Role::Shelter);
+        self.known.revoked.insert(revoked);
         for (i, (role, primary)) in spec.into_iter().enumerate() {
             let c = counters.entry(role_prefix(role)).or_default();
             *c += 1;
             let id = NodeId::new(format!("{}-{}", role_prefix(role), c)).expect("valid id");
-            let mut cfg = EngineConfig::for_tests(id.clone(), role);
+            let trust = crdt::testkit::testca::trust_with(&id, role, verifier.clone());
+            let mut cfg = EngineConfig::new(id.clone(), role, trust);
+            self.known.add(&id, role);
             cfg.mail_primary = primary;
             #[cfg(feature = "mutants")]
             {
@@ -469,6 +497,13 @@ impl World {
             // Every simulated node is honest: a peer violation raised
             // between them is a bug in one of the two (or in the check).
             if let Output::Event(UiEvent::PeerViolation { node_id, reason }) = o {
+                if self
+                    .hostile_from
+                    .is_some_and(|h| &self.nodes[h].id == node_id)
+                {
+                    self.count("hostile_flagged");
+                    continue;
+                }
                 let v = check::v(
                     check::PEER_VIOLATION,
                     self.now,

@@ -370,6 +370,7 @@ impl World {
                         dir: side,
                         bytes: authors,
                         changes: None,
+                        hostile: None,
                     },
                 );
             }
@@ -381,6 +382,7 @@ impl World {
                     dir: side,
                     bytes: copy,
                     changes: Some(Box::new(f)),
+                    hostile: None,
                 },
             );
         }
@@ -396,6 +398,7 @@ impl World {
                 dir: side,
                 bytes,
                 changes,
+                hostile: None,
             },
         );
     }
@@ -407,6 +410,7 @@ impl World {
         dir: u8,
         bytes: Vec<u8>,
         changes: Option<Box<Frame>>,
+        hostile: Option<Box<HostileNote>>,
     ) {
         let k = &self.links[l];
         if !k.up || k.gen != gen || k.broken {
@@ -420,6 +424,10 @@ impl World {
             return;
         }
         let session = sid(l, gen, 1 - dir);
+        if let Some(note) = hostile {
+            self.deliver_hostile(from, to, session, bytes, note);
+            return;
+        }
         let open = self.nodes[to]
             .engine
             .as_ref()

@@ -46,7 +46,8 @@ impl World {
                     dir,
                     bytes,
                     changes,
-                } => self.deliver(link, gen, dir, bytes, changes),
+                    hostile,
+                } => self.deliver(link, gen, dir, bytes, changes, hostile),
                 Ev::TickAll => {
                     for i in 0..self.nodes.len() {
                         let rest = self.input(i, Input::Tick);
@@ -128,6 +129,7 @@ impl World {
             // the replicas agreeing: they run either way (a failed
             // convergence must not hide a stored Individual Number).
             let rebuilt = self.rebuild_and_scan();
+            self.verify_stored_changes();
             self.summary.converged = conv.is_empty() && rebuilt.is_empty();
             for v in conv.into_iter().take(5).chain(rebuilt.into_iter().take(5)) {
                 self.violate(v);
