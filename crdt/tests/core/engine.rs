@@ -1223,7 +1223,11 @@ fn a_shelters_presence_elsewhere_and_audit_rewrites_are_refused_at_the_first_hop
     net.disconnect_all();
     // Sends `changes` of `key` from shelter-a to hq on a fresh session;
     // returns whether hq took them (stored, session open, nothing counted).
+    // Each refusal also backs shelter-a off at hq (at most an hour), so
+    // every attempt comes after the longest back-off has run out.
+    const PAST_BACK_OFF: u64 = 2 * 3_600_000;
     let send = |net: &mut Net, key: &DocKey, changes: &[automerge::Change]| -> bool {
+        net.now += PAST_BACK_OFF;
         net.connect(0, 1);
         let sid = net
             .links
@@ -1324,6 +1328,7 @@ fn a_shelters_presence_elsewhere_and_audit_rewrites_are_refused_at_the_first_hop
     )
     .unwrap();
     let violations = net.nodes[1].stats().violations;
+    net.now += PAST_BACK_OFF;
     net.connect(0, 1);
     assert_eq!(net.nodes[1].stats().violations, violations);
     let QueryReply::Person(Some(p)) = net.query(
