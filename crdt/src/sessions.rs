@@ -69,22 +69,6 @@ const MAX_TURNS: u32 = 64;
 /// Open sessions per peer node id (a peer may dial while its old session
 /// is still being torn down: two at once, never more).
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 2;
-/// Ranges one reconciliation turn of the peer may hold (over all its
-/// frames). An honest turn is at most 16 sub-ranges per differing range of
-/// ours, sent 4,096 ranges a frame; 65,536 covers an exchange over 100,000
-/// documents that all differ (about 50,000 ranges at the widest turn).
-pub(crate) const MAX_RANGES_PER_TURN: usize = 65_536;
-/// Encoded bytes of our reply to one turn, at most. Our reply is at most
-/// 16 ranges per range received, so this bound is reached only by a turn
-/// built to amplify; an honest reply of the widest turn above is ~4 MiB.
-pub(crate) const MAX_REPLY_BYTES_PER_TURN: usize = 8 * wire::MAX_FRAME_BYTES;
-/// How long a peer that broke a rule may not open a session: the first
-/// time, then doubled at each further violation up to the maximum.
-pub(crate) const BACKOFF_MIN_MS: u64 = 30_000;
-pub(crate) const BACKOFF_MAX_MS: u64 = 60 * 60_000;
-/// Peers remembered as backed off, at most (node ids come from verified
-/// certificates; expired entries go first).
-const MAX_BACKED_OFF: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -117,16 +101,9 @@ pub(crate) struct Session {
     exchange_over: bool,
     /// Our own one-way documents were offered.
     offered_own: bool,
-    /// Reply ranges accumulated while a peer's turn arrives in parts, and
-    /// their encoded size (about).
+    /// Reply ranges accumulated while a peer's turn arrives in parts.
     reply_buf: Vec<Range>,
-    reply_bytes: usize,
     turn_received: usize,
-    /// Where the last scanned range (fingerprint or digests) of the turn
-    /// being received ended: the next must start there or later, so a
-    /// turn scans each of our documents at most once (`Some(None)`: it
-    /// reached the end of the key space).
-    turn_end: Option<Option<DocKey>>,
     /// Complete reconciliation turns received from the peer.
     turns: u32,
     /// Documents the peer lacks changes of, by priority, with the heads
@@ -155,9 +132,7 @@ impl Session {
             exchange_over: false,
             offered_own: false,
             reply_buf: Vec::new(),
-            reply_bytes: 0,
             turn_received: 0,
-            turn_end: None,
             turns: 0,
             outq: BTreeMap::new(),
             seen: FxHashSet::default(),
@@ -242,15 +217,6 @@ pub(crate) struct SyncStats {
     pub(crate) panics: u64,
     /// Received changes that failed verification (quarantined).
     pub(crate) changes_unverified: u64,
-    /// Author credentials a peer relayed that this node refused (not held
-    /// against the relay: it may not know of a revocation yet).
-    pub(crate) credentials_refused: u64,
-    /// Reconciliation work done for peers: ranges answered, and index
-    /// entries scanned to answer them (what a hostile turn could inflate).
-    pub(crate) reconcile_ranges: u64,
-    pub(crate) reconcile_scanned: u64,
-    /// Sessions refused because their peer is backed off.
-    pub(crate) backed_off_refusals: u64,
     /// Held changes not relayed: unsigned, or by an author whose
     /// credential this node no longer accepts.
     pub(crate) unsigned_withheld: u64,
@@ -266,11 +232,6 @@ pub(crate) struct Sessions {
     /// Hashes of received changes that panicked Automerge: refused before
     /// they run again when the peer resends them (bounded).
     poisoned: FxHashSet<Hash32>,
-    /// Peers that broke a rule: (monotonic ms until which their sessions
-    /// are refused, length of their last back-off).
-    backoff: BTreeMap<NodeId, (u64, u64)>,
-    /// Monotonic ms of the input being handled (for back-off).
-    now_mono_ms: u64,
 }
 
 impl Sessions {
@@ -443,58 +404,14 @@ impl Sessions {
         self.map.remove(&session);
     }
 
-    /// The peer broke a rule of the protocol or of policy: counted,
-    /// reported, the session closed (`BYE_POLICY`) and the peer backed
-    /// off, so it cannot make us redo the same work at once. Every
-    /// violation ends the session: a peer that sent one bad thing is not
-    /// trusted with the rest of its frame or session.
     fn violation(&mut self, session: SessionId, reason: String, out: &mut Vec<Output>) {
         self.stats.violations += 1;
-        let Some(s) = self.map.get(&session) else {
-            return;
-        };
-        let node = s.node.clone();
-        out.push(Output::Event(UiEvent::PeerViolation {
-            node_id: node.clone(),
-            reason: reason.clone(),
-        }));
-        self.back_off(node);
-        self.bye(session, wire::BYE_POLICY, reason, out);
-    }
-
-    /// Refuses the peer's sessions for a while: [`BACKOFF_MIN_MS`], doubled
-    /// for each violation while (or soon after) it is backed off.
-    fn back_off(&mut self, node: NodeId) {
-        let now = self.now_mono_ms;
-        if self.backoff.len() >= MAX_BACKED_OFF {
-            self.backoff.retain(|_, (until, _)| *until > now);
+        if let Some(s) = self.map.get(&session) {
+            out.push(Output::Event(UiEvent::PeerViolation {
+                node_id: s.node.clone(),
+                reason,
+            }));
         }
-        if self.backoff.len() >= MAX_BACKED_OFF && !self.backoff.contains_key(&node) {
-            // Full of live entries: the longest-served one makes room.
-            if let Some(k) = self
-                .backoff
-                .iter()
-                .min_by_key(|(_, (until, _))| *until)
-                .map(|(k, _)| k.clone())
-            {
-                self.backoff.remove(&k);
-            }
-        }
-        let e = self.backoff.entry(node).or_insert((0, 0));
-        // A repeat offender within twice its last back-off waits longer.
-        let len = if e.1 > 0 && now < e.0.saturating_add(e.1) {
-            (e.1 * 2).min(BACKOFF_MAX_MS)
-        } else {
-            BACKOFF_MIN_MS
-        };
-        *e = (now.saturating_add(len), len);
-    }
-
-    /// Whether `node` is backed off now (its sessions are refused).
-    pub(crate) fn backed_off(&self, node: &NodeId) -> bool {
-        self.backoff
-            .get(node)
-            .is_some_and(|(until, _)| self.now_mono_ms < *until)
     }
 
     /// A session is up: remember the peer and say `Hello` with our cursor
@@ -506,24 +423,16 @@ impl Sessions {
         node: NodeId,
         role: Role,
         initiator: bool,
-        now: Now,
         out: &mut Vec<Output>,
     ) {
-        self.now_mono_ms = now.mono_ms;
         let open = self.map.values().filter(|s| s.node == node).count();
         self.peers.entry(node.clone()).or_insert((role, None)).0 = role;
         let resume = r.store.sync_cursor(&node).ok().flatten();
-        let backed_off = self.backed_off(&node);
         self.map.insert(sid, Session::new(node, role, initiator));
-        if backed_off {
-            // Not a new violation: the back-off is not extended.
-            self.stats.backed_off_refusals += 1;
-            let why = "backed off after a violation; try later".to_string();
-            return self.bye(sid, wire::BYE_POLICY, why, out);
-        }
         if open >= MAX_SESSIONS_PER_PEER {
+            self.stats.violations += 1;
             let why = format!("more than {MAX_SESSIONS_PER_PEER} sessions with one peer");
-            return self.violation(sid, why, out);
+            return self.bye(sid, wire::BYE_POLICY, why, out);
         }
         let hello = Frame::Hello {
             version: wire::PROTOCOL_VERSION,
@@ -547,11 +456,10 @@ impl Sessions {
     ) -> Option<Txn> {
         let s = self.map.get(&sid)?;
         let (peer, peer_role) = (s.node.clone(), s.role);
-        self.now_mono_ms = now.mono_ms;
         let f = match wire::decode(bytes) {
             Ok(f) => f,
             Err(e) => {
-                self.violation(sid, format!("undecodable frame: {e}"), out);
+                self.bye(sid, wire::BYE_PROTOCOL, e.to_string(), out);
                 return None;
             }
         };
@@ -596,9 +504,6 @@ impl Sessions {
                 self.send(sid, &Frame::Resume { ok }, out);
                 self.maybe_start_exchange(r, sid, out);
             }
-            // Not a violation: a session cut while frames were in flight
-            // can deliver them to a new session's start (seen in the
-            // simulator); the peer simply starts over.
             _ if !self.map[&sid].hello => {
                 self.bye(sid, wire::BYE_PROTOCOL, "frame before hello".into(), out)
             }
@@ -606,10 +511,14 @@ impl Sessions {
                 self.map.get_mut(&sid).expect("checked").peer_verdict = Some(ok);
                 self.maybe_start_exchange(r, sid, out);
             }
-            Frame::Reconcile { ranges, more } => match self.reconcile_allowed(sid, &ranges, more) {
-                Err(why) => self.violation(sid, why.into(), out),
-                Ok(()) => self.reconcile(r, sid, ranges, more, out),
-            },
+            Frame::Reconcile { ranges, more } => {
+                if let Err(why) = self.reconcile_allowed(sid, more) {
+                    self.stats.violations += 1;
+                    self.bye(sid, wire::BYE_PROTOCOL, why.into(), out);
+                } else {
+                    self.reconcile(r, sid, ranges, more, out)
+                }
+            }
             Frame::Changes { docs, upto } => return Some(self.receive(r, sid, docs, upto, out)),
             Frame::Authors { creds } => {
                 let mut txn = Txn::default();
@@ -617,11 +526,10 @@ impl Sessions {
                     match r.directory.admit(&cred, &*r.trust.verifier) {
                         Ok(Some(h)) => txn.batch.credentials.push((h, cred)),
                         Ok(None) => {}
-                        // Not held against the peer (not a violation): it
-                        // may not know of a revocation yet, or its clock may
-                        // still accept an expired certificate. Changes by
-                        // that author will not verify here, and that is one.
-                        Err(_) => self.stats.credentials_refused += 1,
+                        // Not held against the peer: it may not know of a
+                        // revocation yet. Changes by that author will not
+                        // verify here.
+                        Err(why) => self.violation(sid, format!("credential refused: {why}"), out),
                     }
                 }
                 return Some(txn);
@@ -642,38 +550,8 @@ impl Sessions {
     /// refusal; the dialing side only once it has started it) and for at
     /// most [`MAX_TURNS`] turns: a hostile peer cannot make us answer
     /// reconciliation forever, nor in a resumed session. Counts the turn.
-    ///
-    /// Each turn is bounded too: at most [`MAX_RANGES_PER_TURN`] ranges,
-    /// and its ranges that make us scan our index (fingerprints and
-    /// digests) in ascending, non-overlapping order, as an honest turn
-    /// always is; so answering one turn scans each index entry at most
-    /// twice (once for the range, once more to split it), however the
-    /// ranges are drawn.
-    fn reconcile_allowed(
-        &mut self,
-        sid: SessionId,
-        ranges: &[Range],
-        more: bool,
-    ) -> Result<(), &'static str> {
+    fn reconcile_allowed(&mut self, sid: SessionId, more: bool) -> Result<(), &'static str> {
         let s = self.map.get_mut(&sid).expect("checked");
-        if s.turn_received + ranges.len() > MAX_RANGES_PER_TURN {
-            return Err("too many ranges in one reconciliation turn");
-        }
-        for r in ranges {
-            if matches!(r.body, wire::RangeBody::Items { .. }) {
-                continue;
-            }
-            let in_order = match (&s.turn_end, &r.lo) {
-                (None, _) => true,
-                (Some(None), _) => false,
-                (Some(Some(_)), None) => false,
-                (Some(Some(end)), Some(lo)) => lo >= end,
-            };
-            if !in_order {
-                return Err("reconciliation ranges overlap or are out of order");
-            }
-            s.turn_end = Some(r.hi.clone());
-        }
         let (Some(mine), Some(theirs)) = (s.my_verdict, s.peer_verdict) else {
             return Err("reconcile frame before both cursor verdicts");
         };
@@ -684,7 +562,6 @@ impl Sessions {
             return Err("reconcile frame before this side started the exchange");
         }
         if !more {
-            s.turn_end = None;
             s.turns += 1;
             if s.turns > MAX_TURNS {
                 return Err("too many reconciliation turns");
@@ -790,12 +667,10 @@ impl Sessions {
             peer: role,
             peer_node: &peer,
         };
-        self.stats.reconcile_ranges += ranges.len() as u64;
         let answer = reconcile::answer(&index, &sides, ranges, |k, h| match r.load(k) {
             Ok(Some(d)) => h.iter().all(|x| d.knows(x)),
             _ => false,
         });
-        self.stats.reconcile_scanned += answer.scanned;
         if let Some(key) = peer_heads_key(&peer, inc) {
             if !answer.learned.is_empty() {
                 let peer_heads = answer
@@ -816,24 +691,11 @@ impl Sessions {
                 s.outq.insert((k.kind.priority(), k), h);
             }
         }
-        s.reply_bytes += answer
-            .reply
-            .iter()
-            .chain(&own)
-            .map(wire::range_bytes)
-            .sum::<usize>();
         s.reply_buf.extend(answer.reply);
         s.reply_buf.extend(own);
-        if s.reply_bytes > MAX_REPLY_BYTES_PER_TURN {
-            let why = format!(
-                "a reconciliation turn whose answer exceeds {MAX_REPLY_BYTES_PER_TURN} bytes"
-            );
-            return self.violation(sid, why, out);
-        }
         if more {
             return;
         }
-        s.reply_bytes = 0;
         // The peer's turn is complete: answer with ours, or end the exchange.
         let reply = std::mem::take(&mut s.reply_buf);
         let received = std::mem::take(&mut s.turn_received);
@@ -1080,12 +942,6 @@ impl Sessions {
             .collect();
         let proven = prove_signatures(r, &docs, &parsed);
         for (dc, parsed) in docs.into_iter().zip(parsed) {
-            // A violation closed the session: nothing more of it is taken
-            // (nor its `upto`, which claims what was skipped).
-            if !self.map.contains_key(&sid) {
-                cut = true;
-                break;
-            }
             let key = dc.key.clone();
             let Some(parsed) = parsed else {
                 self.stats.changes_rejected += dc.changes.len() as u64;
@@ -1094,16 +950,14 @@ impl Sessions {
                     format!("sent {key}, which its role or ours may not hold"),
                     out,
                 );
-                cut = true;
-                break;
+                continue;
             };
             let changes = match parsed {
                 Ok(c) => c,
                 Err(why) => {
                     self.stats.changes_rejected += dc.changes.len() as u64;
                     self.violation(sid, format!("{key}: {why}"), out);
-                    cut = true;
-                    break;
+                    continue;
                 }
             };
             let sigs: FxHashMap<Hash32, Sig> = changes
@@ -1142,8 +996,7 @@ impl Sessions {
             {
                 self.stats.changes_rejected += new.len() as u64;
                 self.violation(sid, format!("{key}: a change under this node's own actor id that it never made (cloned node?)"), out);
-                cut = true;
-                break;
+                continue;
             }
             #[cfg(feature = "mutants")]
             let new: Vec<Change> =
@@ -1214,7 +1067,9 @@ impl Sessions {
                 if matches!(why, Unverified::Revoked(_)) {
                     continue;
                 }
-                self.violation(sid, format!("{key}: unverifiable change: {why}"), out);
+                let why = format!("{key}: unverifiable change: {why}");
+                self.violation(sid, why.clone(), out);
+                self.bye(sid, wire::BYE_POLICY, why, out);
                 cut = true;
                 break;
             }
@@ -1222,8 +1077,12 @@ impl Sessions {
                 // A change that panicked Automerge before: not run again.
                 self.stats.changes_rejected += new.len() as u64;
                 r.put_back(base);
-                let why = format!("{key}: a change that crashed this node before");
-                self.violation(sid, why, out);
+                self.bye(
+                    sid,
+                    wire::BYE_POLICY,
+                    format!("{key}: a change that crashed this node before"),
+                    out,
+                );
                 cut = true;
                 break;
             }
@@ -1248,15 +1107,20 @@ impl Sessions {
                             hashes.join(",")
                         ),
                     ));
-                    self.violation(sid, format!("{key}: a change crashed this node: {e}"), out);
+                    self.violation(sid, format!("{key}: {e}"), out);
+                    self.bye(
+                        sid,
+                        wire::BYE_POLICY,
+                        format!("{key}: a change crashed this node"),
+                        out,
+                    );
                     cut = true;
                     break;
                 }
                 Err(e) => {
                     self.stats.changes_rejected += new.len() as u64;
                     self.violation(sid, format!("{key}: {e}"), out);
-                    cut = true;
-                    break;
+                    continue;
                 }
             };
             let projection = match applied.projection {
@@ -1265,8 +1129,7 @@ impl Sessions {
                     // Schema-invalid data is refused; the last valid view stays (I-22).
                     self.stats.changes_rejected += new.len() as u64;
                     self.violation(sid, e, out);
-                    cut = true;
-                    break;
+                    continue;
                 }
             };
             r.put_back(applied.doc);
