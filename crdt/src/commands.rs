@@ -510,7 +510,21 @@ impl<S: Store> Commands<'_, S> {
         self.write_changed(txn, &key, writes, now)
     }
 
+    /// A bulk import: the documents it creates are not kept in the cache
+    /// (`Replica::write_once`).
     fn import_records(
+        &mut self,
+        txn: &mut Txn,
+        records: ImportRecords,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
+        self.r.write_once = true;
+        let r = self.import_records_once(txn, records, now);
+        self.r.write_once = false;
+        r
+    }
+
+    fn import_records_once(
         &mut self,
         txn: &mut Txn,
         records: ImportRecords,

@@ -47,6 +47,7 @@ use crate::share::DocShare;
 use crate::signing::{Author, Directory, Seal, Signer, Trust};
 use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Projection, Store, StoreError};
 use automerge::Change;
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -168,6 +169,20 @@ pub(crate) struct Replica<S: Store> {
     pub(crate) trust: Trust,
     /// Verified author credentials (ours included).
     pub(crate) directory: Directory,
+    /// Set while a bulk import runs: a document that `write` creates
+    /// leaves the cache as soon as its change is recorded (see
+    /// `unsettled`). Imported documents are written once and rarely read
+    /// soon after; cached, each pushed an older document out and was
+    /// itself freed later, cold (freeing evicted documents was a seventh
+    /// of an import's CPU).
+    pub(crate) write_once: bool,
+    /// Documents created under `write_once` whose transaction is not
+    /// durable yet, with their one change: the store and the index do not
+    /// have them until the commit, so a later command of the same group
+    /// that reads one gets it rebuilt from this change (not a new empty
+    /// document, which would fork it). Emptied by `committed` and
+    /// `forget`.
+    unsettled: FxHashMap<DocKey, Vec<u8>>,
     #[cfg(feature = "mutants")]
     deferred: Option<Batch>,
 }
@@ -279,6 +294,8 @@ impl<S: Store> Replica<S> {
             log_end,
             trust,
             directory,
+            write_once: false,
+            unsettled: FxHashMap::default(),
             #[cfg(feature = "mutants")]
             deferred: None,
         })
@@ -288,6 +305,12 @@ impl<S: Store> Replica<S> {
     /// node does not hold it.
     pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
         if !self.cache.contains(key) {
+            if let Some(change) = self.unsettled.get(key) {
+                let doc = Doc::load(key.clone(), None, std::slice::from_ref(change))
+                    .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+                self.cache.insert(Arc::new(doc));
+                return Ok(self.cache.get(key).map(|d| &**d));
+            }
             // The index names every document the store holds (built from
             // it, changed only after a commit), so a key it lacks is not
             // stored: no store round trip for a document not created yet.
@@ -399,6 +422,7 @@ impl<S: Store> Replica<S> {
         }
         let actor = self.actor;
         let share = self.share.is_some();
+        let fresh = self.write_once && self.load(key)?.is_none();
         let doc = self.load_or_new(key)?;
         let before = if share { doc.heads() } else { vec![] };
         let change = match doc.write(actor, (now.wall_ms / 1000) as i64, "", &writes) {
@@ -432,7 +456,13 @@ impl<S: Store> Replica<S> {
             author: actor.node_hash,
             sig: s.sign(&change.hash().0),
         });
+        let once = fresh.then(|| change.raw_bytes().to_vec());
         self.record(txn, key, vec![(change, seal)], projection, None);
+        if let Some(change) = once {
+            // Freed now, while its memory is still warm.
+            self.cache.remove(key);
+            self.unsettled.insert(key.clone(), change);
+        }
         Ok(())
     }
 
@@ -447,6 +477,9 @@ impl<S: Store> Replica<S> {
         projection: Arc<Projection>,
         from: Option<SessionId>,
     ) {
+        // A document with a second change in the group is the cache's
+        // again (it was loaded to be changed).
+        self.unsettled.remove(key);
         let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
         let doc = self.cache.get(key).expect("recorded documents are loaded");
         let heads = doc.heads();
@@ -568,6 +601,7 @@ impl<S: Store> Replica<S> {
     pub(crate) fn forget(&mut self, txn: &Txn) {
         for k in txn.touched.iter().chain(txn.heads.keys()) {
             self.evict(k);
+            self.unsettled.remove(k);
         }
     }
 
@@ -613,6 +647,8 @@ impl<S: Store> Replica<S> {
             // `whole` is known at `record`: the document may have left the
             // cache since (a frame with more documents than the cache holds).
             self.index.update(&key, heads, whole, snap);
+            // Durable and in the index: loaded from the store from now on.
+            self.unsettled.remove(&key);
             match key.kind {
                 Kind::Outbox => done.outbox.push(key.clone()),
                 Kind::Presence => done.presence.push(key.clone()),

@@ -2129,3 +2129,63 @@ fn audit_chain_tampering_is_detected_in_every_trial() {
         detected[0], detected[1], detected[2], detected[3]
     );
 }
+
+/// Documents a bulk import creates leave the cache at once; a later
+/// command of the same group commit that changes one must still build on
+/// the imported change (rebuilt from it), not on a new empty document: a
+/// fork would leave the store with two root changes under one head, and
+/// the document would no longer load.
+#[test]
+fn an_imported_document_is_changed_in_place_by_a_later_command_of_its_group() {
+    let mut net = Net::new(&[("hq-1", Role::Hq)]);
+    net.cmd(
+        0,
+        "imp",
+        Command::ImportHouseholds {
+            households: (0..2).map(|i| household(i, 1)).collect(),
+        },
+    )
+    .unwrap();
+    let set = |person: &str, contact: &str| ContactSet {
+        person_id: person.into(),
+        contacts: vec![FamilyContact {
+            contact_id: contact.into(),
+            name: "山田 花子".into(),
+            email: format!("{contact}@example.jp"),
+            ..Default::default()
+        }],
+        disclosure: Disclosure::default(),
+    };
+    let import = |op: &str, sets: Vec<ContactSet>| Input::Command {
+        op_id: op.into(),
+        operator: Operator("op-1".into()),
+        cmd: Command::Import {
+            records: ImportRecords::Contacts(sets),
+        },
+    };
+    let outs = net.nodes[0].handle_batch(
+        vec![
+            import("c1", vec![set("p0-0", "a"), set("p1-0", "x")]),
+            import("c2", vec![set("p0-0", "b")]),
+        ],
+        now(T0),
+        &mut net.rng,
+    );
+    let ok = outs
+        .iter()
+        .filter(|o| matches!(o, Output::Reply { result: Ok(_), .. }))
+        .count();
+    assert_eq!(ok, 2, "{outs:?}");
+    let key = DocKey::new(Kind::Contacts, "p0-0").unwrap();
+    let cfg = net.nodes[0].config().clone();
+    let store = net.nodes.remove(0).into_store();
+    let mut hq = Engine::open(store, cfg, now(T0 + 1)).unwrap();
+    let doc = hq.doc(&key).unwrap().expect("stored");
+    assert_eq!(doc.heads().len(), 1);
+    let contacts: Vec<String> = doc
+        .fields()
+        .into_keys()
+        .filter(|k| k.starts_with("contact:"))
+        .collect();
+    assert_eq!(contacts, ["contact:b"]);
+}
