@@ -480,6 +480,8 @@ impl<S: Store> Replica<S> {
         // A document with a second change in the group is the cache's
         // again (it was loaded to be changed).
         self.unsettled.remove(key);
+        // Until the commit the store holds an older state: never dropped.
+        self.cache.pin(key);
         let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
         let doc = self.cache.get(key).expect("recorded documents are loaded");
         let heads = doc.heads();
@@ -601,6 +603,7 @@ impl<S: Store> Replica<S> {
     pub(crate) fn forget(&mut self, txn: &Txn) {
         for k in txn.touched.iter().chain(txn.heads.keys()) {
             self.evict(k);
+            self.cache.unpin(k);
             self.unsettled.remove(k);
         }
     }
@@ -649,6 +652,7 @@ impl<S: Store> Replica<S> {
             self.index.update(&key, heads, whole, snap);
             // Durable and in the index: loaded from the store from now on.
             self.unsettled.remove(&key);
+            self.cache.unpin(&key);
             match key.kind {
                 Kind::Outbox => done.outbox.push(key.clone()),
                 Kind::Presence => done.presence.push(key.clone()),

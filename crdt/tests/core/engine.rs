@@ -2189,3 +2189,87 @@ fn an_imported_document_is_changed_in_place_by_a_later_command_of_its_group() {
         .collect();
     assert_eq!(contacts, ["contact:b"]);
 }
+
+/// A group commit that changes more stored documents than the cache holds
+/// pushes its own changed documents out of the cache before they are
+/// durable; a later command of the group that changes one again must build
+/// on the group's change, not on the older state the store still holds (a
+/// second change with the same actor and sequence number, which no replica
+/// can load).
+#[test]
+fn a_document_pushed_out_of_the_cache_by_its_own_group_keeps_the_groups_change() {
+    let mut net = Net::new(&[("hq-1", Role::Hq)]);
+    let cfg = EngineConfig {
+        cache_docs: 16,
+        ..EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq)
+    };
+    net.nodes[0] = Engine::open(MemStore::new(), cfg, now(T0)).unwrap();
+    let persons = 40;
+    net.cmd(
+        0,
+        "imp",
+        Command::ImportHouseholds {
+            households: (0..persons).map(|i| household(i, 1)).collect(),
+        },
+    )
+    .unwrap();
+    let set = |person: String, contact: &str| ContactSet {
+        contacts: vec![FamilyContact {
+            contact_id: contact.into(),
+            name: "山田 花子".into(),
+            email: format!("{contact}.{person}@example.jp"),
+            ..Default::default()
+        }],
+        person_id: person,
+        disclosure: Disclosure::default(),
+    };
+    let import = |op: &str, sets: Vec<ContactSet>| Input::Command {
+        op_id: op.into(),
+        operator: Operator("op-1".into()),
+        cmd: Command::Import {
+            records: ImportRecords::Contacts(sets),
+        },
+    };
+    let all = |contact: &str| {
+        (0..persons)
+            .map(|i| set(format!("p{i}-0"), contact))
+            .collect::<Vec<_>>()
+    };
+    // Every person's contacts stored (and durable) once.
+    let outs = net.nodes[0].handle_batch(vec![import("c0", all("a"))], now(T0), &mut net.rng);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Reply { result: Ok(_), .. })),
+        "{outs:?}"
+    );
+    // One group: all of them replaced (each loaded from the store, changed,
+    // then pushed out of the 16-document cache by the next ones), then the
+    // first person's again.
+    let outs = net.nodes[0].handle_batch(
+        vec![
+            import("c1", all("b")),
+            import("c2", vec![set("p0-0".into(), "c")]),
+        ],
+        now(T0),
+        &mut net.rng,
+    );
+    let ok = outs
+        .iter()
+        .filter(|o| matches!(o, Output::Reply { result: Ok(_), .. }))
+        .count();
+    assert_eq!(ok, 2, "{outs:?}");
+    let cfg = net.nodes[0].config().clone();
+    let store = net.nodes.remove(0).into_store();
+    let mut hq = Engine::open(store, cfg, now(T0 + 1)).unwrap();
+    for (person, want) in [("p0-0", "contact:c"), ("p1-0", "contact:b")] {
+        let key = DocKey::new(Kind::Contacts, person).unwrap();
+        let doc = hq.doc(&key).unwrap().expect("stored");
+        assert_eq!(doc.heads().len(), 1, "{person}");
+        let contacts: Vec<String> = doc
+            .fields()
+            .into_keys()
+            .filter(|k| k.starts_with("contact:"))
+            .collect();
+        assert_eq!(contacts, [want], "{person}");
+    }
+}
