@@ -226,6 +226,21 @@ impl Doc {
         writes: &[(String, Option<String>)],
     ) -> Result<Option<Change>, DocError> {
         self.am.set_actor(actor.automerge());
+        // A document's first change has no dependencies, so two documents
+        // given the same first values by the same actor in the same second
+        // would get the same change, byte for byte, and the same hash: the
+        // store keeps one change per hash, and the other document would be
+        // left without its change (two residents with the same medical
+        // profile in one import). Naming the document in the first
+        // change's message makes it its own; every later change depends on
+        // it.
+        let named;
+        let message = if message.is_empty() && self.am.get_heads().is_empty() {
+            named = self.key.to_string();
+            named.as_str()
+        } else {
+            message
+        };
         if let Some(root) = self.first_write_as_root(writes)? {
             let mut tx = self.am.transaction();
             tx.init_root_from_hydrate(&root)

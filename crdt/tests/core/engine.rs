@@ -2273,3 +2273,44 @@ fn a_document_pushed_out_of_the_cache_by_its_own_group_keeps_the_groups_change()
         assert_eq!(contacts, [want], "{person}");
     }
 }
+
+/// Two residents imported with the same values in the same second: each
+/// document keeps its own change. A document's first change has no
+/// dependencies, so without something naming the document the two would
+/// be the same change with the same hash, which the store keeps once: the
+/// second resident's record, acknowledged, would not load.
+#[test]
+fn two_documents_given_the_same_first_values_both_keep_them() {
+    let mut net = Net::new(&[("hq-1", Role::Hq)]);
+    net.cmd(
+        0,
+        "imp",
+        Command::ImportHouseholds {
+            households: (0..2).map(|i| household(i, 1)).collect(),
+        },
+    )
+    .unwrap();
+    let same = |person: &str| MedicalProfile {
+        person_id: person.into(),
+        blood_type: Some(BloodType::APos),
+        consent: ConsentBasis::Consented,
+        entries: vec![(MedicalSection::Allergy, "ペニシリン".into())],
+    };
+    net.cmd(
+        0,
+        "med",
+        Command::Import {
+            records: ImportRecords::Medical(vec![same("p0-0"), same("p1-0")]),
+        },
+    )
+    .unwrap();
+    let cfg = net.nodes[0].config().clone();
+    let store = net.nodes.remove(0).into_store();
+    let mut hq = Engine::open(store, cfg, now(T0 + 1)).unwrap();
+    for person in ["p0-0", "p1-0"] {
+        let key = DocKey::new(Kind::Medical, person).unwrap();
+        let doc = hq.doc(&key).unwrap().expect("stored");
+        assert_eq!(doc.heads().len(), 1, "{person}");
+        assert!(doc.fields().contains_key("blood_type"), "{person}");
+    }
+}
