@@ -72,6 +72,10 @@ pub struct EngineConfig {
     /// This node's signing key and the verifier of authors' credentials
     /// (see [`crate::signing`]).
     pub trust: crate::signing::Trust,
+    /// Push every new change to every connected peer, as protocol 2 did,
+    /// instead of along the tree (never prune a link): for comparisons in
+    /// the simulator.
+    pub flood: bool,
     /// A planted bug this engine carries (simulator only; see
     /// [`crate::mutants`]).
     #[cfg(feature = "mutants")]
@@ -90,6 +94,7 @@ impl EngineConfig {
             mail_lease_ms: 5 * 60_000,
             mail_takeover_ms: 10 * 60_000,
             mail_templates: Default::default(),
+            flood: false,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
@@ -126,6 +131,11 @@ pub struct Stats {
     pub unsigned_withheld: u64,
     pub duplicate_mail_risk: u64,
     pub commits: u64,
+    /// The live tree: change hashes announced instead of pushed, documents
+    /// asked for after a missed announcement (`Graft`), kinds pruned.
+    pub announced: u64,
+    pub grafts: u64,
+    pub prunes: u64,
 }
 
 pub struct Engine<S: Store> {
@@ -193,10 +203,11 @@ impl<S: Store> Engine<S> {
             takeover_ms: cfg.mail_takeover_ms,
             templates: cfg.mail_templates.clone(),
         });
+        let sessions = Sessions::new(cfg.flood);
         let mut e = Engine {
             cfg,
             replica,
-            sessions: Sessions::default(),
+            sessions,
             mail,
             shelter_seen: BTreeMap::new(),
             access: Default::default(),
@@ -242,6 +253,9 @@ impl<S: Store> Engine<S> {
             unsigned_withheld: s.unsigned_withheld,
             duplicate_mail_risk: self.mail.duplicate_risk,
             commits: self.commits,
+            announced: s.announced,
+            grafts: s.grafts,
+            prunes: s.prunes,
         }
     }
     pub fn config(&self) -> &EngineConfig {
@@ -360,6 +374,10 @@ impl<S: Store> Engine<S> {
                     self.plan_mail(now, &mut out);
                 }
                 self.sessions.tick_cursors(self.replica.log_end, &mut out);
+                let txn = self.sessions.tick_tree(&mut self.replica, now, &mut out);
+                // A failed commit only leaves those cursors behind: the
+                // next session resumes from an earlier position.
+                let _ = self.commit(txn, now, &mut out);
             }
         }
         self.sessions.drain(&mut self.replica, &mut out);

@@ -29,10 +29,28 @@
 //!   one by one in each side's first turn.
 //!
 //! Either way, once a side has caught up (stream read to the end, or the
-//! exchange over and its send queue empty), every new change is pushed to
-//! the peer as it is committed, and those frames carry the new log end as
+//! exchange over and its send queue empty), it says `Live` and new changes
+//! go out as they are committed, and those frames carry the new log end as
 //! `upto`, so the next session resumes from there. Catch-up sends are
 //! drained a bounded number of frames per input (memory stays bounded).
+//!
+//! Live changes follow a spanning tree per document kind, in the style of
+//! Plumtree (protocol 3). Every link starts eager: new changes are pushed.
+//! A change the peer pushes that we already hold, and that this session
+//! had not brought before, shows a second path: we answer `Prune` and the
+//! link becomes lazy for that kind at both ends. On a lazy link new changes
+//! are announced instead (`IHave`: document and change hashes, sent at the
+//! next tick, with the log end as `upto`). Announced changes that have not
+//! arrived [`GRAFT_TIMEOUT_MS`] later are asked for (`Graft`, with our
+//! heads; answered from the send queue like a reconciliation), which makes
+//! the link eager again: that is how the tree mends when a link or node on
+//! it fails. Time comes from `Now` (ticks), so the simulator stays
+//! deterministic. The receiver stores a log position only once it holds
+//! every change announced before it, so a session that ends early resumes
+//! before anything missed; resuming and reconciling at session start stay
+//! the safety net, and nothing depends on the tree for correctness. A
+//! grafted change arrives as any other change does: after its author's
+//! credential, with its signature, through every check of this hop.
 //!
 //! Invariants: a change is sent on a session at most once (`seen`); a
 //! frame claims a log position (`upto`) only when everything before it
@@ -43,18 +61,20 @@
 use crate::api::{Now, Output, PeerStatus, SessionId, UiEvent};
 use crate::content;
 use crate::doc::{Doc, DocError, Hash32};
-use crate::ids::{DocKey, NodeId, Role};
+use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::policy::{self, may_send};
 use crate::reconcile::{self, Sides};
 use crate::replica::{Gossip, Replica, Txn};
 use crate::signing::{AuthorHash, Directory, Proven, Seal, Sig, Unverified};
 use crate::store::{Batch, Cursor, Store};
-use crate::wire::{self, DocChanges, Frame, Range};
+use crate::wire::{self, Announced, DocChanges, Frame, Item, Range};
 use automerge::Change;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+/// Change hashes announced per `IHave` frame (about 200 KB).
+const ANNOUNCED_PER_FRAME: usize = 4096;
 /// Frames of catch-up changes emitted per session per input.
 const FRAMES_PER_DRAIN: usize = 8;
 /// Log entries read per step when streaming.
@@ -69,6 +89,21 @@ const MAX_TURNS: u32 = 64;
 /// Open sessions per peer node id (a peer may dial while its old session
 /// is still being torn down: two at once, never more).
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 2;
+/// How long an announced change may take to arrive by the tree before it
+/// is asked for (`Graft`), and how long before it is asked for again. The
+/// tree's copy is usually already held when the announcement arrives
+/// (announcements wait for a tick); a satellite hop carries about 40 KB in
+/// 5 s.
+const GRAFT_TIMEOUT_MS: u64 = 5_000;
+/// Grafts sent for one announced change on one session before we stop
+/// asking (its cursor still waits for it; the next session resumes before it).
+const MAX_GRAFT_TRIES: u8 = 3;
+/// Announced changes waited for per session, and log positions held back
+/// per session until they arrive; past either the session stops recording
+/// (no new graft, no cursor stored from it again: the next session resumes
+/// from the last position stored).
+const MAX_WANTED: usize = 16_384;
+const MAX_PENDING_CURSORS: usize = 1_024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -115,6 +150,29 @@ pub(crate) struct Session {
     pub(crate) upto_sent: u64,
     /// Authors whose credentials this session was sent.
     creds_sent: FxHashSet<AuthorHash>,
+    /// The tree (protocol 3), one bit per [`Kind`]: for a set bit the link
+    /// is lazy both ways, so new changes of that kind are announced
+    /// (`IHave`) instead of pushed. Every kind starts eager; a duplicate
+    /// pushed by the peer makes it lazy (`Prune`), a missed announcement
+    /// eager again (`Graft`).
+    lazy: u16,
+    /// The peer sent `Live`: its changes frames are pushes from here on.
+    peer_live: bool,
+    /// Change hashes the peer pushed since (received live).
+    pushed: FxHashSet<Hash32>,
+    /// New changes to announce at the next tick (their kind is lazy).
+    announce: Vec<(DocKey, Hash32)>,
+    /// Announced changes we lack: document, when to graft, grafts sent.
+    wanted: BTreeMap<Hash32, (DocKey, u64, u8)>,
+    /// Log positions the peer claimed, in order, each with the announced
+    /// changes we must hold before it may be stored.
+    pending: std::collections::VecDeque<(Option<Cursor>, Vec<Hash32>)>,
+    /// Too much was waited for: no cursor is stored from this session.
+    cursor_stuck: bool,
+}
+
+fn kind_bit(kind: Kind) -> u16 {
+    1 << kind.code()
 }
 
 impl Session {
@@ -138,7 +196,37 @@ impl Session {
             seen: FxHashSet::default(),
             upto_sent: 0,
             creds_sent: FxHashSet::default(),
+            lazy: 0,
+            peer_live: false,
+            pushed: FxHashSet::default(),
+            announce: Vec::new(),
+            wanted: BTreeMap::new(),
+            pending: Default::default(),
+            cursor_stuck: false,
         }
+    }
+
+    /// Is the link lazy for changes of this kind (announced, not pushed)?
+    fn is_lazy(&self, kind: Kind) -> bool {
+        self.lazy & kind_bit(kind) != 0
+    }
+
+    /// A log position the peer claimed: stored now (returned) when
+    /// nothing announced is still awaited, otherwise held back in order.
+    fn claim(&mut self, upto: Option<Cursor>, missing: Vec<Hash32>) -> Option<Cursor> {
+        if self.cursor_stuck {
+            return None;
+        }
+        if self.pending.is_empty() && missing.is_empty() {
+            return upto;
+        }
+        if self.pending.len() >= MAX_PENDING_CURSORS {
+            self.cursor_stuck = true;
+            self.pending.clear();
+            return None;
+        }
+        self.pending.push_back((upto, missing));
+        None
     }
 
     /// Caught up: the peer holds (or was sent) everything of our log it
@@ -220,6 +308,11 @@ pub(crate) struct SyncStats {
     /// Held changes not relayed: unsigned, or by an author whose
     /// credential this node no longer accepts.
     pub(crate) unsigned_withheld: u64,
+    /// The tree: change hashes announced instead of pushed, documents
+    /// asked for after a missed announcement, kinds pruned.
+    pub(crate) announced: u64,
+    pub(crate) grafts: u64,
+    pub(crate) prunes: u64,
 }
 
 /// Every open session, the peers met and the protocol's counters.
@@ -232,9 +325,22 @@ pub(crate) struct Sessions {
     /// Hashes of received changes that panicked Automerge: refused before
     /// they run again when the peer resends them (bounded).
     poisoned: FxHashSet<Hash32>,
+    /// Announced changes asked for (any session), with when: another
+    /// announcer is asked only once that graft had its time.
+    grafted: FxHashMap<Hash32, u64>,
+    /// Never prune: every link stays eager (protocol 2's flooding).
+    pub(crate) flood: bool,
 }
 
 impl Sessions {
+    /// No sessions yet; `flood`: never prune a link (see [`Sessions::prune`]).
+    pub(crate) fn new(flood: bool) -> Sessions {
+        Sessions {
+            flood,
+            ..Default::default()
+        }
+    }
+
     /// Whether a session is open (frames on it are processed).
     pub(crate) fn contains(&self, session: SessionId) -> bool {
         self.map.contains_key(&session)
@@ -273,8 +379,10 @@ impl Sessions {
         self.map.remove(&session);
     }
 
-    /// On a tick: tell live peers how far into our log they are.
+    /// On a tick: announce to live peers what was not pushed to them, and
+    /// tell them how far into our log they are.
     pub(crate) fn tick_cursors(&mut self, log_end: Option<Cursor>, out: &mut Vec<Output>) {
+        self.flush_announcements(log_end, out);
         let Some(end) = log_end else { return };
         let due: Vec<SessionId> = self
             .map
@@ -295,9 +403,215 @@ impl Sessions {
         }
     }
 
+    /// Sends each session its queued announcements (`IHave`), grouped by
+    /// document; on a live session the last frame carries the log end:
+    /// everything before it was pushed or announced on this session.
+    fn flush_announcements(&mut self, log_end: Option<Cursor>, out: &mut Vec<Output>) {
+        let due: Vec<SessionId> = self
+            .map
+            .iter()
+            .filter(|(_, s)| !s.announce.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        for sid in due {
+            let s = self.map.get_mut(&sid).expect("present");
+            let mut frames: Vec<Vec<Announced>> = vec![vec![]];
+            let mut in_frame = 0;
+            for (key, hash) in std::mem::take(&mut s.announce) {
+                // Received from the peer meanwhile: it holds it.
+                if s.seen.contains(&hash) {
+                    continue;
+                }
+                self.stats.announced += 1;
+                if in_frame >= ANNOUNCED_PER_FRAME {
+                    frames.push(vec![]);
+                    in_frame = 0;
+                }
+                in_frame += 1;
+                let docs = frames.last_mut().expect("one frame");
+                match docs.last_mut() {
+                    Some(d) if d.key == key && d.hashes.len() < wire::MAX_ANNOUNCED_PER_DOC => {
+                        d.hashes.push(hash)
+                    }
+                    _ => docs.push(Announced {
+                        key,
+                        hashes: vec![hash],
+                    }),
+                }
+            }
+            let live = s.is_live();
+            if let (true, Some(c)) = (live, log_end) {
+                s.upto_sent = s.upto_sent.max(c.seq);
+            }
+            let n = frames.len();
+            for (i, docs) in frames.into_iter().enumerate() {
+                let upto = if live && i + 1 == n { log_end } else { None };
+                if docs.is_empty() && upto.is_none() {
+                    continue;
+                }
+                self.send(sid, &Frame::IHave { docs, upto }, out);
+            }
+        }
+    }
+
+    /// On a tick, the receiving half of the tree: announced changes that
+    /// arrived are crossed off, log positions waiting only for them are
+    /// staged (returned for the engine to commit), and announced changes
+    /// still missing past [`GRAFT_TIMEOUT_MS`] are asked for (`Graft`,
+    /// which also makes the link eager for their kind again). One graft at
+    /// a time per change: another announcer is asked only once the last
+    /// graft had its time.
+    pub(crate) fn tick_tree<S: Store>(
+        &mut self,
+        r: &mut Replica<S>,
+        now: Now,
+        out: &mut Vec<Output>,
+    ) -> Txn {
+        let mut txn = Txn::default();
+        let t = now.mono_ms;
+        self.grafted
+            .retain(|_, at| t < at.saturating_add(GRAFT_TIMEOUT_MS));
+        let sids: Vec<SessionId> = self
+            .map
+            .iter()
+            .filter(|(_, s)| !s.wanted.is_empty() || !s.pending.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        for sid in sids {
+            let wanted: Vec<(Hash32, DocKey)> = self.map[&sid]
+                .wanted
+                .iter()
+                .map(|(h, (k, _, _))| (*h, k.clone()))
+                .collect();
+            let held = held(r, &wanted);
+            let s = self.map.get_mut(&sid).expect("present");
+            s.wanted.retain(|h, _| !held.contains(h));
+            for (_, missing) in s.pending.iter_mut() {
+                missing.retain(|h| !held.contains(h));
+            }
+            let mut stored = None;
+            while s.pending.front().is_some_and(|(_, m)| m.is_empty()) {
+                let (upto, _) = s.pending.pop_front().expect("present");
+                stored = upto.or(stored);
+            }
+            if let (Some(c), false) = (stored, s.cursor_stuck) {
+                txn.batch.cursors.push((s.node.clone(), c));
+            }
+            let mut keys: BTreeSet<DocKey> = BTreeSet::new();
+            for (h, (key, due, tries)) in s.wanted.iter_mut() {
+                if *due > t || *tries >= MAX_GRAFT_TRIES || self.grafted.contains_key(h) {
+                    continue;
+                }
+                *due = t + GRAFT_TIMEOUT_MS;
+                *tries += 1;
+                self.grafted.insert(*h, t);
+                keys.insert(key.clone());
+            }
+            if keys.is_empty() {
+                continue;
+            }
+            for k in &keys {
+                s.lazy &= !kind_bit(k.kind);
+            }
+            let items: Vec<Item> = keys
+                .into_iter()
+                .map(|key| {
+                    let heads = r.index.get(&key).map_or(vec![], |e| {
+                        e.heads.iter().take(wire::MAX_HEADS).copied().collect()
+                    });
+                    Item { key, heads }
+                })
+                .collect();
+            self.stats.grafts += items.len() as u64;
+            // At most 64 heads of 32 bytes each: 1,024 items stay far
+            // below the frame limit.
+            for chunk in items.chunks(1024) {
+                self.send(
+                    sid,
+                    &Frame::Graft {
+                        docs: chunk.to_vec(),
+                    },
+                    out,
+                );
+            }
+        }
+        txn
+    }
+
+    /// Announced changes (`IHave`): those we lack are waited for (and
+    /// grafted by [`Sessions::tick_tree`] if the tree does not bring them
+    /// in time); the frame's log position is stored once we hold them.
+    fn announced<S: Store>(
+        &mut self,
+        r: &mut Replica<S>,
+        sid: SessionId,
+        docs: Vec<Announced>,
+        upto: Option<Cursor>,
+        now: Now,
+        out: &mut Vec<Output>,
+    ) -> Txn {
+        let (peer, role) = {
+            let s = &self.map[&sid];
+            (s.node.clone(), s.role)
+        };
+        let mut txn = Txn::default();
+        let mut missing = Vec::new();
+        for d in docs {
+            if !(policy::may_hold(r.meta.role, &r.meta.node_id, &d.key)
+                && policy::may_hold(role, &peer, &d.key))
+            {
+                self.violation(
+                    sid,
+                    format!("announced {}, which its role or ours may not hold", d.key),
+                    out,
+                );
+                continue;
+            }
+            let asked: Vec<(Hash32, DocKey)> =
+                d.hashes.iter().map(|h| (*h, d.key.clone())).collect();
+            let held = held(r, &asked);
+            let s = self.map.get_mut(&sid).expect("present");
+            for h in d.hashes {
+                if held.contains(&h) {
+                    continue;
+                }
+                missing.push(h);
+                if s.wanted.len() >= MAX_WANTED {
+                    s.cursor_stuck = true;
+                    continue;
+                }
+                s.wanted
+                    .entry(h)
+                    .or_insert((d.key.clone(), now.mono_ms + GRAFT_TIMEOUT_MS, 0));
+            }
+        }
+        let s = self.map.get_mut(&sid).expect("present");
+        if let Some(c) = s.claim(upto, missing) {
+            txn.batch.cursors.push((peer, c));
+        }
+        txn
+    }
+
+    /// A live push brought changes of `kind` we already held: this link is
+    /// not on our tree for that kind. Both ends mark it lazy (`Prune`).
+    fn prune(&mut self, sid: SessionId, kind: Kind, out: &mut Vec<Output>) {
+        let Some(s) = self.map.get_mut(&sid) else {
+            return;
+        };
+        if self.flood || !s.peer_live || s.is_lazy(kind) {
+            return;
+        }
+        s.lazy |= kind_bit(kind);
+        self.stats.prunes += 1;
+        self.send(sid, &Frame::Prune { kinds: vec![kind] }, out);
+    }
+
     /// Pushes newly committed changes to each connected peer that may hold
     /// them and does not have them (not back to the session they came
     /// from); live sessions learn the new log end with the last frame.
+    /// A live session that is lazy for a change's kind gets it announced
+    /// at the next tick instead; until then its pushes claim no position
+    /// (the announcement carries it).
     pub(crate) fn gossip(
         &mut self,
         gossip: Vec<Gossip>,
@@ -321,11 +635,16 @@ impl Sessions {
                 continue;
             };
             for (sid, s) in self.map.iter_mut() {
-                if Some(*sid) == from
-                    || !s.hello
-                    || !may_send(s.role, &s.node, &key)
-                    || !s.seen.insert(hash)
-                {
+                if Some(*sid) == from || !s.hello || !may_send(s.role, &s.node, &key) {
+                    continue;
+                }
+                if s.is_live() && s.is_lazy(key.kind) {
+                    if !s.seen.contains(&hash) {
+                        s.announce.push((key.clone(), hash));
+                    }
+                    continue;
+                }
+                if !s.seen.insert(hash) {
                     continue;
                 }
                 let (docs, authors) = per_session.entry(*sid).or_default();
@@ -342,7 +661,10 @@ impl Sessions {
         }
         for (sid, (docs, authors)) in per_session {
             self.introduce(directory, sid, &authors, out);
-            let live = self.map.get(&sid).is_some_and(|s| s.is_live());
+            let live = self
+                .map
+                .get(&sid)
+                .is_some_and(|s| s.is_live() && s.announce.is_empty());
             let frames = chunk_docs(docs);
             let last = frames.len() - 1;
             for (i, docs) in frames.into_iter().enumerate() {
@@ -533,6 +855,32 @@ impl Sessions {
                     }
                 }
                 return Some(txn);
+            }
+            Frame::Live => {
+                self.map.get_mut(&sid).expect("checked").peer_live = true;
+            }
+            Frame::IHave { docs, upto } => {
+                return Some(self.announced(r, sid, docs, upto, now, out));
+            }
+            Frame::Graft { docs } => {
+                let s = self.map.get_mut(&sid).expect("checked");
+                let (node, role) = (s.node.clone(), s.role);
+                for it in docs {
+                    if !may_send(role, &node, &it.key) {
+                        let why = format!("asked for {}, which its role may not hold", it.key);
+                        self.violation(sid, why, out);
+                        continue;
+                    }
+                    let s = self.map.get_mut(&sid).expect("checked");
+                    s.lazy &= !kind_bit(it.key.kind);
+                    s.outq.insert((it.key.kind.priority(), it.key), it.heads);
+                }
+            }
+            Frame::Prune { kinds } => {
+                let s = self.map.get_mut(&sid).expect("checked");
+                for k in kinds {
+                    s.lazy |= kind_bit(k);
+                }
             }
             Frame::Bye { code, reason } => {
                 out.push(Output::Close {
@@ -738,6 +1086,8 @@ impl Sessions {
     fn go_live(&mut self, end: Option<Cursor>, sid: SessionId, out: &mut Vec<Output>) {
         let s = self.map.get_mut(&sid).expect("present");
         s.mode = Mode::Live;
+        self.send(sid, &Frame::Live, out);
+        let s = self.map.get_mut(&sid).expect("present");
         if let Some(c) = end {
             if c.seq > s.upto_sent {
                 s.upto_sent = c.seq;
@@ -965,13 +1315,28 @@ impl Sessions {
                 .enumerate()
                 .map(|(i, c)| (c.hash().0, dc.sig(i)))
                 .collect();
+            // Pushed changes this session had not brought before: only such
+            // a change, already held, shows a second path (a cycle). A
+            // second copy on the same session does not (a session carries a
+            // change once; the simulator's stray copies do).
+            let mut fresh: FxHashSet<Hash32> = FxHashSet::default();
             if let Some(s) = self.map.get_mut(&sid) {
                 s.seen.extend(changes.iter().map(|c| c.hash().0));
+                if s.peer_live && !self.flood {
+                    for c in &changes {
+                        if s.pushed.insert(c.hash().0) {
+                            fresh.insert(c.hash().0);
+                        }
+                    }
+                }
             }
             // Nothing new (the same change from another peer): done.
             if let Ok(Some(d)) = r.load(&key) {
                 if changes.iter().all(|c| d.knows(&c.hash().0)) {
                     self.stats.changes_known += changes.len() as u64;
+                    if changes.iter().any(|c| fresh.contains(&c.hash().0)) {
+                        self.prune(sid, key.kind, out);
+                    }
                     continue;
                 }
             }
@@ -982,12 +1347,18 @@ impl Sessions {
                 _ => Arc::new(Doc::new(key.clone())),
             };
             let offered = changes.len();
+            let cycle = changes
+                .iter()
+                .any(|c| fresh.contains(&c.hash().0) && base.knows(&c.hash().0));
             let new: Vec<Change> = changes
                 .into_iter()
                 .filter(|c| !base.knows(&c.hash().0))
                 .map(Arc::unwrap_or_clone)
                 .collect();
             self.stats.changes_known += (offered - new.len()) as u64;
+            if cycle {
+                self.prune(sid, key.kind, out);
+            }
             // A change we do not know, under our own current actor, was made
             // by someone else using our identity: a cloned node (D-5).
             if new
@@ -1139,7 +1510,14 @@ impl Sessions {
             r.record(&mut txn, &key, new, projection, Some(sid));
         }
         if let (Some(c), false) = (upto, cut) {
-            txn.batch.cursors.push((peer.clone(), c));
+            // Held back behind announced changes still missing.
+            if let Some(c) = self
+                .map
+                .get_mut(&sid)
+                .and_then(|s| s.claim(Some(c), vec![]))
+            {
+                txn.batch.cursors.push((peer.clone(), c));
+            }
         }
         if !txn.batch.changes.is_empty() {
             let mut meta = r.meta.clone();
@@ -1169,6 +1547,23 @@ fn prove_signatures<S: Store>(
         }
     }
     r.directory.prove(items)
+}
+
+/// Which of these changes (with their documents) this node holds: stored
+/// with a seal, or else applied to its document.
+fn held<S: Store>(r: &mut Replica<S>, changes: &[(Hash32, DocKey)]) -> FxHashSet<Hash32> {
+    let hashes: Vec<Hash32> = changes.iter().map(|(h, _)| *h).collect();
+    let seals = r.store.seals(&hashes).unwrap_or_default();
+    let mut held = FxHashSet::default();
+    for (i, (h, key)) in changes.iter().enumerate() {
+        let sealed = seals.get(i).is_some_and(Option::is_some);
+        if sealed
+            || (r.index.get(key).is_some() && matches!(r.load(key), Ok(Some(d)) if d.knows(h)))
+        {
+            held.insert(*h);
+        }
+    }
+    held
 }
 
 /// The seal to send with a held change, if it may be relayed: signed, by

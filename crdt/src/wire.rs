@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 /// Version 1 of the Kizuna sync protocol; negotiated in `Hello` (H-1).
 /// Version 2: every change travels with its author's signature, and
 /// credentials of authors travel in `Authors` frames.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: live pushes follow a spanning tree per document kind
+/// (`Live`, `IHave`, `Graft`, `Prune`; see `crdt::sessions`).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame body either end sends or accepts (I-29).
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
 /// Target size when splitting outgoing changes into frames.
@@ -27,6 +29,9 @@ pub const MAX_DOCS_PER_FRAME: usize = 8192;
 pub const MAX_CHANGES_PER_DOC: usize = 65536;
 pub const MAX_HEADS: usize = 64;
 pub const MAX_CREDS_PER_FRAME: usize = 64;
+/// Change hashes announced per document entry of an `IHave` (a document
+/// with more new changes is listed again).
+pub const MAX_ANNOUNCED_PER_DOC: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -43,6 +48,13 @@ pub enum WireError {
 pub struct Item {
     pub key: DocKey,
     pub heads: Vec<Hash32>,
+}
+
+/// New changes of one document, announced by hash (`IHave`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announced {
+    pub key: DocKey,
+    pub hashes: Vec<Hash32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +157,26 @@ pub enum Frame {
         #[serde(with = "byte_strings")]
         creds: Vec<Vec<u8>>,
     },
+    /// Version 3. The sender has caught up: its `Changes` frames on this
+    /// session are live pushes from here on, so a change in them that the
+    /// receiver already holds is a duplicate of the tree (answered with
+    /// `Prune`).
+    Live,
+    /// Version 3. New changes the sender holds and did not push (the
+    /// receiver is lazy for their kind). `upto`, when present, says that
+    /// after this frame the receiver holds everything of the sender's log
+    /// up to that position, once it holds the changes announced.
+    IHave {
+        docs: Vec<Announced>,
+        upto: Option<Cursor>,
+    },
+    /// Version 3. "Send me these documents' changes beyond my heads, and
+    /// push me their kind from now on": asked for announced changes that
+    /// did not arrive in time.
+    Graft { docs: Vec<Item> },
+    /// Version 3. "You pushed me changes I already held: announce these
+    /// kinds to me instead of pushing them." Both ends mark the link lazy.
+    Prune { kinds: Vec<crate::ids::Kind> },
 }
 
 pub const BYE_VERSION: u16 = 1;
@@ -199,6 +231,25 @@ fn check_bounds(f: &Frame) -> Result<(), WireError> {
                 return Err(WireError::Bound("credential size"));
             }
         }
+        Frame::IHave { docs, .. } => {
+            if docs.len() > MAX_DOCS_PER_FRAME {
+                return Err(WireError::Bound("documents per frame"));
+            }
+            if docs.iter().any(|d| d.hashes.len() > MAX_ANNOUNCED_PER_DOC) {
+                return Err(WireError::Bound("hashes per announced document"));
+            }
+        }
+        Frame::Graft { docs } => {
+            if docs.len() > MAX_DOCS_PER_FRAME {
+                return Err(WireError::Bound("documents per frame"));
+            }
+            if docs.iter().any(|d| d.heads.len() > MAX_HEADS) {
+                return Err(WireError::Bound("heads per item"));
+            }
+        }
+        Frame::Prune { kinds } if kinds.len() > crate::ids::Kind::ALL.len() => {
+            return Err(WireError::Bound("kinds per prune"))
+        }
         Frame::Bye { reason, .. } if reason.len() > 1024 => {
             return Err(WireError::Bound("bye reason"))
         }
@@ -229,6 +280,8 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
                 || matches!(&r.body, RangeBody::Digests { items } if items.iter().any(|(k, _)| bad_key(k)))
         }),
         Frame::Changes { docs, .. } => docs.iter().any(|d| bad_key(&d.key)),
+        Frame::IHave { docs, .. } => docs.iter().any(|d| bad_key(&d.key)),
+        Frame::Graft { docs } => docs.iter().any(|d| bad_key(&d.key)),
         _ => false,
     };
     if invalid {
@@ -297,6 +350,73 @@ mod tests {
             upto: None,
         };
         assert!(encode(&too_many).is_err());
+    }
+
+    /// The tree's frames (protocol 3) round-trip, and each list in them
+    /// is bounded on encode and on decode.
+    #[test]
+    fn tree_frames_round_trip_within_their_bounds() {
+        let key = DocKey::new(Kind::Presence, "h1").unwrap();
+        let frames = [
+            Frame::Live,
+            Frame::IHave {
+                docs: vec![Announced {
+                    key: key.clone(),
+                    hashes: vec![[7; 32]; MAX_ANNOUNCED_PER_DOC],
+                }],
+                upto: Some(Cursor {
+                    seq: 9,
+                    hash: [1; 32],
+                }),
+            },
+            Frame::Graft {
+                docs: vec![Item {
+                    key: key.clone(),
+                    heads: vec![[2; 32]],
+                }],
+            },
+            Frame::Prune {
+                kinds: Kind::ALL.to_vec(),
+            },
+        ];
+        for f in frames {
+            assert_eq!(decode(&encode(&f).unwrap()).unwrap(), f);
+        }
+        let over = [
+            Frame::IHave {
+                docs: vec![Announced {
+                    key: key.clone(),
+                    hashes: vec![[7; 32]; MAX_ANNOUNCED_PER_DOC + 1],
+                }],
+                upto: None,
+            },
+            Frame::Graft {
+                docs: vec![Item {
+                    key: key.clone(),
+                    heads: vec![[2; 32]; MAX_HEADS + 1],
+                }],
+            },
+            Frame::Prune {
+                kinds: vec![Kind::Presence; Kind::ALL.len() + 1],
+            },
+        ];
+        for f in over {
+            assert!(encode(&f).is_err(), "{f:?} encoded");
+            let bytes = postcard::to_allocvec(&f).unwrap();
+            assert!(decode(&bytes).is_err(), "{f:?} decoded");
+        }
+        let bad = DocKey {
+            kind: Kind::Person,
+            id: "../etc".into(),
+        };
+        let f = Frame::IHave {
+            docs: vec![Announced {
+                key: bad,
+                hashes: vec![],
+            }],
+            upto: None,
+        };
+        assert!(decode(&postcard::to_allocvec(&f).unwrap()).is_err());
     }
 
     #[test]

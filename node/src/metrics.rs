@@ -283,6 +283,10 @@ impl Metrics {
             Ok(Frame::Reconcile { .. }) => "reconcile",
             Ok(Frame::Bye { .. }) => "bye",
             Ok(Frame::Authors { .. }) => "authors",
+            Ok(Frame::Live) => "live",
+            Ok(Frame::IHave { .. }) => "ihave",
+            Ok(Frame::Graft { .. }) => "graft",
+            Ok(Frame::Prune { .. }) => "prune",
             Ok(Frame::Changes { docs, .. }) => {
                 for doc in &docs {
                     let l = KindDirLabels {

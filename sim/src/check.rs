@@ -245,13 +245,17 @@ pub fn unverifiable(
 }
 
 /// No document kind may reach a node whose role may not hold it.
+/// Announcements (`IHave`) and requests (`Graft`) name documents too.
 pub fn role_leak(to: &NodeId, role: Role, frame: &Frame, at_ms: u64) -> Vec<Violation> {
-    let Frame::Changes { docs, .. } = frame else {
-        return vec![];
+    let keys: Vec<&DocKey> = match frame {
+        Frame::Changes { docs, .. } => docs.iter().map(|d| &d.key).collect(),
+        Frame::IHave { docs, .. } => docs.iter().map(|d| &d.key).collect(),
+        Frame::Graft { docs } => docs.iter().map(|d| &d.key).collect(),
+        _ => return vec![],
     };
-    docs.iter()
-        .filter(|d| !crdt::policy::may_hold(role, to, &d.key))
-        .map(|d| v(ROLE_LEAK, at_ms, format!("{} sent to {to} ({role})", d.key)))
+    keys.into_iter()
+        .filter(|k| !crdt::policy::may_hold(role, to, k))
+        .map(|k| v(ROLE_LEAK, at_ms, format!("{k} sent to {to} ({role})")))
         .collect()
 }
 

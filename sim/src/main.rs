@@ -141,6 +141,10 @@ fn real_main() -> Result<bool> {
             let mut node_hours = 0.0;
             let mut ran = 0;
             let mut max_rounds = 0;
+            // Changes received over all seeds: new, already held, held
+            // from stray copies; convergence times after the chaos.
+            let (mut new, mut held, mut stray) = (0u64, 0u64, 0u64);
+            let mut conv_ms = vec![];
             // One digest of every seed's trace hash, in seed order: a
             // refactor that must not change behaviour keeps it identical.
             let mut traces = blake3::Hasher::new();
@@ -160,6 +164,10 @@ fn real_main() -> Result<bool> {
                 traces.update(s.trace_hash.as_bytes());
                 node_hours += s.nodes as f64 * s.simulated_hours;
                 max_rounds = max_rounds.max(s.convergence_rounds.unwrap_or(0));
+                new += s.changes_new;
+                held += s.changes_already_held;
+                stray += s.stray_changes;
+                conv_ms.extend(s.convergence_ms);
                 if !s.invariant_violations.is_empty() {
                     let names: std::collections::BTreeSet<&str> =
                         s.invariant_violations.iter().map(|v| v.name).collect();
@@ -176,6 +184,15 @@ fn real_main() -> Result<bool> {
                 "{ran} seeds in {secs:.1} s ({:.2} seeds/s); {node_hours:.1} simulated node-hours, {:.1} node-hours per wall second; max convergence rounds {max_rounds}",
                 ran as f64 / secs,
                 node_hours / secs
+            );
+            conv_ms.sort_unstable();
+            println!(
+                "changes received per new change {:.3} ({:.3} without stray copies; {new} new, {held} already held, {stray} stray copies); convergence after the chaos mean {:.0} ms, median {} ms, max {} ms",
+                (new + held) as f64 / new.max(1) as f64,
+                (new + held - stray) as f64 / new.max(1) as f64,
+                conv_ms.iter().sum::<u64>() as f64 / conv_ms.len().max(1) as f64,
+                conv_ms.get(conv_ms.len() / 2).copied().unwrap_or(0),
+                conv_ms.last().copied().unwrap_or(0),
             );
             println!(
                 "trace digest of seeds {start}..{}: {}",

@@ -29,6 +29,13 @@ pub fn table(s: &Summary) -> String {
             "changes new / held",
             format!("{} / {}", s.changes_new, s.changes_already_held),
         ),
+        (
+            "received per new",
+            format!(
+                "{:.3}, {:.3} without stray copies (announced {}, grafts {}, prunes {})",
+                s.received_per_new, s.received_per_new_protocol, s.announced, s.grafts, s.prunes
+            ),
+        ),
         ("mails accepted", s.mails_accepted.to_string()),
         ("duplicate mails", s.duplicate_mails.to_string()),
         ("converged", s.converged.to_string()),

@@ -38,6 +38,10 @@ pub struct Scenario {
     /// a node does.
     #[serde(default)]
     pub share_docs: Option<usize>,
+    /// Every node pushes each new change to every connected peer (protocol
+    /// 2's flooding) instead of along the tree: for before/after numbers.
+    #[serde(default)]
+    pub flood: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -36,6 +36,9 @@ struct Net {
     spoiled: Option<[u8; 32]>,
     /// Sessions a node closed.
     closed: Vec<u64>,
+    /// When set, `Changes` frames from the first node to the second are
+    /// dropped (a tree link that stopped forwarding).
+    drop_changes: Option<(usize, usize)>,
 }
 
 fn now(ms: u64) -> Now {
@@ -73,6 +76,7 @@ impl Net {
             spoil: None,
             spoiled: None,
             closed: vec![],
+            drop_changes: None,
         }
     }
     fn id(&self, i: usize) -> (NodeId, Role) {
@@ -143,7 +147,16 @@ impl Net {
                     ) {
                         self.reconcile_frames += 1;
                     }
-                    if let Some((to_sid, to)) = self.peer_session(session) {
+                    let from = self.links.iter().find(|l| l.0 == session).map(|l| l.1);
+                    if let (Some((to_sid, to)), Some(from)) = (self.peer_session(session), from) {
+                        if self.drop_changes == Some((from, to))
+                            && matches!(
+                                crdt::wire::decode(&bytes),
+                                Ok(crdt::wire::Frame::Changes { ref docs, .. }) if !docs.is_empty()
+                            )
+                        {
+                            continue;
+                        }
                         self.queue.push_back((
                             to,
                             Input::Frame {
@@ -347,6 +360,89 @@ fn registry_reaches_shelters_and_check_in_reaches_hq_through_another_node() {
 
 /// `Status::documents_by_kind` (metrics, first-sync progress) counts what
 /// the index holds: after an import, after sync, and after a reopen.
+/// Protocol 3: on a cycle, the first pushes bring duplicates and prune the
+/// link that brought them; later changes travel the tree once and the
+/// pruned link carries announcements. When the tree stops delivering, the
+/// announcement is grafted after the timeout and the link is eager again.
+#[test]
+fn live_pushes_follow_a_tree_and_a_missed_announcement_is_grafted() {
+    let mut net = setup();
+    // A triangle of presence holders (the ambulance stays away).
+    net.connect(0, 1);
+    net.connect(1, 2);
+    net.connect(0, 2);
+    let sum = |net: &Net, f: fn(&crdt::engine::Stats) -> u64| -> u64 {
+        (0..3).map(|i| f(&net.nodes[i].stats())).sum()
+    };
+    let check_in = |net: &mut Net, at: usize, person: &str| {
+        let op = format!("ci-{person}");
+        let person_ids = vec![person.to_string()];
+        net.cmd(
+            at,
+            &op,
+            Command::CheckIn {
+                person_ids,
+                shelter_id: None,
+            },
+        )
+        .unwrap();
+    };
+    check_in(&mut net, 1, "p0-0");
+    assert!(sum(&net, |s| s.prunes) > 0, "the cycle was not pruned");
+    let known = sum(&net, |s| s.changes_known);
+    for i in 1..6 {
+        check_in(&mut net, 1 + i % 2, &format!("p{i}-0"));
+    }
+    assert_eq!(
+        sum(&net, |s| s.changes_known),
+        known,
+        "a change was received twice after the tree formed"
+    );
+    assert!(sum(&net, |s| s.announced) > 0);
+    let presence = |net: &Net, i| net.heads(i, &[Kind::Presence]);
+    assert_eq!(presence(&net, 0), presence(&net, 1));
+    assert_eq!(presence(&net, 0), presence(&net, 2));
+
+    // shelter-a's pushes to shelter-b are lost (a tree link that stopped
+    // forwarding); if shelter-b's presence parent is hq, hq's instead.
+    net.drop_changes = Some((1, 2));
+    check_in(&mut net, 1, "p9-0");
+    if presence(&net, 2) == presence(&net, 1) {
+        // shelter-b's parent is hq: cut hq's pushes instead.
+        net.drop_changes = Some((0, 2));
+        check_in(&mut net, 1, "p8-0");
+    }
+    assert_ne!(presence(&net, 2), presence(&net, 1), "nothing was missed");
+    assert_eq!(sum(&net, |s| s.grafts), 0, "grafted before the timeout");
+    // shelter-b's position in hq's log stays before what it lacks.
+    use crdt::store::Store;
+    let hq = net.id(0).0;
+    let hq_end = |net: &Net| net.nodes[0].store().log_end().unwrap().unwrap().seq;
+    let cursor = |net: &Net| {
+        net.nodes[2]
+            .store()
+            .sync_cursor(&hq)
+            .unwrap()
+            .map(|c| c.seq)
+    };
+    assert!(
+        cursor(&net).is_none_or(|c| c < hq_end(&net)),
+        "the cursor covers an announced change not held"
+    );
+    net.now += 5_000;
+    net.run();
+    assert!(
+        sum(&net, |s| s.grafts) > 0,
+        "the missed announcement was not grafted"
+    );
+    assert_eq!(presence(&net, 2), presence(&net, 1));
+    assert_eq!(presence(&net, 0), presence(&net, 1));
+    assert_eq!(cursor(&net), Some(hq_end(&net)));
+    net.drop_changes = None;
+    check_in(&mut net, 1, "p7-0");
+    assert_eq!(presence(&net, 2), presence(&net, 1));
+}
+
 #[test]
 fn status_counts_documents_by_kind() {
     let mut net = setup();

@@ -278,6 +278,7 @@ impl World {
                     bytes,
                     changes: None,
                     hostile: Some(note),
+                    stray: false,
                 },
             );
         }

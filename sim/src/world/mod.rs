@@ -103,6 +103,8 @@ enum Ev {
         changes: Option<Box<Frame>>,
         /// Sent by a compromised node (`hostile`): not the sender's engine.
         hostile: Option<Box<HostileNote>>,
+        /// A stray copy (the duplication and reordering faults).
+        stray: bool,
     },
     TickAll,
     Cmd {
@@ -153,6 +155,20 @@ pub struct Summary {
     /// (the same change from several peers, or a stray copy).
     pub changes_new: u64,
     pub changes_already_held: u64,
+    /// Changes received per new change, (new + held) / new: how much of
+    /// what nodes receive they already held (1.0 means every change once).
+    pub received_per_new: f64,
+    /// The live tree (protocol 3): change hashes announced instead of
+    /// pushed, documents grafted after a missed announcement, kinds pruned.
+    pub announced: u64,
+    pub grafts: u64,
+    pub prunes: u64,
+    /// Changes delivered in stray copies (the duplication and reordering
+    /// faults) to open sessions: each is one receipt the protocol did not
+    /// cause (the copy or the frame it copies brings it a second time).
+    pub stray_changes: u64,
+    /// `received_per_new` without the stray copies.
+    pub received_per_new_protocol: f64,
     pub trace_hash: String,
     pub wall_ms: u64,
     pub peak_rss_bytes: u64,
@@ -357,6 +373,7 @@ impl World {
             let mut cfg = EngineConfig::new(id.clone(), role, trust);
             self.known.add(&id, role);
             cfg.mail_primary = primary;
+            cfg.flood = self.sc.flood;
             #[cfg(feature = "mutants")]
             {
                 cfg.mutant = self.mutant;

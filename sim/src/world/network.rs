@@ -371,6 +371,7 @@ impl World {
                         bytes: authors,
                         changes: None,
                         hostile: None,
+                        stray: true,
                     },
                 );
             }
@@ -383,6 +384,7 @@ impl World {
                     bytes: copy,
                     changes: Some(Box::new(f)),
                     hostile: None,
+                    stray: true,
                 },
             );
         }
@@ -399,6 +401,7 @@ impl World {
                 bytes,
                 changes,
                 hostile: None,
+                stray: false,
             },
         );
     }
@@ -411,6 +414,7 @@ impl World {
         bytes: Vec<u8>,
         changes: Option<Box<Frame>>,
         hostile: Option<Box<HostileNote>>,
+        stray: bool,
     ) {
         let k = &self.links[l];
         if !k.up || k.gen != gen || k.broken {
@@ -432,6 +436,11 @@ impl World {
             .engine
             .as_ref()
             .is_some_and(|e| e.has_session(session));
+        if let (true, true, Some(Frame::Changes { docs, .. })) = (stray, open, changes.as_deref()) {
+            // Of the stray copy and the frame it copies, one brings what
+            // the other already did (whichever arrives second).
+            self.summary.stray_changes += docs.iter().map(|d| d.changes.len() as u64).sum::<u64>();
+        }
         let changes_frame = changes.filter(|_| open);
         let rest = self.input(to, Input::Frame { session, bytes });
         if let Some(f) = changes_frame {

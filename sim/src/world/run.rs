@@ -47,7 +47,8 @@ impl World {
                     bytes,
                     changes,
                     hostile,
-                } => self.deliver(link, gen, dir, bytes, changes, hostile),
+                    stray,
+                } => self.deliver(link, gen, dir, bytes, changes, hostile, stray),
                 Ev::TickAll => {
                     for i in 0..self.nodes.len() {
                         let rest = self.input(i, Input::Tick);
@@ -100,6 +101,19 @@ impl World {
     pub(super) fn add_stats(&mut self, st: &crdt::engine::Stats) {
         self.summary.changes_new += st.changes_applied;
         self.summary.changes_already_held += st.changes_known;
+        self.summary.announced += st.announced;
+        self.summary.grafts += st.grafts;
+        self.summary.prunes += st.prunes;
+        self.summary.received_per_new = (self.summary.changes_new
+            + self.summary.changes_already_held) as f64
+            / self.summary.changes_new.max(1) as f64;
+        self.summary.received_per_new_protocol = (self.summary.changes_new
+            + self
+                .summary
+                .changes_already_held
+                .saturating_sub(self.summary.stray_changes))
+            as f64
+            / self.summary.changes_new.max(1) as f64;
     }
 
     pub(super) fn finish(&mut self, finished: bool, started: std::time::Instant) -> Summary {
