@@ -11,6 +11,8 @@
 #![allow(dead_code)]
 
 use anyhow::{anyhow, bail, Context, Result};
+use fantoccini::elements::Element;
+use fantoccini::error::CmdError;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -519,13 +521,39 @@ impl Browser {
         }
     }
 
+    /// Finds `css` and runs `act` on it. The screens re-render parts of
+    /// the page as data arrives, so an element found a moment ago may be
+    /// replaced before the action reaches it (a stale element reference);
+    /// then the element is found again, as a user's next tap would. Any
+    /// other error, or staleness past the deadline, is returned.
+    async fn on_element<T, F, Fut>(&self, css: &str, act: F) -> Result<T>
+    where
+        F: Fn(Element) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CmdError>>,
+    {
+        let start = Instant::now();
+        loop {
+            let r = match self.c.find(Locator::Css(css)).await {
+                Ok(e) => act(e).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(e) if e.is_stale_element_reference() && start.elapsed() < DEADLINE => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                r => return r.with_context(|| format!("element {css}")),
+            }
+        }
+    }
+
     pub async fn text(&self, css: &str) -> Result<String> {
-        Ok(self.c.find(Locator::Css(css)).await?.text().await?)
+        self.on_element(css, |e| async move { e.text().await })
+            .await
     }
 
     pub async fn fill(&self, css: &str, value: &str) -> Result<()> {
-        let e = self.c.find(Locator::Css(css)).await?;
-        e.clear().await?;
+        self.on_element(css, |e| async move { e.clear().await })
+            .await?;
         // Values go in through the DOM so every character (bidi marks,
         // variation selectors) arrives exactly; then the page's own events.
         self.c
@@ -548,8 +576,8 @@ impl Browser {
     }
 
     pub async fn click(&self, css: &str) -> Result<()> {
-        self.c.find(Locator::Css(css)).await?.click().await?;
-        Ok(())
+        self.on_element(css, |e| async move { e.click().await })
+            .await
     }
 
     /// No dialog is open and no payload ran or became an element.

@@ -455,6 +455,32 @@ async fn tap_and_check_in(b: &Browser, mesh: &mut Mesh) -> Result<fantoccini::wd
 
 async fn cardless(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     let _ = mesh;
+    // The household from the card tap is still open. Its refresh after a
+    // check-in is held on its way while staff open someone else; when it
+    // arrives it must not put the old household back on screen.
+    b.wait_js(
+        "no refresh under way",
+        "return (document.body.dataset.membersRefreshing || '0') === '0';",
+    )
+    .await?;
+    let held = b
+        .js("if (!window.__realFetch) { \
+               window.__realFetch = window.fetch; window.__held = []; \
+               window.fetch = function (path, opts) { \
+                 const hold = (window.__holdIds || []).some((id) => String(path).endsWith('/api/v1/persons/' + encodeURIComponent(id))); \
+                 if (!hold) return window.__realFetch(path, opts); \
+                 return new Promise((res) => window.__held.push(() => res(window.__realFetch(path, opts)))); \
+               }; \
+             } \
+             window.__holdIds = Array.from(document.querySelectorAll('#members li[data-person]')).map((li) => li.dataset.person); \
+             return window.__holdIds.length;")
+        .await?;
+    anyhow::ensure!(held == json!(3), "the household of 3 is open: {held}");
+    b.js("document.querySelectorAll('#members input').forEach(c => { c.checked = true; });")
+        .await?;
+    b.click("#do-checkin").await?;
+    b.wait_js("the refresh held", "return window.__held.length === 1;")
+        .await?;
     // Search by hiragana and birth date finds the katakana registry entry.
     b.fill("#q", "すずき").await?;
     b.fill("#birth", "1990-02-03").await?;
@@ -471,6 +497,20 @@ async fn cardless(b: &Browser, mesh: &mut Mesh) -> Result<()> {
         "return document.querySelectorAll('#members li[data-person=px5]').length === 1;",
     )
     .await?;
+    b.js("window.__holdIds = null; const h = window.__held; window.__held = []; h.forEach((f) => f());")
+        .await?;
+    b.wait_js(
+        "the old refresh finished",
+        "return document.body.dataset.membersRefreshing === '0';",
+    )
+    .await?;
+    let on_screen = b
+        .js("return Array.from(document.querySelectorAll('#members li[data-person]')).map((li) => li.dataset.person);")
+        .await?;
+    anyhow::ensure!(
+        on_screen == json!(["px5"]),
+        "a late refresh replaced the person opened after it: {on_screen}"
+    );
     b.click("#do-checkin").await?;
     b.wait_js("checked in", "return document.getElementById('intake-result').textContent.includes('1 人をチェックイン');").await?;
     // Someone not in the registry.

@@ -279,20 +279,33 @@
       }
     }
 
+    // Which opening of the household panel is on screen. A refresh still on
+    // its way when staff open another person or household must not bring
+    // the old one back under their fingers.
+    let opened = 0;
+    function setMembers(list) { opened++; members = list; }
+
     async function refreshMembers() {
+      const mine = opened;
       const fresh = [];
-      for (const m of members) {
-        try {
-          const p = await api("GET", "/api/v1/persons/" + encodeURIComponent(m.person_id));
-          fresh.push(Object.assign({}, m, { location: p.location }));
-        } catch (e) { fresh.push(m); }
+      B.dataset.membersRefreshing = String(Number(B.dataset.membersRefreshing || 0) + 1);
+      try {
+        for (const m of members) {
+          try {
+            const p = await api("GET", "/api/v1/persons/" + encodeURIComponent(m.person_id));
+            fresh.push(Object.assign({}, m, { location: p.location }));
+          } catch (e) { fresh.push(m); }
+        }
+        if (mine !== opened) return;
+        members = fresh;
+        render();
+      } finally {
+        B.dataset.membersRefreshing = String(Number(B.dataset.membersRefreshing) - 1);
       }
-      members = fresh;
-      render();
     }
 
     function openMembers(list) {
-      members = list;
+      setMembers(list);
       // For the tap benchmark: when the household was on screen.
       B.dataset.householdAt = String(Date.now());
       show($("intake-result"), "", false);
@@ -311,7 +324,7 @@
     onEvent((ev) => {
       if (ev.type === "card_tap") {
         if (ev.household_id) openMembers(ev.members || []);
-        else { members = []; render(); show($("intake-result"), "⚠ " + (LANG === "ja" ? ev.reason_ja : ev.reason_en), true); }
+        else { setMembers([]); render(); show($("intake-result"), "⚠ " + (LANG === "ja" ? ev.reason_ja : ev.reason_en), true); }
       } else if (ev.type === "card_error") {
         show($("intake-result"), "⚠ " + (LANG === "ja" ? ev.message_ja : ev.message_en), true);
       } else if (ev.type === "card_status") {
