@@ -514,6 +514,71 @@ fn unverifiable_change_fires() {
     );
 }
 
+/// A stray copy of a frame is introduced, as a session would, with the
+/// credentials of every author in it, also when there are more than one
+/// `Authors` frame holds. A catch-up frame in a mesh of more than 64
+/// authors carries such changes; introduced with only 64 credentials, an
+/// early stray copy reached its receiver before the session's own
+/// `Authors` frames, and the receiver flagged the honest sender
+/// ("unverifiable change: author has no verified credential", thousands
+/// of `honest_peer_violation`s in noto-2024).
+#[test]
+fn a_stray_copy_is_introduced_with_every_author() {
+    use crdt::actor::Actor;
+    use crdt::signing::{Directory, Proven, Signer};
+    use crdt::testkit::testca;
+    let mut sc = scenario("ci-small.toml");
+    let authors = crdt::wire::MAX_CREDS_PER_FRAME + 6;
+    sc.nodes.shelters = authors;
+    let w = sim::world::World::new(sc, 1);
+    let mut docs = Vec::new();
+    let mut signed = Vec::new();
+    for i in 1..=authors {
+        let node = NodeId::new(format!("shelter-{i}")).unwrap();
+        let key = DocKey::new(Kind::Person, &format!("p{i}")).unwrap();
+        let c = crdt::doc::Doc::new(key.clone())
+            .write(
+                Actor::new(Role::Shelter, &node, 1),
+                0,
+                "",
+                &[("f".into(), Some("\"v\"".into()))],
+            )
+            .unwrap()
+            .unwrap();
+        let sig = Signer::new(&testca::seed(&node), vec![]).sign(&c.hash().0);
+        let mut d = DocChanges::new(key.clone());
+        d.push(c.raw_bytes().to_vec(), &sig);
+        docs.push(d);
+        signed.push((key, c, sig));
+    }
+    let frame = Frame::Changes { docs, upto: None };
+    // The receiver: a directory that knows no one yet, as a node that
+    // never heard of these authors (the copy came before the session's
+    // own credentials).
+    let verifier = testca::TestVerifier::default();
+    let mut directory = Directory::default();
+    for bytes in w.credentials_for(&frame) {
+        let Frame::Authors { creds } = crdt::wire::decode(&bytes).unwrap() else {
+            panic!("not an Authors frame");
+        };
+        assert!(creds.len() <= crdt::wire::MAX_CREDS_PER_FRAME);
+        for cred in creds {
+            directory.admit(&cred, &verifier).unwrap();
+        }
+    }
+    for (key, c, sig) in &signed {
+        let checked = directory.check(
+            &verifier,
+            &c.actor_id().to_bytes(),
+            key,
+            &c.hash().0,
+            sig,
+            &Proven::default(),
+        );
+        assert!(checked.is_ok(), "{key}: {checked:?}");
+    }
+}
+
 /// Every kind of hostile change from a compromised shelter is refused
 /// where it arrives and never stored anywhere, and the run is otherwise
 /// clean (the expected complaints about the forger are not violations).

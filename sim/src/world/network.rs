@@ -62,11 +62,18 @@ pub(super) fn sid_parts(s: SessionId) -> (usize, u32, u8) {
 }
 
 impl World {
-    /// An `Authors` frame with the credentials of the authors of the
-    /// changes in `f`, if it has any.
-    fn credentials_for(&self, f: &Frame) -> Option<Vec<u8>> {
+    /// What the second path of a stray copy of `f` sends before it:
+    /// `Authors` frames with the credentials of every author of the
+    /// changes in `f` (none if it has no changes), at most
+    /// [`wire::MAX_CREDS_PER_FRAME`] each, as a session's `introduce` sends
+    /// them. A frame of a catch-up can carry changes of more authors than
+    /// one `Authors` frame may: a stray copy introduced with only the first
+    /// of them (as it was until this was a list) arrives, when early, before
+    /// the session's own credentials, and its receiver rightly refuses a
+    /// change whose author it never heard of and flags the honest sender.
+    pub fn credentials_for(&self, f: &Frame) -> Vec<Vec<u8>> {
         let Frame::Changes { docs, .. } = f else {
-            return None;
+            return vec![];
         };
         let authors: BTreeSet<[u8; 8]> = docs
             .iter()
@@ -80,12 +87,11 @@ impl World {
             .iter()
             .filter(|n| authors.contains(&crdt::actor::node_hash(n.id.as_str())))
             .filter_map(|n| n.cfg.trust.signer.as_ref().map(|s| s.credential().to_vec()))
-            .take(wire::MAX_CREDS_PER_FRAME)
             .collect();
-        if creds.is_empty() {
-            return None;
-        }
-        wire::encode(&Frame::Authors { creds }).ok()
+        creds
+            .chunks(wire::MAX_CREDS_PER_FRAME)
+            .filter_map(|c| wire::encode(&Frame::Authors { creds: c.to_vec() }).ok())
+            .collect()
     }
 
     pub(super) fn add_link(&mut self, a: usize, b: usize, profile: Profile) {
@@ -361,7 +367,7 @@ impl World {
             *self.summary.faults_injected.entry(what.into()).or_default() += 1;
             // The second path is a session of its own, which introduced the
             // copy's authors before their changes (their credentials).
-            if let Some(authors) = self.credentials_for(&f) {
+            for authors in self.credentials_for(&f) {
                 self.push(
                     at,
                     Ev::Deliver {
