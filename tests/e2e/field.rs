@@ -136,6 +136,23 @@ fn testbed_up_status_partition_heal_kill_restart_down_leaves_nothing() -> Result
             row["token"].as_str().is_some_and(|t| !t.is_empty()),
             "{row}"
         );
+        // The sign-in link opens a session once, and only once.
+        let url = row["url"].as_str().unwrap_or_default();
+        let link = row["signin_url"].as_str().context("signin_url")?;
+        ensure!(
+            link.strip_prefix(url)
+                .and_then(|p| p.strip_prefix("/ui/link/"))
+                .is_some_and(|t| !t.is_empty() && !t.contains('/')),
+            "{row}"
+        );
+        let id = row["node_id"].as_str().context("node_id")?;
+        let (code, head) = tb.st.get_plain(id, link)?;
+        ensure!(
+            code == 303 && head.to_ascii_lowercase().contains("set-cookie:"),
+            "{id}: the sign-in link answered {code}: {head}"
+        );
+        let (again, _) = tb.st.get_plain(id, link)?;
+        ensure!(again == 401, "{id}: the link worked twice ({again})");
     }
     let table = tb.cmd(&["status"])?;
     ensure!(

@@ -382,6 +382,34 @@ impl State {
         Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
     }
 
+    /// A GET of `url` from inside the node's namespace, without a token:
+    /// (status, response headers). Status 0 when nothing answered.
+    pub fn get_plain(&self, id: &str, url: &str) -> Result<(u16, String)> {
+        let n = self.node(id)?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &n.ns,
+                "curl",
+                "-sS",
+                "-m",
+                "20",
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+            ])
+            .args(["-w", "%{http_code}"])
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .context("spawning curl")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let code = text.get(text.len().saturating_sub(3)..).unwrap_or("");
+        Ok((code.parse().unwrap_or(0), text))
+    }
+
     /// The node's Prometheus text, scraped from inside its namespace.
     pub fn scrape(&self, id: &str) -> Result<String> {
         let n = self.node(id)?;
@@ -869,19 +897,18 @@ fn ensure_signin(st: &mut State, id: &str) {
         return;
     }
     let out = Command::new(&st.kizuna)
-        .args(["operator", "link", "--name", "testbed", "--data-dir"])
+        .args(["operator", "link", "--name", "testbed", "--base-url"])
+        .arg(st.nodes[i].url())
+        .arg("--data-dir")
         .arg(st.nodes[i].data_dir())
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output();
     if let Ok(o) = out {
+        // `operator link --base-url URL` prints the whole link.
         let t = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        if o.status.success() && !t.is_empty() && !t.contains(char::is_whitespace) {
-            st.nodes[i].signin = Some(if t.starts_with("http") {
-                t
-            } else {
-                format!("{}/ui/link/{t}", st.nodes[i].url())
-            });
+        if o.status.success() && t.starts_with("http") && !t.contains(char::is_whitespace) {
+            st.nodes[i].signin = Some(t);
         }
     }
 }
@@ -1176,7 +1203,7 @@ pub fn render_status(st: &State, rows: &[Value]) -> String {
             r["token"].as_str().unwrap_or(""),
             r["signin_url"]
                 .as_str()
-                .map(|l| format!("  sign-in {l}"))
+                .map(|l| format!("  sign-in (one-time) {l}"))
                 .unwrap_or_default()
         ));
     }
