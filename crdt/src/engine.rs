@@ -129,6 +129,15 @@ pub struct Stats {
     /// Changes held unsigned (stored before changes were signed) that were
     /// not relayed.
     pub unsigned_withheld: u64,
+    /// Author credentials relayed to this node that it refused.
+    pub credentials_refused: u64,
+    /// Reconciliation ranges answered for peers, and index entries scanned
+    /// to answer them.
+    pub reconcile_ranges: u64,
+    pub reconcile_scanned: u64,
+    /// Sessions refused because their peer was backed off after a
+    /// violation.
+    pub backed_off_refusals: u64,
     pub duplicate_mail_risk: u64,
     pub commits: u64,
     /// The live tree: change hashes announced instead of pushed, documents
@@ -251,6 +260,10 @@ impl<S: Store> Engine<S> {
             panics: s.panics,
             changes_unverified: s.changes_unverified,
             unsigned_withheld: s.unsigned_withheld,
+            credentials_refused: s.credentials_refused,
+            reconcile_ranges: s.reconcile_ranges,
+            reconcile_scanned: s.reconcile_scanned,
+            backed_off_refusals: s.backed_off_refusals,
             duplicate_mail_risk: self.mail.duplicate_risk,
             commits: self.commits,
             announced: s.announced,
@@ -341,9 +354,15 @@ impl<S: Store> Engine<S> {
                 node,
                 role,
                 initiator,
-            } => self
-                .sessions
-                .connected(&self.replica, session, node, role, initiator, &mut out),
+            } => self.sessions.connected(
+                &self.replica,
+                session,
+                node,
+                role,
+                initiator,
+                now,
+                &mut out,
+            ),
             Input::Frame { session, bytes } => {
                 let received =
                     self.sessions

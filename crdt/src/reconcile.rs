@@ -161,6 +161,8 @@ pub(crate) struct Answer {
     pub(crate) to_send: Vec<(DocKey, Vec<Hash32>)>,
     /// Heads the peer told us it holds (hints for later sends).
     pub(crate) learned: Vec<(DocKey, Vec<Hash32>)>,
+    /// Index entries visited to answer (the work a turn costs us).
+    pub(crate) scanned: u64,
 }
 
 /// Answers the peer's ranges against our index. `knows(key, heads)` says
@@ -177,28 +179,34 @@ pub(crate) fn answer(
         match r.body {
             RangeBody::Fingerprint { fp, count } => {
                 let items = range_items(index, sides, &r.lo, &r.hi);
+                a.scanned += items.len() as u64;
                 if fingerprint(&items) == (RangeBody::Fingerprint { fp, count }) {
                     continue;
                 }
                 if items.len() <= ITEMS_THRESHOLD {
                     a.reply.push(describe(index, sides, r.lo, r.hi));
+                    a.scanned += items.len() as u64;
                     continue;
                 }
-                let keys: Vec<DocKey> = items.iter().map(|(k, _)| (*k).clone()).collect();
-                let chunk = keys.len().div_ceil(SPLIT);
-                let mut bounds: Vec<Option<DocKey>> = vec![r.lo.clone()];
-                bounds.extend(
-                    (chunk..keys.len())
-                        .step_by(chunk)
-                        .map(|i| Some(keys[i].clone())),
-                );
-                bounds.push(r.hi.clone());
-                for w in bounds.windows(2) {
-                    let sub = range_items(index, sides, &w[0], &w[1]);
+                // Sub-ranges start at every `chunk`th item; each one's
+                // items are that slice of `items` (sorted, filtered alike),
+                // so no sub-range is scanned again.
+                let chunk = items.len().div_ceil(SPLIT);
+                let parts: Vec<&[(&DocKey, &IndexEntry)]> = items.chunks(chunk).collect();
+                for (i, part) in parts.iter().enumerate() {
+                    let lo = if i == 0 {
+                        r.lo.clone()
+                    } else {
+                        Some(part[0].0.clone())
+                    };
+                    let hi = match parts.get(i + 1) {
+                        Some(next) => Some(next[0].0.clone()),
+                        None => r.hi.clone(),
+                    };
                     a.reply.push(Range {
-                        lo: w[0].clone(),
-                        hi: w[1].clone(),
-                        body: fingerprint(&sub),
+                        lo,
+                        hi,
+                        body: fingerprint(part),
                     });
                 }
             }
@@ -208,7 +216,9 @@ pub(crate) fn answer(
                     .filter(|(k, _)| sides.exchangeable(k))
                     .collect();
                 let mut want = Vec::new();
-                for (k, e) in range_items(index, sides, &r.lo, &r.hi) {
+                let mine = range_items(index, sides, &r.lo, &r.hi);
+                a.scanned += mine.len() as u64;
+                for (k, e) in mine {
                     match theirs.get(k) {
                         None => a.to_send.push((k.clone(), vec![])),
                         Some(d) if *d == short_digest(&e.heads) => {}
@@ -249,7 +259,9 @@ pub(crate) fn answer(
                     if mine.as_ref() == Some(&h) {
                         continue;
                     }
-                    if !h.is_empty() {
+                    // Hints only about documents we hold: a peer cannot
+                    // make us store heads of documents it invented.
+                    if !h.is_empty() && mine.is_some() {
                         a.learned.push((k.clone(), h.clone()));
                     }
                     let knows_all = mine.is_some()

@@ -104,6 +104,22 @@ const MAX_GRAFT_TRIES: u8 = 3;
 /// from the last position stored).
 const MAX_WANTED: usize = 16_384;
 const MAX_PENDING_CURSORS: usize = 1_024;
+/// Ranges one reconciliation turn of the peer may hold (over all its
+/// frames). An honest turn is at most 16 sub-ranges per differing range of
+/// ours, sent 4,096 ranges a frame; 65,536 covers an exchange over 100,000
+/// documents that all differ (about 50,000 ranges at the widest turn).
+pub(crate) const MAX_RANGES_PER_TURN: usize = 65_536;
+/// Encoded bytes of our reply to one turn, at most. Our reply is at most
+/// 16 ranges per range received, so this bound is reached only by a turn
+/// built to amplify; an honest reply of the widest turn above is ~4 MiB.
+pub(crate) const MAX_REPLY_BYTES_PER_TURN: usize = 8 * wire::MAX_FRAME_BYTES;
+/// How long a peer that broke a rule may not open a session: the first
+/// time, then doubled at each further violation up to the maximum.
+pub(crate) const BACKOFF_MIN_MS: u64 = 30_000;
+pub(crate) const BACKOFF_MAX_MS: u64 = 60 * 60_000;
+/// Peers remembered as backed off, at most (node ids come from verified
+/// certificates; expired entries go first).
+const MAX_BACKED_OFF: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -136,9 +152,16 @@ pub(crate) struct Session {
     exchange_over: bool,
     /// Our own one-way documents were offered.
     offered_own: bool,
-    /// Reply ranges accumulated while a peer's turn arrives in parts.
+    /// Reply ranges accumulated while a peer's turn arrives in parts, and
+    /// their encoded size (about).
     reply_buf: Vec<Range>,
+    reply_bytes: usize,
     turn_received: usize,
+    /// Where the last scanned range (fingerprint or digests) of the turn
+    /// being received ended: the next must start there or later, so a
+    /// turn scans each of our documents at most once (`Some(None)`: it
+    /// reached the end of the key space).
+    turn_end: Option<Option<DocKey>>,
     /// Complete reconciliation turns received from the peer.
     turns: u32,
     /// Documents the peer lacks changes of, by priority, with the heads
@@ -190,7 +213,9 @@ impl Session {
             exchange_over: false,
             offered_own: false,
             reply_buf: Vec::new(),
+            reply_bytes: 0,
             turn_received: 0,
+            turn_end: None,
             turns: 0,
             outq: BTreeMap::new(),
             seen: FxHashSet::default(),
@@ -305,6 +330,15 @@ pub(crate) struct SyncStats {
     pub(crate) panics: u64,
     /// Received changes that failed verification (quarantined).
     pub(crate) changes_unverified: u64,
+    /// Author credentials a peer relayed that this node refused (not held
+    /// against the relay: it may not know of a revocation yet).
+    pub(crate) credentials_refused: u64,
+    /// Reconciliation work done for peers: ranges answered, and index
+    /// entries scanned to answer them (what a hostile turn could inflate).
+    pub(crate) reconcile_ranges: u64,
+    pub(crate) reconcile_scanned: u64,
+    /// Sessions refused because their peer is backed off.
+    pub(crate) backed_off_refusals: u64,
     /// Held changes not relayed: unsigned, or by an author whose
     /// credential this node no longer accepts.
     pub(crate) unsigned_withheld: u64,
@@ -330,6 +364,11 @@ pub(crate) struct Sessions {
     grafted: FxHashMap<Hash32, u64>,
     /// Never prune: every link stays eager (protocol 2's flooding).
     pub(crate) flood: bool,
+    /// Peers that broke a rule: (monotonic ms until which their sessions
+    /// are refused, length of their last back-off).
+    backoff: BTreeMap<NodeId, (u64, u64)>,
+    /// Monotonic ms of the input being handled (for back-off).
+    now_mono_ms: u64,
 }
 
 impl Sessions {
@@ -726,14 +765,58 @@ impl Sessions {
         self.map.remove(&session);
     }
 
+    /// The peer broke a rule of the protocol or of policy: counted,
+    /// reported, the session closed (`BYE_POLICY`) and the peer backed
+    /// off, so it cannot make us redo the same work at once. Every
+    /// violation ends the session: a peer that sent one bad thing is not
+    /// trusted with the rest of its frame or session.
     fn violation(&mut self, session: SessionId, reason: String, out: &mut Vec<Output>) {
         self.stats.violations += 1;
-        if let Some(s) = self.map.get(&session) {
-            out.push(Output::Event(UiEvent::PeerViolation {
-                node_id: s.node.clone(),
-                reason,
-            }));
+        let Some(s) = self.map.get(&session) else {
+            return;
+        };
+        let node = s.node.clone();
+        out.push(Output::Event(UiEvent::PeerViolation {
+            node_id: node.clone(),
+            reason: reason.clone(),
+        }));
+        self.back_off(node);
+        self.bye(session, wire::BYE_POLICY, reason, out);
+    }
+
+    /// Refuses the peer's sessions for a while: [`BACKOFF_MIN_MS`], doubled
+    /// for each violation while (or soon after) it is backed off.
+    fn back_off(&mut self, node: NodeId) {
+        let now = self.now_mono_ms;
+        if self.backoff.len() >= MAX_BACKED_OFF {
+            self.backoff.retain(|_, (until, _)| *until > now);
         }
+        if self.backoff.len() >= MAX_BACKED_OFF && !self.backoff.contains_key(&node) {
+            // Full of live entries: the longest-served one makes room.
+            if let Some(k) = self
+                .backoff
+                .iter()
+                .min_by_key(|(_, (until, _))| *until)
+                .map(|(k, _)| k.clone())
+            {
+                self.backoff.remove(&k);
+            }
+        }
+        let e = self.backoff.entry(node).or_insert((0, 0));
+        // A repeat offender within twice its last back-off waits longer.
+        let len = if e.1 > 0 && now < e.0.saturating_add(e.1) {
+            (e.1 * 2).min(BACKOFF_MAX_MS)
+        } else {
+            BACKOFF_MIN_MS
+        };
+        *e = (now.saturating_add(len), len);
+    }
+
+    /// Whether `node` is backed off now (its sessions are refused).
+    pub(crate) fn backed_off(&self, node: &NodeId) -> bool {
+        self.backoff
+            .get(node)
+            .is_some_and(|(until, _)| self.now_mono_ms < *until)
     }
 
     /// A session is up: remember the peer and say `Hello` with our cursor
@@ -745,16 +828,24 @@ impl Sessions {
         node: NodeId,
         role: Role,
         initiator: bool,
+        now: Now,
         out: &mut Vec<Output>,
     ) {
+        self.now_mono_ms = now.mono_ms;
         let open = self.map.values().filter(|s| s.node == node).count();
         self.peers.entry(node.clone()).or_insert((role, None)).0 = role;
         let resume = r.store.sync_cursor(&node).ok().flatten();
+        let backed_off = self.backed_off(&node);
         self.map.insert(sid, Session::new(node, role, initiator));
-        if open >= MAX_SESSIONS_PER_PEER {
-            self.stats.violations += 1;
-            let why = format!("more than {MAX_SESSIONS_PER_PEER} sessions with one peer");
+        if backed_off {
+            // Not a new violation: the back-off is not extended.
+            self.stats.backed_off_refusals += 1;
+            let why = "backed off after a violation; try later".to_string();
             return self.bye(sid, wire::BYE_POLICY, why, out);
+        }
+        if open >= MAX_SESSIONS_PER_PEER {
+            let why = format!("more than {MAX_SESSIONS_PER_PEER} sessions with one peer");
+            return self.violation(sid, why, out);
         }
         let hello = Frame::Hello {
             version: wire::PROTOCOL_VERSION,
@@ -778,10 +869,11 @@ impl Sessions {
     ) -> Option<Txn> {
         let s = self.map.get(&sid)?;
         let (peer, peer_role) = (s.node.clone(), s.role);
+        self.now_mono_ms = now.mono_ms;
         let f = match wire::decode(bytes) {
             Ok(f) => f,
             Err(e) => {
-                self.bye(sid, wire::BYE_PROTOCOL, e.to_string(), out);
+                self.violation(sid, format!("undecodable frame: {e}"), out);
                 return None;
             }
         };
@@ -826,6 +918,9 @@ impl Sessions {
                 self.send(sid, &Frame::Resume { ok }, out);
                 self.maybe_start_exchange(r, sid, out);
             }
+            // Not a violation: a session cut while frames were in flight
+            // can deliver them to a new session's start (seen in the
+            // simulator); the peer simply starts over.
             _ if !self.map[&sid].hello => {
                 self.bye(sid, wire::BYE_PROTOCOL, "frame before hello".into(), out)
             }
@@ -833,14 +928,10 @@ impl Sessions {
                 self.map.get_mut(&sid).expect("checked").peer_verdict = Some(ok);
                 self.maybe_start_exchange(r, sid, out);
             }
-            Frame::Reconcile { ranges, more } => {
-                if let Err(why) = self.reconcile_allowed(sid, more) {
-                    self.stats.violations += 1;
-                    self.bye(sid, wire::BYE_PROTOCOL, why.into(), out);
-                } else {
-                    self.reconcile(r, sid, ranges, more, out)
-                }
-            }
+            Frame::Reconcile { ranges, more } => match self.reconcile_allowed(sid, &ranges, more) {
+                Err(why) => self.violation(sid, why.into(), out),
+                Ok(()) => self.reconcile(r, sid, ranges, more, out),
+            },
             Frame::Changes { docs, upto } => return Some(self.receive(r, sid, docs, upto, out)),
             Frame::Authors { creds } => {
                 let mut txn = Txn::default();
@@ -848,10 +939,11 @@ impl Sessions {
                     match r.directory.admit(&cred, &*r.trust.verifier) {
                         Ok(Some(h)) => txn.batch.credentials.push((h, cred)),
                         Ok(None) => {}
-                        // Not held against the peer: it may not know of a
-                        // revocation yet. Changes by that author will not
-                        // verify here.
-                        Err(why) => self.violation(sid, format!("credential refused: {why}"), out),
+                        // Not held against the peer (not a violation): it
+                        // may not know of a revocation yet, or its clock may
+                        // still accept an expired certificate. Changes by
+                        // that author will not verify here, and that is one.
+                        Err(_) => self.stats.credentials_refused += 1,
                     }
                 }
                 return Some(txn);
@@ -898,8 +990,38 @@ impl Sessions {
     /// refusal; the dialing side only once it has started it) and for at
     /// most [`MAX_TURNS`] turns: a hostile peer cannot make us answer
     /// reconciliation forever, nor in a resumed session. Counts the turn.
-    fn reconcile_allowed(&mut self, sid: SessionId, more: bool) -> Result<(), &'static str> {
+    ///
+    /// Each turn is bounded too: at most [`MAX_RANGES_PER_TURN`] ranges,
+    /// and its ranges that make us scan our index (fingerprints and
+    /// digests) in ascending, non-overlapping order, as an honest turn
+    /// always is; so answering one turn scans each index entry at most
+    /// twice (once for the range, once more to split it), however the
+    /// ranges are drawn.
+    fn reconcile_allowed(
+        &mut self,
+        sid: SessionId,
+        ranges: &[Range],
+        more: bool,
+    ) -> Result<(), &'static str> {
         let s = self.map.get_mut(&sid).expect("checked");
+        if s.turn_received + ranges.len() > MAX_RANGES_PER_TURN {
+            return Err("too many ranges in one reconciliation turn");
+        }
+        for r in ranges {
+            if matches!(r.body, wire::RangeBody::Items { .. }) {
+                continue;
+            }
+            let in_order = match (&s.turn_end, &r.lo) {
+                (None, _) => true,
+                (Some(None), _) => false,
+                (Some(Some(_)), None) => false,
+                (Some(Some(end)), Some(lo)) => lo >= end,
+            };
+            if !in_order {
+                return Err("reconciliation ranges overlap or are out of order");
+            }
+            s.turn_end = Some(r.hi.clone());
+        }
         let (Some(mine), Some(theirs)) = (s.my_verdict, s.peer_verdict) else {
             return Err("reconcile frame before both cursor verdicts");
         };
@@ -910,6 +1032,7 @@ impl Sessions {
             return Err("reconcile frame before this side started the exchange");
         }
         if !more {
+            s.turn_end = None;
             s.turns += 1;
             if s.turns > MAX_TURNS {
                 return Err("too many reconciliation turns");
@@ -1015,10 +1138,12 @@ impl Sessions {
             peer: role,
             peer_node: &peer,
         };
+        self.stats.reconcile_ranges += ranges.len() as u64;
         let answer = reconcile::answer(&index, &sides, ranges, |k, h| match r.load(k) {
             Ok(Some(d)) => h.iter().all(|x| d.knows(x)),
             _ => false,
         });
+        self.stats.reconcile_scanned += answer.scanned;
         if let Some(key) = peer_heads_key(&peer, inc) {
             if !answer.learned.is_empty() {
                 let peer_heads = answer
@@ -1039,11 +1164,24 @@ impl Sessions {
                 s.outq.insert((k.kind.priority(), k), h);
             }
         }
+        s.reply_bytes += answer
+            .reply
+            .iter()
+            .chain(&own)
+            .map(wire::range_bytes)
+            .sum::<usize>();
         s.reply_buf.extend(answer.reply);
         s.reply_buf.extend(own);
+        if s.reply_bytes > MAX_REPLY_BYTES_PER_TURN {
+            let why = format!(
+                "a reconciliation turn whose answer exceeds {MAX_REPLY_BYTES_PER_TURN} bytes"
+            );
+            return self.violation(sid, why, out);
+        }
         if more {
             return;
         }
+        s.reply_bytes = 0;
         // The peer's turn is complete: answer with ours, or end the exchange.
         let reply = std::mem::take(&mut s.reply_buf);
         let received = std::mem::take(&mut s.turn_received);
@@ -1292,6 +1430,12 @@ impl Sessions {
             .collect();
         let proven = prove_signatures(r, &docs, &parsed);
         for (dc, parsed) in docs.into_iter().zip(parsed) {
+            // A violation closed the session: nothing more of it is taken
+            // (nor its `upto`, which claims what was skipped).
+            if !self.map.contains_key(&sid) {
+                cut = true;
+                break;
+            }
             let key = dc.key.clone();
             let Some(parsed) = parsed else {
                 self.stats.changes_rejected += dc.changes.len() as u64;
@@ -1300,14 +1444,16 @@ impl Sessions {
                     format!("sent {key}, which its role or ours may not hold"),
                     out,
                 );
-                continue;
+                cut = true;
+                break;
             };
             let changes = match parsed {
                 Ok(c) => c,
                 Err(why) => {
                     self.stats.changes_rejected += dc.changes.len() as u64;
                     self.violation(sid, format!("{key}: {why}"), out);
-                    continue;
+                    cut = true;
+                    break;
                 }
             };
             let sigs: FxHashMap<Hash32, Sig> = changes
@@ -1367,7 +1513,8 @@ impl Sessions {
             {
                 self.stats.changes_rejected += new.len() as u64;
                 self.violation(sid, format!("{key}: a change under this node's own actor id that it never made (cloned node?)"), out);
-                continue;
+                cut = true;
+                break;
             }
             #[cfg(feature = "mutants")]
             let new: Vec<Change> =
@@ -1438,9 +1585,7 @@ impl Sessions {
                 if matches!(why, Unverified::Revoked(_)) {
                     continue;
                 }
-                let why = format!("{key}: unverifiable change: {why}");
-                self.violation(sid, why.clone(), out);
-                self.bye(sid, wire::BYE_POLICY, why, out);
+                self.violation(sid, format!("{key}: unverifiable change: {why}"), out);
                 cut = true;
                 break;
             }
@@ -1448,12 +1593,8 @@ impl Sessions {
                 // A change that panicked Automerge before: not run again.
                 self.stats.changes_rejected += new.len() as u64;
                 r.put_back(base);
-                self.bye(
-                    sid,
-                    wire::BYE_POLICY,
-                    format!("{key}: a change that crashed this node before"),
-                    out,
-                );
+                let why = format!("{key}: a change that crashed this node before");
+                self.violation(sid, why, out);
                 cut = true;
                 break;
             }
@@ -1478,20 +1619,15 @@ impl Sessions {
                             hashes.join(",")
                         ),
                     ));
-                    self.violation(sid, format!("{key}: {e}"), out);
-                    self.bye(
-                        sid,
-                        wire::BYE_POLICY,
-                        format!("{key}: a change crashed this node"),
-                        out,
-                    );
+                    self.violation(sid, format!("{key}: a change crashed this node: {e}"), out);
                     cut = true;
                     break;
                 }
                 Err(e) => {
                     self.stats.changes_rejected += new.len() as u64;
                     self.violation(sid, format!("{key}: {e}"), out);
-                    continue;
+                    cut = true;
+                    break;
                 }
             };
             let projection = match applied.projection {
@@ -1500,7 +1636,8 @@ impl Sessions {
                     // Schema-invalid data is refused; the last valid view stays (I-22).
                     self.stats.changes_rejected += new.len() as u64;
                     self.violation(sid, e, out);
-                    continue;
+                    cut = true;
+                    break;
                 }
             };
             r.put_back(applied.doc);

@@ -4,7 +4,11 @@
 //! The driver frames each body with a 4-byte big-endian length; both ends
 //! check the length against [`MAX_FRAME_BYTES`] before allocating
 //! ([`check_frame_len`]). Every list inside a frame has its own bound,
-//! checked on encode and decode. Anything malformed is a [`WireError`],
+//! checked on encode and decode. Decoding never trusts a list's declared
+//! length: a length above the list's bound is refused before any element
+//! is read, and at most [`MAX_PREALLOC_BYTES`] are reserved ahead of the
+//! elements actually present ([`bounded`]), so a few bytes declaring a
+//! huge count cost a few bytes. Anything malformed is a [`WireError`],
 //! which ends the session; it never panics.
 
 use crate::doc::Hash32;
@@ -32,6 +36,8 @@ pub const MAX_CREDS_PER_FRAME: usize = 64;
 /// Change hashes announced per document entry of an `IHave` (a document
 /// with more new changes is listed again).
 pub const MAX_ANNOUNCED_PER_DOC: usize = 64;
+/// Bytes reserved for a list ahead of its decoded elements, at most.
+pub const MAX_PREALLOC_BYTES: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -47,6 +53,7 @@ pub enum WireError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
     pub key: DocKey,
+    #[serde(deserialize_with = "bounded::heads")]
     pub heads: Vec<Hash32>,
 }
 
@@ -63,10 +70,17 @@ pub enum RangeBody {
     Fingerprint { fp: [u8; 16], count: u32 },
     /// All the sender's documents in the range, each with a short digest
     /// of its heads.
-    Digests { items: Vec<(DocKey, [u8; 8])> },
+    Digests {
+        #[serde(deserialize_with = "bounded::digests")]
+        items: Vec<(DocKey, [u8; 8])>,
+    },
     /// The sender's full heads of documents that differ, at stage 1, 2 or
     /// 3 of the exchange (see `crdt::reconcile`).
-    Items { items: Vec<Item>, stage: u8 },
+    Items {
+        #[serde(deserialize_with = "bounded::items")]
+        items: Vec<Item>,
+        stage: u8,
+    },
 }
 
 /// A half-open key range `[lo, hi)`; `None` is the open end.
@@ -80,7 +94,10 @@ pub struct Range {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocChanges {
     pub key: DocKey,
-    #[serde(with = "byte_strings")]
+    #[serde(
+        serialize_with = "byte_strings::serialize",
+        deserialize_with = "bounded::changes"
+    )]
     pub changes: Vec<Vec<u8>>,
     /// The authors' signatures of `changes`, [`SIG_LEN`] bytes each, in the
     /// same order (see [`crate::signing`]).
@@ -112,18 +129,97 @@ impl DocChanges {
 /// visit per byte. In postcard a byte string and a sequence of `u8` are the
 /// same bytes on the wire (length, then the bytes).
 mod byte_strings {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     use serde_bytes::{ByteBuf, Bytes};
 
     pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().map(|b| Bytes::new(b)))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
-        Ok(Vec::<ByteBuf>::deserialize(d)?
+    /// At most `limit` byte strings (see [`super::bounded`]).
+    pub fn deserialize_bounded<'de, D: Deserializer<'de>>(
+        d: D,
+        limit: usize,
+        what: &'static str,
+    ) -> Result<Vec<Vec<u8>>, D::Error> {
+        Ok(super::bounded::seq::<D, ByteBuf>(d, limit, what)?
             .into_iter()
             .map(ByteBuf::into_vec)
             .collect())
+    }
+}
+
+/// Decoding of the lists inside frames without trusting their declared
+/// lengths: one more element than the bound is an error as soon as the
+/// length is read, and capacity is reserved for at most
+/// [`MAX_PREALLOC_BYTES`] of elements; beyond that the list grows only as
+/// elements actually arrive (serde's own default reserves up to 1 MiB per
+/// list on the declared length alone).
+mod bounded {
+    use super::*;
+    use serde::de::{self, Deserializer, SeqAccess, Visitor};
+    use std::marker::PhantomData;
+
+    pub(super) fn seq<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+        limit: usize,
+        what: &'static str,
+    ) -> Result<Vec<T>, D::Error> {
+        struct V<T> {
+            limit: usize,
+            what: &'static str,
+            t: PhantomData<T>,
+        }
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "at most {} {}", self.limit, self.what)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Vec<T>, A::Error> {
+                let declared = a.size_hint().unwrap_or(0);
+                if declared > self.limit {
+                    return Err(de::Error::invalid_length(declared, &self));
+                }
+                let room = MAX_PREALLOC_BYTES / std::mem::size_of::<T>().max(1);
+                let mut v = Vec::with_capacity(declared.min(room));
+                while let Some(x) = a.next_element()? {
+                    if v.len() == self.limit {
+                        return Err(de::Error::invalid_length(v.len() + 1, &self));
+                    }
+                    v.push(x);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_seq(V {
+            limit,
+            what,
+            t: PhantomData,
+        })
+    }
+
+    pub(super) fn ranges<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Range>, D::Error> {
+        seq(d, MAX_RANGES_PER_FRAME, "ranges per frame")
+    }
+    pub(super) fn digests<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(DocKey, [u8; 8])>, D::Error> {
+        seq(d, MAX_ITEMS_PER_RANGE, "items per range")
+    }
+    pub(super) fn items<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Item>, D::Error> {
+        seq(d, MAX_ITEMS_PER_RANGE, "items per range")
+    }
+    pub(super) fn heads<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Hash32>, D::Error> {
+        seq(d, MAX_HEADS, "heads per item")
+    }
+    pub(super) fn docs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DocChanges>, D::Error> {
+        seq(d, MAX_DOCS_PER_FRAME, "documents per frame")
+    }
+    pub(super) fn changes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        super::byte_strings::deserialize_bounded(d, MAX_CHANGES_PER_DOC, "changes per document")
+    }
+    pub(super) fn creds<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        super::byte_strings::deserialize_bounded(d, MAX_CREDS_PER_FRAME, "credentials per frame")
     }
 }
 
@@ -142,10 +238,15 @@ pub enum Frame {
     /// log to you from there".
     Resume { ok: bool },
     /// Part of a reconciliation turn; the turn's last frame has `more: false`.
-    Reconcile { ranges: Vec<Range>, more: bool },
+    Reconcile {
+        #[serde(deserialize_with = "bounded::ranges")]
+        ranges: Vec<Range>,
+        more: bool,
+    },
     /// Changes; `upto`, when present, says that after this frame the
     /// receiver holds everything of the sender's log up to that position.
     Changes {
+        #[serde(deserialize_with = "bounded::docs")]
         docs: Vec<DocChanges>,
         upto: Option<Cursor>,
     },
@@ -154,7 +255,10 @@ pub enum Frame {
     /// Credentials of authors whose changes follow (each sent at most once
     /// per session), so the receiver verifies authors it never met.
     Authors {
-        #[serde(with = "byte_strings")]
+        #[serde(
+            serialize_with = "byte_strings::serialize",
+            deserialize_with = "bounded::creds"
+        )]
         creds: Vec<Vec<u8>>,
     },
     /// Version 3. The sender has caught up: its `Changes` frames on this
@@ -177,6 +281,25 @@ pub enum Frame {
     /// Version 3. "You pushed me changes I already held: announce these
     /// kinds to me instead of pushing them." Both ends mark the link lazy.
     Prune { kinds: Vec<crate::ids::Kind> },
+}
+
+/// An upper bound of a range's encoded size (postcard), without encoding
+/// it: what a reply of many ranges will cost on the wire.
+pub fn range_bytes(r: &Range) -> usize {
+    // Kind, a varint length (at most 5 bytes) and the id.
+    let key = |k: &DocKey| 6 + k.id.len();
+    let bound = |k: &Option<DocKey>| 1 + k.as_ref().map_or(0, key);
+    let body = match &r.body {
+        RangeBody::Fingerprint { .. } => 1 + 16 + 5,
+        RangeBody::Digests { items } => 6 + items.iter().map(|(k, _)| key(k) + 8).sum::<usize>(),
+        RangeBody::Items { items, .. } => {
+            7 + items
+                .iter()
+                .map(|i| key(&i.key) + 5 + 32 * i.heads.len())
+                .sum::<usize>()
+        }
+    };
+    bound(&r.lo) + bound(&r.hi) + body
 }
 
 pub const BYE_VERSION: u16 = 1;

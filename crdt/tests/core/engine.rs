@@ -1037,20 +1037,10 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
     let mut net = setup();
     net.connect(0, 1);
     let before = net.nodes[1].store().clone();
-    // Node 1's end of its session with headquarters.
-    let sid = net.links[1].0;
-    let send = |net: &mut Net, bytes: Vec<u8>| {
-        net.nodes[1].handle(
-            Input::Frame {
-                session: sid,
-                bytes,
-            },
-            now(net.now),
-            &mut net.rng,
-        )
-    };
-    // Garbage Automerge bytes and a change to a kind the sender may not
-    // write are refused and counted; nothing is stored.
+    // Garbage Automerge bytes, a change to a kind the sender may not write
+    // and undecodable bytes are each refused and counted, and each ends
+    // its session (then the peer is backed off: the next session comes an
+    // hour later); nothing is stored.
     let garbage = crdt::wire::encode(&Frame::Changes {
         docs: vec![DocChanges {
             key: DocKey::new(Kind::Presence, "h1").unwrap(),
@@ -1060,21 +1050,28 @@ fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
         upto: None,
     })
     .unwrap();
-    send(&mut net, garbage);
-    assert!(net.nodes[1].stats().violations >= 1);
     let medical = crdt::wire::encode(&Frame::Changes {
         docs: vec![DocChanges::new(DocKey::new(Kind::Medical, "p1-0").unwrap())],
         upto: None,
     })
     .unwrap();
-    send(&mut net, medical);
-    assert!(net.nodes[1].stats().violations >= 2);
-    assert_eq!(net.nodes[1].store().log, before.log);
-    assert_eq!(net.nodes[1].store().projections, before.projections);
-    // Undecodable bytes end the session with a protocol error.
-    let outs = send(&mut net, vec![0xff; 12]);
-    assert!(outs.iter().any(|o| matches!(o, Output::Close { .. })));
-    assert_eq!(net.nodes[1].store().log, before.log);
+    for (i, bytes) in [garbage, medical, vec![0xff; 12]].into_iter().enumerate() {
+        if i > 0 {
+            net.disconnect_all();
+            net.now += 3_600_000;
+            net.connect(0, 1);
+        }
+        // Node 1's end of its session with headquarters.
+        let sid = net.links[1].0;
+        let outs = feed(&mut net, sid, bytes);
+        assert!(
+            closes(&outs, sid),
+            "hostile frame {i} did not end the session"
+        );
+        assert_eq!(net.nodes[1].stats().violations, i as u64 + 1);
+        assert_eq!(net.nodes[1].store().log, before.log);
+        assert_eq!(net.nodes[1].store().projections, before.projections);
+    }
 }
 
 /// Signed changes (E-5): a shelter node cannot write as headquarters, under
@@ -1230,6 +1227,8 @@ fn forged_changes_are_refused_at_the_first_hop_and_revoked_authors_quarantined()
             "{what}: quarantined, {q:?}"
         );
         net.disconnect_all();
+        // The forger was backed off; it is served again an hour later.
+        net.now += 3_600_000;
         assert_eq!(i + 1, net.nodes[0].stats().changes_unverified as usize);
     }
     // Revocation: shelter-b checks someone in while connected only to
@@ -1584,6 +1583,8 @@ fn a_change_that_panics_automerge_quarantines_its_document_and_the_node_keeps_se
             .iter()
             .any(|(k, why)| k == &key && why.contains("crashed")));
         net.disconnect_all();
+        // The sender was backed off; it is served again an hour later.
+        net.now += 3_600_000;
         net.connect(0, 1);
     }
     // The node keeps serving: a check-in at that shelter still works and
@@ -1640,8 +1641,10 @@ fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
     }
     assert!(sent > 32, "honest exchanges have room: closed after {sent}");
     // Peers met before resume from their cursors: no exchange may run, so
-    // one reconcile frame ends the session.
+    // one reconcile frame ends the session (an hour later: the peer was
+    // backed off).
     net.disconnect_all();
+    net.now += 3_600_000;
     net.connect(0, 1);
     let sid = net.links[1].0;
     let outs = net.nodes[1].handle(
@@ -1654,8 +1657,9 @@ fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
     );
     assert!(closed(&outs, sid));
     // At most two sessions with one peer: a third is refused at once (the
-    // session above is closed).
+    // session above is closed; its peer's back-off is over an hour later).
     assert!(!net.nodes[1].has_session(sid));
+    net.now += 3_600_000;
     let (hq, role) = (NodeId::new("hq-1").unwrap(), Role::Hq);
     let mut third = vec![];
     for session in [900, 901, 902] {
@@ -2409,4 +2413,262 @@ fn two_documents_given_the_same_first_values_both_keep_them() {
         assert_eq!(doc.heads().len(), 1, "{person}");
         assert!(doc.fields().contains_key("blood_type"), "{person}");
     }
+}
+
+/// Node 1's end of its session with headquarters, fed frames by hand.
+fn feed(net: &mut Net, sid: u64, bytes: Vec<u8>) -> Vec<Output> {
+    net.nodes[1].handle(
+        Input::Frame {
+            session: sid,
+            bytes,
+        },
+        now(net.now),
+        &mut net.rng,
+    )
+}
+
+fn closes(outs: &[Output], sid: u64) -> bool {
+    outs.iter()
+        .any(|o| matches!(o, Output::Close { session, .. } if *session == sid))
+}
+
+/// Encoded bytes of the frames among `outs`.
+fn sent_bytes(outs: &[Output]) -> usize {
+    outs.iter()
+        .map(|o| match o {
+            Output::Send { bytes, .. } => bytes.len() + 4,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// A reconcile frame of 16,384 ranges (the wire bound per frame) costs
+/// work bounded by the index, not by ranges × index: overlapping ranges
+/// (each the whole key space, so each would be scanned and split in full)
+/// end the session before any is answered, and disjoint ones scan each
+/// index entry at most twice, answered with a reply no larger than the
+/// frame. More ranges per turn than the bound end the session. Work is
+/// counted (index entries scanned, bytes produced), never timed.
+#[test]
+fn a_16k_range_reconcile_frame_costs_bounded_work() {
+    use crdt::wire::{Frame, Range, RangeBody, MAX_RANGES_PER_FRAME};
+    let bogus = RangeBody::Fingerprint {
+        fp: [7; 16],
+        count: 1,
+    };
+    let mut net = setup();
+    let more: Vec<Household> = (50..400).map(|i| household(i, 2)).collect();
+    net.cmd(0, "imp-2", Command::ImportHouseholds { households: more })
+        .unwrap();
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    let index_len = net.nodes[1].heads().count() as u64;
+    assert!(index_len >= 400, "the index must be large enough to split");
+    let before = net.nodes[1].stats();
+    // Overlapping: 16,384 copies of the whole key space.
+    let whole = crdt::wire::encode(&Frame::Reconcile {
+        ranges: vec![
+            Range {
+                lo: None,
+                hi: None,
+                body: bogus.clone(),
+            };
+            MAX_RANGES_PER_FRAME
+        ],
+        more: false,
+    })
+    .unwrap();
+    let outs = feed(&mut net, sid, whole);
+    let after = net.nodes[1].stats();
+    let scanned = after.reconcile_scanned - before.reconcile_scanned;
+    let produced = sent_bytes(&outs);
+    println!("overlapping 16k ranges: {scanned} entries scanned, {produced} bytes produced");
+    assert!(
+        scanned <= 2 * index_len,
+        "{scanned} index entries scanned for one frame (index {index_len})"
+    );
+    assert!(produced < 1024, "{produced} bytes produced");
+    assert!(closes(&outs, sid) && !net.nodes[1].has_session(sid));
+
+    // Disjoint: 16,384 narrow ranges in order, spread over the key space.
+    net.now += 3_600_000;
+    net.disconnect_all();
+    let mut fresh = Net::new(&[("hq-2", Role::Hq), ("shelter-a", Role::Shelter)]);
+    std::mem::swap(&mut fresh.nodes[1], &mut net.nodes[1]);
+    fresh.now = net.now;
+    let mut net = fresh;
+    // A first meeting (node 0 is another headquarters node): an exchange
+    // runs, so reconcile frames are in place.
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    let key = |i: usize| {
+        let kind = [Kind::Registry, Kind::Person, Kind::Shelter][i % 3];
+        Some(DocKey::new(kind, format!("k{i:05}")).unwrap())
+    };
+    let n = MAX_RANGES_PER_FRAME;
+    let ranges: Vec<Range> = {
+        let mut keys: Vec<Option<DocKey>> = (0..=n).map(key).collect();
+        keys.sort();
+        keys.windows(2)
+            .map(|w| Range {
+                lo: w[0].clone(),
+                hi: w[1].clone(),
+                body: bogus.clone(),
+            })
+            .collect()
+    };
+    let before = net.nodes[1].stats();
+    let input = crdt::wire::encode(&Frame::Reconcile {
+        ranges,
+        more: false,
+    })
+    .unwrap();
+    let input_len = input.len();
+    let outs = feed(&mut net, sid, input);
+    let after = net.nodes[1].stats();
+    let scanned = after.reconcile_scanned - before.reconcile_scanned;
+    let produced = sent_bytes(&outs);
+    println!(
+        "disjoint 16k ranges: {} ranges answered, {scanned} entries scanned, {produced} bytes produced for a {input_len}-byte frame",
+        after.reconcile_ranges - before.reconcile_ranges
+    );
+    assert_eq!(after.reconcile_ranges - before.reconcile_ranges, n as u64);
+    assert!(scanned <= 2 * index_len, "{scanned} entries scanned");
+    assert!(
+        produced <= 2 * input_len,
+        "{produced} bytes for {input_len}"
+    );
+    assert!(
+        net.nodes[1].has_session(sid),
+        "an honest-shaped turn is answered"
+    );
+    // Turns of many frames: ranges per turn are bounded too (ranges of
+    // items cost no scan, so only the bound stops them).
+    let items_frame = crdt::wire::encode(&Frame::Reconcile {
+        ranges: vec![
+            Range {
+                lo: None,
+                hi: None,
+                body: RangeBody::Items {
+                    items: vec![],
+                    stage: 1,
+                },
+            };
+            n
+        ],
+        more: true,
+    })
+    .unwrap();
+    let mut frames = 0;
+    loop {
+        frames += 1;
+        let outs = feed(&mut net, sid, items_frame.clone());
+        if closes(&outs, sid) {
+            break;
+        }
+        assert!(frames <= 4, "still open after {frames} frames of one turn");
+    }
+    assert_eq!(frames, 5, "65,536 ranges per turn are accepted, not more");
+    assert!(net.nodes[1].stats().violations >= 1);
+}
+
+/// Every kind of violation closes the session and backs the peer off: its
+/// next session is refused until the back-off has passed (then accepted),
+/// and a repeat offender waits longer.
+#[test]
+fn any_violation_closes_the_session_and_backs_the_peer_off() {
+    use crdt::wire::{DocChanges, Frame};
+    let hq = NodeId::new("hq-1").unwrap();
+    let medical = crdt::wire::encode(&Frame::Changes {
+        docs: vec![DocChanges::new(DocKey::new(Kind::Medical, "p1-0").unwrap())],
+        upto: None,
+    })
+    .unwrap();
+    let garbage = crdt::wire::encode(&Frame::Changes {
+        docs: vec![DocChanges {
+            key: DocKey::new(Kind::Presence, "h1").unwrap(),
+            changes: vec![vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]],
+            sigs: vec![0; 64],
+        }],
+        upto: None,
+    })
+    .unwrap();
+    let overlapping = crdt::wire::encode(&Frame::Reconcile {
+        ranges: vec![
+            crdt::wire::Range {
+                lo: None,
+                hi: None,
+                body: crdt::wire::RangeBody::Digests { items: vec![] },
+            };
+            2
+        ],
+        more: false,
+    })
+    .unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a kind it may not send", medical),
+        ("unparsable change bytes", garbage),
+        ("overlapping reconcile ranges", overlapping),
+        ("an undecodable frame", vec![0xff; 12]),
+    ];
+    let mut net = setup();
+    for (what, bytes) in cases {
+        // A first meeting each time (node 1 forgets nothing, but a new
+        // session with a reconcile exchange in place is what we need).
+        net.connect(0, 1);
+        let sid = net.links[1].0;
+        assert!(net.nodes[1].has_session(sid), "{what}: session open");
+        let v0 = net.nodes[1].stats().violations;
+        let outs = feed(&mut net, sid, bytes);
+        assert!(closes(&outs, sid), "{what}: session not closed");
+        assert!(!net.nodes[1].has_session(sid), "{what}");
+        assert_eq!(net.nodes[1].stats().violations, v0 + 1, "{what}");
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, Output::Event(UiEvent::PeerViolation { node_id, .. }) if *node_id == hq)),
+            "{what}: not reported"
+        );
+        // Backed off: a new session from that peer is refused at once.
+        let refused = net.nodes[1].stats().backed_off_refusals;
+        let outs = net.nodes[1].handle(
+            Input::Connected {
+                session: 7000,
+                node: hq.clone(),
+                role: Role::Hq,
+                initiator: false,
+            },
+            now(net.now + 1_000),
+            &mut net.rng,
+        );
+        assert!(
+            closes(&outs, 7000) && !net.nodes[1].has_session(7000),
+            "{what}: not backed off"
+        );
+        assert_eq!(net.nodes[1].stats().backed_off_refusals, refused + 1);
+        net.disconnect_all();
+        // After the back-off (one hour covers any number of doublings
+        // here), the peer is served again.
+        net.now += 3_600_000;
+    }
+    // A repeat offender within its back-off window waits longer: two
+    // violations in a row, then the first back-off's length is not enough.
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    feed(&mut net, sid, vec![0xff; 12]);
+    net.disconnect_all();
+    net.now += 31_000;
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    assert!(
+        net.nodes[1].has_session(sid),
+        "served after the first back-off"
+    );
+    feed(&mut net, sid, vec![0xff; 12]);
+    net.disconnect_all();
+    net.now += 31_000;
+    net.connect(0, 1);
+    assert!(
+        !net.nodes[1].has_session(net.links[1].0),
+        "a repeat offender is backed off for longer"
+    );
 }
