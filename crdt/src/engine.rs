@@ -138,6 +138,8 @@ pub struct Stats {
     /// Sessions refused because their peer was backed off after a
     /// violation.
     pub backed_off_refusals: u64,
+    /// Sessions refused because the peer already had two open with us.
+    pub excess_sessions_refused: u64,
     pub duplicate_mail_risk: u64,
     pub commits: u64,
     /// The live tree: change hashes announced instead of pushed, documents
@@ -264,6 +266,7 @@ impl<S: Store> Engine<S> {
             reconcile_ranges: s.reconcile_ranges,
             reconcile_scanned: s.reconcile_scanned,
             backed_off_refusals: s.backed_off_refusals,
+            excess_sessions_refused: s.excess_sessions_refused,
             duplicate_mail_risk: self.mail.duplicate_risk,
             commits: self.commits,
             announced: s.announced,

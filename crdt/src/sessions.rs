@@ -339,6 +339,9 @@ pub(crate) struct SyncStats {
     pub(crate) reconcile_scanned: u64,
     /// Sessions refused because their peer is backed off.
     pub(crate) backed_off_refusals: u64,
+    /// Sessions refused because the peer already had
+    /// [`MAX_SESSIONS_PER_PEER`] open.
+    pub(crate) excess_sessions_refused: u64,
     /// Held changes not relayed: unsigned, or by an author whose
     /// credential this node no longer accepts.
     pub(crate) unsigned_withheld: u64,
@@ -844,8 +847,13 @@ impl Sessions {
             return self.bye(sid, wire::BYE_POLICY, why, out);
         }
         if open >= MAX_SESSIONS_PER_PEER {
+            // Refused, but not a violation: an honest peer reaches this
+            // when both sides dial at once while an old session is still
+            // being torn down. Backing it off would cut an honest link for
+            // minutes; the refusal alone bounds what the peer can hold.
+            self.stats.excess_sessions_refused += 1;
             let why = format!("more than {MAX_SESSIONS_PER_PEER} sessions with one peer");
-            return self.violation(sid, why, out);
+            return self.bye(sid, wire::BYE_POLICY, why, out);
         }
         let hello = Frame::Hello {
             version: wire::PROTOCOL_VERSION,

@@ -1676,6 +1676,22 @@ fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
     }
     assert!(net.nodes[1].has_session(900) && net.nodes[1].has_session(901));
     assert!(closed(&third, 902) && !net.nodes[1].has_session(902));
+    assert_eq!(net.nodes[1].stats().excess_sessions_refused, 1);
+    // The refusal is not a violation: an honest peer dialing while its old
+    // session is torn down is not backed off, so once one of its sessions
+    // ends it is served again at once.
+    net.nodes[1].handle(Input::Disconnected { session: 900 }, now(net.now), &mut net.rng);
+    net.nodes[1].handle(
+        Input::Connected {
+            session: 903,
+            node: hq.clone(),
+            role,
+            initiator: false,
+        },
+        now(net.now),
+        &mut net.rng,
+    );
+    assert!(net.nodes[1].has_session(903), "a third dial backed the peer off");
 }
 
 #[test]

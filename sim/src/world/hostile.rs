@@ -295,10 +295,25 @@ impl World {
         note: Box<HostileNote>,
     ) {
         let before = self.nodes[to].engine.as_ref().map(|e| e.stats());
+        // The receiver already closed this session (an earlier violation,
+        // or the forger backed off and refused at once): the frame is
+        // dropped unread, which is a refusal. What it holds must still
+        // never be stored, which the end-of-run scan checks.
+        let open = self.nodes[to]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.has_session(session));
         self.hostile_from = Some(from);
         let rest = self.input(to, Input::Frame { session, bytes });
         self.hostile_from = None;
         self.after_outputs(to, rest, None);
+        self.forged.extend(note.hashes.iter().copied());
+        if !open {
+            if note.last {
+                self.count("hostile_on_closed_session");
+            }
+            return;
+        }
         let (true, Some(before)) = (note.last, before) else {
             return;
         };
@@ -326,7 +341,6 @@ impl World {
                     && closed
             }
         };
-        self.forged.extend(note.hashes.iter().copied());
         if !stored.is_empty() {
             let v = check::v(
                 check::UNVERIFIED_APPLIED,

@@ -237,6 +237,11 @@ pub struct World {
     /// While a hostile frame is handed over: its sender, whom the
     /// receiver is expected to flag.
     hostile_from: Option<usize>,
+    /// Times of the reconnects scheduled by broken links (each reconnects
+    /// every link that is down): a link that breaks while one is due
+    /// within its own delay waits for that one, so sessions refused at
+    /// once (a backed-off peer) do not multiply the reconnects.
+    reconnects_due: BTreeSet<u64>,
     /// Hashes of every hostile change sent: no node may ever hold one.
     forged: BTreeSet<[u8; 32]>,
     /// The credentials the checker trusts (every node's, and the revoked).
@@ -310,6 +315,7 @@ impl World {
             holder_groups: BTreeMap::new(),
             adversarial: BTreeSet::new(),
             hostile_from: None,
+            reconnects_due: BTreeSet::new(),
             forged: BTreeSet::new(),
             known: check::KnownAuthors::default(),
             #[cfg(feature = "mutants")]

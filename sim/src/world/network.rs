@@ -221,6 +221,12 @@ impl World {
                 initiator: true,
             },
         );
+        // Refused at once by the dialing side (its peer is backed off, or
+        // already has two sessions): the link is down again and the other
+        // side never hears of this session (it would stay open there).
+        if !self.links[l].up || self.links[l].gen != gen {
+            return;
+        }
         self.input(
             b,
             Input::Connected {
@@ -252,7 +258,10 @@ impl World {
         );
         self.links[l].connecting = true;
         let back = self.now + range(&mut self.net_rng, 1_000, 10_000);
-        self.push(back, Ev::Reconnect);
+        if self.reconnects_due.range(self.now..=back).next().is_none() {
+            self.reconnects_due.insert(back);
+            self.push(back, Ev::Reconnect);
+        }
     }
 
     pub(super) fn send(&mut self, from: usize, session: SessionId, bytes: Vec<u8>) {

@@ -77,7 +77,10 @@ impl World {
                     self.count("session_timeout");
                     self.disconnect(l);
                 }
-                Ev::Reconnect => self.reconnect(),
+                Ev::Reconnect => {
+                    self.reconnects_due.remove(&t);
+                    self.reconnect()
+                }
                 Ev::LinkMaint => {
                     self.reconnect();
                     if !self.healed {
