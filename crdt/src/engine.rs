@@ -147,6 +147,8 @@ pub struct Stats {
     pub announced: u64,
     pub grafts: u64,
     pub prunes: u64,
+    /// Documents peers grafted that this node does not hold (ignored).
+    pub grafts_unknown: u64,
 }
 
 pub struct Engine<S: Store> {
@@ -272,6 +274,7 @@ impl<S: Store> Engine<S> {
             announced: s.announced,
             grafts: s.grafts,
             prunes: s.prunes,
+            grafts_unknown: s.grafts_unknown,
         }
     }
     pub fn config(&self) -> &EngineConfig {

@@ -73,8 +73,6 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-/// Change hashes announced per `IHave` frame (about 200 KB).
-const ANNOUNCED_PER_FRAME: usize = 4096;
 /// Frames of catch-up changes emitted per session per input.
 const FRAMES_PER_DRAIN: usize = 8;
 /// Log entries read per step when streaming.
@@ -350,6 +348,8 @@ pub(crate) struct SyncStats {
     pub(crate) announced: u64,
     pub(crate) grafts: u64,
     pub(crate) prunes: u64,
+    /// Documents a peer grafted that this node does not hold (ignored).
+    pub(crate) grafts_unknown: u64,
 }
 
 /// Every open session, the peers met and the protocol's counters.
@@ -465,7 +465,7 @@ impl Sessions {
                     continue;
                 }
                 self.stats.announced += 1;
-                if in_frame >= ANNOUNCED_PER_FRAME {
+                if in_frame >= wire::MAX_ANNOUNCED_PER_FRAME {
                     frames.push(vec![]);
                     in_frame = 0;
                 }
@@ -567,7 +567,7 @@ impl Sessions {
             self.stats.grafts += items.len() as u64;
             // At most 64 heads of 32 bytes each: 1,024 items stay far
             // below the frame limit.
-            for chunk in items.chunks(1024) {
+            for chunk in items.chunks(wire::MAX_GRAFT_DOCS) {
                 self.send(
                     sid,
                     &Frame::Graft {
@@ -602,12 +602,14 @@ impl Sessions {
             if !(policy::may_hold(r.meta.role, &r.meta.node_id, &d.key)
                 && policy::may_hold(role, &peer, &d.key))
             {
+                // The session is closed: nothing more of the frame is
+                // taken (nor its `upto`).
                 self.violation(
                     sid,
                     format!("announced {}, which its role or ours may not hold", d.key),
                     out,
                 );
-                continue;
+                return txn;
             }
             let asked: Vec<(Hash32, DocKey)> =
                 d.hashes.iter().map(|h| (*h, d.key.clone())).collect();
@@ -965,13 +967,21 @@ impl Sessions {
             Frame::Graft { docs } => {
                 let s = self.map.get_mut(&sid).expect("checked");
                 let (node, role) = (s.node.clone(), s.role);
+                if let Some(it) = docs.iter().find(|it| !may_send(role, &node, &it.key)) {
+                    // Nothing of the frame is queued: the session is closed.
+                    let why = format!("asked for {}, which its role may not hold", it.key);
+                    self.violation(sid, why, out);
+                    return None;
+                }
+                let s = self.map.get_mut(&sid).expect("checked");
                 for it in docs {
-                    if !may_send(role, &node, &it.key) {
-                        let why = format!("asked for {}, which its role may not hold", it.key);
-                        self.violation(sid, why, out);
+                    // Only documents we hold are queued, so grafts cannot
+                    // grow the queue past our index (we announce only what
+                    // we hold; one forgotten since has nothing to send).
+                    if r.index.get(&it.key).is_none() {
+                        self.stats.grafts_unknown += 1;
                         continue;
                     }
-                    let s = self.map.get_mut(&sid).expect("checked");
                     s.lazy &= !kind_bit(it.key.kind);
                     s.outq.insert((it.key.kind.priority(), it.key), it.heads);
                 }

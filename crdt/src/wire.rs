@@ -36,6 +36,11 @@ pub const MAX_CREDS_PER_FRAME: usize = 64;
 /// Change hashes announced per document entry of an `IHave` (a document
 /// with more new changes is listed again).
 pub const MAX_ANNOUNCED_PER_DOC: usize = 64;
+/// Change hashes per `IHave` frame, over all its documents (about 200 KB;
+/// each announced hash costs the receiver a look-up).
+pub const MAX_ANNOUNCED_PER_FRAME: usize = 4096;
+/// Documents per `Graft` frame (each costs the receiver a queued document).
+pub const MAX_GRAFT_DOCS: usize = 1024;
 /// Bytes reserved for a list ahead of its decoded elements, at most.
 pub const MAX_PREALLOC_BYTES: usize = 4096;
 
@@ -61,6 +66,7 @@ pub struct Item {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Announced {
     pub key: DocKey,
+    #[serde(deserialize_with = "bounded::announced_hashes")]
     pub hashes: Vec<Hash32>,
 }
 
@@ -221,6 +227,22 @@ mod bounded {
     pub(super) fn creds<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
         super::byte_strings::deserialize_bounded(d, MAX_CREDS_PER_FRAME, "credentials per frame")
     }
+    pub(super) fn announced<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Announced>, D::Error> {
+        seq(d, MAX_ANNOUNCED_PER_FRAME, "announced documents per frame")
+    }
+    pub(super) fn announced_hashes<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<Hash32>, D::Error> {
+        seq(d, MAX_ANNOUNCED_PER_DOC, "hashes per announced document")
+    }
+    pub(super) fn grafts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Item>, D::Error> {
+        seq(d, MAX_GRAFT_DOCS, "documents per graft")
+    }
+    pub(super) fn kinds<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<crate::ids::Kind>, D::Error> {
+        seq(d, crate::ids::Kind::ALL.len(), "kinds per prune")
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,16 +293,23 @@ pub enum Frame {
     /// after this frame the receiver holds everything of the sender's log
     /// up to that position, once it holds the changes announced.
     IHave {
+        #[serde(deserialize_with = "bounded::announced")]
         docs: Vec<Announced>,
         upto: Option<Cursor>,
     },
     /// Version 3. "Send me these documents' changes beyond my heads, and
     /// push me their kind from now on": asked for announced changes that
     /// did not arrive in time.
-    Graft { docs: Vec<Item> },
+    Graft {
+        #[serde(deserialize_with = "bounded::grafts")]
+        docs: Vec<Item>,
+    },
     /// Version 3. "You pushed me changes I already held: announce these
     /// kinds to me instead of pushing them." Both ends mark the link lazy.
-    Prune { kinds: Vec<crate::ids::Kind> },
+    Prune {
+        #[serde(deserialize_with = "bounded::kinds")]
+        kinds: Vec<crate::ids::Kind>,
+    },
 }
 
 /// An upper bound of a range's encoded size (postcard), without encoding
@@ -355,16 +384,17 @@ fn check_bounds(f: &Frame) -> Result<(), WireError> {
             }
         }
         Frame::IHave { docs, .. } => {
-            if docs.len() > MAX_DOCS_PER_FRAME {
-                return Err(WireError::Bound("documents per frame"));
-            }
             if docs.iter().any(|d| d.hashes.len() > MAX_ANNOUNCED_PER_DOC) {
                 return Err(WireError::Bound("hashes per announced document"));
             }
+            // Implies at most as many documents.
+            if docs.iter().map(|d| d.hashes.len()).sum::<usize>() > MAX_ANNOUNCED_PER_FRAME {
+                return Err(WireError::Bound("hashes per announcement"));
+            }
         }
         Frame::Graft { docs } => {
-            if docs.len() > MAX_DOCS_PER_FRAME {
-                return Err(WireError::Bound("documents per frame"));
+            if docs.len() > MAX_GRAFT_DOCS {
+                return Err(WireError::Bound("documents per graft"));
             }
             if docs.iter().any(|d| d.heads.len() > MAX_HEADS) {
                 return Err(WireError::Bound("heads per item"));
@@ -521,6 +551,26 @@ mod tests {
             },
             Frame::Prune {
                 kinds: vec![Kind::Presence; Kind::ALL.len() + 1],
+            },
+            // Within the per-document bound, beyond the per-frame one.
+            Frame::IHave {
+                docs: vec![
+                    Announced {
+                        key: key.clone(),
+                        hashes: vec![[7; 32]; MAX_ANNOUNCED_PER_DOC],
+                    };
+                    MAX_ANNOUNCED_PER_FRAME / MAX_ANNOUNCED_PER_DOC + 1
+                ],
+                upto: None,
+            },
+            Frame::Graft {
+                docs: vec![
+                    Item {
+                        key: key.clone(),
+                        heads: vec![],
+                    };
+                    MAX_GRAFT_DOCS + 1
+                ],
             },
         ];
         for f in over {

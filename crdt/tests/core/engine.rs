@@ -2688,3 +2688,98 @@ fn any_violation_closes_the_session_and_backs_the_peer_off() {
         "a repeat offender is backed off for longer"
     );
 }
+
+/// Headquarters' (node 0's) end of a session, fed a frame by hand.
+fn feed_hq(net: &mut Net, sid: u64, bytes: Vec<u8>) -> Vec<Output> {
+    net.nodes[0].handle(
+        Input::Frame {
+            session: sid,
+            bytes,
+        },
+        now(net.now),
+        &mut net.rng,
+    )
+}
+
+fn medical_key(i: usize) -> DocKey {
+    DocKey::new(Kind::Medical, format!("p{i}-0")).unwrap()
+}
+
+/// An announcement (`IHave`, protocol 3) naming documents the receiver
+/// may not hold closes the session at the first of them, as one
+/// violation; the rest of the frame is not read.
+#[test]
+fn an_announcement_of_documents_we_may_not_hold_closes_the_session() {
+    use crdt::wire::{Announced, Frame};
+    let mut net = setup();
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    let ihave = crdt::wire::encode(&Frame::IHave {
+        docs: (0..3)
+            .map(|i| Announced {
+                key: medical_key(i),
+                hashes: vec![[9; 32]],
+            })
+            .collect(),
+        upto: None,
+    })
+    .unwrap();
+    let v0 = net.nodes[1].stats().violations;
+    let outs = feed(&mut net, sid, ihave);
+    assert!(closes(&outs, sid) && !net.nodes[1].has_session(sid));
+    assert_eq!(net.nodes[1].stats().violations, v0 + 1);
+}
+
+/// A `Graft` asking for documents the peer may not hold closes the
+/// session at the first of them, as one violation; nothing is queued.
+#[test]
+fn a_graft_of_documents_the_peer_may_not_hold_closes_the_session() {
+    use crdt::wire::{Frame, Item};
+    let mut net = setup();
+    net.connect(0, 1);
+    // Headquarters' end of the session with shelter-a.
+    let sid = net.links[0].0;
+    let graft = crdt::wire::encode(&Frame::Graft {
+        docs: (0..3)
+            .map(|i| Item {
+                key: medical_key(i),
+                heads: vec![],
+            })
+            .collect(),
+    })
+    .unwrap();
+    let v0 = net.nodes[0].stats().violations;
+    let outs = feed_hq(&mut net, sid, graft);
+    assert!(closes(&outs, sid) && !net.nodes[0].has_session(sid));
+    assert_eq!(net.nodes[0].stats().violations, v0 + 1);
+}
+
+/// Documents grafted that this node does not hold are not queued (grafts
+/// cannot grow the send queue past our index), and asking for them is no
+/// violation (a document may be forgotten after it was announced).
+#[test]
+fn a_graft_of_documents_we_do_not_hold_queues_nothing() {
+    use crdt::wire::{Frame, Item, MAX_GRAFT_DOCS};
+    let mut net = setup();
+    net.connect(0, 1);
+    let sid = net.links[0].0;
+    let graft = crdt::wire::encode(&Frame::Graft {
+        docs: (0..MAX_GRAFT_DOCS)
+            .map(|i| Item {
+                key: DocKey::new(Kind::Presence, format!("nope-{i}")).unwrap(),
+                heads: vec![],
+            })
+            .collect(),
+    })
+    .unwrap();
+    let before = net.nodes[0].stats();
+    let outs = feed_hq(&mut net, sid, graft);
+    let after = net.nodes[0].stats();
+    assert!(!closes(&outs, sid) && net.nodes[0].has_session(sid));
+    assert_eq!(after.violations, before.violations);
+    assert_eq!(
+        after.grafts_unknown - before.grafts_unknown,
+        MAX_GRAFT_DOCS as u64,
+        "grafted documents not held were queued"
+    );
+}

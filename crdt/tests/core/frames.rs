@@ -84,6 +84,10 @@ fn a_frame_declaring_a_huge_count_allocates_no_more_than_its_size() {
         ),
         // One digests range (lo and hi absent, body 1).
         ("digests", padded(&[2, 1, 0, 0, 1], 4096)),
+        // The tree's frames (protocol 3): IHave is 7, Graft 8, Prune 9.
+        ("announced documents", padded(&[7], 4096)),
+        ("grafted documents", padded(&[8], 1024)),
+        ("pruned kinds, beyond the bound", padded(&[9], 100_000)),
         // A count far beyond the bytes present.
         (
             "ranges, 2^32 declared",
