@@ -321,6 +321,237 @@ async fn steps(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     sizes_and_language(b, mesh, &hq_window)
         .await
         .context("10 sizes and language")?;
+    second_factor_and_logout(b, mesh)
+        .await
+        .context("11 password with a one-time code, and sign-out")?;
+    transfer_and_checkout(b, mesh)
+        .await
+        .context("12 transfer and check-out")?;
+    Ok(())
+}
+
+/// RFC 4648 base32 (no padding), as in an otpauth:// URI.
+fn base32_decode(s: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'2'..=b'7' => c - b'2' + 26,
+            _ => bail!("not base32: {s}"),
+        };
+        acc = (acc << 5) | u32::from(v);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// A password sign-in on a node that shows medical data needs the
+/// operator's one-time code: a wrong code is refused with a sentence, the
+/// right one signs in, sign-out ends the session, and the same code does
+/// not sign in a second time.
+async fn second_factor_and_logout(b: &Browser, mesh: &mut Mesh) -> Result<()> {
+    let cl = mesh.node("clinic-1");
+    const PW: &str = "clinic nurse password 3";
+    cl.add_operator("nurse-3", Some(PW))?;
+    let d = cl.data();
+    let uri = kizuna(
+        &[
+            "operator",
+            "totp",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--name",
+            "nurse-3",
+        ],
+        "",
+    )?;
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .and_then(|r| r.split('&').next())
+        .context("otpauth URI without a secret")?;
+    let secret = base32_decode(secret)?;
+    let back = b.c.window().await?;
+    let w = b.c.new_window(true).await?.handle;
+    b.c.switch_to_window(w.clone()).await?;
+    let login = format!("{}/ui/login", cl.base());
+    let code_now = || {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        node::auth::totp(&secret, t)
+    };
+    // The clinic tab of step 7 left a session in this browser: sign out.
+    b.c.goto(&login).await?;
+    let page = b
+        .wait_js(
+            "a page",
+            "return document.getElementById('name') ? 'login' : (document.body.dataset.screen ? 'in' : null);",
+        )
+        .await?;
+    if page == json!("in") {
+        b.submit(
+            "form.logout button[type=submit]",
+            "the login page",
+            "return location.pathname === '/ui/login' && document.getElementById('name');",
+        )
+        .await?;
+    }
+    // A wrong code.
+    b.fill("#name", "nurse-3").await?;
+    b.fill("#password", PW).await?;
+    b.fill(
+        "#totp",
+        &format!("{:06}", (code_now() + 500_000) % 1_000_000),
+    )
+    .await?;
+    let err = b
+        .submit(
+            ".password-login button[type=submit]",
+            "the refusal",
+            "const e = document.getElementById('login-error'); return e && e.textContent;",
+        )
+        .await?;
+    anyhow::ensure!(
+        err.as_str()
+            .unwrap_or("")
+            .contains("ワンタイムコードが違います"),
+        "{err}"
+    );
+    // The right code.
+    let code = format!("{:06}", code_now());
+    b.fill("#name", "nurse-3").await?;
+    b.fill("#password", PW).await?;
+    b.fill("#totp", &code).await?;
+    let who = b
+        .submit(
+            ".password-login button[type=submit]",
+            "the clinic screen",
+            "return document.body.dataset.screen === 'clinic' && document.getElementById('operator').textContent;",
+        )
+        .await?;
+    anyhow::ensure!(who == json!("nurse-3"), "{who}");
+    // Sign out: back at the login page, and the screen asks again.
+    b.submit(
+        "form.logout button[type=submit]",
+        "the login page",
+        "return location.pathname === '/ui/login';",
+    )
+    .await?;
+    b.c.goto(&format!("{}/ui/", cl.base())).await?;
+    b.wait_js(
+        "the login page again",
+        "return location.pathname === '/ui/login';",
+    )
+    .await?;
+    // The code seen once does not sign in again.
+    b.fill("#name", "nurse-3").await?;
+    b.fill("#password", PW).await?;
+    b.fill("#totp", &code).await?;
+    let err = b
+        .submit(
+            ".password-login button[type=submit]",
+            "the refusal of a used code",
+            "const e = document.getElementById('login-error'); return e && e.textContent;",
+        )
+        .await?;
+    anyhow::ensure!(
+        err.as_str()
+            .unwrap_or("")
+            .contains("ワンタイムコードが違います"),
+        "{err}"
+    );
+    b.c.close_window().await?;
+    b.c.switch_to_window(back).await?;
+    Ok(())
+}
+
+/// Another shelter's desk transfers a person checked in at shelter-01, then
+/// checks them out; shelter-01's roster loses them.
+async fn transfer_and_checkout(b: &Browser, mesh: &mut Mesh) -> Result<()> {
+    let back = b.c.window().await?;
+    let w = b.c.new_window(true).await?.handle;
+    b.c.switch_to_window(w.clone()).await?;
+    sign_in_link(b, mesh.node("shelter-02"), "desk").await?;
+    b.fill("#q", "スズキ").await?;
+    b.fill("#birth", "1990-02-03").await?;
+    b.click("#search-form button[type=submit]").await?;
+    b.wait_js(
+        "found",
+        "return document.querySelector('#search-results li[data-person=px5] button');",
+    )
+    .await?;
+    b.click("#search-results li[data-person=px5] button")
+        .await?;
+    b.wait_js(
+        "in at the other shelter",
+        "const w = document.querySelector('#members li[data-person=px5] .where'); \
+         return w && w.textContent.includes('shelter-01') && document.getElementById('do-transfer');",
+    )
+    .await?;
+    b.click("#do-transfer").await?;
+    b.wait_js(
+        "transferred",
+        "return document.getElementById('intake-result').textContent.includes('1 人を転入しました');",
+    )
+    .await?;
+    b.wait_js(
+        "here now",
+        "const w = document.querySelector('#members li[data-person=px5] .where'); return w && w.textContent.includes('この避難所');",
+    )
+    .await?;
+    b.wait_js(
+        "on this roster",
+        "return document.querySelector('#roster tbody tr[data-person=px5]');",
+    )
+    .await?;
+    // Check out (a person already here comes unticked).
+    b.js("document.querySelectorAll('#members input').forEach(c => { c.checked = true; });")
+        .await?;
+    b.click("#do-checkout").await?;
+    b.wait_js(
+        "checked out",
+        "return document.getElementById('intake-result').textContent.includes('1 人をチェックアウトしました');",
+    )
+    .await?;
+    b.wait_js(
+        "shown as out",
+        "const w = document.querySelector('#members li[data-person=px5] .where'); return w && w.textContent.includes('退所');",
+    )
+    .await?;
+    b.wait_js(
+        "off this roster",
+        "return !document.querySelector('#roster tbody tr[data-person=px5]');",
+    )
+    .await?;
+    // shelter-01's desk (its replica, over the mesh) no longer lists them.
+    let s1 = mesh.node("shelter-01");
+    let start = std::time::Instant::now();
+    loop {
+        let (s, v) = s1.api("GET", "/api/v1/persons/px5", None)?;
+        anyhow::ensure!(s == 200, "{s} {v}");
+        if v["location"]["shelter_id"] == json!("shelter-02")
+            && v["location"]["status"] == json!("out")
+        {
+            anyhow::ensure!(
+                v["location"]["conflict"] == json!(false),
+                "a transfer became a conflict: {v}"
+            );
+            break;
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("shelter-01 never saw the transfer and check-out: {v}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    b.c.close_window().await?;
+    b.c.switch_to_window(back).await?;
     Ok(())
 }
 

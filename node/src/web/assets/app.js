@@ -241,8 +241,15 @@
 
     let busy = false;
     async function act(kind) {
-      const ids = selected();
+      let ids = selected();
       const out = $("intake-result");
+      if (kind === "transfer") {
+        // Only those checked in at another shelter move here.
+        ids = ids.filter((id) => {
+          const m = members.find((x) => x.person_id === id);
+          return m && m.location && m.location.status === "in" && m.location.shelter_id !== SHELTER;
+        });
+      }
       if (!ids.length) { show(out, T("select_someone"), true); return; }
       if (busy) return;
       busy = true;
@@ -250,17 +257,12 @@
       try {
         let done = 0, already = 0;
         if (kind === "transfer") {
-          const by = {};
-          for (const id of ids) {
-            const m = members.find((x) => x.person_id === id);
-            const from = m && m.location && m.location.status === "in" ? m.location.shelter_id : "";
-            if (from && from !== SHELTER) (by[from] = by[from] || []).push(id);
-          }
-          for (const from of Object.keys(by)) {
-            const r = await api("POST", "/api/v1/transfers",
-              { person_ids: by[from], from_shelter: from, to_shelter: SHELTER, op_id: opId() });
-            done += r.event_ids.length; already += r.already.length;
-          }
+          // A shelter records presence only for itself: the arrival from
+          // another shelter is a check-in here. It follows the other
+          // shelter's check-in in the person's history, so the move is an
+          // ordered one, never a conflict.
+          const r = await api("POST", "/api/v1/checkins", { person_ids: ids, op_id: opId() });
+          done = r.event_ids.length; already = r.already.length;
         } else {
           const r = await api("POST", kind === "checkin" ? "/api/v1/checkins" : "/api/v1/checkouts",
             { person_ids: ids, op_id: opId() });
