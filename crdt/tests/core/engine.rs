@@ -1680,7 +1680,11 @@ fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
     // The refusal is not a violation: an honest peer dialing while its old
     // session is torn down is not backed off, so once one of its sessions
     // ends it is served again at once.
-    net.nodes[1].handle(Input::Disconnected { session: 900 }, now(net.now), &mut net.rng);
+    net.nodes[1].handle(
+        Input::Disconnected { session: 900 },
+        now(net.now),
+        &mut net.rng,
+    );
     net.nodes[1].handle(
         Input::Connected {
             session: 903,
@@ -1691,7 +1695,10 @@ fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
         now(net.now),
         &mut net.rng,
     );
-    assert!(net.nodes[1].has_session(903), "a third dial backed the peer off");
+    assert!(
+        net.nodes[1].has_session(903),
+        "a third dial backed the peer off"
+    );
 }
 
 #[test]
