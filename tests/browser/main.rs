@@ -330,6 +330,16 @@ async fn steps(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     Ok(())
 }
 
+/// Waits for `person` among the search results and opens them.
+async fn open_found(b: &Browser, person: &str) -> Result<()> {
+    let button = format!("#search-results li[data-person={person}] button");
+    b.c.execute("window.__found = arguments[0];", vec![json!(button)])
+        .await?;
+    b.wait_js("found", "return document.querySelector(window.__found);")
+        .await?;
+    b.click(&button).await
+}
+
 /// RFC 4648 base32 (no padding), as in an otpauth:// URI.
 fn base32_decode(s: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -482,13 +492,7 @@ async fn transfer_and_checkout(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     b.fill("#q", "スズキ").await?;
     b.fill("#birth", "1990-02-03").await?;
     b.click("#search-form button[type=submit]").await?;
-    b.wait_js(
-        "found",
-        "return document.querySelector('#search-results li[data-person=px5] button');",
-    )
-    .await?;
-    b.click("#search-results li[data-person=px5] button")
-        .await?;
+    open_found(b, "px5").await?;
     b.wait_js(
         "in at the other shelter",
         "const w = document.querySelector('#members li[data-person=px5] .where'); \
@@ -942,13 +946,7 @@ async fn ambulance(
     sign_in_link(b, amb, "crew-2").await?;
     b.fill("#q", "スズキ").await?;
     b.click("#search-form button[type=submit]").await?;
-    b.wait_js(
-        "found",
-        "return document.querySelector('#search-results li[data-person=px5] button');",
-    )
-    .await?;
-    b.click("#search-results li[data-person=px5] button")
-        .await?;
+    open_found(b, "px5").await?;
     for (i, p) in PAYLOADS.iter().enumerate() {
         b.js("document.getElementById('bg-sec').hidden = false; document.getElementById('bg-banner').textContent = ''; const r = document.getElementById('medical-result'); r.textContent = ''; r.className = 'result';")
             .await?;
@@ -975,13 +973,7 @@ async fn clinic(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     sign_in_link(b, cl, "desk").await?;
     b.fill("#q", "さとう").await?;
     b.click("#search-form button[type=submit]").await?;
-    b.wait_js(
-        "found",
-        "return document.querySelector('#search-results li[data-person=px4] button');",
-    )
-    .await?;
-    b.click("#search-results li[data-person=px4] button")
-        .await?;
+    open_found(b, "px4").await?;
     b.js("document.getElementById('reason').value = 'clinic_care';")
         .await?;
     b.click("#reason-form button[type=submit]").await?;
@@ -1006,13 +998,7 @@ async fn clinic(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     sign_in_link(b, cl, "nurse-2").await?;
     b.fill("#q", "さとう").await?;
     b.click("#search-form button[type=submit]").await?;
-    b.wait_js(
-        "found",
-        "return document.querySelector('#search-results li[data-person=px4] button');",
-    )
-    .await?;
-    b.click("#search-results li[data-person=px4] button")
-        .await?;
+    open_found(b, "px4").await?;
     b.click("#reason-form button[type=submit]").await?;
     b.wait_js(
         "the profile",
@@ -1056,13 +1042,7 @@ async fn partition(
     b.fill("#q", "イトウ マコト").await?;
     b.fill("#birth", "").await?;
     b.click("#search-form button[type=submit]").await?;
-    b.wait_js(
-        "found",
-        "return document.querySelector('#search-results li[data-person=px7] button');",
-    )
-    .await?;
-    b.click("#search-results li[data-person=px7] button")
-        .await?;
+    open_found(b, "px7").await?;
     b.wait_js(
         "opened",
         "return document.querySelectorAll('#members li').length === 1;",
