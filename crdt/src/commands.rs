@@ -524,6 +524,19 @@ impl<S: Store> Commands<'_, S> {
         r
     }
 
+    /// The resident registry, write-once like the other imports.
+    fn import(
+        &mut self,
+        txn: &mut Txn,
+        households: Vec<Household>,
+        now: Now,
+    ) -> Result<Reply, CommandError> {
+        self.r.write_once = true;
+        let r = self.import_households(txn, households, now);
+        self.r.write_once = false;
+        r
+    }
+
     fn import_records_once(
         &mut self,
         txn: &mut Txn,
@@ -640,7 +653,7 @@ impl<S: Store> Commands<'_, S> {
         })
     }
 
-    fn import(
+    fn import_households(
         &mut self,
         txn: &mut Txn,
         households: Vec<Household>,

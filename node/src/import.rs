@@ -553,8 +553,10 @@ pub fn batches(households: &[Household]) -> Vec<&[Household]> {
 /// A stable op id per (data set, file content, batch): re-running the
 /// same import replays recorded results instead of writing twice. (The
 /// registry keeps the op ids it had before the other data sets existed.)
-pub fn batch_op_id(dataset: &str, file: &[u8], batch: usize) -> String {
-    let h = blake3::hash(file).to_hex();
+/// `file_hash` is the file's BLAKE3 hash, taken once per import (hashing
+/// the whole file per batch made the hashing quadratic in its size).
+pub fn batch_op_id(dataset: &str, file_hash: &blake3::Hash, batch: usize) -> String {
+    let h = file_hash.to_hex();
     match dataset {
         "registry" => format!("import-{}-{batch}", &h[..24]),
         d => format!("import-{d}-{}-{batch}", &h[..24]),
@@ -723,12 +725,13 @@ pub fn import_dataset<D: Dataset>(
     let records: Vec<D::Item> = items.into_iter().map(|(_, i)| i).collect();
     let driver = Driver::start(store, ecfg)?;
     let batches: Vec<&[D::Item]> = records.chunks(D::BATCH).collect();
+    let file_hash = blake3::hash(&bytes);
     let pb = progress(records.len() as u64, &format!("importing {}", D::NAME));
     let mut landed = 0usize;
     let mut failure = None;
     for (i, b) in batches.iter().enumerate() {
         let r = driver.command_blocking(
-            batch_op_id(D::NAME, &bytes, i),
+            batch_op_id(D::NAME, &file_hash, i),
             Operator(format!("{}-import", D::NAME)),
             D::command(b.to_vec()),
         );

@@ -2790,3 +2790,33 @@ fn a_graft_of_documents_we_do_not_hold_queues_nothing() {
         "grafted documents not held were queued"
     );
 }
+
+/// A registry import is write-once: the document its first entry for a
+/// household creates leaves the cache at once, its change waiting in the
+/// replica until the commit. A second entry for the same household in the
+/// same import must change that document, not create a second one: one
+/// head, the second entry's value, and a replica that loads after a
+/// restart.
+#[test]
+fn a_household_given_twice_in_one_import_is_one_document() {
+    let mut net = Net::new(&[("hq-1", Role::Hq)]);
+    let first = household(0, 1);
+    let mut second = household(1, 1);
+    second.household_id = first.household_id.clone();
+    net.cmd(
+        0,
+        "imp",
+        Command::ImportHouseholds {
+            households: vec![first, second],
+        },
+    )
+    .unwrap();
+    let key = DocKey::new(Kind::Registry, "h0").unwrap();
+    let cfg = net.nodes[0].config().clone();
+    let store = net.nodes.remove(0).into_store();
+    let mut hq = Engine::open(store, cfg, now(T0 + 1)).unwrap();
+    let doc = hq.doc(&key).unwrap().expect("stored");
+    assert_eq!(doc.heads().len(), 1);
+    let h: Household = doc.get("household").unwrap().expect("a household");
+    assert_eq!(h.members[0].person_id, "p1-0");
+}
