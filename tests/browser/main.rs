@@ -6,20 +6,30 @@
 //!
 //! 1. sign-in: refusals, a staff card tap plus PIN;
 //! 2. a resident card tap opens the household, check-in, the hq dashboard
-//!    (open in another tab) updates without a reload; a second tap does
-//!    nothing twice;
-//! 3. cardless search, registration, the roster and its print view;
+//!    (open in another tab) updates without a reload: occupancy against
+//!    capacity, arrivals chart, last sync and staleness, a district's
+//!    unaccounted residents, the family-mail outbox (a relay on loopback
+//!    that sends, refuses and cuts), mesh health with a revoked tablet,
+//!    find a person; a second tap does nothing twice;
+//! 3. cardless search, registration, the roster and its print view (print
+//!    media emulated: no navigation or buttons, A4; saved as a PDF);
 //! 4. script-injection payloads in every text field render as text;
 //! 5. the shelter cannot read medical profiles;
-//! 6. ambulance: tap, reason, profile; break-glass flagged and reviewed at hq;
+//! 6. ambulance: tap, reason, profile, the printed handover (the profile
+//!    alone, one page, saved as a PDF); break-glass flagged and reviewed at hq;
 //! 7. clinic: profile editing and the eligibility view;
 //! 8. a partition: hq down, the same person checked in at both shelters,
-//!    the conflict shown at hq and on the roster after hq returns;
+//!    the conflict shown at hq and on the roster after hq returns; a
+//!    shelter cut off shown at hq;
 //! 9. session, CSRF, Origin and Host refusals with the browser's cookie;
 //!    sessions end when the operator is removed or rotated;
-//! 10. phone and desktop sizes, the English switch.
+//! 10. phone and desktop sizes, the English switch; keyboard only: a desk
+//!    check-in with Tab, Shift+Tab, Enter and Space, the focus visible at
+//!    every stop;
+//! 11. a password with a one-time code, sign-out; 12. transfer, check-out.
 //!
-//! Screenshots of every screen go to `target/screenshots/` (and to
+//! Screenshots of every screen, and the printed roster and handover as
+//! PDFs, go to `target/screenshots/` (screenshots also to
 //! `docs/screenshots/` with `KIZUNA_UPDATE_DOCS=1`). Needs Debian's
 //! `chromium`, `chromium-driver`, `fonts-noto-cjk`, pcscd and vpcd
 //! (deploy/scripts/setup.sh). It uses the machine's one virtual card
@@ -240,6 +250,14 @@ async fn run() -> Result<()> {
         mesh.node("shelter-02")
             .add_operator("desk-2", Some(PASSWORD))?;
     }
+    // Headquarters sends family mail through a relay on loopback.
+    let relay = FakeSmtp::start()?;
+    {
+        let hq = mesh.node("hq-1");
+        let mut cfg = std::fs::read_to_string(&hq.config)?;
+        cfg.push_str(&relay.config());
+        std::fs::write(&hq.config, cfg)?;
+    }
     for n in mesh.nodes.iter_mut() {
         n.start()?;
     }
@@ -270,6 +288,23 @@ async fn run() -> Result<()> {
         ),
     )?;
     anyhow::ensure!(s == 201, "eligibility: {s} {r}");
+    // 山田 太郎's family, one contact for each way a mail can end: sent,
+    // refused for good, refused for now (retried), and sent without an
+    // acknowledgement (indeterminate).
+    let contacts: Vec<_> = ["ok", "fail", "later", "cut"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            json!({"contact_id": format!("c{i}"), "name": format!("山田 家族{i}"),
+                   "email": format!("family{i}+{k}@example.org"), "consent": true})
+        })
+        .collect();
+    let (s, r) = hq.api(
+        "PUT",
+        "/api/v1/persons/px1/contacts",
+        Some(json!({"contacts": contacts, "disclosure": {"do_not_disclose": false, "share_shelter": true}})),
+    )?;
+    anyhow::ensure!(s == 201, "contacts px1: {s} {r}");
     // Every node has the registry and the profiles it may hold.
     for id in ["shelter-01", "shelter-02", "ambulance-1", "clinic-1"] {
         let n = mesh.node(id);
@@ -321,6 +356,7 @@ async fn steps(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     sizes_and_language(b, mesh, &hq_window)
         .await
         .context("10 sizes and language")?;
+    keyboard_only(b, mesh).await.context("10b keyboard only")?;
     second_factor_and_logout(b, mesh)
         .await
         .context("11 password with a one-time code, and sign-out")?;
@@ -338,6 +374,83 @@ async fn open_found(b: &Browser, person: &str) -> Result<()> {
     b.wait_js("found", "return document.querySelector(window.__found);")
         .await?;
     b.click(&button).await
+}
+
+/// A desk task with the keyboard alone (WebDriver key actions, no
+/// clicks), from the top of a fresh page: Tab to the search, type the kana,
+/// Enter; Tab to the result, Enter; Space unticks the person, the check-in
+/// refuses with nobody ticked; Shift+Tab back, Space ticks them again, Tab
+/// to the check-in and Space. Every stop of the focus shows it without
+/// relying on colour, and after the check-in the focus is where it was.
+async fn keyboard_only(b: &Browser, mesh: &mut Mesh) -> Result<()> {
+    use fantoccini::key::Key;
+    let s1 = mesh.node("shelter-01");
+    b.c.goto(&format!("{}/ui/", s1.base())).await?;
+    b.wait_js(
+        "the desk",
+        "return document.body.dataset.screen === 'shelter' && document.querySelectorAll('#roster tbody tr').length > 0;",
+    )
+    .await?;
+    let (s, v) = s1.api("GET", "/api/v1/persons/px6", None)?;
+    anyhow::ensure!(s == 200 && v["location"].is_null(), "px6 before: {s} {v}");
+    b.tab_to("#q", false, 30).await?;
+    let mut typed: Vec<char> = "タカハシ ヨウコ".chars().collect();
+    typed.push(key(Key::Enter));
+    b.keys(&typed).await?;
+    b.wait_js(
+        "the result",
+        "return document.getElementById('q').value === 'タカハシ ヨウコ' && document.querySelector('#search-results li[data-person=px6] button');",
+    )
+    .await?;
+    b.tab_to("#search-results li[data-person=px6] button", false, 30)
+        .await?;
+    b.keys(&[key(Key::Enter)]).await?;
+    b.wait_js(
+        "高橋 陽子 opened",
+        "const c = document.querySelector('#members input[data-person=px6]'); return c && c.checked && document.activeElement === c;",
+    )
+    .await?;
+    let f = b.focused("#members input[data-person=px6]").await?;
+    anyhow::ensure!(f["visible"] == json!(true), "focus not visible: {f}");
+    b.keys(&[key(Key::Space)]).await?;
+    b.wait_js(
+        "unticked",
+        "return !document.querySelector('#members input[data-person=px6]').checked;",
+    )
+    .await?;
+    b.tab_to("#do-checkin", false, 5).await?;
+    b.keys(&[key(Key::Enter)]).await?;
+    b.wait_js(
+        "nobody ticked",
+        "return document.getElementById('intake-result').textContent.includes('1人以上選んでください');",
+    )
+    .await?;
+    b.tab_to("#members input[data-person=px6]", true, 5).await?;
+    b.keys(&[key(Key::Space)]).await?;
+    b.tab_to("#do-checkin", false, 5).await?;
+    b.keys(&[key(Key::Space)]).await?;
+    b.wait_js(
+        "checked in",
+        "return document.getElementById('intake-result').textContent.includes('1 人をチェックインしました') \
+           && (document.body.dataset.membersRefreshing || '0') === '0' \
+           && document.querySelector('#members li[data-person=px6] .where').textContent.includes('この避難所');",
+    )
+    .await?;
+    let (s, v) = s1.api("GET", "/api/v1/persons/px6", None)?;
+    anyhow::ensure!(
+        s == 200
+            && v["location"]["shelter_id"] == json!("shelter-01")
+            && v["location"]["status"] == json!("in"),
+        "px6 after the keyboard check-in: {s} {v}"
+    );
+    // The focus stayed on the button (not thrown back to the page top).
+    let f = b.focused("#do-checkin").await?;
+    anyhow::ensure!(
+        f["matches"] == json!(true) && f["visible"] == json!(true),
+        "focus after the check-in: {f}"
+    );
+    b.screenshot_at("shelter-keyboard", "#intake").await?;
+    Ok(())
 }
 
 /// RFC 4648 base32 (no padding), as in an otpauth:// URI.
@@ -629,6 +742,50 @@ async fn tap_and_check_in(b: &Browser, mesh: &mut Mesh) -> Result<fantoccini::wd
         .js("return Number(document.body.dataset.occupancy);")
         .await?;
     anyhow::ensure!(before == json!(0), "occupancy before: {before}");
+    // The panels before anyone arrived: both shelters empty and never
+    // synced (flagged), no arrivals, 旭町's residents all unaccounted
+    // (山田 太郎 among them), no mail, every node connected.
+    b.wait_js(
+        "the empty shelters",
+        "const r = (id) => document.querySelector('#shelters tbody tr[data-shelter=' + id + ']'); \
+         return ['shelter-01', 'shelter-02'].every((id) => r(id) && r(id).querySelector('.occ').textContent === '0' \
+         && r(id).textContent.includes('0 / 300') && r(id).classList.contains('stale') && r(id).textContent.includes('未同期'));",
+    )
+    .await?;
+    b.wait_js(
+        "the arrivals chart",
+        "return document.querySelector('#arrivals-chart svg');",
+    )
+    .await?;
+    let arrivals = b.js(ARRIVALS_JS).await?;
+    anyhow::ensure!(
+        arrivals == json!(0),
+        "arrivals before any check-in: {arrivals}"
+    );
+    let asahi = b.wait_js("旭町's row", DISTRICT_JS).await?;
+    let (residents, accounted) = (
+        asahi["residents"].as_i64().unwrap_or(-1),
+        asahi["accounted"].as_i64().unwrap_or(-1),
+    );
+    anyhow::ensure!(
+        residents >= 3 && asahi["unaccounted"].as_i64() == Some(residents - accounted),
+        "旭町 before: {asahi}"
+    );
+    b.click("#districts tbody tr[data-district=旭町] button")
+        .await?;
+    b.wait_js(
+        "旭町's unaccounted",
+        "return ['px1', 'px2', 'px3'].every((p) => document.querySelector('#unaccounted-list li[data-person=' + p + ']'));",
+    )
+    .await?;
+    b.wait_js(
+        "every node connected",
+        "return ['shelter-01', 'shelter-02', 'ambulance-1', 'clinic-1'].every((n) => { \
+         const li = document.querySelector('#peers li[data-node=' + n + ']'); return li && li.textContent.includes('● 接続中'); }) \
+         && document.getElementById('mesh-violations').textContent === '0' \
+         && document.getElementById('mesh-quarantined').textContent === '0';",
+    )
+    .await?;
 
     b.c.switch_to_window(shelter_window.clone()).await?;
     b.wait_js(
@@ -667,6 +824,100 @@ async fn tap_and_check_in(b: &Browser, mesh: &mut Mesh) -> Result<fantoccini::wd
         "return Number(document.body.dataset.occupancy) === 3 && window.__notReloaded === true;",
     )
     .await?;
+    // Every panel shows what the desk just did.
+    b.wait_js(
+        "shelter-01 at 3 of 300, synced just now",
+        "const r = (id) => document.querySelector('#shelters tbody tr[data-shelter=' + id + ']'); const a = r('shelter-01'), b = r('shelter-02'); \
+         return a.querySelector('.occ').textContent === '3' && a.textContent.includes('3 / 300') && a.querySelector('meter').value === 3 \
+         && !a.classList.contains('stale') && /[0-9]+ 分前/.test(a.textContent) \
+         && b.querySelector('.occ').textContent === '0' && b.classList.contains('stale');",
+    )
+    .await?;
+    b.wait_js(
+        "3 arrivals on the chart",
+        &format!("return (() => {{ {ARRIVALS_JS} }})() === 3;"),
+    )
+    .await?;
+    b.c.execute(
+        "window.__want = arguments[0];",
+        vec![json!([residents, accounted + 3, residents - accounted - 3])],
+    )
+    .await?;
+    b.wait_js(
+            "旭町 with 3 more accounted for",
+            &format!(
+                "const d = (() => {{ {DISTRICT_JS} }})(); \
+                 return d && d.residents === window.__want[0] && d.accounted === window.__want[1] && d.unaccounted === window.__want[2];"
+        ),
+    )
+    .await?;
+    b.click("#districts tbody tr[data-district=旭町] button")
+        .await?;
+    b.wait_js(
+        "旭町's unaccounted without the 山田 household",
+        "const l = document.getElementById('unaccounted-list'); \
+         return l && l.querySelectorAll('li').length === window.__want[2] \
+         && ['px1', 'px2', 'px3'].every((p) => !l.querySelector('li[data-person=' + p + ']'));",
+    )
+    .await?;
+    // One arrival with four consented contacts: one mail each, ending as
+    // the relay decided, with the refusals' reasons.
+    b.wait_js(
+        "the outbox",
+        "const n = (s) => document.querySelector('#outbox-counts dd[data-status=' + s + ']').textContent; \
+         const t = document.querySelector('#outbox-failures tbody').textContent; \
+         return n('sent') === '1' && n('failed') === '1' && n('indeterminate') === '1' && n('pending') === '1' \
+         && document.getElementById('kpi-mail').textContent === '1 / 4' \
+         && t.includes('mailbox unavailable') && t.includes('try again later') && t.includes('不確定');",
+    )
+    .await?;
+    // Find a person: 山田 太郎 by hiragana, in at shelter-01.
+    b.fill("#q", "やまだ たろう").await?;
+    b.click("#search-form button[type=submit]").await?;
+    open_found(b, "px1").await?;
+    b.wait_js(
+        "山田 太郎 found in shelter-01",
+        "const li = document.querySelector('#search-results li[data-person=px1]'); \
+         return li && !li.querySelector('button') && li.textContent.includes('山田 太郎') && li.textContent.includes('在所 · shelter-01');",
+    )
+    .await?;
+    // Mesh health: a lost tablet's certificate revoked, its list loaded
+    // at headquarters.
+    b.wait_js(
+        "no node revoked",
+        "return document.getElementById('mesh-revoked').textContent === '0';",
+    )
+    .await?;
+    let ca = mesh.dir.path().join("ca");
+    let lost = crdt::NodeId::new("ambulance-9").unwrap();
+    certs::ca::issue_sealed_at(
+        &ca,
+        crdt::Role::Ambulance,
+        &lost,
+        &mesh.dir.path().join("ambulance-9"),
+        30,
+        time::OffsetDateTime::now_utc(),
+        None,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    certs::ca::revoke(&ca, &lost).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hq = mesh.node("hq-1");
+    let (s, r) = http_bytes(
+        hq.http,
+        "POST",
+        "/api/v1/crl",
+        &[
+            ("Authorization", &format!("Bearer {}", hq.token)),
+            ("Content-Type", "application/pkix-crl"),
+        ],
+        &std::fs::read(ca.join("crl.der"))?,
+    )?;
+    anyhow::ensure!(s == 200, "loading the revocation list: {s} {r}");
+    b.wait_js(
+        "one node revoked",
+        "return document.getElementById('mesh-revoked').textContent === '1';",
+    )
+    .await?;
     b.screenshot("hq-dashboard").await?;
 
     // A second tap of the same card: everyone is already here.
@@ -687,6 +938,29 @@ async fn tap_and_check_in(b: &Browser, mesh: &mut Mesh) -> Result<fantoccini::wd
     anyhow::ensure!(rows == json!(3), "roster after a second tap: {rows}");
     Ok(hq_window)
 }
+
+/// The page as printed: whether print media is in force, the controls
+/// and navigation still visible (there should be none), and whether an
+/// `@page` rule for print asks for A4.
+const PRINTED_JS: &str = "const vis = (e) => e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden'; \
+     const controls = Array.from(document.querySelectorAll('header, nav, button, a, input, select, textarea, form')) \
+       .filter(vis).map((e) => e.outerHTML.slice(0, 80)); \
+     let a4 = false; \
+     for (const sh of document.styleSheets) for (const r of sh.cssRules) \
+       if (r instanceof CSSMediaRule && r.media.mediaText.includes('print')) \
+         for (const q of r.cssRules) if (q instanceof CSSPageRule && /^A4\\b/i.test(q.style.getPropertyValue('size'))) a4 = true; \
+     return {print: matchMedia('print').matches, controls: controls, a4: a4};";
+
+/// The total of the arrivals chart's bars (each bar's title ends in its
+/// count), or null before it is drawn.
+const ARRIVALS_JS: &str = "const bars = document.querySelectorAll('#arrivals-chart svg rect.bar'); \
+     if (!document.querySelector('#arrivals-chart svg')) return null; \
+     return Array.from(bars).reduce((a, r) => a + Number(r.querySelector('title').textContent.split(': ').pop()), 0);";
+
+/// The 旭町 row of the districts table as numbers, or null.
+const DISTRICT_JS: &str = "const r = document.querySelector('#districts tbody tr[data-district=旭町]'); \
+     if (!r) return null; const c = r.querySelectorAll('td.num'); \
+     return {residents: Number(c[0].textContent), accounted: Number(c[1].textContent), unaccounted: Number(c[2].textContent)};";
 
 async fn cardless(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     let _ = mesh;
@@ -775,6 +1049,18 @@ async fn cardless(b: &Browser, mesh: &mut Mesh) -> Result<()> {
     )
     .await?;
     b.screenshot("roster-print").await?;
+    // Printed: only the title, the count and the table, on A4.
+    let printed = b.as_printed(PRINTED_JS).await?;
+    anyhow::ensure!(
+        printed["print"] == json!(true)
+            && printed["controls"] == json!([])
+            && printed["a4"] == json!(true),
+        "the roster as printed: {printed}"
+    );
+    let rows = b.as_printed("return Array.from(document.querySelectorAll('table.print-roster tbody tr')).filter((r) => r.getClientRects().length).length;").await?;
+    anyhow::ensure!(rows == json!(5), "printed rows: {rows}");
+    let pdf = b.print_pdf("roster-print").await?;
+    anyhow::ensure!(pdf_pages(&pdf) == 1, "roster pages: {}", pdf_pages(&pdf));
     b.c.goto(base.join("/ui/")?.as_str()).await?;
     b.wait_js("the desk", "return document.body.dataset.screen === 'shelter' && document.querySelectorAll('#roster tbody tr').length === 5;").await?;
     Ok(())
@@ -929,6 +1215,39 @@ async fn ambulance(
     let blood = b.text("#blood-type").await?;
     anyhow::ensure!(blood == "A+", "{blood}");
     b.screenshot_at("ambulance-profile", "#profile-sec").await?;
+    // The handover for the hospital, as printed: the profile alone, no
+    // navigation, buttons or forms, on one page.
+    let printed = b.as_printed(PRINTED_JS).await?;
+    anyhow::ensure!(
+        printed["print"] == json!(true) && printed["controls"] == json!([]),
+        "the handover as printed: {printed}"
+    );
+    let shown = b
+        .as_printed(
+            "return Array.from(document.querySelectorAll('main .panel')).filter((p) => p.getClientRects().length).map((p) => p.id + ': ' + p.innerText);",
+        )
+        .await?;
+    let shown = shown.as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(
+        shown.len() == 1 && {
+            let t = shown[0].as_str().unwrap_or("");
+            t.starts_with("profile-sec: ")
+                && [
+                    "佐藤 健太",
+                    "A+",
+                    "ペニシリン",
+                    "高血圧",
+                    "アムロジピン",
+                    "三条内科医院",
+                    "佐藤 花子",
+                ]
+                .iter()
+                .all(|w| t.contains(w))
+        },
+        "the handover as printed shows: {shown:?}"
+    );
+    let pdf = b.print_pdf("ambulance-handover").await?;
+    anyhow::ensure!(pdf_pages(&pdf) == 1, "handover pages: {}", pdf_pages(&pdf));
     // No consent recorded: refused, then break-glass.
     {
         let _card = Card::tap(1, CARD_C)?;
@@ -1065,6 +1384,27 @@ async fn partition(
     b.wait_js("the conflicts queue", "return document.querySelector('#conflicts li[data-person=px7]') && document.getElementById('kpi-conflicts').textContent === '1';").await?;
     b.wait_js("names in the queue", "return document.querySelector('#conflicts li[data-person=px7]').textContent.includes('伊藤 誠');").await?;
     b.screenshot_at("hq-conflict", "#districts-sec").await?;
+    // shelter-02's check-in while cut off reached the shelters table; then
+    // shelter-02 is cut off itself, and headquarters shows it.
+    b.wait_js(
+        "shelter-02 with 1, synced",
+        "const r = document.querySelector('#shelters tbody tr[data-shelter=shelter-02]'); \
+         return r && r.querySelector('.occ').textContent === '1' && !r.classList.contains('stale');",
+    )
+    .await?;
+    mesh.node("shelter-02").stop();
+    b.wait_js(
+        "shelter-02 cut off",
+        "const li = document.querySelector('#peers li[data-node=shelter-02]'); \
+         return li && li.textContent.includes('○ 切断') && !li.textContent.includes('接続中');",
+    )
+    .await?;
+    mesh.node("shelter-02").start()?;
+    b.wait_js(
+        "shelter-02 back",
+        "const li = document.querySelector('#peers li[data-node=shelter-02]'); return li && li.textContent.includes('● 接続中');",
+    )
+    .await?;
     Ok(())
 }
 

@@ -253,6 +253,10 @@
       if (!ids.length) { show(out, T("select_someone"), true); return; }
       if (busy) return;
       busy = true;
+      // The household is drawn anew after the action: a keyboard user's
+      // focus goes back to the button they pressed, not to the page top.
+      const pressed = document.activeElement && $("household").contains(document.activeElement)
+        ? document.activeElement.id : null;
       document.querySelectorAll("#household button").forEach((b) => { b.disabled = true; });
       try {
         let done = 0, already = 0;
@@ -278,6 +282,8 @@
       } finally {
         busy = false;
         document.querySelectorAll("#household button").forEach((b) => { b.disabled = false; });
+        const lost = !document.activeElement || document.activeElement === document.body;
+        if (pressed && lost && $(pressed)) $(pressed).focus();
       }
     }
 
@@ -538,7 +544,9 @@
     const row = (k, v, id) => { dl.appendChild(el("dt", null, k)); dl.appendChild(el("dd", { id: id || null }, String(v))); };
     row(T("hq.violations"), s.violations, "mesh-violations");
     row(T("hq.quarantined"), s.quarantined, "mesh-quarantined");
-    row(T("hq.revoked"), s.revoked === undefined || s.revoked === null ? "—" : s.revoked, "mesh-revoked");
+    // Certificates on the revocation list in force (GET /api/v1/status).
+    const revoked = s.revocation ? s.revocation.revoked : null;
+    row(T("hq.revoked"), revoked === undefined || revoked === null ? "—" : revoked, "mesh-revoked");
     const ul = clear($("peers"));
     for (const p of s.peers || []) {
       const stale = !p.connected && (!p.last_sync || minutesAgo(p.last_sync) >= STALE_MIN);
