@@ -740,6 +740,12 @@ impl<S: Store> Engine<S> {
         Ok(reply)
     }
 
+    /// Wall ms of the last presence change seen per shelter (the
+    /// staleness headquarters shows; see [`crate::queries::from_projections`]).
+    pub fn shelter_seen(&self) -> &BTreeMap<String, u64> {
+        &self.shelter_seen
+    }
+
     fn query(&mut self, q: Query) -> Result<QueryReply, CommandError> {
         crate::api::guard_individual_numbers(&q)?;
         Queries {

@@ -29,7 +29,7 @@ pub mod mailtext;
 pub mod model;
 #[cfg(feature = "mutants")]
 pub mod mutants;
-mod queries;
+pub mod queries;
 mod reconcile;
 mod replica;
 mod sessions;

@@ -27,6 +27,53 @@ use crate::text::{check_text, search_key, TextError};
 use crate::views;
 use std::collections::BTreeMap;
 
+/// The queries answered from the store's projection rows alone (and the
+/// shelters' last-seen times): `Shelters`, `Conflicts`, `Districts`,
+/// `Arrivals`. `None` for any other query. The engine answers them with
+/// this function, and so may a node's second, read-only connection to its
+/// store, so headquarters' dashboard is not queued behind the engine's
+/// sync work: the rows are those of the last commit either way.
+pub fn from_projections<S: Store + ?Sized>(
+    store: &S,
+    shelter_seen: &BTreeMap<String, u64>,
+    q: Query,
+) -> Option<Result<QueryReply, CommandError>> {
+    let answer = |q| -> Result<QueryReply, StoreError> {
+        Ok(match q {
+            Query::Shelters => {
+                let occ = store.occupancy()?;
+                QueryReply::Shelters(
+                    store
+                        .shelters()?
+                        .into_iter()
+                        .map(|s| ShelterView {
+                            occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0),
+                            last_sync: shelter_seen.get(&s.shelter_id).copied(),
+                            shelter: s,
+                        })
+                        .collect(),
+                )
+            }
+            Query::Conflicts => QueryReply::Conflicts(store.conflicts()?),
+            Query::Districts => QueryReply::Districts(store.district_counts()?),
+            // At least a minute: a bucket per millisecond is no chart.
+            Query::Arrivals { bucket_ms } => {
+                QueryReply::Arrivals(store.arrivals(bucket_ms.max(60_000))?)
+            }
+            _ => unreachable!("matched below"),
+        })
+    };
+    answers_from_projections(&q).then(|| answer(q).map_err(CommandError::from))
+}
+
+/// Whether [`from_projections`] answers `q`.
+pub fn answers_from_projections(q: &Query) -> bool {
+    matches!(
+        q,
+        Query::Shelters | Query::Conflicts | Query::Districts | Query::Arrivals { .. }
+    )
+}
+
 /// Queries over a borrowed replica and the parts beside it.
 pub(crate) struct Queries<'a, S: Store> {
     pub(crate) r: &'a mut Replica<S>,
@@ -160,22 +207,11 @@ impl<S: Store> Queries<'_, S> {
                     }
                 }
             }
-            Query::Shelters => {
-                let occ = self.r.store.occupancy()?;
-                QueryReply::Shelters(
-                    self.r
-                        .store
-                        .shelters()?
-                        .into_iter()
-                        .map(|s| ShelterView {
-                            occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0),
-                            last_sync: self.shelter_seen.get(&s.shelter_id).copied(),
-                            shelter: s,
-                        })
-                        .collect(),
-                )
+            q
+            @ (Query::Shelters | Query::Conflicts | Query::Districts | Query::Arrivals { .. }) => {
+                return from_projections(&self.r.store, self.shelter_seen, q)
+                    .expect("a projection query")
             }
-            Query::Conflicts => QueryReply::Conflicts(self.r.store.conflicts()?),
             Query::Evacuees {
                 shelter_id,
                 with_address,
@@ -238,7 +274,6 @@ impl<S: Store> Queries<'_, S> {
                 }
                 QueryReply::ShelterInfos(out)
             }
-            Query::Districts => QueryReply::Districts(self.r.store.district_counts()?),
             Query::Roster { shelter_id } => {
                 let shelter =
                     shelter_id
@@ -296,10 +331,6 @@ impl<S: Store> Queries<'_, S> {
                         .store
                         .unaccounted(&district, &after, limit.min(1000))?,
                 )
-            }
-            Query::Arrivals { bucket_ms } => {
-                // At least a minute: a bucket per millisecond is no chart.
-                QueryReply::Arrivals(self.r.store.arrivals(bucket_ms.max(60_000))?)
             }
             Query::Audit {
                 break_glass_only,

@@ -53,7 +53,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -128,9 +128,16 @@ pub struct DriverHandle {
     commit_seconds: Histogram,
     /// Times the engine was reopened after a panic.
     restarts: Counter,
+    /// The engine's last-seen time per shelter, as of its last batch.
+    seen: Arc<Mutex<Arc<BTreeMap<String, u64>>>>,
+    /// Read-only connections to the store, for the queries the
+    /// projections answer ([`DriverHandle::attach_readers`]).
+    readers: Arc<std::sync::OnceLock<Arc<Readers>>>,
     /// Test-only fault site: the next batch panics inside the guard.
     #[cfg(test)]
     panic_next_batch: Arc<std::sync::atomic::AtomicBool>,
+    #[cfg(test)]
+    hold_next_batch: Arc<(Mutex<u8>, std::sync::Condvar)>,
 }
 
 /// Buckets of the commit-time histogram, seconds: 0.5 ms .. ~4 s.
@@ -178,9 +185,13 @@ impl Driver {
         let t_commit = commit_seconds.clone();
         let restarts = Counter::default();
         let t_restarts = restarts.clone();
+        let seen = Arc::new(Mutex::new(Arc::new(BTreeMap::new())));
+        let t_seen = seen.clone();
         let faults = Faults::default();
         #[cfg(test)]
         let panic_next_batch = faults.panic_next_batch.clone();
+        #[cfg(test)]
+        let hold_next_batch = faults.hold_next_batch.clone();
         let thread = std::thread::Builder::new()
             .name("kizuna-engine".into())
             .spawn(move || {
@@ -207,6 +218,7 @@ impl Driver {
                     events: &t_events,
                     commit_seconds: &t_commit,
                     faults: &faults,
+                    seen: &t_seen,
                 };
                 loop {
                     match run(&mut engine, &ctx, &mut sessions) {
@@ -257,8 +269,12 @@ impl Driver {
                     clock: clock_state,
                     commit_seconds,
                     restarts,
+                    seen,
+                    readers: Arc::new(std::sync::OnceLock::new()),
                     #[cfg(test)]
                     panic_next_batch,
+                    #[cfg(test)]
+                    hold_next_batch,
                 })
             }
             Ok(Err(e)) => {
@@ -354,7 +370,37 @@ impl DriverHandle {
             .map_err(|_| engine_stopped())?
     }
 
+    /// Answers the queries the store's projections answer
+    /// ([`crdt::queries::from_projections`]: shelters, conflicts,
+    /// districts, arrivals) on read-only connections to the store at
+    /// `path` (opened with `opts`, read-only, as needed: one per query in
+    /// flight) instead of the engine thread. Headquarters' dashboard then
+    /// does not wait behind the engine's sync work, and a slow query (a
+    /// million residents' districts) does not hold up the others. The rows
+    /// are those of the last commit, as the engine's own answer would be.
+    pub fn attach_readers(&self, path: &std::path::Path, opts: &crate::store::OpenOptions) {
+        let opts = crate::store::OpenOptions {
+            read_only: true,
+            quick_check: false,
+            ..opts.clone()
+        };
+        let _ = self.readers.set(Arc::new(Readers {
+            path: path.to_path_buf(),
+            opts,
+            idle: Mutex::new(Vec::new()),
+        }));
+    }
+
     pub async fn query(&self, query: Query) -> Result<QueryReply, DriverError> {
+        if let Some(readers) = self.readers.get() {
+            if crdt::queries::answers_from_projections(&query) {
+                let readers = readers.clone();
+                let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                return tokio::task::spawn_blocking(move || readers.answer(&seen, query))
+                    .await
+                    .map_err(|_| DriverError::Stopped)?;
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Query { query, reply })
@@ -446,6 +492,10 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 struct Faults {
     #[cfg(test)]
     panic_next_batch: Arc<std::sync::atomic::AtomicBool>,
+    /// Test-only: the next batch waits here (state 1 asked, 2 holding)
+    /// until a test sets 0.
+    #[cfg(test)]
+    hold_next_batch: Arc<(Mutex<u8>, std::sync::Condvar)>,
 }
 
 impl Faults {
@@ -458,6 +508,48 @@ impl Faults {
         {
             panic!("injected engine panic (test)");
         }
+        #[cfg(test)]
+        {
+            let (state, cv) = &*self.hold_next_batch;
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            if *st == 1 {
+                *st = 2;
+                cv.notify_all();
+                while *st != 0 {
+                    st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+    }
+}
+
+/// Read-only connections for [`DriverHandle::attach_readers`]: the idle
+/// ones are kept for the next query.
+struct Readers {
+    path: std::path::PathBuf,
+    opts: crate::store::OpenOptions,
+    idle: Mutex<Vec<SqliteStore>>,
+}
+
+impl Readers {
+    fn answer(
+        &self,
+        seen: &BTreeMap<String, u64>,
+        query: Query,
+    ) -> Result<QueryReply, DriverError> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let store = match idle {
+            Some(s) => s,
+            None => SqliteStore::open_with(&self.path, &self.opts)
+                .map_err(|e| DriverError::Query(CommandError::Storage(e)))?,
+        };
+        let answer = crdt::queries::from_projections(&store, seen, query)
+            .expect("answers_from_projections said so");
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(store);
+        answer.map_err(DriverError::Query)
     }
 }
 
@@ -469,6 +561,7 @@ struct RunCtx<'a> {
     events: &'a broadcast::Sender<UiEvent>,
     commit_seconds: &'a Histogram,
     faults: &'a Faults,
+    seen: &'a Mutex<Arc<BTreeMap<String, u64>>>,
 }
 
 enum RunEnd {
@@ -492,6 +585,7 @@ fn run(
         events,
         commit_seconds,
         faults,
+        seen,
     } = ctx;
     let mut rng = ChaCha20Rng::from_entropy();
     let tick = Duration::from_millis(TICK_MS);
@@ -570,6 +664,11 @@ fn run(
             if engine.stats().commits != commits {
                 commit_seconds.observe(started.elapsed().as_secs_f64());
             }
+            let mut published = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if **published != *engine.shelter_seen() {
+                *published = Arc::new(engine.shelter_seen().clone());
+            }
+            drop(published);
             route(outs, &mut pending, &mut query_replies, sinks, events);
         }
         debug_assert!(query_replies.is_empty(), "every query is answered");
@@ -751,5 +850,66 @@ mod tests {
         let docs = crdt::store::Store::doc_index(&store).unwrap();
         let shelters = docs.iter().filter(|(k, _)| k.kind == crdt::Kind::Shelter);
         assert_eq!(shelters.count(), 3);
+    }
+
+    /// Headquarters' dashboard queries (shelters, conflicts, districts,
+    /// arrivals) are answered on the read-only connection while the engine
+    /// thread is busy inside a batch (held there by a test-only fault
+    /// site), and they see every write acknowledged before. Without the
+    /// reader the query waits in the held batch and this test fails at its
+    /// deadline.
+    #[test]
+    fn dashboard_queries_are_answered_while_the_engine_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::store::DB_FILE_NAME);
+        let store = SqliteStore::open(&path).unwrap();
+        let h = Driver::start(
+            store,
+            EngineConfig::for_tests(NodeId::new("hq-1").unwrap(), Role::Hq),
+        )
+        .unwrap();
+        h.attach_readers(&path, &crate::store::OpenOptions::default());
+        assert!(put_shelter(&h, "a").is_ok());
+        assert!(put_shelter(&h, "b").is_ok());
+        // Hold the engine inside its next batch (the tick brings one).
+        let (state, cv) = &*h.hold_next_batch;
+        *state.lock().unwrap() = 1;
+        let mut st = state.lock().unwrap();
+        while *st != 2 {
+            st = cv.wait(st).unwrap();
+        }
+        drop(st);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let deadline = Duration::from_secs(60);
+        for q in [
+            Query::Shelters,
+            Query::Conflicts,
+            Query::Districts,
+            Query::Arrivals { bucket_ms: 60_000 },
+        ] {
+            let name = format!("{q:?}");
+            let answer = rt
+                .block_on(async { tokio::time::timeout(deadline, h.query(q)).await })
+                .unwrap_or_else(|_| panic!("{name} waited for the busy engine"));
+            match answer.unwrap() {
+                QueryReply::Shelters(v) => {
+                    let ids: Vec<_> = v.iter().map(|s| s.shelter.shelter_id.as_str()).collect();
+                    assert_eq!(ids, ["s-a", "s-b"], "both acknowledged shelters");
+                }
+                QueryReply::Conflicts(v) => assert!(v.is_empty()),
+                QueryReply::Districts(v) => assert!(v.is_empty()),
+                QueryReply::Arrivals(v) => assert!(v.is_empty()),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The engine's own queries still wait for it.
+        *state.lock().unwrap() = 0;
+        cv.notify_all();
+        assert!(rt.block_on(h.query(Query::Status)).is_ok());
+        h.shutdown().unwrap();
     }
 }

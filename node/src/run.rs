@@ -99,18 +99,19 @@ pub fn run(config: &Path) -> Result<(), Exit> {
         tracing::warn!(path = %p.display(), "group/other access removed (data directory 0700, files 0600)");
     }
     let lock = DataDirLock::acquire(&cfg.data_dir)?;
-    let store = SqliteStore::open_checked(
-        &cfg.data_dir.join(DB_FILE_NAME),
-        &crate::store::OpenOptions {
-            key: storage_key.filter(|_| encrypt),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| Exit::bad_input(e.to_string()))?;
+    let store_opts = crate::store::OpenOptions {
+        key: storage_key.filter(|_| encrypt),
+        ..Default::default()
+    };
+    let store = SqliteStore::open_checked(&cfg.data_dir.join(DB_FILE_NAME), &store_opts)
+        .map_err(|e| Exit::bad_input(e.to_string()))?;
     tracing::info!(encrypted = encrypt, "store open");
     let (revocation, peer_trust) = load_revocation(&cfg, &creds)?;
     let trust = certs::tls::engine_trust(&creds, peer_trust.clone()).map_err(Exit::bad_input)?;
     let driver = Driver::start(store, cfg.engine_config(node_id.clone(), role, trust))?;
+    // The screens' projection queries read on connections of their own
+    // (the file is now current and in WAL mode).
+    driver.attach_readers(&cfg.data_dir.join(DB_FILE_NAME), &store_opts);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -76,13 +76,22 @@ pub fn kizuna(args: &[&str], stdin: &str) -> Result<String> {
 }
 
 /// Polls `f` until it yields a value or `DEADLINE` passes.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> Result<T> {
+    wait_for_long(what, DEADLINE, f)
+}
+
+/// [`wait_for`] with its own deadline (benchmarks at scale).
+pub fn wait_for_long<T>(
+    what: &str,
+    deadline: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return Ok(v);
         }
-        if start.elapsed() > DEADLINE {
+        if start.elapsed() > deadline {
             bail!("timed out waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -181,6 +190,13 @@ impl NodeProc {
     }
 
     pub fn start(&mut self) -> Result<()> {
+        self.start_within(DEADLINE)
+    }
+
+    /// [`NodeProc::start`], waiting up to `deadline` for the node to
+    /// answer (a store of a million residents opens in more than a minute
+    /// on a busy machine).
+    pub fn start_within(&mut self, deadline: Duration) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -195,7 +211,7 @@ impl NodeProc {
             .spawn()?;
         self.child = Some(child);
         let (port, token) = (self.http, self.token.clone());
-        wait_for(&format!("{} to answer", self.id), || {
+        wait_for_long(&format!("{} to answer", self.id), deadline, || {
             match api(port, &token, "GET", "/api/v1/status", None) {
                 Ok((200, _)) => Some(()),
                 _ => None,
@@ -402,6 +418,31 @@ fn reader_empty(slot: u16) -> bool {
     ctx.get_status_change(Duration::from_millis(200), &mut states)
         .is_ok()
         && states[0].event_state().contains(pcsc::State::EMPTY)
+}
+
+/// Waits until pcscd reports a card on vpcd slot `slot` and returns that
+/// moment (Unix ms): where the virtual stack hands over to the node.
+pub fn card_present_at(slot: u16) -> Result<u128> {
+    use std::ffi::CString;
+    let ctx = pcsc::Context::establish(pcsc::Scope::User)?;
+    let name = CString::new(format!("Virtual PCD 00 {slot:02}"))?;
+    let mut states = [pcsc::ReaderState::new(name, pcsc::State::UNAWARE)];
+    let start = Instant::now();
+    loop {
+        match ctx.get_status_change(Duration::from_millis(500), &mut states) {
+            Ok(()) | Err(pcsc::Error::Timeout) => {}
+            Err(e) => bail!("pcsc: {e}"),
+        }
+        if states[0].event_state().contains(pcsc::State::PRESENT) {
+            return Ok(std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis());
+        }
+        states[0].sync_current_state();
+        if start.elapsed() > DEADLINE {
+            bail!("timed out waiting for the card on slot {slot}");
+        }
+    }
 }
 
 /// A card on a vpcd slot while this lives; dropping it removes the card

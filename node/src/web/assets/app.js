@@ -103,6 +103,23 @@
     return function () { if (t) clearTimeout(t); t = setTimeout(() => { t = null; fn(); }, ms); };
   }
 
+  // Runs the async `fn` at once when idle; calls while it runs (or within
+  // `gapMs` after it) fold into one more run. Unlike a debounce, a steady
+  // stream of events never holds the screen back, and it never queues a
+  // request per event.
+  function coalesce(fn, gapMs) {
+    let running = false, again = false;
+    async function go() {
+      running = true;
+      try { await fn(); } catch (e) { /* fn shows its own errors */ }
+      setTimeout(() => {
+        running = false;
+        if (again) { again = false; go(); }
+      }, gapMs);
+    }
+    return function () { if (running) again = true; else go(); };
+  }
+
   // ----- banners: connection to headquarters, clock, card reader --------
   let lastStatus = null;
   function renderBanners() {
@@ -701,25 +718,28 @@
 
     const stamp = () => { $("kpi-updated").textContent = new Date().toLocaleTimeString(LANG === "ja" ? "ja-JP" : "en-GB"); };
 
+    // The shelter table is painted as soon as its own answer is in; the
+    // chart and the conflicts follow on their own.
     async function refreshLive() {
       try {
-        const [s, a, c] = await Promise.all([api("GET", "/api/v1/shelters"), api("GET", "/api/v1/arrivals"), api("GET", "/api/v1/conflicts")]);
-        shelters = s;
+        const s = api("GET", "/api/v1/shelters"), a = api("GET", "/api/v1/arrivals"), c = api("GET", "/api/v1/conflicts");
+        shelters = await s;
         renderShelters();
-        renderArrivals(a);
-        renderConflicts(c);
-        stamp();
         B.dataset.occupancy = String(shelters.reduce((x, y) => x + y.occupancy, 0));
+        if (!B.dataset.readyMs) B.dataset.readyMs = String(Math.round(performance.now()));
+        renderArrivals(await a);
+        renderConflicts(await c);
+        stamp();
       } catch (e) { $("kpi-updated").textContent = errText(e); }
     }
     async function refreshOutbox() { try { renderOutbox(await api("GET", "/api/v1/outbox")); } catch (e) { /* next event retries */ } }
     async function refreshAudit() { try { renderBreakGlass(await api("GET", "/api/v1/audit?break_glass_only=true&limit=100")); } catch (e) { /* retried */ } }
     async function refreshDistricts() { try { renderDistricts(await api("GET", "/api/v1/districts")); } catch (e) { /* retried */ } }
 
-    const live = debounce(refreshLive, 150);
-    const mail = debounce(refreshOutbox, 500);
-    const audit = debounce(refreshAudit, 500);
-    const districts = debounce(refreshDistricts, 5000);
+    const live = coalesce(refreshLive, 250);
+    const mail = coalesce(refreshOutbox, 1000);
+    const audit = coalesce(refreshAudit, 1000);
+    const districts = coalesce(refreshDistricts, 5000);
     onEvent((ev) => {
       if (ev.type === "document_changed") {
         if (ev.kind === "presence" || ev.kind === "shelter") {
@@ -740,13 +760,14 @@
           el("span", { class: "hint" }, d.birth_date || ""), whereTag(d.location)));
       } catch (e) { clear(out).appendChild(el("li", { class: "error" }, errText(e))); }
     });
+    // The occupancy first; the panels below it ask after it, so their
+    // queries do not queue ahead of it at the node.
     refreshLive().then(() => {
       B.dataset.ready = "1";
-      B.dataset.readyMs = String(Math.round(performance.now()));
+      mail();
+      audit();
+      districts();
     });
-    refreshOutbox();
-    refreshAudit();
-    refreshDistricts();
     setInterval(() => { if (shelters.length) renderShelters(); }, 60000);
   }
 
