@@ -129,8 +129,9 @@ pub fn run(config: &Path) -> Result<(), Exit> {
             )),
             false => None,
         };
+        let progress = crate::upkeep::registry_at_start(&driver).await;
         let transport = start_mesh(&cfg, creds, (revocation, peer_trust), &driver, &metrics).await?;
-        crate::upkeep::start(&driver, &transport, &cfg.data_dir);
+        crate::upkeep::start(&driver, &transport, &cfg.data_dir, progress);
         if let Some((listener, token)) = metrics_listener {
             // Weak: the transport is unwrapped for its clean shutdown below.
             let t = Arc::downgrade(&transport);

@@ -1,9 +1,12 @@
 //! Background upkeep of a running node, for the operator:
 //!
-//! - **First sync progress.** Every [`PROGRESS_EVERY`] the node reads its
-//!   own status and, while the resident registry grows, logs how many
-//!   households it holds and how fast they arrive ("registry sync"). The
-//!   same count is `documents_by_kind.registry` in `/api/v1/status` and
+//! - **First sync progress.** Before the mesh starts the node logs how many
+//!   households of the resident registry it holds ("registry held at
+//!   start"; 0 on a new node), so a registry pulled from a peer always
+//!   shows as growth. Then every [`PROGRESS_EVERY`] it reads its own status
+//!   and, while the registry grows, logs how many households it holds and
+//!   how fast they arrive ("registry sync: households held"). The same
+//!   count is `documents_by_kind.registry` in `/api/v1/status` and
 //!   `kizuna_documents{kind="registry"}` in the metrics.
 //! - **Revocation lists handed in by the operator.** The node keeps the
 //!   newest CRL it holds in `<data_dir>/crl.der`. An operator who copies a
@@ -30,13 +33,35 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Name of the node's stored CRL inside the data directory.
 pub const CRL_FILE_NAME: &str = "crl.der";
 
-/// Starts the upkeep task on the current tokio runtime.
-pub fn start(driver: &DriverHandle, transport: &Arc<Transport>, data_dir: &Path) {
+/// Reads and logs the registry held now: call before the mesh starts, so
+/// the first households a peer sends are reported as progress.
+pub async fn registry_at_start(driver: &DriverHandle) -> Progress {
+    let mut progress = Progress::default();
+    if let Ok(QueryReply::Status(st)) = driver.query(Query::Status).await {
+        progress.observe(registry_held(&st));
+    }
+    progress
+}
+
+fn registry_held(st: &crdt::api::Status) -> usize {
+    st.documents_by_kind
+        .get(&Kind::Registry)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Starts the upkeep task on the current tokio runtime, continuing from
+/// `progress` ([`registry_at_start`]).
+pub fn start(
+    driver: &DriverHandle,
+    transport: &Arc<Transport>,
+    data_dir: &Path,
+    mut progress: Progress,
+) {
     let driver = driver.clone();
     let transport = Arc::downgrade(transport);
     let crl_path = data_dir.join(CRL_FILE_NAME);
     tokio::spawn(async move {
-        let mut progress = Progress::default();
         let mut crl_seen = file_stamp(&crl_path);
         loop {
             tokio::time::sleep(PROGRESS_EVERY).await;
@@ -44,12 +69,7 @@ pub fn start(driver: &DriverHandle, transport: &Arc<Transport>, data_dir: &Path)
                 return;
             }
             match driver.query(Query::Status).await {
-                Ok(QueryReply::Status(st)) => progress.observe(
-                    st.documents_by_kind
-                        .get(&Kind::Registry)
-                        .copied()
-                        .unwrap_or(0),
-                ),
+                Ok(QueryReply::Status(st)) => progress.observe(registry_held(&st)),
                 Ok(_) => {}
                 Err(_) => return, // the engine has stopped
             }
@@ -64,7 +84,7 @@ pub fn start(driver: &DriverHandle, transport: &Arc<Transport>, data_dir: &Path)
 
 /// Registry sync progress between two observations.
 #[derive(Default)]
-struct Progress {
+pub struct Progress {
     last: Option<(usize, Instant)>,
 }
 

@@ -1,0 +1,278 @@
+//! Provisioning and operation of real `kizuna run` processes over real QUIC
+//! (issue 13):
+//!
+//! - a new node pulling the resident registry from a peer reports how much
+//!   of it it holds, in its log ("registry sync: households held") and in
+//!   `/api/v1/status` (`documents_by_kind.registry`), and both end at the
+//!   peer's count;
+//! - the Prometheus endpoint bound off loopback (`0.0.0.0`) refuses a
+//!   scrape without the bearer token or with a wrong one, from a
+//!   non-loopback address of this machine and from loopback, and serves the
+//!   counters with it; without a token file such a node does not start.
+//!
+//! Every wait is a poll with a deadline that only guards against hangs.
+
+mod support;
+
+use serde_json::Value;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+use support::free_port;
+use support::proc::{http, ok, poll, run_kizuna, Node};
+
+const LONG: Duration = Duration::from_secs(300);
+
+fn issue(ca: &Path, role: crdt::Role, id: &str, dir: &Path) {
+    certs::ca::issue(
+        ca,
+        role,
+        &crdt::NodeId::new(id).unwrap(),
+        &dir.join("certs"),
+        30,
+    )
+    .unwrap();
+}
+
+/// hq-1 with a synthetic registry of `households` imported, and an operator.
+fn hq_with_registry(root: &Path, ca: &Path, households: usize) -> Node {
+    let dir = root.join("hq");
+    issue(ca, crdt::Role::Hq, "hq-1", &dir);
+    let mut n = Node::new(&dir, None, "");
+    let csv = root.join("registry.csv");
+    std::fs::write(&csv, node::demo::synthetic_registry(households, 13)).unwrap();
+    ok(run_kizuna(
+        &[
+            "registry",
+            "import",
+            "--data-dir",
+            n.data().to_str().unwrap(),
+            csv.to_str().unwrap(),
+            "--node-id",
+            "hq-1",
+        ],
+        &[],
+    ));
+    n.add_operator();
+    n
+}
+
+fn status(n: &Node) -> Value {
+    let r = n.api("GET", "/api/v1/status", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    serde_json::from_str(&r.body).unwrap()
+}
+
+fn registry_held(n: &Node) -> u64 {
+    status(n)["documents_by_kind"]["registry"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The log without terminal colours (the node's `tracing` output may
+/// carry ANSI escapes around field names).
+fn plain_log(n: &Node) -> String {
+    let raw = std::fs::read_to_string(n.log()).unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `households=N` of every log line containing `message`, in order.
+fn logged_households(log: &str, message: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("households="))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_node_reports_first_sync_progress_of_the_registry_in_its_log_and_status() {
+    const HOUSEHOLDS: usize = 10_000;
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let ca = root.join("ca");
+    certs::ca::init_ca(&ca, "Provisioning Test CA").unwrap();
+    let mut hq = hq_with_registry(root, &ca, HOUSEHOLDS);
+    hq.start();
+    let want = registry_held(&hq);
+    assert_eq!(want, HOUSEHOLDS as u64, "hq holds the imported registry");
+
+    // A brand-new shelter node whose only peer is hq.
+    let sh_dir = root.join("sh");
+    issue(&ca, crdt::Role::Shelter, "sh-1", &sh_dir);
+    let mut sh = Node::new(&sh_dir, Some(hq.quic), "");
+    sh.add_operator();
+    sh.start();
+
+    // While it pulls, /api/v1/status counts the households it holds; the
+    // values seen only grow and end at hq's count.
+    let mut seen: Vec<u64> = Vec::new();
+    poll(LONG, "the shelter to hold the whole registry", || {
+        let held = registry_held(&sh);
+        if seen.last() != Some(&held) {
+            seen.push(held);
+        }
+        (held == want).then_some(())
+    });
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "status counts only grow: {seen:?}"
+    );
+    println!("/api/v1/status documents_by_kind.registry seen during the pull: {seen:?}");
+
+    // The log: the registry held at start (nothing, before the mesh
+    // started), then progress lines that end at the same count.
+    let start = logged_households(&plain_log(&sh), "registry held at start");
+    assert_eq!(start, vec![0], "{}", plain_log(&sh));
+    let progress = poll(
+        Duration::from_secs(60),
+        "the log to report the whole registry",
+        || {
+            let p = logged_households(&plain_log(&sh), "registry sync: households held");
+            (p.last() == Some(&want)).then_some(p)
+        },
+    );
+    assert!(
+        progress.windows(2).all(|w| w[0] < w[1]) && progress.iter().all(|h| *h <= want),
+        "log progress only grows up to hq's count: {progress:?}"
+    );
+    println!("log progress lines (households held): {progress:?}");
+    // The same count, once more, from the status the log was read from.
+    assert_eq!(registry_held(&sh), want);
+    // hq's own log names what it held at start.
+    assert_eq!(
+        logged_households(&plain_log(&hq), "registry held at start"),
+        vec![want]
+    );
+    sh.stop();
+    hq.stop();
+}
+
+/// A non-loopback IPv4 address of this machine, if it has one (the
+/// address the kernel would send from; a UDP connect sends nothing).
+fn non_loopback_addr() -> Option<IpAddr> {
+    ["192.0.2.1:9", "10.255.255.254:9", "198.51.100.1:9"]
+        .iter()
+        .find_map(|target| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            s.connect(target).ok()?;
+            let ip = s.local_addr().ok()?.ip();
+            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+        })
+}
+
+/// The value of the first sample of `name` whose labels contain every
+/// `labels` entry (`key="value"`).
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (head, value) = l.rsplit_once(' ')?;
+        let (n, rest) = head.split_once('{').unwrap_or((head, ""));
+        (n == name && labels.iter().all(|want| rest.contains(want)))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn metrics_off_loopback_need_the_bearer_token() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let ca = root.join("ca");
+    certs::ca::init_ca(&ca, "Metrics Test CA").unwrap();
+    let mut hq = hq_with_registry(root, &ca, 200);
+    hq.start();
+
+    let sh_dir = root.join("sh");
+    issue(&ca, crdt::Role::Shelter, "sh-1", &sh_dir);
+    let port = free_port();
+    // Off loopback without a token file: the node refuses to start.
+    let open = Node::new(
+        &sh_dir,
+        Some(hq.quic),
+        &format!("[metrics]\nbind = \"0.0.0.0:{port}\"\n"),
+    );
+    let (code, msg) = open.refused();
+    assert_ne!(code, 0, "{msg}");
+    assert!(msg.contains("metrics.token_file"), "{msg}");
+
+    // With the token file it starts.
+    let token = "kizuna-metrics-test-token-0123456789";
+    std::fs::write(sh_dir.join("metrics.token"), format!("{token}\n")).unwrap();
+    let mut sh = Node::new(
+        &sh_dir,
+        Some(hq.quic),
+        &format!("[metrics]\nbind = \"0.0.0.0:{port}\"\ntoken_file = \"metrics.token\"\n"),
+    );
+    sh.add_operator();
+    sh.start();
+    poll(LONG, "the shelter to hold the registry", || {
+        (registry_held(&sh) == 200).then_some(())
+    });
+
+    let mut from: Vec<SocketAddr> = vec![SocketAddr::new([127, 0, 0, 1].into(), port)];
+    match non_loopback_addr() {
+        Some(ip) => from.insert(0, SocketAddr::new(ip, port)),
+        None => println!("no non-loopback address on this machine: scraping 0.0.0.0 via loopback only"),
+    }
+    let bearer = format!("Bearer {token}");
+    for addr in &from {
+        let scrape = |headers: &[(&str, &str)]| {
+            poll(Duration::from_secs(60), "the metrics endpoint", || {
+                http(*addr, "GET", "/metrics", headers, "")
+            })
+        };
+        let none = scrape(&[]);
+        assert!(
+            none.status == 401 || none.status == 403,
+            "{addr}: a scrape without the token got {}: {}",
+            none.status,
+            none.body
+        );
+        assert!(!none.body.contains("kizuna_"), "{addr}: {}", none.body);
+        let wrong = scrape(&[("Authorization", "Bearer kizuna-metrics-wrong-token-000000")]);
+        assert!(
+            wrong.status == 401 || wrong.status == 403,
+            "{addr}: a scrape with a wrong token got {}",
+            wrong.status
+        );
+        let good = scrape(&[("Authorization", &bearer)]);
+        assert_eq!(good.status, 200, "{addr}: {}", good.body);
+        let m = &good.body;
+        assert_eq!(
+            sample(m, "kizuna_documents", &["kind=\"registry\""]),
+            Some(200.0),
+            "{addr}: {m}"
+        );
+        let received = sample(
+            m,
+            "kizuna_sync_changes_total",
+            &["direction=\"received\"", "kind=\"registry\""],
+        );
+        assert!(received.is_some_and(|v| v > 0.0), "{addr}: {received:?}\n{m}");
+        assert!(
+            sample(m, "kizuna_wire_bytes_total", &["direction=\"received\""]).is_some_and(|v| v > 0.0),
+            "{addr}: {m}"
+        );
+        assert!(m.contains("kizuna_commit_seconds_bucket"), "{addr}: {m}");
+        println!("{addr}: no token {}, wrong token {}, token 200", none.status, wrong.status);
+    }
+    sh.stop();
+    hq.stop();
+}
