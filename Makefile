@@ -26,6 +26,6 @@ bench:
 
 # Real fuzzing (nightly + cargo-fuzz, its own build: long the first time).
 # Not part of `make test`: the committed seeds and crashers are replayed on
-# stable there by node/tests/fuzz_regressions.rs.
+# stable there by node/tests/it/fuzz_regressions.rs.
 fuzz:
 	bash fuzz/run.sh 60

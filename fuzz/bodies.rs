@@ -1,6 +1,6 @@
 //! The bodies of the fuzz targets, shared by `cargo fuzz` (each file in
 //! `fuzz_targets/` is one line calling a function here) and by the normal
-//! test suite (`node/tests/fuzz_regressions.rs` includes this file and
+//! test suite (`node/tests/it/fuzz_regressions.rs` includes this file and
 //! replays every committed input under `fuzz/regressions/<target>/` and
 //! `fuzz/seeds/<target>/`), so a crasher, once committed, is checked by
 //! `cargo nextest` on stable forever.

@@ -8,7 +8,7 @@
 # scratch corpus, so runs never change the repository. A crash stops the
 # run with the failing input under fuzz/artifacts/<target>/: minimise it
 # (`cargo +nightly fuzz tmin <target> <file>`), commit it to
-# fuzz/regressions/<target>/ and fix the bug; node/tests/fuzz_regressions.rs
+# fuzz/regressions/<target>/ and fix the bug; node/tests/it/fuzz_regressions.rs
 # replays that directory in every normal test run from then on.
 #
 # Built without a sanitizer (-s none): the code under test has no unsafe

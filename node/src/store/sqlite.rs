@@ -56,7 +56,7 @@ pub struct OpenOptions {
     /// `PRAGMA synchronous = OFF` instead of `FULL`: no fsync at all.
     /// Exists only as the power-cut harness's negative control (it must
     /// see acknowledged writes vanish, proving it can fail); the node
-    /// never sets it, and `node/tests/powercut.rs` checks that a default
+    /// never sets it, and `node/tests/it/faults.rs` checks that a default
     /// open runs with `FULL`.
     pub no_fsync_for_fault_tests: bool,
     /// The storage key: the database (and its WAL) are SQLCipher-encrypted

@@ -832,7 +832,7 @@ fn disk_full_rejects_the_commit_and_recovers() {
     let d = Dir::new();
     let mnt = d.dir.path().join("mnt");
     // A test that cannot set up fails: `make test` runs as root (setup.sh
-    // needs it anyway), and the VFS-simulated ENOSPC in tests/faults.rs is
+    // needs it anyway), and the VFS-simulated ENOSPC in `faults.rs` is
     // no substitute for a real full file system.
     let _tmpfs = Tmpfs::mount(&mnt, "1m")
         .unwrap_or_else(|reason| panic!("cannot set up a full file system: {reason}"));

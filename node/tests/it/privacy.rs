@@ -16,7 +16,6 @@
 //!   of an import, is refused, changes nothing, and is never echoed or
 //!   logged.
 
-mod support;
 
 use crdt::store::Store;
 use node::store::{OpenOptions, SqliteStore, DB_FILE_NAME};
@@ -25,7 +24,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use support::proc::{http, ok, poll, run_kizuna, Node};
+use crate::support::proc::{http, ok, poll, run_kizuna, Node};
 
 /// Names and medical values no real data holds, to look for in raw bytes.
 const CANARY_NAME: &str = "CanaryNameQx7Ja";

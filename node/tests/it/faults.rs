@@ -20,9 +20,7 @@
 //! prints it), `KIZUNA_POWERCUT_POINTS` sets the number of cuts (100 in
 //! CI; the release soak runs 1,000, see the README's reliability section).
 
-#[path = "faults/corruption.rs"]
 mod corruption;
-mod support;
 use crdt::api::{Command, CommandError, MedicalUpdate, Operator, Reply};
 use crdt::engine::EngineConfig;
 use crdt::model::{BloodType, Household, MedicalSection, Member, ShelterInfo};

@@ -4,7 +4,7 @@
 //! and committed there, is a regression case from then on). The bodies
 //! are the very functions the fuzz targets call (`fuzz/bodies.rs`).
 
-#[path = "../../fuzz/bodies.rs"]
+#[path = "../../../fuzz/bodies.rs"]
 mod bodies;
 
 use std::path::PathBuf;

@@ -10,7 +10,6 @@
 //! hangs. Every emulator records the APDUs it receives into one suite log;
 //! each test checks that no VERIFY and no My Number AID ever reached a card.
 
-mod support;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
-use support::free_port;
+use crate::support::free_port;
 
 use node::card::apdu::{ApduLog, CardError, Sw, TransportError};
 use node::card::emu::is_forbidden_received;

@@ -1,6 +1,5 @@
-//! Helpers the node's integration tests share (each test file is its own
-//! crate and uses what it needs).
-#![allow(dead_code)]
+//! Helpers the node's integration tests share: the `kizuna` binary under
+//! test, free loopback ports, and real `kizuna run` processes ([`proc`]).
 
 use std::path::PathBuf;
 

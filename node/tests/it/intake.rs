@@ -4,7 +4,6 @@
 //! resumed by re-running the same file, and roles that may not import
 //! refused.
 
-mod support;
 use crdt::api::{Command, Operator};
 use crdt::engine::EngineConfig;
 use crdt::store::Store;
@@ -14,7 +13,7 @@ use node::store::{SqliteStore, DB_FILE_NAME};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
-use support::kizuna_bin;
+use crate::support::kizuna_bin;
 
 fn kizuna(args: &[&str]) -> Output {
     std::process::Command::new(kizuna_bin())

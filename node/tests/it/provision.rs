@@ -12,14 +12,13 @@
 //!
 //! Every wait is a poll with a deadline that only guards against hangs.
 
-mod support;
 
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
-use support::free_port;
-use support::proc::{http, ok, poll, run_kizuna, Node};
+use crate::support::free_port;
+use crate::support::proc::{http, ok, poll, run_kizuna, Node};
 
 const LONG: Duration = Duration::from_secs(300);
 

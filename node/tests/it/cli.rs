@@ -2,7 +2,6 @@
 //! (UTF-8, CP932, all-or-nothing), docs export, and the API over real HTTP
 //! against a SQLite store in a temp dir.
 
-mod support;
 use crdt::api::{Command, Operator, Reply};
 use crdt::engine::EngineConfig;
 use crdt::model::{Household, Member};
@@ -15,7 +14,7 @@ use node::store::{SqliteStore, DB_FILE_NAME};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Output;
-use support::kizuna_bin;
+use crate::support::kizuna_bin;
 
 const HEADER: &str = "household_id,address,person_id,name,kana,birth_date,card_user_id";
 
