@@ -84,6 +84,16 @@ impl DocCache {
         }
     }
 
+    /// (documents, held aside, pinned, order entries): what the cache holds.
+    pub(crate) fn sizes(&self) -> (usize, usize, usize, usize) {
+        (
+            self.docs.len(),
+            self.held.len(),
+            self.pinned.len(),
+            self.order.len(),
+        )
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.docs.len()

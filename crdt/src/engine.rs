@@ -76,6 +76,11 @@ pub struct EngineConfig {
     /// instead of along the tree (never prune a link): for comparisons in
     /// the simulator.
     pub flood: bool,
+    /// How many change hashes a session remembers as carried, per
+    /// generation (it keeps one to two generations; see
+    /// `sessions::Recent`): the bound on each session's memory of what it
+    /// sent and received. Default 16,384 (at most about 1.3 MiB a session).
+    pub session_memory: usize,
     /// A planted bug this engine carries (simulator only; see
     /// [`crate::mutants`]).
     #[cfg(feature = "mutants")]
@@ -95,6 +100,7 @@ impl EngineConfig {
             mail_takeover_ms: 10 * 60_000,
             mail_templates: Default::default(),
             flood: false,
+            session_memory: crate::sessions::RECENT_GENERATION,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
@@ -149,6 +155,45 @@ pub struct Stats {
     pub prunes: u64,
     /// Documents peers grafted that this node does not hold (ignored).
     pub grafts_unknown: u64,
+}
+
+/// How many entries each part of an engine's in-memory state holds (open
+/// sessions' sets summed over the sessions). Counts, not bytes: for
+/// finding what grows with time or with sessions in long runs (the
+/// simulator's `--census-hours`); nothing decides anything by them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub sessions: usize,
+    /// Change hashes each session sent or received (`seen`), and received
+    /// as live pushes (`pushed`).
+    pub seen: usize,
+    pub pushed: usize,
+    /// Authors each session was sent the credential of.
+    pub creds_sent: usize,
+    /// Documents queued to send (reconciliation, grafts).
+    pub outq: usize,
+    /// The tree: announcements not flushed yet, announced changes waited
+    /// for, claimed log positions held back (and the hashes they wait for),
+    /// grafts in flight.
+    pub announce: usize,
+    pub wanted: usize,
+    pub pending: usize,
+    pub pending_hashes: usize,
+    pub grafted: usize,
+    pub poisoned: usize,
+    pub peers: usize,
+    pub backoff: usize,
+    /// Verified author credentials.
+    pub directory: usize,
+    /// Index entries (one per document held).
+    pub index: usize,
+    pub cache_docs: usize,
+    pub cache_held: usize,
+    pub cache_pinned: usize,
+    pub cache_order: usize,
+    pub unsettled: usize,
+    pub shelter_seen: usize,
+    pub mail_states: usize,
 }
 
 pub struct Engine<S: Store> {
@@ -216,7 +261,7 @@ impl<S: Store> Engine<S> {
             takeover_ms: cfg.mail_takeover_ms,
             templates: cfg.mail_templates.clone(),
         });
-        let sessions = Sessions::new(cfg.flood);
+        let sessions = Sessions::new(cfg.flood, cfg.session_memory);
         let mut e = Engine {
             cfg,
             replica,
@@ -275,6 +320,36 @@ impl<S: Store> Engine<S> {
             grafts: s.grafts,
             prunes: s.prunes,
             grafts_unknown: s.grafts_unknown,
+        }
+    }
+    /// How many entries each part of the in-memory state holds now.
+    pub fn footprint(&self) -> Footprint {
+        let z = self.sessions.sizes();
+        let (cache_docs, cache_held, cache_pinned, cache_order, unsettled) =
+            self.replica.cache_sizes();
+        Footprint {
+            sessions: z.sessions,
+            seen: z.seen,
+            pushed: z.pushed,
+            creds_sent: z.creds_sent,
+            outq: z.outq,
+            announce: z.announce,
+            wanted: z.wanted,
+            pending: z.pending,
+            pending_hashes: z.pending_hashes,
+            grafted: z.grafted,
+            poisoned: z.poisoned,
+            peers: z.peers,
+            backoff: z.backoff,
+            directory: self.replica.directory.len(),
+            index: self.replica.index.len(),
+            cache_docs,
+            cache_held,
+            cache_pinned,
+            cache_order,
+            unsettled,
+            shelter_seen: self.shelter_seen.len(),
+            mail_states: self.mail.states().len(),
         }
     }
     pub fn config(&self) -> &EngineConfig {

@@ -131,6 +131,9 @@ pub(crate) struct Txn {
     /// New changes to gossip, with the session they came from.
     gossip: Vec<Gossip>,
     pub(crate) meta: Option<Meta>,
+    /// Credentials received from a peer (also in `batch.credentials`):
+    /// kept in the directory once the commit is durable, never before.
+    pub(crate) authors: Vec<(crate::signing::AuthorHash, Author, Arc<[u8]>)>,
 }
 
 /// A new change to push to connected peers.
@@ -188,6 +191,13 @@ pub(crate) struct Replica<S: Store> {
 }
 
 impl<S: Store> Replica<S> {
+    /// (cached, held aside, pinned, cache order entries, write-once
+    /// documents not yet durable).
+    pub(crate) fn cache_sizes(&self) -> (usize, usize, usize, usize, usize) {
+        let (d, h, p, o) = self.cache.sizes();
+        (d, h, p, o, self.unsettled.len())
+    }
+
     /// Opens the node's replica: checks the store belongs to this node,
     /// bumps and persists the incarnation (so the actor id is new), and
     /// loads the index (or takes `index`, an identical store's).
@@ -665,6 +675,9 @@ impl<S: Store> Replica<S> {
         }
         if !txn.batch.changes.is_empty() {
             self.log_end = self.store.log_end().ok().flatten();
+        }
+        for (h, author, cred) in txn.authors {
+            self.directory.insert(h, author, cred);
         }
         done.gossip = txn.gossip;
         done

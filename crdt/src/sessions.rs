@@ -84,6 +84,12 @@ const MAX_POISONED: usize = 4096;
 /// 16-way splitting per turn plus the item stages), so 64 is far above any
 /// honest exchange.
 const MAX_TURNS: u32 = 64;
+/// Change hashes a session remembers as carried (`seen`, `pushed`), per
+/// generation, by default (`EngineConfig::session_memory`): it remembers
+/// the last one to two generations' worth (see [`Recent`]). noto-2024 kept 10.5 million such hashes at 44 simulated
+/// hours, growing faster than the data (its sessions live for days); a
+/// change forgotten here can only be sent once more, never lost.
+pub(crate) const RECENT_GENERATION: usize = 16_384;
 /// Open sessions per peer node id (a peer may dial while its old session
 /// is still being torn down: two at once, never more).
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 2;
@@ -165,8 +171,9 @@ pub(crate) struct Session {
     /// Documents the peer lacks changes of, by priority, with the heads
     /// it reported (empty when it does not have the document).
     pub(crate) outq: BTreeMap<(u8, DocKey), Vec<Hash32>>,
-    /// Change hashes this session is known to have (sent or received).
-    pub(crate) seen: FxHashSet<Hash32>,
+    /// Change hashes this session is known to have (sent or received),
+    /// the most recent ones.
+    pub(crate) seen: Recent,
     /// The last log position we told the peer it holds.
     pub(crate) upto_sent: u64,
     /// Authors whose credentials this session was sent.
@@ -179,8 +186,9 @@ pub(crate) struct Session {
     lazy: u16,
     /// The peer sent `Live`: its changes frames are pushes from here on.
     peer_live: bool,
-    /// Change hashes the peer pushed since (received live).
-    pushed: FxHashSet<Hash32>,
+    /// Change hashes the peer pushed since (received live), the most
+    /// recent ones.
+    pushed: Recent,
     /// New changes to announce at the next tick (their kind is lazy).
     announce: Vec<(DocKey, Hash32)>,
     /// Announced changes we lack: document, when to graft, grafts sent.
@@ -192,12 +200,66 @@ pub(crate) struct Session {
     cursor_stuck: bool,
 }
 
+/// A set of the most recently added change hashes: two generations of at
+/// most `generation` each ([`RECENT_GENERATION`] by default); when the
+/// newer one is full, the older is dropped and the newer takes its place.
+/// So it holds at least the last `generation` hashes added and never more
+/// than twice that, however long the session lives.
+///
+/// Forgetting is safe where sessions use it: a change forgotten as sent or
+/// received may be sent once more (the receiver finds it held and drops
+/// it, counted as known), and a change pushed again by the peer after so
+/// many others is taken as a second path (a prune, which a later missed
+/// announcement undoes with a graft). Nothing is lost either way.
+pub(crate) struct Recent {
+    new: FxHashSet<Hash32>,
+    old: FxHashSet<Hash32>,
+    generation: usize,
+}
+
+impl Recent {
+    /// Remembers between `generation` and twice that many (at least 1).
+    pub(crate) fn new(generation: usize) -> Recent {
+        Recent {
+            new: FxHashSet::default(),
+            old: FxHashSet::default(),
+            generation: generation.max(1),
+        }
+    }
+
+    pub(crate) fn contains(&self, h: &Hash32) -> bool {
+        self.new.contains(h) || self.old.contains(h)
+    }
+
+    /// Adds `h`; false when it was already remembered.
+    pub(crate) fn insert(&mut self, h: Hash32) -> bool {
+        if self.contains(&h) {
+            return false;
+        }
+        if self.new.len() >= self.generation {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.insert(h)
+    }
+
+    pub(crate) fn extend(&mut self, hs: impl IntoIterator<Item = Hash32>) {
+        for h in hs {
+            self.insert(h);
+        }
+    }
+
+    /// Hashes remembered now.
+    pub(crate) fn len(&self) -> usize {
+        self.new.len() + self.old.len()
+    }
+}
+
 fn kind_bit(kind: Kind) -> u16 {
     1 << kind.code()
 }
 
 impl Session {
-    pub(crate) fn new(node: NodeId, role: Role, initiator: bool) -> Session {
+    pub(crate) fn new(node: NodeId, role: Role, initiator: bool, memory: usize) -> Session {
         Session {
             node,
             role,
@@ -216,12 +278,12 @@ impl Session {
             turn_end: None,
             turns: 0,
             outq: BTreeMap::new(),
-            seen: FxHashSet::default(),
+            seen: Recent::new(memory),
             upto_sent: 0,
             creds_sent: FxHashSet::default(),
             lazy: 0,
             peer_live: false,
-            pushed: FxHashSet::default(),
+            pushed: Recent::new(memory),
             announce: Vec::new(),
             wanted: BTreeMap::new(),
             pending: Default::default(),
@@ -372,15 +434,62 @@ pub(crate) struct Sessions {
     backoff: BTreeMap<NodeId, (u64, u64)>,
     /// Monotonic ms of the input being handled (for back-off).
     now_mono_ms: u64,
+    /// Change hashes each session remembers per generation ([`Recent`]).
+    session_memory: usize,
+}
+
+/// Sizes of the protocol's in-memory state (entries, summed over open
+/// sessions), for finding what grows in long runs (see
+/// `engine::Footprint`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SessionSizes {
+    pub(crate) sessions: usize,
+    pub(crate) seen: usize,
+    pub(crate) pushed: usize,
+    pub(crate) creds_sent: usize,
+    pub(crate) outq: usize,
+    pub(crate) announce: usize,
+    pub(crate) wanted: usize,
+    pub(crate) pending: usize,
+    pub(crate) pending_hashes: usize,
+    pub(crate) grafted: usize,
+    pub(crate) poisoned: usize,
+    pub(crate) peers: usize,
+    pub(crate) backoff: usize,
 }
 
 impl Sessions {
-    /// No sessions yet; `flood`: never prune a link (see [`Sessions::prune`]).
-    pub(crate) fn new(flood: bool) -> Sessions {
+    /// No sessions yet; `flood`: never prune a link (see [`Sessions::prune`]);
+    /// `session_memory`: see [`Recent`].
+    pub(crate) fn new(flood: bool, session_memory: usize) -> Sessions {
         Sessions {
             flood,
+            session_memory,
             ..Default::default()
         }
+    }
+
+    /// How many entries each part of the protocol's state holds now.
+    pub(crate) fn sizes(&self) -> SessionSizes {
+        let mut z = SessionSizes {
+            sessions: self.map.len(),
+            grafted: self.grafted.len(),
+            poisoned: self.poisoned.len(),
+            peers: self.peers.len(),
+            backoff: self.backoff.len(),
+            ..Default::default()
+        };
+        for s in self.map.values() {
+            z.seen += s.seen.len();
+            z.pushed += s.pushed.len();
+            z.creds_sent += s.creds_sent.len();
+            z.outq += s.outq.len();
+            z.announce += s.announce.len();
+            z.wanted += s.wanted.len();
+            z.pending += s.pending.len();
+            z.pending_hashes += s.pending.iter().map(|(_, m)| m.len()).sum::<usize>();
+        }
+        z
     }
 
     /// Whether a session is open (frames on it are processed).
@@ -747,10 +856,13 @@ impl Sessions {
         let Some(s) = self.map.get_mut(&sid) else {
             return;
         };
+        // Only a credential actually sent marks its author as sent: one
+        // this node does not hold yet is sent once it does.
         let creds: Vec<Vec<u8>> = authors
             .iter()
-            .filter(|a| s.creds_sent.insert(**a))
-            .filter_map(|a| directory.get(a).map(|e| e.cred.to_vec()))
+            .filter_map(|a| directory.get(a).map(|e| (a, e.cred.to_vec())))
+            .filter(|(a, _)| s.creds_sent.insert(**a))
+            .map(|(_, cred)| cred)
             .collect();
         for chunk in creds.chunks(wire::MAX_CREDS_PER_FRAME) {
             let f = Frame::Authors {
@@ -841,7 +953,9 @@ impl Sessions {
         self.peers.entry(node.clone()).or_insert((role, None)).0 = role;
         let resume = r.store.sync_cursor(&node).ok().flatten();
         let backed_off = self.backed_off(&node);
-        self.map.insert(sid, Session::new(node, role, initiator));
+        let memory = self.session_memory;
+        self.map
+            .insert(sid, Session::new(node, role, initiator, memory));
         if backed_off {
             // Not a new violation: the back-off is not extended.
             self.stats.backed_off_refusals += 1;
@@ -946,8 +1060,14 @@ impl Sessions {
             Frame::Authors { creds } => {
                 let mut txn = Txn::default();
                 for cred in creds {
-                    match r.directory.admit(&cred, &*r.trust.verifier) {
-                        Ok(Some(h)) => txn.batch.credentials.push((h, cred)),
+                    // Kept in the directory only after the commit (see
+                    // `Replica::committed`): if it fails, the next copy of
+                    // this credential is new again and stored then.
+                    match r.directory.verify(&cred, &*r.trust.verifier) {
+                        Ok(Some((h, author))) => {
+                            txn.authors.push((h, author, cred.as_slice().into()));
+                            txn.batch.credentials.push((h, cred));
+                        }
                         Ok(None) => {}
                         // Not held against the peer (not a violation): it
                         // may not know of a revocation yet, or its clock may
@@ -1740,6 +1860,79 @@ mod tests {
             d.push(vec![*c], &[*c; 64]);
         }
         d
+    }
+
+    /// An author whose credential this node does not hold is not marked
+    /// as sent: once the node holds it, the session sends it before the
+    /// author's changes. Shown failing with the two filters of
+    /// `introduce` in their old order (marked first, looked up second):
+    /// the second call sent nothing, and the peer would refuse the
+    /// author's changes and flag this honest node.
+    #[test]
+    fn an_author_is_marked_sent_only_with_its_credential() {
+        use crate::signing::Author;
+        let peer = NodeId::new("hq-1").unwrap();
+        let mut ss = Sessions::new(false, RECENT_GENERATION);
+        let mut s = Session::new(peer, Role::Hq, true, RECENT_GENERATION);
+        s.hello = true;
+        ss.map.insert(7, s);
+        let node = NodeId::new("shelter-z").unwrap();
+        let h = crate::actor::node_hash(node.as_str());
+        let author = Author {
+            node,
+            role: Role::Shelter,
+            key: [3; 32],
+            serial: vec![],
+        };
+        let cred: Arc<[u8]> = vec![1, 2, 3].into();
+        let authors = BTreeSet::from([h]);
+        let mut dir = Directory::default();
+        let mut out = vec![];
+        ss.introduce(&dir, 7, &authors, &mut out);
+        assert!(out.is_empty(), "nothing to send without the credential");
+        dir.own(author, cred.clone());
+        ss.introduce(&dir, 7, &authors, &mut out);
+        let sent: Vec<Frame> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send { bytes, .. } => wire::decode(bytes).ok(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![Frame::Authors {
+                creds: vec![cred.to_vec()]
+            }]
+        );
+        // Sent once per session.
+        out.clear();
+        ss.introduce(&dir, 7, &authors, &mut out);
+        assert!(out.is_empty());
+    }
+
+    /// The bound holds however many hashes a session carries, and the
+    /// most recent [`RECENT_GENERATION`] are always remembered. Shown
+    /// failing with the generation swap removed (32,769 remembered at the
+    /// 32,769th hash).
+    #[test]
+    fn a_sessions_memory_of_changes_is_bounded_and_keeps_the_recent_ones() {
+        let mut r = Recent::new(RECENT_GENERATION);
+        let h = |i: u32| {
+            let mut x = [0u8; 32];
+            x[..4].copy_from_slice(&i.to_le_bytes());
+            x
+        };
+        let n = 100_000u32;
+        for i in 0..n {
+            assert!(r.insert(h(i)));
+            assert!(!r.insert(h(i)), "a repeat is not new");
+            assert!(r.len() <= 2 * RECENT_GENERATION, "{} at {i}", r.len());
+        }
+        for i in n - RECENT_GENERATION as u32..n {
+            assert!(r.contains(&h(i)), "recent hash {i} forgotten");
+        }
+        assert!(!r.contains(&h(0)), "the oldest are forgotten");
     }
 
     #[test]

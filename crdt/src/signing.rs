@@ -237,6 +237,29 @@ impl Directory {
     /// credential is new here (so the caller persists it), `None` when it
     /// was already known.
     pub fn admit(&mut self, cred: &[u8], v: &dyn Verifier) -> Result<Option<AuthorHash>, String> {
+        let Some((h, author)) = self.verify(cred, v)? else {
+            return Ok(None);
+        };
+        self.by_hash.insert(
+            h,
+            Entry {
+                author,
+                cred: cred.into(),
+            },
+        );
+        Ok(Some(h))
+    }
+
+    /// Verifies `cred` without keeping it: the author it names when it is
+    /// new here (unknown, or a reissued certificate), `None` when this
+    /// directory already holds it. A credential received from a peer is
+    /// kept ([`Directory::insert`]) only once its commit is durable, so a
+    /// failed commit leaves it unknown and the next copy is stored.
+    pub fn verify(
+        &self,
+        cred: &[u8],
+        v: &dyn Verifier,
+    ) -> Result<Option<(AuthorHash, Author)>, String> {
         if cred.len() > MAX_CRED_BYTES {
             return Err(format!(
                 "credential of {} bytes exceeds {MAX_CRED_BYTES}",
@@ -255,14 +278,14 @@ impl Directory {
         } else if self.by_hash.len() >= MAX_AUTHORS {
             return Err(format!("more than {MAX_AUTHORS} authors"));
         }
-        self.by_hash.insert(
-            h,
-            Entry {
-                author,
-                cred: cred.into(),
-            },
-        );
-        Ok(Some(h))
+        Ok(Some((h, author)))
+    }
+
+    /// Keeps a credential [`Directory::verify`] accepted (after its commit).
+    pub fn insert(&mut self, h: AuthorHash, author: Author, cred: Arc<[u8]>) {
+        if self.by_hash.len() < MAX_AUTHORS || self.by_hash.contains_key(&h) {
+            self.by_hash.insert(h, Entry { author, cred });
+        }
     }
 
     /// Keeps this node's own credential without asking the verifier.

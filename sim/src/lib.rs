@@ -32,6 +32,7 @@ pub fn run_seed_with_progress(
     deadline: Option<std::time::Instant>,
     max_rss: Option<u64>,
     mutant: Option<world::MutantArg>,
+    census_every_ms: Option<u64>,
 ) -> Summary {
     #[cfg(feature = "mutants")]
     let mut w = World::with_mutant(sc.clone(), seed, mutant);
@@ -41,6 +42,7 @@ pub fn run_seed_with_progress(
         World::new(sc.clone(), seed)
     };
     w.max_rss = max_rss;
+    w.census_every_ms = census_every_ms;
     let total = sc.total_ms() / 1000;
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(total),

@@ -39,6 +39,11 @@ enum Cmd {
         /// With `--features mutants`: plant this bug (as `mutants` names it).
         #[arg(long)]
         mutant: Option<String>,
+        /// Print a census of the world's memory by part (engine state,
+        /// store tables, event queue) on stderr every this many simulated
+        /// hours.
+        #[arg(long)]
+        census_hours: Option<f64>,
     },
     /// Run many seeds; exit 1 listing failing seeds.
     Sweep {
@@ -88,6 +93,7 @@ fn real_main() -> Result<bool> {
             budget_secs,
             max_rss_gib,
             mutant,
+            census_hours,
         } => {
             let sc = Scenario::load(&scenario)?;
             let planted = plant(mutant.as_deref())?;
@@ -102,7 +108,14 @@ fn real_main() -> Result<bool> {
                 }
                 None => Some(sim::world::memory_total() / 10 * 9).filter(|&m| m > 0),
             };
-            let s = sim::run_seed_with_progress(&sc, seed, deadline, max_rss, planted);
+            if let Some(h) = census_hours {
+                anyhow::ensure!(
+                    h.is_finite() && h > 0.0,
+                    "--census-hours must be a positive number of hours, not {h}"
+                );
+            }
+            let census = census_hours.map(|h| ((h * 3_600_000.0) as u64).max(1));
+            let s = sim::run_seed_with_progress(&sc, seed, deadline, max_rss, planted, census);
             print!("{}", sim::report::table(&s));
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&sim::report::json(&s))?)?;

@@ -2820,3 +2820,116 @@ fn a_household_given_twice_in_one_import_is_one_document() {
     let h: Household = doc.get("household").unwrap().expect("a household");
     assert_eq!(h.members[0].person_id, "p1-0");
 }
+
+/// An `Authors` frame whose commit fails stores nothing, and the
+/// credential is not taken as known either: the next copy (the peer
+/// introduces its authors again in its next session) is stored. Shown
+/// failing when the directory kept the credential before its commit (the
+/// second copy was taken as known and never stored, so the node forgot
+/// the author at its next start).
+#[test]
+fn a_credential_whose_commit_failed_is_stored_from_its_next_copy() {
+    use crdt::wire::Frame;
+    let mut net = setup();
+    let other = NodeId::new("shelter-z").unwrap();
+    let trust = crdt::testkit::testca::trust(&other, Role::Shelter);
+    let cred = trust.signer.as_ref().unwrap().credential().to_vec();
+    let author = crdt::actor::node_hash(other.as_str());
+    let authors = crdt::wire::encode(&Frame::Authors {
+        creds: vec![cred.clone()],
+    })
+    .unwrap();
+    net.connect(0, 1);
+    let sid = net.links[1].0;
+    net.nodes[1].store_mut().fail_commits =
+        Some((1, crdt::store::StoreError::Io("disk unplugged".into())));
+    let outs = feed(&mut net, sid, authors.clone());
+    assert!(closes(&outs, sid), "a failed commit closes the session");
+    assert!(!net.nodes[1].store().credentials.contains_key(&author));
+    // The next session introduces the same author again (headquarters'
+    // end of the first one is closed too, and its links retired).
+    let old = net.links[0].0;
+    net.queue
+        .push_back((0, Input::Disconnected { session: old }));
+    for l in &mut net.links {
+        *l = (l.0, usize::MAX, usize::MAX);
+    }
+    net.connect(0, 1);
+    let sid = net.links.last().unwrap().0;
+    let outs = feed(&mut net, sid, authors);
+    assert!(!closes(&outs, sid), "{outs:?}");
+    assert!(
+        net.nodes[1].store().credentials.contains_key(&author),
+        "the second copy of a credential whose first commit failed is stored"
+    );
+    // And after a restart the node still knows the author.
+    let node = net.nodes.remove(1);
+    let cfg = node.config().clone();
+    let store = node.into_store();
+    let e = Engine::open(store, cfg, now(net.now)).unwrap();
+    assert!(e.store().credentials.contains_key(&author));
+}
+
+/// A session carrying more changes than it remembers (each session keeps
+/// only the most recent change hashes it sent or received: at most twice
+/// `EngineConfig::session_memory`, here 64) still brings every change
+/// across, and live changes still flow both ways after it; the sessions'
+/// memory of changes stays within its bound. Shown failing on the
+/// unbounded sets: headquarters' session remembered all 612 registry
+/// changes it sent.
+#[test]
+fn a_session_carrying_more_changes_than_it_remembers_converges_within_its_bound() {
+    const MEMORY: usize = 64;
+    const BOUND: usize = 2 * MEMORY;
+    let mut net = Net::new(&[("hq-1", Role::Hq), ("shelter-a", Role::Shelter)]);
+    for i in 0..2 {
+        let (id, role) = net.id(i);
+        let trust = crdt::testkit::testca::trust_with(&id, role, net.verifiers[i].clone());
+        let cfg = EngineConfig {
+            session_memory: MEMORY,
+            ..EngineConfig::new(id, role, trust)
+        };
+        net.nodes[i] = Engine::open(MemStore::new(), cfg, now(T0)).unwrap();
+    }
+    let n = 4 * BOUND + 100;
+    let hh: Vec<Household> = (0..n).map(|i| household(i, 1)).collect();
+    net.cmd(0, "imp-1", Command::ImportHouseholds { households: hh })
+        .unwrap();
+    net.connect(0, 1);
+    let reg = net.heads(0, &[Kind::Registry]);
+    assert_eq!(reg.len(), n);
+    assert_eq!(net.heads(1, &[Kind::Registry]), reg);
+    for i in 0..2 {
+        let f = net.nodes[i].footprint();
+        assert_eq!(f.sessions, 1);
+        assert!(
+            f.seen <= BOUND,
+            "node {i} remembers {} change hashes",
+            f.seen
+        );
+        assert!(f.pushed <= BOUND, "node {i}: {} pushed", f.pushed);
+    }
+    // Live, both ways, after the bound was reached.
+    net.cmd(
+        1,
+        "ci-1",
+        Command::CheckIn {
+            person_ids: vec!["p7-0".into()],
+            shelter_id: Some("shelter-a".into()),
+        },
+    )
+    .unwrap();
+    net.cmd(
+        0,
+        "imp-late",
+        Command::ImportHouseholds {
+            households: vec![household(n, 2)],
+        },
+    )
+    .unwrap();
+    for kind in [Kind::Registry, Kind::Presence] {
+        assert_eq!(net.heads(0, &[kind]), net.heads(1, &[kind]), "{kind:?}");
+    }
+    assert_eq!(net.heads(1, &[Kind::Presence]).len(), 1);
+    assert_eq!(net.heads(1, &[Kind::Registry]).len(), n + 1);
+}

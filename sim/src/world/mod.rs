@@ -25,6 +25,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+mod census;
 mod checks;
 mod faults;
 mod hostile;
@@ -222,6 +223,9 @@ pub struct World {
     true_arrivals: BTreeSet<String>,
     converged_at: Option<u64>,
     pub progress: Option<indicatif::ProgressBar>,
+    /// Print a [`World::census`] line on stderr every this many simulated
+    /// ms (reads only; the run is the same without it).
+    pub census_every_ms: Option<u64>,
     /// Stop (reporting how far the run got) when resident memory passes
     /// this many bytes, instead of being killed by the kernel.
     pub max_rss: Option<u64>,
@@ -307,6 +311,7 @@ impl World {
             true_arrivals: BTreeSet::new(),
             converged_at: None,
             progress: None,
+            census_every_ms: None,
             max_rss: None,
             hq: vec![],
             checks_done: 0,

@@ -13,6 +13,7 @@ impl World {
         let mut end = self.sc.total_ms();
         let hard_end = end + 600 * self.sc.tick_ms;
         let mut steps = 0u64;
+        let mut next_census = self.census_every_ms.unwrap_or(u64::MAX);
         while let Some((&(t, _), _)) = self.queue.first_key_value() {
             if t > end {
                 // Liveness: keep going, a round at a time, until converged
@@ -22,6 +23,14 @@ impl World {
                     continue;
                 }
                 break;
+            }
+            if t >= next_census {
+                next_census = t.saturating_add(self.census_every_ms.unwrap_or(u64::MAX));
+                let line = self.census();
+                match &self.progress {
+                    Some(p) => p.suspend(|| eprintln!("{line}")),
+                    None => eprintln!("{line}"),
+                }
             }
             let ((t, _), ev) = self.queue.pop_first().expect("present");
             self.now = t;
