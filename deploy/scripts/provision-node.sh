@@ -7,7 +7,8 @@
 # deploy/config, certificates at /etc/kizuna/certs), checked with
 # `kizuna config check` against the new certificate. On the device:
 #   install -d -m 0750 -o root -g kizuna /etc/kizuna/certs
-#   install -m 0640 -g kizuna OUT_DIR/certs/* /etc/kizuna/certs/
+#   install -m 0644 OUT_DIR/certs/{node.crt.pem,ca.crt.pem} /etc/kizuna/certs/
+#   install -m 0600 -o kizuna -g kizuna OUT_DIR/certs/node.key.pem /etc/kizuna/certs/
 #   install -m 0640 -g kizuna OUT_DIR/kizuna.toml /etc/kizuna/kizuna.toml
 # then start the service (docs/operations.md, section 2).
 #

@@ -8,7 +8,10 @@
 //! - the Prometheus endpoint bound off loopback (`0.0.0.0`) refuses a
 //!   scrape without the bearer token or with a wrong one, from a
 //!   non-loopback address of this machine and from loopback, and serves the
-//!   counters with it; without a token file such a node does not start.
+//!   counters with it; without a token file such a node does not start;
+//! - retiring a node as 3.8 says (stop, revoke, hand the list over, `shred`
+//!   the key, `rm -rf` the data): its data is gone, it cannot start, hq
+//!   refuses a copy of its certificate and key, and the rest syncs on.
 //!
 //! Every wait is a poll with a deadline that only guards against hangs.
 
@@ -273,5 +276,190 @@ fn metrics_off_loopback_need_the_bearer_token() {
         println!("{addr}: no token {}, wrong token {}, token 200", none.status, wrong.status);
     }
     sh.stop();
+    hq.stop();
+}
+
+// ----- certificate rotation and retirement (docs/operations.md 3.4, 3.8) --
+
+/// Deadline of the waits below: only a guard against hangs (a restarted
+/// node redials within seconds).
+const MESH: Duration = Duration::from_secs(60);
+
+/// `kizuna certs …` (the operator's CLI), its stdout.
+fn certs_cli(args: &[&str]) -> String {
+    let mut all = vec!["certs"];
+    all.extend_from_slice(args);
+    ok(run_kizuna(&all, &[]))
+}
+
+/// `kizuna certs issue` into `out`; the serial it printed.
+fn issue_cli(ca: &Path, role: &str, id: &str, out: &Path) -> String {
+    let printed = certs_cli(&[
+        "issue",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--role",
+        role,
+        "--node-id",
+        id,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("serial:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("no serial printed: {printed}"))
+}
+
+/// Hands the CA's current `crl.der` to a running node the way the guide
+/// says (3.5: copy it over `<data_dir>/crl.der`) and waits until the node
+/// has it in force.
+fn hand_crl_to(ca: &Path, n: &Node, number: u64) {
+    // `cp` over the live file: a read of a half-written copy is refused and
+    // the next check, seeing the file changed again, reads the whole list.
+    std::fs::copy(ca.join("crl.der"), n.data().join("crl.der")).unwrap();
+    poll(MESH, "the node to put the CA's list in force", || {
+        (status(n)["revocation"]["crl_number"].as_u64() == Some(number)).then_some(())
+    })
+}
+
+fn connected(n: &Node, peer: &str) -> bool {
+    status(n)["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["node_id"] == peer && p["connected"] == true)
+}
+
+/// A check-in at `n` answered 201 (committed there).
+fn check_in(n: &Node, person: &str, shelter: &str, op_id: &str) {
+    let body = format!(r#"{{"person_ids":["{person}"],"shelter_id":"{shelter}","op_id":"{op_id}"}}"#);
+    let r = n.api("POST", "/api/v1/checkins", &body);
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+/// The shelter `n` has `person` checked in at, if any.
+fn located_at(n: &Node, person: &str) -> Option<String> {
+    let r = n.api("GET", &format!("/api/v1/persons/{person}"), "");
+    if r.status != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&r.body).ok()?;
+    (v["location"]["status"] == "in")
+        .then(|| v["location"]["shelter_id"].as_str().map(String::from))
+        .flatten()
+}
+
+fn wait_located(n: &Node, person: &str, shelter: &str, what: &str) {
+    poll(MESH, what, || {
+        (located_at(n, person).as_deref() == Some(shelter)).then_some(())
+    });
+}
+
+/// hq's log lines refusing an incoming peer because its certificate
+/// `serial` is revoked.
+fn refusals(hq: &Node, serial: &str) -> Vec<String> {
+    plain_log(hq)
+        .lines()
+        .filter(|l| {
+            l.contains("incoming peer rejected") && l.contains("Revoked") && l.contains(serial)
+        })
+        .map(String::from)
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_retired_node_is_refused_by_the_mesh_and_its_data_is_gone_while_the_rest_syncs() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let ca = root.join("ca");
+    certs_cli(&["init-ca", "--dir", ca.to_str().unwrap(), "--name", "Retire Test CA"]);
+    let mut hq = hq_with_registry(root, &ca, 30);
+    hq.start();
+    let mut shelters = Vec::new();
+    let mut serials = Vec::new();
+    for id in ["sh-1", "sh-2"] {
+        let dir = root.join(id);
+        serials.push(issue_cli(&ca, "shelter", id, &dir.join("certs")));
+        let mut n = Node::new(&dir, Some(hq.quic), "");
+        n.add_operator();
+        n.start();
+        shelters.push(n);
+    }
+    let mut retired = shelters.pop().unwrap();
+    let keep = shelters.pop().unwrap();
+    for n in [&keep, &retired] {
+        poll(MESH, "the shelters to hold the registry", || {
+            (registry_held(n) == 30).then_some(())
+        });
+    }
+
+    // 3.8 step 1: its last check-ins reached hq.
+    check_in(&retired, "p000004", "sh-2", "retire-last");
+    wait_located(&hq, "p000004", "sh-2", "the retiring node's last check-in at hq");
+    // A thief's copy of its disk, taken before the wipe.
+    let stolen = root.join("stolen-certs");
+    copy_dir(&retired.dir.join("certs"), &stolen);
+
+    // Step 2: stop it. Step 3: revoke every certificate of the node and
+    // hand the list to a node of the mesh.
+    retired.stop();
+    let revoked = certs_cli(&["revoke", "--ca-dir", ca.to_str().unwrap(), "--node-id", "sh-2"]);
+    assert!(revoked.contains("revoked node sh-2"), "{revoked}");
+    assert!(revoked.contains("CRL number 1 "), "{revoked}");
+    hand_crl_to(&ca, &hq, 1);
+    // Step 4: wipe data and key, with the guide's commands.
+    let key = retired.dir.join("certs").join("node.key.pem");
+    let shred = std::process::Command::new("shred")
+        .arg("-u")
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(shred.success());
+    let rm = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(retired.data())
+        .status()
+        .unwrap();
+    assert!(rm.success());
+
+    // Its data directory is gone and the node cannot start again.
+    assert!(!retired.data().exists() && !key.exists());
+    let (code, msg) = retired.refused();
+    assert_ne!(code, 0, "{msg}");
+    assert!(msg.contains("node.key.pem"), "{msg}");
+
+    // The mesh refuses the retired node's certificate (a stolen disk).
+    let thief_dir = root.join("thief");
+    copy_dir(&stolen, &thief_dir.join("certs"));
+    let mut thief = Node::new(&thief_dir, Some(hq.quic), "");
+    thief.add_operator();
+    let before = refusals(&hq, &serials[1]).len();
+    thief.start();
+    let refused = poll(MESH, "hq to refuse the retired node's certificate", || {
+        refusals(&hq, &serials[1]).get(before).cloned()
+    });
+    println!("retired sh-2 (serial {}); hq: {refused}", serials[1]);
+    assert!(!connected(&thief, "hq-1"));
+    thief.stop();
+
+    // The rest keeps syncing, and the retired node's last check-in stays.
+    check_in(&keep, "p000005", "sh-1", "after-retire");
+    wait_located(&hq, "p000005", "sh-1", "a check-in after the retirement at hq");
+    assert!(connected(&hq, "sh-1"));
+    assert_eq!(located_at(&hq, "p000004").as_deref(), Some("sh-2"));
+    assert_eq!(located_at(&keep, "p000004").as_deref(), Some("sh-2"));
+    drop(retired);
+    let mut keep = keep;
+    keep.stop();
     hq.stop();
 }
