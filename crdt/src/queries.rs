@@ -27,46 +27,44 @@ use crate::text::{check_text, search_key, TextError};
 use crate::views;
 use std::collections::BTreeMap;
 
-/// The queries answered from the store's projection rows alone (and the
-/// shelters' last-seen times): `Shelters`, `Conflicts`, `Districts`,
-/// `Arrivals`. `None` for any other query. The engine answers them with
-/// this function, and so may a node's second, read-only connection to its
-/// store, so headquarters' dashboard is not queued behind the engine's
-/// sync work: the rows are those of the last commit either way.
+/// Answers the queries the store's projection rows alone answer (with
+/// the shelters' last-seen times): `Shelters`, `Conflicts`, `Districts`,
+/// `Arrivals`. Any other query is given back (`Err`). The engine answers
+/// them with this function, and so may a node's read-only connections to
+/// its store, so headquarters' dashboard is not queued behind the
+/// engine's sync work: the rows are those of the last commit either way.
 pub fn from_projections<S: Store + ?Sized>(
     store: &S,
     shelter_seen: &BTreeMap<String, u64>,
     q: Query,
-) -> Option<Result<QueryReply, CommandError>> {
-    let answer = |q| -> Result<QueryReply, StoreError> {
-        Ok(match q {
-            Query::Shelters => {
-                let occ = store.occupancy()?;
-                QueryReply::Shelters(
-                    store
-                        .shelters()?
-                        .into_iter()
-                        .map(|s| ShelterView {
-                            occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0),
-                            last_sync: shelter_seen.get(&s.shelter_id).copied(),
-                            shelter: s,
-                        })
-                        .collect(),
-                )
-            }
-            Query::Conflicts => QueryReply::Conflicts(store.conflicts()?),
-            Query::Districts => QueryReply::Districts(store.district_counts()?),
-            // At least a minute: a bucket per millisecond is no chart.
-            Query::Arrivals { bucket_ms } => {
-                QueryReply::Arrivals(store.arrivals(bucket_ms.max(60_000))?)
-            }
-            _ => unreachable!("matched below"),
-        })
+) -> Result<Result<QueryReply, CommandError>, Query> {
+    let answer = match q {
+        Query::Shelters => store.occupancy().and_then(|occ| {
+            Ok(QueryReply::Shelters(
+                store
+                    .shelters()?
+                    .into_iter()
+                    .map(|s| ShelterView {
+                        occupancy: occ.get(&s.shelter_id).copied().unwrap_or(0),
+                        last_sync: shelter_seen.get(&s.shelter_id).copied(),
+                        shelter: s,
+                    })
+                    .collect(),
+            ))
+        }),
+        Query::Conflicts => store.conflicts().map(QueryReply::Conflicts),
+        Query::Districts => store.district_counts().map(QueryReply::Districts),
+        // At least a minute: a bucket per millisecond is no chart.
+        Query::Arrivals { bucket_ms } => store
+            .arrivals(bucket_ms.max(60_000))
+            .map(QueryReply::Arrivals),
+        other => return Err(other),
     };
-    answers_from_projections(&q).then(|| answer(q).map_err(CommandError::from))
+    Ok(answer.map_err(CommandError::from))
 }
 
-/// Whether [`from_projections`] answers `q`.
+/// Whether [`from_projections`] answers `q`: lets a caller choose where to
+/// run `q` before it holds a store.
 pub fn answers_from_projections(q: &Query) -> bool {
     matches!(
         q,
@@ -206,11 +204,6 @@ impl<S: Store> Queries<'_, S> {
                         }))
                     }
                 }
-            }
-            q
-            @ (Query::Shelters | Query::Conflicts | Query::Districts | Query::Arrivals { .. }) => {
-                return from_projections(&self.r.store, self.shelter_seen, q)
-                    .expect("a projection query")
             }
             Query::Evacuees {
                 shelter_id,
@@ -377,6 +370,12 @@ impl<S: Store> Queries<'_, S> {
                     })
                     .collect(),
             ),
+            // Shelters, conflicts, districts, arrivals.
+            q => {
+                return from_projections(&self.r.store, self.shelter_seen, q).unwrap_or_else(|_| {
+                    Err(CommandError::Rejected("no answer for this query".into()))
+                })
+            }
         })
     }
 }

@@ -451,6 +451,19 @@ async fn security_headers(req: Request, next: Next) -> Response {
     r
 }
 
+/// Adds `Server-Timing: app;dur=MS` to every API answer: the time from the
+/// request reaching the router to its answer being ready (the browser's
+/// resource timing shows it beside the network and the page's own time).
+async fn server_timing(req: Request, next: Next) -> Response {
+    let t = std::time::Instant::now();
+    let mut r = next.run(req).await;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = HeaderValue::from_str(&format!("app;dur={ms:.1}")) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    r
+}
+
 /// The API router; serve it with `axum::serve`.
 pub fn router(state: ApiState) -> Router {
     let api = Router::new()
@@ -489,6 +502,7 @@ pub fn router(state: ApiState) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn(server_timing))
         .with_state(state.clone());
     // The one endpoint without a bearer token: the token comes from the
     // staff card tapped on this node's reader.

@@ -373,11 +373,12 @@ impl DriverHandle {
     /// Answers the queries the store's projections answer
     /// ([`crdt::queries::from_projections`]: shelters, conflicts,
     /// districts, arrivals) on read-only connections to the store at
-    /// `path` (opened with `opts`, read-only, as needed: one per query in
-    /// flight) instead of the engine thread. Headquarters' dashboard then
-    /// does not wait behind the engine's sync work, and a slow query (a
-    /// million residents' districts) does not hold up the others. The rows
-    /// are those of the last commit, as the engine's own answer would be.
+    /// `path` (opened with `opts`, read-only, as needed: at most
+    /// [`READERS`], kept open) instead of the engine thread.
+    /// Headquarters' dashboard then does not wait behind the engine's sync
+    /// work, and a slow query (a million residents' districts) does not
+    /// hold up the others. The rows are those of the last commit, as the
+    /// engine's own answer would be.
     pub fn attach_readers(&self, path: &std::path::Path, opts: &crate::store::OpenOptions) {
         let opts = crate::store::OpenOptions {
             read_only: true,
@@ -387,18 +388,35 @@ impl DriverHandle {
         let _ = self.readers.set(Arc::new(Readers {
             path: path.to_path_buf(),
             opts,
+            free: Arc::new(tokio::sync::Semaphore::new(READERS)),
             idle: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            hold: Default::default(),
         }));
     }
 
-    pub async fn query(&self, query: Query) -> Result<QueryReply, DriverError> {
+    pub async fn query(&self, mut query: Query) -> Result<QueryReply, DriverError> {
         if let Some(readers) = self.readers.get() {
             if crdt::queries::answers_from_projections(&query) {
                 let readers = readers.clone();
-                let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                return tokio::task::spawn_blocking(move || readers.answer(&seen, query))
+                let permit = readers
+                    .free
+                    .clone()
+                    .acquire_owned()
                     .await
                     .map_err(|_| DriverError::Stopped)?;
+                let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let answered = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    readers.answer(&seen, query)
+                })
+                .await
+                .map_err(|_| DriverError::Stopped)?;
+                // A query the projections do not answer goes to the engine.
+                match answered {
+                    Ok(reply) => return reply,
+                    Err(q) => query = q,
+                }
             }
         }
         let (reply, rx) = oneshot::channel();
@@ -523,33 +541,57 @@ impl Faults {
     }
 }
 
-/// Read-only connections for [`DriverHandle::attach_readers`]: the idle
-/// ones are kept for the next query.
+/// At most this many read-only connections answer dashboard queries at
+/// once ([`DriverHandle::attach_readers`]); more queries wait for one.
+pub const READERS: usize = 4;
+
+/// Read-only connections for [`DriverHandle::attach_readers`]: `free`
+/// counts the ones not in use; the idle ones are kept for the next query.
 struct Readers {
     path: std::path::PathBuf,
     opts: crate::store::OpenOptions,
+    free: Arc<tokio::sync::Semaphore>,
     idle: Mutex<Vec<SqliteStore>>,
+    /// Test-only: (hold queries here, queries inside, most ever inside).
+    #[cfg(test)]
+    hold: (Mutex<(bool, usize, usize)>, std::sync::Condvar),
 }
 
 impl Readers {
+    /// Answers `query` on an idle connection (or a new one); the caller
+    /// holds one of `free`'s permits. Gives back a query the projections
+    /// do not answer.
     fn answer(
         &self,
         seen: &BTreeMap<String, u64>,
         query: Query,
-    ) -> Result<QueryReply, DriverError> {
+    ) -> Result<Result<QueryReply, DriverError>, Query> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let store = match idle {
             Some(s) => s,
-            None => SqliteStore::open_with(&self.path, &self.opts)
-                .map_err(|e| DriverError::Query(CommandError::Storage(e)))?,
+            None => match SqliteStore::open_with(&self.path, &self.opts) {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(DriverError::Query(CommandError::Storage(e)))),
+            },
         };
-        let answer = crdt::queries::from_projections(&store, seen, query)
-            .expect("answers_from_projections said so");
+        #[cfg(test)]
+        {
+            let (state, cv) = &self.hold;
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.1 += 1;
+            st.2 = st.2.max(st.1);
+            cv.notify_all();
+            while st.0 {
+                st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.1 -= 1;
+        }
+        let answer = crdt::queries::from_projections(&store, seen, query);
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(store);
-        answer.map_err(DriverError::Query)
+        answer.map(|a| a.map_err(DriverError::Query))
     }
 }
 
@@ -906,6 +948,42 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+        // Many dashboards at once, while the readers are held: at most
+        // READERS queries run at once, and every one is answered.
+        let readers = h.readers.get().unwrap().clone();
+        let (hold, hold_cv) = &readers.hold;
+        hold.lock().unwrap().0 = true;
+        let many: Vec<_> = (0..3 * READERS)
+            .map(|_| {
+                let h = h.clone();
+                rt.spawn(async move { h.query(Query::Districts).await })
+            })
+            .collect();
+        let mut st = hold.lock().unwrap();
+        while st.1 < READERS {
+            st = hold_cv.wait(st).unwrap();
+        }
+        st.0 = false;
+        hold_cv.notify_all();
+        drop(st);
+        let answers = rt.block_on(async {
+            tokio::time::timeout(deadline, futures_util::future::join_all(many)).await
+        });
+        let answers = answers.unwrap_or_else(|_| panic!("queries beyond the pool waited forever"));
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(Ok(_)))),
+            "{answers:?}"
+        );
+        let most = hold.lock().unwrap().2;
+        assert!(
+            most <= READERS,
+            "{most} queries at once on {READERS} readers"
+        );
+        let opened = readers.idle.lock().unwrap().len();
+        assert!(
+            opened <= READERS,
+            "{opened} connections for {READERS} readers"
+        );
         // The engine's own queries still wait for it.
         *state.lock().unwrap() = 0;
         cv.notify_all();

@@ -66,7 +66,7 @@ fn args() -> Args {
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;
     }
@@ -90,6 +90,9 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async {
         dashboard(&a).await.context("dashboard")?;
+        if a.taps == 0 {
+            return Ok(());
+        }
         taps(&a).await.context("taps")
     })
 }
@@ -188,7 +191,13 @@ async fn dashboard(a: &Args) -> Result<()> {
     let s1 = mesh.node("s-001");
     let mut e2e = Vec::new();
     let mut at_hq = Vec::new();
+    // Where the time after the event goes: the wait before the page asks
+    // for /shelters, the call (of which hq's own time, from its
+    // Server-Timing header), and the page drawing the answer.
+    let mut phases: [Vec<f64>; 4] = Default::default();
     for i in 0..a.updates {
+        b.js("performance.clearResourceTimings(); return 0;")
+            .await?;
         let (s, r) = s1.api(
             "POST",
             "/api/v1/persons",
@@ -222,6 +231,21 @@ async fn dashboard(a: &Args) -> Result<()> {
         );
         e2e.push(painted - t0);
         at_hq.push(painted - ev);
+        let r = b
+            .js("const e = performance.getEntriesByType('resource').filter(e => e.name.includes('/api/v1/shelters')).pop(); \
+                 if (!e) return null; const st = (e.serverTiming || []).find(x => x.name === 'app'); \
+                 return [performance.timeOrigin + e.startTime, performance.timeOrigin + e.responseEnd, st ? st.duration : null];")
+            .await?;
+        if let Some(r) = r.as_array() {
+            let (start, end) = (
+                r[0].as_f64().unwrap_or(f64::NAN),
+                r[1].as_f64().unwrap_or(f64::NAN),
+            );
+            phases[0].push(start - ev);
+            phases[1].push(end - start);
+            phases[2].push(r[2].as_f64().unwrap_or(f64::NAN));
+            phases[3].push(painted - end);
+        }
     }
     println!(
         "hq dashboard live update ({} check-ins at a shelter node): end to end p50 {:.0} ms, p99 {:.0} ms; after the change reached the dashboard p50 {:.0} ms, p99 {:.0} ms",
@@ -230,6 +254,16 @@ async fn dashboard(a: &Args) -> Result<()> {
         pct(&mut e2e, 99.0),
         pct(&mut at_hq.clone(), 50.0),
         pct(&mut at_hq, 99.0)
+    );
+    let [wait, call, server, draw] = &mut phases;
+    println!(
+        "  of which (p50): event until /shelters asked {:.0} ms; the call {:.0} ms, of which hq's own time {:.0} ms; drawing the answer {:.0} ms ({} of {} updates timed)",
+        pct(&mut wait.clone(), 50.0),
+        pct(&mut call.clone(), 50.0),
+        pct(&mut server.clone(), 50.0),
+        pct(&mut draw.clone(), 50.0),
+        wait.len(),
+        a.updates
     );
     b.close().await;
     // To study hq's queries at this scale afterwards (sqlite3 on a copy).
@@ -256,7 +290,7 @@ async fn first_paint(
 ) -> Result<()> {
     let mut paint = Vec::new();
     let mut fcp = Vec::new();
-    let mut calls: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    let mut calls: std::collections::BTreeMap<String, Vec<(f64, f64, f64)>> = Default::default();
     for _ in 0..a.loads {
         let link = mesh.node("hq-1").link("desk")?;
         b.c.goto(&link).await?;
@@ -269,12 +303,13 @@ async fn first_paint(
         // Where the time goes: each API call of the load, from the request
         // leaving the page to its last byte.
         let r = b
-            .js("return performance.getEntriesByType('resource').filter(e => e.name.includes('/api/v1/')).map(e => [new URL(e.name).pathname, e.startTime, e.responseEnd]);")
+            .js("return performance.getEntriesByType('resource').filter(e => e.name.includes('/api/v1/')).map(e => [new URL(e.name).pathname, e.startTime, e.responseEnd, ((e.serverTiming || []).find(x => x.name === 'app') || {}).duration]);")
             .await?;
         for e in r.as_array().into_iter().flatten() {
             let path = e[0].as_str().unwrap_or("?").to_string();
             let (s, end) = (e[1].as_f64().unwrap_or(0.0), e[2].as_f64().unwrap_or(0.0));
-            calls.entry(path).or_default().push((s, end));
+            let app = e[3].as_f64().unwrap_or(f64::NAN);
+            calls.entry(path).or_default().push((s, end, app));
         }
     }
     let rows = b
@@ -293,10 +328,12 @@ async fn first_paint(
     for (path, v) in &calls {
         let mut start: Vec<f64> = v.iter().map(|x| x.0).collect();
         let mut end: Vec<f64> = v.iter().map(|x| x.1).collect();
+        let mut app: Vec<f64> = v.iter().map(|x| x.2).collect();
         println!(
-            "  {path}: requested at p50 {:.0} ms, answered at p50 {:.0} ms ({} calls)",
+            "  {path}: requested at p50 {:.0} ms, answered at p50 {:.0} ms, hq's own time p50 {:.0} ms ({} calls)",
             pct(&mut start, 50.0),
             pct(&mut end, 50.0),
+            pct(&mut app, 50.0),
             v.len()
         );
     }

@@ -209,14 +209,32 @@ impl NodeProc {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        self.child = Some(child);
         let (port, token) = (self.http, self.token.clone());
-        wait_for_long(&format!("{} to answer", self.id), deadline, || {
+        let mut child = child;
+        let mut exited = None;
+        let answered = wait_for_long(&format!("{} to answer", self.id), deadline, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited = Some(status);
+                return Some(false);
+            }
             match api(port, &token, "GET", "/api/v1/status", None) {
-                Ok((200, _)) => Some(()),
+                Ok((200, _)) => Some(true),
                 _ => None,
             }
-        })
+        });
+        self.child = Some(child);
+        if answered? {
+            return Ok(());
+        }
+        // A node that stopped will not answer: say why at once.
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        bail!(
+            "{} stopped ({}) before answering: {}",
+            self.id,
+            exited.map(|s| s.to_string()).unwrap_or_default(),
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )
     }
 
     /// SIGTERM and wait (the node shuts down cleanly).

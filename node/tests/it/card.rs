@@ -10,6 +10,7 @@
 //! hangs. Every emulator records the APDUs it receives into one suite log;
 //! each test checks that no VERIFY and no My Number AID ever reached a card.
 
+use crate::support::free_port;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
-use crate::support::free_port;
 
 use node::card::apdu::{ApduLog, CardError, Sw, TransportError};
 use node::card::emu::is_forbidden_received;

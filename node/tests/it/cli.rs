@@ -2,6 +2,7 @@
 //! (UTF-8, CP932, all-or-nothing), docs export, and the API over real HTTP
 //! against a SQLite store in a temp dir.
 
+use crate::support::kizuna_bin;
 use crdt::api::{Command, Operator, Reply};
 use crdt::engine::EngineConfig;
 use crdt::model::{Household, Member};
@@ -14,7 +15,6 @@ use node::store::{SqliteStore, DB_FILE_NAME};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Output;
-use crate::support::kizuna_bin;
 
 const HEADER: &str = "household_id,address,person_id,name,kana,birth_date,card_user_id";
 

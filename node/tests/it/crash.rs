@@ -6,6 +6,7 @@
 //! condition (rows in the database, acknowledgements received, the HTTP
 //! port answering) under a bounded deadline.
 
+use crate::support::{free_port, free_udp_port, kizuna_bin};
 use crdt::api::{Command, Operator, Reply};
 use crdt::engine::EngineConfig;
 use crdt::model::{Household, Member, ShelterInfo};
@@ -23,7 +24,6 @@ use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use crate::support::{free_port, free_udp_port, kizuna_bin};
 
 const HEADER: &str = "household_id,address,person_id,name,kana,birth_date,card_user_id";
 /// Every generated household has exactly this many members.

@@ -4,6 +4,7 @@
 //! resumed by re-running the same file, and roles that may not import
 //! refused.
 
+use crate::support::kizuna_bin;
 use crdt::api::{Command, Operator};
 use crdt::engine::EngineConfig;
 use crdt::store::Store;
@@ -13,7 +14,6 @@ use node::store::{SqliteStore, DB_FILE_NAME};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
-use crate::support::kizuna_bin;
 
 fn kizuna(args: &[&str]) -> Output {
     std::process::Command::new(kizuna_bin())

@@ -4,13 +4,13 @@
 //! through an hq `kizuna run` node (check-in → mail file; drop after the
 //! final "." → indeterminate, retried with the same Message-ID).
 
+use crate::support::{free_port, free_udp_port, kizuna_bin};
 use crdt::api::{MailOutcome, MailRequest};
 use node::mail::{send, SmtpSettings};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use crate::support::{free_port, free_udp_port, kizuna_bin};
 
 fn python() -> &'static str {
     // The Debian package installs into the system python.

@@ -16,7 +16,7 @@
 //!   of an import, is refused, changes nothing, and is never echoed or
 //!   logged.
 
-
+use crate::support::proc::{http, ok, poll, run_kizuna, Node};
 use crdt::store::Store;
 use node::store::{OpenOptions, SqliteStore, DB_FILE_NAME};
 use std::net::SocketAddr;
@@ -24,7 +24,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use crate::support::proc::{http, ok, poll, run_kizuna, Node};
 
 /// Names and medical values no real data holds, to look for in raw bytes.
 const CANARY_NAME: &str = "CanaryNameQx7Ja";

@@ -15,13 +15,12 @@
 //!
 //! Every wait is a poll with a deadline that only guards against hangs.
 
-
+use crate::support::free_port;
+use crate::support::proc::{http, ok, poll, run_kizuna, Node};
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
-use crate::support::free_port;
-use crate::support::proc::{http, ok, poll, run_kizuna, Node};
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -231,7 +230,9 @@ fn metrics_off_loopback_need_the_bearer_token() {
     let mut from: Vec<SocketAddr> = vec![SocketAddr::new([127, 0, 0, 1].into(), port)];
     match non_loopback_addr() {
         Some(ip) => from.insert(0, SocketAddr::new(ip, port)),
-        None => println!("no non-loopback address on this machine: scraping 0.0.0.0 via loopback only"),
+        None => {
+            println!("no non-loopback address on this machine: scraping 0.0.0.0 via loopback only")
+        }
     }
     let bearer = format!("Bearer {token}");
     for addr in &from {
@@ -267,13 +268,20 @@ fn metrics_off_loopback_need_the_bearer_token() {
             "kizuna_sync_changes_total",
             &["direction=\"received\"", "kind=\"registry\""],
         );
-        assert!(received.is_some_and(|v| v > 0.0), "{addr}: {received:?}\n{m}");
         assert!(
-            sample(m, "kizuna_wire_bytes_total", &["direction=\"received\""]).is_some_and(|v| v > 0.0),
+            received.is_some_and(|v| v > 0.0),
+            "{addr}: {received:?}\n{m}"
+        );
+        assert!(
+            sample(m, "kizuna_wire_bytes_total", &["direction=\"received\""])
+                .is_some_and(|v| v > 0.0),
             "{addr}: {m}"
         );
         assert!(m.contains("kizuna_commit_seconds_bucket"), "{addr}: {m}");
-        println!("{addr}: no token {}, wrong token {}, token 200", none.status, wrong.status);
+        println!(
+            "{addr}: no token {}, wrong token {}, token 200",
+            none.status, wrong.status
+        );
     }
     sh.stop();
     hq.stop();

@@ -10,12 +10,11 @@
 //!   so; with both damaged the node refuses to start (fail closed), and
 //!   `kizuna crl load` on the stopped node repairs it.
 
-
+use crate::support::proc::{ok, poll, run_kizuna, Node};
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use crate::support::proc::{ok, poll, run_kizuna, Node};
 
 fn issue(ca: &Path, role: crdt::Role, id: &str, dir: &Path) {
     certs::ca::issue(

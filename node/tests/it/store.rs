@@ -473,12 +473,14 @@ fn migration_3_derives_withheld_from_stored_contacts() {
     assert_eq!(e.store().withheld().unwrap().len(), 1);
     drop(e);
     let c = rusqlite::Connection::open(d.db()).unwrap();
-    // Back to what version 2 had: no withheld table (3), no district (4).
+    // Back to what version 2 had: no withheld table (3), no district (4),
+    // no signatures (5), no arrivals index (6).
     c.execute_batch(
         "DROP TABLE withheld; DROP INDEX persons_district; \
          ALTER TABLE persons DROP COLUMN district; \
          DROP INDEX changes_unsigned; DROP TABLE authors; \
-         ALTER TABLE changes DROP COLUMN seal; PRAGMA user_version = 2;",
+         ALTER TABLE changes DROP COLUMN seal; DROP INDEX locations_in_since; \
+         PRAGMA user_version = 2;",
     )
     .unwrap();
     drop(c);

@@ -104,18 +104,21 @@
   }
 
   // Runs the async `fn` at once when idle; calls while it runs (or within
-  // `gapMs` after it) fold into one more run. Unlike a debounce, a steady
+  // `gapMs`, or as long as it took, after it) fold into one more run. Unlike a debounce, a steady
   // stream of events never holds the screen back, and it never queues a
   // request per event.
   function coalesce(fn, gapMs) {
     let running = false, again = false;
     async function go() {
       running = true;
+      const t0 = performance.now();
       try { await fn(); } catch (e) { /* fn shows its own errors */ }
+      // Rest at least as long as the refresh took: a slow server is never
+      // asked more than every other moment, a fast one promptly.
       setTimeout(() => {
         running = false;
         if (again) { again = false; go(); }
-      }, gapMs);
+      }, Math.max(gapMs, performance.now() - t0));
     }
     return function () { if (running) again = true; else go(); };
   }
@@ -577,25 +580,44 @@
   function hqDashboard() {
     let shelters = [];
 
+    // Rows by shelter id with what each shows: a live update redraws only
+    // the rows whose numbers changed (855 shelters at a large municipality).
+    let shelterRows = new Map(), shelterOrder = "";
+    function shelterRow(s, mins, stale, full) {
+      const meter = el("meter", { min: 0, max: Math.max(1, s.capacity), value: Math.min(s.occupancy, Math.max(1, s.capacity)),
+        "aria-label": s.occupancy + " / " + s.capacity });
+      const sync = el("td", null, mins === null ? T("hq.never") : T("hq.min_ago", { n: mins }));
+      if (stale) sync.appendChild(el("span", { class: "tag pending" }, " ⚠ " + T("hq.stale")));
+      return el("tr", { "data-shelter": s.shelter_id, class: full ? "full" : (stale ? "stale" : null) },
+        el("td", null, bdi(s.name)),
+        el("td", { class: "num" }, meter, " ", el("span", { class: "occ" }, String(s.occupancy)), " / " + s.capacity + (full ? " ⚠" : "")),
+        sync);
+    }
     function renderShelters() {
       const tb = document.querySelector("#shelters tbody");
-      const frag = document.createDocumentFragment();
+      const order = shelters.map((s) => s.shelter_id).join("\n");
+      const whole = order !== shelterOrder || tb.rows.length !== shelters.length;
+      const frag = whole ? document.createDocumentFragment() : null;
+      const rows = new Map();
       let total = 0;
       for (const s of shelters) {
         total += s.occupancy;
         const mins = s.last_sync ? minutesAgo(s.last_sync) : null;
         const stale = mins === null || mins >= STALE_MIN;
         const full = s.capacity && s.occupancy >= s.capacity;
-        const meter = el("meter", { min: 0, max: Math.max(1, s.capacity), value: Math.min(s.occupancy, Math.max(1, s.capacity)),
-          "aria-label": s.occupancy + " / " + s.capacity });
-        const sync = el("td", null, mins === null ? T("hq.never") : T("hq.min_ago", { n: mins }));
-        if (stale) sync.appendChild(el("span", { class: "tag pending" }, " ⚠ " + T("hq.stale")));
-        frag.appendChild(el("tr", { "data-shelter": s.shelter_id, class: full ? "full" : (stale ? "stale" : null) },
-          el("td", null, bdi(s.name)),
-          el("td", { class: "num" }, meter, " ", el("span", { class: "occ" }, String(s.occupancy)), " / " + s.capacity + (full ? " ⚠" : "")),
-          sync));
+        const key = [s.name, s.capacity, s.occupancy, mins, LANG].join("\u0000");
+        const old = shelterRows.get(s.shelter_id);
+        let tr = old && old.key === key ? old.tr : null;
+        if (!tr) {
+          tr = shelterRow(s, mins, stale, full);
+          if (!whole && old) old.tr.replaceWith(tr);
+        }
+        if (whole) frag.appendChild(tr);
+        rows.set(s.shelter_id, { key, tr });
       }
-      clear(tb).appendChild(frag);
+      if (whole) clear(tb).appendChild(frag);
+      shelterRows = rows;
+      shelterOrder = order;
       B.dataset.paintedAt = String(Date.now());
       $("kpi-evacuees").textContent = String(total);
       $("kpi-shelters").textContent = String(shelters.length);
@@ -736,7 +758,7 @@
     async function refreshAudit() { try { renderBreakGlass(await api("GET", "/api/v1/audit?break_glass_only=true&limit=100")); } catch (e) { /* retried */ } }
     async function refreshDistricts() { try { renderDistricts(await api("GET", "/api/v1/districts")); } catch (e) { /* retried */ } }
 
-    const live = coalesce(refreshLive, 250);
+    const live = coalesce(refreshLive, 100);
     const mail = coalesce(refreshOutbox, 1000);
     const audit = coalesce(refreshAudit, 1000);
     const districts = coalesce(refreshDistricts, 5000);
@@ -745,7 +767,9 @@
         if (ev.kind === "presence" || ev.kind === "shelter") {
           // For the dashboard benchmark: when the change reached this page.
           B.dataset.eventAt = String(Date.now());
-          live(); districts();
+          // The district counts (a scan of every resident) wait a moment,
+          // so they do not compete with the shelter table's refresh.
+          live(); setTimeout(districts, 1000);
         }
         else if (ev.kind === "outbox") mail();
         else if (ev.kind === "audit") audit();
