@@ -342,7 +342,8 @@ fn connected(n: &Node, peer: &str) -> bool {
 
 /// A check-in at `n` answered 201 (committed there).
 fn check_in(n: &Node, person: &str, shelter: &str, op_id: &str) {
-    let body = format!(r#"{{"person_ids":["{person}"],"shelter_id":"{shelter}","op_id":"{op_id}"}}"#);
+    let body =
+        format!(r#"{{"person_ids":["{person}"],"shelter_id":"{shelter}","op_id":"{op_id}"}}"#);
     let r = n.api("POST", "/api/v1/checkins", &body);
     assert_eq!(r.status, 201, "{}", r.body);
 }
@@ -390,7 +391,13 @@ fn a_retired_node_is_refused_by_the_mesh_and_its_data_is_gone_while_the_rest_syn
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
     let ca = root.join("ca");
-    certs_cli(&["init-ca", "--dir", ca.to_str().unwrap(), "--name", "Retire Test CA"]);
+    certs_cli(&[
+        "init-ca",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--name",
+        "Retire Test CA",
+    ]);
     let mut hq = hq_with_registry(root, &ca, 30);
     hq.start();
     let mut shelters = Vec::new();
@@ -413,7 +420,12 @@ fn a_retired_node_is_refused_by_the_mesh_and_its_data_is_gone_while_the_rest_syn
 
     // 3.8 step 1: its last check-ins reached hq.
     check_in(&retired, "p000004", "sh-2", "retire-last");
-    wait_located(&hq, "p000004", "sh-2", "the retiring node's last check-in at hq");
+    wait_located(
+        &hq,
+        "p000004",
+        "sh-2",
+        "the retiring node's last check-in at hq",
+    );
     // A thief's copy of its disk, taken before the wipe.
     let stolen = root.join("stolen-certs");
     copy_dir(&retired.dir.join("certs"), &stolen);
@@ -421,7 +433,13 @@ fn a_retired_node_is_refused_by_the_mesh_and_its_data_is_gone_while_the_rest_syn
     // Step 2: stop it. Step 3: revoke every certificate of the node and
     // hand the list to a node of the mesh.
     retired.stop();
-    let revoked = certs_cli(&["revoke", "--ca-dir", ca.to_str().unwrap(), "--node-id", "sh-2"]);
+    let revoked = certs_cli(&[
+        "revoke",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--node-id",
+        "sh-2",
+    ]);
     assert!(revoked.contains("revoked node sh-2"), "{revoked}");
     assert!(revoked.contains("CRL number 1 "), "{revoked}");
     hand_crl_to(&ca, &hq, 1);
@@ -462,7 +480,12 @@ fn a_retired_node_is_refused_by_the_mesh_and_its_data_is_gone_while_the_rest_syn
 
     // The rest keeps syncing, and the retired node's last check-in stays.
     check_in(&keep, "p000005", "sh-1", "after-retire");
-    wait_located(&hq, "p000005", "sh-1", "a check-in after the retirement at hq");
+    wait_located(
+        &hq,
+        "p000005",
+        "sh-1",
+        "a check-in after the retirement at hq",
+    );
     assert!(connected(&hq, "sh-1"));
     assert_eq!(located_at(&hq, "p000004").as_deref(), Some("sh-2"));
     assert_eq!(located_at(&keep, "p000004").as_deref(), Some("sh-2"));
