@@ -86,9 +86,10 @@ const MAX_POISONED: usize = 4096;
 const MAX_TURNS: u32 = 64;
 /// Change hashes a session remembers as carried (`seen`, `pushed`), per
 /// generation, by default (`EngineConfig::session_memory`): it remembers
-/// the last one to two generations' worth (see [`Recent`]). noto-2024 kept 10.5 million such hashes at 44 simulated
-/// hours, growing faster than the data (its sessions live for days); a
-/// change forgotten here can only be sent once more, never lost.
+/// the last one to two generations' worth (see [`Recent`]). noto-2024 kept
+/// 10.5 million such hashes at 44 simulated hours, growing faster than the
+/// data (its sessions live for days); a change forgotten here can only be
+/// sent once more, never lost.
 pub(crate) const RECENT_GENERATION: usize = 16_384;
 /// Open sessions per peer node id (a peer may dial while its old session
 /// is still being torn down: two at once, never more).
