@@ -18,6 +18,20 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+/// How many entries each part of a [`DocCache`] holds (part of
+/// [`crate::engine::Footprint`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheSizes {
+    /// Documents in the cache.
+    pub docs: usize,
+    /// Pinned documents the order pushed out, held aside.
+    pub held: usize,
+    /// Documents with changes not durable yet.
+    pub pinned: usize,
+    /// Entries of the insertion order, stale ones included.
+    pub order: usize,
+}
+
 pub(crate) struct DocCache {
     docs: FxHashMap<DocKey, (Arc<Doc>, u64)>,
     /// Insertions, oldest first, with their stamps; an entry whose stamp is
@@ -84,14 +98,14 @@ impl DocCache {
         }
     }
 
-    /// (documents, held aside, pinned, order entries): what the cache holds.
-    pub(crate) fn sizes(&self) -> (usize, usize, usize, usize) {
-        (
-            self.docs.len(),
-            self.held.len(),
-            self.pinned.len(),
-            self.order.len(),
-        )
+    /// What the cache holds now.
+    pub(crate) fn sizes(&self) -> CacheSizes {
+        CacheSizes {
+            docs: self.docs.len(),
+            held: self.held.len(),
+            pinned: self.pinned.len(),
+            order: self.order.len(),
+        }
     }
 
     #[cfg(test)]

@@ -45,11 +45,13 @@ use crate::text::TextError;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use crate::cache::CacheSizes;
 pub use crate::commands::{
     MAX_HOUSEHOLDS_PER_IMPORT, MAX_PERSONS_PER_COMMAND, MAX_RECORDS_PER_IMPORT,
 };
 pub use crate::index::DocIndex;
 pub use crate::replica::EngineError;
+pub use crate::sessions::SessionSizes;
 
 /// Documents kept loaded.
 const DEFAULT_CACHE_DOCS: usize = 2048;
@@ -163,34 +165,15 @@ pub struct Stats {
 /// simulator's `--census-hours`); nothing decides anything by them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Footprint {
-    pub sessions: usize,
-    /// Change hashes each session sent or received (`seen`), and received
-    /// as live pushes (`pushed`).
-    pub seen: usize,
-    pub pushed: usize,
-    /// Authors each session was sent the credential of.
-    pub creds_sent: usize,
-    /// Documents queued to send (reconciliation, grafts).
-    pub outq: usize,
-    /// The tree: announcements not flushed yet, announced changes waited
-    /// for, claimed log positions held back (and the hashes they wait for),
-    /// grafts in flight.
-    pub announce: usize,
-    pub wanted: usize,
-    pub pending: usize,
-    pub pending_hashes: usize,
-    pub grafted: usize,
-    pub poisoned: usize,
-    pub peers: usize,
-    pub backoff: usize,
+    /// The sync protocol's state.
+    pub sessions: SessionSizes,
     /// Verified author credentials.
     pub directory: usize,
     /// Index entries (one per document held).
     pub index: usize,
-    pub cache_docs: usize,
-    pub cache_held: usize,
-    pub cache_pinned: usize,
-    pub cache_order: usize,
+    /// Materialised documents.
+    pub cache: CacheSizes,
+    /// Documents written once by a bulk import, not durable yet.
     pub unsettled: usize,
     pub shelter_seen: usize,
     pub mail_states: usize,
@@ -324,30 +307,12 @@ impl<S: Store> Engine<S> {
     }
     /// How many entries each part of the in-memory state holds now.
     pub fn footprint(&self) -> Footprint {
-        let z = self.sessions.sizes();
-        let (cache_docs, cache_held, cache_pinned, cache_order, unsettled) =
-            self.replica.cache_sizes();
         Footprint {
-            sessions: z.sessions,
-            seen: z.seen,
-            pushed: z.pushed,
-            creds_sent: z.creds_sent,
-            outq: z.outq,
-            announce: z.announce,
-            wanted: z.wanted,
-            pending: z.pending,
-            pending_hashes: z.pending_hashes,
-            grafted: z.grafted,
-            poisoned: z.poisoned,
-            peers: z.peers,
-            backoff: z.backoff,
+            sessions: self.sessions.sizes(),
             directory: self.replica.directory.len(),
             index: self.replica.index.len(),
-            cache_docs,
-            cache_held,
-            cache_pinned,
-            cache_order,
-            unsettled,
+            cache: self.replica.cache_sizes(),
+            unsettled: self.replica.unsettled_len(),
             shelter_seen: self.shelter_seen.len(),
             mail_states: self.mail.states().len(),
         }

@@ -31,7 +31,7 @@
 
 use crate::actor::{node_hash as actor_hash, Actor};
 use crate::api::{CommandError, Now, Output, SessionId, UiEvent};
-use crate::cache::DocCache;
+use crate::cache::{CacheSizes, DocCache};
 use crate::derive;
 use crate::derive::Applied;
 use crate::doc::{guard, parse_change, Doc, DocError, Hash32};
@@ -191,11 +191,14 @@ pub(crate) struct Replica<S: Store> {
 }
 
 impl<S: Store> Replica<S> {
-    /// (cached, held aside, pinned, cache order entries, write-once
-    /// documents not yet durable).
-    pub(crate) fn cache_sizes(&self) -> (usize, usize, usize, usize, usize) {
-        let (d, h, p, o) = self.cache.sizes();
-        (d, h, p, o, self.unsettled.len())
+    /// What the document cache holds now.
+    pub(crate) fn cache_sizes(&self) -> CacheSizes {
+        self.cache.sizes()
+    }
+
+    /// Write-once documents not yet durable (see `unsettled`).
+    pub(crate) fn unsettled_len(&self) -> usize {
+        self.unsettled.len()
     }
 
     /// Opens the node's replica: checks the store belongs to this node,

@@ -440,23 +440,31 @@ pub(crate) struct Sessions {
 }
 
 /// Sizes of the protocol's in-memory state (entries, summed over open
-/// sessions), for finding what grows in long runs (see
-/// `engine::Footprint`).
+/// sessions), for finding what grows in long runs; part of
+/// [`crate::engine::Footprint`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct SessionSizes {
-    pub(crate) sessions: usize,
-    pub(crate) seen: usize,
-    pub(crate) pushed: usize,
-    pub(crate) creds_sent: usize,
-    pub(crate) outq: usize,
-    pub(crate) announce: usize,
-    pub(crate) wanted: usize,
-    pub(crate) pending: usize,
-    pub(crate) pending_hashes: usize,
-    pub(crate) grafted: usize,
-    pub(crate) poisoned: usize,
-    pub(crate) peers: usize,
-    pub(crate) backoff: usize,
+pub struct SessionSizes {
+    /// Open sessions.
+    pub open: usize,
+    /// Change hashes each session sent or received (`seen`), and received
+    /// as live pushes (`pushed`).
+    pub seen: usize,
+    pub pushed: usize,
+    /// Authors each session was sent the credential of.
+    pub creds_sent: usize,
+    /// Documents queued to send (reconciliation, grafts).
+    pub outq: usize,
+    /// The tree: announcements not flushed yet, announced changes waited
+    /// for, claimed log positions held back (and the hashes they wait for),
+    /// grafts in flight.
+    pub announce: usize,
+    pub wanted: usize,
+    pub pending: usize,
+    pub pending_hashes: usize,
+    pub grafted: usize,
+    pub poisoned: usize,
+    pub peers: usize,
+    pub backoff: usize,
 }
 
 impl Sessions {
@@ -473,7 +481,7 @@ impl Sessions {
     /// How many entries each part of the protocol's state holds now.
     pub(crate) fn sizes(&self) -> SessionSizes {
         let mut z = SessionSizes {
-            sessions: self.map.len(),
+            open: self.map.len(),
             grafted: self.grafted.len(),
             poisoned: self.poisoned.len(),
             peers: self.peers.len(),

@@ -2900,8 +2900,8 @@ fn a_session_carrying_more_changes_than_it_remembers_converges_within_its_bound(
     assert_eq!(reg.len(), n);
     assert_eq!(net.heads(1, &[Kind::Registry]), reg);
     for i in 0..2 {
-        let f = net.nodes[i].footprint();
-        assert_eq!(f.sessions, 1);
+        let f = net.nodes[i].footprint().sessions;
+        assert_eq!(f.open, 1);
         assert!(
             f.seen <= BOUND,
             "node {i} remembers {} change hashes",
