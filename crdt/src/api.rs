@@ -536,9 +536,25 @@ pub enum MailOutcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum UiEvent {
-    DocumentChanged { kind: Kind, id: String },
-    Conflict { person_id: String },
-    PeerViolation { node_id: NodeId, reason: String },
+    DocumentChanged {
+        kind: Kind,
+        id: String,
+    },
+    Conflict {
+        person_id: String,
+    },
+    PeerViolation {
+        node_id: NodeId,
+        reason: String,
+    },
+    /// A document set aside as damaged was rebuilt from a peer's copy and
+    /// is served again; `lost_changes` of the changes it held before the
+    /// damage are not in the rebuilt copy (see `crdt::replica`).
+    DocumentRepaired {
+        kind: Kind,
+        id: String,
+        lost_changes: u32,
+    },
 }
 
 #[derive(Clone, Debug)]

@@ -157,6 +157,10 @@ pub struct Stats {
     pub prunes: u64,
     /// Documents peers grafted that this node does not hold (ignored).
     pub grafts_unknown: u64,
+    /// Whole copies of damaged documents asked of peers, and damaged
+    /// documents rebuilt from a peer's copy.
+    pub repair_requests: u64,
+    pub docs_repaired: u64,
 }
 
 /// How many entries each part of an engine's in-memory state holds (open
@@ -303,6 +307,8 @@ impl<S: Store> Engine<S> {
             grafts: s.grafts,
             prunes: s.prunes,
             grafts_unknown: s.grafts_unknown,
+            repair_requests: s.repair_requests,
+            docs_repaired: s.docs_repaired,
         }
     }
     /// How many entries each part of the in-memory state holds now.
@@ -439,6 +445,7 @@ impl<S: Store> Engine<S> {
                     self.plan_mail(now, &mut out);
                 }
                 self.sessions.tick_cursors(self.replica.log_end, &mut out);
+                self.sessions.request_repairs(&self.replica, now, &mut out);
                 let txn = self.sessions.tick_tree(&mut self.replica, now, &mut out);
                 // A failed commit only leaves those cursors behind: the
                 // next session resumes from an earlier position.

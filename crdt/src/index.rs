@@ -49,8 +49,8 @@ pub(crate) struct Index {
     pub(crate) map: OrdMap<DocKey, IndexEntry>,
     /// Per kind, the XOR of the index fingerprints of its documents.
     kind_fp: [u128; Kind::ALL.len()],
-    /// Per kind, how many documents the index holds (documents are never
-    /// removed from it).
+    /// Per kind, how many documents the index holds (a document leaves it
+    /// only when it is set aside as damaged, see [`Index::remove`]).
     kind_count: [usize; Kind::ALL.len()],
 }
 
@@ -110,6 +110,15 @@ impl Index {
     pub(crate) fn set_whole(&mut self, key: &DocKey, whole: bool) {
         if let Some(e) = self.map.get_mut(key) {
             e.whole = whole;
+        }
+    }
+
+    /// Takes a damaged document out: reconciliation then sees this node
+    /// lacking it, and a peer that holds it sends it whole.
+    pub(crate) fn remove(&mut self, key: &DocKey) {
+        if let Some(e) = self.map.remove(key) {
+            self.kind_fp[key.kind.code() as usize] ^= e.fp;
+            self.kind_count[key.kind.code() as usize] -= 1;
         }
     }
 

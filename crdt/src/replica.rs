@@ -7,7 +7,7 @@
 //!
 //! - [`Replica::load`] materialises a document (cache, share, store; a
 //!   document whose snapshot fails to load is rebuilt from its raw change
-//!   log, A-10, or quarantined).
+//!   log, A-10, or else set aside as damaged, below).
 //! - [`Replica::write`] makes one local change (after the role check) and
 //!   [`Replica::record`] adds received changes; both stage everything the
 //!   commit needs (change bytes, heads, query rows, a snapshot every
@@ -24,10 +24,34 @@
 //! commit); the replica only knows *how*. It imports nothing from the
 //! sync protocol, the commands or the engine.
 //!
+//! **Damaged documents** (A-8, A-10). A document whose stored changes do
+//! not rebuild it to its stored heads is set aside ([`Replica::load`]
+//! calls `set_aside`): its stored change rows are sorted into *kept* ones
+//! (bytes that parse to the hash they are stored under, whose whole
+//! ancestry is such rows, reachable from the stored heads) and *dropped*
+//! ones (everything else, deleted, so they are never loaded or streamed
+//! again); it is recorded as [`Damaged`] (with the stored heads and the
+//! dropped changes this node wrote, which may exist nowhere else) and in
+//! the quarantine table, and it leaves the index. From then on it is
+//! refused to every reader and writer, reconciliation sees this node
+//! lacking it, and the sessions ask every peer that may hold it for a
+//! whole copy (`Sessions::request_repairs`). Changes that arrive for it
+//! are checked like any others and applied to the kept changes only
+//! ([`Replica::repair_base`]). It is served again once that copy is whole
+//! and either knows the stored heads or came as a causally closed history
+//! from a peer (a state that peer held): the commit stores a fresh
+//! snapshot, replaces any stored row of the same hash (damage may have
+//! moved one to another document), clears the damaged record and the
+//! quarantine row, puts the document back in the index and emits
+//! [`UiEvent::DocumentRepaired`]. Changes it held before the damage and
+//! the rebuilt copy lacks (local changes no peer received) are lost; they
+//! are counted in that event and a quarantine row names them for review.
+//!
 //! Invariants: a cached document is the stored one plus, at most, the
 //! changes of the transactions not yet committed or forgotten; the index
 //! changes only after a commit; a document is shared with other engines
-//! only when it has no changes waiting for their dependencies.
+//! only when it has no changes waiting for their dependencies; a damaged
+//! document is never in the index and never served.
 
 use crate::actor::{node_hash as actor_hash, Actor};
 use crate::api::{CommandError, Now, Output, SessionId, UiEvent};
@@ -45,9 +69,11 @@ use crate::replica::no_share::DocShare;
 #[cfg(any(test, feature = "share"))]
 use crate::share::DocShare;
 use crate::signing::{Author, Directory, Seal, Signer, Trust};
-use crate::store::{Batch, ChangeRecord, Cursor, DocState, Meta, Projection, Store, StoreError};
+use crate::store::{
+    Batch, ChangeRecord, Cursor, Damaged, DocState, Meta, Projection, Store, StoreError,
+};
 use automerge::Change;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -134,6 +160,9 @@ pub(crate) struct Txn {
     /// Credentials received from a peer (also in `batch.credentials`):
     /// kept in the directory once the commit is durable, never before.
     pub(crate) authors: Vec<(crate::signing::AuthorHash, Author, Arc<[u8]>)>,
+    /// Damaged documents this transaction rebuilds, with how many of the
+    /// changes they held before the damage the rebuilt copy lacks.
+    pub(crate) repaired: BTreeMap<DocKey, u32>,
 }
 
 /// A new change to push to connected peers.
@@ -186,6 +215,9 @@ pub(crate) struct Replica<S: Store> {
     /// document, which would fork it). Emptied by `committed` and
     /// `forget`.
     unsettled: FxHashMap<DocKey, Vec<u8>>,
+    /// Documents set aside as damaged, waiting for a peer's copy (never in
+    /// the index, never served).
+    pub(crate) damaged: BTreeMap<DocKey, Damaged>,
     #[cfg(feature = "mutants")]
     deferred: Option<Batch>,
 }
@@ -290,10 +322,18 @@ impl<S: Store> Replica<S> {
                 })?;
             }
         }
-        let index = match index {
+        let mut index = match index {
             Some(DocIndex(i)) => Index::from_map(i),
             None => Index::build(store.doc_index()?),
         };
+        let damaged: BTreeMap<DocKey, Damaged> = store
+            .damaged()?
+            .into_iter()
+            .map(|d| (d.key.clone(), d))
+            .collect();
+        for k in damaged.keys() {
+            index.remove(k);
+        }
         let actor = Actor::new(role, node_id, meta.incarnation);
         let log_end = store.log_end()?;
         Ok(Replica {
@@ -309,6 +349,7 @@ impl<S: Store> Replica<S> {
             directory,
             write_once: false,
             unsettled: FxHashMap::default(),
+            damaged,
             #[cfg(feature = "mutants")]
             deferred: None,
         })
@@ -317,6 +358,12 @@ impl<S: Store> Replica<S> {
     /// A document, from the cache, the share or the store; `None` if this
     /// node does not hold it.
     pub(crate) fn load(&mut self, key: &DocKey) -> Result<Option<&Doc>, StoreError> {
+        if self.damaged.contains_key(key) {
+            // Its cached copy, if any, is a repair in progress.
+            return Err(StoreError::Corrupt(format!(
+                "{key}: quarantined: its stored changes were damaged; waiting for a copy from a peer"
+            )));
+        }
         if !self.cache.contains(key) {
             if let Some(change) = self.unsettled.get(key) {
                 let doc = Doc::load(key.clone(), None, std::slice::from_ref(change))
@@ -370,11 +417,9 @@ impl<S: Store> Replica<S> {
                     match checked(Doc::load(key.clone(), None, &all)) {
                         Ok(d) => d,
                         Err(_) => {
-                            // Never served: set aside for review.
-                            let _ = self.store.commit(&Batch {
-                                quarantine: vec![(key.clone(), first.clone())],
-                                ..Default::default()
-                            });
+                            // Never served: set aside until a peer's copy
+                            // rebuilds it.
+                            self.set_aside(key, &first);
                             return Err(StoreError::Corrupt(first));
                         }
                     }
@@ -389,6 +434,98 @@ impl<S: Store> Replica<S> {
             self.cache.insert(doc);
         }
         Ok(self.cache.get(key).map(|d| &**d))
+    }
+
+    /// Sets a document whose stored changes failed to rebuild it aside as
+    /// damaged (see the module docs): sorts its rows into kept and dropped
+    /// ones, deletes the dropped ones, records the damage and takes the
+    /// document out of the index and the cache. If that commit fails the
+    /// document is still refused here, and found damaged again at the next
+    /// start.
+    fn set_aside(&mut self, key: &DocKey, reason: &str) {
+        let heads = self.index.get(key).map_or(vec![], |e| e.heads.clone());
+        let records = self.store.doc_records(key).unwrap_or_default();
+        // Intact rows: bytes that parse to the hash they are stored under.
+        let mut intact: FxHashMap<Hash32, Vec<Hash32>> = FxHashMap::default();
+        for r in &records {
+            if let Ok(c) = parse_change(&r.bytes) {
+                if c.hash().0 == r.hash {
+                    intact.insert(r.hash, c.deps().iter().map(|d| d.0).collect());
+                }
+            }
+        }
+        // Whole: intact with every ancestor intact (rows are in log order,
+        // nearly always dependencies first, so this settles in a pass or two).
+        let mut whole: FxHashSet<Hash32> = FxHashSet::default();
+        loop {
+            let before = whole.len();
+            for r in &records {
+                if let Some(deps) = intact.get(&r.hash) {
+                    if !whole.contains(&r.hash) && deps.iter().all(|d| whole.contains(d)) {
+                        whole.insert(r.hash);
+                    }
+                }
+            }
+            if whole.len() == before {
+                break;
+            }
+        }
+        // Kept: whole and reachable from the stored heads, so a row that
+        // damage moved here from another document is not applied.
+        let mut reached: FxHashSet<Hash32> = FxHashSet::default();
+        let mut stack: Vec<Hash32> = heads.clone();
+        while let Some(h) = stack.pop() {
+            if let Some(deps) = intact.get(&h) {
+                if reached.insert(h) {
+                    stack.extend(deps.iter().copied());
+                }
+            }
+        }
+        let own = self.actor.node_hash;
+        let mut dropped = Vec::new();
+        let mut at_risk = Vec::new();
+        for r in &records {
+            if whole.contains(&r.hash) && reached.contains(&r.hash) {
+                continue;
+            }
+            dropped.push(r.hash);
+            // Ours, or unsigned (made offline here): maybe held nowhere else.
+            if r.seal.is_none_or(|s| s.author == own) {
+                at_risk.push(r.hash);
+            }
+        }
+        let damage = Damaged {
+            key: key.clone(),
+            heads,
+            at_risk,
+        };
+        let why = format!(
+            "{reason}; set aside, {} of {} stored changes dropped, waiting for a copy from a peer",
+            dropped.len(),
+            records.len()
+        );
+        let _ = self.store.commit(&Batch {
+            damaged: vec![damage.clone()],
+            drop_changes: dropped,
+            quarantine: vec![(key.clone(), why)],
+            ..Default::default()
+        });
+        self.index.remove(key);
+        self.cache.remove(key);
+        self.damaged.insert(key.clone(), damage);
+    }
+
+    /// The copy of a damaged document that received changes are applied
+    /// to: the repair in progress if cached, else one built from its kept
+    /// rows (and changes received for it since).
+    pub(crate) fn repair_base(&mut self, key: &DocKey) -> Result<Arc<Doc>, StoreError> {
+        if let Some(d) = self.cache.remove(key) {
+            return Ok(d);
+        }
+        let rows = self.store.doc_changes(key)?;
+        Doc::load(key.clone(), None, &rows)
+            .map(Arc::new)
+            .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
     }
 
     /// Puts a document (back) into the cache.
@@ -516,7 +653,11 @@ impl<S: Store> Replica<S> {
             });
         }
         // A snapshot that fails is skipped: the change log has everything.
-        let snapshot = (tail >= SNAPSHOT_EVERY).then(|| doc.save().ok()).flatten();
+        // A rebuilt document gets one at once: its load then needs none of
+        // the rows older than the rebuild.
+        let snapshot = (tail >= SNAPSHOT_EVERY || txn.repaired.contains_key(key))
+            .then(|| doc.save().ok())
+            .flatten();
         // A batch's snapshot of a document covers every change of it in the
         // batch, so only the newest state of each document is kept. `heads`
         // has a key exactly when `docs` holds its state (both are written
@@ -659,6 +800,21 @@ impl<S: Store> Replica<S> {
             snapshotted.insert(&d.key, d.snapshot.is_some());
         }
         for (key, (heads, whole)) in txn.heads {
+            if let Some(lost) = txn.repaired.get(&key) {
+                self.damaged.remove(&key);
+                out.push(Output::Event(UiEvent::DocumentRepaired {
+                    kind: key.kind,
+                    id: key.id.clone(),
+                    lost_changes: *lost,
+                }));
+            }
+            if self.damaged.contains_key(&key) {
+                // Received changes of a damaged document not whole yet:
+                // stored, still refused, still out of the index.
+                self.unsettled.remove(&key);
+                self.cache.unpin(&key);
+                continue;
+            }
             let snap = snapshotted.get(&key).copied().unwrap_or(false);
             // `whole` is known at `record`: the document may have left the
             // cache since (a frame with more documents than the cache holds).

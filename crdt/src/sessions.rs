@@ -199,6 +199,12 @@ pub(crate) struct Session {
     pending: std::collections::VecDeque<(Option<Cursor>, Vec<Hash32>)>,
     /// Too much was waited for: no cursor is stored from this session.
     cursor_stuck: bool,
+    /// Our damaged documents asked of this peer, with when (monotonic ms).
+    asked: BTreeMap<DocKey, u64>,
+    /// Documents the peer asked for whole (a `Graft` with no heads: its
+    /// copy was damaged and set aside): sent whole even if this session
+    /// carried some of their changes before.
+    resend: BTreeSet<DocKey>,
 }
 
 /// A set of the most recently added change hashes: two generations of at
@@ -289,6 +295,8 @@ impl Session {
             wanted: BTreeMap::new(),
             pending: Default::default(),
             cursor_stuck: false,
+            asked: BTreeMap::new(),
+            resend: BTreeSet::new(),
         }
     }
 
@@ -413,6 +421,10 @@ pub(crate) struct SyncStats {
     pub(crate) prunes: u64,
     /// Documents a peer grafted that this node does not hold (ignored).
     pub(crate) grafts_unknown: u64,
+    /// Whole copies of damaged documents asked of peers, and damaged
+    /// documents rebuilt from what arrived (staged for commit).
+    pub(crate) repair_requests: u64,
+    pub(crate) docs_repaired: u64,
 }
 
 /// Every open session, the peers met and the protocol's counters.
@@ -560,6 +572,57 @@ impl Sessions {
                 },
                 out,
             );
+        }
+    }
+
+    /// On a tick: asks every peer that may hold one of our damaged
+    /// documents for a whole copy (a `Graft` with no heads, answered from
+    /// the peer's send queue with every change of it), again every
+    /// [`GRAFT_TIMEOUT_MS`] on each session until it is rebuilt. A peer
+    /// that does not hold it ignores the request. Reconciliation finds the
+    /// same difference (a damaged document is out of the index); this also
+    /// covers peers met before, whose sessions resume instead.
+    pub(crate) fn request_repairs<S: Store>(
+        &mut self,
+        r: &Replica<S>,
+        now: Now,
+        out: &mut Vec<Output>,
+    ) {
+        if r.damaged.is_empty() {
+            return;
+        }
+        let t = now.mono_ms;
+        let sids: Vec<SessionId> = self
+            .map
+            .iter()
+            .filter(|(_, s)| s.hello)
+            .map(|(k, _)| *k)
+            .collect();
+        for sid in sids {
+            let s = self.map.get_mut(&sid).expect("present");
+            let items: Vec<Item> = r
+                .damaged
+                .keys()
+                .filter(|k| policy::may_hold(s.role, &s.node, k))
+                .filter(|k| {
+                    s.asked
+                        .get(*k)
+                        .is_none_or(|at| t >= at.saturating_add(GRAFT_TIMEOUT_MS))
+                })
+                .take(wire::MAX_GRAFT_DOCS)
+                .map(|k| Item {
+                    key: k.clone(),
+                    heads: vec![],
+                })
+                .collect();
+            if items.is_empty() {
+                continue;
+            }
+            for it in &items {
+                s.asked.insert(it.key.clone(), t);
+            }
+            self.stats.repair_requests += items.len() as u64;
+            self.send(sid, &Frame::Graft { docs: items }, out);
         }
     }
 
@@ -1112,6 +1175,9 @@ impl Sessions {
                         continue;
                     }
                     s.lazy &= !kind_bit(it.key.kind);
+                    if it.heads.is_empty() {
+                        s.resend.insert(it.key.clone());
+                    }
                     s.outq.insert((it.key.kind.priority(), it.key), it.heads);
                 }
             }
@@ -1486,18 +1552,24 @@ impl Sessions {
             else {
                 break;
             };
+            // A peer that reports holding nothing of the document gets all
+            // of it: a hint that it held some is stale (it may have set a
+            // damaged copy aside since).
             let mut base = their;
-            if let Some(Ok(Some(h))) = hint_key.as_ref().map(|p| r.store.peer_heads(p, &key)) {
-                base.extend(h);
+            if !base.is_empty() {
+                if let Some(Ok(Some(h))) = hint_key.as_ref().map(|p| r.store.peer_heads(p, &key)) {
+                    base.extend(h);
+                }
             }
             let changes = match r.load(&key) {
                 Ok(Some(doc)) => doc.changes_since(&base),
                 _ => continue,
             };
             let s = self.map.get_mut(&sid).expect("present");
+            let whole = s.resend.remove(&key);
             let changes: Vec<_> = changes
                 .into_iter()
-                .filter(|c| s.seen.insert(c.hash().0))
+                .filter(|c| s.seen.insert(c.hash().0) || whole)
                 .collect();
             if changes.is_empty() {
                 continue;
@@ -1634,10 +1706,24 @@ impl Sessions {
                 }
             }
             // Taken out of the cache: put back only once the changes are
-            // applied and valid.
+            // applied and valid. A damaged document (found so now, maybe)
+            // is rebuilt on its kept changes only.
             let base = match r.take(&key) {
                 Ok(Some(d)) => d,
+                Err(_) if r.damaged.contains_key(&key) => match r.repair_base(&key) {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
                 _ => Arc::new(Doc::new(key.clone())),
+            };
+            let damage = r.damaged.get(&key).cloned();
+            // The peer's changes of it form a causally closed history (each
+            // one's dependencies among them): a whole state the peer held.
+            let closed = damage.is_some() && {
+                let sent: FxHashSet<Hash32> = changes.iter().map(|c| c.hash().0).collect();
+                changes
+                    .iter()
+                    .all(|c| c.deps().iter().all(|d| sent.contains(&d.0)))
             };
             let offered = changes.len();
             let cycle = changes
@@ -1678,7 +1764,7 @@ impl Sessions {
                 } else {
                     new
                 };
-            if new.is_empty() {
+            if new.is_empty() && damage.is_none() {
                 r.put_back(base);
                 continue;
             }
@@ -1787,6 +1873,38 @@ impl Sessions {
                     break;
                 }
             };
+            if let Some(d) = &damage {
+                // Rebuilt once whole and either at (or past) the stored
+                // heads or a state the peer held; what it held before the
+                // damage and the copy lacks is reported as lost.
+                let doc = &applied.doc;
+                if !doc.has_waiting() && (closed || d.heads.iter().all(|h| doc.knows(h))) {
+                    let lost: BTreeSet<Hash32> = d
+                        .heads
+                        .iter()
+                        .chain(&d.at_risk)
+                        .filter(|h| !doc.knows(h))
+                        .copied()
+                        .collect();
+                    if !lost.is_empty() {
+                        let hashes: Vec<String> = lost
+                            .iter()
+                            .map(|h| h[..4].iter().map(|b| format!("{b:02x}")).collect())
+                            .collect();
+                        txn.batch.quarantine.push((
+                            key.clone(),
+                            format!(
+                                "rebuilt from {peer}'s copy; {} changes it held before the damage are lost: {}",
+                                lost.len(),
+                                hashes.join(",")
+                            ),
+                        ));
+                    }
+                    self.stats.docs_repaired += 1;
+                    txn.batch.repaired.push(key.clone());
+                    txn.repaired.insert(key.clone(), lost.len() as u32);
+                }
+            }
             r.put_back(applied.doc);
             self.stats.changes_applied += new.len() as u64;
             txn.touched.insert(key.clone());

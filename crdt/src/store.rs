@@ -188,6 +188,18 @@ pub struct Batch {
     pub peer_heads: Vec<(NodeId, DocKey, Vec<Hash32>)>,
     /// Documents that failed to load or validate, with the reason.
     pub quarantine: Vec<(DocKey, String)>,
+    /// Documents whose stored changes are damaged: not served until a
+    /// peer's copy rebuilds them (A-8, A-10; see `crate::replica`).
+    pub damaged: Vec<Damaged>,
+    /// Logged changes to delete, by hash: the damaged rows of a damaged
+    /// document (so they are neither streamed to peers nor loaded again).
+    pub drop_changes: Vec<Hash32>,
+    /// Damaged documents rebuilt in this batch: their damaged record and
+    /// quarantine row are cleared (a quarantine row in the same batch, a
+    /// report of lost changes, is written after), and their changes in this
+    /// batch replace any stored row with the same hash (a row moved to
+    /// another document by damage).
+    pub repaired: Vec<DocKey>,
     /// How far into each peer's change log we hold everything.
     pub cursors: Vec<(NodeId, Cursor)>,
     /// Newly verified author credentials (see [`crate::signing`]).
@@ -206,10 +218,27 @@ impl Batch {
             && self.ops.is_empty()
             && self.peer_heads.is_empty()
             && self.quarantine.is_empty()
+            && self.damaged.is_empty()
+            && self.drop_changes.is_empty()
+            && self.repaired.is_empty()
             && self.cursors.is_empty()
             && self.credentials.is_empty()
             && self.seals.is_empty()
     }
+}
+
+/// A document whose stored changes could not be trusted, set aside until
+/// a peer's copy rebuilds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damaged {
+    pub key: DocKey,
+    /// The heads the store named for it when the damage was found (what a
+    /// rebuilt copy should know; they may be damaged themselves).
+    pub heads: Vec<Hash32>,
+    /// Dropped changes this node wrote (or that were unsigned): the ones
+    /// that may exist nowhere else. A rebuilt copy that lacks any of them
+    /// is reported as having lost them.
+    pub at_risk: Vec<Hash32>,
 }
 
 /// A stored document: the newest snapshot (if any) and the logged changes
@@ -227,6 +256,11 @@ pub trait Store {
     fn load_doc(&self, key: &DocKey) -> Result<Option<StoredDoc>, StoreError>;
     /// Every logged change of a document, for rebuilding a damaged one.
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Every logged change of a document as stored (hash column, bytes,
+    /// seal), in log order: what sorting damaged rows from intact ones reads.
+    fn doc_records(&self, key: &DocKey) -> Result<Vec<ChangeRecord>, StoreError>;
+    /// Every document set aside as damaged and not rebuilt yet, in key order.
+    fn damaged(&self) -> Result<Vec<Damaged>, StoreError>;
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
     /// The stored seals of changes by hash, in order (`None` for a change
     /// not held or held unsigned): what relaying a document's changes sends.
@@ -340,6 +374,10 @@ pub struct LoggedChange {
     pub bytes: Arc<[u8]>,
     /// Shared with other stores like the bytes.
     pub seal: Option<Arc<Seal>>,
+    /// Deleted (a damaged row of a damaged document): its position stays
+    /// taken, as a deleted SQLite row's sequence number does, but it is
+    /// neither loaded nor streamed.
+    pub dropped: bool,
 }
 
 impl LoggedChange {
@@ -400,6 +438,7 @@ pub struct MemStore {
     pub ops: OrdMap<String, String>,
     pub peer_heads: OrdMap<(NodeId, DocKey), Vec<Hash32>>,
     pub quarantine: OrdMap<DocKey, String>,
+    pub damaged: OrdMap<DocKey, Damaged>,
     pub cursors: OrdMap<NodeId, Cursor>,
     /// Fault injection: the next N commits fail with this error.
     pub fail_commits: Option<(u32, StoreError)>,
@@ -452,6 +491,15 @@ impl Store for MemStore {
             .map(|i| self.log[i].bytes.to_vec())
             .collect())
     }
+    fn doc_records(&self, key: &DocKey) -> Result<Vec<ChangeRecord>, StoreError> {
+        Ok(self
+            .doc_positions(key)
+            .map(|i| self.log[i].record())
+            .collect())
+    }
+    fn damaged(&self) -> Result<Vec<Damaged>, StoreError> {
+        Ok(self.damaged.values().cloned().collect())
+    }
     fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<Seal>>, StoreError> {
         Ok(hashes
             .iter()
@@ -465,7 +513,7 @@ impl Store for MemStore {
     fn unsigned(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
         let start = (after as usize).min(self.log.len());
         Ok((start..self.log.len())
-            .filter(|&i| self.log[i].seal.is_none())
+            .filter(|&i| self.log[i].seal.is_none() && !self.log[i].dropped)
             .take(limit)
             .map(|i| ((i + 1) as u64, self.log[i].record()))
             .collect())
@@ -488,8 +536,39 @@ impl Store for MemStore {
         if let Some(m) = &batch.meta {
             self.meta = Some(m.clone());
         }
+        for h in &batch.drop_changes {
+            if let Some(i) = self.hashes.remove(h) {
+                let mut e = self.log[i].clone();
+                if let Some(v) = self.by_doc.get_mut(&e.key) {
+                    v.retain(|&p| p != i);
+                }
+                e.dropped = true;
+                self.log.set(i, e);
+            }
+        }
         for c in &batch.changes {
             let at = self.log.len();
+            if let (Some(&i), true) = (self.hashes.get(&c.hash), batch.repaired.contains(&c.key)) {
+                // A rebuilt document's verified change replaces the row
+                // with its hash (damage may have moved or altered it).
+                let mut e = self.log[i].clone();
+                if e.key != c.key || *e.bytes != c.bytes[..] {
+                    if let Some(v) = self.by_doc.get_mut(&e.key) {
+                        v.retain(|&p| p != i);
+                    }
+                    upsert(&mut self.by_doc, &c.key, Vec::new, |v| {
+                        let at = v.partition_point(|&p| p < i);
+                        v.insert(at, i);
+                    });
+                    e.key = c.key.clone();
+                    e.bytes = Arc::from(c.bytes.as_slice());
+                    if e.seal.is_none() {
+                        e.seal = c.seal.map(Arc::new);
+                    }
+                    self.log.set(i, e);
+                }
+                continue;
+            }
             if !self.hashes.contains_key(&c.hash) {
                 self.hashes.insert(c.hash, at);
                 upsert(&mut self.by_doc, &c.key, Vec::new, |v| v.push(at));
@@ -502,6 +581,7 @@ impl Store for MemStore {
                     hash: c.hash,
                     bytes,
                     seal,
+                    dropped: false,
                 });
             }
         }
@@ -541,6 +621,13 @@ impl Store for MemStore {
         for (p, k, h) in &batch.peer_heads {
             self.peer_heads.insert((p.clone(), k.clone()), h.clone());
         }
+        for k in &batch.repaired {
+            self.damaged.remove(k);
+            self.quarantine.remove(k);
+        }
+        for d in &batch.damaged {
+            self.damaged.insert(d.key.clone(), d.clone());
+        }
         for (k, r) in &batch.quarantine {
             self.quarantine.insert(k.clone(), r.clone());
         }
@@ -552,6 +639,7 @@ impl Store for MemStore {
     fn log_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
         let start = (after as usize).min(self.log.len());
         Ok((start..self.log.len())
+            .filter(|&i| !self.log[i].dropped)
             .take(limit)
             .map(|i| ((i + 1) as u64, self.log[i].record()))
             .collect())
@@ -560,13 +648,21 @@ impl Store for MemStore {
         Ok(seq
             .checked_sub(1)
             .and_then(|i| self.log.get(i as usize))
+            .filter(|c| !c.dropped)
             .map(|c| c.hash))
     }
     fn log_end(&self) -> Result<Option<Cursor>, StoreError> {
-        Ok(self.log.back().map(|c| Cursor {
-            seq: self.log.len() as u64,
-            hash: c.hash,
-        }))
+        // The newest entry not dropped (SQLite's max(seq) of the rows left).
+        Ok(self
+            .log
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, c)| !c.dropped)
+            .map(|(i, c)| Cursor {
+                seq: i as u64 + 1,
+                hash: c.hash,
+            }))
     }
     fn sync_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
         Ok(self.cursors.get(peer).copied())
@@ -1215,6 +1311,99 @@ pub mod conformance {
         districts_and_arrivals(&mut *fresh());
         known_persons_answers_like_person(&mut *fresh());
         seals_and_credentials(&mut *fresh());
+        damaged_documents(&mut *fresh());
+    }
+
+    /// A damaged document: its dropped rows leave the change
+    /// log (not loaded, streamed or found by hash; their sequence numbers
+    /// are not reused), the damage is kept until a batch marks the
+    /// document repaired, and that batch's changes of it replace stored
+    /// rows of the same hash (even one stored under another document)
+    /// without taking a new place in the log.
+    pub fn damaged_documents(s: &mut dyn Store) {
+        let k = key(Kind::Medical, "p1");
+        let other = key(Kind::Medical, "p2");
+        let rec = |k: &DocKey, i: u8, b: u8| ChangeRecord {
+            key: k.clone(),
+            hash: [i; 32],
+            bytes: vec![b; 8],
+            seal: None,
+        };
+        s.commit(&Batch {
+            changes: vec![
+                rec(&k, 1, 1),
+                rec(&k, 2, 2),
+                rec(&other, 3, 3),
+                rec(&k, 4, 4),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let d = Damaged {
+            key: k.clone(),
+            heads: vec![[4; 32]],
+            at_risk: vec![[2; 32]],
+        };
+        s.commit(&Batch {
+            damaged: vec![d.clone()],
+            drop_changes: vec![[2; 32]],
+            quarantine: vec![(k.clone(), "bad".into())],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.damaged().unwrap(), vec![d]);
+        assert_eq!(s.doc_changes(&k).unwrap(), vec![vec![1; 8], vec![4; 8]]);
+        let hashes = |v: Vec<ChangeRecord>| v.into_iter().map(|c| c.hash).collect::<Vec<_>>();
+        assert_eq!(hashes(s.doc_records(&k).unwrap()), vec![[1; 32], [4; 32]]);
+        let log: Vec<(u64, Hash32)> = s
+            .log_since(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(n, c)| (n, c.hash))
+            .collect();
+        assert_eq!(log.len(), 3);
+        assert!(log.iter().all(|(_, h)| *h != [2; 32]));
+        let seq_of = |h: Hash32| log.iter().find(|(_, x)| *x == h).unwrap().0;
+        assert!(seq_of([1; 32]) < seq_of([3; 32]) && seq_of([3; 32]) < seq_of([4; 32]));
+        assert_eq!(s.log_at(seq_of([1; 32]) + 1).unwrap(), None);
+        assert_eq!(s.log_end().unwrap().unwrap().hash, [4; 32]);
+        // Rebuilt: change 2 comes back, change 3 (damage put it under the
+        // other document) is named as this one's, change 4 with its right
+        // bytes; change 5 is new.
+        s.commit(&Batch {
+            changes: vec![rec(&k, 2, 2), rec(&k, 3, 3), rec(&k, 4, 9), rec(&k, 5, 5)],
+            repaired: vec![k.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.damaged().unwrap().is_empty());
+        assert!(s.quarantined().unwrap().is_empty());
+        assert_eq!(
+            hashes(s.doc_records(&k).unwrap()),
+            vec![[1; 32], [3; 32], [4; 32], [2; 32], [5; 32]]
+        );
+        assert_eq!(s.doc_changes(&k).unwrap()[2], vec![9; 8]);
+        assert!(s.doc_changes(&other).unwrap().is_empty());
+        assert_eq!(s.log_since(0, 10).unwrap().len(), 5);
+        assert_eq!(s.log_end().unwrap().unwrap().hash, [5; 32]);
+        // A repair may leave a report of lost changes in the quarantine.
+        s.commit(&Batch {
+            damaged: vec![Damaged {
+                key: k.clone(),
+                heads: vec![],
+                at_risk: vec![],
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        s.commit(&Batch {
+            repaired: vec![k.clone()],
+            quarantine: vec![(k.clone(), "lost 1".into())],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.damaged().unwrap().is_empty());
+        assert_eq!(s.quarantined().unwrap(), vec![(k, "lost 1".to_string())]);
     }
 
     /// A change's seal is stored beside it and found by hash (the first one

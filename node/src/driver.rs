@@ -812,6 +812,15 @@ fn route(
                 }
             }
             Output::Event(e) => {
+                if let UiEvent::DocumentRepaired {
+                    kind,
+                    id,
+                    lost_changes,
+                } = &e
+                {
+                    // Ids only: the document is served again.
+                    tracing::warn!(%kind, doc = %id, lost_changes, "damaged document rebuilt from a peer's copy");
+                }
                 let _ = events.send(e);
             }
         }

@@ -128,6 +128,12 @@ impl Store for SimStore {
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
         self.mem.doc_changes(key)
     }
+    fn doc_records(&self, key: &DocKey) -> Result<Vec<crdt::store::ChangeRecord>, StoreError> {
+        self.mem.doc_records(key)
+    }
+    fn damaged(&self) -> Result<Vec<crdt::store::Damaged>, StoreError> {
+        self.mem.damaged()
+    }
     fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<crdt::signing::Seal>>, StoreError> {
         self.mem.seals(hashes)
     }

@@ -39,6 +39,8 @@ struct Net {
     /// When set, `Changes` frames from the first node to the second are
     /// dropped (a tree link that stopped forwarding).
     drop_changes: Option<(usize, usize)>,
+    /// UI events every node emitted, with the node.
+    events: Vec<(usize, UiEvent)>,
 }
 
 fn now(ms: u64) -> Now {
@@ -77,6 +79,7 @@ impl Net {
             spoiled: None,
             closed: vec![],
             drop_changes: None,
+            events: vec![],
         }
     }
     fn id(&self, i: usize) -> (NodeId, Role) {
@@ -126,7 +129,7 @@ impl Net {
             .map(|l| (l.0, l.1))
     }
     /// Carries out a node's outputs: frames go to the peer's queue.
-    fn route(&mut self, outs: Vec<Output>) {
+    fn route_from(&mut self, node: Option<usize>, outs: Vec<Output>) {
         for o in outs {
             match o {
                 Output::Send { session, mut bytes } => {
@@ -169,6 +172,11 @@ impl Net {
                 Output::SendMail(m) => self.mails.push(m),
                 Output::Reply { result, .. } => self.replies.push(result),
                 Output::Close { session, .. } => self.closed.push(session),
+                Output::Event(e) => {
+                    if let Some(n) = node {
+                        self.events.push((n, e))
+                    }
+                }
                 _ => {}
             }
         }
@@ -183,11 +191,11 @@ impl Net {
                 steps += 1;
                 assert!(steps < 100_000, "no quiescence");
                 let outs = self.nodes[i].handle(input, now(self.now), &mut self.rng);
-                self.route(outs);
+                self.route_from(Some(i), outs);
             }
             for i in 0..self.nodes.len() {
                 let outs = self.nodes[i].handle(Input::Tick, now(self.now), &mut self.rng);
-                self.route(outs);
+                self.route_from(Some(i), outs);
             }
             if self.queue.is_empty() {
                 break;
@@ -2932,4 +2940,203 @@ fn a_session_carrying_more_changes_than_it_remembers_converges_within_its_bound(
     }
     assert_eq!(net.heads(1, &[Kind::Presence]).len(), 1);
     assert_eq!(net.heads(1, &[Kind::Registry]).len(), n + 1);
+}
+
+/// Stops node `i` and starts it again on its store with the newest stored
+/// change of `key` damaged (one flipped bit in the middle of its bytes,
+/// the way a flip on disk leaves it). Returns that change's hash.
+fn restart_with_damaged_change(net: &mut Net, i: usize, key: &DocKey) -> [u8; 32] {
+    let cfg = net.nodes[i].config().clone();
+    let mut store = net.nodes[i].store().clone();
+    let at = *store.by_doc[key].last().expect("stored changes");
+    let mut e = store.log[at].clone();
+    let mut b = e.bytes.to_vec();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x10;
+    e.bytes = Arc::from(b);
+    let hash = e.hash;
+    store.log.set(at, e);
+    net.nodes[i] = Engine::open(store, cfg, now(net.now)).unwrap();
+    hash
+}
+
+fn read_medical(
+    net: &mut Net,
+    i: usize,
+    op: &str,
+    reason: &str,
+) -> Result<crdt::views::MedicalView, CommandError> {
+    net.cmd(
+        i,
+        op,
+        Command::ReadMedical {
+            person_id: "p1-0".into(),
+            reason: reason.into(),
+            break_glass: false,
+        },
+    )
+    .map(|r| match r {
+        Reply::Medical { view, .. } => view,
+        other => panic!("{other:?}"),
+    })
+}
+
+fn put_allergy(net: &mut Net, i: usize, op: &str, allergy: &str, consent: bool) {
+    let update = MedicalUpdate {
+        blood_type: Some(BloodType::AbNeg),
+        consent: consent.then_some(ConsentBasis::Consented),
+        add: vec![(MedicalSection::Allergy, allergy.into())],
+        ..Default::default()
+    };
+    net.cmd(
+        i,
+        op,
+        Command::PutMedical {
+            person_id: "p1-0".into(),
+            update,
+        },
+    )
+    .unwrap();
+}
+
+/// issue 14 item 3: a medical profile whose newest stored change
+/// is damaged is refused (never served wrong), set aside out of the index
+/// with its damaged row deleted, asked of a peer met before (whose session
+/// resumes, so no reconciliation would notice), rebuilt from that peer's
+/// copy through the normal protocol with every check, and served again
+/// with the right value; the quarantine is cleared.
+#[test]
+fn a_damaged_document_is_refused_then_rebuilt_from_a_peers_copy_and_served() {
+    use crdt::store::Store;
+    let mut net = setup();
+    let key = DocKey::new(Kind::Medical, "p1-0").unwrap();
+    for (n, allergy) in ["ペニシリン", "ラテックス", "卵"].into_iter().enumerate() {
+        put_allergy(&mut net, 0, &format!("m{n}"), allergy, n == 0);
+    }
+    net.connect(0, 3);
+    net.disconnect_all();
+    let good = read_medical(&mut net, 3, "r0", "emergency_transport").unwrap();
+    assert_eq!(good.blood_type, Some(BloodType::AbNeg));
+    let damaged = restart_with_damaged_change(&mut net, 3, &key);
+
+    // Refused, never served; set aside.
+    let e = read_medical(&mut net, 3, "r1", "emergency_transport").unwrap_err();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+    let amb = &net.nodes[3];
+    assert_eq!(
+        amb.doc_heads(&key),
+        None,
+        "a damaged document leaves the index"
+    );
+    assert_eq!(amb.store().damaged().unwrap().len(), 1);
+    assert!(amb
+        .store()
+        .quarantined()
+        .unwrap()
+        .iter()
+        .any(|(k, _)| *k == key));
+    assert!(
+        !amb.store()
+            .log
+            .iter()
+            .any(|c| c.hash == damaged && !c.dropped),
+        "the damaged row is deleted (never streamed to a peer)"
+    );
+    // Asked again, still refused: nothing arrives while disconnected.
+    assert!(read_medical(&mut net, 3, "r2", "emergency_transport").is_err());
+
+    // Headquarters was met before: the session resumes from its cursor.
+    net.reconcile_frames = 0;
+    net.connect(0, 3);
+    assert_eq!(net.reconcile_frames, 0, "resumed, not reconciled");
+    assert_eq!(net.nodes[3].doc_heads(&key), net.nodes[0].doc_heads(&key));
+    assert_eq!(net.nodes[3].stats().docs_repaired, 1);
+    assert!(net.nodes[3].store().damaged().unwrap().is_empty());
+    assert!(net.nodes[3].store().quarantined().unwrap().is_empty());
+    assert!(net.events.iter().any(|(n, e)| *n == 3
+        && *e
+            == UiEvent::DocumentRepaired {
+                kind: Kind::Medical,
+                id: "p1-0".into(),
+                lost_changes: 0
+            }));
+    let again = read_medical(&mut net, 3, "r3", "emergency_transport").unwrap();
+    assert_eq!(again, good);
+    // And after a restart it loads cleanly from the rebuilt rows.
+    let cfg = net.nodes[3].config().clone();
+    let store = net.nodes[3].store().clone();
+    net.nodes[3] = Engine::open(store, cfg, now(net.now)).unwrap();
+    assert_eq!(
+        read_medical(&mut net, 3, "r4", "emergency_transport").unwrap(),
+        good
+    );
+    assert!(net.nodes[3].store().quarantined().unwrap().is_empty());
+}
+
+/// The same damage to a change only the damaged node held (a clinic's
+/// update made while cut off): the document is rebuilt from the peer's
+/// copy without it, served again, and the loss is reported (event and a
+/// quarantine row naming it), never silent. Then an ambulance's damaged
+/// copy is rebuilt from a peer it meets for the first time (a reconciled
+/// session), the clinic whose copy was itself rebuilt.
+#[test]
+fn a_damaged_local_only_change_is_reported_lost_when_the_document_is_rebuilt() {
+    use crdt::store::Store;
+    let mut net = Net::new(&[
+        ("hq-1", Role::Hq),
+        ("clinic-1", Role::Clinic),
+        ("amb-1", Role::Ambulance),
+    ]);
+    let hh: Vec<Household> = (0..5).map(|i| household(i, 2)).collect();
+    net.cmd(0, "imp", Command::ImportHouseholds { households: hh })
+        .unwrap();
+    put_allergy(&mut net, 0, "m0", "ペニシリン", true);
+    net.connect(0, 1);
+    net.disconnect_all();
+    let at_hq = read_medical(&mut net, 0, "r0", "clinic_care").unwrap();
+    // Cut off: the clinic adds an allergy nobody else has yet.
+    put_allergy(&mut net, 1, "m1", "ラテックス", false);
+    let local = read_medical(&mut net, 1, "r1", "clinic_care").unwrap();
+    assert_ne!(local, at_hq);
+    let key = DocKey::new(Kind::Medical, "p1-0").unwrap();
+    let lost = restart_with_damaged_change(&mut net, 1, &key);
+    assert!(read_medical(&mut net, 1, "r2", "clinic_care").is_err());
+    assert_eq!(
+        net.nodes[1].store().damaged().unwrap()[0].at_risk,
+        vec![lost]
+    );
+
+    // Rebuilt from headquarters' copy: served again, the loss reported.
+    net.connect(0, 1);
+    let rebuilt = read_medical(&mut net, 1, "r3", "clinic_care").unwrap();
+    assert_eq!(rebuilt, at_hq);
+    assert!(net.events.iter().any(|(n, e)| *n == 1
+        && *e
+            == UiEvent::DocumentRepaired {
+                kind: Kind::Medical,
+                id: "p1-0".into(),
+                lost_changes: 1
+            }));
+    assert!(net.nodes[1].store().damaged().unwrap().is_empty());
+    let q = net.nodes[1].store().quarantined().unwrap();
+    assert!(
+        q.iter().any(|(k, why)| *k == key && why.contains("lost")),
+        "{q:?}"
+    );
+
+    // A first meeting reconciles: an ambulance whose copy is damaged
+    // (never met the clinic before) gets it from the clinic.
+    net.disconnect_all();
+    net.connect(0, 2);
+    net.disconnect_all();
+    restart_with_damaged_change(&mut net, 2, &key);
+    assert!(read_medical(&mut net, 2, "r4", "emergency_transport").is_err());
+    net.reconcile_frames = 0;
+    net.connect(2, 1);
+    assert!(net.reconcile_frames > 0);
+    assert_eq!(
+        read_medical(&mut net, 2, "r5", "emergency_transport").unwrap(),
+        at_hq
+    );
+    assert!(net.nodes[2].store().quarantined().unwrap().is_empty());
 }

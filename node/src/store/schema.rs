@@ -38,6 +38,10 @@
 //!   node signs at its next start when it is the author, and which is never
 //!   relayed otherwise. `authors`: verified author credentials by node
 //!   hash, relayed to peers with the changes they signed.
+//! - `damaged` (version 7): (kind, id) → documents whose stored changes
+//!   could not be trusted, set aside until a peer's copy rebuilds them: the
+//!   heads the store named when the damage was found, and the hashes of
+//!   dropped changes this node wrote (`crdt::store::Damaged`).
 //!
 //! Kinds are stored as [`crdt::Kind::code`] integers so `ORDER BY kind, id`
 //! is exactly [`crdt::DocKey`]'s `Ord`; text columns use SQLite's BINARY
@@ -49,7 +53,7 @@
 pub const APPLICATION_ID: i32 = 0x4B5A_4E41;
 
 /// Migration `i` (0-based) takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this program writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -76,6 +80,17 @@ CREATE INDEX withheld_person_id ON withheld (person_id);
 const V4: &str = r#"
 ALTER TABLE persons ADD COLUMN district TEXT;
 CREATE INDEX persons_district ON persons (district, person_id) WHERE district IS NOT NULL;
+"#;
+
+/// Version 7: damaged documents awaiting a copy from a peer (A-8, A-10).
+const V7: &str = r#"
+CREATE TABLE damaged (
+    kind    INTEGER NOT NULL,
+    doc_id  TEXT NOT NULL,
+    heads   BLOB NOT NULL CHECK (length(heads) % 32 = 0),
+    at_risk BLOB NOT NULL CHECK (length(at_risk) % 32 = 0),
+    PRIMARY KEY (kind, doc_id)
+);
 "#;
 
 /// Version 5: signed changes. Existing changes get no seal: the node signs
@@ -224,4 +239,5 @@ pub(crate) const DIGEST_TABLES: &[(&str, &str)] = &[
     ("peer_heads", "peer, kind, doc_id"),
     ("quarantine", "kind, doc_id"),
     ("authors", "author"),
+    ("damaged", "kind, doc_id"),
 ];

@@ -25,8 +25,8 @@ use certs::storagekey::StorageKey;
 use crdt::doc::Hash32;
 use crdt::signing::{AuthorHash, Seal};
 use crdt::store::{
-    Batch, ChangeRecord, Cursor, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow, Store,
-    StoreError, StoredDoc,
+    Batch, ChangeRecord, Cursor, Damaged, LocationRow, LocationStatus, Meta, PersonRow, ShelterRow,
+    Store, StoreError, StoredDoc,
 };
 use crdt::{DocKey, Kind, NodeId};
 use rusqlite::types::ValueRef;
@@ -822,6 +822,67 @@ impl Store for SqliteStore {
         rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
     }
 
+    fn doc_records(&self, key: &DocKey) -> Result<Vec<ChangeRecord>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT hash, bytes, seal FROM changes WHERE kind = ?1 AND doc_id = ?2 ORDER BY seq",
+            )
+            .map_err(map_err)?;
+        let rows = st
+            .query_map(params![key.kind.code(), key.id], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                ))
+            })
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, bytes, seal) = row.map_err(map_err)?;
+            out.push(ChangeRecord {
+                key: key.clone(),
+                hash: hash32(&hash)?,
+                bytes,
+                // Read to sort damaged rows from intact ones: a damaged
+                // seal is no seal.
+                seal: seal.and_then(|b| Seal::from_bytes(&b)),
+            });
+        }
+        Ok(out)
+    }
+
+    fn damaged(&self) -> Result<Vec<Damaged>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, doc_id, heads, at_risk FROM damaged ORDER BY kind, doc_id",
+            )
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .map_err(map_err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, id, heads, at_risk) = row.map_err(map_err)?;
+            out.push(Damaged {
+                key: DocKey::new(kind_from_sql(kind)?, id)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                heads: heads_from_blob(&heads)?,
+                at_risk: heads_from_blob(&at_risk)?,
+            });
+        }
+        Ok(out)
+    }
+
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
@@ -1311,12 +1372,31 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
         tx.prepare_cached("INSERT OR REPLACE INTO meta (id, json) VALUES (0, ?1)")?
             .execute([json])?;
     }
+    if !batch.drop_changes.is_empty() {
+        let mut st = tx.prepare_cached("DELETE FROM changes WHERE hash = ?1")?;
+        for h in &batch.drop_changes {
+            st.execute([&h[..]])?;
+        }
+    }
     if !batch.changes.is_empty() {
         let mut st = tx.prepare_cached(
             "INSERT OR IGNORE INTO changes (hash, kind, doc_id, bytes, seal) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
+        // A rebuilt document's verified changes replace the rows with
+        // their hashes (damage may have moved or altered one); the row
+        // keeps its place in the log.
+        let mut replace = tx.prepare_cached(
+            "INSERT INTO changes (hash, kind, doc_id, bytes, seal) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (hash) DO UPDATE SET kind = excluded.kind, doc_id = excluded.doc_id, \
+             bytes = excluded.bytes, seal = coalesce(changes.seal, excluded.seal)",
+        )?;
         for c in &batch.changes {
             let seal = c.seal.map(|s| s.to_bytes().to_vec());
+            let st = if batch.repaired.contains(&c.key) {
+                &mut replace
+            } else {
+                &mut st
+            };
             st.execute(params![
                 &c.hash[..],
                 c.key.kind.code(),
@@ -1463,6 +1543,27 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
         )?;
         for (peer, c) in &batch.cursors {
             st.execute(params![peer.as_str(), c.seq as i64, c.hash.to_vec()])?;
+        }
+    }
+    if !batch.repaired.is_empty() {
+        let mut d = tx.prepare_cached("DELETE FROM damaged WHERE kind = ?1 AND doc_id = ?2")?;
+        let mut q = tx.prepare_cached("DELETE FROM quarantine WHERE kind = ?1 AND doc_id = ?2")?;
+        for key in &batch.repaired {
+            d.execute(params![key.kind.code(), key.id])?;
+            q.execute(params![key.kind.code(), key.id])?;
+        }
+    }
+    if !batch.damaged.is_empty() {
+        let mut st = tx.prepare_cached(
+            "INSERT OR REPLACE INTO damaged (kind, doc_id, heads, at_risk) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for d in &batch.damaged {
+            st.execute(params![
+                d.key.kind.code(),
+                d.key.id,
+                heads_to_blob(&d.heads),
+                heads_to_blob(&d.at_risk)
+            ])?;
         }
     }
     if !batch.quarantine.is_empty() {

@@ -122,6 +122,13 @@ fn full_batch(n: u8, change_len: usize) -> Batch {
         )],
         credentials: vec![([7; 8], vec![1, 2, 3])],
         seals: vec![],
+        damaged: vec![crdt::store::Damaged {
+            key: key(Kind::Medical, "p9"),
+            heads: vec![[5; 32]],
+            at_risk: vec![[6; 32]],
+        }],
+        drop_changes: vec![],
+        repaired: vec![],
     }
 }
 
@@ -135,9 +142,11 @@ fn dump(s: &dyn Store) -> String {
     };
     line(format!("meta {:?}", s.load_meta()));
     line(format!("index {:?}", s.doc_index()));
+    line(format!("damaged {:?}", s.damaged()));
     for k in universe_keys() {
         line(format!("doc {k:?} {:?}", s.load_doc(&k)));
         line(format!("changes {k:?} {:?}", s.doc_changes(&k)));
+        line(format!("records {k:?} {:?}", s.doc_records(&k)));
         for p in PEERS {
             line(format!(
                 "peer {p} {k:?} {:?}",
@@ -263,7 +272,7 @@ fn conformance_suite_on_real_files() {
             .join(format!("c{}.db", n.fetch_add(1, Ordering::SeqCst)));
         Box::new(SqliteStore::open(&path).unwrap())
     });
-    assert_eq!(n.load(Ordering::SeqCst), 11);
+    assert_eq!(n.load(Ordering::SeqCst), 12);
 }
 
 /// Migration 5 and offline writes (signed changes): changes stored unsigned
@@ -474,9 +483,9 @@ fn migration_3_derives_withheld_from_stored_contacts() {
     drop(e);
     let c = rusqlite::Connection::open(d.db()).unwrap();
     // Back to what version 2 had: no withheld table (3), no district (4),
-    // no signatures (5), no arrivals index (6).
+    // no seals (5), no arrivals index (6), no damaged table (7).
     c.execute_batch(
-        "DROP TABLE withheld; DROP INDEX persons_district; \
+        "DROP TABLE damaged; DROP TABLE withheld; DROP INDEX persons_district; \
          ALTER TABLE persons DROP COLUMN district; \
          DROP INDEX changes_unsigned; DROP TABLE authors; \
          ALTER TABLE changes DROP COLUMN seal; DROP INDEX locations_in_since; \

@@ -548,3 +548,167 @@ fn damaged_medical_rows_are_rebuilt_or_quarantined_never_served_wrong() {
         assert_eq!(s.persons, truth.persons, "{what}");
     }
 }
+
+/// Issue 14 item 3 (A-8, A-10), end to end: two real `kizuna` processes
+/// (headquarters and an ambulance) over real QUIC, each on its own SQLite
+/// file. The ambulance holds a medical profile synced from headquarters;
+/// while both are stopped, a bit of one of the profile's stored changes is
+/// flipped in the ambulance's file. Restarted alone, the ambulance refuses
+/// the profile (never a wrong value) and counts it as quarantined; once
+/// headquarters is back, the ambulance gets a good copy through the normal
+/// sync protocol with no operator action, serves the right value again
+/// and clears the quarantine, and still does after its next restart.
+/// Deadlines only guard against hangs.
+#[test]
+fn a_damaged_medical_profile_is_refetched_from_a_peer_over_quic() {
+    use crate::support::proc::{ok, poll, run_kizuna, Node};
+    use std::time::Duration;
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let ca = root.join("ca");
+    certs::ca::init_ca(&ca, "Refetch Test CA").unwrap();
+    let issue = |role: Role, id: &str, dir: &Path| {
+        certs::ca::issue_sealed_at(
+            &ca,
+            role,
+            &NodeId::new(id).unwrap(),
+            &dir.join("certs"),
+            30,
+            time::OffsetDateTime::now_utc(),
+            None,
+        )
+        .unwrap();
+    };
+    let hq_dir = root.join("hq");
+    issue(Role::Hq, "hq-1", &hq_dir);
+    let mut hq = Node::new(&hq_dir, None, "");
+    let csv = root.join("registry.csv");
+    std::fs::write(
+        &csv,
+        "household_id,address,person_id,name,kana,birth_date,card_user_id\n\
+         h-1,新潟県三条市,p-1,山田 花子,ヤマダ ハナコ,1950-01-01,\n\
+         h-1,新潟県三条市,p-2,山田 太郎,ヤマダ タロウ,1952-02-02,\n",
+    )
+    .unwrap();
+    ok(run_kizuna(
+        &[
+            "registry",
+            "import",
+            "--data-dir",
+            hq.data().to_str().unwrap(),
+            csv.to_str().unwrap(),
+            "--node-id",
+            "hq-1",
+        ],
+        &[],
+    ));
+    hq.add_operator();
+    let amb_dir = root.join("amb");
+    issue(Role::Ambulance, "amb-1", &amb_dir);
+    // Plaintext, so the test can damage a row with plain SQL.
+    let mut amb = Node::new(&amb_dir, Some(hq.quic), "[storage]\nencrypt = false\n");
+    amb.add_operator();
+
+    // Headquarters writes the profile in three changes.
+    hq.start();
+    for body in [
+        r#"{"blood_type":"AB-","consent":"consented","add":[["allergy","ペニシリン"]]}"#,
+        r#"{"add":[["allergy","ラテックス"]]}"#,
+        r#"{"add":[["condition","ぜんそく"]]}"#,
+    ] {
+        let r = hq.api("POST", "/api/v1/persons/p-1/medical", body);
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let status = |n: &Node| -> serde_json::Value {
+        let r = n.api("GET", "/api/v1/status", "");
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    };
+    let medical_docs = |s: &serde_json::Value| s["documents_by_kind"]["medical"].as_u64();
+    let read = |n: &Node| {
+        n.api(
+            "GET",
+            "/api/v1/persons/p-1/medical?reason=emergency_transport",
+            "",
+        )
+    };
+    let right = |body: &str| {
+        body.contains("AB-")
+            && body.contains("ペニシリン")
+            && body.contains("ラテックス")
+            && body.contains("ぜんそく")
+    };
+    // The ambulance's first sync brings the document whole (one frame,
+    // one commit).
+    amb.start();
+    poll(
+        Duration::from_secs(180),
+        "the profile at the ambulance",
+        || (medical_docs(&status(&amb)) == Some(1)).then_some(()),
+    );
+    let r = read(&amb);
+    assert!(r.status == 200 && right(&r.body), "{} {}", r.status, r.body);
+    amb.stop();
+    hq.stop();
+
+    // A flipped bit in the newest stored change of the profile.
+    let db = amb.data().join(DB_FILE_NAME);
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let row = format!(
+            "seq = (SELECT max(seq) FROM changes WHERE kind = {} AND doc_id = 'p-1')",
+            Kind::Medical.code()
+        );
+        edit_blob(&c, "changes", "bytes", &row, |b| b[40] ^= 0x10);
+    }
+
+    // Alone, the ambulance refuses the profile and quarantines it.
+    amb.start();
+    let r = read(&amb);
+    assert!(r.status >= 400, "a damaged profile was served: {}", r.body);
+    assert!(!right(&r.body), "{}", r.body);
+    let s = status(&amb);
+    assert_eq!(s["quarantined"].as_u64(), Some(1), "{s}");
+    assert_eq!(medical_docs(&s), None, "{s}");
+    let r = read(&amb);
+    assert!(
+        r.status >= 400 && r.body.contains("quarantined"),
+        "{} {}",
+        r.status,
+        r.body
+    );
+
+    // Headquarters comes back: the ambulance asks for the profile and
+    // rebuilds it from headquarters' copy, by itself.
+    hq.start();
+    poll(
+        Duration::from_secs(180),
+        "the profile rebuilt at the ambulance",
+        || {
+            let s = status(&amb);
+            (s["quarantined"].as_u64() == Some(0) && medical_docs(&s) == Some(1)).then_some(())
+        },
+    );
+    let r = read(&amb);
+    assert!(r.status == 200 && right(&r.body), "{} {}", r.status, r.body);
+    let log = std::fs::read_to_string(amb.log()).unwrap();
+    assert!(
+        log.contains("damaged document rebuilt from a peer's copy"),
+        "no repair logged"
+    );
+    assert!(!log.contains("ペニシリン"), "a medical value in the log");
+    hq.stop();
+    amb.stop();
+    {
+        let s = SqliteStore::open(&db).unwrap();
+        assert!(s.damaged().unwrap().is_empty());
+        assert!(s.quarantined().unwrap().is_empty());
+        assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+    // After a restart the rebuilt profile loads from the file alone.
+    amb.start();
+    let r = read(&amb);
+    assert!(r.status == 200 && right(&r.body), "{} {}", r.status, r.body);
+    assert_eq!(status(&amb)["quarantined"].as_u64(), Some(0));
+    amb.stop();
+}
