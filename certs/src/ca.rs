@@ -141,6 +141,35 @@ pub struct IssuedRecord {
     pub not_after: i64,
     /// Unix seconds of revocation, if revoked.
     pub revoked_at: Option<i64>,
+    /// Why it was revoked; none for a certificate revoked before reasons
+    /// were recorded (its CRL entry says "unspecified", which nodes treat
+    /// as a compromise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_reason: Option<RevokeReason>,
+}
+
+/// Why a certificate is revoked: the CRL entry's reason code, which
+/// decides what becomes of the changes it signed (see `crdt::signing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevokeReason {
+    /// Replaced by a newer certificate of the same node (a rotation), its
+    /// key not lost: it opens no session any more, but the changes it
+    /// signed stay valid.
+    Superseded,
+    /// Its key may be in other hands (a lost or stolen tablet): it opens
+    /// no session, and the changes it signed are refused everywhere.
+    KeyCompromise,
+}
+
+impl RevokeReason {
+    fn crl_reason(reason: Option<RevokeReason>) -> RevocationReason {
+        match reason {
+            Some(RevokeReason::Superseded) => RevocationReason::Superseded,
+            Some(RevokeReason::KeyCompromise) => RevocationReason::KeyCompromise,
+            None => RevocationReason::Unspecified,
+        }
+    }
 }
 
 /// Content of `ca.state.json`.
@@ -196,7 +225,8 @@ pub struct Issued {
 pub struct Revoked {
     pub crl_path: PathBuf,
     pub crl_number: u64,
-    /// Serials (hex) revoked by this call; empty if all were revoked before.
+    /// Serials (hex) revoked by this call (or changed from superseded to
+    /// compromised); empty if all were revoked so before.
     pub newly_revoked: Vec<String>,
     /// Every serial (hex) the new CRL lists.
     pub listed: Vec<String>,
@@ -501,6 +531,7 @@ pub fn issue_sealed_at(
         not_before: identity.not_before.unix_timestamp(),
         not_after: identity.not_after.unix_timestamp(),
         revoked_at: None,
+        revocation_reason: None,
     });
     save_state(&ca_dir.join(CA_STATE_FILE), &ca.state)?;
 
@@ -523,25 +554,30 @@ pub fn issue_sealed_at(
     })
 }
 
-/// Revoke every certificate issued to `node_id` using the system clock.
+/// Revoke every certificate issued to `node_id` as compromised, using the
+/// system clock.
 pub fn revoke(ca_dir: &Path, node_id: &NodeId) -> Result<Revoked, CaError> {
     revoke_at(ca_dir, node_id, OffsetDateTime::now_utc())
 }
 
-/// Revoke every certificate issued to `node_id` and write a new signed CRL
-/// (`crl.der`) listing all revoked certificates, with a CRL number one above
-/// the last.
+/// Revoke every certificate issued to `node_id` as compromised and write a
+/// new signed CRL (`crl.der`) listing all revoked certificates, with a CRL
+/// number one above the last.
 pub fn revoke_at(ca_dir: &Path, node_id: &NodeId, now: OffsetDateTime) -> Result<Revoked, CaError> {
-    revoke_serial_at(ca_dir, node_id, None, now)
+    revoke_serial_at(ca_dir, node_id, None, RevokeReason::KeyCompromise, now)
 }
 
 /// [`revoke_at`] limited to one certificate of the node when `serial` (hex,
-/// as `certs issue` prints it) is given: after a rotation, the old
-/// certificate is revoked and the new one stays valid.
+/// as `certs issue` prints it) is given, for `reason`: after a rotation,
+/// the old certificate is revoked as [`RevokeReason::Superseded`] and the
+/// new one stays valid. A certificate revoked before as superseded and now
+/// as compromised (the old tablet was lost after all) is listed as
+/// compromised from this CRL on; a compromise is never downgraded.
 pub fn revoke_serial_at(
     ca_dir: &Path,
     node_id: &NodeId,
     serial: Option<&str>,
+    reason: RevokeReason,
     now: OffsetDateTime,
 ) -> Result<Revoked, CaError> {
     let mut ca = LoadedCa::load(ca_dir)?;
@@ -564,14 +600,17 @@ pub fn revoke_serial_at(
         });
     }
     let mut newly_revoked = Vec::new();
-    for r in ca
-        .state
-        .issued
-        .iter_mut()
-        .filter(|r| matches(r) && r.revoked_at.is_none())
-    {
-        r.revoked_at = Some(now.unix_timestamp());
-        newly_revoked.push(r.serial.clone());
+    for r in ca.state.issued.iter_mut().filter(|r| matches(r)) {
+        if r.revoked_at.is_none() {
+            r.revoked_at = Some(now.unix_timestamp());
+            r.revocation_reason = Some(reason);
+            newly_revoked.push(r.serial.clone());
+        } else if reason == RevokeReason::KeyCompromise
+            && r.revocation_reason == Some(RevokeReason::Superseded)
+        {
+            r.revocation_reason = Some(reason);
+            newly_revoked.push(r.serial.clone());
+        }
     }
     let crl_number = ca
         .state
@@ -592,7 +631,7 @@ pub fn revoke_serial_at(
         revoked_certs.push(RevokedCertParams {
             serial_number: SerialNumber::from_slice(&serial),
             revocation_time,
-            reason_code: Some(RevocationReason::Unspecified),
+            reason_code: Some(RevokeReason::crl_reason(r.revocation_reason)),
             invalidity_date: None,
         });
         listed.push(r.serial.clone());

@@ -69,7 +69,8 @@ pub enum CertsCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Revoke every certificate of a node and write a new signed crl.der.
+    /// Revoke every certificate of a node (or one, `--serial`) and write a
+    /// new signed crl.der.
     Revoke {
         /// The CA directory created by init-ca.
         #[arg(long)]
@@ -81,6 +82,12 @@ pub enum CertsCmd {
         /// printed it): the old one after a rotation.
         #[arg(long)]
         serial: Option<String>,
+        /// Why: `key-compromise` (a lost or stolen device; the changes the
+        /// certificate signed are refused everywhere from then on) or
+        /// `superseded` (the old certificate after a rotation, its key not
+        /// lost; the changes it signed stay valid).
+        #[arg(long, value_enum, default_value = "key-compromise")]
+        reason: ca::RevokeReason,
     },
 }
 
@@ -198,19 +205,27 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             ca_dir,
             node_id,
             serial,
+            reason,
         } => {
             let revoked = ca::revoke_serial_at(
                 &ca_dir,
                 &node_id,
                 serial.as_deref(),
+                reason,
                 time::OffsetDateTime::now_utc(),
             )
             .with_context(|| format!("revoking {node_id} with the CA in {}", ca_dir.display()))?;
             if revoked.newly_revoked.is_empty() {
                 println!("node {node_id} was already revoked; re-signed the CRL");
             } else {
+                let why = match reason {
+                    ca::RevokeReason::Superseded => "superseded: its past changes stay valid",
+                    ca::RevokeReason::KeyCompromise => {
+                        "key compromise: its changes are refused everywhere"
+                    }
+                };
                 println!(
-                    "revoked node {node_id}: serials {}",
+                    "revoked node {node_id}: serials {} ({why})",
                     revoked.newly_revoked.join(", ")
                 );
             }
@@ -315,6 +330,7 @@ mod tests {
             ca_dir,
             node_id,
             serial: None,
+            reason: ca::RevokeReason::KeyCompromise,
         })
         .unwrap();
     }

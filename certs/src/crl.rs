@@ -15,6 +15,12 @@
 //! The TLS verifiers consult [`RevocationState::is_revoked`] at every
 //! handshake, so a new CRL applies without rebuilding any config.
 //!
+//! Each entry's reason code is kept for change authors (not for TLS, where
+//! any listed serial is refused): a serial revoked as *superseded* (the old
+//! certificate of a rotated node) still vouches for the changes it signed,
+//! any other reason, or none, refuses them
+//! ([`RevocationState::author_revocation`], `crdt::signing::Revocation`).
+//!
 //! Policy for an overdue CRL (now past its `nextUpdate`): it stays in force.
 //! During a disaster the CA may be unreachable for weeks; failing open would
 //! un-revoke stolen tablets and failing closed would cut the mesh. The node
@@ -31,6 +37,7 @@ use std::sync::{Arc, RwLock};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
+use x509_parser::x509::ReasonCode;
 
 /// Largest CRL we accept; about 1,500 revoked serials.
 pub const MAX_CRL_DER_LEN: usize = 64 * 1024;
@@ -73,6 +80,8 @@ pub struct RevocationList {
     number: u64,
     der: Vec<u8>,
     revoked: BTreeSet<Vec<u8>>,
+    /// Those of `revoked` whose entry gives the reason "superseded".
+    superseded: BTreeSet<Vec<u8>>,
     this_update: OffsetDateTime,
     next_update: Option<OffsetDateTime>,
 }
@@ -138,10 +147,16 @@ impl RevocationList {
             .iter_revoked_certificates()
             .map(|r| normalize_serial(r.raw_serial()))
             .collect();
+        let superseded = crl
+            .iter_revoked_certificates()
+            .filter(|r| matches!(r.reason_code(), Some((_, ReasonCode::Superseded))))
+            .map(|r| normalize_serial(r.raw_serial()))
+            .collect();
         Ok(RevocationList {
             number,
             der: der.to_vec(),
             revoked,
+            superseded,
             this_update: crl.last_update().to_datetime(),
             next_update: crl.next_update().map(|t| t.to_datetime()),
         })
@@ -168,6 +183,19 @@ impl RevocationList {
     /// True if `serial` (magnitude, leading zeros allowed) is listed.
     pub fn contains(&self, serial: &[u8]) -> bool {
         self.revoked.contains(&normalize_serial(serial))
+    }
+    /// Whether and why `serial` is revoked, for the changes it signed:
+    /// superseded only when its entry says so, compromised for any other
+    /// reason or none.
+    pub fn revocation(&self, serial: &[u8]) -> Option<crdt::signing::Revocation> {
+        let serial = normalize_serial(serial);
+        if !self.revoked.contains(&serial) {
+            None
+        } else if self.superseded.contains(&serial) {
+            Some(crdt::signing::Revocation::Superseded)
+        } else {
+            Some(crdt::signing::Revocation::Compromised)
+        }
     }
 }
 
@@ -255,9 +283,16 @@ impl RevocationState {
         })
     }
 
-    /// True if the held CRL lists `serial` (magnitude; leading zeros allowed).
+    /// True if the held CRL lists `serial` (magnitude; leading zeros allowed),
+    /// for any reason: such a certificate opens no session.
     pub fn is_revoked(&self, serial: &[u8]) -> bool {
         self.held().is_some_and(|h| h.contains(serial))
+    }
+
+    /// Whether and why the held CRL revokes `serial`, for the changes that
+    /// certificate signed ([`RevocationList::revocation`]).
+    pub fn author_revocation(&self, serial: &[u8]) -> Option<crdt::signing::Revocation> {
+        self.held().and_then(|h| h.revocation(serial))
     }
 
     /// Bytes of the held CRL, to gossip onward.

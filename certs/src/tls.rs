@@ -296,7 +296,8 @@ impl PeerTrust {
 
 /// Node certificates as change-author credentials (see `crdt::signing`):
 /// chain and dates checked by [`PeerTrust::verify_author`], the signing key
-/// from the certificate's extension, revocation from the live list.
+/// from the certificate's extension, revocation (and its reason) from the
+/// live list.
 pub struct AuthorVerifier(pub Arc<PeerTrust>);
 
 impl crdt::signing::Verifier for AuthorVerifier {
@@ -315,8 +316,8 @@ impl crdt::signing::Verifier for AuthorVerifier {
             serial: id.serial,
         })
     }
-    fn revoked(&self, author: &crdt::signing::Author) -> bool {
-        self.0.revocation.is_revoked(&author.serial)
+    fn revoked(&self, author: &crdt::signing::Author) -> Option<crdt::signing::Revocation> {
+        self.0.revocation.author_revocation(&author.serial)
     }
 }
 

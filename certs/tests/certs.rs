@@ -722,6 +722,7 @@ fn revoking_one_serial_after_a_rotation_keeps_the_new_certificate() {
         &pki.ca_dir,
         &nid("shelter-9"),
         Some(&old.identity.serial_hex().to_uppercase()),
+        ca::RevokeReason::Superseded,
         time::OffsetDateTime::now_utc(),
     )
     .unwrap();
@@ -730,10 +731,54 @@ fn revoking_one_serial_after_a_rotation_keeps_the_new_certificate() {
     rev.offer(&std::fs::read(&r.crl_path).unwrap()).unwrap();
     assert!(rev.is_revoked(&old.identity.serial));
     assert!(!rev.is_revoked(&new.identity.serial));
+    // The CRL entry says why: superseded, so the old certificate's changes
+    // stay valid (it still opens no session: `is_revoked` above).
+    use crdt::signing::Revocation;
+    assert_eq!(
+        rev.author_revocation(&old.identity.serial),
+        Some(Revocation::Superseded)
+    );
+    assert_eq!(rev.author_revocation(&new.identity.serial), None);
+    // The old tablet lost after all: revoked again as compromised, listed
+    // so from the next CRL on; never downgraded back.
+    let again = |reason| {
+        ca::revoke_serial_at(
+            &pki.ca_dir,
+            &nid("shelter-9"),
+            Some(&old.identity.serial_hex()),
+            reason,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+    };
+    let r = again(ca::RevokeReason::KeyCompromise);
+    assert_eq!(r.newly_revoked, vec![old.identity.serial_hex()]);
+    rev.offer(&std::fs::read(&r.crl_path).unwrap()).unwrap();
+    assert_eq!(
+        rev.author_revocation(&old.identity.serial),
+        Some(Revocation::Compromised)
+    );
+    let r = again(ca::RevokeReason::Superseded);
+    assert!(r.newly_revoked.is_empty());
+    rev.offer(&std::fs::read(&r.crl_path).unwrap()).unwrap();
+    assert_eq!(
+        rev.author_revocation(&old.identity.serial),
+        Some(Revocation::Compromised)
+    );
+    assert_eq!(rev.author_revocation(&new.identity.serial), None);
+    // A whole node revoked without a reason given: compromised.
+    let other = pki.node(Role::Shelter, "shelter-8");
+    let r = ca::revoke(&pki.ca_dir, &nid("shelter-8")).unwrap();
+    rev.offer(&std::fs::read(&r.crl_path).unwrap()).unwrap();
+    assert_eq!(
+        rev.author_revocation(&other.identity.serial),
+        Some(Revocation::Compromised)
+    );
     let e = ca::revoke_serial_at(
         &pki.ca_dir,
         &nid("shelter-9"),
         Some("00ff"),
+        ca::RevokeReason::KeyCompromise,
         time::OffsetDateTime::now_utc(),
     )
     .unwrap_err();

@@ -282,9 +282,15 @@ impl<S: Store> Replica<S> {
             ..meta
         };
         // Our own credential must name us; stored ones are checked again
-        // (one revoked or expired since is dropped from memory: its
-        // changes already held stay, new ones are refused).
+        // (one expired since is dropped from memory: its changes already
+        // held stay, new ones are refused). Every stored credential of an
+        // author is kept (a rotated node's older changes carry its older
+        // keys), in the order they arrived; our own comes last, as our
+        // newest.
         let mut directory = Directory::default();
+        for (_, cred) in store.credentials()? {
+            let _ = directory.admit(&cred, &*trust.verifier);
+        }
         let mut credentials = Vec::new();
         if let Some(signer) = &trust.signer {
             // Our own credential is taken as given (a device clock outside
@@ -301,9 +307,6 @@ impl<S: Store> Replica<S> {
                 own.clone(),
             );
             credentials.push((h, own.to_vec()));
-        }
-        for (_, cred) in store.credentials()? {
-            let _ = directory.admit(&cred, &*trust.verifier);
         }
         store.commit(&Batch {
             meta: Some(meta.clone()),

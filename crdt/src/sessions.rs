@@ -177,8 +177,8 @@ pub(crate) struct Session {
     pub(crate) seen: Recent,
     /// The last log position we told the peer it holds.
     pub(crate) upto_sent: u64,
-    /// Authors whose credentials this session was sent.
-    creds_sent: FxHashSet<AuthorHash>,
+    /// Credentials this session was sent: author and signing key.
+    creds_sent: FxHashSet<(AuthorHash, [u8; 32])>,
     /// The tree (protocol 3), one bit per [`Kind`]: for a set bit the link
     /// is lazy both ways, so new changes of that kind are announced
     /// (`IHave`) instead of pushed. Every kind starts eager; a duplicate
@@ -917,7 +917,9 @@ impl Sessions {
     }
 
     /// Sends the peer the credentials of `authors` it was not sent yet in
-    /// this session, before the changes they signed.
+    /// this session, before the changes they signed: every credential of
+    /// each (a change signed before a rotation needs the old one, and a
+    /// seal does not say which key signed it).
     fn introduce(
         &mut self,
         directory: &Directory,
@@ -928,13 +930,13 @@ impl Sessions {
         let Some(s) = self.map.get_mut(&sid) else {
             return;
         };
-        // Only a credential actually sent marks its author as sent: one
-        // this node does not hold yet is sent once it does.
+        // Only a credential actually sent is marked sent: one this node
+        // does not hold yet is sent once it does.
         let creds: Vec<Vec<u8>> = authors
             .iter()
-            .filter_map(|a| directory.get(a).map(|e| (a, e.cred.to_vec())))
-            .filter(|(a, _)| s.creds_sent.insert(**a))
-            .map(|(_, cred)| cred)
+            .flat_map(|a| directory.credentials(a).iter().map(move |e| (a, e)))
+            .filter(|(a, e)| s.creds_sent.insert((**a, e.author.key)))
+            .map(|(_, e)| e.cred.to_vec())
             .collect();
         for chunk in creds.chunks(wire::MAX_CREDS_PER_FRAME) {
             let f = Frame::Authors {
@@ -1498,7 +1500,7 @@ impl Sessions {
                 {
                     continue;
                 }
-                let Some(seal) = relayable(r, c.seal) else {
+                let Some(seal) = relayable(r, c.seal, &c.hash) else {
                     self.stats.unsigned_withheld += 1;
                     continue;
                 };
@@ -1581,7 +1583,7 @@ impl Sessions {
             let mut d = DocChanges::new(key);
             let mut authors = BTreeSet::new();
             for (c, seal) in changes.into_iter().zip(seals) {
-                match relayable(r, seal) {
+                match relayable(r, seal, &c.hash().0) {
                     Some(seal) => {
                         authors.insert(seal.author);
                         d.push(c.raw_bytes().to_vec(), &seal.sig);
@@ -1789,14 +1791,10 @@ impl Sessions {
                         &sigs[&hash],
                         &proven,
                     )
-                    .and_then(|seal| {
+                    .and_then(|(seal, author)| {
                         // What the change says (E-5): checked against the
-                        // author the seal names, before it is applied.
-                        let e = r
-                            .directory
-                            .get(&seal.author)
-                            .ok_or(Unverified::UnknownAuthor)?;
-                        content::check(&key, &e.author, c, &base).map_err(Unverified::Forged)?;
+                        // credential that signed it, before it is applied.
+                        content::check(&key, author, c, &base).map_err(Unverified::Forged)?;
                         Ok(seal)
                     });
                 match checked {
@@ -1968,12 +1966,14 @@ fn held<S: Store>(r: &mut Replica<S>, changes: &[(Hash32, DocKey)]) -> FxHashSet
     held
 }
 
-/// The seal to send with a held change, if it may be relayed: signed, by
-/// an author whose credential this node holds and has not seen revoked.
-fn relayable<S: Store>(r: &Replica<S>, seal: Option<Seal>) -> Option<Seal> {
+/// The seal to send with held change `hash`, if it may be relayed: signed,
+/// by an author whose credential this node holds, with a credential it has
+/// not seen revoked as compromised.
+fn relayable<S: Store>(r: &Replica<S>, seal: Option<Seal>, hash: &Hash32) -> Option<Seal> {
     let seal = seal?;
-    let e = r.directory.get(&seal.author)?;
-    (!r.trust.verifier.revoked(&e.author)).then_some(seal)
+    r.directory
+        .relayable(&*r.trust.verifier, &seal, hash)
+        .then_some(seal)
 }
 
 #[cfg(test)]
@@ -2036,6 +2036,42 @@ mod tests {
         out.clear();
         ss.introduce(&dir, 7, &authors, &mut out);
         assert!(out.is_empty());
+        // After a rotation the new credential goes too, once; a session
+        // that starts then gets both, the old one that the author's older
+        // changes need included. Shown failing with only the newest
+        // credential of an author sent (the new session got one).
+        let rotated: Arc<[u8]> = vec![4, 5, 6].into();
+        let mut author = dir.credentials(&h)[0].author.clone();
+        author.key = [4; 32];
+        dir.own(author, rotated.clone());
+        let sent = |out: &mut Vec<Output>| -> Vec<Vec<u8>> {
+            let creds = out
+                .iter()
+                .flat_map(|o| match o {
+                    Output::Send { bytes, .. } => match wire::decode(bytes) {
+                        Ok(Frame::Authors { creds }) => creds,
+                        _ => vec![],
+                    },
+                    _ => vec![],
+                })
+                .collect();
+            out.clear();
+            creds
+        };
+        ss.introduce(&dir, 7, &authors, &mut out);
+        assert_eq!(sent(&mut out), vec![rotated.to_vec()]);
+        ss.introduce(&dir, 7, &authors, &mut out);
+        assert!(sent(&mut out).is_empty());
+        let mut s = Session::new(
+            NodeId::new("hq-2").unwrap(),
+            Role::Hq,
+            true,
+            RECENT_GENERATION,
+        );
+        s.hello = true;
+        ss.map.insert(8, s);
+        ss.introduce(&dir, 8, &authors, &mut out);
+        assert_eq!(sent(&mut out), vec![cred.to_vec(), rotated.to_vec()]);
     }
 
     /// The bound holds however many hashes a session carries, and the

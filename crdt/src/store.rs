@@ -265,7 +265,9 @@ pub trait Store {
     /// The stored seals of changes by hash, in order (`None` for a change
     /// not held or held unsigned): what relaying a document's changes sends.
     fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<Seal>>, StoreError>;
-    /// Every verified author credential held, by author hash.
+    /// Every verified author credential held: by author hash, and each
+    /// author's in the order they were first stored (an author has several
+    /// after a rotation; storing one held already changes nothing).
     fn credentials(&self) -> Result<Vec<(AuthorHash, Vec<u8>)>, StoreError>;
     /// Logged changes without a seal, in log order after `after`, at most
     /// `limit`.
@@ -432,7 +434,8 @@ pub struct MemStore {
     /// hashes are uniform, and ordered lookups cost a 32-byte comparison
     /// per level).
     pub hashes: HashMap32<usize>,
-    pub credentials: OrdMap<AuthorHash, Vec<u8>>,
+    /// Each author's credentials in the order first stored.
+    pub credentials: OrdMap<AuthorHash, Vec<Vec<u8>>>,
     pub docs: OrdMap<DocKey, (Vec<Hash32>, Option<Arc<[u8]>>, usize)>,
     pub projections: OrdMap<DocKey, Arc<Projection>>,
     pub ops: OrdMap<String, String>,
@@ -522,7 +525,7 @@ impl Store for MemStore {
         Ok(self
             .credentials
             .iter()
-            .map(|(h, c)| (*h, c.clone()))
+            .flat_map(|(h, cs)| cs.iter().map(|c| (*h, c.clone())))
             .collect())
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
@@ -586,7 +589,11 @@ impl Store for MemStore {
             }
         }
         for (h, c) in &batch.credentials {
-            self.credentials.insert(*h, c.clone());
+            upsert(&mut self.credentials, h, Vec::new, |cs| {
+                if !cs.contains(c) {
+                    cs.push(c.clone());
+                }
+            });
         }
         for (h, seal) in &batch.seals {
             if let Some(&i) = self.hashes.get(h) {
@@ -1408,7 +1415,8 @@ pub mod conformance {
 
     /// A change's seal is stored beside it and found by hash (the first one
     /// stored wins, like the change); an unsigned change has none; the log
-    /// carries seals; credentials are kept by author, the newest winning.
+    /// carries seals; every credential of an author is kept, in the order
+    /// first stored, a repeat changing nothing.
     pub fn seals_and_credentials(s: &mut dyn Store) {
         let k = key(Kind::Person, "p1");
         let mut unsigned = change(&k, 3);
@@ -1423,7 +1431,12 @@ pub mod conformance {
         .unwrap();
         s.commit(&Batch {
             changes: vec![resigned],
-            credentials: vec![([1; 8], vec![1, 2])],
+            credentials: vec![([1; 8], vec![1, 2]), ([0; 8], vec![0])],
+            ..Default::default()
+        })
+        .unwrap();
+        s.commit(&Batch {
+            credentials: vec![([1; 8], vec![1, 1]), ([1; 8], vec![1, 0])],
             ..Default::default()
         })
         .unwrap();
@@ -1437,7 +1450,13 @@ pub mod conformance {
         assert_eq!(log[2].1.seal, None);
         assert_eq!(
             s.credentials().unwrap(),
-            vec![([1; 8], vec![1, 2]), ([2; 8], vec![2])]
+            vec![
+                ([0; 8], vec![0]),
+                ([1; 8], vec![1, 1]),
+                ([1; 8], vec![1, 2]),
+                ([1; 8], vec![1, 0]),
+                ([2; 8], vec![2])
+            ]
         );
         // Signing an unsigned change later: found by `unsigned`, sealed
         // once, a second seal ignored.

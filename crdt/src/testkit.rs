@@ -64,7 +64,7 @@ pub fn registry_csv(persons: usize) -> String {
 /// verifier reads X.509 certificates only.
 pub mod testca {
     use crate::ids::{NodeId, Role};
-    use crate::signing::{public_key, Author, Signer, Trust, Verifier};
+    use crate::signing::{public_key, Author, Revocation, Signer, Trust, Verifier};
     use ring::signature::{Ed25519KeyPair, UnparsedPublicKey, ED25519};
     use std::collections::BTreeSet;
     use std::sync::{Arc, RwLock};
@@ -122,11 +122,13 @@ pub mod testca {
                 key,
             })
         }
-        fn revoked(&self, author: &Author) -> bool {
+        /// A revoked test node is revoked as compromised (the simulator's
+        /// test credentials have one serial per node, and rotate nothing).
+        fn revoked(&self, author: &Author) -> Option<Revocation> {
             self.revoked
                 .read()
-                .map(|r| r.contains(&author.node))
-                .unwrap_or(true)
+                .map_or(true, |r| r.contains(&author.node))
+                .then_some(Revocation::Compromised)
         }
     }
 

@@ -42,6 +42,9 @@
 //!   could not be trusted, set aside until a peer's copy rebuilds them: the
 //!   heads the store named when the damage was found, and the hashes of
 //!   dropped changes this node wrote (`crdt::store::Damaged`).
+//! - `authors` (version 8): every credential of a node hash, not only the
+//!   newest (a rotated node's older changes are signed with its older
+//!   key), in arrival order (`seq`); a credential is stored once.
 //!
 //! Kinds are stored as [`crdt::Kind::code`] integers so `ORDER BY kind, id`
 //! is exactly [`crdt::DocKey`]'s `Ord`; text columns use SQLite's BINARY
@@ -53,7 +56,7 @@
 pub const APPLICATION_ID: i32 = 0x4B5A_4E41;
 
 /// Migration `i` (0-based) takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The schema version this program writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -111,6 +114,20 @@ CREATE TABLE authors (
 /// `(status, since_ms)` did, and made that count ten times slower).
 const V6: &str = r#"
 CREATE INDEX locations_in_since ON locations (since_ms) WHERE status = 'in';
+"#;
+
+/// Version 8: several credentials per author (certificate rotation). The
+/// credentials held move over, one per author as before.
+const V8: &str = r#"
+CREATE TABLE authors_v8 (
+    seq    INTEGER PRIMARY KEY,
+    author BLOB NOT NULL CHECK (length(author) = 8),
+    cred   BLOB NOT NULL,
+    UNIQUE (author, cred)
+);
+INSERT INTO authors_v8 (author, cred) SELECT author, cred FROM authors ORDER BY author;
+DROP TABLE authors;
+ALTER TABLE authors_v8 RENAME TO authors;
 "#;
 
 /// Version 2: receiver-held sync cursors into each peer's change log.
@@ -238,6 +255,6 @@ pub(crate) const DIGEST_TABLES: &[(&str, &str)] = &[
     ("ops", "op_id"),
     ("peer_heads", "peer, kind, doc_id"),
     ("quarantine", "kind, doc_id"),
-    ("authors", "author"),
+    ("authors", "seq"),
     ("damaged", "kind, doc_id"),
 ];

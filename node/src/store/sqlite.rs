@@ -939,7 +939,7 @@ impl Store for SqliteStore {
     fn credentials(&self) -> Result<Vec<(AuthorHash, Vec<u8>)>, StoreError> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT author, cred FROM authors ORDER BY author")
+            .prepare_cached("SELECT author, cred FROM authors ORDER BY author, seq")
             .map_err(map_err)?;
         let rows = st
             .query_map([], |r| {
@@ -1415,7 +1415,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
     }
     if !batch.credentials.is_empty() {
         let mut st =
-            tx.prepare_cached("INSERT OR REPLACE INTO authors (author, cred) VALUES (?1, ?2)")?;
+            tx.prepare_cached("INSERT OR IGNORE INTO authors (author, cred) VALUES (?1, ?2)")?;
         for (author, cred) in &batch.credentials {
             st.execute(params![&author[..], cred])?;
         }

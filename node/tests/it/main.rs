@@ -14,7 +14,7 @@
 //! | `mail` | family mail against a real SMTP server process |
 //! | `net` | the QUIC transport over real sockets |
 //! | `privacy` | canaries through real nodes, files and logs |
-//! | `provision` | first registry sync progress; metrics off loopback; retiring a node |
+//! | `provision` | first registry sync progress; metrics off loopback; certificate rotation; retiring a node |
 //! | `revocation` | CRLs loaded into running nodes |
 //! | `store` | the `Store` conformance suite and durability on SQLite files |
 

@@ -9,6 +9,12 @@
 //!   scrape without the bearer token or with a wrong one, from a
 //!   non-loopback address of this machine and from loopback, and serves the
 //!   counters with it; without a token file such a node does not start;
+//! - rotating a shelter's certificate on a running mesh the way
+//!   docs/operations.md 3.4 says (`kizuna certs issue` into a new
+//!   directory, `install` over `certs/`, restart, `kizuna certs revoke
+//!   --serial OLD`, the list handed to hq): the shelter syncs on with the
+//!   new certificate, check-ins from before are kept, and hq refuses a node
+//!   presenting the old one;
 //! - retiring a node as 3.8 says (stop, revoke, hand the list over, `shred`
 //!   the key, `rm -rf` the data): its data is gone, it cannot start, hq
 //!   refuses a copy of its certificate and key, and the rest syncs on.
@@ -384,6 +390,126 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+#[test]
+fn rotating_a_shelter_certificate_on_a_running_mesh_keeps_it_syncing_and_refuses_the_old_one() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let ca = root.join("ca");
+    certs_cli(&[
+        "init-ca",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--name",
+        "Rotation Test CA",
+    ]);
+    let mut hq = hq_with_registry(root, &ca, 30);
+    hq.start();
+    let sh_dir = root.join("sh");
+    let old_serial = issue_cli(&ca, "shelter", "sh-1", &sh_dir.join("certs"));
+    let mut sh = Node::new(&sh_dir, Some(hq.quic), "");
+    sh.add_operator();
+    sh.start();
+    poll(MESH, "the shelter to hold the registry", || {
+        (registry_held(&sh) == 30).then_some(())
+    });
+
+    // Before the rotation: a check-in acknowledged at the shelter reaches hq.
+    check_in(&sh, "p000001", "sh-1", "rotate-before");
+    wait_located(
+        &hq,
+        "p000001",
+        "sh-1",
+        "the check-in before the rotation at hq",
+    );
+
+    // 3.4: issue into a new directory, install over the node's certs/,
+    // restart. The old files are kept aside as a thief's copy would be.
+    let stolen = root.join("old-certs");
+    copy_dir(&sh_dir.join("certs"), &stolen);
+    let new_dir = root.join("usb").join("sh-1-new");
+    let new_serial = issue_cli(&ca, "shelter", "sh-1", &new_dir);
+    assert_ne!(new_serial, old_serial);
+    // The guide's two `install` lines (without -o/-g: the test runs as the
+    // node's user): certificates 0644, the key 0600.
+    for (mode, files) in [
+        ("0644", &["node.crt.pem", "ca.crt.pem"][..]),
+        ("0600", &["node.key.pem"][..]),
+    ] {
+        let st = std::process::Command::new("install")
+            .args(["-m", mode])
+            .args(files.iter().map(|f| new_dir.join(f)))
+            .arg(sh_dir.join("certs"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    sh.stop();
+    sh.start();
+    // The day-before check names the certificate the node now holds.
+    let checked = ok(run_kizuna(
+        &["config", "check", sh.config().to_str().unwrap()],
+        &[],
+    ));
+    assert!(
+        checked.contains(&format!("certificate serial {new_serial}")),
+        "{checked}"
+    );
+
+    // Revoke only the old certificate, as superseded (its key was not
+    // lost), and hand the list to hq (3.4, 3.5).
+    let revoked = certs_cli(&[
+        "revoke",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--node-id",
+        "sh-1",
+        "--serial",
+        &old_serial,
+        "--reason",
+        "superseded",
+    ]);
+    assert!(
+        revoked.contains(&format!("serials {old_serial} (superseded"))
+            && !revoked.contains(&new_serial),
+        "{revoked}"
+    );
+    assert!(revoked.contains("CRL number 1 "), "{revoked}");
+    hand_crl_to(&ca, &hq, 1);
+
+    // With the old serial refused at hq, a check-in made after the
+    // rotation still reaches hq: the shelter syncs with the new certificate.
+    check_in(&sh, "p000002", "sh-1", "rotate-after");
+    wait_located(
+        &hq,
+        "p000002",
+        "sh-1",
+        "the check-in after the rotation at hq",
+    );
+    assert!(connected(&hq, "sh-1") && connected(&sh, "hq-1"));
+    // Nothing acknowledged before the rotation is lost, on either side.
+    assert_eq!(located_at(&hq, "p000001").as_deref(), Some("sh-1"));
+    assert_eq!(located_at(&sh, "p000001").as_deref(), Some("sh-1"));
+
+    // A node presenting the old certificate is refused by hq.
+    let before = refusals(&hq, &old_serial).len();
+    let imp_dir = root.join("impostor");
+    copy_dir(&stolen, &imp_dir.join("certs"));
+    let mut imp = Node::new(&imp_dir, Some(hq.quic), "");
+    imp.add_operator();
+    imp.start();
+    let refused = poll(MESH, "hq to refuse the old certificate", || {
+        refusals(&hq, &old_serial).get(before).cloned()
+    });
+    assert!(!connected(&imp, "hq-1"));
+    println!("rotated sh-1 from serial {old_serial} to {new_serial}; hq: {refused}");
+    imp.stop();
+    // The rotated shelter is still in the mesh.
+    check_in(&sh, "p000003", "sh-1", "rotate-last");
+    wait_located(&hq, "p000003", "sh-1", "a last check-in at hq");
+    sh.stop();
+    hq.stop();
 }
 
 #[test]

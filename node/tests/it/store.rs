@@ -500,6 +500,45 @@ fn migration_3_derives_withheld_from_stored_contacts() {
     );
 }
 
+/// Migration 8: the credentials of a version 7 store (one per author)
+/// move over as they were, and from then on an author keeps several (a
+/// rotated certificate beside the old one), in arrival order.
+#[test]
+fn migration_8_keeps_the_credentials_and_then_several_per_author() {
+    let d = Dir::new();
+    drop(SqliteStore::open(&d.db()).unwrap());
+    let c = rusqlite::Connection::open(d.db()).unwrap();
+    // Back to what version 7 had: one credential per author.
+    c.execute_batch(
+        "DROP TABLE authors; \
+         CREATE TABLE authors (author BLOB PRIMARY KEY CHECK (length(author) = 8), cred BLOB NOT NULL); \
+         INSERT INTO authors VALUES (x'0202020202020202', x'02'), (x'0101010101010101', x'0101'); \
+         PRAGMA user_version = 7;",
+    )
+    .unwrap();
+    drop(c);
+    let mut s = SqliteStore::open(&d.db()).unwrap();
+    assert_eq!(
+        s.credentials().unwrap(),
+        vec![([1; 8], vec![1, 1]), ([2; 8], vec![2])]
+    );
+    s.commit(&Batch {
+        credentials: vec![([1; 8], vec![1, 2]), ([1; 8], vec![1, 1])],
+        ..Default::default()
+    })
+    .unwrap();
+    drop(s);
+    let s = SqliteStore::open(&d.db()).unwrap();
+    assert_eq!(
+        s.credentials().unwrap(),
+        vec![
+            ([1; 8], vec![1, 1]),
+            ([1; 8], vec![1, 2]),
+            ([2; 8], vec![2])
+        ]
+    );
+}
+
 #[test]
 fn fresh_store_carries_application_id_version_and_wal() {
     let d = Dir::new();

@@ -529,7 +529,7 @@ impl World {
             credentials: src
                 .credentials
                 .iter()
-                .map(|(h, c)| (*h, c.clone()))
+                .flat_map(|(h, cs)| cs.iter().map(|c| (*h, c.clone())))
                 .collect(),
             ..Default::default()
         };
