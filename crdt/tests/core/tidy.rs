@@ -3,30 +3,29 @@
 //! crates, its sources read no clock). And every fault id the sources cite
 //! (A-1 …, I-34 of the design brief) is defined in `docs/faults.md`, whose
 //! file paths all exist, so the page cannot silently rot as code moves.
+//! The node's build leaves out the simulator's sharing and the test kit,
+//! and the node crate keeps one integration test binary.
+
+/// `cargo ARGS --offline` in this crate's directory: its standard output.
+fn cargo(args: &[&str]) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(args)
+        .arg("--offline")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
 
 #[test]
 fn core_depends_on_no_io_crates() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args([
-            "tree",
-            "-p",
-            "crdt",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--offline",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo tree runs");
-    assert!(
-        out.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tree = String::from_utf8(out.stdout).unwrap();
+    let tree = cargo(&["tree", "-p", "crdt", "-e", "normal", "--prefix", "none"]);
     let crates: Vec<&str> = tree
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -209,28 +208,16 @@ fn fault_ids_are_defined() {
 /// dependency tree enables neither.
 #[test]
 fn node_builds_without_document_sharing_or_test_kit() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let features = |pkg: &str| {
-        let out = std::process::Command::new(&cargo)
-            .args([
-                "tree",
-                "-p",
-                pkg,
-                "-e",
-                "features,normal",
-                "--prefix",
-                "none",
-            ])
-            .arg("--offline")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("cargo tree runs");
-        assert!(
-            out.status.success(),
-            "cargo tree -p {pkg} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        cargo(&[
+            "tree",
+            "-p",
+            pkg,
+            "-e",
+            "features,normal",
+            "--prefix",
+            "none",
+        ])
     };
     let share = "crdt feature \"share\"";
     assert!(features("sim").contains(share), "the tree output changed");
@@ -239,5 +226,41 @@ fn node_builds_without_document_sharing_or_test_kit() {
     assert!(
         !node.contains("crdt feature \"testkit\""),
         "node's build enables crdt's testkit feature"
+    );
+}
+
+/// Architecture invariant: the node crate has one integration test binary,
+/// `node/tests/it/` (each tier a module of it, `support` compiled once; see
+/// its `main.rs`). Cargo makes a second one of any `node/tests/*.rs`, any
+/// other `node/tests/<dir>/main.rs` or a `[[test]]` in `node/Cargo.toml`:
+/// cargo's own list of the package's targets says which there are.
+#[test]
+fn node_has_one_integration_test_binary() {
+    let out = cargo(&["metadata", "--no-deps", "--format-version", "1"]);
+    let meta: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let node = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "node")
+        .expect("the node package");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let tests: Vec<String> = node["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "test"))
+        .map(|t| {
+            let src = std::path::Path::new(t["src_path"].as_str().unwrap());
+            src.strip_prefix(root).unwrap_or(src).display().to_string()
+        })
+        .collect();
+    assert_eq!(
+        tests,
+        ["node/tests/it/main.rs"],
+        "node has integration test binaries besides node/tests/it/: make each a \
+         module of node/tests/it/ (listed in its main.rs) instead"
     );
 }
