@@ -103,7 +103,6 @@ struct Regressions {
     case: Vec<Case>,
 }
 #[derive(serde::Deserialize)]
-#[allow(dead_code)]
 struct Case {
     scenario: String,
     seed: u64,
@@ -119,9 +118,10 @@ fn regression_seeds_pass() {
         let s = sim::run_seed(&scenario(&c.scenario), c.seed, None);
         assert!(
             s.invariant_violations.is_empty(),
-            "{} seed {}: {:?}",
+            "{} seed {} ({}): {:?}",
             c.scenario,
             c.seed,
+            c.note,
             s.invariant_violations
         );
     }
