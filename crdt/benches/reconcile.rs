@@ -50,6 +50,9 @@ fn main() {
     let cfg = |n: &str| {
         let mut c = EngineConfig::for_tests(NodeId::new(n).unwrap(), Role::Hq);
         c.cache_docs = 4096;
+        // The bench carries frames without a transport, written at once:
+        // no send window (the engines are never told `Input::Sent`).
+        c.send_window = usize::MAX;
         c
     };
     let mut a = Engine::open(MemStore::new(), cfg("hq-a"), now(t0)).unwrap();

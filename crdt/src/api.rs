@@ -57,6 +57,13 @@ pub enum Input {
     Frame { session: SessionId, bytes: Vec<u8> },
     /// The stream ended or the connection broke.
     Disconnected { session: SessionId },
+    /// The transport wrote `bytes` more of the session's frame bodies onto
+    /// the connection (it reports every frame it was given, in order). The
+    /// engine keeps at most a send window of frames unwritten per session:
+    /// past it, catch-up waits and new changes are announced instead of
+    /// pushed, so a slow peer or link slows its session instead of growing
+    /// a queue.
+    Sent { session: SessionId, bytes: usize },
     /// The outcome of a [`MailRequest`] the driver tried to send.
     MailOutcome {
         message_id: String,

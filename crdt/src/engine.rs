@@ -40,6 +40,7 @@ use crate::model::{MailState, PresenceAction};
 use crate::queries::Queries;
 use crate::replica::{Replica, Txn};
 use crate::sessions::Sessions;
+pub use crate::sessions::SEND_WINDOW;
 use crate::store::{Batch, Meta, Store, StoreError};
 use crate::text::TextError;
 use rand_core::RngCore;
@@ -83,6 +84,10 @@ pub struct EngineConfig {
     /// `sessions::Recent`): the bound on each session's memory of what it
     /// sent and received. Default 16,384 (at most about 1.3 MiB a session).
     pub session_memory: usize,
+    /// Bytes of a session's frames the transport may hold unwritten
+    /// before catch-up waits and new changes are announced instead of
+    /// pushed (see [`SEND_WINDOW`], the default, and `Input::Sent`).
+    pub send_window: usize,
     /// A planted bug this engine carries (simulator only; see
     /// [`crate::mutants`]).
     #[cfg(feature = "mutants")]
@@ -103,6 +108,7 @@ impl EngineConfig {
             mail_templates: Default::default(),
             flood: false,
             session_memory: crate::sessions::RECENT_GENERATION,
+            send_window: SEND_WINDOW,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
@@ -161,6 +167,9 @@ pub struct Stats {
     /// documents rebuilt from a peer's copy.
     pub repair_requests: u64,
     pub docs_repaired: u64,
+    /// Catch-up passes that waited because a session's send window was
+    /// full (its transport had not written what it was given).
+    pub window_waits: u64,
 }
 
 /// How many entries each part of an engine's in-memory state holds (open
@@ -248,7 +257,7 @@ impl<S: Store> Engine<S> {
             takeover_ms: cfg.mail_takeover_ms,
             templates: cfg.mail_templates.clone(),
         });
-        let sessions = Sessions::new(cfg.flood, cfg.session_memory);
+        let sessions = Sessions::new(cfg.flood, cfg.session_memory, cfg.send_window);
         let mut e = Engine {
             cfg,
             replica,
@@ -309,6 +318,7 @@ impl<S: Store> Engine<S> {
             grafts_unknown: s.grafts_unknown,
             repair_requests: s.repair_requests,
             docs_repaired: s.docs_repaired,
+            window_waits: s.window_waits,
         }
     }
     /// How many entries each part of the in-memory state holds now.
@@ -427,6 +437,7 @@ impl<S: Store> Engine<S> {
                 }
             }
             Input::Disconnected { session } => self.sessions.disconnected(session),
+            Input::Sent { session, bytes } => self.sessions.sent(session, bytes),
             Input::MailOutcome {
                 message_id,
                 outcome,

@@ -65,7 +65,7 @@ use crate::ids::{DocKey, Kind, NodeId, Role};
 use crate::policy::{self, may_send};
 use crate::reconcile::{self, Sides};
 use crate::replica::{Gossip, Replica, Txn};
-use crate::signing::{AuthorHash, Directory, Proven, Seal, Sig, Unverified};
+use crate::signing::{AuthorHash, Directory, Proven, Seal, Sig, Unverified, SIG_LEN};
 use crate::store::{Batch, Cursor, Store};
 use crate::wire::{self, Announced, DocChanges, Frame, Item, Range};
 use automerge::Change;
@@ -91,6 +91,14 @@ const MAX_TURNS: u32 = 64;
 /// data (its sessions live for days); a change forgotten here can only be
 /// sent once more, never lost.
 pub(crate) const RECENT_GENERATION: usize = 16_384;
+/// Bytes of frames a session may have handed to the transport that it has
+/// not reported written ([`crate::api::Input::Sent`]) before catch-up waits
+/// and new changes are announced instead of pushed. A frame is checked
+/// against it before it is made, so catch-up keeps at most this plus one
+/// frame unwritten, well inside the transport's own queue limit (four
+/// frames). A loopback or LAN session never reaches it; a satellite hop
+/// (about 8 KB/s) holds it for minutes, which its bytes take anyway.
+pub const SEND_WINDOW: usize = wire::MAX_FRAME_BYTES;
 /// Open sessions per peer node id (a peer may dial while its old session
 /// is still being torn down: two at once, never more).
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 2;
@@ -177,6 +185,10 @@ pub(crate) struct Session {
     pub(crate) seen: Recent,
     /// The last log position we told the peer it holds.
     pub(crate) upto_sent: u64,
+    /// Bytes of frames sent to the transport not yet reported written, and
+    /// how many may be ([`SEND_WINDOW`] unless configured).
+    unwritten: usize,
+    window: usize,
     /// Credentials this session was sent: author and signing key.
     creds_sent: FxHashSet<(AuthorHash, [u8; 32])>,
     /// The tree (protocol 3), one bit per [`Kind`]: for a set bit the link
@@ -287,6 +299,8 @@ impl Session {
             outq: BTreeMap::new(),
             seen: Recent::new(memory),
             upto_sent: 0,
+            unwritten: 0,
+            window: SEND_WINDOW,
             creds_sent: FxHashSet::default(),
             lazy: 0,
             peer_live: false,
@@ -327,6 +341,11 @@ impl Session {
     /// may hold, so pushes may carry `upto`.
     pub(crate) fn is_live(&self) -> bool {
         self.mode == Mode::Live
+    }
+
+    /// The send window is full: catch-up waits, new changes are announced.
+    fn window_full(&self) -> bool {
+        self.unwritten >= self.window
     }
 }
 
@@ -425,6 +444,8 @@ pub(crate) struct SyncStats {
     /// documents rebuilt from what arrived (staged for commit).
     pub(crate) repair_requests: u64,
     pub(crate) docs_repaired: u64,
+    /// Catch-up passes skipped because a session's send window was full.
+    pub(crate) window_waits: u64,
 }
 
 /// Every open session, the peers met and the protocol's counters.
@@ -449,6 +470,8 @@ pub(crate) struct Sessions {
     now_mono_ms: u64,
     /// Change hashes each session remembers per generation ([`Recent`]).
     session_memory: usize,
+    /// Each session's send window in bytes ([`SEND_WINDOW`]).
+    send_window: usize,
 }
 
 /// Sizes of the protocol's in-memory state (entries, summed over open
@@ -481,11 +504,12 @@ pub struct SessionSizes {
 
 impl Sessions {
     /// No sessions yet; `flood`: never prune a link (see [`Sessions::prune`]);
-    /// `session_memory`: see [`Recent`].
-    pub(crate) fn new(flood: bool, session_memory: usize) -> Sessions {
+    /// `session_memory`: see [`Recent`]; `send_window`: see [`SEND_WINDOW`].
+    pub(crate) fn new(flood: bool, session_memory: usize, send_window: usize) -> Sessions {
         Sessions {
             flood,
             session_memory,
+            send_window,
             ..Default::default()
         }
     }
@@ -538,6 +562,14 @@ impl Sessions {
     /// The session ended (the stream broke or was closed).
     pub(crate) fn disconnected(&mut self, session: SessionId) {
         self.map.remove(&session);
+    }
+
+    /// The transport wrote `bytes` of the session's frames: the window
+    /// opens by as much.
+    pub(crate) fn sent(&mut self, session: SessionId, bytes: usize) {
+        if let Some(s) = self.map.get_mut(&session) {
+            s.unwritten = s.unwritten.saturating_sub(bytes);
+        }
     }
 
     /// The commit of changes received on `session` failed: nothing was
@@ -844,7 +876,9 @@ impl Sessions {
         directory: &Directory,
         out: &mut Vec<Output>,
     ) {
-        let mut per_session: BTreeMap<SessionId, (Vec<DocChanges>, BTreeSet<AuthorHash>)> =
+        // Per session: the changes to push, their authors, and their size
+        // (about), which counts against the session's send window.
+        let mut per_session: BTreeMap<SessionId, (Vec<DocChanges>, BTreeSet<AuthorHash>, usize)> =
             BTreeMap::new();
         for Gossip {
             key,
@@ -863,16 +897,24 @@ impl Sessions {
                 if Some(*sid) == from || !s.hello || !may_send(s.role, &s.node, &key) {
                     continue;
                 }
-                if s.is_live() && s.is_lazy(key.kind) {
+                let (docs, authors, size) = per_session.entry(*sid).or_default();
+                let full = s.unwritten + *size >= s.window;
+                if s.is_live() && (s.is_lazy(key.kind) || full) {
+                    // Lazy for this kind, or the window is full: announced
+                    // at the next tick; the peer asks for what it lacks.
                     if !s.seen.contains(&hash) {
                         s.announce.push((key.clone(), hash));
                     }
                     continue;
                 }
+                if full && matches!(s.mode, Mode::Stream { .. }) {
+                    // The stream reaches it: it is in the log.
+                    continue;
+                }
                 if !s.seen.insert(hash) {
                     continue;
                 }
-                let (docs, authors) = per_session.entry(*sid).or_default();
+                *size += bytes.len() + SIG_LEN;
                 authors.insert(seal.author);
                 match docs.last_mut() {
                     Some(d) if d.key == key => d.push(bytes.clone(), &seal.sig),
@@ -884,7 +926,10 @@ impl Sessions {
                 }
             }
         }
-        for (sid, (docs, authors)) in per_session {
+        for (sid, (docs, authors, _)) in per_session {
+            if docs.is_empty() {
+                continue;
+            }
             self.introduce(directory, sid, &authors, out);
             let live = self
                 .map
@@ -907,6 +952,9 @@ impl Sessions {
             Ok(b) => {
                 self.stats.frames_sent += 1;
                 self.stats.bytes_sent += b.len() as u64 + 4;
+                if let Some(s) = self.map.get_mut(&session) {
+                    s.unwritten += b.len();
+                }
                 out.push(Output::Send { session, bytes: b });
             }
             Err(e) => out.push(Output::Close {
@@ -1028,8 +1076,9 @@ impl Sessions {
         let resume = r.store.sync_cursor(&node).ok().flatten();
         let backed_off = self.backed_off(&node);
         let memory = self.session_memory;
-        self.map
-            .insert(sid, Session::new(node, role, initiator, memory));
+        let mut session = Session::new(node, role, initiator, memory);
+        session.window = self.send_window;
+        self.map.insert(sid, session);
         if backed_off {
             // Not a new violation: the back-off is not extended.
             self.stats.backed_off_refusals += 1;
@@ -1416,12 +1465,21 @@ impl Sessions {
     pub(crate) fn drain<S: Store>(&mut self, r: &mut Replica<S>, out: &mut Vec<Output>) {
         let sids: Vec<SessionId> = self.map.keys().copied().collect();
         for sid in sids {
-            if self.map.get(&sid).is_some_and(|s| !s.outq.is_empty()) {
+            if self
+                .map
+                .get(&sid)
+                .is_some_and(|s| !s.outq.is_empty() && !s.window_full())
+            {
                 self.drain_queue(r, sid, out);
             }
             let Some(s) = self.map.get(&sid) else {
                 continue;
             };
+            if s.window_full() {
+                // Resumed when the transport reports frames written.
+                self.stats.window_waits += 1;
+                continue;
+            }
             match s.mode {
                 Mode::Stream { base, pos, urgent } => {
                     self.drain_stream(r, sid, base, pos, urgent, out)
@@ -1470,7 +1528,7 @@ impl Sessions {
             (s.node.clone(), s.role)
         };
         let mut frames = 0;
-        while frames < FRAMES_PER_DRAIN {
+        while frames < FRAMES_PER_DRAIN && !self.map[&sid].window_full() {
             let entries = match r.store.log_since(pos, STREAM_READ) {
                 Ok(e) => e,
                 Err(_) => return,
@@ -1549,7 +1607,7 @@ impl Sessions {
         let mut frames = 0;
         let mut docs: Vec<DocChanges> = Vec::new();
         let mut size = 0usize;
-        while frames < FRAMES_PER_DRAIN {
+        while frames < FRAMES_PER_DRAIN && !self.map[&sid].window_full() {
             let Some(((_, key), their)) = self.map.get_mut(&sid).and_then(|s| s.outq.pop_first())
             else {
                 break;
@@ -1999,7 +2057,7 @@ mod tests {
     fn an_author_is_marked_sent_only_with_its_credential() {
         use crate::signing::Author;
         let peer = NodeId::new("hq-1").unwrap();
-        let mut ss = Sessions::new(false, RECENT_GENERATION);
+        let mut ss = Sessions::new(false, RECENT_GENERATION, SEND_WINDOW);
         let mut s = Session::new(peer, Role::Hq, true, RECENT_GENERATION);
         s.hello = true;
         ss.map.insert(7, s);

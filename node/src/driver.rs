@@ -7,8 +7,12 @@
 //! [`MAX_BATCH`]) and hands them all to [`Engine::handle_batch`], so
 //! commands that arrived together share one durable commit (group commit:
 //! one fsync for many concurrent check-ins). It never waits for a batch to
-//! fill: a lone command is committed at once. `Now` is read from the
-//! system clocks and the RNG is ChaCha20 seeded from OS entropy at start.
+//! fill: a lone command is committed at once. The channel itself is
+//! unbounded, but what the network can put in it is not: a received frame
+//! carries its session's share of the inbound budget
+//! ([`crate::net::INBOUND_BUDGET_BYTES`]) until its batch was handled, and
+//! the session's reader waits for it (backpressure down to QUIC). `Now`
+//! is read from the system clocks and the RNG is ChaCha20 seeded from OS entropy at start.
 //! An [`Input::Tick`] is appended to the batch whenever [`TICK_MS`] have
 //! passed, under load too. Outputs are routed as they come out:
 //!
@@ -58,6 +62,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::store::SqliteStore;
@@ -106,7 +111,9 @@ enum Msg {
         query: Query,
         reply: oneshot::Sender<Result<QueryReply, CommandError>>,
     },
-    Input(Input),
+    /// With the frame's share of its session's inbound budget, released
+    /// once the batch holding it was handled (`net::Held`).
+    Input(Input, Option<OwnedSemaphorePermit>),
     Shutdown,
 }
 
@@ -431,8 +438,19 @@ impl DriverHandle {
     /// Network events (`Connected`, `Frame`, `Disconnected`) and mail
     /// outcomes. Fire and forget.
     pub fn input(&self, input: Input) -> Result<(), DriverError> {
+        self.input_held(input, None)
+    }
+
+    /// [`DriverHandle::input`] for a received frame holding part of its
+    /// session's inbound budget: `held` is released when the engine has
+    /// handled the frame, which lets the session read on.
+    pub fn input_held(
+        &self,
+        input: Input,
+        held: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), DriverError> {
         self.tx
-            .send(Msg::Input(input))
+            .send(Msg::Input(input, held))
             .map_err(|_| DriverError::Stopped)
     }
 
@@ -637,6 +655,8 @@ fn run(
     let mut pending: HashMap<String, Vec<oneshot::Sender<Result<Reply, CommandError>>>> =
         HashMap::new();
     let mut inputs = Vec::with_capacity(MAX_BATCH + 1);
+    // The inbound budget held by the frames in `inputs`.
+    let mut held = Vec::new();
     // Query callers in input order: the engine answers each `Query` with
     // exactly one `QueryReply`, in order.
     let mut query_replies = VecDeque::new();
@@ -647,13 +667,31 @@ fn run(
         // delay an acknowledgement past its own commit).
         let mut stop = false;
         match rx.recv_timeout(timeout) {
-            Ok(m) => stop = accept(m, &mut inputs, &mut query_replies, &mut pending, sessions),
+            Ok(m) => {
+                stop = accept(
+                    m,
+                    &mut inputs,
+                    &mut held,
+                    &mut query_replies,
+                    &mut pending,
+                    sessions,
+                )
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
         }
         while !stop && inputs.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(m) => stop = accept(m, &mut inputs, &mut query_replies, &mut pending, sessions),
+                Ok(m) => {
+                    stop = accept(
+                        m,
+                        &mut inputs,
+                        &mut held,
+                        &mut query_replies,
+                        &mut pending,
+                        sessions,
+                    )
+                }
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     stop = true;
@@ -712,6 +750,8 @@ fn run(
             }
             drop(published);
             route(outs, &mut pending, &mut query_replies, sinks, events);
+            // Handled: their sessions may read on.
+            held.clear();
         }
         debug_assert!(query_replies.is_empty(), "every query is answered");
         if stop {
@@ -725,13 +765,15 @@ fn run(
 fn accept(
     msg: Msg,
     inputs: &mut Vec<Input>,
+    held: &mut Vec<OwnedSemaphorePermit>,
     query_replies: &mut VecDeque<oneshot::Sender<Result<QueryReply, CommandError>>>,
     pending: &mut HashMap<String, Vec<oneshot::Sender<Result<Reply, CommandError>>>>,
     sessions: &mut BTreeSet<SessionId>,
 ) -> bool {
     match msg {
         Msg::Shutdown => return true,
-        Msg::Input(i) => {
+        Msg::Input(i, h) => {
+            held.extend(h);
             // Open sessions, to close them if the engine must be reopened.
             match &i {
                 Input::Connected { session, .. } => {

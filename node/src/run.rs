@@ -330,11 +330,11 @@ pub async fn start_mesh(
     let sinks = TransportSinks {
         // A stopped driver means the node is shutting down; the input is
         // moot then.
-        input: Box::new(move |input| {
+        input: Box::new(move |input, held| {
             if let crdt::api::Input::Frame { bytes, .. } = &input {
                 m.observe_frame(crate::metrics::Direction::Received, bytes);
             }
-            let _ = d.input(input);
+            let _ = d.input_held(input, held);
         }),
         // The transport logs its notices itself.
         notice: None,

@@ -41,6 +41,11 @@ struct Net {
     drop_changes: Option<(usize, usize)>,
     /// UI events every node emitted, with the node.
     events: Vec<(usize, UiEvent)>,
+    /// Sessions whose transport writes nothing: their frames are delivered,
+    /// but the sender is not told they were written (`Input::Sent`) until
+    /// the session leaves this set. Every other frame is reported written
+    /// as soon as it is sent.
+    unwritten: std::collections::BTreeMap<u64, usize>,
 }
 
 fn now(ms: u64) -> Now {
@@ -53,6 +58,10 @@ fn now(ms: u64) -> Now {
 
 impl Net {
     fn new(spec: &[(&str, Role)]) -> Net {
+        Net::with(spec, |_| {})
+    }
+    /// [`Net::new`] with every engine's configuration adjusted by `adjust`.
+    fn with(spec: &[(&str, Role)], adjust: impl Fn(&mut EngineConfig)) -> Net {
         let verifiers: Vec<Arc<crdt::testkit::testca::TestVerifier>> =
             spec.iter().map(|_| Arc::default()).collect();
         let nodes = spec
@@ -61,7 +70,9 @@ impl Net {
             .map(|((n, r), v)| {
                 let id = NodeId::new(*n).unwrap();
                 let trust = crdt::testkit::testca::trust_with(&id, *r, v.clone());
-                Engine::open(MemStore::new(), EngineConfig::new(id, *r, trust), now(T0)).unwrap()
+                let mut cfg = EngineConfig::new(id, *r, trust);
+                adjust(&mut cfg);
+                Engine::open(MemStore::new(), cfg, now(T0)).unwrap()
             })
             .collect();
         Net {
@@ -80,6 +91,7 @@ impl Net {
             closed: vec![],
             drop_changes: None,
             events: vec![],
+            unwritten: Default::default(),
         }
     }
     fn id(&self, i: usize) -> (NodeId, Role) {
@@ -134,6 +146,18 @@ impl Net {
             match o {
                 Output::Send { session, mut bytes } => {
                     self.wire_bytes += bytes.len() + 4;
+                    let written = bytes.len();
+                    match (self.unwritten.get_mut(&session), node) {
+                        (Some(n), _) => *n += written,
+                        (None, Some(i)) => self.queue.push_back((
+                            i,
+                            Input::Sent {
+                                session,
+                                bytes: written,
+                            },
+                        )),
+                        (None, None) => {}
+                    }
                     if let (Some((to, at_least)), Some((_, dest))) =
                         (self.spoil, self.peer_session(session))
                     {
@@ -449,6 +473,92 @@ fn live_pushes_follow_a_tree_and_a_missed_announcement_is_grafted() {
     net.drop_changes = None;
     check_in(&mut net, 1, "p7-0");
     assert_eq!(presence(&net, 2), presence(&net, 1));
+}
+
+/// A-14, the sending half of backpressure: a session whose transport
+/// writes nothing (a slow peer or link) gets at most the send window of
+/// catch-up plus one frame, new changes for it are announced instead of
+/// pushed once it is live, and everything arrives once the transport
+/// reports the frames written.
+#[test]
+fn a_session_whose_transport_writes_nothing_is_sent_no_more_than_the_window() {
+    // A small window, so that a few thousand households exceed it many
+    // times over (the default is crdt::engine::SEND_WINDOW).
+    const WINDOW: usize = 64 << 10;
+    // The window is checked before each step of catch-up (one read of the
+    // log, or one document) and before each pushed change, so what a
+    // session is given beyond it is at most one such step.
+    const SLACK: usize = 512 << 10;
+    let mut net = Net::with(&[("hq-1", Role::Hq), ("shelter-a", Role::Shelter)], |c| {
+        c.send_window = WINDOW
+    });
+    let import = |net: &mut Net, op: &str, from: usize, n: usize| {
+        let households: Vec<Household> = (from..from + n).map(|i| household(i, 2)).collect();
+        net.cmd(0, op, Command::ImportHouseholds { households })
+            .unwrap();
+    };
+    import(&mut net, "imp-1", 0, 4_000);
+    // hq's side of the first link is session 100.
+    net.unwritten.insert(100, 0);
+    net.connect(0, 1);
+    let registry = |net: &Net, i| net.heads(i, &[Kind::Registry, Kind::Person]);
+    let unwritten = |net: &Net| net.unwritten[&100];
+    assert!(
+        unwritten(&net) <= WINDOW + SLACK,
+        "{} bytes handed to a transport that wrote nothing",
+        unwritten(&net)
+    );
+    assert!(
+        registry(&net, 1).len() < registry(&net, 0).len(),
+        "all of it was sent"
+    );
+    assert!(net.nodes[0].stats().window_waits > 0);
+
+    // The transport writes it all: the rest follows.
+    let n = net.unwritten.remove(&100).unwrap();
+    net.queue.push_back((
+        0,
+        Input::Sent {
+            session: 100,
+            bytes: n,
+        },
+    ));
+    net.run();
+    assert!(registry(&net, 1) == registry(&net, 0));
+    assert!(
+        net.wire_bytes > 2 * (WINDOW + SLACK),
+        "too little data to exceed the bound ({} bytes)",
+        net.wire_bytes
+    );
+
+    // Live now. With the transport stalled again, a large import is pushed
+    // up to the window and announced beyond it; nothing is lost once the
+    // transport writes again and the shelter asks for what it lacks.
+    net.unwritten.insert(100, 0);
+    let announced = net.nodes[0].stats().announced;
+    let before = net.wire_bytes;
+    import(&mut net, "imp-2", 10_000, 4_000);
+    assert!(
+        unwritten(&net) <= WINDOW + SLACK,
+        "{} bytes pushed to a transport that wrote nothing",
+        unwritten(&net)
+    );
+    assert!(net.nodes[0].stats().announced > announced);
+    assert!(registry(&net, 1).len() < registry(&net, 0).len());
+    let n = net.unwritten.remove(&100).unwrap();
+    net.queue.push_back((
+        0,
+        Input::Sent {
+            session: 100,
+            bytes: n,
+        },
+    ));
+    net.run();
+    // Announced changes are asked for after the graft timeout.
+    net.now += 5_000;
+    net.run();
+    assert!(registry(&net, 1) == registry(&net, 0));
+    assert!(net.wire_bytes - before > 2 * (WINDOW + SLACK));
 }
 
 #[test]

@@ -109,8 +109,14 @@ impl TransportConfig {
 
 /// Receives engine inputs: `Input::Connected`, `Input::Frame` (in stream
 /// order) and `Input::Disconnected`. Called from transport tasks; must not
-/// block.
-pub type InputSink = Box<dyn Fn(Input) + Send + Sync>;
+/// block. A frame comes with its share of the session's inbound budget
+/// ([`Held`]): keep it until the engine has handled the frame.
+pub type InputSink = Box<dyn Fn(Input, Held) + Send + Sync>;
+/// A received frame's share of its session's inbound budget
+/// ([`INBOUND_BUDGET_BYTES`]); `None` for inputs that hold nothing. While
+/// a session's budget is held, its reader stops reading, so QUIC flow
+/// control stops the peer instead of our memory growing.
+pub type Held = Option<tokio::sync::OwnedSemaphorePermit>;
 /// Receives [`Notice`]s. Called from transport tasks; must not block.
 pub type NoticeSink = Box<dyn Fn(Notice) + Send + Sync>;
 
@@ -134,10 +140,21 @@ pub enum Notice {
     },
     /// A handshake with `addr` failed authentication or the protocol check.
     PeerRejected { addr: SocketAddr, reason: String },
+    /// The session's received frames hold its whole inbound budget
+    /// ([`INBOUND_BUDGET_BYTES`]): it stops reading until the engine has
+    /// handled some, and QUIC flow control stalls the peer.
+    InboundFull { session: u64 },
 }
 
 /// Why [`Transport::offer_crl`] failed.
 pub type OfferError = CrlError;
+
+/// Bytes of one session's received frames that may wait for the engine
+/// a peer sending faster than the engine handles its frames is
+/// slowed by QUIC flow control, not queued in memory. Four frames of the
+/// largest size: the engine takes a frame at a time, so an honest peer is
+/// never held back by more than the engine's own pace.
+pub const INBOUND_BUDGET_BYTES: usize = 4 * crdt::wire::MAX_FRAME_BYTES;
 
 /// Per-session send queue limit in bytes; beyond it the session is closed
 /// (the engine resumes on the next session) rather than growing memory.
@@ -242,7 +259,13 @@ impl Inner {
 
     /// Hands an engine input to the driver.
     pub fn input(&self, input: Input) {
-        (self.sinks.input)(input);
+        (self.sinks.input)(input, None);
+    }
+
+    /// Hands a received frame to the driver with its share of the inbound
+    /// budget.
+    pub fn input_held(&self, input: Input, held: Held) {
+        (self.sinks.input)(input, held);
     }
 
     pub fn notice(&self, notice: Notice) {

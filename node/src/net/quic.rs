@@ -24,7 +24,9 @@ use rand_chacha::ChaCha8Rng;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{code, lock, DialTarget, Inner, Notice, Outgoing, Session, TransportConfig};
+use super::{
+    code, lock, DialTarget, Inner, Notice, Outgoing, Session, TransportConfig, INBOUND_BUDGET_BYTES,
+};
 
 /// First byte on the frame stream, written by the accepting side. Bump it
 /// together with ALPN if the stream layout changes.
@@ -338,7 +340,7 @@ async fn run_session(
         }
         tokio::select! {
             r = read_frames(&inner, session, recv) => r,
-            r = write_frames(send, out_rx, queued, local_close.clone()) => r,
+            r = write_frames(&inner, session, send, out_rx, queued, local_close.clone()) => r,
             r = accept_crls(&inner, session, &conn) => r,
             e = conn.closed() => (code::NORMAL, describe(&e)),
         }
@@ -363,6 +365,8 @@ fn describe(e: &ConnectionError) -> String {
 
 /// Read length-prefixed frames until the stream ends or misbehaves.
 async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32, String) {
+    // What this session's frames may hold while they wait for the engine.
+    let budget = Arc::new(tokio::sync::Semaphore::new(INBOUND_BUDGET_BYTES));
     loop {
         let mut len = [0u8; 4];
         match recv.read_exact(&mut len).await {
@@ -397,6 +401,21 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
                 format!("peer announced a {n}-byte frame; limit is {MAX_FRAME_BYTES}"),
             );
         }
+        // Backpressure: wait (not reading, so the peer's stream stalls)
+        // until the engine has handled enough of the earlier frames.
+        let want = n.max(1) as u32;
+        let held = match budget.clone().try_acquire_many_owned(want) {
+            Ok(held) => held,
+            Err(_) => {
+                tracing::debug!(session, "inbound budget full; waiting for the engine");
+                inner.notice(Notice::InboundFull { session });
+                budget
+                    .clone()
+                    .acquire_many_owned(want)
+                    .await
+                    .expect("the budget is never closed")
+            }
+        };
         let mut body = vec![0u8; n];
         if let Err(e) = recv.read_exact(&mut body).await {
             return match e {
@@ -406,15 +425,24 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
                 e => (code::PROTOCOL, format!("frame cut short: {e}")),
             };
         }
-        inner.input(crdt::api::Input::Frame {
-            session,
-            bytes: body,
-        });
+        inner.input_held(
+            crdt::api::Input::Frame {
+                session,
+                bytes: body,
+            },
+            Some(held),
+        );
     }
 }
 
 /// Write queued frames in order; on `Close`, flush and end gracefully.
+/// Write queued frames in order; after each, tell the engine how much of
+/// the session's frames were written (`Input::Sent`), which opens its
+/// send window: while the peer does not read, QUIC flow control stalls
+/// these writes, and the engine stops making frames for the session.
 async fn write_frames(
+    inner: &Inner,
+    session: u64,
     mut send: SendStream,
     mut out_rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<AtomicUsize>,
@@ -432,6 +460,10 @@ async fn write_frames(
                 if let Err(e) = send.write_all(&body).await {
                     return (code::NORMAL, format!("frame stream broke: {e}"));
                 }
+                inner.input(crdt::api::Input::Sent {
+                    session,
+                    bytes: body.len(),
+                });
             }
             Outgoing::Close(reason) => {
                 *lock(&local_close) = Some(format!("closed locally: {reason}"));

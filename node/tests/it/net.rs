@@ -88,6 +88,9 @@ struct Node {
     t: Transport,
     rx: UnboundedReceiver<Ev>,
     revocation: Arc<RevocationState>,
+    /// While `Some`, the inbound budget of every received frame is kept
+    /// here, as a busy engine keeps it; `None` releases it at once.
+    hold: Arc<std::sync::Mutex<Option<Vec<tokio::sync::OwnedSemaphorePermit>>>>,
 }
 
 async fn start_with(dir: &Path, c: TransportConfig, crl: Option<&[u8]>) -> anyhow::Result<Node> {
@@ -99,8 +102,15 @@ async fn start_with(dir: &Path, c: TransportConfig, crl: Option<&[u8]>) -> anyho
     let trust = PeerTrust::new(revocation.clone(), clock()).unwrap();
     let (tx, rx) = unbounded_channel();
     let tx2 = tx.clone();
+    let hold = Arc::new(std::sync::Mutex::new(
+        None::<Vec<tokio::sync::OwnedSemaphorePermit>>,
+    ));
+    let h = hold.clone();
     let sinks = TransportSinks {
-        input: Box::new(move |i| {
+        input: Box::new(move |i, held| {
+            if let (Some(p), Some(kept)) = (held, h.lock().unwrap().as_mut()) {
+                kept.push(p);
+            }
             let _ = tx.send(Ev::Input(i));
         }),
         notice: Some(Box::new(move |n| {
@@ -108,7 +118,12 @@ async fn start_with(dir: &Path, c: TransportConfig, crl: Option<&[u8]>) -> anyho
         })),
     };
     let t = Transport::start(c, creds, trust, revocation.clone(), sinks).await?;
-    Ok(Node { t, rx, revocation })
+    Ok(Node {
+        t,
+        rx,
+        revocation,
+        hold,
+    })
 }
 
 async fn start(creds: &Path, c: TransportConfig) -> Node {
@@ -168,6 +183,67 @@ async fn connected(rx: &mut UnboundedReceiver<Ev>) -> (u64, NodeId, Role, bool) 
         }) => (session, node, role, initiator),
         _ => unreachable!(),
     }
+}
+
+/// A-14, the receiving half of backpressure: while our engine is busy
+/// with a peer's frames, the peer cannot make us queue more of them than
+/// the inbound budget: the session stops reading (and says so) and QUIC
+/// flow control stalls the sender. Once the engine has handled them, the
+/// rest arrive, whole and in order. The sending half, the engine's send
+/// window, is `crdt`'s
+/// `a_session_whose_transport_writes_nothing_is_sent_no_more_than_the_window`.
+#[tokio::test]
+async fn a_busy_engine_slows_the_peer_instead_of_queueing_its_frames() {
+    use node::net::{INBOUND_BUDGET_BYTES, MAX_SEND_QUEUE_BYTES};
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Shelter, "shelter-1");
+    let b_creds = pki.node(Role::Hq, "hq-1");
+    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
+    let mut a = start(
+        &a_creds,
+        cfg(localhost(), vec![peer("hq-1", b.t.local_addr())]),
+    )
+    .await;
+    let (sa, ..) = connected(&mut a.rx).await;
+    let (sb, ..) = connected(&mut b.rx).await;
+    // b's engine handles nothing from now on.
+    *b.hold.lock().unwrap() = Some(Vec::new());
+    let size = 3 << 20;
+    let body = |i: usize| vec![i as u8; size];
+    let fits = INBOUND_BUDGET_BYTES / size;
+    // One at a time (a's own send queue is bounded too) until b holds all
+    // the budget allows.
+    for i in 0..fits {
+        a.t.send(sa, body(i));
+        assert_eq!(frame(&mut b.rx, sb).await, body(i));
+    }
+    let more = 3;
+    assert!(more * size <= MAX_SEND_QUEUE_BYTES);
+    for i in fits..fits + more {
+        a.t.send(sa, body(i));
+    }
+    // The next frame does not fit: b's session says it stops reading.
+    // Frames reach the engine in order from the one reader that says so,
+    // so none beyond the budget was handed over before it.
+    let full = wait_for(&mut b.rx, "InboundFull", |e| {
+        matches!(
+            e,
+            Ev::Notice(Notice::InboundFull { .. }) | Ev::Input(Input::Frame { .. })
+        )
+    })
+    .await;
+    assert!(
+        matches!(full, Ev::Notice(Notice::InboundFull { session }) if session == sb),
+        "a frame beyond the inbound budget was read while the engine was busy"
+    );
+    assert_eq!(b.hold.lock().unwrap().as_ref().map(Vec::len), Some(fits));
+    // The engine catches up: the rest arrive, whole and in order.
+    drop(b.hold.lock().unwrap().take());
+    for i in fits..fits + more {
+        assert_eq!(frame(&mut b.rx, sb).await, body(i));
+    }
+    a.t.shutdown().await;
+    b.t.shutdown().await;
 }
 
 async fn frame(rx: &mut UnboundedReceiver<Ev>, session: u64) -> Vec<u8> {
@@ -622,8 +698,8 @@ async fn a_shelter_writing_as_headquarters_is_refused_at_the_first_hop() {
     .unwrap();
     let d = driver.clone();
     let sinks = TransportSinks {
-        input: Box::new(move |i| {
-            let _ = d.input(i);
+        input: Box::new(move |i, held| {
+            let _ = d.input_held(i, held);
         }),
         notice: None,
     };

@@ -108,6 +108,15 @@ enum Ev {
         stray: bool,
     },
     TickAll,
+    /// A frame of `side`'s session on `link` left the sender (its last
+    /// byte went onto the link): the sender's engine is told it was
+    /// written (`Input::Sent`), which opens its send window.
+    Sent {
+        link: usize,
+        gen: u32,
+        side: u8,
+        bytes: usize,
+    },
     Cmd {
         node: usize,
         op_id: String,
@@ -484,6 +493,11 @@ impl World {
             Input::Command { op_id, .. } => {
                 self.hasher.update(b"cmd");
                 self.hasher.update(op_id.as_bytes());
+            }
+            Input::Sent { session, bytes } => {
+                self.hasher.update(b"sent");
+                self.hasher.update(&session.to_le_bytes());
+                self.hasher.update(&(*bytes as u64).to_le_bytes());
             }
             other => {
                 self.hasher.update(format!("{other:?}").as_bytes());

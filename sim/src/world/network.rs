@@ -316,7 +316,17 @@ impl World {
             delay *= k.clog_factor;
         }
         let mut arrive = k.busy_until[dir] + delay;
+        let departs = k.busy_until[dir];
         let rtt = k.rtt_ms;
+        self.push(
+            departs,
+            Ev::Sent {
+                link: l,
+                gen,
+                side,
+                bytes: bytes.len(),
+            },
+        );
         let r = &mut self.net_rng;
         if chaos && self.mix.loss > 0.0 {
             // Lost packets are retransmitted by the transport; now and
@@ -462,6 +472,19 @@ impl World {
             self.check_received(from, to, session, &f, &rest);
         }
         self.after_outputs(to, rest, None);
+    }
+
+    /// A frame of the session (`link`, `gen`, `side`) left its sender:
+    /// the sender's engine learns it was written.
+    pub(super) fn sent(&mut self, l: usize, gen: u32, side: u8, bytes: usize) {
+        let Some(k) = self.links.get(l) else { return };
+        if k.gen != gen || !k.up {
+            return;
+        }
+        let from = if side == 0 { k.a } else { k.b };
+        let session = sid(l, gen, side);
+        let rest = self.input(from, Input::Sent { session, bytes });
+        self.after_outputs(from, rest, None);
     }
 
     pub(super) fn reconnect(&mut self) {

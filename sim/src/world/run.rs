@@ -82,6 +82,12 @@ impl World {
                     accepted,
                 } => self.mail_resp(hq, epoch, req, outcome, accepted),
                 Ev::Fault(f) => self.fault(f),
+                Ev::Sent {
+                    link,
+                    gen,
+                    side,
+                    bytes,
+                } => self.sent(link, gen, side, bytes),
                 Ev::Timeout(l) => {
                     self.count("session_timeout");
                     self.disconnect(l);
