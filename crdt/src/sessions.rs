@@ -185,10 +185,9 @@ pub(crate) struct Session {
     pub(crate) seen: Recent,
     /// The last log position we told the peer it holds.
     pub(crate) upto_sent: u64,
-    /// Bytes of frames sent to the transport not yet reported written, and
-    /// how many may be ([`SEND_WINDOW`] unless configured).
+    /// Bytes of frames sent to the transport not yet reported written (at
+    /// most `Sessions::send_window` before catch-up waits).
     unwritten: usize,
-    window: usize,
     /// Credentials this session was sent: author and signing key.
     creds_sent: FxHashSet<(AuthorHash, [u8; 32])>,
     /// The tree (protocol 3), one bit per [`Kind`]: for a set bit the link
@@ -300,7 +299,6 @@ impl Session {
             seen: Recent::new(memory),
             upto_sent: 0,
             unwritten: 0,
-            window: SEND_WINDOW,
             creds_sent: FxHashSet::default(),
             lazy: 0,
             peer_live: false,
@@ -341,11 +339,6 @@ impl Session {
     /// may hold, so pushes may carry `upto`.
     pub(crate) fn is_live(&self) -> bool {
         self.mode == Mode::Live
-    }
-
-    /// The send window is full: catch-up waits, new changes are announced.
-    fn window_full(&self) -> bool {
-        self.unwritten >= self.window
     }
 }
 
@@ -562,6 +555,14 @@ impl Sessions {
     /// The session ended (the stream broke or was closed).
     pub(crate) fn disconnected(&mut self, session: SessionId) {
         self.map.remove(&session);
+    }
+
+    /// The session's send window is full: catch-up waits, new changes are
+    /// announced instead of pushed.
+    fn window_full(&self, sid: SessionId) -> bool {
+        self.map
+            .get(&sid)
+            .is_some_and(|s| s.unwritten >= self.send_window)
     }
 
     /// The transport wrote `bytes` of the session's frames: the window
@@ -898,7 +899,7 @@ impl Sessions {
                     continue;
                 }
                 let (docs, authors, size) = per_session.entry(*sid).or_default();
-                let full = s.unwritten + *size >= s.window;
+                let full = s.unwritten + *size >= self.send_window;
                 if s.is_live() && (s.is_lazy(key.kind) || full) {
                     // Lazy for this kind, or the window is full: announced
                     // at the next tick; the peer asks for what it lacks.
@@ -1076,9 +1077,8 @@ impl Sessions {
         let resume = r.store.sync_cursor(&node).ok().flatten();
         let backed_off = self.backed_off(&node);
         let memory = self.session_memory;
-        let mut session = Session::new(node, role, initiator, memory);
-        session.window = self.send_window;
-        self.map.insert(sid, session);
+        self.map
+            .insert(sid, Session::new(node, role, initiator, memory));
         if backed_off {
             // Not a new violation: the back-off is not extended.
             self.stats.backed_off_refusals += 1;
@@ -1465,17 +1465,13 @@ impl Sessions {
     pub(crate) fn drain<S: Store>(&mut self, r: &mut Replica<S>, out: &mut Vec<Output>) {
         let sids: Vec<SessionId> = self.map.keys().copied().collect();
         for sid in sids {
-            if self
-                .map
-                .get(&sid)
-                .is_some_and(|s| !s.outq.is_empty() && !s.window_full())
-            {
+            if self.map.get(&sid).is_some_and(|s| !s.outq.is_empty()) && !self.window_full(sid) {
                 self.drain_queue(r, sid, out);
             }
             let Some(s) = self.map.get(&sid) else {
                 continue;
             };
-            if s.window_full() {
+            if self.window_full(sid) {
                 // Resumed when the transport reports frames written.
                 self.stats.window_waits += 1;
                 continue;
@@ -1528,7 +1524,7 @@ impl Sessions {
             (s.node.clone(), s.role)
         };
         let mut frames = 0;
-        while frames < FRAMES_PER_DRAIN && !self.map[&sid].window_full() {
+        while frames < FRAMES_PER_DRAIN && !self.window_full(sid) {
             let entries = match r.store.log_since(pos, STREAM_READ) {
                 Ok(e) => e,
                 Err(_) => return,
@@ -1607,7 +1603,7 @@ impl Sessions {
         let mut frames = 0;
         let mut docs: Vec<DocChanges> = Vec::new();
         let mut size = 0usize;
-        while frames < FRAMES_PER_DRAIN && !self.map[&sid].window_full() {
+        while frames < FRAMES_PER_DRAIN && !self.window_full(sid) {
             let Some(((_, key), their)) = self.map.get_mut(&sid).and_then(|s| s.outq.pop_first())
             else {
                 break;

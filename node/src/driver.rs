@@ -666,22 +666,16 @@ fn run(
         // already waiting (never wait for more: group commit must not
         // delay an acknowledgement past its own commit).
         let mut stop = false;
-        match rx.recv_timeout(timeout) {
-            Ok(m) => {
-                stop = accept(
-                    m,
-                    &mut inputs,
-                    &mut held,
-                    &mut query_replies,
-                    &mut pending,
-                    sessions,
-                )
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
-        }
+        let mut waited = Some(rx.recv_timeout(timeout).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => mpsc::TryRecvError::Empty,
+            mpsc::RecvTimeoutError::Disconnected => mpsc::TryRecvError::Disconnected,
+        }));
         while !stop && inputs.len() < MAX_BATCH {
-            match rx.try_recv() {
+            let (got, was_wait) = match waited.take() {
+                Some(r) => (r, true),
+                None => (rx.try_recv(), false),
+            };
+            match got {
                 Ok(m) => {
                     stop = accept(
                         m,
@@ -692,11 +686,10 @@ fn run(
                         sessions,
                     )
                 }
+                // The wait timed out: still take what is already there.
+                Err(mpsc::TryRecvError::Empty) if was_wait => {}
                 Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    stop = true;
-                    break;
-                }
+                Err(mpsc::TryRecvError::Disconnected) => stop = true,
             }
         }
         // The tick also runs under steady load, not only when idle.

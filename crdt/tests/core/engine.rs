@@ -503,6 +503,18 @@ fn a_session_whose_transport_writes_nothing_is_sent_no_more_than_the_window() {
     net.connect(0, 1);
     let registry = |net: &Net, i| net.heads(i, &[Kind::Registry, Kind::Person]);
     let unwritten = |net: &Net| net.unwritten[&100];
+    // The transport writes everything it was given, and says so.
+    let write_all = |net: &mut Net| {
+        let bytes = net.unwritten.remove(&100).unwrap();
+        net.queue.push_back((
+            0,
+            Input::Sent {
+                session: 100,
+                bytes,
+            },
+        ));
+        net.run();
+    };
     assert!(
         unwritten(&net) <= WINDOW + SLACK,
         "{} bytes handed to a transport that wrote nothing",
@@ -515,15 +527,7 @@ fn a_session_whose_transport_writes_nothing_is_sent_no_more_than_the_window() {
     assert!(net.nodes[0].stats().window_waits > 0);
 
     // The transport writes it all: the rest follows.
-    let n = net.unwritten.remove(&100).unwrap();
-    net.queue.push_back((
-        0,
-        Input::Sent {
-            session: 100,
-            bytes: n,
-        },
-    ));
-    net.run();
+    write_all(&mut net);
     assert!(registry(&net, 1) == registry(&net, 0));
     assert!(
         net.wire_bytes > 2 * (WINDOW + SLACK),
@@ -545,15 +549,7 @@ fn a_session_whose_transport_writes_nothing_is_sent_no_more_than_the_window() {
     );
     assert!(net.nodes[0].stats().announced > announced);
     assert!(registry(&net, 1).len() < registry(&net, 0).len());
-    let n = net.unwritten.remove(&100).unwrap();
-    net.queue.push_back((
-        0,
-        Input::Sent {
-            session: 100,
-            bytes: n,
-        },
-    ));
-    net.run();
+    write_all(&mut net);
     // Announced changes are asked for after the graft timeout.
     net.now += 5_000;
     net.run();
