@@ -16,7 +16,7 @@
 //!   of an import, is refused, changes nothing, and is never echoed or
 //!   logged.
 
-use crate::support::proc::{http, ok, poll, run_kizuna, Node};
+use crate::support::proc::{hq_from_csv, http, ok, poll, run_kizuna, Node};
 use crdt::store::Store;
 use node::store::{OpenOptions, SqliteStore, DB_FILE_NAME};
 use std::net::SocketAddr;
@@ -196,22 +196,7 @@ impl Pki {
 fn hq(root: &Path, pki: &Pki) -> Node {
     let dir = root.join("hq");
     pki.issue(crdt::Role::Hq, "hq-1", &dir, None);
-    let mut n = Node::new(&dir, None, "");
-    let csv = registry_csv(root);
-    ok(run_kizuna(
-        &[
-            "registry",
-            "import",
-            "--data-dir",
-            n.data().to_str().unwrap(),
-            csv.to_str().unwrap(),
-            "--node-id",
-            "hq-1",
-        ],
-        &[],
-    ));
-    n.add_operator();
-    n
+    hq_from_csv(&dir, &registry_csv(root))
 }
 
 /// An ambulance node with its data encrypted (its default), the storage

@@ -22,7 +22,7 @@
 //! Every wait is a poll with a deadline that only guards against hangs.
 
 use crate::support::free_port;
-use crate::support::proc::{http, ok, poll, run_kizuna, Node};
+use crate::support::proc::{hq_from_csv, http, ok, poll, run_kizuna, Node};
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -45,23 +45,9 @@ fn issue(ca: &Path, role: crdt::Role, id: &str, dir: &Path) {
 fn hq_with_registry(root: &Path, ca: &Path, households: usize) -> Node {
     let dir = root.join("hq");
     issue(ca, crdt::Role::Hq, "hq-1", &dir);
-    let mut n = Node::new(&dir, None, "");
     let csv = root.join("registry.csv");
     std::fs::write(&csv, node::demo::synthetic_registry(households, 13)).unwrap();
-    ok(run_kizuna(
-        &[
-            "registry",
-            "import",
-            "--data-dir",
-            n.data().to_str().unwrap(),
-            csv.to_str().unwrap(),
-            "--node-id",
-            "hq-1",
-        ],
-        &[],
-    ));
-    n.add_operator();
-    n
+    hq_from_csv(&dir, &csv)
 }
 
 fn status(n: &Node) -> Value {

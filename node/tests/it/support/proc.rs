@@ -76,6 +76,26 @@ pub fn ok(o: Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// hq-1 in `dir`, whose certificates are already there: the registry
+/// `csv` imported and an operator added; not started.
+pub fn hq_from_csv(dir: &Path, csv: &Path) -> Node {
+    let mut n = Node::new(dir, None, "");
+    ok(run_kizuna(
+        &[
+            "registry",
+            "import",
+            "--data-dir",
+            n.data().to_str().unwrap(),
+            csv.to_str().unwrap(),
+            "--node-id",
+            "hq-1",
+        ],
+        &[],
+    ));
+    n.add_operator();
+    n
+}
+
 /// A node's directory: `certs/`, `data/`, `tmp/` (its TMPDIR),
 /// `kizuna.toml`, `kizuna.log`.
 pub struct Node {
