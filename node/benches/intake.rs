@@ -14,7 +14,12 @@
 //! export API's path, audit entry included). Goals: ≥ 20,000 rows/s per
 //! import, PFIF for 184,000 evacuees under 10 s.
 
-mod support;
+/// The parts of `benches/support/` this benchmark uses (each benchmark
+/// compiles only what it uses).
+mod support {
+    pub mod memory;
+    pub mod registry;
+}
 
 use crdt::api::{Command, Input, Operator, Output};
 use crdt::store::Store;
@@ -24,7 +29,7 @@ use rand_chacha::rand_core::SeedableRng;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
-use support::*;
+use support::{memory::*, registry::*};
 
 fn write_csv(path: &Path, header: &[&str], n: usize, row: impl Fn(usize) -> String) {
     let mut s = header.join(",");
@@ -34,6 +39,25 @@ fn write_csv(path: &Path, header: &[&str], n: usize, row: impl Fn(usize) -> Stri
         s.push('\n');
     }
     std::fs::write(path, s).unwrap();
+}
+
+/// CPU seconds this process has used so far, all threads (user and
+/// system, from /proc/self/stat, in Linux's fixed user-visible clock
+/// ticks of 10 ms). On a shared
+/// machine wall time says how busy the others were as much as how fast we
+/// are; CPU time per row is the number to compare between versions.
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime 14 and stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
 }
 
 /// Wall and CPU seconds of one import.

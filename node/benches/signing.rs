@@ -19,7 +19,12 @@
 //!
 //! Prints a table and a JSON line.
 
-mod support;
+/// The parts of `benches/support/` this benchmark uses (each benchmark
+/// compiles only what it uses).
+mod support {
+    pub mod registry;
+    pub mod shelter;
+}
 
 use crdt::api::*;
 use crdt::engine::{Engine, EngineConfig};
@@ -30,7 +35,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
 use std::time::Instant;
-use support::*;
+use support::{registry::*, shelter::*};
 
 fn main() {
     let residents = arg("--residents", 20_000) as usize;

@@ -10,13 +10,20 @@
 //! one commit per check-in, `commit_p50_ms`/`commit_p99_ms` the latency of
 //! a lone check-in's commit.
 
-mod support;
+/// The parts of `benches/support/` this benchmark uses (each benchmark
+/// compiles only what it uses).
+mod support {
+    pub mod memory;
+    pub mod registry;
+    pub mod shelter;
+    pub mod stats;
+}
 
 use crdt::api::*;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
-use support::*;
+use support::{memory::*, registry::*, shelter::*, stats::*};
 
 fn main() {
     let residents = arg("--residents", 100_000) as usize;

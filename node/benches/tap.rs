@@ -17,7 +17,12 @@
 //! Prints a table and a final JSON line. Numbers only; nothing is asserted
 //! about time.
 
-mod support;
+/// The parts of `benches/support/` this benchmark uses (each benchmark
+/// compiles only what it uses).
+mod support {
+    pub mod registry;
+    pub mod stats;
+}
 
 use crdt::api::*;
 use node::card::apdu::ApduLog;
@@ -29,7 +34,7 @@ use std::ffi::CString;
 use std::path::Path;
 use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
+use support::{registry::*, stats::*};
 
 struct Emu(Child);
 

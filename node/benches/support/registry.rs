@@ -1,11 +1,11 @@
-//! Shared by the node benchmarks: flags, time, percentiles, peak memory,
-//! and a synthetic registry imported through the real engine.
-
-#![allow(dead_code)]
+//! What every node benchmark uses: its `--name N` flags, the wall clock
+//! as the engine's `Now`, and a synthetic registry imported through the
+//! real engine. The other files of `support/` are for some benchmarks
+//! only; each benchmark names the ones it compiles.
 
 use crdt::api::{Command, Input, Now, Operator, Output};
 use crdt::engine::{Engine, EngineConfig};
-use crdt::model::{Household, Member, ShelterInfo};
+use crdt::model::{Household, Member};
 use crdt::text::CardUserId;
 use crdt::{NodeId, Role};
 use node::store::SqliteStore;
@@ -34,42 +34,6 @@ pub fn now() -> Now {
         mono_ms: ms,
         wall_trusted: true,
     }
-}
-
-pub fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p) as usize]
-}
-
-pub fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
-}
-
-/// CPU seconds this process has used so far, all threads (user and
-/// system, from /proc/self/stat, in Linux's fixed user-visible clock
-/// ticks of 10 ms). On a shared
-/// machine wall time says how busy the others were as much as how fast we
-/// are; CPU time per row is the number to compare between versions.
-pub fn cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold
-    // spaces: state is field 3, utime 14 and stime 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    f.iter().sum::<u64>() as f64 / 100.0
 }
 
 /// Person `id` is `p{id:08}`; ids are computed, not kept, so the bench's
@@ -132,29 +96,4 @@ pub fn build_registry(path: &Path, residents: usize) -> Engine<SqliteStore> {
     }
     bar.finish_and_clear();
     hq
-}
-
-/// Opens shelter `s1` (capacity 100,000) on `e`, the shelter the benches'
-/// check-ins go to.
-pub fn put_shelter(e: &mut Engine<SqliteStore>, rng: &mut ChaCha8Rng) {
-    let out = e.handle(
-        Input::Command {
-            op_id: "shelter".into(),
-            operator: Operator("bench".into()),
-            cmd: Command::PutShelter {
-                shelter: ShelterInfo {
-                    shelter_id: "s1".into(),
-                    name: "体育館".into(),
-                    capacity: 100_000,
-                    ..Default::default()
-                },
-            },
-        },
-        now(),
-        rng,
-    );
-    assert!(
-        matches!(out.last(), Some(Output::Reply { result: Ok(_), .. })),
-        "the shelter opens"
-    );
 }
