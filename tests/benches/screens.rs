@@ -21,10 +21,10 @@
 #[path = "../browser/harness.rs"]
 mod harness;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use harness::*;
 use serde_json::json;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 struct Args {
     residents: usize,
@@ -63,6 +63,31 @@ fn args() -> Args {
         i += 2;
     }
     a
+}
+
+/// Waits until pcscd reports a card on vpcd slot `slot` and returns that
+/// moment (Unix ms): where the virtual stack hands over to the node.
+fn card_present_at(slot: u16) -> Result<u128> {
+    use std::ffi::CString;
+    let ctx = pcsc::Context::establish(pcsc::Scope::User)?;
+    let name = CString::new(format!("Virtual PCD 00 {slot:02}"))?;
+    let mut states = [pcsc::ReaderState::new(name, pcsc::State::UNAWARE)];
+    let start = Instant::now();
+    loop {
+        match ctx.get_status_change(Duration::from_millis(500), &mut states) {
+            Ok(()) | Err(pcsc::Error::Timeout) => {}
+            Err(e) => bail!("pcsc: {e}"),
+        }
+        if states[0].event_state().contains(pcsc::State::PRESENT) {
+            return Ok(std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis());
+        }
+        states[0].sync_current_state();
+        if start.elapsed() > DEADLINE {
+            bail!("timed out waiting for the card on slot {slot}");
+        }
+    }
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {

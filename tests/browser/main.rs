@@ -36,10 +36,12 @@
 //! reader, so it must not run beside another card test suite.
 
 mod harness;
+mod tools;
 
 use anyhow::{bail, Context, Result};
 use harness::*;
 use serde_json::json;
+use tools::*;
 
 const STAFF: &str = "5555555555555";
 const CARD_A: &str = "4000000000001";

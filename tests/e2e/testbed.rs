@@ -11,7 +11,6 @@
 //! namespaces of other checkouts) ever share a namespace. Needs root,
 //! nftables, curl, and `kizuna` built beside `kizuna-testbed`
 //! (`cargo build --release -p node --bin kizuna`).
-#![allow(dead_code)]
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -150,18 +149,12 @@ impl Testbed {
     pub fn stop(&mut self, id: &str) -> Result<()> {
         self.cmd(&["stop", id]).map(drop)
     }
-    pub fn kill9(&mut self, id: &str) -> Result<()> {
-        self.cmd(&["kill", id]).map(drop)
-    }
     pub fn restart(&mut self, id: &str) -> Result<()> {
         self.cmd(&["restart", id]).map(drop)
     }
 
     pub fn node(&self, id: &str) -> &tests::testbed::NodeState {
         self.st.node(id).expect("node")
-    }
-    pub fn ns(&self, id: &str) -> String {
-        self.node(id).ns.clone()
     }
     /// The storage key file of a node that encrypts at rest (ambulances).
     pub fn storage_key_file(&self, id: &str) -> Option<PathBuf> {
@@ -174,9 +167,6 @@ impl Testbed {
     }
     pub fn db(&self, id: &str) -> PathBuf {
         self.data_dir(id).join("kizuna.db")
-    }
-    pub fn pid(&self, id: &str) -> Option<u32> {
-        self.node(id).pid
     }
 
     pub fn api(
