@@ -1,5 +1,6 @@
-//! The bodies of the fuzz targets, shared by `cargo fuzz` (each file in
-//! `fuzz_targets/` is one line calling a function here) and by the normal
+//! The bodies of the fuzz targets, shared by `cargo fuzz` (this file is
+//! the fuzz package's library, `bodies`; each file in `fuzz_targets/` is
+//! one line calling a function here) and by the normal
 //! test suite (`node/tests/it/fuzz_regressions.rs` includes this file and
 //! replays every committed input under `fuzz/regressions/<target>/` and
 //! `fuzz/seeds/<target>/`), so a crasher, once committed, is checked by
@@ -8,7 +9,6 @@
 //! Every body must return normally for any input: a panic is the bug.
 //! Where a cheap property exists it is asserted too (round trips, the
 //! Individual-Number guard against an independent reference).
-#![allow(dead_code)]
 
 use std::sync::OnceLock;
 

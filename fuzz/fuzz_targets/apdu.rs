@@ -1,5 +1,3 @@
 //! Fuzz target `apdu`: see `fuzz/bodies.rs`.
 #![no_main]
-#[path = "../bodies.rs"]
-mod bodies;
 libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::apdu(data));

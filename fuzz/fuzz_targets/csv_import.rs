@@ -1,5 +1,3 @@
 //! Fuzz target `csv_import`: see `fuzz/bodies.rs`.
 #![no_main]
-#[path = "../bodies.rs"]
-mod bodies;
 libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::csv_import(data));

@@ -1,5 +1,3 @@
 //! Fuzz target `domain_text`: see `fuzz/bodies.rs`.
 #![no_main]
-#[path = "../bodies.rs"]
-mod bodies;
 libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::domain_text(data));

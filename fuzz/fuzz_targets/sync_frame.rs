@@ -1,5 +1,3 @@
 //! Fuzz target `sync_frame`: see `fuzz/bodies.rs`.
 #![no_main]
-#[path = "../bodies.rs"]
-mod bodies;
 libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::sync_frame(data));
