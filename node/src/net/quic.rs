@@ -39,6 +39,12 @@ const CRL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// A session that lasted at least this long counts as a good connection, and
+/// the next dial starts from the shortest delay again. A shorter one (the
+/// peer closed it at once: it refused our frames, is restarting, or is
+/// overloaded) backs off like a failed dial, so a peer that ends every
+/// session at once is not redialled twice a second for ever.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -237,21 +243,22 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, node: NodeId, target: Arc<DialT
             match attempt {
                 Ok(Ok(done)) => {
                     super::peers::remember(&inner, &node, addr);
+                    let started = tokio::time::Instant::now();
                     let _ = done.await;
-                    backoff_ms = min;
+                    backoff_ms = after_session(backoff_ms, started.elapsed(), min, max);
                 }
                 Ok(Err(HandshakeFailure::Rejected(reason))) => {
                     tracing::warn!(peer = %node, %addr, reason, "dial rejected");
                     inner.notice(Notice::PeerRejected { addr, reason });
-                    backoff_ms = (backoff_ms.saturating_mul(2)).min(max);
+                    backoff_ms = doubled(backoff_ms, min, max);
                 }
                 Ok(Err(HandshakeFailure::Unreachable(reason))) => {
                     tracing::debug!(peer = %node, %addr, reason, "dial failed");
-                    backoff_ms = (backoff_ms.saturating_mul(2)).min(max);
+                    backoff_ms = doubled(backoff_ms, min, max);
                 }
                 Err(_) => {
                     tracing::debug!(peer = %node, %addr, "dial timed out");
-                    backoff_ms = (backoff_ms.saturating_mul(2)).min(max);
+                    backoff_ms = doubled(backoff_ms, min, max);
                 }
             }
         }
@@ -264,6 +271,21 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, node: NodeId, target: Arc<DialT
             _ = stop.changed() => return,
         }
     }
+}
+
+/// The back-off after a session that lasted `lived`: back to `min` after a
+/// stable session, doubled (up to `max`) after one the peer ended at once.
+fn after_session(backoff_ms: u64, lived: Duration, min: u64, max: u64) -> u64 {
+    if lived >= STABLE_SESSION {
+        min
+    } else {
+        doubled(backoff_ms, min, max)
+    }
+}
+
+/// The back-off after a failed dial.
+fn doubled(backoff_ms: u64, min: u64, max: u64) -> u64 {
+    backoff_ms.saturating_mul(2).clamp(min, max)
 }
 
 /// Register a verified connection as a session, report `Connected` and start
@@ -526,4 +548,36 @@ pub(crate) fn send_crl(inner: &Arc<Inner>, session: u64, der: Arc<Vec<u8>>) {
             Err(_) => tracing::debug!(session, "CRL gossip timed out"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stable_session_resets_the_back_off() {
+        assert_eq!(after_session(16_000, STABLE_SESSION, 500, 30_000), 500);
+        assert_eq!(
+            after_session(16_000, Duration::from_secs(3600), 500, 30_000),
+            500
+        );
+    }
+
+    #[test]
+    fn sessions_the_peer_ends_at_once_back_off_like_failed_dials() {
+        let (min, max) = (500, 30_000);
+        let mut backoff = min;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            backoff = after_session(backoff, Duration::from_millis(20), min, max);
+            delays.push(backoff);
+        }
+        assert_eq!(
+            delays,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
+        );
+        // Just short of stable still counts as ended at once.
+        let short = STABLE_SESSION - Duration::from_millis(1);
+        assert_eq!(after_session(min, short, min, max), 1_000);
+    }
 }
