@@ -14,6 +14,7 @@ use crate::hlc::Hlc;
 use crate::ids::{DocKey, NodeId, Role};
 use crate::signing::{AuthorHash, Seal};
 use imbl::{OrdMap, Vector};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -38,9 +39,94 @@ pub fn upsert<K: Ord + Clone, V: Clone>(
     }
 }
 
-/// A persistent set of change hashes with a fixed (deterministic) hasher.
-pub type HashMap32<V> =
-    imbl::GenericHashMap<Hash32, V, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
+/// Where each change is in a [`MemStore`]'s log, by hash: a base shared by
+/// every copy of the store, and this copy's own entries over it.
+///
+/// The simulator opens hundreds of nodes on copies of one provisioned
+/// store. A persistent hash map (as this was) shares memory between the
+/// copies only until they write: change hashes are uniform, so each new
+/// change copies a different path of the tree, about 1.5 to 2.4 KB per
+/// change per node. Here a copy's own changes cost one plain map entry, and
+/// the base is never copied. [`ChangePositions::share`] folds a copy's own
+/// entries into a new base, once, before it is copied many times.
+#[derive(Clone, Debug, Default)]
+pub struct ChangePositions {
+    base: Arc<FxHashMap<Hash32, usize>>,
+    /// This copy's entries; `None` removes a base entry.
+    own: FxHashMap<Hash32, Option<usize>>,
+    len: usize,
+}
+
+impl ChangePositions {
+    pub fn get(&self, h: &Hash32) -> Option<&usize> {
+        match self.own.get(h) {
+            Some(v) => v.as_ref(),
+            None => self.base.get(h),
+        }
+    }
+    pub fn contains_key(&self, h: &Hash32) -> bool {
+        self.get(h).is_some()
+    }
+    pub fn insert(&mut self, h: Hash32, at: usize) -> Option<usize> {
+        let old = self.get(&h).copied();
+        self.own.insert(h, Some(at));
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+    pub fn remove(&mut self, h: &Hash32) -> Option<usize> {
+        let old = self.get(h).copied();
+        if old.is_some() {
+            if self.base.contains_key(h) {
+                self.own.insert(*h, None);
+            } else {
+                self.own.remove(h);
+            }
+            self.len -= 1;
+        }
+        old
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Every (hash, position), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Hash32, &usize)> {
+        let own = self
+            .own
+            .iter()
+            .filter_map(|(h, v)| v.as_ref().map(|v| (h, v)));
+        let base = self.base.iter().filter(|(h, _)| !self.own.contains_key(*h));
+        own.chain(base)
+    }
+    /// Fold this copy's own entries into its base, so that copies made
+    /// from now on share all of them.
+    pub fn share(&mut self) {
+        if self.own.is_empty() {
+            return;
+        }
+        let mut base: FxHashMap<Hash32, usize> = (*self.base).clone();
+        // Taken, not drained: a drained map keeps its capacity, and every
+        // copy would allocate that much again.
+        for (h, v) in std::mem::take(&mut self.own) {
+            match v {
+                Some(at) => base.insert(h, at),
+                None => base.remove(&h),
+            };
+        }
+        self.base = Arc::new(base);
+    }
+}
+
+impl PartialEq for ChangePositions {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().all(|(h, v)| other.get(h) == Some(v))
+    }
+}
+impl Eq for ChangePositions {}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -433,7 +519,7 @@ pub struct MemStore {
     /// Every logged change's hash and its position in `log` (a hash map:
     /// hashes are uniform, and ordered lookups cost a 32-byte comparison
     /// per level).
-    pub hashes: HashMap32<usize>,
+    pub hashes: ChangePositions,
     /// Each author's credentials in the order first stored.
     pub credentials: OrdMap<AuthorHash, Vec<Vec<u8>>>,
     pub docs: OrdMap<DocKey, (Vec<Hash32>, Option<Arc<[u8]>>, usize)>,
@@ -451,6 +537,12 @@ pub struct MemStore {
 impl MemStore {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// Ready this store to be copied many times: what it holds so far is
+    /// then shared by the copies, however they write (see
+    /// [`ChangePositions`]).
+    pub fn share(&mut self) {
+        self.hashes.share();
     }
     fn doc_positions(&self, key: &DocKey) -> impl Iterator<Item = usize> + '_ {
         self.by_doc.get(key).into_iter().flatten().copied()
@@ -1626,8 +1718,53 @@ pub mod conformance {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn mem_store_conforms() {
         super::conformance::run_all(|| Box::new(super::MemStore::new()));
+    }
+
+    #[test]
+    fn a_copy_of_shared_change_positions_answers_like_a_plain_map_and_keeps_the_base() {
+        let h = |i: u8| [i; 32];
+        let (mut plain, mut copy) = (ChangePositions::default(), ChangePositions::default());
+        for i in 0..100 {
+            plain.insert(h(i), i.into());
+            copy.insert(h(i), i.into());
+        }
+        copy.share();
+        let original = copy.clone();
+        // Over the base: new entries, replaced entries, removed entries,
+        // and a removed entry put back.
+        for i in 90..120 {
+            assert_eq!(
+                plain.insert(h(i), 1000 + usize::from(i)),
+                copy.insert(h(i), 1000 + usize::from(i))
+            );
+        }
+        for i in (0..50).step_by(7).chain([95, 110, 250]) {
+            assert_eq!(plain.remove(&h(i)), copy.remove(&h(i)), "remove {i}");
+        }
+        assert_eq!(plain.insert(h(14), 7), copy.insert(h(14), 7));
+        for i in 0..=255 {
+            assert_eq!(plain.get(&h(i)), copy.get(&h(i)), "get {i}");
+        }
+        assert_eq!(
+            (plain.len(), plain.is_empty()),
+            (copy.len(), copy.is_empty())
+        );
+        assert!(plain == copy && copy == plain);
+        // The original is untouched, and the copy never copied the base.
+        assert_eq!(original.len(), 100);
+        assert!((0..100).all(|i| original.get(&h(i)) == Some(&usize::from(i))));
+        assert!(Arc::ptr_eq(&original.base, &copy.base));
+        // Sharing again folds the copy's own entries in, with the same answers.
+        let before = copy.clone();
+        copy.share();
+        assert!(copy.own.is_empty() && copy == before);
+        // Without the capacity of the entries it folded in: every copy of
+        // a map allocates its capacity again.
+        assert_eq!(copy.own.capacity(), 0);
     }
 }

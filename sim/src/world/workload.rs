@@ -537,6 +537,7 @@ impl World {
         template
             .commit(&batch)
             .expect("memory stores accept every batch");
+        template.mem.share();
         let mut index = None;
         for i in (0..self.nodes.len()).filter(|&i| i != from) {
             let now = Self::node_now(&self.nodes[i], self.now);
