@@ -12,7 +12,8 @@
 //! carries its session's share of the inbound budget
 //! ([`crate::net::INBOUND_BUDGET_BYTES`]) until its batch was handled, and
 //! the session's reader waits for it (backpressure down to QUIC). `Now`
-//! is read from the system clocks and the RNG is ChaCha20 seeded from OS entropy at start.
+//! is read from the system clocks and the RNG is ChaCha20 seeded from OS
+//! entropy at start.
 //! An [`Input::Tick`] is appended to the batch whenever [`TICK_MS`] have
 //! passed, under load too. Outputs are routed as they come out:
 //!

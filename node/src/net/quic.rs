@@ -458,10 +458,10 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
 }
 
 /// Write queued frames in order; on `Close`, flush and end gracefully.
-/// Write queued frames in order; after each, tell the engine how much of
-/// the session's frames were written (`Input::Sent`), which opens its
-/// send window: while the peer does not read, QUIC flow control stalls
-/// these writes, and the engine stops making frames for the session.
+/// After each frame, tell the engine how much of the session's frames
+/// were written (`Input::Sent`), which opens its send window: while the
+/// peer does not read, QUIC flow control stalls these writes, and the
+/// engine stops making frames for the session.
 async fn write_frames(
     inner: &Inner,
     session: u64,

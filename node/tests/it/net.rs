@@ -195,15 +195,7 @@ async fn connected(rx: &mut UnboundedReceiver<Ev>) -> (u64, NodeId, Role, bool) 
 #[tokio::test]
 async fn a_busy_engine_slows_the_peer_instead_of_queueing_its_frames() {
     use node::net::{INBOUND_BUDGET_BYTES, MAX_SEND_QUEUE_BYTES};
-    let pki = Pki::new("Kizuna Test City");
-    let a_creds = pki.node(Role::Shelter, "shelter-1");
-    let b_creds = pki.node(Role::Hq, "hq-1");
-    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
-    let mut a = start(
-        &a_creds,
-        cfg(localhost(), vec![peer("hq-1", b.t.local_addr())]),
-    )
-    .await;
+    let (_pki, mut a, mut b) = shelter_dialing_hq().await;
     let (sa, ..) = connected(&mut a.rx).await;
     let (sb, ..) = connected(&mut b.rx).await;
     // b's engine handles nothing from now on.
@@ -284,6 +276,21 @@ async fn disconnected(rx: &mut UnboundedReceiver<Ev>, session: u64) -> String {
     }
 }
 
+/// shelter-1 (`a`) with hq-1 (`b`) as its static peer, both started; the
+/// `Pki` holds their credentials.
+async fn shelter_dialing_hq() -> (Pki, Node, Node) {
+    let pki = Pki::new("Kizuna Test City");
+    let a_creds = pki.node(Role::Shelter, "shelter-1");
+    let b_creds = pki.node(Role::Hq, "hq-1");
+    let b = start(&b_creds, cfg(localhost(), vec![])).await;
+    let a = start(
+        &a_creds,
+        cfg(localhost(), vec![peer("hq-1", b.t.local_addr())]),
+    )
+    .await;
+    (pki, a, b)
+}
+
 fn peer(id: &str, addr: SocketAddr) -> StaticPeer {
     StaticPeer {
         node_id: nid(id),
@@ -293,15 +300,7 @@ fn peer(id: &str, addr: SocketAddr) -> StaticPeer {
 
 #[tokio::test]
 async fn static_peers_connect_and_frames_round_trip_in_order() {
-    let pki = Pki::new("Kizuna Test City");
-    let a_creds = pki.node(Role::Shelter, "shelter-1");
-    let b_creds = pki.node(Role::Hq, "hq-1");
-    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
-    let mut a = start(
-        &a_creds,
-        cfg(localhost(), vec![peer("hq-1", b.t.local_addr())]),
-    )
-    .await;
+    let (_pki, mut a, mut b) = shelter_dialing_hq().await;
 
     let (sa, node, role, init) = connected(&mut a.rx).await;
     assert_eq!((node, role, init), (nid("hq-1"), Role::Hq, true));
@@ -338,15 +337,7 @@ async fn static_peers_connect_and_frames_round_trip_in_order() {
 
 #[tokio::test]
 async fn spoofed_mdns_announcements_cannot_re_aim_a_static_peer_or_grow_dialers() {
-    let pki = Pki::new("Kizuna Test City");
-    let a_creds = pki.node(Role::Shelter, "shelter-1");
-    let b_creds = pki.node(Role::Hq, "hq-1");
-    let mut b = start(&b_creds, cfg(localhost(), vec![])).await;
-    let mut a = start(
-        &a_creds,
-        cfg(localhost(), vec![peer("hq-1", b.t.local_addr())]),
-    )
-    .await;
+    let (_pki, mut a, mut b) = shelter_dialing_hq().await;
     let (s1, node, _, _) = connected(&mut a.rx).await;
     assert_eq!(node, nid("hq-1"));
     let (sb, _, _, _) = connected(&mut b.rx).await;

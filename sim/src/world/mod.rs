@@ -108,13 +108,12 @@ enum Ev {
         stray: bool,
     },
     TickAll,
-    /// A frame of `side`'s session on `link` left the sender (its last
-    /// byte went onto the link): the sender's engine is told it was
-    /// written (`Input::Sent`), which opens its send window.
+    /// A frame of `node`'s `session` left it (its last byte went onto the
+    /// link): the engine is told it was written (`Input::Sent`), which
+    /// opens its send window.
     Sent {
-        link: usize,
-        gen: u32,
-        side: u8,
+        node: usize,
+        session: SessionId,
         bytes: usize,
     },
     Cmd {

@@ -315,15 +315,14 @@ impl World {
         if chaos && k.clog_until > self.now {
             delay *= k.clog_factor;
         }
-        let mut arrive = k.busy_until[dir] + delay;
         let departs = k.busy_until[dir];
+        let mut arrive = departs + delay;
         let rtt = k.rtt_ms;
         self.push(
             departs,
             Ev::Sent {
-                link: l,
-                gen,
-                side,
+                node: from,
+                session,
                 bytes: bytes.len(),
             },
         );
@@ -474,17 +473,15 @@ impl World {
         self.after_outputs(to, rest, None);
     }
 
-    /// A frame of the session (`link`, `gen`, `side`) left its sender:
-    /// the sender's engine learns it was written.
-    pub(super) fn sent(&mut self, l: usize, gen: u32, side: u8, bytes: usize) {
-        let Some(k) = self.links.get(l) else { return };
-        if k.gen != gen || !k.up {
+    /// A frame of `node`'s `session` left it: its engine learns it was
+    /// written, unless the session's link went down since.
+    pub(super) fn sent(&mut self, node: usize, session: SessionId, bytes: usize) {
+        let (l, gen, _) = sid_parts(session);
+        if !self.links.get(l).is_some_and(|k| k.gen == gen && k.up) {
             return;
         }
-        let from = if side == 0 { k.a } else { k.b };
-        let session = sid(l, gen, side);
-        let rest = self.input(from, Input::Sent { session, bytes });
-        self.after_outputs(from, rest, None);
+        let rest = self.input(node, Input::Sent { session, bytes });
+        self.after_outputs(node, rest, None);
     }
 
     pub(super) fn reconnect(&mut self) {

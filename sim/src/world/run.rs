@@ -83,11 +83,10 @@ impl World {
                 } => self.mail_resp(hq, epoch, req, outcome, accepted),
                 Ev::Fault(f) => self.fault(f),
                 Ev::Sent {
-                    link,
-                    gen,
-                    side,
+                    node,
+                    session,
                     bytes,
-                } => self.sent(link, gen, side, bytes),
+                } => self.sent(node, session, bytes),
                 Ev::Timeout(l) => {
                     self.count("session_timeout");
                     self.disconnect(l);
