@@ -531,9 +531,18 @@ impl Browser {
     }
 
     pub async fn close(self) {
-        let Browser { c, mut driver, .. } = self;
+        let Browser { c, driver, .. } = self;
         let _ = c.close().await;
-        let _ = driver.child.kill();
-        let _ = driver.child.wait();
+        drop(driver);
+    }
+}
+
+impl Drop for Driver {
+    /// Also when a test or benchmark fails before `close`: a chromedriver
+    /// left behind would keep whatever it inherited, such as the
+    /// descriptor of `flock /work/coord/card.lock`, and hold that lock.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

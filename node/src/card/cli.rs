@@ -178,13 +178,23 @@ fn report_error(e: &CardError, as_json: bool) {
 
 fn print_event(ev: &CardEvent, as_json: bool) {
     match (ev, as_json) {
-        (CardEvent::Tap { user_id, reader }, true) => {
+        (
+            CardEvent::Tap {
+                user_id, reader, ..
+            },
+            true,
+        ) => {
             println!(
                 "{}",
                 json!({"event": "tap", "user_id": user_id, "reader": reader})
             )
         }
-        (CardEvent::Tap { user_id, reader }, false) => println!("tap\t{user_id}\t{reader}"),
+        (
+            CardEvent::Tap {
+                user_id, reader, ..
+            },
+            false,
+        ) => println!("tap\t{user_id}\t{reader}"),
         (CardEvent::Status(s), true) => {
             println!(
                 "{}",

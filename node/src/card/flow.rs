@@ -27,7 +27,7 @@
 //! or the person, not the key.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crdt::api::{Query, QueryReply};
 use crdt::store::{LocationRow, PersonRow};
@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::id::UserId;
-use super::watch::{CardEvent, ReaderStatus};
+use super::watch::{CardEvent, ReaderStatus, TapTiming};
 use crate::auth::OperatorsFile;
 use crate::driver::DriverHandle;
 
@@ -236,6 +236,28 @@ pub async fn resolve_tap(
     }
 }
 
+fn unix_ms(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+/// The `timing` of a `card_tap` event: where the node's part of a tap went,
+/// in milliseconds. `seen_at_ms` (the reader loop saw the card) and
+/// `sent_at_ms` (the event left for the screens) are wall-clock times, so a
+/// benchmark can line them up with the browser's clock on the same
+/// machine; `read_ms` is the card read (connect to disconnect) and
+/// `lookup_ms` the registry query. No identity in it.
+fn timing_json(t: &TapTiming, lookup: Duration, sent_at: SystemTime) -> Value {
+    let r = |x: f64| (x * 10.0).round() / 10.0;
+    json!({
+        "seen_at_ms": r(unix_ms(t.seen_at)),
+        "read_ms": r(t.read.as_secs_f64() * 1e3),
+        "lookup_ms": r(lookup.as_secs_f64() * 1e3),
+        "sent_at_ms": r(unix_ms(sent_at)),
+    })
+}
+
 /// Everything [`handle_event`] needs about the node.
 #[derive(Clone)]
 pub struct TapContext {
@@ -259,7 +281,11 @@ pub async fn handle_event(cx: &TapContext, ev: CardEvent) {
             "type": "card_error", "code": e.code(), "tap_again": e.is_tap_again(),
             "message_ja": e.message_ja(), "message_en": e.message_en(),
         })),
-        CardEvent::Tap { user_id, reader } => {
+        CardEvent::Tap {
+            user_id,
+            reader,
+            timing,
+        } => {
             let staff = match cx.operators.current() {
                 Ok(ops) => ops.by_card(user_id.as_str()).map(str::to_string),
                 Err(e) => {
@@ -274,7 +300,17 @@ pub async fn handle_event(cx: &TapContext, ev: CardEvent) {
                     "window_ms": STAFF_TAP_WINDOW.as_millis() as u64,
                 })),
                 None => {
-                    let v = resolve_tap(&cx.driver, cx.target, &user_id, &reader).await;
+                    let started = Instant::now();
+                    let mut v = resolve_tap(&cx.driver, cx.target, &user_id, &reader).await;
+                    let lookup = started.elapsed();
+                    if v["type"] == "card_tap" {
+                        v["timing"] = timing_json(&timing, lookup, SystemTime::now());
+                    }
+                    tracing::debug!(
+                        read_ms = timing.read.as_secs_f64() * 1e3,
+                        lookup_ms = lookup.as_secs_f64() * 1e3,
+                        "card tap resolved"
+                    );
                     cx.hub.publish(v);
                 }
             }
@@ -438,26 +474,51 @@ mod tests {
                 operators: OperatorsFile::new(dir.path()),
             };
             let mut rx = hub.subscribe();
+            // A tap the reader loop saw at a known moment and read in a
+            // known time: the event carries both, and its own stages after.
+            let seen_at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
+            let timing = TapTiming {
+                seen_at,
+                read: Duration::from_micros(12_340),
+            };
             handle_event(
                 &cx,
                 CardEvent::Tap {
                     user_id: id("5555555555555"),
                     reader: "r".into(),
+                    timing,
                 },
             )
             .await;
             let v = rx.recv().await.unwrap();
             assert_eq!(v["type"], "staff_tap");
             assert_eq!(v["operator"], "staff-1");
+            assert!(v.get("timing").is_none(), "{v}");
             handle_event(
                 &cx,
                 CardEvent::Tap {
                     user_id: id("1234567890123"),
                     reader: "r".into(),
+                    timing,
                 },
             )
             .await;
-            assert_eq!(rx.recv().await.unwrap()["household_id"], "h1");
+            let v = rx.recv().await.unwrap();
+            assert_eq!(v["household_id"], "h1");
+            let t = &v["timing"];
+            assert_eq!(t["seen_at_ms"], 1_700_000_000_000.0, "{v}");
+            assert_eq!(t["read_ms"], 12.3, "{v}");
+            assert!(t["lookup_ms"].as_f64().is_some_and(|x| x >= 0.0), "{v}");
+            assert!(
+                t["sent_at_ms"]
+                    .as_f64()
+                    .is_some_and(|x| x > 1_700_000_000_000.0),
+                "{v}"
+            );
+            assert!(
+                !v.to_string().contains("1234567890123"),
+                "no card id in {v}"
+            );
             assert_eq!(
                 hub.take_staff_tap(STAFF_TAP_WINDOW),
                 Err(SessionRefusal::NotStaff)

@@ -22,7 +22,7 @@ use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use pcsc::{ReaderState, State, PNP_NOTIFICATION};
 use serde::Serialize;
@@ -73,10 +73,25 @@ impl ReaderStatus {
     }
 }
 
+/// When the loop saw a card and how long reading it took: the first
+/// stages of a tap, carried to the screen's `card_tap` event so a slow
+/// tap can be split into stages (no identity in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapTiming {
+    /// Wall-clock time at which `get_status_change` reported the card.
+    pub seen_at: SystemTime,
+    /// Connect, transaction, the APDUs and disconnect.
+    pub read: Duration,
+}
+
 /// What the watcher reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CardEvent {
-    Tap { user_id: UserId, reader: String },
+    Tap {
+        user_id: UserId,
+        reader: String,
+        timing: TapTiming,
+    },
     Status(ReaderStatus),
     ReadFailed(CardError),
 }
@@ -284,6 +299,7 @@ impl<F: FnMut(CardEvent) -> bool> Loop<F> {
                 Err(pcsc::Error::Timeout) => continue,
                 Err(e) => return Restart::Lost(map_pcsc(e)),
             }
+            let seen_at = SystemTime::now();
             let (pnp, readers) = states
                 .split_last_mut()
                 .expect("the PnP state is always last");
@@ -308,14 +324,17 @@ impl<F: FnMut(CardEvent) -> bool> Loop<F> {
                 rs.sync_current_state();
             }
             for name in inserted {
+                let started = Instant::now();
                 match read_present_card(&ctx, &name, &self.config.reader.profile, &self.config.log)
                 {
                     Ok(tap) => {
+                        let read = started.elapsed();
                         // Never the card's user ID: it keys a person's records.
-                        tracing::info!(reader = %tap.reader, "card tap");
+                        tracing::info!(reader = %tap.reader, read_ms = read.as_secs_f64() * 1e3, "card tap");
                         self.emit(CardEvent::Tap {
                             user_id: tap.user_id,
                             reader: tap.reader,
+                            timing: TapTiming { seen_at, read },
                         });
                     }
                     Err(CardError::Transport { source, .. })

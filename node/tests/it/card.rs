@@ -598,6 +598,22 @@ fn next_event(
     }
 }
 
+/// The event is a tap of the card `user_id` on our reader (its timing
+/// differs on every run).
+fn assert_tap(ev: &CardEvent, user_id: &str) {
+    match ev {
+        CardEvent::Tap {
+            user_id: got,
+            reader,
+            ..
+        } => {
+            assert_eq!(got, &node::card::UserId::parse(user_id).unwrap());
+            assert_eq!(reader, &reader_name());
+        }
+        other => panic!("expected a tap, got {other:?}"),
+    }
+}
+
 /// F-2: pcscd stopped → "card service not running"; restarted → the
 /// watcher and the emulator both reconnect and taps work again.
 #[test]
@@ -614,13 +630,7 @@ fn pcscd_restart_recovers() {
     // No --once: the emulator reconnects when vpcd comes back.
     let emu = Emu::start(&["--user-id", ID]);
     let ev = next_event(&rx, "first tap", |e| matches!(e, CardEvent::Tap { .. }));
-    assert_eq!(
-        ev,
-        CardEvent::Tap {
-            user_id: node::card::UserId::parse(ID).unwrap(),
-            reader: reader_name()
-        }
-    );
+    assert_tap(&ev, ID);
 
     stack("stop");
     let ev = next_event(&rx, "service down", |e| {
@@ -655,13 +665,7 @@ fn pcscd_restart_recovers() {
     let ev = next_event(&rx, "tap after restart", |e| {
         !matches!(e, CardEvent::Status(_))
     });
-    assert_eq!(
-        ev,
-        CardEvent::Tap {
-            user_id: node::card::UserId::parse(ID).unwrap(),
-            reader: reader_name()
-        }
-    );
+    assert_tap(&ev, ID);
     watcher.stop();
     drop(emu);
 }
@@ -730,13 +734,7 @@ fn watcher_reports_removal_then_next_tap() {
     drop(emu);
     let emu = Emu::start(&["--user-id", "1111111111111"]);
     let ev = next_event(&rx, "tap", |e| !matches!(e, CardEvent::Status(_)));
-    assert_eq!(
-        ev,
-        CardEvent::Tap {
-            user_id: node::card::UserId::parse("1111111111111").unwrap(),
-            reader: reader_name()
-        }
-    );
+    assert_tap(&ev, "1111111111111");
     watcher.stop();
     drop(emu);
 }

@@ -332,14 +332,16 @@
       }
     }
 
-    function openMembers(list) {
+    function openMembers(list, householdId) {
       setMembers(list);
-      // For the tap benchmark: when the household was on screen.
-      B.dataset.householdAt = String(Date.now());
       show($("intake-result"), "", false);
       render();
       const first = document.querySelector("#members input");
       if (first) first.focus();
+      // For the tap benchmark: which household is on screen, and since when
+      // (after it was drawn).
+      B.dataset.householdId = householdId || "";
+      B.dataset.householdAt = String(Date.now());
     }
 
     async function openPerson(p) {
@@ -351,7 +353,11 @@
 
     onEvent((ev) => {
       if (ev.type === "card_tap") {
-        if (ev.household_id) openMembers(ev.members || []);
+        // For the tap benchmark: when the event reached the page, and the
+        // node's own stages (ms; no identity in them).
+        B.dataset.tapEventAt = String(Date.now());
+        B.dataset.tapTiming = JSON.stringify(ev.timing || {});
+        if (ev.household_id) openMembers(ev.members || [], ev.household_id);
         else { setMembers([]); render(); show($("intake-result"), "⚠ " + (LANG === "ja" ? ev.reason_ja : ev.reason_en), true); }
       } else if (ev.type === "card_error") {
         show($("intake-result"), "⚠ " + (LANG === "ja" ? ev.message_ja : ev.message_en), true);
