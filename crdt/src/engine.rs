@@ -50,7 +50,7 @@ pub use crate::cache::CacheSizes;
 pub use crate::commands::{
     MAX_HOUSEHOLDS_PER_IMPORT, MAX_PERSONS_PER_COMMAND, MAX_RECORDS_PER_IMPORT,
 };
-pub use crate::index::DocIndex;
+pub use crate::index::{DocIndex, IndexFrom};
 pub use crate::replica::EngineError;
 pub use crate::sessions::SessionSizes;
 
@@ -221,7 +221,7 @@ impl<S: Store> Engine<S> {
     /// and persists the incarnation (so the actor id is new), loads the
     /// document index.
     pub fn open(store: S, cfg: EngineConfig, now: Now) -> Result<Self, EngineError> {
-        Self::open_indexed(store, cfg, now, None)
+        Self::open_indexed(store, cfg, now, IndexFrom::Store)
     }
 
     /// This engine's document index, to open engines on copies of its
@@ -233,12 +233,13 @@ impl<S: Store> Engine<S> {
 
     /// [`Engine::open`] with the index of an engine on an identical store
     /// (the simulator opens hundreds of nodes on copies of one provisioned
-    /// store). `None` builds it from the store.
+    /// store), or built from the store over such an index (a restarted
+    /// node's), see [`IndexFrom`].
     pub fn open_indexed(
         store: S,
         cfg: EngineConfig,
         now: Now,
-        index: Option<DocIndex>,
+        index: IndexFrom,
     ) -> Result<Self, EngineError> {
         #[cfg(feature = "mutants")]
         let _mutant = crate::mutants::enter(cfg.mutant);

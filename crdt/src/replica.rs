@@ -61,7 +61,7 @@ use crate::derive::Applied;
 use crate::doc::{guard, parse_change, Doc, DocError, Hash32};
 use crate::hlc::HlcClock;
 use crate::ids::{DocKey, Kind, NodeId, Role};
-use crate::index::{DocIndex, Index};
+use crate::index::{Index, IndexFrom};
 use crate::model::PresenceEvent;
 use crate::policy;
 #[cfg(not(any(test, feature = "share")))]
@@ -235,14 +235,14 @@ impl<S: Store> Replica<S> {
 
     /// Opens the node's replica: checks the store belongs to this node,
     /// bumps and persists the incarnation (so the actor id is new), and
-    /// loads the index (or takes `index`, an identical store's).
+    /// loads the index (see [`IndexFrom`]).
     pub(crate) fn open(
         mut store: S,
         node_id: &NodeId,
         role: Role,
         cache_docs: usize,
         now: Now,
-        index: Option<DocIndex>,
+        index: IndexFrom,
         trust: Trust,
     ) -> Result<Self, EngineError> {
         let meta = match store.load_meta()? {
@@ -326,8 +326,9 @@ impl<S: Store> Replica<S> {
             }
         }
         let mut index = match index {
-            Some(DocIndex(i)) => Index::from_map(i),
-            None => Index::build(store.doc_index()?),
+            IndexFrom::Identical(i) => Index::from_map(i.0),
+            IndexFrom::Over(base) => Index::build_over(&base, store.doc_index()?),
+            IndexFrom::Store => Index::build(store.doc_index()?),
         };
         let damaged: BTreeMap<DocKey, Damaged> = store
             .damaged()?

@@ -227,7 +227,13 @@ impl World {
             return;
         };
         let now = Self::node_now(&self.nodes[i], self.now);
-        match self.open(store, &self.nodes[i].cfg, now, None) {
+        // The node's real open path; its index, built from its store, shares
+        // memory with the provisioned one wherever they agree.
+        let index = match &self.provisioned {
+            Some(p) => IndexFrom::Over(p.clone()),
+            None => IndexFrom::Store,
+        };
+        match self.open(store, &self.nodes[i].cfg, now, index) {
             Ok(e) => self.nodes[i].engine = Some(e),
             Err(e) => {
                 // The store is consumed by a failed open; the node is lost.

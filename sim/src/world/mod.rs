@@ -12,7 +12,7 @@ use crate::check::{self, MailLedger, Replica, Violation};
 use crate::scenario::Scenario;
 use crate::simstore::SimStore;
 use crdt::api::*;
-use crdt::engine::{DocIndex, Engine, EngineConfig};
+use crdt::engine::{DocIndex, Engine, EngineConfig, IndexFrom};
 use crdt::model::*;
 use crdt::share::DocShare;
 use crdt::store::{Batch, DocState, Store, StoreError, StorePool};
@@ -242,6 +242,9 @@ pub struct World {
     share: Option<DocShare>,
     /// With `share`: one copy of each change's bytes for every store.
     pool: Option<StorePool>,
+    /// The index of the store every node was provisioned with: a
+    /// restarted node builds its index over it, sharing what agrees.
+    provisioned: Option<DocIndex>,
     /// `groups_of`, computed once per class of document.
     holder_groups: BTreeMap<(Kind, Option<String>), Vec<Vec<usize>>>,
     /// Op ids of commands carrying an Individual Number.
@@ -325,6 +328,7 @@ impl World {
             checks_done: 0,
             share: sc.share_docs.map(DocShare::new),
             pool: sc.share_docs.map(|_| StorePool::default()),
+            provisioned: None,
             holder_groups: BTreeMap::new(),
             adversarial: BTreeSet::new(),
             hostile_from: None,
@@ -436,7 +440,7 @@ impl World {
             let now = Self::node_now(&node, 0);
             let store = node.parked.take().expect("fresh");
             node.engine = Some(
-                self.open(store, &node.cfg, now, None)
+                self.open(store, &node.cfg, now, IndexFrom::Store)
                     .expect("fresh store opens"),
             );
             self.nodes.push(node);
@@ -457,7 +461,7 @@ impl World {
         store: SimStore,
         cfg: &EngineConfig,
         now: Now,
-        index: Option<DocIndex>,
+        index: IndexFrom,
     ) -> Result<Engine<SimStore>, crdt::engine::EngineError> {
         let mut e = Engine::open_indexed(store, cfg.clone(), now, index)?;
         if let Some(s) = &self.share {

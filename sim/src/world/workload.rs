@@ -538,16 +538,21 @@ impl World {
             .commit(&batch)
             .expect("memory stores accept every batch");
         template.mem.share();
-        let mut index = None;
+        let mut index: Option<DocIndex> = None;
         for i in (0..self.nodes.len()).filter(|&i| i != from) {
             let now = Self::node_now(&self.nodes[i], self.now);
             let cfg = self.nodes[i].cfg.clone();
+            let from = match &index {
+                Some(i) => IndexFrom::Identical(i.clone()),
+                None => IndexFrom::Store,
+            };
             let e = self
-                .open(template.clone(), &cfg, now, index.clone())
+                .open(template.clone(), &cfg, now, from)
                 .expect("fresh store opens");
             // Every copy holds the same documents: one index, shared.
             index.get_or_insert_with(|| e.doc_index());
             self.nodes[i].engine = Some(e);
         }
+        self.provisioned = index;
     }
 }
