@@ -432,6 +432,28 @@ pub fn decode<T: DeserializeOwned>(key: &DocKey, field: &str, s: &str) -> Result
     })
 }
 
+/// A document's heads and their fingerprint ([`item_fp`]).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct At {
+    pub(crate) heads: Vec<Hash32>,
+    pub(crate) fp: u128,
+}
+
+impl At {
+    pub(crate) fn new(key: &DocKey, heads: Vec<Hash32>) -> At {
+        let fp = item_fp(key, &heads);
+        At { heads, fp }
+    }
+}
+
+/// The fingerprint of one document at some heads.
+pub(crate) fn item_fp(key: &DocKey, heads: &[Hash32]) -> u128 {
+    let mut h = blake3::Hasher::new();
+    h.update(&key.to_bytes());
+    h.update(&heads_digest(heads));
+    u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

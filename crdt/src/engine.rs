@@ -349,7 +349,7 @@ impl<S: Store> Engine<S> {
             .index
             .map
             .iter()
-            .map(|(k, e)| (k, e.heads.as_slice()))
+            .map(|(k, e)| (k, e.at.heads.as_slice()))
     }
     /// A digest of every document of `kind` this node holds with its
     /// heads: equal digests mean equal document sets at equal heads (up to
@@ -360,7 +360,7 @@ impl<S: Store> Engine<S> {
 
     /// The heads this node holds of a document.
     pub fn doc_heads(&self, key: &DocKey) -> Option<&[Hash32]> {
-        self.replica.index.get(key).map(|e| e.heads.as_slice())
+        self.replica.index.get(key).map(|e| e.at.heads.as_slice())
     }
 
     /// Whether a session is open (frames on it are processed).

@@ -9,12 +9,14 @@
 //! comparison.
 //!
 //! Invariant: `kind_fp[k]` is the XOR of `fp` over the entries of kind `k`,
-//! and every entry's `fp` is [`item_fp`] of its key and heads.
+//! and every entry's `fp` is [`crate::doc::item_fp`] of its key and heads.
 
+pub(crate) use crate::doc::At;
 use crate::doc::Hash32;
 use crate::ids::{DocKey, Kind};
 use crate::store::upsert;
 use imbl::OrdMap;
+use std::sync::Arc;
 
 /// An engine's index of the documents in its store (heads, fingerprints),
 /// to open engines on copies of that store without building it again (see
@@ -25,8 +27,10 @@ pub struct DocIndex(pub(crate) OrdMap<DocKey, IndexEntry>);
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct IndexEntry {
-    pub(crate) heads: Vec<Hash32>,
-    pub(crate) fp: u128,
+    /// The document's heads and fingerprint: the same for every node that
+    /// holds it at these heads, and shared by their entries when the
+    /// engines of one process share (see `DocShare::at`).
+    pub(crate) at: Arc<At>,
     /// Changes logged since the last snapshot.
     pub(crate) tail: u32,
     /// Known to hold no changes waiting for dependencies, so the document
@@ -48,14 +52,6 @@ pub enum IndexFrom {
     Identical(DocIndex),
 }
 
-/// The fingerprint of one document at some heads.
-pub(crate) fn item_fp(key: &DocKey, heads: &[Hash32]) -> u128 {
-    let mut h = blake3::Hasher::new();
-    h.update(&key.to_bytes());
-    h.update(&crate::doc::heads_digest(heads));
-    u128::from_le_bytes(h.finalize().as_bytes()[..16].try_into().expect("16 bytes"))
-}
-
 /// The index with its per-kind fingerprints.
 #[derive(Clone, Default)]
 pub(crate) struct Index {
@@ -73,12 +69,11 @@ impl Index {
         Index::from_map(
             docs.into_iter()
                 .map(|(key, heads)| {
-                    let fp = item_fp(&key, &heads);
+                    let at = Arc::new(At::new(&key, heads));
                     (
                         key,
                         IndexEntry {
-                            heads,
-                            fp,
+                            at,
                             tail: 0,
                             whole: false,
                         },
@@ -113,14 +108,13 @@ impl Index {
             // What `build` makes: fresh bookkeeping, not known whole.
             let same = map
                 .get(&key)
-                .is_some_and(|e| e.heads == heads && e.tail == 0 && !e.whole);
+                .is_some_and(|e| e.at.heads == heads && e.tail == 0 && !e.whole);
             if !same {
-                let fp = item_fp(&key, &heads);
+                let at = Arc::new(At::new(&key, heads));
                 map.insert(
                     key,
                     IndexEntry {
-                        heads,
-                        fp,
+                        at,
                         tail: 0,
                         whole: false,
                     },
@@ -134,7 +128,7 @@ impl Index {
         let mut kind_fp = [0u128; Kind::ALL.len()];
         let mut kind_count = [0usize; Kind::ALL.len()];
         for (k, e) in map.iter() {
-            kind_fp[k.kind.code() as usize] ^= e.fp;
+            kind_fp[k.kind.code() as usize] ^= e.at.fp;
             kind_count[k.kind.code() as usize] += 1;
         }
         Index {
@@ -172,25 +166,24 @@ impl Index {
     /// lacking it, and a peer that holds it sends it whole.
     pub(crate) fn remove(&mut self, key: &DocKey) {
         if let Some(e) = self.map.remove(key) {
-            self.kind_fp[key.kind.code() as usize] ^= e.fp;
+            self.kind_fp[key.kind.code() as usize] ^= e.at.fp;
             self.kind_count[key.kind.code() as usize] -= 1;
         }
     }
 
-    /// A committed change of `key`: its new heads, whether it is whole and
-    /// whether the commit stored a snapshot (which resets the tail).
-    pub(crate) fn update(&mut self, key: &DocKey, heads: Vec<Hash32>, whole: bool, snapshot: bool) {
-        let fp = item_fp(key, &heads);
+    /// A committed change of `key`: its new heads (`at`, of this key),
+    /// whether it is whole and whether the commit stored a snapshot (which
+    /// resets the tail).
+    pub(crate) fn update(&mut self, key: &DocKey, at: Arc<At>, whole: bool, snapshot: bool) {
         let kind_fp = &mut self.kind_fp[key.kind.code() as usize];
         let kind_count = &mut self.kind_count[key.kind.code() as usize];
         upsert(&mut self.map, key, IndexEntry::default, |e| {
             // A new entry has no heads yet; every stored one has some.
-            if e.heads.is_empty() {
+            if e.at.heads.is_empty() {
                 *kind_count += 1;
             }
-            *kind_fp ^= e.fp ^ fp;
-            e.fp = fp;
-            e.heads = heads;
+            *kind_fp ^= e.at.fp ^ at.fp;
+            e.at = at;
             e.whole = whole;
             e.tail = if snapshot { 0 } else { e.tail + 1 };
         });
@@ -205,6 +198,10 @@ mod tests {
         DocKey::new(kind, id).expect("valid id")
     }
 
+    fn at(kind: Kind, id: &str, heads: Vec<Hash32>) -> Arc<At> {
+        Arc::new(At::new(&key(kind, id), heads))
+    }
+
     fn same(a: &Index, b: &Index) -> bool {
         a.map == b.map && a.kind_fp == b.kind_fp && a.kind_count == b.kind_count
     }
@@ -212,7 +209,12 @@ mod tests {
     #[test]
     fn an_index_built_over_a_base_equals_a_fresh_one_and_shares_what_agrees() {
         let registry: Vec<(DocKey, Vec<Hash32>)> = (0..500u32)
-            .map(|i| (key(Kind::Registry, &format!("h{i:04}")), vec![[i as u8; 32]]))
+            .map(|i| {
+                (
+                    key(Kind::Registry, &format!("h{i:04}")),
+                    vec![[i as u8; 32]],
+                )
+            })
             .collect();
         let base = Index::build(registry.clone());
         let base = DocIndex(base.map);
@@ -224,9 +226,24 @@ mod tests {
         // with a tail, at other heads, and one the store no longer holds.
         let mut wider = Index::from_map(base.0.clone());
         wider.set_whole(&key(Kind::Registry, "h0003"), true);
-        wider.update(&key(Kind::Registry, "h0004"), vec![[4; 32]], false, false);
-        wider.update(&key(Kind::Registry, "h0005"), vec![[9; 32]], false, true);
-        wider.update(&key(Kind::Presence, "h0001"), vec![[7; 32]], true, true);
+        wider.update(
+            &key(Kind::Registry, "h0004"),
+            at(Kind::Registry, "h0004", vec![[4; 32]]),
+            false,
+            false,
+        );
+        wider.update(
+            &key(Kind::Registry, "h0005"),
+            at(Kind::Registry, "h0005", vec![[9; 32]]),
+            false,
+            true,
+        );
+        wider.update(
+            &key(Kind::Presence, "h0001"),
+            at(Kind::Presence, "h0001", vec![[7; 32]]),
+            true,
+            true,
+        );
         let wider = DocIndex(wider.map);
         // The store: the registry (one document at new heads), one
         // document gone and presence documents of its own.

@@ -4,7 +4,7 @@
 //!
 //! The set reconciled is the documents *both* roles may receive
 //! ([`shared`]), each an item (key, heads) whose fingerprint is
-//! [`crate::index::item_fp`]. One side opens with [`describe`] over the
+//! [`crate::doc::item_fp`]. One side opens with [`describe`] over the
 //! whole key space; each turn then answers every range of the other's turn
 //! with [`answer`]:
 //!
@@ -103,7 +103,9 @@ pub(crate) fn range_items<'i>(
 }
 
 pub(crate) fn fingerprint(items: &[(&DocKey, &IndexEntry)]) -> RangeBody {
-    let sum = items.iter().fold(0u128, |a, (_, e)| a.wrapping_add(e.fp));
+    let sum = items
+        .iter()
+        .fold(0u128, |a, (_, e)| a.wrapping_add(e.at.fp));
     RangeBody::Fingerprint {
         fp: sum.to_le_bytes(),
         count: items.len() as u32,
@@ -122,7 +124,7 @@ pub(crate) fn describe(
         RangeBody::Digests {
             items: items
                 .iter()
-                .map(|(k, e)| ((*k).clone(), short_digest(&e.heads)))
+                .map(|(k, e)| ((*k).clone(), short_digest(&e.at.heads)))
                 .collect(),
         }
     } else {
@@ -143,7 +145,7 @@ pub(crate) fn own_offers(index: &Index, sides: &Sides) -> Vec<Range> {
             body: RangeBody::Items {
                 items: vec![Item {
                     key: k.clone(),
-                    heads: e.heads.clone(),
+                    heads: e.at.heads.clone(),
                 }],
                 stage: 1,
             },
@@ -221,10 +223,10 @@ pub(crate) fn answer(
                 for (k, e) in mine {
                     match theirs.get(k) {
                         None => a.to_send.push((k.clone(), vec![])),
-                        Some(d) if *d == short_digest(&e.heads) => {}
+                        Some(d) if *d == short_digest(&e.at.heads) => {}
                         Some(_) => want.push(Item {
                             key: k.clone(),
-                            heads: e.heads.clone(),
+                            heads: e.at.heads.clone(),
                         }),
                     }
                 }
@@ -255,7 +257,7 @@ pub(crate) fn answer(
                     .collect();
                 for i in items {
                     let (k, h) = (i.key, i.heads);
-                    let mine = index.get(&k).map(|e| e.heads.clone());
+                    let mine = index.get(&k).map(|e| e.at.heads.clone());
                     if mine.as_ref() == Some(&h) {
                         continue;
                     }
@@ -320,7 +322,6 @@ mod tests {
 
     use super::*;
     use crate::ids::Kind;
-    use crate::index::item_fp;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -335,8 +336,7 @@ mod tests {
             .map(|(k, set)| {
                 let h = heads(set);
                 let e = IndexEntry {
-                    fp: item_fp(k, &h),
-                    heads: h,
+                    at: std::sync::Arc::new(crate::index::At::new(k, h)),
                     tail: 0,
                     whole: true,
                 };

@@ -61,7 +61,7 @@ use crate::derive::Applied;
 use crate::doc::{guard, parse_change, Doc, DocError, Hash32};
 use crate::hlc::HlcClock;
 use crate::ids::{DocKey, Kind, NodeId, Role};
-use crate::index::{Index, IndexFrom};
+use crate::index::{At, Index, IndexFrom};
 use crate::model::PresenceEvent;
 use crate::policy;
 #[cfg(not(any(test, feature = "share")))]
@@ -382,7 +382,7 @@ impl<S: Store> Replica<S> {
                 return Ok(None);
             }
             let shared = match (&self.share, self.index.get(key)) {
-                (Some(share), Some(e)) if e.whole => share.doc(key, &e.heads),
+                (Some(share), Some(e)) if e.whole => share.doc(key, &e.at.heads),
                 _ => None,
             };
             if let Some(doc) = shared {
@@ -397,7 +397,7 @@ impl<S: Store> Replica<S> {
             // or a snapshot position pointing past changes, would otherwise
             // load cleanly and serve an older value. Automerge checks
             // each chunk's own checksum; only this checks the set.
-            let expected = self.index.get(key).map(|e| e.heads.clone());
+            let expected = self.index.get(key).map(|e| e.at.heads.clone());
             let checked = |r: Result<Doc, DocError>| -> Result<Doc, String> {
                 let d = r.map_err(|e| e.to_string())?;
                 match &expected {
@@ -447,7 +447,7 @@ impl<S: Store> Replica<S> {
     /// document is still refused here, and found damaged again at the next
     /// start.
     fn set_aside(&mut self, key: &DocKey, reason: &str) {
-        let heads = self.index.get(key).map_or(vec![], |e| e.heads.clone());
+        let heads = self.index.get(key).map_or(vec![], |e| e.at.heads.clone());
         let records = self.store.doc_records(key).unwrap_or_default();
         // Intact rows: bytes that parse to the hash they are stored under.
         let mut intact: FxHashMap<Hash32, Vec<Hash32>> = FxHashMap::default();
@@ -822,7 +822,12 @@ impl<S: Store> Replica<S> {
             let snap = snapshotted.get(&key).copied().unwrap_or(false);
             // `whole` is known at `record`: the document may have left the
             // cache since (a frame with more documents than the cache holds).
-            self.index.update(&key, heads, whole, snap);
+            // One `At` per (document, heads) for every engine that shares.
+            let at = match &self.share {
+                Some(s) => s.at(&key, heads),
+                None => Arc::new(At::new(&key, heads)),
+            };
+            self.index.update(&key, at, whole, snap);
             // Durable and in the index: loaded from the store from now on.
             self.unsettled.remove(&key);
             self.cache.unpin(&key);
@@ -884,6 +889,9 @@ mod no_share {
             match *self {}
         }
         pub(crate) fn presence_events(&self, _: &Doc) -> Result<Arc<Vec<PresenceEvent>>, DocError> {
+            match *self {}
+        }
+        pub(crate) fn at(&self, _: &DocKey, _: Vec<Hash32>) -> Arc<crate::index::At> {
             match *self {}
         }
     }

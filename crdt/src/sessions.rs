@@ -773,7 +773,7 @@ impl Sessions {
                 .into_iter()
                 .map(|key| {
                     let heads = r.index.get(&key).map_or(vec![], |e| {
-                        e.heads.iter().take(wire::MAX_HEADS).copied().collect()
+                        e.at.heads.iter().take(wire::MAX_HEADS).copied().collect()
                     });
                     Item { key, heads }
                 })
@@ -1993,7 +1993,7 @@ fn prove_signatures<S: Store>(
     let mut items = Vec::new();
     for (dc, parsed) in docs.iter().zip(parsed) {
         let Some(Ok(changes)) = parsed else { continue };
-        let held = r.index.get(&dc.key).map_or(&[][..], |e| &e.heads[..]);
+        let held = r.index.get(&dc.key).map_or(&[][..], |e| &e.at.heads[..]);
         for (i, c) in changes.iter().enumerate() {
             if !held.contains(&c.hash().0) {
                 items.push((c.actor_id().to_bytes(), c.hash().0, dc.sig(i)));

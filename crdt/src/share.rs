@@ -18,7 +18,7 @@
 //! enables (and in this crate's unit tests): a node's build has no share.
 
 use crate::derive::{self, Applied};
-use crate::doc::{parse_change, Doc, DocError, Hash32};
+use crate::doc::{parse_change, At, Doc, DocError, Hash32};
 use crate::ids::DocKey;
 use crate::model::PresenceEvent;
 use automerge::Change;
@@ -143,7 +143,14 @@ struct Tables {
     parsed: Fifo<Arc<[u8]>, Arc<Change>>,
     /// Presence events of a document, by (key, heads).
     events: Table<Arc<Vec<PresenceEvent>>>,
+    /// Index entries' heads and fingerprints, by (key, heads).
+    ats: Table<Arc<At>>,
 }
+
+/// Index entries' `At` kept per document kept: each is small (a key and
+/// its heads, twice), and is worth keeping until every holder has the
+/// document at those heads.
+const AT_PER_DOC: usize = 8;
 
 /// See the module docs. Cheap to clone (one shared table).
 #[derive(Clone)]
@@ -160,6 +167,7 @@ impl DocShare {
                 steps: Table::new(docs),
                 parsed: Fifo::new(docs),
                 events: Table::new(docs),
+                ats: Table::new(docs.saturating_mul(AT_PER_DOC)),
             })),
         }
     }
@@ -194,6 +202,22 @@ impl DocShare {
         let mut t = self.tables();
         t.docs.put(&key, &after, &[], result.doc.clone());
         t.steps.put(&key, heads, added, result);
+    }
+
+    /// The heads and fingerprint of `key` at `heads` for an index entry,
+    /// one `Arc` for every engine that indexes the document at exactly
+    /// these heads in this order (hundreds of holders' entries otherwise
+    /// each held a copy).
+    pub(crate) fn at(&self, key: &DocKey, heads: Vec<Hash32>) -> Arc<At> {
+        let mut t = self.tables();
+        if let Some(a) = t.ats.get(key, &heads, &[]) {
+            if a.heads == heads {
+                return a;
+            }
+        }
+        let a = Arc::new(At::new(key, heads));
+        t.ats.put(key, &a.heads, &[], a.clone());
+        a
     }
 
     /// `parse_change(bytes)`, parsing each distinct change once.
@@ -243,6 +267,21 @@ mod tests {
         assert!(same_set(&sorted(&[a, b]), &[b, a]));
         assert!(!same_set(&sorted(&[a, b]), &[a, a]));
         assert!(!same_set(&sorted(&[a]), &[a, a]));
+    }
+
+    #[test]
+    fn holders_of_a_document_at_the_same_heads_share_one_at() {
+        let k = DocKey::new(Kind::Presence, "h1").unwrap();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let s = DocShare::new(4);
+        let first = s.at(&k, vec![a, b]);
+        assert_eq!(*first, At::new(&k, vec![a, b]));
+        assert!(Arc::ptr_eq(&first, &s.at(&k, vec![a, b])));
+        // Another order is another entry's exact heads: not this one.
+        let swapped = s.at(&k, vec![b, a]);
+        assert_eq!(swapped.heads, vec![b, a]);
+        let other = DocKey::new(Kind::Presence, "h2").unwrap();
+        assert_eq!(*s.at(&other, vec![a, b]), At::new(&other, vec![a, b]));
     }
 
     #[test]

@@ -7,103 +7,104 @@
 //! `MemStore` unchanged (so its `fail_commits` switch still injects I/O
 //! errors), and reads use the indexes only to pick which projections or log
 //! records to look at, in the same order `MemStore` would find them. The
-//! store conformance suite runs against it (`tests/sim.rs`).
+//! query indexes are shared by all the stores of a simulated world (see
+//! [`QueryNames`]): they list, for every name, a superset of the documents
+//! each store holds that mention it. The store conformance suite runs
+//! against it (`tests/sim.rs`).
 
 use crdt::doc::Hash32;
 use crdt::ids::{DocKey, NodeId};
 use crdt::store::*;
-use imbl::{OrdMap, OrdSet};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Clone, Default)]
 pub struct SimStore {
     pub mem: MemStore,
-    /// Which projections mention a person, a card, a household member, a
-    /// location; and which hold shelters or locations at all.
-    person_docs: OrdMap<String, Vec<DocKey>>,
-    card_docs: OrdMap<String, Vec<DocKey>>,
-    household_docs: OrdMap<String, Vec<DocKey>>,
-    location_docs: OrdMap<String, Vec<DocKey>>,
-    shelter_docs: OrdSet<DocKey>,
-    locations_docs: OrdSet<DocKey>,
+    /// Which documents' projections mention a name, over every store that
+    /// shares this (see [`Names`]).
+    names: QueryNames,
 }
 
-fn unindex(m: &mut OrdMap<String, Vec<DocKey>>, k: &str, key: &DocKey) {
-    if let Some(s) = m.get_mut(k) {
-        s.retain(|x| x != key);
-        if s.is_empty() {
-            m.remove(k);
+/// The query tables of [`SimStore`]s, shared by every store made with it
+/// (cheap to clone: one shared table).
+#[derive(Clone, Default)]
+pub struct QueryNames(Arc<Mutex<Names>>);
+
+/// Which projections mention a person, a card, a household member, a
+/// location, and which hold shelters or locations at all: for every store
+/// that shares this table (the simulator gives one to all the stores of a
+/// world), a superset of each store's own documents. Queries read a
+/// store's own projections of the listed documents and keep only the rows
+/// that match, exactly as `MemStore`'s scans do, so a listed document that
+/// this store lacks, or whose projection here no longer mentions the name,
+/// changes no answer.
+///
+/// Hundreds of nodes hold the same presence documents; kept per store
+/// (as it was), these rows were about 260 MB of `noto-2024` at 36
+/// simulated hours, a copy per holder. Entries are only added: a name a
+/// projection drops stays listed, and costs one lookup.
+#[derive(Default)]
+struct Names {
+    person: BTreeMap<String, Vec<DocKey>>,
+    household: BTreeMap<String, Vec<DocKey>>,
+    card: BTreeMap<String, Vec<DocKey>>,
+    location: BTreeMap<String, Vec<DocKey>>,
+    shelters: BTreeSet<DocKey>,
+    locations: BTreeSet<DocKey>,
+}
+
+impl Names {
+    /// Lists `key` under every name `p` mentions.
+    fn add(&mut self, key: &DocKey, p: &Projection) {
+        fn list(m: &mut BTreeMap<String, Vec<DocKey>>, name: &str, key: &DocKey) {
+            // A few documents per name: a sorted vector, not a set.
+            match m.get_mut(name) {
+                Some(v) => {
+                    if let Err(at) = v.binary_search(key) {
+                        v.insert(at, key.clone());
+                    }
+                }
+                None => {
+                    m.insert(name.to_string(), vec![key.clone()]);
+                }
+            }
+        }
+        for r in &p.persons {
+            list(&mut self.person, &r.person_id, key);
+            if let Some(h) = &r.household_id {
+                list(&mut self.household, h, key);
+            }
+        }
+        for c in &p.cards {
+            list(&mut self.card, &c.0, key);
+        }
+        for l in &p.locations {
+            list(&mut self.location, &l.person_id, key);
+        }
+        if !p.shelters.is_empty() && !self.shelters.contains(key) {
+            self.shelters.insert(key.clone());
+        }
+        if !p.locations.is_empty() && !self.locations.contains(key) {
+            self.locations.insert(key.clone());
         }
     }
 }
 
 impl SimStore {
-    /// Moves a document's index entries from what `old` derived to what
-    /// `new` derives, touching only names that appear or disappear (a new
-    /// presence event usually changes none).
-    fn reindex(&mut self, key: &DocKey, old: Option<&Projection>, new: &Projection) {
-        fn names(p: Option<&Projection>) -> [Vec<&str>; 4] {
-            let mut n: [Vec<&str>; 4] = Default::default();
-            if let Some(p) = p {
-                for r in &p.persons {
-                    n[0].push(&r.person_id);
-                    n[1].extend(r.household_id.as_deref());
-                }
-                n[2].extend(p.cards.iter().map(|c| c.0.as_str()));
-                n[3].extend(p.locations.iter().map(|l| l.person_id.as_str()));
-            }
-            for v in &mut n {
-                v.sort_unstable();
-                v.dedup();
-            }
-            n
+    /// An empty store whose query tables are `names`, shared with every
+    /// other store made with them.
+    pub fn with_names(names: &QueryNames) -> SimStore {
+        SimStore {
+            mem: MemStore::default(),
+            names: names.clone(),
         }
-        let (before, after) = (names(old), names(Some(new)));
-        let maps = [
-            &mut self.person_docs,
-            &mut self.household_docs,
-            &mut self.card_docs,
-            &mut self.location_docs,
-        ];
-        for ((m, b), a) in maps.into_iter().zip(&before).zip(&after) {
-            for k in b.iter().filter(|k| a.binary_search(k).is_err()) {
-                unindex(m, k, key);
-            }
-            for k in a.iter().filter(|k| b.binary_search(k).is_err()) {
-                // A few documents per name: a sorted vector, not a set.
-                match m.get_mut(*k) {
-                    Some(v) => {
-                        if let Err(at) = v.binary_search(key) {
-                            v.insert(at, key.clone());
-                        }
-                    }
-                    None => {
-                        m.insert(k.to_string(), vec![key.clone()]);
-                    }
-                }
-            }
-        }
-        // A document is in a set exactly while its projection has such
-        // rows; unchanged membership touches nothing.
-        for (set, was, member) in [
-            (
-                &mut self.shelter_docs,
-                old.is_some_and(|p| !p.shelters.is_empty()),
-                !new.shelters.is_empty(),
-            ),
-            (
-                &mut self.locations_docs,
-                old.is_some_and(|p| !p.locations.is_empty()),
-                !new.locations.is_empty(),
-            ),
-        ] {
-            if member && !was {
-                set.insert(key.clone());
-            } else if was && !member {
-                set.remove(key);
-            }
-        }
+    }
+
+    fn names(&self) -> MutexGuard<'_, Names> {
+        // Every update is a single insert: a panic elsewhere leaves no
+        // half-updated table.
+        self.names.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn projections_of<'a>(
@@ -150,19 +151,12 @@ impl Store for SimStore {
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         // Each document's rows before the batch and after it (the batch's
         // last rows for it, as `MemStore` keeps them).
-        let mut moved: BTreeMap<&DocKey, (Option<Arc<Projection>>, &Arc<Projection>)> =
-            BTreeMap::new();
-        for (k, p) in &batch.projections {
-            moved
-                .entry(k)
-                .and_modify(|e| e.1 = p)
-                .or_insert_with(|| (self.mem.projections.get(k).cloned(), p));
-        }
         self.mem.commit(batch)?;
-        for (k, (before, after)) in moved {
-            if !before.as_ref().is_some_and(|b| Arc::ptr_eq(b, after)) {
-                self.reindex(k, before.as_deref(), after);
-            }
+        // Only additions: a name a document's rows drop stays listed.
+        let mut names = None;
+        for (k, p) in &batch.projections {
+            let names = names.get_or_insert_with(|| self.names());
+            names.add(k, p);
         }
         Ok(())
     }
@@ -188,11 +182,13 @@ impl Store for SimStore {
         self.mem.sync_cursor(peer)
     }
     fn person(&self, person_id: &str) -> Result<Option<PersonRow>, StoreError> {
-        Ok(self
-            .projections_of(self.person_docs.get(person_id).into_iter().flatten())
+        let names = self.names();
+        let found = self
+            .projections_of(names.person.get(person_id).into_iter().flatten())
             .flat_map(|p| p.persons.iter())
             .find(|p| p.person_id == person_id)
-            .cloned())
+            .cloned();
+        Ok(found)
     }
     fn persons(&self, limit: usize, offset: usize) -> Result<Vec<PersonRow>, StoreError> {
         self.mem.persons(limit, offset)
@@ -201,22 +197,27 @@ impl Store for SimStore {
         self.mem.search(key, limit)
     }
     fn household_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .projections_of(self.card_docs.get(card_user_id).into_iter().flatten())
+        let names = self.names();
+        let found = self
+            .projections_of(names.card.get(card_user_id).into_iter().flatten())
             .flat_map(|p| p.cards.iter())
             .find(|c| c.0 == card_user_id)
-            .map(|c| c.1.clone()))
+            .map(|c| c.1.clone());
+        Ok(found)
     }
     fn person_by_card(&self, card_user_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .projections_of(self.card_docs.get(card_user_id).into_iter().flatten())
+        let names = self.names();
+        let found = self
+            .projections_of(names.card.get(card_user_id).into_iter().flatten())
             .flat_map(|p| p.cards.iter())
             .find(|c| c.0 == card_user_id)
-            .map(|c| c.2.clone()))
+            .map(|c| c.2.clone());
+        Ok(found)
     }
     fn household_members(&self, household_id: &str) -> Result<Vec<PersonRow>, StoreError> {
+        let names = self.names();
         let mut v: Vec<_> = self
-            .projections_of(self.household_docs.get(household_id).into_iter().flatten())
+            .projections_of(names.household.get(household_id).into_iter().flatten())
             .flat_map(|p| p.persons.iter())
             .filter(|p| p.household_id.as_deref() == Some(household_id))
             .cloned()
@@ -225,15 +226,18 @@ impl Store for SimStore {
         Ok(v)
     }
     fn location(&self, person_id: &str) -> Result<Option<LocationRow>, StoreError> {
-        Ok(self
-            .projections_of(self.location_docs.get(person_id).into_iter().flatten())
+        let names = self.names();
+        let found = self
+            .projections_of(names.location.get(person_id).into_iter().flatten())
             .flat_map(|p| p.locations.iter())
             .find(|l| l.person_id == person_id)
-            .cloned())
+            .cloned();
+        Ok(found)
     }
     fn shelters(&self) -> Result<Vec<ShelterRow>, StoreError> {
+        let names = self.names();
         let mut v: Vec<_> = self
-            .projections_of(&self.shelter_docs)
+            .projections_of(&names.shelters)
             .flat_map(|p| p.shelters.iter())
             .cloned()
             .collect();
@@ -241,9 +245,10 @@ impl Store for SimStore {
         Ok(v)
     }
     fn occupancy(&self) -> Result<BTreeMap<String, u32>, StoreError> {
+        let names = self.names();
         let mut m = BTreeMap::new();
         for l in self
-            .projections_of(&self.locations_docs)
+            .projections_of(&names.locations)
             .flat_map(|p| p.locations.iter())
             .filter(|l| l.status == LocationStatus::In)
         {
@@ -261,8 +266,9 @@ impl Store for SimStore {
         self.mem.withheld()
     }
     fn conflicts(&self) -> Result<Vec<LocationRow>, StoreError> {
+        let names = self.names();
         let mut v: Vec<_> = self
-            .projections_of(&self.locations_docs)
+            .projections_of(&names.locations)
             .flat_map(|p| p.locations.iter())
             .filter(|l| l.conflict)
             .cloned()

@@ -98,6 +98,153 @@ fn simstore_conformance() {
     crdt::store::conformance::run_all(|| Box::new(sim::simstore::SimStore::default()));
 }
 
+/// Stores that share their query tables (every store of a simulated
+/// world does) answer every query from their own documents, like a plain
+/// `MemStore`: another store's documents, or names this store's rows no
+/// longer mention, change no answer.
+#[test]
+fn stores_sharing_query_tables_answer_like_a_plain_store() {
+    use crdt::store::{Batch, MemStore, PersonRow, ShelterRow, Store};
+    use sim::simstore::{QueryNames, SimStore};
+    use std::sync::Arc;
+    let key = |id: &str| DocKey::new(Kind::Presence, id).unwrap();
+    let person = |p: &str, h: &str| PersonRow {
+        person_id: p.into(),
+        household_id: Some(h.into()),
+        name: String::new(),
+        kana: String::new(),
+        search_key: String::new(),
+        birth_date: None,
+        district: None,
+    };
+    let at = |p: &str, s: &str, conflict: bool| LocationRow {
+        person_id: p.into(),
+        shelter_id: s.into(),
+        status: LocationStatus::In,
+        since_ms: 1,
+        conflict,
+    };
+    let rows = |persons: Vec<PersonRow>, locations: Vec<LocationRow>, card: Option<&str>| {
+        let cards = card
+            .map(|c| {
+                let p = &persons[0];
+                (
+                    c.to_string(),
+                    p.household_id.clone().unwrap(),
+                    p.person_id.clone(),
+                )
+            })
+            .into_iter()
+            .collect();
+        Arc::new(Projection {
+            persons,
+            cards,
+            locations,
+            shelters: vec![],
+            withheld: vec![],
+        })
+    };
+    let batch = |docs: Vec<(&str, Arc<Projection>)>| Batch {
+        projections: docs.into_iter().map(|(k, p)| (key(k), p)).collect(),
+        ..Default::default()
+    };
+    let names = QueryNames::default();
+    let mut other = SimStore::with_names(&names);
+    let mut ours = SimStore::with_names(&names);
+    let mut plain = MemStore::new();
+    // Another store holds documents ours lacks, and ours's documents at
+    // other versions.
+    let shelter = Arc::new(Projection {
+        shelters: vec![ShelterRow {
+            shelter_id: "s9".into(),
+            name: String::new(),
+            capacity: 3,
+        }],
+        ..Default::default()
+    });
+    other
+        .commit(&batch(vec![
+            (
+                "h1",
+                rows(
+                    vec![person("p1", "h1")],
+                    vec![at("p1", "s9", true)],
+                    Some("c1"),
+                ),
+            ),
+            (
+                "h0",
+                rows(
+                    vec![person("p2", "h1")],
+                    vec![at("p2", "s9", false)],
+                    Some("c2"),
+                ),
+            ),
+            ("s9", shelter),
+        ]))
+        .unwrap();
+    for b in [
+        batch(vec![
+            (
+                "h1",
+                rows(
+                    vec![person("p1", "h1")],
+                    vec![at("p1", "s1", false)],
+                    Some("c1"),
+                ),
+            ),
+            (
+                "h2",
+                rows(vec![person("p3", "h2")], vec![at("p3", "s1", true)], None),
+            ),
+        ]),
+        // h1 no longer mentions p1, card c1 or household h1; h3 does.
+        batch(vec![
+            (
+                "h1",
+                rows(
+                    vec![person("p4", "h4")],
+                    vec![at("p4", "s2", false)],
+                    Some("c4"),
+                ),
+            ),
+            (
+                "h3",
+                rows(vec![person("p1", "h3")], vec![at("p1", "s2", false)], None),
+            ),
+        ]),
+    ] {
+        ours.commit(&b).unwrap();
+        plain.commit(&b).unwrap();
+        for p in ["p1", "p2", "p3", "p4"] {
+            assert_eq!(ours.person(p).unwrap(), plain.person(p).unwrap(), "{p}");
+            assert_eq!(ours.location(p).unwrap(), plain.location(p).unwrap(), "{p}");
+        }
+        for c in ["c1", "c2", "c4"] {
+            assert_eq!(
+                ours.person_by_card(c).unwrap(),
+                plain.person_by_card(c).unwrap()
+            );
+            assert_eq!(
+                ours.household_by_card(c).unwrap(),
+                plain.household_by_card(c).unwrap()
+            );
+        }
+        for h in ["h1", "h2", "h3", "h4"] {
+            assert_eq!(
+                ours.household_members(h).unwrap(),
+                plain.household_members(h).unwrap(),
+                "{h}"
+            );
+        }
+        assert_eq!(ours.shelters().unwrap(), plain.shelters().unwrap());
+        assert_eq!(ours.occupancy().unwrap(), plain.occupancy().unwrap());
+        assert_eq!(ours.conflicts().unwrap(), plain.conflicts().unwrap());
+    }
+    assert_eq!(ours.location("p1").unwrap().unwrap().shelter_id, "s2");
+    assert!(ours.shelters().unwrap().is_empty());
+}
+
 #[derive(serde::Deserialize)]
 struct Regressions {
     case: Vec<Case>,

@@ -10,7 +10,7 @@
 
 use crate::check::{self, MailLedger, Replica, Violation};
 use crate::scenario::Scenario;
-use crate::simstore::SimStore;
+use crate::simstore::{QueryNames, SimStore};
 use crdt::api::*;
 use crdt::engine::{DocIndex, Engine, EngineConfig, IndexFrom};
 use crdt::model::*;
@@ -245,6 +245,8 @@ pub struct World {
     /// The index of the store every node was provisioned with: a
     /// restarted node builds its index over it, sharing what agrees.
     provisioned: Option<DocIndex>,
+    /// The query tables every store of this world shares.
+    names: QueryNames,
     /// `groups_of`, computed once per class of document.
     holder_groups: BTreeMap<(Kind, Option<String>), Vec<Vec<usize>>>,
     /// Op ids of commands carrying an Individual Number.
@@ -329,6 +331,7 @@ impl World {
             share: sc.share_docs.map(DocShare::new),
             pool: sc.share_docs.map(|_| StorePool::default()),
             provisioned: None,
+            names: QueryNames::default(),
             holder_groups: BTreeMap::new(),
             adversarial: BTreeSet::new(),
             hostile_from: None,
@@ -449,7 +452,7 @@ impl World {
     }
 
     fn new_store(&self) -> SimStore {
-        let mut s = SimStore::default();
+        let mut s = SimStore::with_names(&self.names);
         s.mem.pool = self.pool.clone();
         s
     }
