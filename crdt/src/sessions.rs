@@ -1617,9 +1617,16 @@ impl Sessions {
                     base.extend(h);
                 }
             }
-            let changes = match r.load(&key) {
-                Ok(Some(doc)) => doc.changes_since(&base),
-                _ => continue,
+            let changes = if base.is_empty() {
+                match r.history(&key) {
+                    Ok(Some(changes)) => changes,
+                    _ => continue,
+                }
+            } else {
+                match r.load(&key) {
+                    Ok(Some(doc)) => doc.changes_since(&base),
+                    _ => continue,
+                }
             };
             let s = self.map.get_mut(&sid).expect("present");
             let whole = s.resend.remove(&key);

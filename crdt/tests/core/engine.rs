@@ -3179,6 +3179,57 @@ fn a_damaged_document_is_refused_then_rebuilt_from_a_peers_copy_and_served() {
     assert!(net.nodes[3].store().quarantined().unwrap().is_empty());
 }
 
+/// Issue 16 item 3: a peer that holds nothing of a document is sent its
+/// stored changes as they are, without the sender building the document
+/// (nor filling its cache with every document a new tablet needs). The
+/// peer ends with the same documents, nothing refused.
+#[test]
+fn a_first_sync_sends_stored_changes_without_building_the_documents() {
+    let mut net = setup();
+    put_allergy(&mut net, 0, "m0", "ペニシリン", true);
+    // Headquarters restarted: its cache is empty, its store holds it all.
+    let cfg = net.nodes[0].config().clone();
+    let store = net.nodes[0].store().clone();
+    net.nodes[0] = Engine::open(store, cfg, now(net.now)).unwrap();
+    let before = net.nodes[0].footprint().cache.docs;
+    net.connect(0, 3);
+    let kinds = [Kind::Registry, Kind::Medical, Kind::Shelter];
+    let sent = net.heads(0, &kinds);
+    assert!(sent.len() > 50, "{} documents", sent.len());
+    assert_eq!(net.heads(3, &kinds), sent);
+    assert_eq!(net.nodes[3].stats().violations, 0);
+    assert_eq!(net.nodes[3].stats().changes_rejected, 0);
+    let built = net.nodes[0].footprint().cache.docs - before;
+    assert!(
+        built < 10,
+        "the sender built {built} documents to send {}",
+        sent.len()
+    );
+}
+
+/// The read without building checks what it reads: a sender whose stored
+/// change of a document is damaged finds it so (the document is set
+/// aside, as a read would) and sends a new peer everything else, so the
+/// peer neither receives the damaged change nor takes the sender for a
+/// forger.
+#[test]
+fn a_first_sync_from_a_damaged_store_sends_everything_but_the_damaged_document() {
+    use crdt::store::Store;
+    let mut net = setup();
+    let key = DocKey::new(Kind::Medical, "p1-0").unwrap();
+    put_allergy(&mut net, 0, "m0", "ペニシリン", true);
+    put_allergy(&mut net, 0, "m1", "ラテックス", true);
+    restart_with_damaged_change(&mut net, 0, &key);
+    net.connect(0, 3);
+    assert_eq!(net.nodes[3].stats().violations, 0);
+    assert_eq!(net.nodes[3].stats().changes_rejected, 0);
+    assert_eq!(net.nodes[3].doc_heads(&key), None);
+    assert_eq!(net.nodes[0].store().damaged().unwrap().len(), 1);
+    let kinds = [Kind::Registry, Kind::Shelter];
+    assert_eq!(net.heads(3, &kinds), net.heads(0, &kinds));
+    assert!(net.heads(3, &kinds).len() > 50);
+}
+
 /// The same damage to a change only the damaged node held (a clinic's
 /// update made while cut off): the document is rebuilt from the peer's
 /// copy without it, served again, and the loss is reported (event and a
