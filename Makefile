@@ -12,9 +12,9 @@ demo:
 test:
 	bash deploy/scripts/setup.sh
 	cargo nextest run --workspace --release --no-fail-fast --profile ci
-	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-small.toml --seeds 2000
-	cargo run --release -p sim --bin kizuna-sim -- sweep --scenario sim/scenarios/ci-medium.toml --seeds 300
-	cargo run --release -p sim --features mutants --bin kizuna-sim -- mutants --scenario sim/scenarios/ci-small.toml --seeds 50
+	# The simulator sweeps and mutants, and beside them on the other core
+	# every fuzz target for 60 s (deploy/scripts/slow-tier.sh).
+	bash deploy/scripts/slow-tier.sh 60
 	# Every bench must keep building (they run under `make bench`).
 	cargo bench --workspace --benches --no-run
 
@@ -24,8 +24,9 @@ bench:
 	cargo bench -p node --bench tap -- --residents 1000000
 	cargo bench -p tests --bench chain -- --checkins 200 --per-side 1000
 
-# Real fuzzing (nightly + cargo-fuzz, its own build: long the first time).
-# Not part of `make test`: the committed seeds and crashers are replayed on
-# stable there by node/tests/it/fuzz_regressions.rs.
+# Fuzzing alone (nightly + cargo-fuzz, its own build: long the first
+# time). `make test` runs the same 60 s per target beside the sweeps; the
+# committed seeds and crashers are also replayed on stable by
+# node/tests/it/fuzz_regressions.rs. A longer soak: bash fuzz/run.sh 3600
 fuzz:
 	bash fuzz/run.sh 60

@@ -13,7 +13,7 @@
 #           Japanese)
 #   tools:  cargo-nextest (on the machine image; installed from crates.io
 #           only if missing), cargo-fuzz (fuzz/, installed only if
-#           missing; `make fuzz` also needs the nightly toolchain)
+#           missing) and the nightly toolchain it builds with (checked)
 set -euo pipefail
 
 need=()
@@ -42,9 +42,10 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz
 fi
 if ! rustup toolchain list | grep -q '^nightly'; then
-  # Toolchains come with the machine image (no download from here). Only
-  # `make fuzz` needs nightly; `make test` replays the fuzz inputs on stable.
-  echo "setup: warning: no nightly toolchain; make fuzz (fuzz/run.sh) needs it" >&2
+  # Toolchains come with the machine image (no download from here). The
+  # fuzz targets (libFuzzer) build only on nightly, and `make test` runs them.
+  echo "setup: no nightly Rust toolchain: the fuzz targets of make test need it (rustup toolchain install nightly)" >&2
+  exit 1
 fi
 
 # The card tier talks to pcscd through the vpcd virtual reader.

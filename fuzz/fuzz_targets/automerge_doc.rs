@@ -1,3 +1,3 @@
 //! Fuzz target `automerge_doc`: see `fuzz/bodies.rs`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::automerge_doc(data));
+libfuzzer_sys::fuzz_target!(init: bodies::under_libfuzzer(), |data: &[u8]| bodies::automerge_doc(data));

@@ -1,3 +1,3 @@
 //! Fuzz target `config`: see `fuzz/bodies.rs`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::config(data));
+libfuzzer_sys::fuzz_target!(init: bodies::under_libfuzzer(), |data: &[u8]| bodies::config(data));

@@ -1,3 +1,3 @@
 //! Fuzz target `crl`: see `fuzz/bodies.rs`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::crl(data));
+libfuzzer_sys::fuzz_target!(init: bodies::under_libfuzzer(), |data: &[u8]| bodies::crl(data));

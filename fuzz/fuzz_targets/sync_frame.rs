@@ -1,3 +1,3 @@
 //! Fuzz target `sync_frame`: see `fuzz/bodies.rs`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::sync_frame(data));
+libfuzzer_sys::fuzz_target!(init: bodies::under_libfuzzer(), |data: &[u8]| bodies::sync_frame(data));

@@ -46,5 +46,35 @@ fn every_body_has_a_fuzz_target() {
         let src = std::fs::read_to_string(dir.join(format!("{target}.rs")))
             .unwrap_or_else(|e| panic!("fuzz/fuzz_targets/{target}.rs: {e}"));
         assert!(src.contains(&format!("bodies::{target}(data)")), "{target}");
+        assert!(src.contains("init: bodies::under_libfuzzer()"), "{target}");
     }
+}
+
+/// Under libFuzzer every panic reaches a hook that aborts the process.
+/// `bodies::under_libfuzzer` keeps from that hook only the panics raised
+/// inside Automerge, which the node's guard catches: replayed here with a
+/// counting hook in place of libFuzzer's, the committed input that panics
+/// inside Automerge never reaches it, and a panic of our own does.
+#[test]
+fn under_libfuzzer_only_automerge_panics_bypass_the_aborting_hook() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static ABORTS: AtomicUsize = AtomicUsize::new(0);
+    std::panic::set_hook(Box::new(|info| {
+        ABORTS.fetch_add(1, Ordering::SeqCst);
+        eprintln!("{info}");
+    }));
+    bodies::under_libfuzzer();
+    let cases = inputs("regressions", "automerge_doc");
+    assert!(!cases.is_empty());
+    for path in &cases {
+        bodies::automerge_doc(&std::fs::read(path).unwrap());
+    }
+    assert_eq!(
+        ABORTS.load(Ordering::SeqCst),
+        0,
+        "a panic inside Automerge that the guard catches reached the aborting hook"
+    );
+    let ours = std::panic::catch_unwind(|| panic!("a panic of our own"));
+    assert!(ours.is_err());
+    assert_eq!(ABORTS.load(Ordering::SeqCst), 1);
 }
