@@ -455,7 +455,7 @@ impl<S: Store> Replica<S> {
             && !self.unsettled.contains_key(key)
             && !self.damaged.contains_key(key);
         if let (true, Some(entry)) = (cold, self.index.get(key)) {
-            let heads = entry.heads.clone();
+            let heads = entry.at.heads.clone();
             if let Some(changes) = self.stored_history(key, heads)? {
                 return Ok(Some(changes));
             }
