@@ -11,8 +11,7 @@
 //! Invariant: `kind_fp[k]` is the XOR of `fp` over the entries of kind `k`,
 //! and every entry's `fp` is [`crate::doc::item_fp`] of its key and heads.
 
-pub(crate) use crate::doc::At;
-use crate::doc::Hash32;
+use crate::doc::{At, Hash32};
 use crate::ids::{DocKey, Kind};
 use crate::store::upsert;
 use imbl::OrdMap;

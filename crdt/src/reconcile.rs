@@ -336,7 +336,7 @@ mod tests {
             .map(|(k, set)| {
                 let h = heads(set);
                 let e = IndexEntry {
-                    at: std::sync::Arc::new(crate::index::At::new(k, h)),
+                    at: std::sync::Arc::new(crate::doc::At::new(k, h)),
                     tail: 0,
                     whole: true,
                 };

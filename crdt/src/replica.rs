@@ -58,10 +58,10 @@ use crate::api::{CommandError, Now, Output, SessionId, UiEvent};
 use crate::cache::{CacheSizes, DocCache};
 use crate::derive;
 use crate::derive::Applied;
-use crate::doc::{guard, parse_change, Doc, DocError, Hash32};
+use crate::doc::{guard, parse_change, At, Doc, DocError, Hash32};
 use crate::hlc::HlcClock;
 use crate::ids::{DocKey, Kind, NodeId, Role};
-use crate::index::{At, Index, IndexFrom};
+use crate::index::{Index, IndexFrom};
 use crate::model::PresenceEvent;
 use crate::policy;
 #[cfg(not(any(test, feature = "share")))]
@@ -945,7 +945,7 @@ mod no_share {
         pub(crate) fn presence_events(&self, _: &Doc) -> Result<Arc<Vec<PresenceEvent>>, DocError> {
             match *self {}
         }
-        pub(crate) fn at(&self, _: &DocKey, _: Vec<Hash32>) -> Arc<crate::index::At> {
+        pub(crate) fn at(&self, _: &DocKey, _: Vec<Hash32>) -> Arc<crate::doc::At> {
             match *self {}
         }
     }

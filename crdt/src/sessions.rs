@@ -1617,16 +1617,14 @@ impl Sessions {
                     base.extend(h);
                 }
             }
+            // Nothing held there: the stored changes, unbuilt if they check.
             let changes = if base.is_empty() {
-                match r.history(&key) {
-                    Ok(Some(changes)) => changes,
-                    _ => continue,
-                }
+                r.history(&key)
             } else {
-                match r.load(&key) {
-                    Ok(Some(doc)) => doc.changes_since(&base),
-                    _ => continue,
-                }
+                r.load(&key).map(|d| d.map(|d| d.changes_since(&base)))
+            };
+            let Ok(Some(changes)) = changes else {
+                continue;
             };
             let s = self.map.get_mut(&sid).expect("present");
             let whole = s.resend.remove(&key);

@@ -147,9 +147,9 @@ struct Tables {
     ats: Table<Arc<At>>,
 }
 
-/// Index entries' `At` kept per document kept: each is small (a key and
-/// its heads, twice), and is worth keeping until every holder has the
-/// document at those heads.
+/// Index entries' `At`s the table keeps per document it keeps: each is
+/// small (heads and a fingerprint), and worth keeping until every holder
+/// has the document at those heads.
 const AT_PER_DOC: usize = 8;
 
 /// See the module docs. Cheap to clone (one shared table).

@@ -149,14 +149,13 @@ impl Store for SimStore {
         self.mem.unsigned(after, limit)
     }
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        // Each document's rows before the batch and after it (the batch's
-        // last rows for it, as `MemStore` keeps them).
         self.mem.commit(batch)?;
         // Only additions: a name a document's rows drop stays listed.
-        let mut names = None;
-        for (k, p) in &batch.projections {
-            let names = names.get_or_insert_with(|| self.names());
-            names.add(k, p);
+        if !batch.projections.is_empty() {
+            let mut names = self.names();
+            for (k, p) in &batch.projections {
+                names.add(k, p);
+            }
         }
         Ok(())
     }
