@@ -564,6 +564,27 @@ pub enum UiEvent {
     },
 }
 
+/// Why the engine closes a session, in a form the driver can pass on to
+/// the peer (`node` sends it as the QUIC close code), so the peer's dialer
+/// can tell a refusal, which redialling soon only repeats, from a session
+/// that merely ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    /// The peer broke a rule of the protocol or of policy, or is backed
+    /// off after one (its sessions are refused for a while).
+    Violation,
+    /// The peer speaks another protocol version: an upgrade is needed.
+    Version,
+    /// The peer's hello names another node or role than its certificate.
+    Identity,
+    /// Refused for now through no fault of the peer: it already holds as
+    /// many sessions with us as it may.
+    Busy,
+    /// Anything else: the peer said goodbye, a cut session's leftovers
+    /// arrived before its hello, or this node failed to store or encode.
+    Other,
+}
+
 #[derive(Clone, Debug)]
 pub enum Output {
     /// The answer to a command, sent only after its commit.
@@ -581,6 +602,7 @@ pub enum Output {
     Close {
         session: SessionId,
         reason: String,
+        cause: CloseCause,
     },
     SendMail(MailRequest),
     Event(UiEvent),

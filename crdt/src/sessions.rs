@@ -58,7 +58,7 @@
 //! is checked at this hop (the peer may hold the document, the author may
 //! write it) before it is staged.
 
-use crate::api::{Now, Output, PeerStatus, SessionId, UiEvent};
+use crate::api::{CloseCause, Now, Output, PeerStatus, SessionId, UiEvent};
 use crate::content;
 use crate::doc::{Doc, DocError, Hash32};
 use crate::ids::{DocKey, Kind, NodeId, Role};
@@ -133,6 +133,8 @@ pub(crate) const BACKOFF_MAX_MS: u64 = 60 * 60_000;
 /// Peers remembered as backed off, at most (node ids come from verified
 /// certificates; expired entries go first).
 const MAX_BACKED_OFF: usize = 4096;
+/// How a violation, or a session of a backed-off peer, is closed.
+const VIOLATION: (u16, CloseCause) = (wire::BYE_POLICY, CloseCause::Violation);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -580,6 +582,7 @@ impl Sessions {
         out.push(Output::Close {
             session,
             reason: format!("storage: {e}"),
+            cause: CloseCause::Other,
         });
         self.map.remove(&session);
     }
@@ -961,6 +964,7 @@ impl Sessions {
             Err(e) => out.push(Output::Close {
                 session,
                 reason: format!("internal: {e}"),
+                cause: CloseCause::Other,
             }),
         }
     }
@@ -995,13 +999,23 @@ impl Sessions {
         }
     }
 
-    fn bye(&mut self, session: SessionId, code: u16, reason: String, out: &mut Vec<Output>) {
+    fn bye(
+        &mut self,
+        session: SessionId,
+        (code, cause): (u16, CloseCause),
+        reason: String,
+        out: &mut Vec<Output>,
+    ) {
         let f = Frame::Bye {
             code,
             reason: reason.chars().take(200).collect(),
         };
         self.send(session, &f, out);
-        out.push(Output::Close { session, reason });
+        out.push(Output::Close {
+            session,
+            reason,
+            cause,
+        });
         self.map.remove(&session);
     }
 
@@ -1021,7 +1035,7 @@ impl Sessions {
             reason: reason.clone(),
         }));
         self.back_off(node);
-        self.bye(session, wire::BYE_POLICY, reason, out);
+        self.bye(session, VIOLATION, reason, out);
     }
 
     /// Refuses the peer's sessions for a while: [`BACKOFF_MIN_MS`], doubled
@@ -1083,7 +1097,7 @@ impl Sessions {
             // Not a new violation: the back-off is not extended.
             self.stats.backed_off_refusals += 1;
             let why = "backed off after a violation; try later".to_string();
-            return self.bye(sid, wire::BYE_POLICY, why, out);
+            return self.bye(sid, VIOLATION, why, out);
         }
         if open >= MAX_SESSIONS_PER_PEER {
             // Refused, but not a violation: an honest peer reaches this
@@ -1092,7 +1106,7 @@ impl Sessions {
             // minutes; the refusal alone bounds what the peer can hold.
             self.stats.excess_sessions_refused += 1;
             let why = format!("more than {MAX_SESSIONS_PER_PEER} sessions with one peer");
-            return self.bye(sid, wire::BYE_POLICY, why, out);
+            return self.bye(sid, (wire::BYE_POLICY, CloseCause::Busy), why, out);
         }
         let hello = Frame::Hello {
             version: wire::PROTOCOL_VERSION,
@@ -1137,14 +1151,14 @@ impl Sessions {
             } => {
                 if version != wire::PROTOCOL_VERSION {
                     let why = format!("protocol version {version} is not supported (this node speaks {}); upgrade needed", wire::PROTOCOL_VERSION);
-                    self.bye(sid, wire::BYE_VERSION, why, out);
+                    self.bye(sid, (wire::BYE_VERSION, CloseCause::Version), why, out);
                     return None;
                 }
                 if node != peer || role != peer_role {
                     let why = format!(
                         "hello names {node} ({role}) but the certificate says {peer} ({peer_role})"
                     );
-                    self.bye(sid, wire::BYE_IDENTITY, why, out);
+                    self.bye(sid, (wire::BYE_IDENTITY, CloseCause::Identity), why, out);
                     return None;
                 }
                 // Is the peer's cursor a position in our own log?
@@ -1168,9 +1182,12 @@ impl Sessions {
             // Not a violation: a session cut while frames were in flight
             // can deliver them to a new session's start (seen in the
             // simulator); the peer simply starts over.
-            _ if !self.map[&sid].hello => {
-                self.bye(sid, wire::BYE_PROTOCOL, "frame before hello".into(), out)
-            }
+            _ if !self.map[&sid].hello => self.bye(
+                sid,
+                (wire::BYE_PROTOCOL, CloseCause::Other),
+                "frame before hello".into(),
+                out,
+            ),
             Frame::Resume { ok } => {
                 self.map.get_mut(&sid).expect("checked").peer_verdict = Some(ok);
                 self.maybe_start_exchange(r, sid, out);
@@ -1242,6 +1259,7 @@ impl Sessions {
                 out.push(Output::Close {
                     session: sid,
                     reason: format!("peer closed ({code}): {reason}"),
+                    cause: CloseCause::Other,
                 });
                 self.map.remove(&sid);
             }

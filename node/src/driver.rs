@@ -48,6 +48,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::net::CloseCode;
 use crdt::api::{
     Command, CommandError, Input, Now, Operator, Output, Query, QueryReply, Reply, SessionId,
     UiEvent,
@@ -79,8 +80,13 @@ pub const EVENT_CAPACITY: usize = 1024;
 pub enum NetOut {
     /// Write this frame body, length-prefixed, to the session's stream.
     Send { session: SessionId, bytes: Vec<u8> },
-    /// Close the session after flushing what was queued before.
-    Close { session: SessionId, reason: String },
+    /// Close the session after flushing what was queued before, telling
+    /// the peer why (`code`).
+    Close {
+        session: SessionId,
+        code: CloseCode,
+        reason: String,
+    },
 }
 
 pub type NetSink = Box<dyn Fn(NetOut) + Send>;
@@ -716,6 +722,7 @@ fn run(
                     if let Some(f) = &s.net {
                         f(NetOut::Close {
                             session,
+                            code: CloseCode::Shutdown,
                             reason: "engine restarted".into(),
                         });
                     }
@@ -830,10 +837,18 @@ fn route(
                     None => tracing::debug!(session, "no net sink; frame dropped"),
                 }
             }
-            Output::Close { session, reason } => {
+            Output::Close {
+                session,
+                reason,
+                cause,
+            } => {
                 let s = sinks.lock().expect("sinks lock");
                 match &s.net {
-                    Some(f) => f(NetOut::Close { session, reason }),
+                    Some(f) => f(NetOut::Close {
+                        session,
+                        code: cause.into(),
+                        reason,
+                    }),
                     None => tracing::debug!(session, "no net sink; close dropped"),
                 }
             }
@@ -901,8 +916,8 @@ mod tests {
         let closed = Arc::new(Mutex::new(Vec::new()));
         let c = closed.clone();
         h.set_net_sink(Box::new(move |o| {
-            if let NetOut::Close { session, .. } = o {
-                c.lock().unwrap().push(session);
+            if let NetOut::Close { session, code, .. } = o {
+                c.lock().unwrap().push((session, code));
             }
         }));
         assert!(put_shelter(&h, "before").is_ok());
@@ -917,7 +932,8 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let err = put_shelter(&h, "during").unwrap_err();
         assert!(err.to_string().contains("restarted"), "{err}");
-        assert_eq!(*closed.lock().unwrap(), vec![7]);
+        // Closed as a restart: the peer comes back at once.
+        assert_eq!(*closed.lock().unwrap(), vec![(7, CloseCode::Shutdown)]);
         // Serving again: the failed command is simply retried, queries
         // are answered, and the earlier write survived.
         assert!(put_shelter(&h, "during").is_ok());

@@ -347,7 +347,11 @@ pub async fn start_mesh(
             m.observe_frame(crate::metrics::Direction::Sent, &bytes);
             t.send(session, bytes)
         }
-        NetOut::Close { session, reason } => t.close(session, &reason),
+        NetOut::Close {
+            session,
+            code,
+            reason,
+        } => t.close(session, code, &reason),
     }));
     Ok(transport)
 }

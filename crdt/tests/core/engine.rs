@@ -1769,7 +1769,9 @@ fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
         now(net.now),
         &mut net.rng,
     );
-    assert!(closed(&outs, sid));
+    // Closed as a violation, so the peer's dialer backs off (node sends
+    // the cause as the QUIC close code).
+    assert_eq!(close_cause(&outs, sid), Some(CloseCause::Violation));
     // At most two sessions with one peer: a third is refused at once (the
     // session above is closed; its peer's back-off is over an hour later).
     assert!(!net.nodes[1].has_session(sid));
@@ -1790,6 +1792,8 @@ fn reconcile_frames_out_of_place_or_beyond_the_turn_bound_end_the_session() {
     }
     assert!(net.nodes[1].has_session(900) && net.nodes[1].has_session(901));
     assert!(closed(&third, 902) && !net.nodes[1].has_session(902));
+    // Refused without blame: not closed as a violation.
+    assert_eq!(close_cause(&third, 902), Some(CloseCause::Busy));
     assert_eq!(net.nodes[1].stats().excess_sessions_refused, 1);
     // The refusal is not a violation: an honest peer dialing while its old
     // session is torn down is not backed off, so once one of its sessions
@@ -2562,6 +2566,14 @@ fn feed(net: &mut Net, sid: u64, bytes: Vec<u8>) -> Vec<Output> {
         now(net.now),
         &mut net.rng,
     )
+}
+
+/// How the engine closed `sid` in `outs`, if it did.
+fn close_cause(outs: &[Output], sid: u64) -> Option<CloseCause> {
+    outs.iter().find_map(|o| match o {
+        Output::Close { session, cause, .. } if *session == sid => Some(*cause),
+        _ => None,
+    })
 }
 
 fn closes(outs: &[Output], sid: u64) -> bool {

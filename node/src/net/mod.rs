@@ -160,19 +160,78 @@ pub const INBOUND_BUDGET_BYTES: usize = 4 * crdt::wire::MAX_FRAME_BYTES;
 /// (the engine resumes on the next session) rather than growing memory.
 pub const MAX_SEND_QUEUE_BYTES: usize = 4 * crdt::wire::MAX_FRAME_BYTES;
 
-/// QUIC application close codes.
-pub(crate) mod code {
-    pub const NORMAL: u32 = 0;
-    pub const PROTOCOL: u32 = 1;
-    pub const REVOKED: u32 = 2;
-    pub const SHUTDOWN: u32 = 3;
-    pub const OVERLOAD: u32 = 4;
-    pub const IDENTITY: u32 = 5;
+/// Why a session ends, as told to the peer: the QUIC application close
+/// code. The peer's dialer reads it to decide how soon to come back (see
+/// `quic::after_session`): a refusal ([`CloseCode::refuses`]) is not
+/// retried before the longest back-off, a shutdown or restart is retried
+/// at once, anything else backs off by how long the session lasted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Ended without blame (the peer said goodbye, a local fault).
+    Normal = 0,
+    /// The peer broke the transport protocol: wrong ALPN or stream tag,
+    /// oversized or cut frames, oversized or stalled CRL gossip; or it
+    /// speaks another protocol version.
+    Protocol = 1,
+    /// The peer's certificate is revoked.
+    Revoked = 2,
+    /// This node is shutting down or restarting (the process or its
+    /// engine): come back soon.
+    Shutdown = 3,
+    /// This node cannot keep up with the peer (send queue overflow) or
+    /// holds as many sessions with it as it may.
+    Overload = 4,
+    /// The peer's certificate or hello names the wrong node or role.
+    Identity = 5,
+    /// The peer broke a rule of the sync protocol or of policy, or is
+    /// backed off after one.
+    Policy = 6,
+}
+
+impl CloseCode {
+    /// The code a received close carries, if it is one of ours.
+    pub fn from_wire(code: u64) -> Option<CloseCode> {
+        use CloseCode::*;
+        [
+            Normal, Protocol, Revoked, Shutdown, Overload, Identity, Policy,
+        ]
+        .into_iter()
+        .find(|c| *c as u64 == code)
+    }
+
+    /// Whether a session closed with this code was refused: the one closed
+    /// will be refused again if it comes back soon.
+    pub fn refuses(self) -> bool {
+        matches!(
+            self,
+            CloseCode::Protocol | CloseCode::Revoked | CloseCode::Identity | CloseCode::Policy
+        )
+    }
+}
+
+impl From<CloseCode> for quinn::VarInt {
+    fn from(c: CloseCode) -> quinn::VarInt {
+        quinn::VarInt::from_u32(c as u32)
+    }
+}
+
+impl From<crdt::api::CloseCause> for CloseCode {
+    fn from(c: crdt::api::CloseCause) -> CloseCode {
+        use crdt::api::CloseCause;
+        match c {
+            CloseCause::Violation => CloseCode::Policy,
+            CloseCause::Version => CloseCode::Protocol,
+            CloseCause::Identity => CloseCode::Identity,
+            CloseCause::Busy => CloseCode::Overload,
+            CloseCause::Other => CloseCode::Normal,
+        }
+    }
 }
 
 pub(crate) enum Outgoing {
     Frame(Vec<u8>),
-    Close(String),
+    Close(CloseCode, String),
 }
 
 /// A live session as seen by the driver-facing methods.
@@ -183,8 +242,9 @@ pub(crate) struct Session {
     pub conn: quinn::Connection,
     pub out: mpsc::UnboundedSender<Outgoing>,
     pub queued_bytes: Arc<AtomicUsize>,
-    /// Dropped when the session is removed; the dialer waits on it.
-    pub _done: Option<oneshot::Sender<()>>,
+    /// Told how the session ended when it is removed; the dialer waits
+    /// on it.
+    pub done: Option<oneshot::Sender<quic::Ending>>,
 }
 
 /// One peer a dialer task keeps connected.
@@ -279,12 +339,22 @@ impl Inner {
     }
 
     /// Remove a session, close its connection and report it, exactly once.
-    pub fn end_session(&self, session: u64, close_code: u32, reason: &str) {
+    /// `close_code` is what we tell the peer; if the peer closed the
+    /// connection first, its close (already in `conn`) says why it ended.
+    pub fn end_session(&self, session: u64, close_code: CloseCode, reason: &str) {
         let removed = lock(&self.sessions).remove(&session);
-        if let Some(s) = removed {
+        if let Some(mut s) = removed {
+            let peer_code = match s.conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                    Some(c.error_code.into_inner())
+                }
+                _ => None,
+            };
             let wire_reason: String = reason.chars().take(120).collect();
-            s.conn
-                .close(quinn::VarInt::from_u32(close_code), wire_reason.as_bytes());
+            s.conn.close(close_code.into(), wire_reason.as_bytes());
+            if let Some(done) = s.done.take() {
+                let _ = done.send(quic::ending(close_code, peer_code));
+            }
             tracing::info!(session, peer = %s.node, addr = %s.addr, reason, "session ended");
             self.notice(Notice::SessionEnded {
                 session,
@@ -329,7 +399,7 @@ impl Inner {
                     .collect();
                 for (id, node) in revoked {
                     tracing::warn!(session = id, peer = %node, "closing session: peer certificate revoked");
-                    self.end_session(id, code::REVOKED, "peer certificate revoked");
+                    self.end_session(id, CloseCode::Revoked, "peer certificate revoked");
                 }
                 let others: Vec<u64> = lock(&self.sessions)
                     .keys()
@@ -501,14 +571,15 @@ impl Transport {
         };
         if let Err(reason) = verdict {
             tracing::error!(session, frame_bytes = len, reason, "closing session");
-            self.inner.end_session(session, code::OVERLOAD, reason);
+            self.inner.end_session(session, CloseCode::Overload, reason);
         }
     }
 
-    /// Close `session` after the frames queued before this call were sent.
-    pub fn close(&self, session: u64, reason: &str) {
+    /// Close `session` after the frames queued before this call were sent,
+    /// telling the peer `code`.
+    pub fn close(&self, session: u64, code: CloseCode, reason: &str) {
         if let Some(s) = lock(&self.inner.sessions).get(&session) {
-            let _ = s.out.send(Outgoing::Close(reason.to_string()));
+            let _ = s.out.send(Outgoing::Close(code, reason.to_string()));
         }
     }
 
@@ -557,14 +628,14 @@ impl Transport {
         let _ = inner.stop_tx.send(true);
         let ids: Vec<u64> = lock(&inner.sessions).keys().copied().collect();
         for id in ids {
-            inner.end_session(id, code::SHUTDOWN, "local node shutting down");
+            inner.end_session(id, CloseCode::Shutdown, "local node shutting down");
         }
         if let Some(m) = lock(&inner.mdns).take() {
             m.stop();
         }
         inner
             .endpoint
-            .close(quinn::VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+            .close(CloseCode::Shutdown.into(), b"shutdown");
         let mut tasks = std::mem::take(&mut *lock(&inner.tasks));
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -587,6 +658,6 @@ impl Drop for Transport {
         }
         self.inner
             .endpoint
-            .close(quinn::VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+            .close(CloseCode::Shutdown.into(), b"shutdown");
     }
 }

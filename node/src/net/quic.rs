@@ -5,9 +5,16 @@
 //! the frame writer, the CRL stream acceptor and `Connection::closed`; the
 //! first to finish decides the `Disconnected` reason, and
 //! [`Inner::end_session`] makes sure it is reported exactly once.
+//!
+//! The side that ends a session closes the connection with a
+//! [`CloseCode`] saying why; the other side, seeing the frame stream end,
+//! waits a moment for that close instead of closing first, so its dialer
+//! learns why ([`Ending`]) and picks the next delay from it
+//! ([`after_session`]): a peer that refused us is not redialled before the
+//! longest back-off, one that is restarting is redialled at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +32,8 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    code, lock, DialTarget, Inner, Notice, Outgoing, Session, TransportConfig, INBOUND_BUDGET_BYTES,
+    lock, CloseCode, DialTarget, Inner, Notice, Outgoing, Session, TransportConfig,
+    INBOUND_BUDGET_BYTES,
 };
 
 /// First byte on the frame stream, written by the accepting side. Bump it
@@ -35,15 +43,18 @@ const STREAM_TAG: u8 = 0x01;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on reading one gossiped CRL (slowloris, E-11).
 const CRL_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a graceful close waits for the peer to acknowledge queued data.
+/// How long a graceful close waits for the peer to acknowledge queued data,
+/// and how long a side whose peer ended the frame stream waits for the
+/// peer's close (which says why) before closing itself.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// A session that lasted at least this long counts as a good connection, and
-/// the next dial starts from the shortest delay again. A shorter one (the
-/// peer closed it at once: it refused our frames, is restarting, or is
-/// overloaded) backs off like a failed dial, so a peer that ends every
-/// session at once is not redialled twice a second for ever.
+/// the next dial starts from the shortest delay again. A shorter one that
+/// ended for no stated reason (overload, a lost link, a normal close)
+/// backs off like a failed dial, so a peer that ends every session at once
+/// is not redialled twice a second for ever. Why a session ended weighs
+/// more than how long it lasted (see [`after_session`]).
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 fn transport_config() -> quinn::TransportConfig {
@@ -98,21 +109,42 @@ pub(crate) fn endpoint(
 
 /// Why a handshake or the post-handshake checks failed.
 enum HandshakeFailure {
+    /// The peer refused us: a TLS alert (our certificate is unknown,
+    /// expired, revoked or misnamed there) or a refusing close code after
+    /// its own checks. Reported as `PeerRejected`; the dialer backs off
+    /// to its longest delay (`code` is the QUIC error code, for the log).
+    Refused { code: u64, reason: String },
     /// Authentication or protocol rejection: reported as `PeerRejected`.
     Rejected(String),
     /// Unreachable, timed out, shut down: logged only.
     Unreachable(String),
 }
 
+/// TLS alerts travel as QUIC transport error codes 0x100 + alert.
+const TLS_ALERTS: std::ops::RangeInclusive<u64> = 0x100..=0x1ff;
+
 fn classify(e: &ConnectionError) -> HandshakeFailure {
     match e {
         ConnectionError::TimedOut | ConnectionError::LocallyClosed | ConnectionError::Reset => {
             HandshakeFailure::Unreachable(e.to_string())
         }
-        ConnectionError::ApplicationClosed(c)
-            if c.error_code == VarInt::from_u32(code::SHUTDOWN) =>
-        {
-            HandshakeFailure::Unreachable(e.to_string())
+        ConnectionError::ApplicationClosed(c) => {
+            let code = c.error_code.into_inner();
+            match CloseCode::from_wire(code) {
+                Some(CloseCode::Shutdown) => HandshakeFailure::Unreachable(e.to_string()),
+                Some(c) if c.refuses() => HandshakeFailure::Refused {
+                    code,
+                    reason: e.to_string(),
+                },
+                _ => HandshakeFailure::Rejected(e.to_string()),
+            }
+        }
+        // Sent by the peer (a local TLS failure is a `TransportError`).
+        ConnectionError::ConnectionClosed(c) if TLS_ALERTS.contains(&u64::from(c.error_code)) => {
+            HandshakeFailure::Refused {
+                code: u64::from(c.error_code),
+                reason: e.to_string(),
+            }
         }
         _ => HandshakeFailure::Rejected(e.to_string()),
     }
@@ -126,7 +158,7 @@ fn check_peer(inner: &Inner, conn: &Connection) -> Result<NodeIdentity, String> 
         .and_then(|h| h.protocol);
     if alpn.as_deref() != Some(ALPN) {
         conn.close(
-            VarInt::from_u32(code::PROTOCOL),
+            CloseCode::Protocol.into(),
             b"upgrade needed: kizuna/1 required",
         );
         return Err(format!(
@@ -139,16 +171,16 @@ fn check_peer(inner: &Inner, conn: &Connection) -> Result<NodeIdentity, String> 
         .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| "peer presented no certificate".to_string())?;
     let identity = peer_identity(&certs).map_err(|e| {
-        conn.close(VarInt::from_u32(code::IDENTITY), b"bad certificate");
+        conn.close(CloseCode::Identity.into(), b"bad certificate");
         format!("peer certificate unusable: {e}")
     })?;
     if identity.node_id == inner.local_node {
-        conn.close(VarInt::from_u32(code::IDENTITY), b"connected to self");
+        conn.close(CloseCode::Identity.into(), b"connected to self");
         return Err("connected to ourselves".to_string());
     }
     // A CRL may have arrived between the verifier's check and now.
     if inner.revocation.is_revoked(&identity.serial) {
-        conn.close(VarInt::from_u32(code::REVOKED), b"certificate revoked");
+        conn.close(CloseCode::Revoked.into(), b"certificate revoked");
         return Err(format!("peer {} is revoked", identity.node_id));
     }
     Ok(identity)
@@ -182,7 +214,9 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                 Ok((conn, identity)) => {
                     let _ = establish(&inner2, conn, identity, addr, None);
                 }
-                Err(HandshakeFailure::Rejected(reason)) => {
+                Err(
+                    HandshakeFailure::Rejected(reason) | HandshakeFailure::Refused { reason, .. },
+                ) => {
                     tracing::warn!(%addr, reason, "incoming peer rejected");
                     inner2.notice(Notice::PeerRejected { addr, reason });
                 }
@@ -195,12 +229,12 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
 }
 
 /// Dial `node` at `addr` once; on success the session is registered and the
-/// returned receiver resolves when it ends.
+/// returned receiver resolves when it ends, with how it ended.
 async fn dial_once(
     inner: &Arc<Inner>,
     node: &NodeId,
     addr: SocketAddr,
-) -> Result<oneshot::Receiver<()>, HandshakeFailure> {
+) -> Result<oneshot::Receiver<Ending>, HandshakeFailure> {
     let name = server_name_for(node);
     let connecting = inner
         .endpoint
@@ -216,7 +250,7 @@ async fn dial_once(
         .await
         .map_err(|e| HandshakeFailure::Rejected(format!("frame stream did not start: {e}")))?;
     if tag[0] != STREAM_TAG {
-        conn.close(VarInt::from_u32(code::PROTOCOL), b"bad stream tag");
+        conn.close(CloseCode::Protocol.into(), b"bad stream tag");
         return Err(HandshakeFailure::Rejected(format!(
             "unknown frame stream tag {:#04x} (protocol version skew?)",
             tag[0]
@@ -233,6 +267,9 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, node: NodeId, target: Arc<DialT
     let min = inner.reconnect_min_ms;
     let max = inner.reconnect_max_ms;
     let mut backoff_ms = min;
+    // Whether the peer's refusal was logged at WARN: once per run of
+    // refusals, not at every redial.
+    let mut refusal_logged = false;
     loop {
         if *stop.borrow() {
             return;
@@ -244,8 +281,21 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, node: NodeId, target: Arc<DialT
                 Ok(Ok(done)) => {
                     super::peers::remember(&inner, &node, addr);
                     let started = tokio::time::Instant::now();
-                    let _ = done.await;
-                    backoff_ms = after_session(backoff_ms, started.elapsed(), min, max);
+                    let ending = done.await.unwrap_or(Ending::Other);
+                    match ending {
+                        Ending::RefusedByPeer(code) => {
+                            log_refusal(&node, code, max, &mut refusal_logged)
+                        }
+                        _ => refusal_logged = false,
+                    }
+                    backoff_ms = after_session(backoff_ms, started.elapsed(), ending, min, max);
+                }
+                Ok(Err(HandshakeFailure::Refused { code, reason })) => {
+                    tracing::debug!(peer = %node, %addr, reason, "dial refused");
+                    log_refusal(&node, code, max, &mut refusal_logged);
+                    inner.notice(Notice::PeerRejected { addr, reason });
+                    let refused = Ending::RefusedByPeer(code);
+                    backoff_ms = after_session(backoff_ms, Duration::ZERO, refused, min, max);
                 }
                 Ok(Err(HandshakeFailure::Rejected(reason))) => {
                     tracing::warn!(peer = %node, %addr, reason, "dial rejected");
@@ -273,13 +323,60 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, node: NodeId, target: Arc<DialT
     }
 }
 
-/// The back-off after a session that lasted `lived`: back to `min` after a
-/// stable session, doubled (up to `max`) after one the peer ended at once.
-fn after_session(backoff_ms: u64, lived: Duration, min: u64, max: u64) -> u64 {
-    if lived >= STABLE_SESSION {
-        min
-    } else {
-        doubled(backoff_ms, min, max)
+/// Logs, at WARN and once per run of refusals, that `node` refuses us.
+/// Ids and codes only: the peer's reason text is its own words (debug).
+fn log_refusal(node: &NodeId, close_code: u64, backoff_ms: u64, logged: &mut bool) {
+    if !*logged {
+        tracing::warn!(
+            peer = %node,
+            close_code,
+            backoff_ms,
+            "peer refuses this node (policy, protocol or certificate); redialling at the longest back-off"
+        );
+        *logged = true;
+    }
+}
+
+/// How a session ended, as far as redialling its peer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The peer closed it with a refusal ([`CloseCode::refuses`]: a
+    /// violation, our certificate or identity, the protocol), or refused
+    /// our certificate at the handshake. The QUIC code, for the log.
+    RefusedByPeer(u64),
+    /// We closed it with a refusal: the peer broke a rule, and our engine
+    /// refuses its sessions for a while anyway.
+    RefusedByUs,
+    /// The peer said it is shutting down or restarting.
+    PeerRestarting,
+    /// Anything else: a lost link, a normal close, overload.
+    Other,
+}
+
+/// How a session ended, from the code we closed it with and the one the
+/// peer closed it with, if it closed first. A peer's own close says why
+/// the session ended; ours matters only when the peer said nothing.
+pub(crate) fn ending(ours: CloseCode, peer: Option<u64>) -> Ending {
+    match peer.map(|code| (code, CloseCode::from_wire(code))) {
+        Some((code, Some(c))) if c.refuses() => Ending::RefusedByPeer(code),
+        Some((_, Some(CloseCode::Shutdown))) => Ending::PeerRestarting,
+        _ if ours.refuses() => Ending::RefusedByUs,
+        _ => Ending::Other,
+    }
+}
+
+/// The back-off after a session that lasted `lived` and ended as `ending`:
+/// the longest after a refusal (either way: redialling sooner only
+/// repeats it, and the peer's engine backs off a violator for longer
+/// still), the shortest when the peer is restarting (even if the session
+/// was short) or after a stable session, otherwise doubled (up to `max`)
+/// like a failed dial.
+fn after_session(backoff_ms: u64, lived: Duration, ending: Ending, min: u64, max: u64) -> u64 {
+    match ending {
+        Ending::RefusedByPeer(_) | Ending::RefusedByUs => max,
+        Ending::PeerRestarting => min,
+        Ending::Other if lived >= STABLE_SESSION => min,
+        Ending::Other => doubled(backoff_ms, min, max),
     }
 }
 
@@ -297,7 +394,7 @@ fn establish(
     identity: NodeIdentity,
     addr: SocketAddr,
     stream: Option<(SendStream, RecvStream)>,
-) -> Result<oneshot::Receiver<()>, String> {
+) -> Result<oneshot::Receiver<Ending>, String> {
     let initiator = stream.is_some();
     let session = inner.next_session.fetch_add(1, Ordering::SeqCst);
     let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -306,7 +403,7 @@ fn establish(
     {
         let mut sessions = lock(&inner.sessions);
         if inner.stopping.load(Ordering::SeqCst) {
-            conn.close(VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+            conn.close(CloseCode::Shutdown.into(), b"shutdown");
             return Err("shutting down".into());
         }
         sessions.insert(
@@ -318,7 +415,7 @@ fn establish(
                 conn: conn.clone(),
                 out: out_tx,
                 queued_bytes: queued.clone(),
-                _done: Some(done_tx),
+                done: Some(done_tx),
             },
         );
     }
@@ -343,16 +440,19 @@ async fn run_session(
     queued: Arc<AtomicUsize>,
 ) {
     let local_close: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    // Set once the peer ended the frame stream: it is ending the session
+    // and its close, with the code saying why, is on its way.
+    let peer_ended = Arc::new(AtomicBool::new(false));
     let (code_, reason) = async {
         let (send, recv) = match stream {
             Some(s) => s,
             None => {
                 let (mut send, recv) = match conn.open_bi().await {
                     Ok(s) => s,
-                    Err(e) => return (code::NORMAL, describe(&e)),
+                    Err(e) => return (CloseCode::Normal, describe(&e)),
                 };
                 if let Err(e) = send.write_all(&[STREAM_TAG]).await {
-                    return (code::NORMAL, format!("frame stream broke: {e}"));
+                    return (CloseCode::Normal, format!("frame stream broke: {e}"));
                 }
                 (send, recv)
             }
@@ -360,11 +460,12 @@ async fn run_session(
         if let Some(der) = inner.revocation.current_der() {
             send_crl(&inner, session, Arc::new(der));
         }
+        let ended = peer_ended.clone();
         tokio::select! {
-            r = read_frames(&inner, session, recv) => r,
-            r = write_frames(&inner, session, send, out_rx, queued, local_close.clone()) => r,
+            r = read_frames(&inner, session, recv, &peer_ended) => r,
+            r = write_frames(&inner, session, send, out_rx, queued, local_close.clone(), ended) => r,
             r = accept_crls(&inner, session, &conn) => r,
-            e = conn.closed() => (code::NORMAL, describe(&e)),
+            e = conn.closed() => (CloseCode::Normal, describe(&e)),
         }
     }
     .await;
@@ -386,7 +487,12 @@ fn describe(e: &ConnectionError) -> String {
 }
 
 /// Read length-prefixed frames until the stream ends or misbehaves.
-async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32, String) {
+async fn read_frames(
+    inner: &Inner,
+    session: u64,
+    mut recv: RecvStream,
+    peer_ended: &AtomicBool,
+) -> (CloseCode, String) {
     // What this session's frames may hold while they wait for the engine.
     let budget = Arc::new(tokio::sync::Semaphore::new(INBOUND_BUDGET_BYTES));
     loop {
@@ -394,19 +500,23 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
         match recv.read_exact(&mut len).await {
             Ok(()) => {}
             Err(quinn::ReadExactError::FinishedEarly(0)) => {
-                return (code::NORMAL, "peer ended the session".into())
+                // The peer's close follows at once (`Connection::closed`
+                // ends the session then); close first only if it does not.
+                peer_ended.store(true, Ordering::SeqCst);
+                tokio::time::sleep(CLOSE_FLUSH_TIMEOUT).await;
+                return (CloseCode::Normal, "peer ended the session".into());
             }
             Err(quinn::ReadExactError::FinishedEarly(_)) => {
                 return (
-                    code::PROTOCOL,
+                    CloseCode::Protocol,
                     "peer ended the stream inside a length prefix".into(),
                 )
             }
             Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => {
-                return (code::NORMAL, describe(&e))
+                return (CloseCode::Normal, describe(&e))
             }
             Err(quinn::ReadExactError::ReadError(e)) => {
-                return (code::PROTOCOL, format!("frame stream broke: {e}"))
+                return (CloseCode::Protocol, format!("frame stream broke: {e}"))
             }
         }
         let n = u32::from_be_bytes(len) as usize;
@@ -419,7 +529,7 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
                 "peer sent an oversized frame"
             );
             return (
-                code::PROTOCOL,
+                CloseCode::Protocol,
                 format!("peer announced a {n}-byte frame; limit is {MAX_FRAME_BYTES}"),
             );
         }
@@ -442,9 +552,9 @@ async fn read_frames(inner: &Inner, session: u64, mut recv: RecvStream) -> (u32,
         if let Err(e) = recv.read_exact(&mut body).await {
             return match e {
                 quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)) => {
-                    (code::NORMAL, describe(&e))
+                    (CloseCode::Normal, describe(&e))
                 }
-                e => (code::PROTOCOL, format!("frame cut short: {e}")),
+                e => (CloseCode::Protocol, format!("frame cut short: {e}")),
             };
         }
         inner.input_held(
@@ -469,7 +579,8 @@ async fn write_frames(
     mut out_rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<AtomicUsize>,
     local_close: Arc<Mutex<Option<String>>>,
-) -> (u32, String) {
+    peer_ended: Arc<AtomicBool>,
+) -> (CloseCode, String) {
     while let Some(item) = out_rx.recv().await {
         match item {
             Outgoing::Frame(body) => {
@@ -477,21 +588,26 @@ async fn write_frames(
                 debug_assert!(body.len() <= MAX_FRAME_BYTES);
                 let len = (body.len() as u32).to_be_bytes();
                 if let Err(e) = send.write_all(&len).await {
-                    return (code::NORMAL, format!("frame stream broke: {e}"));
+                    return (CloseCode::Normal, format!("frame stream broke: {e}"));
                 }
                 if let Err(e) = send.write_all(&body).await {
-                    return (code::NORMAL, format!("frame stream broke: {e}"));
+                    return (CloseCode::Normal, format!("frame stream broke: {e}"));
                 }
                 inner.input(crdt::api::Input::Sent {
                     session,
                     bytes: body.len(),
                 });
             }
-            Outgoing::Close(reason) => {
+            Outgoing::Close(code, reason) => {
                 *lock(&local_close) = Some(format!("closed locally: {reason}"));
                 let _ = send.finish();
                 let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, send.stopped()).await;
-                return (code::NORMAL, reason);
+                if peer_ended.load(Ordering::SeqCst) {
+                    // Our engine answers the peer's goodbye: the peer
+                    // closes, and its close says why (see `read_frames`).
+                    break;
+                }
+                return (code, reason);
             }
         }
     }
@@ -500,22 +616,22 @@ async fn write_frames(
 }
 
 /// Receive gossiped CRLs, one unidirectional stream each.
-async fn accept_crls(inner: &Arc<Inner>, session: u64, conn: &Connection) -> (u32, String) {
+async fn accept_crls(inner: &Arc<Inner>, session: u64, conn: &Connection) -> (CloseCode, String) {
     loop {
         let mut recv = match conn.accept_uni().await {
             Ok(r) => r,
-            Err(e) => return (code::NORMAL, describe(&e)),
+            Err(e) => return (CloseCode::Normal, describe(&e)),
         };
         let der =
             match tokio::time::timeout(CRL_READ_TIMEOUT, recv.read_to_end(MAX_CRL_DER_LEN)).await {
-                Err(_) => return (code::PROTOCOL, "CRL gossip stalled".into()),
+                Err(_) => return (CloseCode::Protocol, "CRL gossip stalled".into()),
                 Ok(Err(quinn::ReadToEndError::TooLong)) => {
                     return (
-                        code::PROTOCOL,
+                        CloseCode::Protocol,
                         format!("gossiped CRL exceeds {MAX_CRL_DER_LEN} bytes"),
                     )
                 }
-                Ok(Err(e)) => return (code::NORMAL, format!("CRL stream broke: {e}")),
+                Ok(Err(e)) => return (CloseCode::Normal, format!("CRL stream broke: {e}")),
                 Ok(Ok(der)) => der,
             };
         match inner.apply_crl(&der, Some(session)) {
@@ -554,22 +670,24 @@ pub(crate) fn send_crl(inner: &Arc<Inner>, session: u64, der: Arc<Vec<u8>>) {
 mod tests {
     use super::*;
 
+    const MIN: u64 = 500;
+    const MAX: u64 = 30_000;
+    const AT_ONCE: Duration = Duration::from_millis(20);
+
     #[test]
     fn a_stable_session_resets_the_back_off() {
-        assert_eq!(after_session(16_000, STABLE_SESSION, 500, 30_000), 500);
-        assert_eq!(
-            after_session(16_000, Duration::from_secs(3600), 500, 30_000),
-            500
-        );
+        let other = Ending::Other;
+        assert_eq!(after_session(16_000, STABLE_SESSION, other, MIN, MAX), MIN);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(after_session(16_000, hour, other, MIN, MAX), MIN);
     }
 
     #[test]
     fn sessions_the_peer_ends_at_once_back_off_like_failed_dials() {
-        let (min, max) = (500, 30_000);
-        let mut backoff = min;
+        let mut backoff = MIN;
         let mut delays = Vec::new();
         for _ in 0..8 {
-            backoff = after_session(backoff, Duration::from_millis(20), min, max);
+            backoff = after_session(backoff, AT_ONCE, Ending::Other, MIN, MAX);
             delays.push(backoff);
         }
         assert_eq!(
@@ -578,6 +696,70 @@ mod tests {
         );
         // Just short of stable still counts as ended at once.
         let short = STABLE_SESSION - Duration::from_millis(1);
-        assert_eq!(after_session(min, short, min, max), 1_000);
+        assert_eq!(after_session(MIN, short, Ending::Other, MIN, MAX), 1_000);
+    }
+
+    /// A peer that refused us (a violation, our certificate) is not
+    /// redialled before the longest back-off, at once and however long
+    /// the session lasted; so is one we refused ourselves.
+    #[test]
+    fn a_refusal_backs_off_to_the_longest_delay_at_once() {
+        for ending in [Ending::RefusedByPeer(6), Ending::RefusedByUs] {
+            for lived in [AT_ONCE, STABLE_SESSION, Duration::from_secs(3600)] {
+                assert_eq!(
+                    after_session(MIN, lived, ending, MIN, MAX),
+                    MAX,
+                    "{ending:?} {lived:?}"
+                );
+            }
+        }
+    }
+
+    /// A peer that said it is shutting down or restarting is redialled at
+    /// the shortest delay, even after a short session and a long back-off.
+    #[test]
+    fn a_restarting_peer_is_redialled_at_once() {
+        let restarting = Ending::PeerRestarting;
+        assert_eq!(after_session(16_000, AT_ONCE, restarting, MIN, MAX), MIN);
+        assert_eq!(
+            after_session(MAX, Duration::ZERO, restarting, MIN, MAX),
+            MIN
+        );
+    }
+
+    /// The peer's own close says why the session ended; ours only when
+    /// the peer said nothing; unknown codes (a newer peer) end plainly.
+    #[test]
+    fn the_ending_is_read_from_the_close_codes() {
+        use CloseCode::*;
+        let peer = |c: CloseCode| Some(c as u64);
+        for c in [Policy, Protocol, Identity, Revoked] {
+            assert_eq!(
+                ending(Normal, peer(c)),
+                Ending::RefusedByPeer(c as u64),
+                "{c:?}"
+            );
+        }
+        assert_eq!(ending(Normal, peer(Shutdown)), Ending::PeerRestarting);
+        assert_eq!(ending(Normal, peer(Normal)), Ending::Other);
+        assert_eq!(ending(Normal, peer(Overload)), Ending::Other);
+        assert_eq!(ending(Normal, Some(99)), Ending::Other);
+        assert_eq!(ending(Normal, None), Ending::Other);
+        assert_eq!(ending(Policy, None), Ending::RefusedByUs);
+        assert_eq!(ending(Protocol, peer(Normal)), Ending::RefusedByUs);
+        assert_eq!(ending(Overload, None), Ending::Other);
+        assert_eq!(ending(Shutdown, None), Ending::Other);
+        // The engine's causes travel as these codes.
+        use crdt::api::CloseCause;
+        assert!(CloseCode::from(CloseCause::Violation).refuses());
+        assert!(CloseCode::from(CloseCause::Version).refuses());
+        assert!(CloseCode::from(CloseCause::Identity).refuses());
+        assert!(!CloseCode::from(CloseCause::Busy).refuses());
+        assert!(!CloseCode::from(CloseCause::Other).refuses());
+        for c in [
+            Normal, Protocol, Revoked, Shutdown, Overload, Identity, Policy,
+        ] {
+            assert_eq!(CloseCode::from_wire(c as u64), Some(c));
+        }
     }
 }

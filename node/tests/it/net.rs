@@ -13,7 +13,7 @@ use certs::tls::{PeerTrust, WallClock};
 use certs::{ca, NodeCredentials};
 use crdt::api::Input;
 use crdt::{NodeId, Role};
-use node::net::{Notice, StaticPeer, Transport, TransportConfig, TransportSinks};
+use node::net::{CloseCode, Notice, StaticPeer, Transport, TransportConfig, TransportSinks};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -325,7 +325,7 @@ async fn static_peers_connect_and_frames_round_trip_in_order() {
 
     // A graceful close delivers what was queued before it.
     a.t.send(sa, b"last words".to_vec());
-    a.t.close(sa, "test done");
+    a.t.close(sa, CloseCode::Normal, "test done");
     assert_eq!(frame(&mut b.rx, sb).await, b"last words");
     let reason = disconnected(&mut b.rx, sb).await;
     eprintln!("b saw: {reason}");
@@ -358,7 +358,7 @@ async fn spoofed_mdns_announcements_cannot_re_aim_a_static_peer_or_grow_dialers(
     );
     // Headquarters drops the session; the static dialer still aims at the
     // real address and reconnects.
-    b.t.close(sb, "test: reconnect");
+    b.t.close(sb, CloseCode::Normal, "test: reconnect");
     disconnected(&mut a.rx, s1).await;
     let (s2, node, _, init) = connected(&mut a.rx).await;
     assert!(s2 != s1 && node == nid("hq-1") && init);
@@ -666,8 +666,14 @@ async fn mdns_peers_find_each_other() {
 /// only key it has) is cut off by headquarters at the first hop, and the
 /// forgery is quarantined there, never stored. Headquarters runs a real
 /// engine on a real SQLite file with the node's own author verifier.
+///
+/// Headquarters closes the session as a violation (QUIC close code
+/// `Policy`), so the shelter's dialer does not come back before its
+/// longest back-off: while it redials another peer that closes it as
+/// restarting five times, it never redials headquarters. Counted in
+/// dials, not seconds.
 #[tokio::test]
-async fn a_shelter_writing_as_headquarters_is_refused_at_the_first_hop() {
+async fn a_shelter_writing_as_headquarters_is_refused_at_the_first_hop_and_backs_off() {
     use crdt::wire::{self, DocChanges, Frame};
     use crdt::{DocKey, Kind};
     use node::driver::{Driver, NetOut};
@@ -702,15 +708,18 @@ async fn a_shelter_writing_as_headquarters_is_refused_at_the_first_hop() {
     let t = hq.clone();
     driver.set_net_sink(Box::new(move |o| match o {
         NetOut::Send { session, bytes } => t.send(session, bytes),
-        NetOut::Close { session, reason } => t.close(session, &reason),
+        NetOut::Close {
+            session,
+            code,
+            reason,
+        } => t.close(session, code, &reason),
     }));
 
-    // The rogue shelter speaks the protocol by hand over its transport.
-    let mut rogue = start(
-        &shelter_dir,
-        cfg(localhost(), vec![peer("hq-1", hq.local_addr())]),
-    )
-    .await;
+    // The rogue shelter speaks the protocol by hand over its transport. Its
+    // shortest back-off is 50 ms, its longest an hour.
+    let mut rogue_cfg = cfg(localhost(), vec![peer("hq-1", hq.local_addr())]);
+    rogue_cfg.reconnect_max_ms = 3_600_000;
+    let mut rogue = start(&shelter_dir, rogue_cfg).await;
     let (sid, ..) = connected(&mut rogue.rx).await;
     let shelter = NodeCredentials::load_dir(&shelter_dir).unwrap();
     let send = |f: &Frame| rogue.t.send(sid, wire::encode(f).unwrap());
@@ -759,6 +768,23 @@ async fn a_shelter_writing_as_headquarters_is_refused_at_the_first_hop() {
     assert_eq!(code, wire::BYE_POLICY);
     assert!(reason.contains("unverifiable"), "{reason}");
     disconnected(&mut rogue.rx, sid).await;
+
+    // The shelter's dialer also keeps another peer, hq-2, which closes
+    // every session as restarting: redialled at the shortest back-off.
+    let mut hq2 = start(&pki.node(Role::Hq, "hq-2"), cfg(localhost(), vec![])).await;
+    rogue.t.add_static_peer(peer("hq-2", hq2.t.local_addr()));
+    for round in 0..5 {
+        let (_, node, ..) = connected(&mut rogue.rx).await;
+        assert_eq!(
+            node,
+            nid("hq-2"),
+            "round {round}: the peer that refused us was redialled"
+        );
+        let (s2, ..) = connected(&mut hq2.rx).await;
+        hq2.t.close(s2, CloseCode::Shutdown, "test: restarting");
+    }
+    hq2.t.shutdown().await;
+    rogue.t.shutdown().await;
 
     use crdt::store::Store;
     let store = driver.shutdown().unwrap().expect("the store comes back");
