@@ -344,12 +344,6 @@ impl Session {
     }
 }
 
-/// The key under which we remember a peer's heads: per incarnation, so a
-/// peer restored from a backup is not assumed to hold what it lost.
-fn peer_heads_key(node: &NodeId, incarnation: u32) -> Option<NodeId> {
-    NodeId::new(format!("{node}.i{incarnation}")).ok()
-}
-
 /// Splits documents into frames of about `TARGET_FRAME_BYTES`, in order.
 pub(crate) fn chunk_docs(docs: Vec<DocChanges>) -> Vec<Vec<DocChanges>> {
     let mut frames: Vec<Vec<DocChanges>> = vec![vec![]];
@@ -1426,18 +1420,20 @@ impl Sessions {
             _ => false,
         });
         self.stats.reconcile_scanned += answer.scanned;
-        if let Some(key) = peer_heads_key(&peer, inc) {
-            if !answer.learned.is_empty() {
-                let peer_heads = answer
-                    .learned
-                    .into_iter()
-                    .map(|(k, h)| (key.clone(), k, h))
-                    .collect();
-                let _ = r.store.commit(&Batch {
-                    peer_heads,
-                    ..Default::default()
-                });
-            }
+        // Remembered under the certified node id and the incarnation it
+        // declared, so a peer restored from a backup is not assumed to hold
+        // what it lost; a new incarnation replaces the old one's hints
+        // (see `Batch::peer_heads`), so declaring many grows nothing.
+        if !answer.learned.is_empty() {
+            let peer_heads = answer
+                .learned
+                .into_iter()
+                .map(|(k, h)| (peer.clone(), inc, k, h))
+                .collect();
+            let _ = r.store.commit(&Batch {
+                peer_heads,
+                ..Default::default()
+            });
         }
         let own = self.own_offers(r, sid);
         let s = self.map.get_mut(&sid).expect("present");
@@ -1617,7 +1613,6 @@ impl Sessions {
             let s = &self.map[&sid];
             (s.node.clone(), s.peer_incarnation)
         };
-        let hint_key = peer_heads_key(&peer, inc);
         let mut frames = 0;
         let mut docs: Vec<DocChanges> = Vec::new();
         let mut size = 0usize;
@@ -1631,7 +1626,7 @@ impl Sessions {
             // damaged copy aside since).
             let mut base = their;
             if !base.is_empty() {
-                if let Some(Ok(Some(h))) = hint_key.as_ref().map(|p| r.store.peer_heads(p, &key)) {
+                if let Ok(Some(h)) = r.store.peer_heads(&peer, inc, &key) {
                     base.extend(h);
                 }
             }

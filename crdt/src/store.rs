@@ -270,8 +270,13 @@ pub struct Batch {
     pub projections: Vec<(DocKey, Arc<Projection>)>,
     /// (operation id, result JSON) for idempotent retries (A-3, D-3).
     pub ops: Vec<(String, String)>,
-    /// What a peer was last known to hold of a document.
-    pub peer_heads: Vec<(NodeId, DocKey, Vec<Hash32>)>,
+    /// What a peer (its certified node id, in the incarnation it declared
+    /// in its hello) was last known to hold of a document: hints for later
+    /// sends. A peer has hints of one incarnation at a time: writing one of
+    /// another incarnation drops the peer's older ones first, so its stored
+    /// hints are at most one per document we hold (the engine keeps hints
+    /// only about those), whatever incarnations it declares.
+    pub peer_heads: Vec<(NodeId, u32, DocKey, Vec<Hash32>)>,
     /// Documents that failed to load or validate, with the reason.
     pub quarantine: Vec<(DocKey, String)>,
     /// Documents whose stored changes are damaged: not served until a
@@ -360,7 +365,15 @@ pub trait Store {
     fn unsigned(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError>;
 
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError>;
-    fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError>;
+    /// The heads `peer` was last known to hold of `key` in `incarnation`;
+    /// `None` if none are stored, or only of another incarnation (a peer
+    /// restored from a backup may have lost what its earlier run held).
+    fn peer_heads(
+        &self,
+        peer: &NodeId,
+        incarnation: u32,
+        key: &DocKey,
+    ) -> Result<Option<Vec<Hash32>>, StoreError>;
     fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError>;
 
     /// The local change log in order: entries with a sequence number above
@@ -526,6 +539,8 @@ pub struct MemStore {
     pub projections: OrdMap<DocKey, Arc<Projection>>,
     pub ops: OrdMap<String, String>,
     pub peer_heads: OrdMap<(NodeId, DocKey), Vec<Hash32>>,
+    /// The incarnation each peer's `peer_heads` are of.
+    pub peer_incarnations: OrdMap<NodeId, u32>,
     pub quarantine: OrdMap<DocKey, String>,
     pub damaged: OrdMap<DocKey, Damaged>,
     pub cursors: OrdMap<NodeId, Cursor>,
@@ -717,7 +732,17 @@ impl Store for MemStore {
         for (k, v) in &batch.ops {
             self.ops.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        for (p, k, h) in &batch.peer_heads {
+        for (p, inc, k, h) in &batch.peer_heads {
+            if self.peer_incarnations.insert(p.clone(), *inc) != Some(*inc) {
+                // Rare (a peer's restart): scanning every hint is fine.
+                let older: Vec<_> = (self.peer_heads.keys())
+                    .filter(|(q, _)| q == p)
+                    .cloned()
+                    .collect();
+                for k in older {
+                    self.peer_heads.remove(&k);
+                }
+            }
             self.peer_heads.insert((p.clone(), k.clone()), h.clone());
         }
         for k in &batch.repaired {
@@ -769,7 +794,15 @@ impl Store for MemStore {
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.ops.get(op_id).cloned())
     }
-    fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError> {
+    fn peer_heads(
+        &self,
+        peer: &NodeId,
+        incarnation: u32,
+        key: &DocKey,
+    ) -> Result<Option<Vec<Hash32>>, StoreError> {
+        if self.peer_incarnations.get(peer) != Some(&incarnation) {
+            return Ok(None);
+        }
         Ok(self.peer_heads.get(&(peer.clone(), key.clone())).cloned())
     }
     fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError> {
@@ -1304,7 +1337,7 @@ pub mod conformance {
         let peer = NodeId::new("peer-1").unwrap();
         s.commit(&Batch {
             ops: vec![("op-1".into(), "{\"ok\":1}".into())],
-            peer_heads: vec![(peer.clone(), k.clone(), vec![[4; 32]])],
+            peer_heads: vec![(peer.clone(), 1, k.clone(), vec![[4; 32]])],
             quarantine: vec![(k.clone(), "bad".into())],
             ..Default::default()
         })
@@ -1317,8 +1350,55 @@ pub mod conformance {
         .unwrap();
         assert_eq!(s.op_result("op-1").unwrap().as_deref(), Some("{\"ok\":1}"));
         assert_eq!(s.op_result("op-2").unwrap(), None);
-        assert_eq!(s.peer_heads(&peer, &k).unwrap(), Some(vec![[4; 32]]));
+        assert_eq!(s.peer_heads(&peer, 1, &k).unwrap(), Some(vec![[4; 32]]));
+        assert_eq!(s.peer_heads(&peer, 2, &k).unwrap(), None);
         assert_eq!(s.quarantined().unwrap(), vec![(k, "bad".to_string())]);
+    }
+
+    /// Issue 12: a peer declares its incarnation itself, so its hints are
+    /// kept for one incarnation at a time: the hints of a new incarnation
+    /// replace the older ones (which no longer answer), they are not added
+    /// beside them. How many rows that leaves is counted in node's
+    /// `peer_hints_stay_one_per_document_whatever_incarnations_a_peer_declares`
+    /// (both stores) and crdt's engine test
+    /// `a_peer_declaring_a_new_incarnation_every_session_does_not_grow_our_hints`.
+    pub fn peer_heads_keep_one_incarnation_per_peer(s: &mut dyn Store) {
+        let (a, b) = (key(Kind::Presence, "h1"), key(Kind::Registry, "h2"));
+        let peer = NodeId::new("peer-1").unwrap();
+        let other = NodeId::new("peer-2").unwrap();
+        s.commit(&Batch {
+            peer_heads: vec![
+                (peer.clone(), 1, a.clone(), vec![[1; 32]]),
+                (peer.clone(), 1, b.clone(), vec![[2; 32]]),
+                (other.clone(), 7, a.clone(), vec![[7; 32]]),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        // The peer restarts: incarnation 2 knows `a` only.
+        s.commit(&Batch {
+            peer_heads: vec![(peer.clone(), 2, a.clone(), vec![[3; 32]])],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.peer_heads(&peer, 2, &a).unwrap(), Some(vec![[3; 32]]));
+        assert_eq!(
+            s.peer_heads(&peer, 2, &b).unwrap(),
+            None,
+            "b was of incarnation 1"
+        );
+        assert_eq!(s.peer_heads(&peer, 1, &a).unwrap(), None);
+        assert_eq!(s.peer_heads(&peer, 1, &b).unwrap(), None);
+        // Another peer's hints are its own.
+        assert_eq!(s.peer_heads(&other, 7, &a).unwrap(), Some(vec![[7; 32]]));
+        // An old session of the earlier run writing late replaces again.
+        s.commit(&Batch {
+            peer_heads: vec![(peer.clone(), 1, b.clone(), vec![[4; 32]])],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.peer_heads(&peer, 1, &b).unwrap(), Some(vec![[4; 32]]));
+        assert_eq!(s.peer_heads(&peer, 2, &a).unwrap(), None);
     }
 
     pub fn log_and_cursors(s: &mut dyn Store) {
@@ -1406,6 +1486,7 @@ pub mod conformance {
         locations_and_occupancy(&mut *fresh());
         evacuees_and_withheld(&mut *fresh());
         ops_peer_heads_quarantine(&mut *fresh());
+        peer_heads_keep_one_incarnation_per_peer(&mut *fresh());
         log_and_cursors(&mut *fresh());
         districts_and_arrivals(&mut *fresh());
         known_persons_answers_like_person(&mut *fresh());

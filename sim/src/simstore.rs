@@ -162,8 +162,13 @@ impl Store for SimStore {
     fn op_result(&self, op_id: &str) -> Result<Option<String>, StoreError> {
         self.mem.op_result(op_id)
     }
-    fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError> {
-        self.mem.peer_heads(peer, key)
+    fn peer_heads(
+        &self,
+        peer: &NodeId,
+        incarnation: u32,
+        key: &DocKey,
+    ) -> Result<Option<Vec<Hash32>>, StoreError> {
+        self.mem.peer_heads(peer, incarnation, key)
     }
     fn quarantined(&self) -> Result<Vec<(DocKey, String)>, StoreError> {
         self.mem.quarantined()

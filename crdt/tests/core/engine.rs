@@ -1145,6 +1145,59 @@ fn a_peer_restored_from_an_old_backup_is_reconciled_not_resumed() {
     assert!(d.location.is_some());
 }
 
+/// Issue 12: a peer declares its incarnation itself (in its hello). One
+/// that comes back under a new incarnation at every session, having
+/// forgotten its cursor so that every session reconciles, leaves
+/// headquarters hints (the heads it was last known to hold, learned when
+/// it reports older heads than ours) under its certified node id only,
+/// of its latest incarnation: one row per document at most, not one per
+/// incarnation declared.
+#[test]
+fn a_peer_declaring_a_new_incarnation_every_session_does_not_grow_our_hints() {
+    let mut net = setup();
+    net.connect(0, 1);
+    net.disconnect_all();
+    let mut incarnations = std::collections::BTreeSet::new();
+    for round in 0..12 {
+        // Headquarters changes a shelter document the shelter holds, so
+        // the shelter reports older heads of it when they reconcile.
+        let shelter = ShelterInfo {
+            shelter_id: "shelter-a".into(),
+            name: "避難所 shelter-a".into(),
+            capacity: 101 + round,
+            ..Default::default()
+        };
+        net.cmd(
+            0,
+            &format!("round-{round}"),
+            Command::PutShelter { shelter },
+        )
+        .unwrap();
+        let cfg = net.nodes[1].config().clone();
+        let mut store = net.nodes[1].store().clone();
+        store.cursors.clear();
+        net.nodes[1] = Engine::open(store, cfg, now(net.now)).unwrap();
+        incarnations.insert(net.nodes[1].incarnation());
+        net.reconcile_frames = 0;
+        net.connect(0, 1);
+        assert!(net.reconcile_frames > 0, "round {round} reconciled");
+        net.disconnect_all();
+    }
+    assert_eq!(incarnations.len(), 12);
+    let hq = net.nodes[0].store();
+    let shelter = NodeId::new("shelter-a").unwrap();
+    let rows: Vec<_> = hq.peer_heads.keys().collect();
+    assert!(!rows.is_empty(), "reconciliation left hints");
+    assert!(rows.iter().all(|(p, _)| *p == shelter), "{rows:?}");
+    let docs: std::collections::BTreeSet<_> = rows.iter().map(|(_, k)| k).collect();
+    assert_eq!(rows.len(), docs.len(), "one row per document: {rows:?}");
+    assert_eq!(
+        hq.peer_incarnations.get(&shelter),
+        incarnations.last(),
+        "of the latest incarnation"
+    );
+}
+
 #[test]
 fn malformed_and_hostile_frames_end_the_session_and_change_nothing() {
     use crdt::wire::{DocChanges, Frame};

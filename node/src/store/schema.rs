@@ -45,6 +45,12 @@
 //! - `authors` (version 8): every credential of a node hash, not only the
 //!   newest (a rotated node's older changes are signed with its older
 //!   key), in arrival order (`seq`); a credential is stored once.
+//! - `peer_heads.incarnation` (version 9): `peer` is the peer's certified
+//!   node id (it was `node.iN`, a key the peer could multiply by declaring
+//!   new incarnations), and its rows are of one incarnation: writing one of
+//!   another drops the peer's older rows, so a peer has at most one row per
+//!   document. The table is rebuilt; its version 8 rows, hints only, are
+//!   dropped.
 //!
 //! Kinds are stored as [`crdt::Kind::code`] integers so `ORDER BY kind, id`
 //! is exactly [`crdt::DocKey`]'s `Ord`; text columns use SQLite's BINARY
@@ -56,7 +62,7 @@
 pub const APPLICATION_ID: i32 = 0x4B5A_4E41;
 
 /// Migration `i` (0-based) takes `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
 
 /// The schema version this program writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -128,6 +134,21 @@ CREATE TABLE authors_v8 (
 INSERT INTO authors_v8 (author, cred) SELECT author, cred FROM authors ORDER BY author;
 DROP TABLE authors;
 ALTER TABLE authors_v8 RENAME TO authors;
+"#;
+
+/// Version 9: peer heads keyed by the certified node id, of one
+/// incarnation per peer (issue 12). The old rows are hints keyed by
+/// `node.iN`; dropping them costs at most a larger first send.
+const V9: &str = r#"
+DROP TABLE peer_heads;
+CREATE TABLE peer_heads (
+    peer        TEXT NOT NULL,
+    kind        INTEGER NOT NULL,
+    doc_id      TEXT NOT NULL,
+    heads       BLOB NOT NULL CHECK (length(heads) % 32 = 0),
+    incarnation INTEGER NOT NULL,
+    PRIMARY KEY (peer, kind, doc_id)
+);
 "#;
 
 /// Version 2: receiver-held sync cursors into each peer's change log.

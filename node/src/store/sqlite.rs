@@ -1006,16 +1006,23 @@ impl Store for SqliteStore {
             .map_err(map_err)
     }
 
-    fn peer_heads(&self, peer: &NodeId, key: &DocKey) -> Result<Option<Vec<Hash32>>, StoreError> {
+    fn peer_heads(
+        &self,
+        peer: &NodeId,
+        incarnation: u32,
+        key: &DocKey,
+    ) -> Result<Option<Vec<Hash32>>, StoreError> {
         let blob: Option<Vec<u8>> = self
             .conn
             .prepare_cached(
-                "SELECT heads FROM peer_heads WHERE peer = ?1 AND kind = ?2 AND doc_id = ?3",
+                "SELECT heads FROM peer_heads \
+                 WHERE peer = ?1 AND kind = ?2 AND doc_id = ?3 AND incarnation = ?4",
             )
             .and_then(|mut st| {
-                st.query_row(params![peer.as_str(), key.kind.code(), key.id], |r| {
-                    r.get(0)
-                })
+                st.query_row(
+                    params![peer.as_str(), key.kind.code(), key.id, incarnation],
+                    |r| r.get(0),
+                )
                 .optional()
             })
             .map_err(map_err)?;
@@ -1525,15 +1532,25 @@ fn apply(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> 
         }
     }
     if !batch.peer_heads.is_empty() {
+        // A peer's rows are of one incarnation: another one's replace them.
+        let mut drop_older =
+            tx.prepare_cached("DELETE FROM peer_heads WHERE peer = ?1 AND incarnation <> ?2")?;
         let mut st = tx.prepare_cached(
-            "INSERT OR REPLACE INTO peer_heads (peer, kind, doc_id, heads) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO peer_heads (peer, kind, doc_id, heads, incarnation) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        for (peer, key, heads) in &batch.peer_heads {
+        let mut current: Option<(&NodeId, u32)> = None;
+        for (peer, inc, key, heads) in &batch.peer_heads {
+            if current != Some((peer, *inc)) {
+                drop_older.execute(params![peer.as_str(), inc])?;
+                current = Some((peer, *inc));
+            }
             st.execute(params![
                 peer.as_str(),
                 key.kind.code(),
                 key.id,
-                heads_to_blob(heads)
+                heads_to_blob(heads),
+                inc
             ])?;
         }
     }

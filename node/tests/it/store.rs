@@ -111,7 +111,7 @@ fn full_batch(n: u8, change_len: usize) -> Batch {
             ),
         ],
         ops: vec![("op-1".into(), "{\"ok\":true}".into())],
-        peer_heads: vec![(NodeId::new("hq-1").unwrap(), pres.clone(), vec![[1; 32]])],
+        peer_heads: vec![(NodeId::new("hq-1").unwrap(), 1, pres.clone(), vec![[1; 32]])],
         quarantine: vec![(key(Kind::Medical, "p9"), "checksum mismatch".into())],
         cursors: vec![(
             NodeId::new("hq-1").unwrap(),
@@ -148,10 +148,12 @@ fn dump(s: &dyn Store) -> String {
         line(format!("changes {k:?} {:?}", s.doc_changes(&k)));
         line(format!("records {k:?} {:?}", s.doc_records(&k)));
         for p in PEERS {
-            line(format!(
-                "peer {p} {k:?} {:?}",
-                s.peer_heads(&NodeId::new(*p).unwrap(), &k)
-            ));
+            for inc in 0..3 {
+                line(format!(
+                    "peer {p} {inc} {k:?} {:?}",
+                    s.peer_heads(&NodeId::new(*p).unwrap(), inc, &k)
+                ));
+            }
         }
     }
     for op in OPS.iter().chain(["op-1", "nope"].iter()) {
@@ -272,7 +274,7 @@ fn conformance_suite_on_real_files() {
             .join(format!("c{}.db", n.fetch_add(1, Ordering::SeqCst)));
         Box::new(SqliteStore::open(&path).unwrap())
     });
-    assert_eq!(n.load(Ordering::SeqCst), 12);
+    assert_eq!(n.load(Ordering::SeqCst), 13);
 }
 
 /// Migration 5 and offline writes (signed changes): changes stored unsigned
@@ -537,6 +539,72 @@ fn migration_8_keeps_the_credentials_and_then_several_per_author() {
             ([2; 8], vec![2])
         ]
     );
+}
+
+/// Issue 12: a peer that declares a new incarnation at every session (its
+/// hello says which; nothing certifies it) leaves at most one hint row per
+/// document, in SQLite as in memory: the hints of a new incarnation
+/// replace the peer's older ones instead of adding to them.
+#[test]
+fn peer_hints_stay_one_per_document_whatever_incarnations_a_peer_declares() {
+    let d = Dir::new();
+    let mut s = SqliteStore::open(&d.db()).unwrap();
+    let mut m = MemStore::new();
+    let peer = NodeId::new("hq-1").unwrap();
+    // 200 incarnations, each knowing 5 of 20 documents (not the same 5).
+    for inc in 0..200u32 {
+        let peer_heads = (0..5)
+            .map(|j| {
+                let k = key(Kind::Presence, &format!("h{}", (inc * 3 + j) % 20));
+                (peer.clone(), inc, k, vec![[inc as u8; 32]])
+            })
+            .collect();
+        let b = Batch {
+            peer_heads,
+            ..Default::default()
+        };
+        s.commit(&b).unwrap();
+        m.commit(&b).unwrap();
+    }
+    let c = rusqlite::Connection::open(d.db()).unwrap();
+    let rows: i64 = c
+        .query_row("SELECT COUNT(*) FROM peer_heads", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 5, "SQLite rows");
+    assert_eq!(m.peer_heads.len(), 5, "in-memory rows");
+    assert_eq!(dump(&s), dump(&m));
+}
+
+/// Version 9 drops the old hints (keyed by `node.iN`) and keys them by the
+/// peer's node id and incarnation.
+#[test]
+fn migration_9_drops_the_hints_keyed_by_incarnation() {
+    let d = Dir::new();
+    drop(SqliteStore::open(&d.db()).unwrap());
+    let c = rusqlite::Connection::open(d.db()).unwrap();
+    c.execute_batch(
+        "DROP TABLE peer_heads; \
+         CREATE TABLE peer_heads (peer TEXT NOT NULL, kind INTEGER NOT NULL, doc_id TEXT NOT NULL, \
+           heads BLOB NOT NULL CHECK (length(heads) % 32 = 0), PRIMARY KEY (peer, kind, doc_id)); \
+         INSERT INTO peer_heads VALUES ('hq-1.i1', 2, 'h1', zeroblob(32)), ('hq-1.i2', 2, 'h1', zeroblob(32)); \
+         PRAGMA user_version = 8;",
+    )
+    .unwrap();
+    drop(c);
+    let mut s = SqliteStore::open(&d.db()).unwrap();
+    let peer = NodeId::new("hq-1").unwrap();
+    let k = key(Kind::Presence, "h1");
+    s.commit(&Batch {
+        peer_heads: vec![(peer.clone(), 3, k.clone(), vec![[3; 32]])],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.peer_heads(&peer, 3, &k).unwrap(), Some(vec![[3; 32]]));
+    let c = rusqlite::Connection::open(d.db()).unwrap();
+    let rows: i64 = c
+        .query_row("SELECT COUNT(*) FROM peer_heads", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1);
 }
 
 #[test]
@@ -1145,7 +1213,8 @@ fn batch() -> impl Strategy<Value = Batch> {
             0..3,
         ),
         proptest::collection::vec(
-            (pick(PEERS), doc_key(), heads()).prop_map(|(p, k, h)| (NodeId::new(p).unwrap(), k, h)),
+            (pick(PEERS), 0..3u32, doc_key(), heads())
+                .prop_map(|(p, inc, k, h)| (NodeId::new(p).unwrap(), inc, k, h)),
             0..3,
         ),
         proptest::collection::vec((doc_key(), text()), 0..2),
