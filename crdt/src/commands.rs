@@ -22,10 +22,12 @@ use crate::access::{AccessReason, MedicalAccess, Refusal};
 use crate::api::*;
 use crate::derive::{self, EVENT_PREFIX, HOUSEHOLD_FIELD, PERSON_FIELD, SHELTER_FIELD};
 use crate::doc::encode;
+use crate::doc::Doc;
+use crate::ids::NodeId;
 use crate::ids::{DocKey, Kind, Role};
 use crate::model::*;
 use crate::policy;
-use crate::replica::{Replica, Txn};
+use crate::replica::{self, Fresh, Replica, Txn};
 use crate::store::Store;
 use crate::text::{check_text, TextError};
 use crate::views;
@@ -374,13 +376,25 @@ impl<S: Store> Commands<'_, S> {
         let key = DocKey::new(Kind::Shelter, &shelter.shelter_id)
             .map_err(|e| CommandError::Rejected(e.to_string()))?;
         self.may_write(&key)?;
-        shelter.validate()?;
-        self.write_changed(
-            txn,
-            &key,
-            vec![(SHELTER_FIELD.into(), Some(encode(&shelter)))],
-            now,
-        )
+        self.write_changed(txn, &key, shelter_writes(&shelter)?, now)
+    }
+
+    /// What an import does with one record (see `import_records_once`).
+    fn plan(
+        &mut self,
+        key: Result<DocKey, CommandError>,
+        person: Option<&str>,
+    ) -> Result<Plan, CommandError> {
+        let key = key?;
+        self.may_write(&key)?;
+        if let Some(p) = person {
+            self.require_person(p)?;
+        }
+        Ok(if self.r.is_fresh(&key)? {
+            Plan::New(key)
+        } else {
+            Plan::Existing
+        })
     }
 
     fn put_eligibility(
@@ -395,12 +409,7 @@ impl<S: Store> Commands<'_, S> {
         self.may_write(&key)?;
         eligibility.validate()?;
         self.require_person(person_id)?;
-        self.write_changed(
-            txn,
-            &key,
-            vec![(views::ELIGIBILITY.into(), Some(encode(&eligibility)))],
-            now,
-        )
+        self.write_changed(txn, &key, eligibility_writes(&eligibility)?, now)
     }
 
     fn put_contacts(
@@ -411,6 +420,19 @@ impl<S: Store> Commands<'_, S> {
         disclosure: Disclosure,
         now: Now,
     ) -> Result<(), CommandError> {
+        let key = self.contacts_key(person_id, &contacts)?;
+        self.may_write(&key)?;
+        self.require_person(person_id)?;
+        let writes = contacts_writes(&contacts, &disclosure, self.r.load(&key)?)?;
+        self.write_changed(txn, &key, writes, now)
+    }
+
+    /// A person's contacts document, once the count is within bounds.
+    fn contacts_key(
+        &self,
+        person_id: &str,
+        contacts: &[FamilyContact],
+    ) -> Result<DocKey, CommandError> {
         if contacts.len() > MAX_CONTACTS_PER_PERSON {
             return Err(TextError::Invalid {
                 field: "contacts",
@@ -418,36 +440,16 @@ impl<S: Store> Commands<'_, S> {
             }
             .into());
         }
-        let key = DocKey::new(Kind::Contacts, person_id)
-            .map_err(|e| CommandError::Rejected(e.to_string()))?;
-        self.may_write(&key)?;
-        self.require_person(person_id)?;
-        let mut writes = vec![(views::DISCLOSURE.to_string(), Some(encode(&disclosure)))];
-        let existing: Vec<String> = match self.r.load(&key)? {
-            Some(d) => d
-                .fields()
-                .into_keys()
-                .filter(|k| k.starts_with(views::CONTACT_PREFIX))
-                .collect(),
-            None => vec![],
-        };
-        let mut names = BTreeSet::new();
-        for c in &contacts {
-            c.validate()?;
-            let name = format!("{}{}", views::CONTACT_PREFIX, c.contact_id);
-            if !names.insert(name.clone()) {
-                return Err(TextError::Invalid {
-                    field: "contact_id",
-                    reason: "duplicate contact id".into(),
-                }
-                .into());
-            }
-            writes.push((name, Some(encode(c))));
-        }
-        for old in existing.into_iter().filter(|k| !names.contains(k)) {
-            writes.push((old, None));
-        }
-        self.write_changed(txn, &key, writes, now)
+        DocKey::new(Kind::Contacts, person_id).map_err(|e| CommandError::Rejected(e.to_string()))
+    }
+
+    fn medical_key(person_id: &str) -> Result<DocKey, CommandError> {
+        DocKey::new(Kind::Medical, person_id).map_err(|e| {
+            CommandError::Invalid(crate::text::TextError::Invalid {
+                field: "person_id",
+                reason: e.to_string(),
+            })
+        })
     }
 
     /// Replaces a person's medical profile with an imported one. Entry ids
@@ -460,53 +462,11 @@ impl<S: Store> Commands<'_, S> {
         m: MedicalProfile,
         now: Now,
     ) -> Result<(), CommandError> {
-        let key = DocKey::new(Kind::Medical, &m.person_id).map_err(|e| {
-            CommandError::Invalid(crate::text::TextError::Invalid {
-                field: "person_id",
-                reason: e.to_string(),
-            })
-        })?;
+        let key = Self::medical_key(&m.person_id)?;
         self.may_write(&key)?;
         self.require_person(&m.person_id)?;
-        let (fields, consent): (BTreeSet<String>, Option<ConsentBasis>) = match self.r.load(&key)? {
-            Some(d) => (
-                d.fields().into_keys().collect(),
-                views::medical(d)
-                    .map_err(|e| CommandError::Rejected(e.to_string()))?
-                    .consent
-                    .map(|c| c.basis),
-            ),
-            None => (BTreeSet::new(), None),
-        };
-        let mut writes = vec![(
-            views::BLOOD_TYPE.to_string(),
-            m.blood_type.map(|b| encode(&b)),
-        )];
-        if consent != Some(m.consent) {
-            writes.push((
-                views::CONSENT.to_string(),
-                Some(encode(&Consent {
-                    basis: m.consent,
-                    recorded_by: self.r.meta.node_id.clone(),
-                    wall_ms: now.wall_ms,
-                })),
-            ));
-        }
-        let mut wanted = BTreeSet::new();
-        for (section, text) in m.entries {
-            let e = MedicalEntry { text };
-            e.validate()?;
-            let h = blake3::hash(format!("{}|{}", section.as_str(), e.text).as_bytes());
-            let name = format!("{}:i{}", section.as_str(), &h.to_hex()[..16]);
-            if wanted.insert(name.clone()) {
-                writes.push((name, Some(encode(&e))));
-            }
-        }
-        for old in fields {
-            if old != views::BLOOD_TYPE && old != views::CONSENT && !wanted.contains(&old) {
-                writes.push((old, None));
-            }
-        }
+        let node = self.r.meta.node_id.clone();
+        let writes = medical_writes(&m, self.r.load(&key)?, &node, now)?;
         self.write_changed(txn, &key, writes, now)
     }
 
@@ -558,40 +518,97 @@ impl<S: Store> Commands<'_, S> {
             ImportRecords::Eligibility(v) => v.iter().map(|(p, _)| p.as_str()).collect(),
         };
         self.known_persons = self.r.store.known_persons(&persons)?;
+        // Each record, in order: refused (a repeated id, a document this
+        // role may not write, an unknown person), a document this import
+        // creates, or one that exists and is changed as any command
+        // changes it. The new documents, most of an import, are then built
+        // on `build_threads` threads (each from its record alone) and
+        // recorded in order; the first refusal in record order is the
+        // answer, as when every record ran alone.
         let mut seen = BTreeSet::new();
-        let mut once = |id: &str| {
-            if seen.insert(id.to_string()) {
-                Ok(())
-            } else {
-                Err(CommandError::Rejected(format!(
-                    "{id} appears twice in one {dataset} batch"
-                )))
-            }
-        };
-        match records {
-            ImportRecords::Shelters(v) => {
-                for s in v {
-                    once(&s.shelter_id)?;
-                    self.put_shelter(txn, s, now)?;
+        let plans: Vec<Plan> = (0..n)
+            .map(|i| {
+                let (id, key) = match &records {
+                    ImportRecords::Shelters(v) => {
+                        let s = &v[i];
+                        let key = DocKey::new(Kind::Shelter, &s.shelter_id)
+                            .map_err(|e| CommandError::Rejected(e.to_string()));
+                        (s.shelter_id.as_str(), key)
+                    }
+                    ImportRecords::Contacts(v) => {
+                        let c = &v[i];
+                        (
+                            c.person_id.as_str(),
+                            self.contacts_key(&c.person_id, &c.contacts),
+                        )
+                    }
+                    ImportRecords::Medical(v) => {
+                        let m = &v[i];
+                        (m.person_id.as_str(), Self::medical_key(&m.person_id))
+                    }
+                    ImportRecords::Eligibility(v) => {
+                        let (p, _) = &v[i];
+                        (
+                            p.as_str(),
+                            DocKey::new(Kind::Eligibility, p)
+                                .map_err(|e| CommandError::Rejected(e.to_string())),
+                        )
+                    }
+                };
+                if !seen.insert(id.to_string()) {
+                    return Plan::Refused(CommandError::Rejected(format!(
+                        "{id} appears twice in one {dataset} batch"
+                    )));
                 }
-            }
-            ImportRecords::Contacts(v) => {
-                for c in v {
-                    once(&c.person_id)?;
-                    self.put_contacts(txn, &c.person_id, c.contacts, c.disclosure, now)?;
+                let person = (dataset != "shelters").then_some(id);
+                match self.plan(key, person) {
+                    Ok(p) => p,
+                    Err(e) => Plan::Refused(e),
                 }
-            }
-            ImportRecords::Medical(v) => {
-                for m in v {
-                    once(&m.person_id)?;
-                    self.replace_medical(txn, m, now)?;
+            })
+            .collect();
+        let node = self.r.meta.node_id.clone();
+        let actor = self.r.actor;
+        let fresh: Vec<usize> = (0..n)
+            .filter(|&i| matches!(plans[i], Plan::New(_)))
+            .collect();
+        let mut built = replica::build_all(&fresh, self.r.build_threads, |&i| {
+            let Plan::New(key) = &plans[i] else {
+                unreachable!("only new documents are built")
+            };
+            let writes = match &records {
+                ImportRecords::Shelters(v) => shelter_writes(&v[i]),
+                ImportRecords::Contacts(v) => {
+                    contacts_writes(&v[i].contacts, &v[i].disclosure, None)
                 }
-            }
-            ImportRecords::Eligibility(v) => {
-                for (p, e) in v {
-                    once(&p)?;
-                    self.put_eligibility(txn, &p, e, now)?;
+                ImportRecords::Medical(v) => medical_writes(&v[i], None, &node, now),
+                ImportRecords::Eligibility(v) => v[i]
+                    .1
+                    .validate()
+                    .map_err(CommandError::from)
+                    .and_then(|()| eligibility_writes(&v[i].1)),
+            }?;
+            let writes: Vec<_> = writes.into_iter().filter(|(_, v)| v.is_some()).collect();
+            Fresh::build(key.clone(), actor, now, &writes)
+        })
+        .into_iter();
+        let mut records = records_of(records).into_iter();
+        for plan in plans {
+            let record = records.next().expect("one record per plan");
+            match plan {
+                Plan::Refused(e) => return Err(e),
+                Plan::New(_) => {
+                    let fresh = built.next().expect("one build per new document")?;
+                    self.r.record_fresh(txn, fresh)?;
                 }
+                Plan::Existing => match record {
+                    Record::Shelter(s) => self.put_shelter(txn, s, now)?,
+                    Record::Contacts(c) => {
+                        self.put_contacts(txn, &c.person_id, c.contacts, c.disclosure, now)?
+                    }
+                    Record::Medical(m) => self.replace_medical(txn, m, now)?,
+                    Record::Eligibility((p, e)) => self.put_eligibility(txn, &p, e, now)?,
+                },
             }
         }
         Ok(Reply::ImportedRecords {
@@ -664,12 +681,21 @@ impl<S: Store> Commands<'_, S> {
                 "at most {MAX_HOUSEHOLDS_PER_IMPORT} households per import batch"
             )));
         }
-        let mut cards = BTreeMap::new();
-        let mut persons = BTreeSet::new();
-        for h in &households {
+        // Each household's own checks on several threads; then, in order,
+        // its answer and the checks across households: the first refusal
+        // in household order is the answer, as when checked one by one.
+        let valid = replica::build_all(&households, self.r.build_threads, |h| {
             h.validate()?;
             for m in &h.members {
                 check_birth_date("birth_date", &m.birth_date, now.wall_ms)?;
+            }
+            Ok::<(), CommandError>(())
+        });
+        let mut cards = BTreeMap::new();
+        let mut persons = BTreeSet::new();
+        for (h, valid) in households.iter().zip(valid) {
+            valid?;
+            for m in &h.members {
                 if !persons.insert(m.person_id.clone()) {
                     return Err(CommandError::Rejected(format!(
                         "person {} appears twice",
@@ -694,16 +720,49 @@ impl<S: Store> Commands<'_, S> {
                 }
             }
         }
-        let mut n = 0;
+        // New households are built on several threads and recorded in
+        // order; one the store holds is written as any command writes it.
+        // A household given twice is new once: its second entry changes
+        // what the first created.
+        let mut plans = Vec::with_capacity(households.len());
+        let mut planned = BTreeSet::new();
         for h in &households {
             let key = DocKey::new(Kind::Registry, &h.household_id).expect("validated");
+            self.may_write(&key)?;
+            let first = planned.insert(h.household_id.as_str());
+            plans.push(if first && self.r.is_fresh(&key)? {
+                Plan::New(key)
+            } else {
+                Plan::Existing
+            });
+        }
+        let writes = |h: &Household| vec![(HOUSEHOLD_FIELD.to_string(), Some(encode(h)))];
+        let (actor, threads) = (self.r.actor, self.r.build_threads);
+        let fresh: Vec<(&Plan, &Household)> = plans
+            .iter()
+            .zip(&households)
+            .filter(|(p, _)| matches!(p, Plan::New(_)))
+            .collect();
+        let mut built = replica::build_all(&fresh, threads, |(plan, h)| {
+            let Plan::New(key) = plan else {
+                unreachable!("only new documents are built")
+            };
+            Fresh::build(key.clone(), actor, now, &writes(h))
+        })
+        .into_iter();
+        let mut n = 0;
+        for (plan, h) in plans.iter().zip(&households) {
             n += h.members.len();
-            self.r.write(
-                txn,
-                &key,
-                vec![(HOUSEHOLD_FIELD.into(), Some(encode(h)))],
-                now,
-            )?;
+            match plan {
+                Plan::New(_) => {
+                    let fresh = built.next().expect("one build per new document")?;
+                    self.r.record_fresh(txn, fresh)?;
+                }
+                _ => {
+                    let key = DocKey::new(Kind::Registry, &h.household_id).expect("validated");
+                    self.r.write(txn, &key, writes(h), now)?;
+                }
+            }
         }
         Ok(Reply::Imported {
             households: households.len(),
@@ -951,6 +1010,131 @@ impl<S: Store> Commands<'_, S> {
         txn.meta = Some(meta);
         Ok(entry.seq)
     }
+}
+
+/// The fields of one record a document is written with.
+type Writes = Vec<(String, Option<String>)>;
+
+/// What an import does with one record.
+enum Plan {
+    /// The first refusal in record order is the import's answer.
+    Refused(CommandError),
+    /// A document the import creates: built on any thread.
+    New(DocKey),
+    /// A document that exists: changed like any command changes it.
+    Existing,
+}
+
+/// One record of an import batch.
+enum Record {
+    Shelter(ShelterInfo),
+    Contacts(ContactSet),
+    Medical(MedicalProfile),
+    Eligibility((String, Eligibility)),
+}
+
+fn records_of(records: ImportRecords) -> Vec<Record> {
+    match records {
+        ImportRecords::Shelters(v) => v.into_iter().map(Record::Shelter).collect(),
+        ImportRecords::Contacts(v) => v.into_iter().map(Record::Contacts).collect(),
+        ImportRecords::Medical(v) => v.into_iter().map(Record::Medical).collect(),
+        ImportRecords::Eligibility(v) => v.into_iter().map(Record::Eligibility).collect(),
+    }
+}
+
+fn shelter_writes(shelter: &ShelterInfo) -> Result<Writes, CommandError> {
+    shelter.validate()?;
+    Ok(vec![(SHELTER_FIELD.into(), Some(encode(shelter)))])
+}
+
+/// An eligibility record already validated.
+fn eligibility_writes(eligibility: &Eligibility) -> Result<Writes, CommandError> {
+    Ok(vec![(views::ELIGIBILITY.into(), Some(encode(eligibility)))])
+}
+
+/// A person's contacts over what `existing` holds (contacts it holds and
+/// the record lacks are deleted).
+fn contacts_writes(
+    contacts: &[FamilyContact],
+    disclosure: &Disclosure,
+    existing: Option<&Doc>,
+) -> Result<Writes, CommandError> {
+    let mut writes = vec![(views::DISCLOSURE.to_string(), Some(encode(disclosure)))];
+    let existing: Vec<String> = match existing {
+        Some(d) => d
+            .fields()
+            .into_keys()
+            .filter(|k| k.starts_with(views::CONTACT_PREFIX))
+            .collect(),
+        None => vec![],
+    };
+    let mut names = BTreeSet::new();
+    for c in contacts {
+        c.validate()?;
+        let name = format!("{}{}", views::CONTACT_PREFIX, c.contact_id);
+        if !names.insert(name.clone()) {
+            return Err(TextError::Invalid {
+                field: "contact_id",
+                reason: "duplicate contact id".into(),
+            }
+            .into());
+        }
+        writes.push((name, Some(encode(c))));
+    }
+    for old in existing.into_iter().filter(|k| !names.contains(k)) {
+        writes.push((old, None));
+    }
+    Ok(writes)
+}
+
+/// A medical profile over what `existing` holds; a consent whose basis
+/// is unchanged keeps its original record (who recorded it, when).
+fn medical_writes(
+    m: &MedicalProfile,
+    existing: Option<&Doc>,
+    node: &NodeId,
+    now: Now,
+) -> Result<Writes, CommandError> {
+    let (fields, consent): (BTreeSet<String>, Option<ConsentBasis>) = match existing {
+        Some(d) => (
+            d.fields().into_keys().collect(),
+            views::medical(d)
+                .map_err(|e| CommandError::Rejected(e.to_string()))?
+                .consent
+                .map(|c| c.basis),
+        ),
+        None => (BTreeSet::new(), None),
+    };
+    let mut writes = vec![(
+        views::BLOOD_TYPE.to_string(),
+        m.blood_type.map(|b| encode(&b)),
+    )];
+    if consent != Some(m.consent) {
+        writes.push((
+            views::CONSENT.to_string(),
+            Some(encode(&Consent {
+                basis: m.consent,
+                recorded_by: node.clone(),
+                wall_ms: now.wall_ms,
+            })),
+        ));
+    }
+    let mut wanted = BTreeSet::new();
+    for (section, text) in &m.entries {
+        let e = MedicalEntry { text: text.clone() };
+        e.validate()?;
+        let h = blake3::hash(format!("{}|{}", section.as_str(), e.text).as_bytes());
+        let name = format!("{}:i{}", section.as_str(), &h.to_hex()[..16]);
+        if wanted.insert(name.clone()) {
+            writes.push((name, Some(encode(&e))));
+        }
+    }
+    for old in fields {
+        if old != views::BLOOD_TYPE && old != views::CONSENT && !wanted.contains(&old) {
+            writes.push((old, None));
+        }
+    }
+    Ok(writes)
 }
 
 #[cfg(test)]

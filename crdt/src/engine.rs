@@ -88,6 +88,11 @@ pub struct EngineConfig {
     /// before catch-up waits and new changes are announced instead of
     /// pushed (see [`SEND_WINDOW`], the default, and `Input::Sent`).
     pub send_window: usize,
+    /// Threads a bulk import builds its new documents on (pure work, each
+    /// document from its own record; the engine records them in order, so
+    /// the outcome is the same for any count). Default 1: the engine's own
+    /// thread; a node sets its core count.
+    pub build_threads: usize,
     /// A planted bug this engine carries (simulator only; see
     /// [`crate::mutants`]).
     #[cfg(feature = "mutants")]
@@ -109,6 +114,7 @@ impl EngineConfig {
             flood: false,
             session_memory: crate::sessions::RECENT_GENERATION,
             send_window: SEND_WINDOW,
+            build_threads: 1,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
@@ -243,7 +249,7 @@ impl<S: Store> Engine<S> {
     ) -> Result<Self, EngineError> {
         #[cfg(feature = "mutants")]
         let _mutant = crate::mutants::enter(cfg.mutant);
-        let replica = Replica::open(
+        let mut replica = Replica::open(
             store,
             &cfg.node_id,
             cfg.role,
@@ -252,6 +258,7 @@ impl<S: Store> Engine<S> {
             index,
             cfg.trust.clone(),
         )?;
+        replica.build_threads = cfg.build_threads;
         let mail = Mail::new(MailConfig {
             primary: cfg.mail_primary,
             lease_ms: cfg.mail_lease_ms,

@@ -128,6 +128,73 @@ fn sign_own_unsigned<S: Store>(
     }
 }
 
+/// A new document with its first change and the rows derived from it,
+/// built from nothing but its writes: a bulk import builds these on
+/// several threads ([`build_all`]) and the engine records them in order
+/// ([`Replica::record_fresh`]). Building is most of an import's work
+/// (Automerge, validation of the result, the rows).
+pub(crate) struct Fresh {
+    doc: Doc,
+    /// `None` when the writes changed nothing (none to write).
+    change: Option<Change>,
+    projection: Projection,
+}
+
+impl Fresh {
+    /// `writes` as the first change of a new document `key` by `actor`.
+    pub(crate) fn build(
+        key: DocKey,
+        actor: Actor,
+        now: Now,
+        writes: &[(String, Option<String>)],
+    ) -> Result<Fresh, CommandError> {
+        let mut doc = Doc::new(key);
+        let change = doc
+            .write(actor, (now.wall_ms / 1000) as i64, "", writes)
+            .map_err(|e| CommandError::Rejected(e.to_string()))?;
+        let projection = match guard("read", || derive::projection(&doc)) {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) | Err(e) => return Err(CommandError::Rejected(e.to_string())),
+        };
+        Ok(Fresh {
+            doc,
+            change,
+            projection,
+        })
+    }
+}
+
+/// `f` of every item, in order, on up to `threads` threads (the calling
+/// one among them). The answer is the same whatever `threads` is: each
+/// item's result depends on that item alone.
+pub(crate) fn build_all<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().map(&f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut chunks = items.chunks(per);
+        let first = chunks.next().unwrap_or(&[]);
+        let others: Vec<_> = chunks
+            .map(|c| scope.spawn(move || c.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out: Vec<R> = first.iter().map(f).collect();
+        for h in others {
+            match h.join() {
+                Ok(part) => out.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
 /// A compacted snapshot is stored after this many logged changes.
 pub(crate) const SNAPSHOT_EVERY: u32 = 32;
 
@@ -215,6 +282,9 @@ pub(crate) struct Replica<S: Store> {
     /// document, which would fork it). Emptied by `committed` and
     /// `forget`.
     unsettled: FxHashMap<DocKey, Vec<u8>>,
+    /// Threads a bulk import builds its new documents on (see [`Fresh`]
+    /// and [`build_all`]); 1 builds them on the engine's own thread.
+    pub(crate) build_threads: usize,
     /// Documents set aside as damaged, waiting for a peer's copy (never in
     /// the index, never served).
     pub(crate) damaged: BTreeMap<DocKey, Damaged>,
@@ -353,6 +423,7 @@ impl<S: Store> Replica<S> {
             directory,
             write_once: false,
             unsettled: FxHashMap::default(),
+            build_threads: 1,
             damaged,
             #[cfg(feature = "mutants")]
             deferred: None,
@@ -628,9 +699,12 @@ impl<S: Store> Replica<S> {
                 action: format!("write {} documents", key.kind),
             });
         }
+        if self.is_fresh(key)? {
+            let fresh = Fresh::build(key.clone(), self.actor, now, &writes);
+            return self.record_fresh(txn, fresh?);
+        }
         let actor = self.actor;
         let share = self.share.is_some();
-        let fresh = self.write_once && self.load(key)?.is_none();
         let doc = self.load_or_new(key)?;
         let before = if share { doc.heads() } else { vec![] };
         let change = match doc.write(actor, (now.wall_ms / 1000) as i64, "", &writes) {
@@ -660,17 +734,61 @@ impl<S: Store> Replica<S> {
             }
         }
         txn.touched.insert(key.clone());
-        let seal = self.trust.signer.as_ref().map(|s| Seal {
-            author: actor.node_hash,
-            sig: s.sign(&change.hash().0),
-        });
-        let once = fresh.then(|| change.raw_bytes().to_vec());
+        let seal = self.seal(&change);
         self.record(txn, key, vec![(change, seal)], projection, None);
-        if let Some(change) = once {
-            // Freed now, while its memory is still warm.
-            self.cache.remove(key);
-            self.unsettled.insert(key.clone(), change);
+        Ok(())
+    }
+
+    /// Our signature of a change we made (none while offline).
+    fn seal(&self, change: &Change) -> Option<Seal> {
+        self.trust.signer.as_ref().map(|s| Seal {
+            author: self.actor.node_hash,
+            sig: s.sign(&change.hash().0),
+        })
+    }
+
+    /// Whether writing `key` now creates it as a write-once document (a
+    /// bulk import's new document: built as a [`Fresh`], recorded by
+    /// [`Replica::record_fresh`]).
+    pub(crate) fn is_fresh(&mut self, key: &DocKey) -> Result<bool, StoreError> {
+        Ok(self.write_once && self.load(key)?.is_none())
+    }
+
+    /// Records a document [`Fresh::build`] made (for a key
+    /// [`Replica::is_fresh`] said so of), as `write` records any change;
+    /// then the document leaves the cache and waits in `unsettled` until
+    /// the commit.
+    pub(crate) fn record_fresh(&mut self, txn: &mut Txn, fresh: Fresh) -> Result<(), CommandError> {
+        let Fresh {
+            doc,
+            change,
+            projection,
+        } = fresh;
+        let key = doc.key.clone();
+        if !policy::may_write(self.meta.role, &self.meta.node_id, &key) {
+            return Err(CommandError::Forbidden {
+                role: self.meta.role,
+                action: format!("write {} documents", key.kind),
+            });
         }
+        let Some(change) = change else { return Ok(()) };
+        let projection = Arc::new(projection);
+        let doc = Arc::new(doc);
+        if let Some(share) = &self.share {
+            let applied = Applied {
+                doc: doc.clone(),
+                projection: Ok(projection.clone()),
+            };
+            share.put_applied(&[], &[change.hash().0], applied);
+        }
+        self.cache.insert(doc);
+        txn.touched.insert(key.clone());
+        let seal = self.seal(&change);
+        let bytes = change.raw_bytes().to_vec();
+        self.record(txn, &key, vec![(change, seal)], projection, None);
+        // Freed now, while its memory is still warm.
+        self.cache.remove(&key);
+        self.unsettled.insert(key, bytes);
         Ok(())
     }
 

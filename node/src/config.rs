@@ -367,6 +367,7 @@ impl Config {
         cfg.mail_primary = self.node.mail_primary;
         cfg.mail_lease_ms = self.node.mail_lease_ms;
         cfg.mail_takeover_ms = self.node.mail_takeover_ms;
+        cfg.build_threads = crate::run::cores();
         if let Some(smtp) = self.smtp.as_ref().filter(|s| !s.templates.is_empty()) {
             let mut t = crdt::mailtext::MailTemplates::default();
             for (lang, tpl) in &smtp.templates {

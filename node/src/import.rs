@@ -674,11 +674,9 @@ pub fn open_for<D: Dataset>(
     };
     // The node is stopped and its key elsewhere: the import is stored
     // unsigned and signed by the node at its next start (crdt::signing).
-    Ok((
-        lock,
-        store,
-        EngineConfig::new(id, role, crdt::signing::Trust::offline()),
-    ))
+    let mut cfg = EngineConfig::new(id, role, crdt::signing::Trust::offline());
+    cfg.build_threads = crate::run::cores();
+    Ok((lock, store, cfg))
 }
 
 /// The whole `kizuna import DATASET` (and `registry import`): parse and

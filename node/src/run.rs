@@ -34,6 +34,12 @@ use crdt::{NodeId, Role};
 use std::path::Path;
 use std::sync::Arc;
 
+/// This machine's cores: the threads a bulk import builds documents on
+/// (`EngineConfig::build_threads`).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before
 /// it).
 pub fn wall_ms() -> u64 {
@@ -439,9 +445,7 @@ pub fn open_hq(
             NodeId::new(n).map_err(|e| Exit::bad_input(e.to_string()))?
         }
     };
-    Ok((
-        lock,
-        store,
-        EngineConfig::new(id, Role::Hq, crdt::signing::Trust::offline()),
-    ))
+    let mut cfg = EngineConfig::new(id, Role::Hq, crdt::signing::Trust::offline());
+    cfg.build_threads = cores();
+    Ok((lock, store, cfg))
 }

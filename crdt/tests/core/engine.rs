@@ -3362,3 +3362,131 @@ fn a_damaged_local_only_change_is_reported_lost_when_the_document_is_rebuilt() {
     );
     assert!(net.nodes[2].store().quarantined().unwrap().is_empty());
 }
+
+/// An import builds its new documents on `build_threads` threads and
+/// records them in order: the store of an engine building on three
+/// threads holds exactly what one building alone holds (the same changes
+/// byte for byte, heads and query rows), for a batch mixing new and
+/// existing documents, and a refused batch gives the same answer, the
+/// first refusal in record order, with nothing written.
+#[test]
+fn an_import_built_on_several_threads_stores_what_one_thread_stores() {
+    let profile = |p: &str, allergy: &str| MedicalProfile {
+        person_id: p.into(),
+        blood_type: Some(BloodType::ANeg),
+        consent: ConsentBasis::Consented,
+        entries: vec![
+            (MedicalSection::Allergy, allergy.into()),
+            (MedicalSection::FamilyDoctor, "三条内科".into()),
+        ],
+    };
+    let contacts = |p: &str, n: usize| ContactSet {
+        person_id: p.into(),
+        contacts: (0..n)
+            .map(|c| FamilyContact {
+                contact_id: format!("c{c}"),
+                name: "山田 花子".into(),
+                email: format!("{p}-{c}@example.jp"),
+                consent: c % 2 == 0,
+                ..Default::default()
+            })
+            .collect(),
+        disclosure: Disclosure::default(),
+    };
+    let persons: Vec<String> = (0..40).map(|i| format!("p{i}-0")).collect();
+    let run = |threads: usize| {
+        let mut net = Net::with(&[("hq-1", Role::Hq)], |c| c.build_threads = threads);
+        net.cmd(
+            0,
+            "imp",
+            Command::ImportHouseholds {
+                households: (0..40).map(|i| household(i, 1)).collect(),
+            },
+        )
+        .unwrap();
+        // Some documents exist before the batch that changes them.
+        let first: Vec<MedicalProfile> = persons[..7].iter().map(|p| profile(p, "そば")).collect();
+        net.cmd(
+            0,
+            "m1",
+            Command::Import {
+                records: ImportRecords::Medical(first),
+            },
+        )
+        .unwrap();
+        let mixed: Vec<MedicalProfile> = persons
+            .iter()
+            .enumerate()
+            .map(|(i, p)| profile(p, if i % 3 == 0 { "造影剤" } else { "そば" }))
+            .collect();
+        let r = net.cmd(
+            0,
+            "m2",
+            Command::Import {
+                records: ImportRecords::Medical(mixed),
+            },
+        );
+        assert_eq!(
+            r,
+            Ok(Reply::ImportedRecords {
+                dataset: "medical".into(),
+                records: 40
+            })
+        );
+        let sets: Vec<ContactSet> = persons
+            .iter()
+            .enumerate()
+            .map(|(i, p)| contacts(p, i % 4))
+            .collect();
+        net.cmd(
+            0,
+            "c1",
+            Command::Import {
+                records: ImportRecords::Contacts(sets),
+            },
+        )
+        .unwrap();
+        let rows: Vec<(String, Eligibility)> =
+            persons.iter().map(|p| (p.clone(), elig(None))).collect();
+        net.cmd(
+            0,
+            "e1",
+            Command::Import {
+                records: ImportRecords::Eligibility(rows),
+            },
+        )
+        .unwrap();
+        // A batch refused twice over: an Individual Number in the tenth
+        // record, an unknown person in the thirtieth. The first in record
+        // order is the answer, and nothing of the batch is written.
+        let mut bad: Vec<ContactSet> = persons.iter().map(|p| contacts(p, 1)).collect();
+        for (i, set) in bad.iter_mut().enumerate() {
+            set.person_id = format!("p{}-0", i + 40);
+        }
+        bad[9].contacts[0].name = "123456789018".into();
+        bad[29].person_id = "nobody".into();
+        let before = net.nodes[0].doc_count();
+        let refused = net.cmd(
+            0,
+            "c2",
+            Command::Import {
+                records: ImportRecords::Contacts(bad),
+            },
+        );
+        assert!(
+            matches!(refused, Err(CommandError::Invalid(_))),
+            "{refused:?}"
+        );
+        assert_eq!(net.nodes[0].doc_count(), before);
+        let s = net.nodes[0].store();
+        let log: Vec<Vec<u8>> = s.log.iter().map(|c| c.bytes.to_vec()).collect();
+        (s.docs.clone(), s.projections.clone(), log, refused)
+    };
+    let alone = run(1);
+    let three = run(3);
+    assert_eq!(alone.0.len(), 40 + 3 * 40, "documents");
+    assert!(alone.0 == three.0, "heads differ");
+    assert!(alone.1 == three.1, "query rows differ");
+    assert!(alone.2 == three.2, "logged changes differ");
+    assert_eq!(format!("{:?}", alone.3), format!("{:?}", three.3));
+}
