@@ -27,7 +27,7 @@ use crate::ids::NodeId;
 use crate::ids::{DocKey, Kind, Role};
 use crate::model::*;
 use crate::policy;
-use crate::replica::{self, Fresh, Replica, Txn};
+use crate::replica::{Fresh, Replica, Txn};
 use crate::store::Store;
 use crate::text::{check_text, TextError};
 use crate::views;
@@ -382,6 +382,7 @@ impl<S: Store> Commands<'_, S> {
     /// What an import does with one record (see `import_records_once`).
     fn plan(
         &mut self,
+        txn: &Txn,
         key: Result<DocKey, CommandError>,
         person: Option<&str>,
     ) -> Result<Plan, CommandError> {
@@ -391,7 +392,8 @@ impl<S: Store> Commands<'_, S> {
             self.require_person(p)?;
         }
         Ok(if self.r.is_fresh(&key)? {
-            Plan::New(key)
+            let keep = self.r.needs_doc(txn, &key);
+            Plan::New(key, keep)
         } else {
             Plan::Existing
         })
@@ -561,7 +563,7 @@ impl<S: Store> Commands<'_, S> {
                     )));
                 }
                 let person = (dataset != "shelters").then_some(id);
-                match self.plan(key, person) {
+                match self.plan(txn, key, person) {
                     Ok(p) => p,
                     Err(e) => Plan::Refused(e),
                 }
@@ -570,10 +572,10 @@ impl<S: Store> Commands<'_, S> {
         let node = self.r.meta.node_id.clone();
         let actor = self.r.actor;
         let fresh: Vec<usize> = (0..n)
-            .filter(|&i| matches!(plans[i], Plan::New(_)))
+            .filter(|&i| matches!(plans[i], Plan::New(..)))
             .collect();
-        let mut built = replica::build_all(&fresh, self.r.build_threads, |&i| {
-            let Plan::New(key) = &plans[i] else {
+        let mut built = crate::par::map(&fresh, self.r.build_threads, |&i| {
+            let Plan::New(key, keep) = &plans[i] else {
                 unreachable!("only new documents are built")
             };
             let writes = match &records {
@@ -589,7 +591,7 @@ impl<S: Store> Commands<'_, S> {
                     .and_then(|()| eligibility_writes(&v[i].1)),
             }?;
             let writes: Vec<_> = writes.into_iter().filter(|(_, v)| v.is_some()).collect();
-            Fresh::build(key.clone(), actor, now, &writes)
+            Fresh::build(key.clone(), actor, now, &writes, *keep)
         })
         .into_iter();
         let mut records = records_of(records).into_iter();
@@ -597,7 +599,7 @@ impl<S: Store> Commands<'_, S> {
             let record = records.next().expect("one record per plan");
             match plan {
                 Plan::Refused(e) => return Err(e),
-                Plan::New(_) => {
+                Plan::New(..) => {
                     let fresh = built.next().expect("one build per new document")?;
                     self.r.record_fresh(txn, fresh)?;
                 }
@@ -684,7 +686,7 @@ impl<S: Store> Commands<'_, S> {
         // Each household's own checks on several threads; then, in order,
         // its answer and the checks across households: the first refusal
         // in household order is the answer, as when checked one by one.
-        let valid = replica::build_all(&households, self.r.build_threads, |h| {
+        let valid = crate::par::map(&households, self.r.build_threads, |h| {
             h.validate()?;
             for m in &h.members {
                 check_birth_date("birth_date", &m.birth_date, now.wall_ms)?;
@@ -731,7 +733,8 @@ impl<S: Store> Commands<'_, S> {
             self.may_write(&key)?;
             let first = planned.insert(h.household_id.as_str());
             plans.push(if first && self.r.is_fresh(&key)? {
-                Plan::New(key)
+                let keep = self.r.needs_doc(txn, &key);
+                Plan::New(key, keep)
             } else {
                 Plan::Existing
             });
@@ -741,20 +744,20 @@ impl<S: Store> Commands<'_, S> {
         let fresh: Vec<(&Plan, &Household)> = plans
             .iter()
             .zip(&households)
-            .filter(|(p, _)| matches!(p, Plan::New(_)))
+            .filter(|(p, _)| matches!(p, Plan::New(..)))
             .collect();
-        let mut built = replica::build_all(&fresh, threads, |(plan, h)| {
-            let Plan::New(key) = plan else {
+        let mut built = crate::par::map(&fresh, threads, |(plan, h)| {
+            let Plan::New(key, keep) = plan else {
                 unreachable!("only new documents are built")
             };
-            Fresh::build(key.clone(), actor, now, &writes(h))
+            Fresh::build(key.clone(), actor, now, &writes(h), *keep)
         })
         .into_iter();
         let mut n = 0;
         for (plan, h) in plans.iter().zip(&households) {
             n += h.members.len();
             match plan {
-                Plan::New(_) => {
+                Plan::New(..) => {
                     let fresh = built.next().expect("one build per new document")?;
                     self.r.record_fresh(txn, fresh)?;
                 }
@@ -1019,8 +1022,10 @@ type Writes = Vec<(String, Option<String>)>;
 enum Plan {
     /// The first refusal in record order is the import's answer.
     Refused(CommandError),
-    /// A document the import creates: built on any thread.
-    New(DocKey),
+    /// A document the import creates: built on any thread; the flag says
+    /// whether recording it needs the document itself
+    /// (`Replica::needs_doc`).
+    New(DocKey, bool),
     /// A document that exists: changed like any command changes it.
     Existing,
 }

@@ -29,6 +29,7 @@ pub mod mailtext;
 pub mod model;
 #[cfg(feature = "mutants")]
 pub mod mutants;
+pub mod par;
 pub mod queries;
 mod reconcile;
 mod replica;

@@ -130,11 +130,15 @@ fn sign_own_unsigned<S: Store>(
 
 /// A new document with its first change and the rows derived from it,
 /// built from nothing but its writes: a bulk import builds these on
-/// several threads ([`build_all`]) and the engine records them in order
+/// several threads ([`crate::par::map`]) and the engine records them in order
 /// ([`Replica::record_fresh`]). Building is most of an import's work
 /// (Automerge, validation of the result, the rows).
 pub(crate) struct Fresh {
-    doc: Doc,
+    key: DocKey,
+    /// Kept only when asked: a bulk import drops it on the thread that
+    /// built it (freeing an Automerge document is not free), and its
+    /// change is all the replica needs until the commit.
+    doc: Option<Doc>,
     /// `None` when the writes changed nothing (none to write).
     change: Option<Change>,
     projection: Projection,
@@ -147,8 +151,9 @@ impl Fresh {
         actor: Actor,
         now: Now,
         writes: &[(String, Option<String>)],
+        keep_doc: bool,
     ) -> Result<Fresh, CommandError> {
-        let mut doc = Doc::new(key);
+        let mut doc = Doc::new(key.clone());
         let change = doc
             .write(actor, (now.wall_ms / 1000) as i64, "", writes)
             .map_err(|e| CommandError::Rejected(e.to_string()))?;
@@ -157,42 +162,12 @@ impl Fresh {
             Ok(Err(e)) | Err(e) => return Err(CommandError::Rejected(e.to_string())),
         };
         Ok(Fresh {
-            doc,
+            key,
+            doc: keep_doc.then_some(doc),
             change,
             projection,
         })
     }
-}
-
-/// `f` of every item, in order, on up to `threads` threads (the calling
-/// one among them). The answer is the same whatever `threads` is: each
-/// item's result depends on that item alone.
-pub(crate) fn build_all<T: Sync, R: Send>(
-    items: &[T],
-    threads: usize,
-    f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
-    let threads = threads.clamp(1, items.len().max(1));
-    if threads == 1 {
-        return items.iter().map(&f).collect();
-    }
-    let per = items.len().div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let mut chunks = items.chunks(per);
-        let first = chunks.next().unwrap_or(&[]);
-        let others: Vec<_> = chunks
-            .map(|c| scope.spawn(move || c.iter().map(f).collect::<Vec<R>>()))
-            .collect();
-        let mut out: Vec<R> = first.iter().map(f).collect();
-        for h in others {
-            match h.join() {
-                Ok(part) => out.extend(part),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        out
-    })
 }
 
 /// A compacted snapshot is stored after this many logged changes.
@@ -283,7 +258,7 @@ pub(crate) struct Replica<S: Store> {
     /// `forget`.
     unsettled: FxHashMap<DocKey, Vec<u8>>,
     /// Threads a bulk import builds its new documents on (see [`Fresh`]
-    /// and [`build_all`]); 1 builds them on the engine's own thread.
+    /// and [`crate::par::map`]); 1 builds them on the engine's own thread.
     pub(crate) build_threads: usize,
     /// Documents set aside as damaged, waiting for a peer's copy (never in
     /// the index, never served).
@@ -700,7 +675,7 @@ impl<S: Store> Replica<S> {
             });
         }
         if self.is_fresh(key)? {
-            let fresh = Fresh::build(key.clone(), self.actor, now, &writes);
+            let fresh = Fresh::build(key.clone(), self.actor, now, &writes, true);
             return self.record_fresh(txn, fresh?);
         }
         let actor = self.actor;
@@ -754,17 +729,24 @@ impl<S: Store> Replica<S> {
         Ok(self.write_once && self.load(key)?.is_none())
     }
 
+    /// Whether recording a new document needs the document itself, not
+    /// just its change: to share it (simulator) or to snapshot a rebuilt
+    /// one. [`Fresh::build`] is told to keep it then.
+    pub(crate) fn needs_doc(&self, txn: &Txn, key: &DocKey) -> bool {
+        self.share.is_some() || txn.repaired.contains_key(key)
+    }
+
     /// Records a document [`Fresh::build`] made (for a key
     /// [`Replica::is_fresh`] said so of), as `write` records any change;
     /// then the document leaves the cache and waits in `unsettled` until
     /// the commit.
     pub(crate) fn record_fresh(&mut self, txn: &mut Txn, fresh: Fresh) -> Result<(), CommandError> {
         let Fresh {
+            key,
             doc,
             change,
             projection,
         } = fresh;
-        let key = doc.key.clone();
         if !policy::may_write(self.meta.role, &self.meta.node_id, &key) {
             return Err(CommandError::Forbidden {
                 role: self.meta.role,
@@ -773,21 +755,35 @@ impl<S: Store> Replica<S> {
         }
         let Some(change) = change else { return Ok(()) };
         let projection = Arc::new(projection);
-        let doc = Arc::new(doc);
-        if let Some(share) = &self.share {
-            let applied = Applied {
-                doc: doc.clone(),
-                projection: Ok(projection.clone()),
-            };
-            share.put_applied(&[], &[change.hash().0], applied);
-        }
-        self.cache.insert(doc);
         txn.touched.insert(key.clone());
         let seal = self.seal(&change);
         let bytes = change.raw_bytes().to_vec();
-        self.record(txn, &key, vec![(change, seal)], projection, None);
-        // Freed now, while its memory is still warm.
-        self.cache.remove(&key);
+        match doc {
+            // Shared (simulator) or rebuilt: recorded from the cache like
+            // any change, then freed while its memory is still warm.
+            Some(doc) if self.needs_doc(txn, &key) => {
+                let doc = Arc::new(doc);
+                if let Some(share) = &self.share {
+                    let applied = Applied {
+                        doc: doc.clone(),
+                        projection: Ok(projection.clone()),
+                    };
+                    share.put_applied(&[], &[change.hash().0], applied);
+                }
+                self.cache.insert(doc);
+                self.record(txn, &key, vec![(change, seal)], projection, None);
+                self.cache.remove(&key);
+            }
+            // Its change is all the commit needs: one head, nothing
+            // waiting, no snapshot (a first change).
+            Some(_) | None => {
+                let heads = vec![change.hash().0];
+                self.unsettled.remove(&key);
+                self.cache.pin(&key);
+                self.stage(txn, &key, vec![(change, seal)], None, heads, true, None);
+                txn.batch.projections.push((key.clone(), projection));
+            }
+        }
         self.unsettled.insert(key, bytes);
         Ok(())
     }
@@ -811,6 +807,30 @@ impl<S: Store> Replica<S> {
         let tail = self.index.get(key).map_or(0, |e| e.tail) + changes.len() as u32;
         let doc = self.cache.get(key).expect("recorded documents are loaded");
         let heads = doc.heads();
+        // A snapshot that fails is skipped: the change log has everything.
+        // A rebuilt document gets one at once: its load then needs none of
+        // the rows older than the rebuild.
+        let snapshot = (tail >= SNAPSHOT_EVERY || txn.repaired.contains_key(key))
+            .then(|| doc.save().ok())
+            .flatten();
+        let whole = !doc.has_waiting();
+        self.stage(txn, key, changes, from, heads, whole, snapshot);
+        txn.batch.projections.push((key.clone(), projection));
+    }
+
+    /// The rows of `record`: the changes, to the log and to gossip, and
+    /// the document's new heads (and snapshot).
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        txn: &mut Txn,
+        key: &DocKey,
+        changes: Vec<(Change, Option<Seal>)>,
+        from: Option<SessionId>,
+        heads: Vec<Hash32>,
+        whole: bool,
+        snapshot: Option<Vec<u8>>,
+    ) {
         for (c, seal) in changes {
             let hash = c.hash().0;
             let bytes = c.raw_bytes().to_vec();
@@ -828,12 +848,6 @@ impl<S: Store> Replica<S> {
                 from,
             });
         }
-        // A snapshot that fails is skipped: the change log has everything.
-        // A rebuilt document gets one at once: its load then needs none of
-        // the rows older than the rebuild.
-        let snapshot = (tail >= SNAPSHOT_EVERY || txn.repaired.contains_key(key))
-            .then(|| doc.save().ok())
-            .flatten();
         // A batch's snapshot of a document covers every change of it in the
         // batch, so only the newest state of each document is kept. `heads`
         // has a key exactly when `docs` holds its state (both are written
@@ -847,8 +861,6 @@ impl<S: Store> Replica<S> {
             heads: heads.clone(),
             snapshot,
         });
-        txn.batch.projections.push((key.clone(), projection));
-        let whole = !doc.has_waiting();
         txn.heads.insert(key.clone(), (heads, whole));
     }
 

@@ -355,33 +355,39 @@ pub fn parse<D: Dataset>(
             }])
         }
     }
-    let mut d = D::default();
-    for (i, line) in lines.iter().enumerate().skip(1) {
-        let ln = i + 1;
+    // Every cell goes through the Individual-Number guard before anything
+    // else looks at it (so no later message can echo one); a line that
+    // does not split is checked whole. Each line alone, on every core.
+    let cells = crdt::par::map(&lines[1..], crate::run::cores(), |line| {
         if line.trim().is_empty() {
-            continue;
+            return None;
         }
+        Some(match split_csv(line) {
+            Ok(f) => match f.iter().position(|c| contains_individual_number(c)) {
+                Some(col) => Err(format!(
+                    "rejected: individual-number-shaped input (column {})",
+                    D::COLUMNS.get(col).copied().unwrap_or("?")
+                )),
+                None => Ok(f),
+            },
+            Err(r) => Err(match contains_individual_number(line) {
+                true => "rejected: individual-number-shaped input".into(),
+                false => r,
+            }),
+        })
+    });
+    let mut d = D::default();
+    for (i, cells) in cells.into_iter().enumerate() {
+        let ln = i + 2;
+        let Some(cells) = cells else { continue };
         let mut err = |reason: String| errors.push(RowError { line: ln, reason });
-        // Every cell goes through the Individual-Number guard before
-        // anything else looks at it (so no later message can echo one);
-        // a line that does not split is checked whole.
-        let f = match split_csv(line) {
+        let f = match cells {
             Ok(f) => f,
             Err(r) => {
-                err(match contains_individual_number(line) {
-                    true => "rejected: individual-number-shaped input".into(),
-                    false => r,
-                });
+                err(r);
                 continue;
             }
         };
-        if let Some(col) = f.iter().position(|c| contains_individual_number(c)) {
-            err(format!(
-                "rejected: individual-number-shaped input (column {})",
-                D::COLUMNS.get(col).copied().unwrap_or("?")
-            ));
-            continue;
-        }
         if f.len() != D::COLUMNS.len() {
             err(format!(
                 "expected {} columns, found {}",

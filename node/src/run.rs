@@ -34,9 +34,16 @@ use crdt::{NodeId, Role};
 use std::path::Path;
 use std::sync::Arc;
 
-/// This machine's cores: the threads a bulk import builds documents on
-/// (`EngineConfig::build_threads`).
+/// The threads a bulk import builds documents on
+/// (`EngineConfig::build_threads`): this machine's cores, or
+/// `KIZUNA_BUILD_THREADS` when set (to compare, or to leave a core free).
 pub fn cores() -> usize {
+    if let Some(n) = std::env::var("KIZUNA_BUILD_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// Lowest first. A new module must be placed here.
 const LAYERS: &[&[&str]] = &[
-    &["text", "hlc", "mutants"],
+    &["text", "hlc", "mutants", "par"],
     &["ids"],
     &["actor", "model", "policy", "access"],
     &["doc", "jst"],
