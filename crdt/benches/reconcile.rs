@@ -132,7 +132,7 @@ fn main() {
             .log
             .iter()
             .skip(before_log)
-            .map(|c| c.bytes.len())
+            .map(|c| c.change.bytes.len())
             .sum::<usize>();
     }
 

@@ -466,49 +466,83 @@ pub fn evacuees_from<'a>(
         .collect()
 }
 
-/// A change in `MemStore`'s log; its bytes may be shared with other stores
-/// (see [`StorePool`]).
+/// A change in `MemStore`'s log: what it is, shared with every other store
+/// that logged the same change (see [`StorePool`]), and whether this store
+/// deleted it.
+///
+/// The simulator's nodes log the same changes hundreds of times over; an
+/// entry held the key, hash, bytes and seal itself (about 96 bytes and the
+/// key's own allocation per change per node), and is now one pointer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoggedChange {
-    pub key: DocKey,
-    pub hash: Hash32,
-    pub bytes: Arc<[u8]>,
-    /// Shared with other stores like the bytes.
-    pub seal: Option<Arc<Seal>>,
+    pub change: Arc<Logged>,
     /// Deleted (a damaged row of a damaged document): its position stays
     /// taken, as a deleted SQLite row's sequence number does, but it is
     /// neither loaded nor streamed.
     pub dropped: bool,
 }
 
+/// A logged change as every store holding it alike holds it. Never changed
+/// in place: a store that seals or rebuilds a change makes its own.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Logged {
+    pub key: DocKey,
+    pub hash: Hash32,
+    pub bytes: Arc<[u8]>,
+    pub seal: Option<Seal>,
+}
+
 impl LoggedChange {
     pub fn record(&self) -> ChangeRecord {
+        let c = &self.change;
         ChangeRecord {
-            key: self.key.clone(),
-            hash: self.hash,
-            bytes: self.bytes.to_vec(),
-            seal: self.seal.as_deref().copied(),
+            key: c.key.clone(),
+            hash: c.hash,
+            bytes: c.bytes.to_vec(),
+            seal: c.seal,
         }
     }
 }
 
-/// One copy of each change's bytes for many in-memory stores (the
+/// One copy of each logged change for many in-memory stores (the
 /// simulator's nodes all log the same changes). A change is named by its
 /// hash, so equal hashes are equal bytes.
 #[derive(Clone, Debug, Default)]
 pub struct StorePool(Arc<Mutex<PoolMap>>);
-type PoolMap = HashMap<Hash32, (Arc<[u8]>, Option<Arc<Seal>>)>;
+type PoolMap = HashMap<Hash32, Arc<Logged>>;
 
 impl StorePool {
-    fn change(&self, c: &ChangeRecord) -> (Arc<[u8]>, Option<Arc<Seal>>) {
+    /// The shared entry for `c`: the bytes and seal first pooled under its
+    /// hash (a seal arriving later is pooled for stores logging it after),
+    /// under `c`'s own key.
+    fn change(&self, c: &ChangeRecord) -> Arc<Logged> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m
-            .entry(c.hash)
-            .or_insert_with(|| (Arc::from(c.bytes.as_slice()), c.seal.map(Arc::new)));
-        if e.1.is_none() {
-            e.1 = c.seal.map(Arc::new);
+        let e = m.entry(c.hash).or_insert_with(|| {
+            Arc::new(Logged {
+                key: c.key.clone(),
+                hash: c.hash,
+                bytes: Arc::from(c.bytes.as_slice()),
+                seal: c.seal,
+            })
+        });
+        if e.seal.is_none() && c.seal.is_some() {
+            *e = Arc::new(Logged {
+                key: e.key.clone(),
+                hash: e.hash,
+                bytes: e.bytes.clone(),
+                seal: c.seal,
+            });
         }
-        e.clone()
+        if e.key == c.key {
+            e.clone()
+        } else {
+            Arc::new(Logged {
+                key: c.key.clone(),
+                hash: c.hash,
+                bytes: e.bytes.clone(),
+                seal: e.seal,
+            })
+        }
     }
 }
 
@@ -588,7 +622,7 @@ impl Store for MemStore {
         let changes = self
             .doc_positions(key)
             .filter(|&i| i >= *snap_at)
-            .map(|i| self.log[i].bytes.to_vec())
+            .map(|i| self.log[i].change.bytes.to_vec())
             .collect();
         Ok(Some(StoredDoc {
             snapshot: snap.as_deref().map(<[u8]>::to_vec),
@@ -598,7 +632,7 @@ impl Store for MemStore {
     fn doc_changes(&self, key: &DocKey) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .doc_positions(key)
-            .map(|i| self.log[i].bytes.to_vec())
+            .map(|i| self.log[i].change.bytes.to_vec())
             .collect())
     }
     fn doc_records(&self, key: &DocKey) -> Result<Vec<ChangeRecord>, StoreError> {
@@ -613,17 +647,13 @@ impl Store for MemStore {
     fn seals(&self, hashes: &[Hash32]) -> Result<Vec<Option<Seal>>, StoreError> {
         Ok(hashes
             .iter()
-            .map(|h| {
-                self.hashes
-                    .get(h)
-                    .and_then(|&i| self.log[i].seal.as_deref().copied())
-            })
+            .map(|h| self.hashes.get(h).and_then(|&i| self.log[i].change.seal))
             .collect())
     }
     fn unsigned(&self, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRecord)>, StoreError> {
         let start = (after as usize).min(self.log.len());
         Ok((start..self.log.len())
-            .filter(|&i| self.log[i].seal.is_none() && !self.log[i].dropped)
+            .filter(|&i| self.log[i].change.seal.is_none() && !self.log[i].dropped)
             .take(limit)
             .map(|i| ((i + 1) as u64, self.log[i].record()))
             .collect())
@@ -649,7 +679,7 @@ impl Store for MemStore {
         for h in &batch.drop_changes {
             if let Some(i) = self.hashes.remove(h) {
                 let mut e = self.log[i].clone();
-                if let Some(v) = self.by_doc.get_mut(&e.key) {
+                if let Some(v) = self.by_doc.get_mut(&e.change.key) {
                     v.retain(|&p| p != i);
                 }
                 e.dropped = true;
@@ -662,19 +692,21 @@ impl Store for MemStore {
                 // A rebuilt document's verified change replaces the row
                 // with its hash (damage may have moved or altered it).
                 let mut e = self.log[i].clone();
-                if e.key != c.key || *e.bytes != c.bytes[..] {
-                    if let Some(v) = self.by_doc.get_mut(&e.key) {
+                let old = &e.change;
+                if old.key != c.key || *old.bytes != c.bytes[..] {
+                    if let Some(v) = self.by_doc.get_mut(&old.key) {
                         v.retain(|&p| p != i);
                     }
                     upsert(&mut self.by_doc, &c.key, Vec::new, |v| {
                         let at = v.partition_point(|&p| p < i);
                         v.insert(at, i);
                     });
-                    e.key = c.key.clone();
-                    e.bytes = Arc::from(c.bytes.as_slice());
-                    if e.seal.is_none() {
-                        e.seal = c.seal.map(Arc::new);
-                    }
+                    e.change = Arc::new(Logged {
+                        key: c.key.clone(),
+                        hash: old.hash,
+                        bytes: Arc::from(c.bytes.as_slice()),
+                        seal: old.seal.or(c.seal),
+                    });
                     self.log.set(i, e);
                 }
                 continue;
@@ -682,15 +714,17 @@ impl Store for MemStore {
             if !self.hashes.contains_key(&c.hash) {
                 self.hashes.insert(c.hash, at);
                 upsert(&mut self.by_doc, &c.key, Vec::new, |v| v.push(at));
-                let (bytes, seal) = match &self.pool {
+                let change = match &self.pool {
                     Some(p) => p.change(c),
-                    None => (Arc::from(c.bytes.as_slice()), c.seal.map(Arc::new)),
+                    None => Arc::new(Logged {
+                        key: c.key.clone(),
+                        hash: c.hash,
+                        bytes: Arc::from(c.bytes.as_slice()),
+                        seal: c.seal,
+                    }),
                 };
                 self.log.push_back(LoggedChange {
-                    key: c.key.clone(),
-                    hash: c.hash,
-                    bytes,
-                    seal,
+                    change,
                     dropped: false,
                 });
             }
@@ -705,8 +739,14 @@ impl Store for MemStore {
         for (h, seal) in &batch.seals {
             if let Some(&i) = self.hashes.get(h) {
                 let mut e = self.log[i].clone();
-                if e.seal.is_none() {
-                    e.seal = Some(Arc::new(*seal));
+                if e.change.seal.is_none() {
+                    let old = &e.change;
+                    e.change = Arc::new(Logged {
+                        key: old.key.clone(),
+                        hash: old.hash,
+                        bytes: old.bytes.clone(),
+                        seal: Some(*seal),
+                    });
                     self.log.set(i, e);
                 }
             }
@@ -773,7 +813,7 @@ impl Store for MemStore {
             .checked_sub(1)
             .and_then(|i| self.log.get(i as usize))
             .filter(|c| !c.dropped)
-            .map(|c| c.hash))
+            .map(|c| c.change.hash))
     }
     fn log_end(&self) -> Result<Option<Cursor>, StoreError> {
         // The newest entry not dropped (SQLite's max(seq) of the rows left).
@@ -785,7 +825,7 @@ impl Store for MemStore {
             .find(|(_, c)| !c.dropped)
             .map(|(i, c)| Cursor {
                 seq: i as u64 + 1,
-                hash: c.hash,
+                hash: c.change.hash,
             }))
     }
     fn sync_cursor(&self, peer: &NodeId) -> Result<Option<Cursor>, StoreError> {
@@ -1804,6 +1844,79 @@ mod tests {
     #[test]
     fn mem_store_conforms() {
         super::conformance::run_all(|| Box::new(super::MemStore::new()));
+    }
+
+    #[test]
+    fn stores_sharing_a_pool_hold_one_entry_per_change_under_their_own_key_and_seal() {
+        let (k, other) = (
+            DocKey::new(crate::ids::Kind::Presence, "h1").unwrap(),
+            DocKey::new(crate::ids::Kind::Presence, "h2").unwrap(),
+        );
+        let change = |key: &DocKey, n: u8, signed: bool| ChangeRecord {
+            key: key.clone(),
+            hash: [n; 32],
+            bytes: vec![n; 3],
+            seal: signed.then_some(Seal {
+                author: [n; 8],
+                sig: [n; 64],
+            }),
+        };
+        let log = |s: &mut MemStore, changes: Vec<ChangeRecord>| {
+            s.commit(&Batch {
+                changes,
+                ..Default::default()
+            })
+            .unwrap();
+        };
+        let pool = StorePool::default();
+        let pooled = || MemStore {
+            pool: Some(pool.clone()),
+            ..MemStore::default()
+        };
+        let (mut a, mut b, mut c, mut plain) = (pooled(), pooled(), pooled(), MemStore::new());
+        // `a` (and a store without a pool) log change 2 unsigned; `b` logs
+        // it signed after, and 1 and 3 as `a` does; `c` logs change 1's
+        // hash under another document.
+        let first = vec![
+            change(&k, 1, true),
+            change(&k, 2, false),
+            change(&k, 3, false),
+        ];
+        log(&mut a, first.clone());
+        log(&mut plain, first);
+        log(
+            &mut b,
+            vec![
+                change(&k, 1, true),
+                change(&k, 2, true),
+                change(&k, 3, false),
+            ],
+        );
+        log(&mut c, vec![change(&other, 1, true)]);
+        assert!(Arc::ptr_eq(&a.log[0].change, &b.log[0].change));
+        assert!(Arc::ptr_eq(&a.log[2].change, &b.log[2].change));
+        assert_eq!(c.log[0].change.key, other, "its own key");
+        assert_eq!(a.log[0].change.key, k);
+        assert_eq!(b.log[1].change.seal, change(&k, 2, true).seal);
+        assert_eq!(a.unsigned(0, 10).unwrap(), plain.unsigned(0, 10).unwrap());
+        assert_eq!(a.log_since(0, 10).unwrap(), plain.log_since(0, 10).unwrap());
+        // Sealing a shared change seals this store's copy only.
+        for s in [&mut a, &mut plain] {
+            s.commit(&Batch {
+                seals: vec![
+                    ([2; 32], change(&k, 4, true).seal.unwrap()),
+                    ([3; 32], change(&k, 5, true).seal.unwrap()),
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        assert_eq!(b.unsigned(0, 10).unwrap().len(), 1, "b's change 3");
+        assert_eq!(a.log_since(0, 10).unwrap(), plain.log_since(0, 10).unwrap());
+        assert_eq!(
+            a.seals(&[[1; 32], [2; 32]]).unwrap(),
+            plain.seals(&[[1; 32], [2; 32]]).unwrap()
+        );
     }
 
     #[test]

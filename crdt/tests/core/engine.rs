@@ -3121,11 +3121,16 @@ fn restart_with_damaged_change(net: &mut Net, i: usize, key: &DocKey) -> [u8; 32
     let mut store = net.nodes[i].store().clone();
     let at = *store.by_doc[key].last().expect("stored changes");
     let mut e = store.log[at].clone();
-    let mut b = e.bytes.to_vec();
+    let mut b = e.change.bytes.to_vec();
     let mid = b.len() / 2;
     b[mid] ^= 0x10;
-    e.bytes = Arc::from(b);
-    let hash = e.hash;
+    let hash = e.change.hash;
+    e.change = Arc::new(crdt::store::Logged {
+        key: e.change.key.clone(),
+        hash,
+        bytes: Arc::from(b),
+        seal: e.change.seal,
+    });
     store.log.set(at, e);
     net.nodes[i] = Engine::open(store, cfg, now(net.now)).unwrap();
     hash
@@ -3210,7 +3215,7 @@ fn a_damaged_document_is_refused_then_rebuilt_from_a_peers_copy_and_served() {
         !amb.store()
             .log
             .iter()
-            .any(|c| c.hash == damaged && !c.dropped),
+            .any(|c| c.change.hash == damaged && !c.dropped),
         "the damaged row is deleted (never streamed to a peer)"
     );
     // Asked again, still refused: nothing arrives while disconnected.

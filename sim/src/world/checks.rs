@@ -337,7 +337,7 @@ impl World {
                 .log
                 .iter()
                 .step_by(stride)
-                .map(|c| &c.bytes[..])
+                .map(|c| &c.change.bytes[..])
                 .chain(mem.docs.values().filter_map(|(_, s, _)| s.as_deref()))
                 .chain(mem.ops.values().map(|v| v.as_bytes()))
                 .chain(mem.quarantine.values().map(|v| v.as_bytes()))

@@ -377,6 +377,7 @@ impl World {
         for n in &self.nodes {
             let Some(e) = n.engine.as_ref() else { continue };
             for c in e.store().mem.log.iter().step_by(stride) {
+                let c = &c.change;
                 if self.forged.contains(&c.hash) {
                     out.push(format!(
                         "{} holds hostile change {} of {}",
@@ -386,13 +387,13 @@ impl World {
                     ));
                     continue;
                 }
-                if let Some(s) = c.seal.as_deref() {
+                if let Some(s) = &c.seal {
                     if !seen.insert((c.hash, s.sig)) {
                         continue;
                     }
                 }
                 if let Some(why) =
-                    check::unverifiable(&self.known, &c.key, &c.hash, &c.bytes, c.seal.as_deref())
+                    check::unverifiable(&self.known, &c.key, &c.hash, &c.bytes, c.seal.as_ref())
                 {
                     out.push(format!(
                         "{} holds {} change {}: {why}",

@@ -505,7 +505,7 @@ impl World {
             changes: src
                 .log
                 .iter()
-                .filter(|c| everyone(&c.key))
+                .filter(|c| everyone(&c.change.key))
                 .map(|c| c.record())
                 .collect(),
             docs: src
