@@ -3484,7 +3484,7 @@ fn an_import_built_on_several_threads_stores_what_one_thread_stores() {
         );
         assert_eq!(net.nodes[0].doc_count(), before);
         let s = net.nodes[0].store();
-        let log: Vec<Vec<u8>> = s.log.iter().map(|c| c.bytes.to_vec()).collect();
+        let log: Vec<Vec<u8>> = s.log.iter().map(|c| c.change.bytes.to_vec()).collect();
         (s.docs.clone(), s.projections.clone(), log, refused)
     };
     let alone = run(1);
