@@ -1957,6 +1957,19 @@ fn elig(valid_to: Option<&str>) -> Eligibility {
     }
 }
 
+/// A consented profile with one allergy and a family doctor.
+fn profile(p: &str, allergy: &str) -> MedicalProfile {
+    MedicalProfile {
+        person_id: p.into(),
+        blood_type: Some(BloodType::ANeg),
+        consent: ConsentBasis::Consented,
+        entries: vec![
+            (MedicalSection::Allergy, allergy.into()),
+            (MedicalSection::FamilyDoctor, "三条内科".into()),
+        ],
+    }
+}
+
 #[test]
 fn imported_data_sets_are_all_or_nothing_and_idempotent() {
     let mut net = Net::new(&[("hq-1", Role::Hq), ("clinic-1", Role::Clinic)]);
@@ -1968,15 +1981,6 @@ fn imported_data_sets_are_all_or_nothing_and_idempotent() {
         },
     )
     .unwrap();
-    let profile = |p: &str, allergy: &str| MedicalProfile {
-        person_id: p.into(),
-        blood_type: Some(BloodType::ANeg),
-        consent: ConsentBasis::Consented,
-        entries: vec![
-            (MedicalSection::Allergy, allergy.into()),
-            (MedicalSection::FamilyDoctor, "三条内科".into()),
-        ],
-    };
     let batch = |allergy: &str| Command::Import {
         records: ImportRecords::Medical(vec![profile("p0-0", allergy), profile("p1-0", "そば")]),
     };
@@ -3376,15 +3380,6 @@ fn a_damaged_local_only_change_is_reported_lost_when_the_document_is_rebuilt() {
 /// first refusal in record order, with nothing written.
 #[test]
 fn an_import_built_on_several_threads_stores_what_one_thread_stores() {
-    let profile = |p: &str, allergy: &str| MedicalProfile {
-        person_id: p.into(),
-        blood_type: Some(BloodType::ANeg),
-        consent: ConsentBasis::Consented,
-        entries: vec![
-            (MedicalSection::Allergy, allergy.into()),
-            (MedicalSection::FamilyDoctor, "三条内科".into()),
-        ],
-    };
     let contacts = |p: &str, n: usize| ContactSet {
         person_id: p.into(),
         contacts: (0..n)
